@@ -1,0 +1,206 @@
+"""One agent, wired: identity -> register -> observe -> decide/apply -> report, until told to stop.
+
+Start-up waits for etcd as long as it takes (the device, if it exists from a previous run, keeps carrying
+traffic meanwhile). Once running, losing etcd changes nothing on the device: the watch and the keepalive retry
+in the background and the mesh catches up when etcd is back. A graceful stop revokes the lease so peers drop
+this node at once, and leaves the device in place unless asked to remove it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from prometheus_client import CollectorRegistry
+
+from warren_mesh.agent.reconciler import Reconciler
+from warren_mesh.agent.registrar import Registrar
+from warren_mesh.agent.underlay import DEFAULT_MTU, default_route_address, mtu_of_address
+from warren_mesh.keys import NodeKey, load_or_create
+from warren_mesh.mesh.peers import MeshView, Rejection
+from warren_mesh.mesh.topology import LocalNode
+from warren_mesh.metrics.http import MetricsServer
+from warren_mesh.metrics.instruments import AgentMetrics
+from warren_mesh.model import MeshConfig, RecordError, decode_json
+from warren_mesh.settings import AgentSettings
+from warren_mesh.store.base import Backoff, StoreUnavailable
+from warren_mesh.store.etcd import EtcdStore
+from warren_mesh.watch import Events
+from warren_mesh.wireguard.backend import Backend
+from warren_mesh.wireguard.memory import MemoryBackend
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+
+class Stopped(Exception):
+    """The agent was told to stop while it was still starting."""
+
+
+def create_backend(settings: AgentSettings) -> Backend:
+    if settings.backend == "memory":
+        return MemoryBackend(interface_name=settings.interface)
+    raise NotImplementedError(
+        f"--backend {settings.backend}: this build drives only the memory backend; "
+        "the kernel and userspace WireGuard backends are not part of it yet"
+    )
+
+
+class Agent:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        *,
+        backend: Backend | None = None,
+        registry: CollectorRegistry | None = None,
+        key: NodeKey | None = None,
+    ) -> None:
+        self.settings = settings
+        self.backend = backend if backend is not None else create_backend(settings)
+        self.metrics = AgentMetrics(registry if registry is not None else CollectorRegistry())
+        self.view = MeshView(settings.store.schema, on_reject=self._count_rejection)
+        self.store = EtcdStore(settings.store.etcd_endpoints, on_health=self.metrics.etcd_up.set)
+        self.key = key if key is not None else self._load_key()
+        self.reconciler: Reconciler | None = None
+        self.registrar: Registrar | None = None
+
+    def _load_key(self) -> NodeKey:
+        key, created = load_or_create(self.settings.key_file)
+        log.info(
+            "%s key %s (public %s)",
+            "created" if created else "loaded",
+            self.settings.key_file,
+            key.public_key,
+        )
+        return key
+
+    def _count_rejection(self, rejection: Rejection) -> None:
+        self.metrics.rejected_records.labels(rejection.reason).inc()
+
+    def healthy(self) -> bool:
+        """Ready once the device has been configured from a complete view of the mesh."""
+        return self.reconciler is not None and self.reconciler.passes > 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        settings = self.settings
+        server = None
+        if settings.metrics_address:
+            server = MetricsServer(settings.metrics_address, self.metrics.registry, self.healthy)
+            server.start()
+        self.metrics.info.info(
+            {
+                "node": settings.node_name,
+                "backend": self.backend.name,
+                "interface": self.backend.interface_name,
+                "public_key": self.key.public_key,
+            }
+        )
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            await self._start(stop, tasks)
+            stopping = asyncio.ensure_future(stop.wait())
+            done, _ = await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            for task in done:
+                if task is not stopping:
+                    task.result()  # a task only ends by failing: raise its error
+        except Stopped:
+            pass
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self.registrar is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.registrar.deregister(), 5)
+            self.backend.close(remove_device=settings.cleanup_on_exit)
+            await self.store.close()
+            if server is not None:
+                server.stop()
+
+    async def _start(self, stop: asyncio.Event, tasks: list[asyncio.Task[None]]) -> None:
+        settings = self.settings
+        schema = settings.store.schema
+        if settings.endpoint_host is not None:
+            endpoint_host = ipaddress.ip_address(settings.endpoint_host)
+        else:
+            endpoint_host = default_route_address()
+            log.info("endpoint address %s (default route's interface)", endpoint_host)
+        underlay_mtu = DEFAULT_MTU if self.backend.name == "memory" else mtu_of_address(endpoint_host)
+
+        config = await self._until_etcd(stop, self._read_config)
+        self.view.config = config
+        registrar = Registrar(
+            store=self.store,
+            schema=schema,
+            name=settings.node_name,
+            key=self.key,
+            endpoint_host=endpoint_host,
+            endpoint_port=settings.endpoint_port,
+            lease_ttl=settings.lease_ttl,
+            metrics=self.metrics,
+        )
+        overlay_ip = await self._until_etcd(stop, lambda: registrar.reserve_address(config.overlay_cidr))
+        await self._until_etcd(stop, lambda: registrar.register(config, overlay_ip))
+        self.registrar = registrar
+        self.reconciler = Reconciler(
+            view=self.view,
+            backend=self.backend,
+            local=LocalNode(settings.node_name, self.key.public_key, overlay_ip),
+            key=self.key,
+            metrics=self.metrics,
+            underlay_mtu=underlay_mtu,
+            resync_interval=settings.resync_interval,
+        )
+        loop = asyncio.get_running_loop()
+        tasks.append(loop.create_task(self._observe(), name="observe"))
+        tasks.append(loop.create_task(self.reconciler.run(), name="reconcile"))
+        tasks.append(loop.create_task(registrar.keep_alive(lambda: self.view.config), name="keepalive"))
+
+    async def _read_config(self) -> MeshConfig:
+        kv = await self.store.get(self.settings.store.schema.config)
+        if kv is None:
+            return MeshConfig()
+        try:
+            return MeshConfig.from_json(decode_json(kv.value))
+        except RecordError as exc:
+            log.warning("mesh config is invalid, using defaults until it is fixed: %s", exc)
+            return MeshConfig()
+
+    async def _until_etcd(self, stop: asyncio.Event, attempt: Callable[[], Awaitable[_T]]) -> _T:
+        """Retry ``attempt`` while etcd is unreachable, until it succeeds or the agent is told to stop."""
+        backoff = Backoff(maximum=2.0)
+        warned = False
+        while not stop.is_set():
+            try:
+                return await attempt()
+            except StoreUnavailable as exc:
+                if not warned:
+                    log.warning("waiting for etcd: %s", exc)
+                    warned = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), backoff.delay())
+        raise Stopped
+
+    async def _observe(self) -> None:
+        assert self.reconciler is not None and self.registrar is not None
+        config = self.view.config
+        async for result in self.store.observe(
+            self.settings.store.schema.root,
+            on_restart=lambda reason: self.metrics.watch_restarts.labels(reason).inc(),
+        ):
+            if isinstance(result, Events):
+                self.metrics.watch_events.inc(len(result.events))
+            self.view.apply(result)
+            self.reconciler.notify()
+            if self.view.config != config:
+                try:
+                    await self.registrar.republish(self.view.config)
+                    config = self.view.config
+                except StoreUnavailable as exc:
+                    log.warning("could not republish after a config change (retried with the next event): %s", exc)

@@ -1,0 +1,135 @@
+"""Decide and apply: turn the mesh view into device changes, touching only what differs.
+
+Edge-triggered for speed (every watch batch marks the view dirty and a pass runs at once; batches that arrive
+during a pass are folded into the next one), level-triggered for safety (a pass also runs every resync interval
+and repairs a device that drifted; it changes nothing when nothing differs). A change the device refuses is
+counted and retried on a later pass; it never stops the others from being applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from warren_mesh.keys import NodeKey
+from warren_mesh.mesh.peers import MeshView
+from warren_mesh.mesh.plan import Plan, plan_changes
+from warren_mesh.mesh.topology import Conflict, LocalNode, Topology, build_topology
+from warren_mesh.metrics.instruments import AgentMetrics
+from warren_mesh.wireguard.backend import Backend, BackendError
+
+log = logging.getLogger(__name__)
+
+_A = TypeVar("_A")
+_RETRY_AFTER_ERROR = 1.0  # seconds before a failed change is tried again
+
+
+class Reconciler:
+    def __init__(
+        self,
+        *,
+        view: MeshView,
+        backend: Backend,
+        local: LocalNode,
+        key: NodeKey,
+        metrics: AgentMetrics,
+        underlay_mtu: int,
+        resync_interval: float = 30.0,
+    ) -> None:
+        self._view = view
+        self._backend = backend
+        self._local = local
+        self._key = key
+        self._metrics = metrics
+        self._underlay_mtu = underlay_mtu
+        self._resync_interval = resync_interval
+        self._dirty = asyncio.Event()
+        self._applied: Topology | None = None
+        self._conflicts: set[tuple[str, str]] = set()
+        self.passes = 0  # completed passes on a synced view; tests and health read it
+
+    def notify(self) -> None:
+        """The view changed: run a pass as soon as the current one (if any) ends."""
+        self._dirty.set()
+
+    async def run(self) -> None:
+        while True:
+            # On timeout this is the periodic resync: compare anyway.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), self._resync_interval)
+            self._dirty.clear()
+            if not self._view.synced:
+                continue  # nothing to compare against until the first snapshot
+            if not self.reconcile_once():
+                await asyncio.sleep(_RETRY_AFTER_ERROR)
+                self._dirty.set()
+
+    def reconcile_once(self) -> bool:
+        """One pass; True when every planned change was applied."""
+        started = time.perf_counter()
+        view = self._view
+        desired = build_topology(
+            local=self._local,
+            config=view.config,
+            nodes=view.nodes,
+            peers=view.peers,
+            ipam=view.ipam,
+            underlay_mtu=self._underlay_mtu,
+        )
+        self._report_conflicts(desired.conflicts)
+        plan = plan_changes(
+            desired,
+            self._backend.read(),
+            local_public_key=self._key.public_key,
+            previous=self._applied,
+            remove_unknown=view.synced,
+        )
+        ok = self._apply(plan, desired)
+        applied_at = time.time()
+        for name, published_at in view.take_published().items():
+            if name != self._local.name:
+                self._metrics.convergence_lag.observe(max(0.0, applied_at - published_at))
+        self._applied = desired
+        self._metrics.peers.set(len(self._backend.read().peers) if not ok else len(desired.peers))
+        self._metrics.reconcile_duration.observe(time.perf_counter() - started)
+        self.passes += 1
+        return ok
+
+    def _apply(self, plan: Plan, desired: Topology) -> bool:
+        if plan.empty:
+            return True
+        names = {**(self._applied.names if self._applied else {}), **desired.names}
+        log.info("applying:\n%s", plan.explain(names))
+        ok = True
+        if plan.set_private_key:
+            ok &= self._attempt("private_key", self._backend.set_private_key, self._key)
+        if plan.interface is not None:
+            ok &= self._attempt("interface", self._backend.configure_interface, plan.interface)
+        for change in plan.changes:
+            if change.spec is None:
+                ok &= self._attempt(change.action, self._backend.remove_peer, change.public_key)
+            else:
+                ok &= self._attempt(change.action, self._backend.set_peer, change.spec)
+        return ok
+
+    def _attempt(self, kind: str, operation: Callable[[_A], None], argument: _A) -> bool:
+        try:
+            operation(argument)
+        except BackendError as exc:
+            self._metrics.apply_errors.inc()
+            log.error("device change %s failed (retrying): %s", kind, exc)
+            return False
+        self._metrics.applied_changes.labels(kind).inc()
+        return True
+
+    def _report_conflicts(self, conflicts: tuple[Conflict, ...]) -> None:
+        current = {(c.name, c.reason) for c in conflicts}
+        for conflict in conflicts:
+            if (conflict.name, conflict.reason) not in self._conflicts:
+                log.warning("left out of the mesh: %s", conflict.message)
+                self._metrics.conflicts.labels(conflict.reason).inc()
+        self._conflicts = current

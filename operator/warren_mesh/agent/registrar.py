@@ -1,0 +1,237 @@
+"""This node's place in the mesh: a stable overlay address and a node record that lives exactly as long as we do.
+
+The address is reserved under ``ipam/<address>`` with a create-only transaction and never expires, so a node
+gets the same address after any restart and two nodes can never hold one. Liveness is separate: the node record
+sits on a short lease that we keep alive every TTL/3; if we die, etcd deletes the record when the lease runs out
+and every peer drops us. A record for our name that carries another public key belongs to someone else and is
+never overwritten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from warren_mesh.keys import NodeKey
+from warren_mesh.metrics.instruments import AgentMetrics
+from warren_mesh.model import (
+    Endpoint,
+    IPAddress,
+    IPNetwork,
+    MeshConfig,
+    NodeRecord,
+    RecordError,
+    decode_json,
+    encode_json,
+)
+from warren_mesh.schema import KeySchema
+from warren_mesh.store.base import Backoff, StoreUnavailable
+from warren_mesh.store.etcd import EtcdStore
+
+log = logging.getLogger(__name__)
+
+
+class RegistrationConflict(RuntimeError):
+    """Our node name is held by a record we must not overwrite."""
+
+
+class AddressSpaceExhausted(RuntimeError):
+    """Every address of the mesh network is reserved."""
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    record: NodeRecord
+    lease_id: int
+    ttl: int
+
+
+def _usable_hosts(cidr: IPNetwork) -> tuple[int, int]:
+    """First and last address a node may take (no network/broadcast address in IPv4 networks above /31)."""
+    first, last = int(cidr.network_address), int(cidr.broadcast_address)
+    if cidr.num_addresses > 2:
+        first, last = first + 1, last - (1 if cidr.version == 4 else 0)
+    return first, last
+
+
+class Registrar:
+    def __init__(
+        self,
+        *,
+        store: EtcdStore,
+        schema: KeySchema,
+        name: str,
+        key: NodeKey,
+        endpoint_host: IPAddress,
+        endpoint_port: int | None,
+        lease_ttl: int | None,
+        metrics: AgentMetrics,
+        allowed_ips: tuple[IPNetwork, ...] = (),
+    ) -> None:
+        self._store = store
+        self._schema = schema
+        self._name = name
+        self._key = key
+        self._endpoint_host = endpoint_host
+        self._endpoint_port = endpoint_port  # None: follow the mesh's listen port
+        self._lease_ttl = lease_ttl  # None: the mesh config's TTL
+        self._metrics = metrics
+        self._allowed_ips = allowed_ips
+        self.current: Registration | None = None
+
+    # --- address ----------------------------------------------------------------------------------------------
+
+    async def reserve_address(self, cidr: IPNetwork) -> IPAddress:
+        """Our reserved address in ``cidr``, reserving one the first time. Stable across restarts."""
+        snapshot = await self._store.list_prefix(self._schema.ipam)
+        taken: set[int] = set()
+        for kv in snapshot.items:
+            address = kv.key[len(self._schema.ipam) :]
+            try:
+                ip = ipaddress.ip_address(address)
+            except ValueError:
+                continue
+            if kv.value.decode(errors="replace") == self._name and ip in cidr:
+                return ip
+            taken.add(int(ip))
+        first, last = _usable_hosts(cidr)
+        size = last - first + 1
+        # Start where the name hashes to: nodes joining at once rarely race for the same address, and a node
+        # whose reservation was lost tends to get its old address back.
+        start = int.from_bytes(hashlib.sha256(self._name.encode()).digest()[:8], "big") % size
+        for step in range(size):
+            candidate = first + (start + step) % size
+            if candidate in taken:
+                continue
+            ip = ipaddress.ip_address(candidate)
+            holder = await self._store.create(self._schema.address(str(ip)), self._name.encode())
+            if holder is None or holder.value == self._name.encode():
+                log.info("reserved overlay address %s for %s", ip, self._name)
+                return ip
+        raise AddressSpaceExhausted(f"every address in the mesh network {cidr} is reserved; widen overlayCIDR")
+
+    # --- registration -----------------------------------------------------------------------------------------
+
+    def _record(self, config: MeshConfig, overlay_ip: IPAddress) -> NodeRecord:
+        port = config.listen_port if self._endpoint_port is None else self._endpoint_port
+        return NodeRecord(
+            name=self._name,
+            public_key=self._key.public_key,
+            endpoint=Endpoint(self._endpoint_host, port),
+            overlay_ip=overlay_ip,
+            listen_port=config.listen_port,
+            allowed_ips=self._allowed_ips,
+            published_at=time.time(),
+        )
+
+    async def register(self, config: MeshConfig, overlay_ip: IPAddress) -> Registration:
+        """Publish our record on a fresh lease; take over a record of ours left by a previous run."""
+        ttl = self._lease_ttl if self._lease_ttl is not None else config.lease_ttl_seconds
+        record = self._record(config, overlay_ip)
+        lease_id = await self._store.grant_lease(ttl)
+        key = self._schema.node(self._name)
+        try:
+            existing = await self._store.create(key, encode_json(record.to_json()), lease=lease_id)
+            while existing is not None:
+                self._check_ours(existing.value)
+                # Our own record from before a restart, still on the old lease: move it to the new lease without
+                # a gap (peers see an update, not a delete and re-add), then let the old lease go.
+                existing_lease = existing.lease
+                record = replace(record, published_at=time.time())
+                existing = await self._store.replace(
+                    key, encode_json(record.to_json()), mod_revision=existing.mod_revision, lease=lease_id
+                )
+                if existing is None and existing_lease not in (0, lease_id):
+                    await self._store.revoke_lease(existing_lease)
+        except BaseException:
+            await asyncio.shield(self._revoke_quietly(lease_id))
+            raise
+        self.current = Registration(record, lease_id, ttl)
+        self._metrics.registrations.inc()
+        log.info(
+            "registered %s as %s at %s (lease %x, ttl %d s)",
+            self._name,
+            overlay_ip,
+            record.endpoint,
+            lease_id,
+            ttl,
+        )
+        return self.current
+
+    def _check_ours(self, raw: bytes) -> None:
+        where = self._schema.node(self._name)
+        try:
+            theirs = NodeRecord.from_json(decode_json(raw), key_name=self._name)
+        except RecordError as exc:
+            raise RegistrationConflict(
+                f"{where} holds a record this agent cannot read ({exc}); remove it with `etcdctl del {where}`"
+            ) from None
+        if theirs.public_key != self._key.public_key:
+            raise RegistrationConflict(
+                f"node name {self._name!r} is registered with another public key ({theirs.public_key[:10]}…). "
+                "If this node's key file was replaced, the old record expires with its lease shortly; "
+                "otherwise give this node another --node-name."
+            )
+
+    async def republish(self, config: MeshConfig) -> None:
+        """Publish again on the same lease when the mesh config changed what our record says (listen port)."""
+        current = self.current
+        if current is None:
+            return
+        record = self._record(config, current.record.overlay_ip)
+        if (record.listen_port, record.endpoint) == (current.record.listen_port, current.record.endpoint):
+            return
+        await self._store.put(self._schema.node(self._name), encode_json(record.to_json()), lease=current.lease_id)
+        self.current = replace(current, record=record)
+        log.info("republished %s with listen port %d", self._name, record.listen_port)
+
+    async def keep_alive(self, config: Callable[[], MeshConfig]) -> None:
+        """Refresh the lease every TTL/3 forever; register again (with the current config) if it is lost."""
+        backoff = Backoff(initial=0.2, maximum=1.0)
+        delay = self._registration().ttl / 3
+        while True:
+            await asyncio.sleep(delay)
+            current = self._registration()
+            try:
+                if await self._store.keepalive(current.lease_id) > 0:
+                    backoff.reset()
+                    delay = current.ttl / 3
+                    continue
+                self._metrics.lease_keepalive_failures.inc()
+                log.warning(
+                    "lease %x of %s is gone (etcd away for longer than %d s?); registering again",
+                    current.lease_id,
+                    self._name,
+                    current.ttl,
+                )
+                await self.register(config(), current.record.overlay_ip)
+                backoff.reset()
+                delay = self._registration().ttl / 3
+            except StoreUnavailable as exc:
+                self._metrics.lease_keepalive_failures.inc()
+                log.warning("lease keepalive failed: %s", exc)
+                # Retry soon rather than in TTL/3: every second unrefreshed is a second off our peers' patience.
+                delay = backoff.delay()
+
+    def _registration(self) -> Registration:
+        if self.current is None:
+            raise RuntimeError("the registrar has no registration (register() first)")
+        return self.current
+
+    async def deregister(self) -> None:
+        """Revoke our lease so every peer drops us now rather than when it would expire."""
+        current, self.current = self.current, None
+        if current is not None:
+            await self._revoke_quietly(current.lease_id)
+            log.info("revoked lease of %s; peers drop it now", self._name)
+
+    async def _revoke_quietly(self, lease_id: int) -> None:
+        try:
+            await self._store.revoke_lease(lease_id)
+        except StoreUnavailable as exc:
+            log.warning("could not revoke lease %x (%s); it expires on its own", lease_id, exc)

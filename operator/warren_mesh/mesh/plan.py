@@ -1,0 +1,111 @@
+"""The smallest set of device changes that turns the device as it is into the device as it should be.
+
+Peers are compared one by one and only those that differ are touched: replacing the whole peer list (as Kilo
+does) would drop every live session on each change. Peers the device has but the mesh does not are removed only
+once the caller knows the mesh completely (``remove_unknown``), so an agent that restarts next to a live device
+does not strip it bare before its first snapshot arrives.
+
+WireGuard updates a peer's endpoint itself when the peer roams (NAT rebinding). An endpoint that differs from
+what we last asked for is therefore roaming, not drift, and is left alone unless the record itself changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from warren_mesh.device import DeviceState, InterfaceSpec, PeerSpec
+from warren_mesh.mesh.topology import Topology
+
+PeerAction = Literal["add", "update", "remove"]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerChange:
+    action: PeerAction
+    public_key: str
+    spec: PeerSpec | None  # None for a removal
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    interface: InterfaceSpec | None  # None: the interface is as it should be
+    set_private_key: bool
+    changes: tuple[PeerChange, ...]
+
+    @property
+    def empty(self) -> bool:
+        return self.interface is None and not self.set_private_key and not self.changes
+
+    def explain(self, names: Mapping[str, str] | None = None) -> str:
+        """One line per change, for logs and ``--dry-run`` style output."""
+        names = names or {}
+        lines = []
+        if self.set_private_key:
+            lines.append("interface: set private key")
+        if self.interface is not None:
+            lines.append(
+                f"interface: address {self.interface.address}, port {self.interface.listen_port}, "
+                f"mtu {self.interface.mtu}"
+            )
+        for change in self.changes:
+            who = names.get(change.public_key, change.public_key[:10] + "…")
+            lines.append(f"{change.action} peer {who}: {change.detail}")
+        return "\n".join(lines) if lines else "no changes"
+
+
+def plan_changes(
+    desired: Topology,
+    device: DeviceState,
+    *,
+    local_public_key: str,
+    previous: Topology | None = None,
+    remove_unknown: bool = True,
+) -> Plan:
+    interface = None if device.interface == desired.interface else desired.interface
+    changes: list[PeerChange] = []
+    for key, want in desired.peers.items():
+        have = device.peers.get(key)
+        if have is None:
+            changes.append(PeerChange("add", key, want, _describe(want)))
+            continue
+        if have == want:
+            continue
+        before = previous.peers.get(key) if previous is not None else None
+        if _only_roamed(have, want, before):
+            continue
+        changes.append(PeerChange("update", key, want, _difference(have, want)))
+    if remove_unknown:
+        changes.extend(
+            PeerChange("remove", key, None, "no longer in the mesh") for key in device.peers if key not in desired.peers
+        )
+    return Plan(interface, device.public_key != local_public_key, tuple(changes))
+
+
+def _only_roamed(have: PeerSpec, want: PeerSpec, before: PeerSpec | None) -> bool:
+    """The device's endpoint moved on its own while the record's endpoint stayed what we set before."""
+    return (
+        have.endpoint is not None
+        and before is not None
+        and before.endpoint == want.endpoint
+        and have.allowed_ips == want.allowed_ips
+        and have.persistent_keepalive == want.persistent_keepalive
+    )
+
+
+def _describe(spec: PeerSpec) -> str:
+    allowed = ",".join(spec.allowed_ips)
+    return f"endpoint {spec.endpoint or '-'}, allowed {allowed}, keepalive {spec.persistent_keepalive}"
+
+
+def _difference(have: PeerSpec, want: PeerSpec) -> str:
+    parts = []
+    if have.endpoint != want.endpoint:
+        parts.append(f"endpoint {have.endpoint or '-'} -> {want.endpoint or '-'}")
+    if have.allowed_ips != want.allowed_ips:
+        parts.append(f"allowed {','.join(have.allowed_ips)} -> {','.join(want.allowed_ips)}")
+    if have.persistent_keepalive != want.persistent_keepalive:
+        parts.append(f"keepalive {have.persistent_keepalive} -> {want.persistent_keepalive}")
+    return "; ".join(parts)

@@ -1,0 +1,142 @@
+"""Typed settings from flags, each of which can also come from ``WARREN_MESH_<FLAG>`` in the environment.
+
+Every value is checked here, before anything starts, so a typo is one clear sentence naming the flag instead of
+a traceback from deep inside the agent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Literal, cast
+
+from warren_mesh.metrics.http import parse_listen_address
+from warren_mesh.model import MIN_LEASE_TTL, Endpoint, RecordError, validate_name
+from warren_mesh.schema import DEFAULT_PREFIX, KeySchema
+from warren_mesh.store.etcd import parse_endpoints
+
+BackendName = Literal["auto", "kernel", "userspace", "memory"]
+BACKENDS: Final = ("auto", "kernel", "userspace", "memory")
+DEFAULT_ETCD: Final = "http://127.0.0.1:2379"
+DEFAULT_KEY_FILE: Final = "/var/lib/warren-mesh/private.key"
+
+
+class SettingsError(ValueError):
+    """A flag or environment value is wrong; the message names it and says what would be right."""
+
+
+def env_default(flag: str, default: str | None) -> str | None:
+    return os.environ.get("WARREN_MESH_" + flag.lstrip("-").upper().replace("-", "_"), default)
+
+
+def add_flag(parser: argparse.ArgumentParser, flag: str, default: str | None, help: str) -> None:
+    env = "WARREN_MESH_" + flag.lstrip("-").upper().replace("-", "_")
+    parser.add_argument(flag, default=env_default(flag, default), help=f"{help} [env {env}; default {default}]")
+
+
+def add_store_flags(parser: argparse.ArgumentParser) -> None:
+    add_flag(parser, "--etcd-endpoints", DEFAULT_ETCD, "comma-separated etcd client URLs, tried in turn")
+    add_flag(parser, "--prefix", DEFAULT_PREFIX, "etcd key prefix of this mesh")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSettings:
+    etcd_endpoints: tuple[str, ...]
+    schema: KeySchema
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> StoreSettings:
+        try:
+            endpoints = tuple(
+                f"{'https' if e.secure else 'http'}://{e.target}" for e in parse_endpoints(args.etcd_endpoints)
+            )
+        except ValueError as exc:
+            raise SettingsError(f"--etcd-endpoints: {exc}") from None
+        try:
+            schema = KeySchema(args.prefix)
+        except ValueError as exc:
+            raise SettingsError(f"--prefix: {exc}") from None
+        return cls(endpoints, schema)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSettings:
+    store: StoreSettings
+    node_name: str
+    endpoint_host: str | None  # None: the address of the default route's interface
+    endpoint_port: int | None  # None: the mesh's listen port
+    interface: str
+    backend: BackendName
+    key_file: Path
+    lease_ttl: int | None  # None: the mesh config's
+    metrics_address: str | None  # None: no HTTP endpoint
+    resync_interval: float = 30.0
+    cleanup_on_exit: bool = False
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        add_store_flags(parser)
+        add_flag(parser, "--node-name", None, "this node's name in the mesh (default: the hostname)")
+        add_flag(
+            parser,
+            "--endpoint",
+            None,
+            "HOST[:PORT] peers dial (default: default route's address, listen port)",
+        )
+        add_flag(parser, "--interface", "wg-mesh", "WireGuard interface name")
+        add_flag(parser, "--backend", "auto", "auto, kernel, userspace or memory")
+        add_flag(parser, "--key-file", DEFAULT_KEY_FILE, "private key file, created (0600) if absent")
+        add_flag(parser, "--lease-ttl", None, "lease TTL in seconds (overrides the mesh config; default 10)")
+        add_flag(parser, "--metrics-address", "0.0.0.0:9587", "HOST:PORT of /metrics and /healthz ('' to disable)")
+        add_flag(parser, "--resync-interval", "30", "seconds between full comparisons with the device")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> AgentSettings:
+        store = StoreSettings.from_args(args)
+        name = args.node_name or socket.gethostname().split(".")[0].lower()
+        try:
+            validate_name(name)
+        except RecordError as exc:
+            raise SettingsError(f"--node-name: {exc}") from None
+        host: str | None = None
+        port: int | None = None
+        if args.endpoint:
+            try:
+                parsed = Endpoint.parse(args.endpoint, default_port=0)
+            except RecordError as exc:
+                raise SettingsError(f"--endpoint: {exc}") from None
+            host, port = str(parsed.host), (parsed.port or None)
+        if not args.interface or len(args.interface) > 15 or "/" in args.interface:
+            raise SettingsError(f"--interface {args.interface!r} is not a Linux interface name (1-15 characters)")
+        if args.backend not in BACKENDS:
+            raise SettingsError(f"--backend {args.backend!r} is not one of {', '.join(BACKENDS)}")
+        ttl = _int_flag("--lease-ttl", args.lease_ttl, low=MIN_LEASE_TTL) if args.lease_ttl else None
+        metrics = args.metrics_address or None
+        if metrics is not None:
+            try:
+                parse_listen_address(metrics)
+            except ValueError as exc:
+                raise SettingsError(f"--metrics-address: {exc}") from None
+        resync = _int_flag("--resync-interval", args.resync_interval, low=1)
+        return cls(
+            store=store,
+            node_name=name,
+            endpoint_host=host,
+            endpoint_port=port,
+            interface=args.interface,
+            backend=cast(BackendName, args.backend),
+            key_file=Path(args.key_file),
+            lease_ttl=ttl,
+            metrics_address=metrics,
+            resync_interval=float(resync),
+            cleanup_on_exit=bool(getattr(args, "cleanup_on_exit", False)),
+        )
+
+
+def _int_flag(flag: str, value: str, *, low: int) -> int:
+    if not str(value).isdigit() or int(value) < low:
+        raise SettingsError(f"{flag} {value!r} is not a whole number of at least {low}")
+    return int(value)

@@ -1,0 +1,424 @@
+"""etcd as the mesh's store, spoken over asyncio gRPC with the etcd3 package's protocol definitions.
+
+Why not etcd3's own client: its watcher is one shared thread that re-dials in a tight loop while etcd is down,
+waits forever for a watch whose start revision was compacted, and has no way to notice a watch that silently
+stopped. We keep its generated messages and stubs and put our own connection handling around them:
+
+- every call has a deadline; an unreachable endpoint moves us to the next one (``--etcd-endpoints``);
+- ``observe()`` lists, then watches from the listed revision + 1, resumes after errors from the last revision
+  it delivered, turns a compaction into a fresh snapshot, and asks etcd for a progress report when the stream
+  has been quiet: a watch that answers nothing is torn down and resumed, so a stalled stream never goes unseen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+# etcd3 0.12's generated modules predate protobuf 4, which refuses them unless the pure-Python implementation is
+# selected before protobuf is first imported. pyproject pins protobuf<4; this keeps a newer protobuf working too.
+os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
+
+import grpc
+from etcd3.etcdrpc import kv_pb2, rpc_pb2, rpc_pb2_grpc
+
+from warren_mesh.store.base import Backoff, StoreError, StoreUnavailable
+from warren_mesh.watch import Event, Events, KeyValue, Snapshot, WatchResult
+
+log = logging.getLogger(__name__)
+
+_RETRYABLE: Final = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+# WatchRequest field 3 is WatchProgressRequest (etcd >= 3.4), an empty message etcd3 0.12's protos do not know.
+# Encoded by hand: field 3, wire type 2 (length-delimited), length 0.
+_PROGRESS_REQUEST: Final = b"\x1a\x00"
+_CHANNEL_OPTIONS: Final = (
+    # Notice a dead TCP connection (etcd host gone) within ~15 s even when no call is in flight.
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    # Reconnect quickly after an etcd restart instead of gRPC's default of up to two minutes.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+)
+
+
+class RevisionCompacted(StoreError):
+    """The revision a watch wanted to resume from is gone; the consumer needs a fresh snapshot."""
+
+
+class WatchStalled(StoreUnavailable):
+    """The watch stream stopped answering, even to a progress request."""
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdEndpoint:
+    target: str  # host:port for gRPC
+    secure: bool
+
+    @classmethod
+    def parse(cls, url: str) -> EtcdEndpoint:
+        text = url.strip()
+        if "://" not in text:
+            text = "http://" + text
+        parts = urlsplit(text)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+            raise ValueError(f"etcd endpoint {url!r} is not of the form http://HOST:PORT or https://HOST:PORT")
+        try:
+            port = parts.port or 2379
+        except ValueError:
+            raise ValueError(f"etcd endpoint {url!r} has an invalid port") from None
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        return cls(f"{host}:{port}", parts.scheme == "https")
+
+
+def parse_endpoints(text: str | Sequence[str]) -> tuple[EtcdEndpoint, ...]:
+    items = text.split(",") if isinstance(text, str) else list(text)
+    endpoints = tuple(EtcdEndpoint.parse(item) for item in items if item.strip())
+    if not endpoints:
+        raise ValueError("no etcd endpoint given")
+    return endpoints
+
+
+def prefix_range_end(prefix: bytes) -> bytes:
+    """The smallest key greater than every key starting with ``prefix`` (etcd's range convention)."""
+    end = bytearray(prefix)
+    for i in reversed(range(len(end))):
+        if end[i] < 0xFF:
+            end[i] += 1
+            return bytes(end[: i + 1])
+    return b"\0"
+
+
+class _Connection:
+    def __init__(self, endpoint: EtcdEndpoint) -> None:
+        self.endpoint = endpoint
+        if endpoint.secure:
+            self.channel = grpc.aio.secure_channel(
+                endpoint.target, grpc.ssl_channel_credentials(), options=_CHANNEL_OPTIONS
+            )
+        else:
+            self.channel = grpc.aio.insecure_channel(endpoint.target, options=_CHANNEL_OPTIONS)
+        self.kv = rpc_pb2_grpc.KVStub(self.channel)
+        self.lease = rpc_pb2_grpc.LeaseStub(self.channel)
+        # Our own handle on the Watch method, whose serializer also passes pre-encoded bytes through.
+        self.watch = self.channel.stream_stream(
+            "/etcdserverpb.Watch/Watch",
+            request_serializer=lambda m: m if isinstance(m, bytes) else m.SerializeToString(),
+            response_deserializer=rpc_pb2.WatchResponse.FromString,
+        )
+
+
+def _kv(raw: Any) -> KeyValue:
+    return KeyValue(
+        key=raw.key.decode(),
+        value=bytes(raw.value),
+        create_revision=raw.create_revision,
+        mod_revision=raw.mod_revision,
+        lease=raw.lease,
+    )
+
+
+class EtcdStore:
+    """One agent's (or the operator's) connection to etcd, with failover across ``endpoints``."""
+
+    def __init__(
+        self,
+        endpoints: str | Sequence[str],
+        *,
+        call_timeout: float = 5.0,
+        on_health: Callable[[bool], None] | None = None,
+    ) -> None:
+        self._endpoints = parse_endpoints(endpoints)
+        self._index = 0
+        self._conn: _Connection | None = None
+        self._call_timeout = call_timeout
+        self._on_health = on_health
+        self._closing: set[asyncio.Task[None]] = set()
+        self.up = False
+
+    @property
+    def endpoint(self) -> str:
+        return self._endpoints[self._index].target
+
+    def _connection(self) -> _Connection:
+        if self._conn is None:
+            self._conn = _Connection(self._endpoints[self._index])
+        return self._conn
+
+    def _set_health(self, up: bool) -> None:
+        if up != self.up:
+            self.up = up
+            if self._on_health is not None:
+                self._on_health(up)
+
+    def _fail_over(self, conn: _Connection, error: BaseException) -> None:
+        """Drop ``conn`` and move to the next endpoint, unless another caller already did."""
+        self._set_health(False)
+        if self._conn is not conn:
+            return
+        self._conn = None
+        self._index = (self._index + 1) % len(self._endpoints)
+        if len(self._endpoints) > 1:
+            log.warning("etcd at %s failed (%s); trying %s next", conn.endpoint.target, error, self.endpoint)
+        task = asyncio.get_running_loop().create_task(conn.channel.close(grace=None))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _call(self, stub: str, method: str, request: Any) -> Any:
+        conn = self._connection()
+        try:
+            response = await getattr(getattr(conn, stub), method)(request, timeout=self._call_timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in _RETRYABLE:
+                self._fail_over(conn, exc)
+                raise StoreUnavailable(
+                    f"etcd at {conn.endpoint.target} is unavailable: {exc.code().name}: {exc.details()}"
+                ) from None
+            raise StoreError(f"etcd refused {method}: {exc.code().name}: {exc.details()}") from None
+        self._set_health(True)
+        return response
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.channel.close(grace=None)
+            self._conn = None
+        for task in list(self._closing):
+            with contextlib.suppress(Exception):
+                await task
+
+    # --- keys -------------------------------------------------------------------------------------------------
+
+    async def get(self, key: str) -> KeyValue | None:
+        resp = await self._call("kv", "Range", rpc_pb2.RangeRequest(key=key.encode()))
+        return _kv(resp.kvs[0]) if resp.kvs else None
+
+    async def list_prefix(self, prefix: str) -> Snapshot:
+        raw = prefix.encode()
+        resp = await self._call("kv", "Range", rpc_pb2.RangeRequest(key=raw, range_end=prefix_range_end(raw)))
+        return Snapshot(tuple(_kv(kv) for kv in resp.kvs), resp.header.revision)
+
+    async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
+        resp = await self._call("kv", "Put", rpc_pb2.PutRequest(key=key.encode(), value=value, lease=lease))
+        return int(resp.header.revision)
+
+    async def delete(self, key: str) -> bool:
+        resp = await self._call("kv", "DeleteRange", rpc_pb2.DeleteRangeRequest(key=key.encode()))
+        return bool(resp.deleted)
+
+    async def create(self, key: str, value: bytes, *, lease: int = 0) -> KeyValue | None:
+        """Put ``key`` only if it does not exist. Returns None on success, else the record that is there."""
+        compare = rpc_pb2.Compare(
+            result=rpc_pb2.Compare.EQUAL, target=rpc_pb2.Compare.CREATE, key=key.encode(), create_revision=0
+        )
+        return await self._txn(compare, key, value, lease)
+
+    async def replace(self, key: str, value: bytes, *, mod_revision: int, lease: int = 0) -> KeyValue | None:
+        """Put ``key`` only if it is unchanged since ``mod_revision``. None on success, else what is there."""
+        compare = rpc_pb2.Compare(
+            result=rpc_pb2.Compare.EQUAL,
+            target=rpc_pb2.Compare.MOD,
+            key=key.encode(),
+            mod_revision=mod_revision,
+        )
+        return await self._txn(compare, key, value, lease)
+
+    async def delete_if(self, key: str, *, mod_revision: int) -> bool:
+        """Delete ``key`` only if it is unchanged since ``mod_revision``."""
+        compare = rpc_pb2.Compare(
+            result=rpc_pb2.Compare.EQUAL,
+            target=rpc_pb2.Compare.MOD,
+            key=key.encode(),
+            mod_revision=mod_revision,
+        )
+        request = rpc_pb2.TxnRequest(
+            compare=[compare],
+            success=[rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=key.encode()))],
+        )
+        resp = await self._call("kv", "Txn", request)
+        return bool(resp.succeeded)
+
+    async def _txn(self, compare: Any, key: str, value: bytes, lease: int) -> KeyValue | None:
+        request = rpc_pb2.TxnRequest(
+            compare=[compare],
+            success=[rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=key.encode(), value=value, lease=lease))],
+            failure=[rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=key.encode()))],
+        )
+        resp = await self._call("kv", "Txn", request)
+        if resp.succeeded:
+            return None
+        kvs = resp.responses[0].response_range.kvs
+        # An empty answer means the key vanished between compare and range: report it as a bare conflict.
+        return _kv(kvs[0]) if kvs else KeyValue(key, b"", 0, 0)
+
+    async def compact(self, revision: int) -> None:
+        await self._call("kv", "Compact", rpc_pb2.CompactionRequest(revision=revision, physical=True))
+
+    # --- leases -----------------------------------------------------------------------------------------------
+
+    async def grant_lease(self, ttl: int) -> int:
+        resp = await self._call("lease", "LeaseGrant", rpc_pb2.LeaseGrantRequest(TTL=ttl))
+        if resp.error:
+            raise StoreError(f"etcd refused a lease of {ttl} s: {resp.error}")
+        return int(resp.ID)
+
+    async def keepalive(self, lease_id: int) -> int:
+        """Refresh a lease; returns its new TTL, or 0 when etcd no longer has it."""
+        conn = self._connection()
+        call = conn.lease.LeaseKeepAlive(timeout=self._call_timeout)
+        try:
+            await call.write(rpc_pb2.LeaseKeepAliveRequest(ID=lease_id))
+            await call.done_writing()
+            resp = await call.read()
+        except grpc.aio.AioRpcError as exc:
+            self._fail_over(conn, exc)
+            raise StoreUnavailable(f"etcd at {conn.endpoint.target} is unavailable: {exc.code().name}") from None
+        finally:
+            call.cancel()
+        if resp is grpc.aio.EOF:
+            self._fail_over(conn, StoreUnavailable("keepalive stream closed"))
+            raise StoreUnavailable("etcd closed the keepalive stream")
+        self._set_health(True)
+        return int(resp.TTL)
+
+    async def revoke_lease(self, lease_id: int) -> None:
+        try:
+            await self._call("lease", "LeaseRevoke", rpc_pb2.LeaseRevokeRequest(ID=lease_id))
+        except StoreError as exc:
+            if "not found" not in str(exc):
+                raise
+
+    async def lease_time_left(self, lease_id: int) -> int:
+        """Seconds left on a lease; -1 when it has expired or never existed."""
+        resp = await self._call("lease", "LeaseTimeToLive", rpc_pb2.LeaseTimeToLiveRequest(ID=lease_id))
+        return int(resp.TTL)
+
+    # --- watch ------------------------------------------------------------------------------------------------
+
+    async def observe(
+        self,
+        prefix: str,
+        *,
+        quiet_interval: float = 5.0,
+        on_restart: Callable[[str], None] | None = None,
+    ) -> AsyncIterator[WatchResult]:
+        """Yield a snapshot of ``prefix``, then its changes, forever; never skips a revision.
+
+        After an error the watch resumes from the last delivered revision (no snapshot needed); only when that
+        revision has been compacted away is a new snapshot listed and yielded. ``quiet_interval`` is how long
+        the stream may be silent before a progress request is sent and how long the answer may take.
+        ``on_restart`` is told why the watch restarted (``error``, ``stalled``, ``compacted``).
+        """
+        backoff = Backoff()
+        next_revision: int | None = None
+        while True:
+            try:
+                if next_revision is None:
+                    snapshot = await self.list_prefix(prefix)
+                    next_revision = snapshot.revision + 1
+                    yield snapshot
+                async for events in self._watch(prefix, next_revision, quiet_interval):
+                    backoff.reset()
+                    next_revision = events.revision + 1
+                    yield events
+            except RevisionCompacted:
+                log.info("watch revision %s was compacted; listing %s again", next_revision, prefix)
+                next_revision = None
+                reason = "compacted"
+            except WatchStalled as exc:
+                log.warning("%s; resuming from revision %s", exc, next_revision)
+                reason = "stalled"
+            except StoreUnavailable as exc:
+                log.warning("%s; watch resumes from revision %s", exc, next_revision)
+                reason = "error"
+                await asyncio.sleep(backoff.delay())
+            if on_restart is not None:
+                on_restart(reason)
+
+    async def _watch(self, prefix: str, start_revision: int, quiet_interval: float) -> AsyncIterator[Events]:
+        conn = self._connection()
+        raw = prefix.encode()
+        call = conn.watch()
+        responses: asyncio.Queue[Any] = asyncio.Queue()
+        # Reads happen in their own task, so waiting with a timeout never cancels a read inside gRPC.
+        reader = asyncio.get_running_loop().create_task(_pump(call, responses))
+        try:
+            create = rpc_pb2.WatchCreateRequest(
+                key=raw, range_end=prefix_range_end(raw), start_revision=start_revision, progress_notify=True
+            )
+            await call.write(rpc_pb2.WatchRequest(create_request=create))
+            created = await self._next(responses, conn, self._call_timeout)
+            if created is None:
+                raise WatchStalled(f"etcd at {conn.endpoint.target} did not confirm the watch in time")
+            self._check(created, start_revision)
+            self._set_health(True)
+            while True:
+                response = await self._next(responses, conn, quiet_interval)
+                if response is None:
+                    # Progress responses only prove the stream is alive. etcd 3.4 can send one ahead of events
+                    # it still owes an unsynced watcher, so they never move the resume revision.
+                    await call.write(_PROGRESS_REQUEST)
+                    response = await self._next(responses, conn, quiet_interval)
+                    if response is None:
+                        raise WatchStalled(f"watch on etcd at {conn.endpoint.target} stopped answering")
+                self._check(response, start_revision)
+                if response.events:
+                    yield _events(response.events)
+        except WatchStalled as exc:
+            self._fail_over(conn, exc)
+            raise
+        finally:
+            reader.cancel()
+            call.cancel()
+
+    async def _next(self, responses: asyncio.Queue[Any], conn: _Connection, timeout: float) -> Any | None:
+        try:
+            item = await asyncio.wait_for(responses.get(), timeout)
+        except TimeoutError:
+            return None
+        if isinstance(item, grpc.aio.AioRpcError):
+            self._fail_over(conn, item)
+            raise StoreUnavailable(f"watch on etcd at {conn.endpoint.target} failed: {item.code().name}")
+        if item is grpc.aio.EOF:
+            self._fail_over(conn, StoreUnavailable("stream closed"))
+            raise StoreUnavailable(f"etcd at {conn.endpoint.target} closed the watch stream")
+        return item
+
+    @staticmethod
+    def _check(response: Any, start_revision: int) -> None:
+        if response.compact_revision:
+            raise RevisionCompacted(f"revision {start_revision} compacted (now {response.compact_revision})")
+        if response.canceled:
+            raise StoreUnavailable(f"etcd canceled the watch: {response.cancel_reason or 'no reason given'}")
+
+
+async def _pump(call: Any, responses: asyncio.Queue[Any]) -> None:
+    try:
+        while True:
+            response = await call.read()
+            responses.put_nowait(response)
+            if response is grpc.aio.EOF:
+                return
+    except grpc.aio.AioRpcError as exc:
+        responses.put_nowait(exc)
+
+
+def _events(raw_events: Any) -> Events:
+    events = tuple(Event("delete" if ev.type == kv_pb2.Event.DELETE else "put", _kv(ev.kv)) for ev in raw_events)
+    return Events(events, max(ev.kv.mod_revision for ev in events))

@@ -1,0 +1,46 @@
+"""The one interface every WireGuard data plane implements: read the device, change it one piece at a time.
+
+Methods are synchronous and small on purpose. Each maps to one netlink request (kernel) or one UAPI ``set``
+(wireguard-go), so a plan is applied as exactly the operations it lists, and a failure names the peer it hit.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from warren_mesh.device import DeviceState, InterfaceSpec, PeerSpec
+from warren_mesh.keys import NodeKey
+
+
+class BackendError(RuntimeError):
+    """The device refused or failed a change."""
+
+
+class Backend(Protocol):
+    @property
+    def name(self) -> str:
+        """``kernel``, ``userspace`` or ``memory``: what the agent reports as its backend."""
+        ...
+
+    @property
+    def interface_name(self) -> str: ...
+
+    def read(self) -> DeviceState:
+        """The device as it is now; a device that does not exist yet reads as empty (no interface)."""
+        ...
+
+    def set_private_key(self, key: NodeKey) -> None: ...
+
+    def configure_interface(self, spec: InterfaceSpec) -> None:
+        """Create the device if needed and set address, listen port and MTU, and bring it up."""
+        ...
+
+    def set_peer(self, spec: PeerSpec) -> None:
+        """Add the peer, or update it in place (its session survives)."""
+        ...
+
+    def remove_peer(self, public_key: str) -> None: ...
+
+    def close(self, *, remove_device: bool) -> None:
+        """Release resources; the device itself stays unless ``remove_device`` (traffic outlives the agent)."""
+        ...

@@ -1,0 +1,64 @@
+"""A WireGuard device kept in memory: for tests, the demo and simulating many nodes in one process.
+
+It behaves like a device (peers keyed by public key, updates in place) and keeps a log of every operation, so a
+test can prove that a change touched only the peers it had to.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from warren_mesh.device import DeviceState, InterfaceSpec, PeerSpec
+from warren_mesh.keys import NodeKey
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    action: str  # "private_key", "interface", "set_peer", "remove_peer"
+    target: str  # the peer's public key, or the interface name
+    at: float  # time.monotonic() when applied
+
+
+@dataclass
+class MemoryBackend:
+    interface_name: str = "wg-mesh"
+    public_key: str | None = None
+    interface: InterfaceSpec | None = None
+    peers: dict[str, PeerSpec] = field(default_factory=dict)
+    # Bounded, so a long-running demo or benchmark does not grow without end.
+    operations: deque[Operation] = field(default_factory=lambda: deque(maxlen=100_000))
+    closed: bool = False
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    def read(self) -> DeviceState:
+        return DeviceState(self.public_key, self.interface, dict(self.peers))
+
+    def set_private_key(self, key: NodeKey) -> None:
+        self.public_key = key.public_key
+        self._log("private_key", self.interface_name)
+
+    def configure_interface(self, spec: InterfaceSpec) -> None:
+        self.interface = spec
+        self._log("interface", self.interface_name)
+
+    def set_peer(self, spec: PeerSpec) -> None:
+        self.peers[spec.public_key] = spec
+        self._log("set_peer", spec.public_key)
+
+    def remove_peer(self, public_key: str) -> None:
+        self.peers.pop(public_key, None)
+        self._log("remove_peer", public_key)
+
+    def close(self, *, remove_device: bool) -> None:
+        self.closed = True
+        if remove_device:
+            self.public_key, self.interface = None, None
+            self.peers.clear()
+
+    def _log(self, action: str, target: str) -> None:
+        self.operations.append(Operation(action, target, time.monotonic()))
