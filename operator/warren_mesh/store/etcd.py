@@ -383,6 +383,9 @@ class EtcdStore:
         except WatchStalled as exc:
             self._fail_over(conn, exc)
             raise
+        except grpc.aio.AioRpcError as exc:  # from a write: the stream broke under us
+            self._fail_over(conn, exc)
+            raise StoreUnavailable(f"watch on etcd at {conn.endpoint.target} failed: {exc.code().name}") from None
         finally:
             reader.cancel()
             call.cancel()

@@ -1,0 +1,62 @@
+"""Fixtures shared by every test: real etcd processes, unique key prefixes, in-process and subprocess agents."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from helpers import AgentProcess
+from warren_mesh.lab.etcd_server import EtcdServer
+
+_prefixes = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def shared_etcd() -> Iterator[EtcdServer]:
+    """One etcd for the session; tests keep apart by prefix. Tests that stop or compact etcd use `etcd`."""
+    with EtcdServer() as server:
+        yield server
+
+
+@pytest.fixture
+def etcd() -> Iterator[EtcdServer]:
+    """An etcd of this test's own, to restart, pause or compact at will."""
+    with EtcdServer() as server:
+        yield server
+
+
+@pytest.fixture
+def prefix(request: pytest.FixtureRequest) -> str:
+    return f"/test/{os.getpid()}-{next(_prefixes)}"
+
+
+@pytest.fixture
+def agent_process(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+    made: list[AgentProcess] = []
+
+    def make(
+        etcd_endpoint: str, prefix: str, name: str, *, port: int, ttl: int = 3, extra: tuple[str, ...] = ()
+    ) -> AgentProcess:
+        args = [
+            "agent",
+            "--backend=memory",
+            f"--etcd-endpoints={etcd_endpoint}",
+            f"--prefix={prefix}",
+            f"--node-name={name}",
+            f"--endpoint=127.0.0.1:{port}",
+            f"--key-file={tmp_path / (name + '.key')}",
+            f"--lease-ttl={ttl}",
+            "--metrics-address=",
+            *extra,
+        ]
+        proc = AgentProcess(args, tmp_path / f"{name}.log")
+        made.append(proc)
+        return proc
+
+    yield make
+    for proc in made:
+        proc.kill()

@@ -1,0 +1,80 @@
+"""Helpers the tests share (plain functions and classes; fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from warren_mesh.schema import KeySchema
+from warren_mesh.settings import AgentSettings, StoreSettings
+
+
+def agent_settings(
+    endpoints: str | tuple[str, ...],
+    prefix: str,
+    name: str,
+    key_dir: Path,
+    *,
+    port: int = 51820,
+    ttl: int = 3,
+    resync: float = 30.0,
+) -> AgentSettings:
+    return AgentSettings(
+        store=StoreSettings((endpoints,) if isinstance(endpoints, str) else endpoints, KeySchema(prefix)),
+        node_name=name,
+        endpoint_host="127.0.0.1",
+        endpoint_port=port,
+        interface="wgtest",
+        backend="memory",
+        key_file=key_dir / f"{name}.key",
+        lease_ttl=ttl,
+        metrics_address=None,
+        resync_interval=resync,
+    )
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.01) -> float:
+    """Poll ``condition`` until true; returns the seconds it took, fails the test naming ``what`` otherwise."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(interval)
+    return time.monotonic() - started
+
+
+def run(coro: Awaitable[object]) -> object:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+class AgentProcess:
+    """`warren-mesh agent` as a real process (memory backend), for tests that SIGKILL or restart it."""
+
+    def __init__(self, args: list[str], log_path: Path) -> None:
+        self.args = args
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "warren_mesh.cli", *self.args], stdout=log, stderr=subprocess.STDOUT
+            )
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def terminate(self) -> int:
+        assert self.process is not None
+        self.process.terminate()
+        return self.process.wait(timeout=15)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")

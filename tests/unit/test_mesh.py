@@ -1,0 +1,193 @@
+"""The pure mesh logic: folding watch results, settling conflicts, and planning minimal device changes."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+
+from warren_mesh.device import DeviceState, InterfaceSpec, PeerSpec
+from warren_mesh.keys import NodeKey
+from warren_mesh.mesh.peers import MeshView, Rejection
+from warren_mesh.mesh.plan import plan_changes
+from warren_mesh.mesh.topology import LocalNode, Topology, build_topology
+from warren_mesh.model import Endpoint, MeshConfig, NodeRecord, encode_json
+from warren_mesh.schema import KeySchema
+from warren_mesh.watch import Event, Events, KeyValue, Snapshot
+
+SCHEMA = KeySchema("/t")
+KEYS = {name: NodeKey.generate().public_key for name in ("local", "a", "b", "c", "d")}
+LOCAL = LocalNode("local", KEYS["local"], ipaddress.ip_address("10.96.0.1"))
+
+
+def record(name: str, address: str, *, key: str | None = None, extra: tuple[str, ...] = (), port: int = 51820) -> bytes:
+    rec = NodeRecord(
+        name=name,
+        public_key=key or KEYS[name],
+        endpoint=Endpoint(ipaddress.ip_address("192.0.2.10"), port),
+        overlay_ip=ipaddress.ip_address(address),
+        listen_port=51820,
+        allowed_ips=tuple(ipaddress.ip_network(n) for n in extra),
+        published_at=1.0,
+    )
+    return encode_json(rec.to_json())
+
+
+def kv(key: str, value: bytes, revision: int, create: int | None = None) -> KeyValue:
+    return KeyValue(key, value, create or revision, revision, lease=7)
+
+
+def topology_of(view: MeshView) -> Topology:
+    return build_topology(
+        local=LOCAL, config=view.config, nodes=view.nodes, peers=view.peers, ipam=view.ipam, underlay_mtu=1500
+    )
+
+
+def test_snapshot_then_events_build_the_same_view() -> None:
+    view = MeshView(SCHEMA)
+    view.apply(Snapshot((kv(SCHEMA.node("a"), record("a", "10.96.0.2"), 5),), 5))
+    view.apply(Events((Event("put", kv(SCHEMA.node("b"), record("b", "10.96.0.3"), 6)),), 6))
+    assert set(view.nodes) == {"a", "b"} and view.synced and view.revision == 6
+    view.apply(Events((Event("delete", kv(SCHEMA.node("a"), b"", 7)),), 7))
+    assert set(view.nodes) == {"b"}
+    # A snapshot after a compaction replaces what is gone.
+    view.apply(Snapshot((kv(SCHEMA.node("c"), record("c", "10.96.0.4"), 9),), 9))
+    assert set(view.nodes) == {"c"}
+
+
+def test_bad_update_keeps_the_last_valid_record_and_reports_once() -> None:
+    rejected: list[Rejection] = []
+    view = MeshView(SCHEMA, on_reject=rejected.append)
+    view.apply(Snapshot((kv(SCHEMA.node("a"), record("a", "10.96.0.2"), 5),), 5))
+    view.apply(Events((Event("put", kv(SCHEMA.node("a"), b"{broken", 6, create=5)),), 6))
+    assert view.nodes["a"].record.overlay_ip == ipaddress.ip_address("10.96.0.2")
+    # The same bad version seen again in a later snapshot is not reported twice.
+    view.apply(Snapshot((kv(SCHEMA.node("a"), b"{broken", 6, create=5),), 8))
+    assert [r.reason for r in rejected] == ["invalid_json"]
+    assert "a" in view.nodes
+
+
+def test_bad_config_keeps_the_previous_config() -> None:
+    rejected: list[Rejection] = []
+    view = MeshView(SCHEMA, on_reject=rejected.append)
+    good = encode_json(MeshConfig(mtu=1400).to_json())
+    view.apply(Snapshot((kv(SCHEMA.config, good, 2),), 2))
+    view.apply(Events((Event("put", kv(SCHEMA.config, json.dumps({"schema": 1, "mtu": 5}).encode(), 3)),), 3))
+    assert view.config.mtu == 1400
+    assert [r.reason for r in rejected] == ["invalid_config"]
+
+
+def test_unknown_keys_are_ignored() -> None:
+    view = MeshView(SCHEMA)
+    view.apply(Snapshot((kv("/t/v2/nodes/x", b"whatever", 2), kv("/t/v1/other", b"?", 3)), 3))
+    assert not view.nodes
+
+
+def test_topology_excludes_self_and_builds_peers() -> None:
+    view = MeshView(SCHEMA)
+    view.apply(
+        Snapshot(
+            (
+                kv(SCHEMA.node("local"), record("local", "10.96.0.1"), 2),
+                kv(SCHEMA.node("a"), record("a", "10.96.0.2", extra=("10.244.0.0/24",)), 3),
+            ),
+            3,
+        )
+    )
+    topo = topology_of(view)
+    assert topo.interface == InterfaceSpec("10.96.0.1/16", 51820, 1420)
+    assert list(topo.peers) == [KEYS["a"]]
+    assert topo.peers[KEYS["a"]].allowed_ips == ("10.244.0.0/24", "10.96.0.2/32")
+    assert topo.names[KEYS["a"]] == "a"
+
+
+def test_conflicts_resolve_by_create_revision() -> None:
+    view = MeshView(SCHEMA)
+    view.apply(
+        Snapshot(
+            (
+                kv(SCHEMA.node("a"), record("a", "10.96.0.2"), 10),
+                # b reuses a's key but registered later: left out
+                kv(SCHEMA.node("b"), record("b", "10.96.0.3", key=KEYS["a"]), 11),
+                # c claims a's address inside its allowed IPs: left out (it would steal a's traffic)
+                kv(SCHEMA.node("c"), record("c", "10.96.0.4", extra=("10.96.0.2/32",)), 12),
+                # d claims an address reserved for someone else
+                kv(SCHEMA.node("d"), record("d", "10.96.0.5"), 13),
+                kv(SCHEMA.address("10.96.0.5"), b"somebody-else", 4),
+            ),
+            13,
+        )
+    )
+    topo = topology_of(view)
+    assert set(topo.peers) == {KEYS["a"]}
+    assert {(c.name, c.reason) for c in topo.conflicts} == {
+        ("b", "duplicate_public_key"),
+        ("c", "overlapping_allowed_ips"),
+        ("d", "address_taken"),
+    }
+
+
+def test_a_record_claiming_our_address_or_outside_the_cidr_is_left_out() -> None:
+    view = MeshView(SCHEMA)
+    view.apply(
+        Snapshot(
+            (
+                kv(SCHEMA.node("a"), record("a", "10.96.0.1"), 3),
+                kv(SCHEMA.node("b"), record("b", "172.16.0.9"), 4),
+                kv(SCHEMA.node("c"), record("c", "10.96.0.3", extra=("10.0.0.0/8",)), 5),
+            ),
+            5,
+        )
+    )
+    topo = topology_of(view)
+    assert not topo.peers
+    assert {(c.name, c.reason) for c in topo.conflicts} == {
+        ("a", "overlapping_allowed_ips"),
+        ("b", "address_outside_cidr"),
+        ("c", "overlapping_allowed_ips"),
+    }
+
+
+def _device(topo: Topology, peers: dict[str, PeerSpec] | None = None) -> DeviceState:
+    return DeviceState(LOCAL.public_key, topo.interface, dict(topo.peers) if peers is None else peers)
+
+
+def test_plan_touches_only_what_differs() -> None:
+    view = MeshView(SCHEMA)
+    view.apply(Snapshot((kv(SCHEMA.node("a"), record("a", "10.96.0.2"), 3),), 3))
+    before = topology_of(view)
+    assert plan_changes(before, _device(before), local_public_key=LOCAL.public_key).empty
+    view.apply(Events((Event("put", kv(SCHEMA.node("b"), record("b", "10.96.0.3"), 4)),), 4))
+    after = topology_of(view)
+    plan = plan_changes(after, _device(before), local_public_key=LOCAL.public_key, previous=before)
+    assert [(c.action, c.public_key) for c in plan.changes] == [("add", KEYS["b"])]
+    assert plan.interface is None and not plan.set_private_key
+    # An endpoint change of a updates a alone.
+    view.apply(Events((Event("put", kv(SCHEMA.node("a"), record("a", "10.96.0.2", port=6000), 5, create=3)),), 5))
+    moved = topology_of(view)
+    plan = plan_changes(moved, _device(after), local_public_key=LOCAL.public_key, previous=after)
+    assert [(c.action, c.public_key) for c in plan.changes] == [("update", KEYS["a"])]
+    assert "endpoint 192.0.2.10:51820 -> 192.0.2.10:6000" in plan.explain(moved.names)
+
+
+def test_plan_removes_unknown_peers_only_once_synced() -> None:
+    view = MeshView(SCHEMA)
+    view.apply(Snapshot((), 1))
+    topo = topology_of(view)
+    stranger = PeerSpec(KEYS["d"], "192.0.2.99:1", ("10.96.9.9/32",), 0)
+    device = _device(topo, {KEYS["d"]: stranger})
+    assert not plan_changes(topo, device, local_public_key=LOCAL.public_key, remove_unknown=False).changes
+    plan = plan_changes(topo, device, local_public_key=LOCAL.public_key)
+    assert [(c.action, c.public_key) for c in plan.changes] == [("remove", KEYS["d"])]
+
+
+def test_roamed_endpoint_is_left_alone() -> None:
+    view = MeshView(SCHEMA)
+    view.apply(Snapshot((kv(SCHEMA.node("a"), record("a", "10.96.0.2"), 3),), 3))
+    topo = topology_of(view)
+    roamed = {
+        k: PeerSpec(v.public_key, "198.51.100.7:40000", v.allowed_ips, v.persistent_keepalive)
+        for k, v in topo.peers.items()
+    }
+    assert plan_changes(topo, _device(topo, roamed), local_public_key=LOCAL.public_key, previous=topo).empty
+    # Without knowing what we set before (fresh start), the record's endpoint is applied.
+    assert not plan_changes(topo, _device(topo, roamed), local_public_key=LOCAL.public_key).empty

@@ -1,0 +1,100 @@
+"""Decoding records: every way a record can be wrong maps to one reason; valid ones round-trip."""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import json
+
+import pytest
+
+from warren_mesh.model import (
+    Endpoint,
+    ExternalPeer,
+    MeshConfig,
+    NodeRecord,
+    RecordError,
+    decode_json,
+    encode_json,
+)
+
+KEY = base64.b64encode(bytes(range(32))).decode()
+
+
+def node_doc(**changes: object) -> dict[str, object]:
+    doc: dict[str, object] = {
+        "schema": 1,
+        "name": "node-a",
+        "public_key": KEY,
+        "endpoint": "192.0.2.1:51820",
+        "overlay_ip": "10.96.0.2",
+        "allowed_ips": ["10.244.1.0/24"],
+        "listen_port": 51820,
+        "published_at": 1.5,
+    }
+    doc.update(changes)
+    return {k: v for k, v in doc.items() if v is not None}
+
+
+def decode_node(doc: object, name: str = "node-a") -> NodeRecord:
+    return NodeRecord.from_json(decode_json(json.dumps(doc).encode()), key_name=name)
+
+
+def test_node_record_round_trips() -> None:
+    record = decode_node(node_doc())
+    assert record.endpoint == Endpoint(ipaddress.ip_address("192.0.2.1"), 51820)
+    assert [str(n) for n in record.routed_networks()] == ["10.96.0.2/32", "10.244.1.0/24"]
+    assert NodeRecord.from_json(decode_json(encode_json(record.to_json())), key_name="node-a") == record
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"{not json", "invalid_json"),
+        (b"\xff\xfe", "invalid_json"),
+        (json.dumps(node_doc(schema=2)).encode(), "schema_version"),
+        (json.dumps([1, 2]).encode(), "invalid_field"),
+        (json.dumps(node_doc(public_key="c2hvcnQ=")).encode(), "invalid_public_key"),
+        (json.dumps(node_doc(public_key="not base64 at all!")).encode(), "invalid_public_key"),
+        (json.dumps(node_doc(endpoint="example.com:51820")).encode(), "invalid_endpoint"),
+        (json.dumps(node_doc(endpoint="192.0.2.1:99999")).encode(), "invalid_endpoint"),
+        (json.dumps(node_doc(endpoint="192.0.2.1")).encode(), "invalid_endpoint"),
+        (json.dumps(node_doc(allowed_ips=["10.0.0.0/33"])).encode(), "invalid_cidr"),
+        (json.dumps(node_doc(allowed_ips=["10.0.0.1/24"])).encode(), "invalid_cidr"),
+        (json.dumps(node_doc(overlay_ip="10.96.0.300")).encode(), "invalid_cidr"),
+        (json.dumps(node_doc(name="node-b")).encode(), "name_mismatch"),
+        (json.dumps(node_doc(listen_port=0)).encode(), "invalid_field"),
+        (json.dumps(node_doc(name=None)).encode(), "invalid_field"),
+    ],
+)
+def test_bad_node_records_are_rejected_with_their_reason(raw: bytes, reason: str) -> None:
+    with pytest.raises(RecordError) as caught:
+        NodeRecord.from_json(decode_json(raw), key_name="node-a")
+    assert caught.value.reason == reason
+    assert "\n" not in str(caught.value)
+
+
+def test_ipv6_endpoint() -> None:
+    endpoint = Endpoint.parse("[2001:db8::1]:51820")
+    assert str(endpoint) == "[2001:db8::1]:51820"
+    assert Endpoint.parse("2001:db8::1", default_port=7).port == 7
+
+
+def test_mesh_config_defaults_and_validation() -> None:
+    assert MeshConfig.from_json({"schema": 1}) == MeshConfig()
+    config = MeshConfig.from_json({"schema": 1, "overlay_cidr": "10.200.0.0/24", "mtu": 1380, "lease_ttl_seconds": 5})
+    assert (str(config.overlay_cidr), config.mtu, config.lease_ttl_seconds) == ("10.200.0.0/24", 1380, 5)
+    assert MeshConfig.from_json(config.to_json()) == config
+    for bad in ({"mtu": 100}, {"listen_port": 70000}, {"lease_ttl_seconds": 1}, {"overlay_cidr": "10.0.0.0/31"}):
+        with pytest.raises(RecordError):
+            MeshConfig.from_json({"schema": 1, **bad})
+
+
+def test_external_peer_needs_allowed_ips() -> None:
+    peer = ExternalPeer.from_json(
+        {"schema": 1, "name": "laptop", "public_key": KEY, "allowed_ips": ["10.97.0.1/32"]}, key_name="laptop"
+    )
+    assert peer.endpoint is None and peer.persistent_keepalive is None
+    with pytest.raises(RecordError) as caught:
+        ExternalPeer.from_json({"schema": 1, "name": "laptop", "public_key": KEY, "allowed_ips": []}, key_name="laptop")
+    assert caught.value.reason == "invalid_cidr"
