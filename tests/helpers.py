@@ -23,6 +23,7 @@ def agent_settings(
     port: int = 51820,
     ttl: int = 3,
     resync: float = 30.0,
+    metrics_address: str | None = None,
 ) -> AgentSettings:
     return AgentSettings(
         store=StoreSettings((endpoints,) if isinstance(endpoints, str) else endpoints, KeySchema(prefix)),
@@ -33,7 +34,7 @@ def agent_settings(
         backend="memory",
         key_file=key_dir / f"{name}.key",
         lease_ttl=ttl,
-        metrics_address=None,
+        metrics_address=metrics_address,
         resync_interval=resync,
     )
 

@@ -117,7 +117,8 @@ class Agent:
             await asyncio.gather(*tasks, return_exceptions=True)
             if self.registrar is not None:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self.registrar.deregister(), 5)
+                    async with asyncio.timeout(5):
+                        await self.registrar.deregister()
             self.backend.close(remove_device=settings.cleanup_on_exit)
             await self.store.close()
             if server is not None:
@@ -184,7 +185,8 @@ class Agent:
                     log.warning("waiting for etcd: %s", exc)
                     warned = True
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), backoff.delay())
+                async with asyncio.timeout(backoff.delay()):
+                    await stop.wait()
         raise Stopped
 
     async def _observe(self) -> None:
@@ -194,10 +196,17 @@ class Agent:
             self.settings.store.schema.root,
             on_restart=lambda reason: self.metrics.watch_restarts.labels(reason).inc(),
         ):
+            own_key = self.settings.store.schema.node(self.settings.node_name)
             if isinstance(result, Events):
                 self.metrics.watch_events.inc(len(result.events))
+                own = [e for e in result.events if e.kv.key == own_key]
+                own_value = (own[-1].kv.value if own[-1].kind == "put" else None) if own else b""
+            else:
+                own_value = next((kv.value for kv in result.items if kv.key == own_key), None)
             self.view.apply(result)
             self.reconciler.notify()
+            if own_value != b"":  # our record was in this result (b"" means: not mentioned)
+                await self.registrar.restore(own_value)
             if self.view.config != config:
                 try:
                     await self.registrar.republish(self.view.config)

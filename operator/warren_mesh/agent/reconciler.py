@@ -59,8 +59,11 @@ class Reconciler:
     async def run(self) -> None:
         while True:
             # On timeout this is the periodic resync: compare anyway.
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation that arrives just as
+            # the awaited event fires, and the agent would never stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._dirty.wait(), self._resync_interval)
+                async with asyncio.timeout(self._resync_interval):
+                    await self._dirty.wait()
             self._dirty.clear()
             if not self._view.synced:
                 continue  # nothing to compare against until the first snapshot

@@ -30,7 +30,7 @@ from warren_mesh.model import (
     encode_json,
 )
 from warren_mesh.schema import KeySchema
-from warren_mesh.store.base import Backoff, StoreUnavailable
+from warren_mesh.store.base import Backoff, StoreError, StoreUnavailable
 from warren_mesh.store.etcd import EtcdStore
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ class Registrar:
         self._metrics = metrics
         self._allowed_ips = allowed_ips
         self.current: Registration | None = None
+        self._published = b""  # the exact value of our record in etcd, to notice when someone changes it
 
     # --- address ----------------------------------------------------------------------------------------------
 
@@ -152,6 +153,7 @@ class Registrar:
             await asyncio.shield(self._revoke_quietly(lease_id))
             raise
         self.current = Registration(record, lease_id, ttl)
+        self._published = encode_json(record.to_json())
         self._metrics.registrations.inc()
         log.info(
             "registered %s as %s at %s (lease %x, ttl %d s)",
@@ -186,9 +188,27 @@ class Registrar:
         record = self._record(config, current.record.overlay_ip)
         if (record.listen_port, record.endpoint) == (current.record.listen_port, current.record.endpoint):
             return
-        await self._store.put(self._schema.node(self._name), encode_json(record.to_json()), lease=current.lease_id)
+        value = encode_json(record.to_json())
+        await self._store.put(self._schema.node(self._name), value, lease=current.lease_id)
         self.current = replace(current, record=record)
+        self._published = value
         log.info("republished %s with listen port %d", self._name, record.listen_port)
+
+    async def restore(self, value: bytes | None) -> None:
+        """Publish our record again if someone else changed or deleted it while our lease is alive."""
+        current = self.current
+        if current is None or value == self._published:
+            return
+        log.warning(
+            "the record of %s was %s by someone else; publishing it again",
+            self._name,
+            "deleted" if value is None else "changed",
+        )
+        try:
+            await self._store.put(self._schema.node(self._name), self._published, lease=current.lease_id)
+        except StoreError as exc:
+            # Most likely our lease is gone (that deleted the record); the keepalive registers us again.
+            log.warning("could not restore the record of %s: %s", self._name, exc)
 
     async def keep_alive(self, config: Callable[[], MeshConfig]) -> None:
         """Refresh the lease every TTL/3 forever; register again (with the current config) if it is lost."""

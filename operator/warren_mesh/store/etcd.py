@@ -391,8 +391,11 @@ class EtcdStore:
             call.cancel()
 
     async def _next(self, responses: asyncio.Queue[Any], conn: _Connection, timeout: float) -> Any | None:
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that arrives while a
+        # response is already queued, and the watch would then outlive the agent that cancelled it.
         try:
-            item = await asyncio.wait_for(responses.get(), timeout)
+            async with asyncio.timeout(timeout):
+                item = await responses.get()
         except TimeoutError:
             return None
         if isinstance(item, grpc.aio.AioRpcError):

@@ -18,7 +18,7 @@ from warren_mesh.keys import NodeKey
 class Operation:
     action: str  # "private_key", "interface", "set_peer", "remove_peer"
     target: str  # the peer's public key, or the interface name
-    at: float  # time.monotonic() when applied
+    at: float  # time.time() when applied: comparable with a record's published_at
 
 
 @dataclass
@@ -61,4 +61,4 @@ class MemoryBackend:
             self.peers.clear()
 
     def _log(self, action: str, target: str) -> None:
-        self.operations.append(Operation(action, target, time.monotonic()))
+        self.operations.append(Operation(action, target, time.time()))

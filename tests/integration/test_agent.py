@@ -1,0 +1,427 @@
+"""Agents on the memory backend against a real etcd: convergence, failure, restart, bad input, outages."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from helpers import AgentProcess, agent_settings, run, wait_until
+from warren_mesh.agent.app import Agent
+from warren_mesh.keys import NodeKey, load_or_create
+from warren_mesh.lab.etcd_server import EtcdServer, free_port
+from warren_mesh.model import MeshConfig, encode_json
+from warren_mesh.schema import KeySchema
+from warren_mesh.store.etcd import EtcdStore
+from warren_mesh.wireguard.memory import MemoryBackend
+
+
+class Mesh:
+    """In-process agents sharing one event loop; each has its own store, registry and memory device."""
+
+    def __init__(self, endpoint: str, prefix: str, key_dir: Path, ttl: int = 3) -> None:
+        self.endpoint, self.prefix, self.key_dir, self.ttl = endpoint, prefix, key_dir, ttl
+        self.agents: dict[str, Agent] = {}
+        self._stops: dict[str, asyncio.Event] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def start(self, name: str, **kwargs: object) -> Agent:
+        port = 20000 + len(self.agents)
+        settings = agent_settings(self.endpoint, self.prefix, name, self.key_dir, port=port, ttl=self.ttl, **kwargs)  # type: ignore[arg-type]
+        agent = Agent(settings, backend=MemoryBackend(), registry=CollectorRegistry())
+        self.agents[name] = agent
+        self._stops[name] = asyncio.Event()
+        self._tasks[name] = asyncio.create_task(agent.run(self._stops[name]))
+        return agent
+
+    async def stop(self, name: str) -> None:
+        self._stops[name].set()
+        await self._tasks.pop(name)
+        del self.agents[name]
+
+    async def close(self) -> None:
+        for name in list(self._tasks):
+            await self.stop(name)
+
+    def device(self, name: str) -> MemoryBackend:
+        backend = self.agents[name].backend
+        assert isinstance(backend, MemoryBackend)
+        return backend
+
+    def peer_names(self, name: str) -> set[str]:
+        agent = self.agents[name]
+        keys = set(self.device(name).peers)
+        return {n for n, e in agent.view.nodes.items() if e.record.public_key in keys}
+
+    def metric(self, name: str, metric: str, labels: dict[str, str] | None = None) -> float:
+        value = self.agents[name].metrics.registry.get_sample_value(metric, labels or {})
+        return 0.0 if value is None else value
+
+    async def converged(self, names: set[str] | None = None, timeout: float = 15.0) -> None:
+        expect = set(self.agents) if names is None else names
+        await wait_until(
+            lambda: all(self.peer_names(n) == expect - {n} for n in expect if n in self.agents),
+            timeout,
+            f"full mesh of {sorted(expect)}",
+        )
+
+
+def in_mesh(endpoint: str, prefix: str, key_dir: Path, scenario: Callable[[Mesh], object], ttl: int = 3) -> None:
+    async def main() -> None:
+        mesh = Mesh(endpoint, prefix, key_dir, ttl)
+        try:
+            await scenario(mesh)  # type: ignore[misc]
+        finally:
+            await mesh.close()
+
+    run(main())
+
+
+def test_agents_converge_to_the_full_mesh(shared_etcd: EtcdServer, prefix: str, tmp_path: Path) -> None:
+    async def scenario(mesh: Mesh) -> None:
+        for i in range(6):
+            mesh.start(f"n{i}")
+        await mesh.converged()
+        addresses = {
+            a.registrar.current.record.overlay_ip for a in mesh.agents.values() if a.registrar and a.registrar.current
+        }
+        assert len(addresses) == 6, "every node has its own overlay address"
+        for name in mesh.agents:
+            assert mesh.metric(name, "warren_mesh_peers") == 5
+            assert mesh.metric(name, "warren_mesh_etcd_up") == 1
+            assert mesh.agents[name].healthy()
+        # Graceful stop revokes the lease: peers drop the node at once, not after the TTL.
+        started = time.monotonic()
+        await mesh.stop("n0")
+        await mesh.converged()
+        assert time.monotonic() - started < mesh.ttl
+
+    in_mesh(shared_etcd.endpoint, prefix, tmp_path, scenario)
+
+
+def test_a_killed_agent_leaves_every_peer_within_ttl_plus_one_second(
+    shared_etcd: EtcdServer, prefix: str, tmp_path: Path, agent_process: Callable[..., AgentProcess]
+) -> None:
+    ttl = 3
+
+    async def scenario(mesh: Mesh) -> None:
+        for i in range(3):
+            mesh.start(f"n{i}")
+        victim = agent_process(shared_etcd.endpoint, prefix, "victim", port=free_port(), ttl=ttl)
+        victim.start()
+        await mesh.converged({"n0", "n1", "n2", "victim"}, timeout=30)
+        killed_at = time.monotonic()
+        victim.kill()
+        await wait_until(lambda: all("victim" not in mesh.peer_names(n) for n in mesh.agents), ttl + 3, "removal")
+        gone_after = time.monotonic() - killed_at
+        assert gone_after <= ttl + 1, f"victim lingered {gone_after:.2f} s (TTL {ttl} s)"
+        await mesh.converged()
+
+    in_mesh(shared_etcd.endpoint, prefix, tmp_path, scenario, ttl=ttl)
+
+
+def test_a_restarted_agent_keeps_key_and_address_and_does_not_flap_others(
+    shared_etcd: EtcdServer, prefix: str, tmp_path: Path, agent_process: Callable[..., AgentProcess]
+) -> None:
+    async def scenario(mesh: Mesh) -> None:
+        mesh.start("n0")
+        mesh.start("n1")
+        port = free_port()
+        proc = agent_process(shared_etcd.endpoint, prefix, "phoenix", port=port, ttl=5)
+        proc.start()
+        await mesh.converged({"n0", "n1", "phoenix"}, timeout=30)
+        before = mesh.agents["n0"].view.nodes["phoenix"].record
+        key = load_or_create(tmp_path / "phoenix.key")[0].public_key
+        assert before.public_key == key
+        ops_before = len(mesh.device("n0").operations)
+
+        proc.kill()  # a crash: the old record stays on its lease for a while
+        proc.start()
+        old_lease = mesh.agents["n0"].view.nodes["phoenix"].lease
+
+        def re_registered() -> bool:
+            entry = mesh.agents["n0"].view.nodes.get("phoenix")
+            return entry is not None and entry.lease != old_lease
+
+        await wait_until(re_registered, 30, "the restarted agent's new registration")
+        after = mesh.agents["n0"].view.nodes["phoenix"].record
+        assert (after.public_key, after.overlay_ip) == (before.public_key, before.overlay_ip)
+        await asyncio.sleep(6)  # longer than the old lease: its expiry must not remove the new record
+        assert "phoenix" in mesh.peer_names("n0") and "phoenix" in mesh.peer_names("n1")
+        flaps = [op for op in list(mesh.device("n0").operations)[ops_before:] if op.target == key]
+        assert flaps == [], f"a restart with the same key and address changed nothing on peers, got {flaps}"
+        assert proc.terminate() == 0
+
+    in_mesh(shared_etcd.endpoint, prefix, tmp_path, scenario)
+
+
+def test_a_join_touches_only_the_new_peer(shared_etcd: EtcdServer, prefix: str, tmp_path: Path) -> None:
+    async def scenario(mesh: Mesh) -> None:
+        for i in range(4):
+            mesh.start(f"n{i}")
+        await mesh.converged()
+        marks = {n: len(mesh.device(n).operations) for n in mesh.agents}
+        newcomer = mesh.start("new")
+        await mesh.converged()
+        for name, mark in marks.items():
+            ops = list(mesh.device(name).operations)[mark:]
+            assert [(op.action, op.target) for op in ops] == [("set_peer", newcomer.key.public_key)], name
+        # Periodic resyncs with nothing to do change nothing.
+        marks = {n: len(mesh.device(n).operations) for n in mesh.agents}
+        for agent in mesh.agents.values():
+            assert agent.reconciler is not None
+            agent.reconciler.reconcile_once()
+        assert {n: len(mesh.device(n).operations) for n in mesh.agents} == marks
+
+    in_mesh(shared_etcd.endpoint, prefix, tmp_path, scenario)
+
+
+def _node_doc(name: str, key: str, address: str, **changes: object) -> dict[str, object]:
+    doc: dict[str, object] = {
+        "schema": 1,
+        "name": name,
+        "public_key": key,
+        "endpoint": "127.0.0.1:30000",
+        "overlay_ip": address,
+        "allowed_ips": [],
+        "listen_port": 51820,
+        "published_at": time.time(),
+    }
+    doc.update(changes)
+    return doc
+
+
+def test_bad_records_are_rejected_alone(shared_etcd: EtcdServer, prefix: str, tmp_path: Path) -> None:
+    schema = KeySchema(prefix)
+
+    async def scenario(mesh: Mesh) -> None:
+        mesh.start("n0")
+        mesh.start("n1")
+        await mesh.converged()
+        n1 = mesh.agents["n0"].view.nodes["n1"].record
+        n1_revision = mesh.agents["n0"].view.nodes["n1"].mod_revision
+        writer = EtcdStore(shared_etcd.endpoint)
+        key = NodeKey.generate().public_key
+        bad = {
+            "not-json": (b"{oops", "invalid_json"),
+            "old-schema": (encode_json(_node_doc("old-schema", key, "10.96.50.1", schema=0)), "schema_version"),
+            "short-key": (
+                encode_json(_node_doc("short-key", base64.b64encode(b"x" * 31).decode(), "10.96.50.2")),
+                "invalid_public_key",
+            ),
+            "bad-endpoint": (
+                encode_json(_node_doc("bad-endpoint", key, "10.96.50.3", endpoint="nowhere")),
+                "invalid_endpoint",
+            ),
+            "bad-cidr": (
+                encode_json(_node_doc("bad-cidr", key, "10.96.50.4", allowed_ips=["10.1.0.0/99"])),
+                "invalid_cidr",
+            ),
+            "thief": (encode_json(_node_doc("thief", key, str(n1.overlay_ip))), None),
+        }
+        for name, (raw, _) in bad.items():
+            await writer.put(schema.node(name), raw)
+        # n1's own record mangled in place: n1 stays (its last valid record is kept).
+        await writer.put(schema.node("n1"), b"\x00garbage")
+        await asyncio.sleep(0.5)
+        for observer in ("n0",):
+            await wait_until(
+                lambda o=observer: (
+                    mesh.metric(o, "warren_mesh_rejected_records_total", {"reason": "invalid_json"}) == 2
+                ),
+                5,
+                "rejections",
+            )
+            for reason in ("schema_version", "invalid_public_key", "invalid_endpoint", "invalid_cidr"):
+                assert mesh.metric(observer, "warren_mesh_rejected_records_total", {"reason": reason}) == 1, reason
+            assert mesh.metric(observer, "warren_mesh_conflicts_total", {"reason": "address_taken"}) == 1
+            assert mesh.peer_names(observer) == {"n1"}
+        # n1 noticed its record was mangled and published it again.
+        await wait_until(
+            lambda: mesh.agents["n0"].view.nodes["n1"].mod_revision > n1_revision, 5, "n1 to restore its record"
+        )
+        # The agents kept running and still react to valid changes.
+        mesh.start("n2")
+        await mesh.converged()
+        assert all(task_ok for task_ok in (a.healthy() for a in mesh.agents.values()))
+        await writer.close()
+
+    in_mesh(shared_etcd.endpoint, prefix, tmp_path, scenario)
+
+
+def test_etcd_outage_keeps_peers_and_catches_up(etcd: EtcdServer, prefix: str, tmp_path: Path) -> None:
+    schema = KeySchema(prefix)
+
+    async def scenario(mesh: Mesh) -> None:
+        for i in range(3):
+            mesh.start(f"n{i}")
+        await mesh.converged()
+        await asyncio.to_thread(etcd.stop)
+        await wait_until(lambda: mesh.metric("n0", "warren_mesh_etcd_up") == 0, 20, "etcd_up to drop")
+        await asyncio.sleep(2)
+        assert all(mesh.peer_names(n) == {"n0", "n1", "n2"} - {n} for n in mesh.agents), "peers kept while etcd away"
+        await asyncio.to_thread(etcd.start)
+        # A change made right after the outage reaches everyone.
+        writer = EtcdStore(etcd.endpoint)
+        await writer.put(schema.config, encode_json(MeshConfig(mtu=1300).to_json()))
+        await wait_until(
+            lambda: all((d := mesh.device(n).interface) is not None and d.mtu == 1300 for n in mesh.agents),
+            30,
+            "the new MTU everywhere",
+        )
+        await wait_until(lambda: mesh.metric("n0", "warren_mesh_etcd_up") == 1, 20, "etcd_up to recover")
+        await writer.close()
+        await mesh.converged()
+
+    in_mesh(etcd.endpoint, prefix, tmp_path, scenario)
+
+
+def test_a_lost_lease_is_re_registered(etcd: EtcdServer, prefix: str, tmp_path: Path) -> None:
+    async def scenario(mesh: Mesh) -> None:
+        mesh.start("n0")
+        mesh.start("n1")
+        await mesh.converged()
+        registrar = mesh.agents["n1"].registrar
+        assert registrar is not None and registrar.current is not None
+        # Someone (an operator, a compaction of leases after a long outage) revokes n1's lease.
+        writer = EtcdStore(etcd.endpoint)
+        await writer.revoke_lease(registrar.current.lease_id)
+        await wait_until(lambda: mesh.metric("n1", "warren_mesh_registrations_total") == 2, 10, "re-registration")
+        await mesh.converged()
+        await writer.close()
+
+    in_mesh(etcd.endpoint, prefix, tmp_path, scenario)
+
+
+def test_metrics_and_health_endpoint(shared_etcd: EtcdServer, prefix: str, tmp_path: Path) -> None:
+    async def scenario(mesh: Mesh) -> None:
+        port = free_port()
+        mesh.start("n0", metrics_address=f"127.0.0.1:{port}")
+        mesh.start("n1")
+        await mesh.converged()
+        await asyncio.sleep(0.2)
+
+        def get(path: str) -> tuple[int, str]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+                return resp.status, resp.read().decode()
+
+        status, body = await asyncio.to_thread(get, "/healthz")
+        assert status == 200
+        status, body = await asyncio.to_thread(get, "/metrics")
+        for name in (
+            "warren_mesh_peers 1.0",
+            "warren_mesh_rejected_records_total",
+            "warren_mesh_watch_events_total",
+            "warren_mesh_reconcile_duration_seconds_bucket",
+            "warren_mesh_etcd_up 1.0",
+            "warren_mesh_convergence_lag_seconds_bucket",
+        ):
+            assert name in body, name
+        private = mesh.agents["n0"].key.private_base64()
+        assert private not in body
+
+    in_mesh(shared_etcd.endpoint, prefix, tmp_path, scenario)
+
+
+def test_name_taken_by_another_key_is_a_clear_error(shared_etcd: EtcdServer, prefix: str, tmp_path: Path) -> None:
+    schema = KeySchema(prefix)
+
+    async def occupy() -> None:
+        writer = EtcdStore(shared_etcd.endpoint)
+        await writer.put(
+            schema.node("taken"), encode_json(_node_doc("taken", NodeKey.generate().public_key, "10.96.9.9"))
+        )
+        await writer.close()
+
+    run(occupy())
+    key_file = tmp_path / "taken.key"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "warren_mesh.cli",
+            "agent",
+            "--backend=memory",
+            "--node-name=taken",
+            f"--etcd-endpoints={shared_etcd.endpoint}",
+            f"--prefix={prefix}",
+            "--endpoint=127.0.0.1:1",
+            f"--key-file={key_file}",
+            "--metrics-address=",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("warren-mesh: error: node name 'taken' is registered with another public key")
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--etcd-endpoints=ftp://x", "--etcd-endpoints"),
+        ("--endpoint=somewhere", "--endpoint"),
+        ("--backend=magic", "--backend"),
+        ("--lease-ttl=1", "--lease-ttl"),
+        ("--node-name=Bad_Name", "--node-name"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(flag: str, message: str, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "warren_mesh.cli", "agent", f"--key-file={tmp_path / 'k'}", flag],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+def test_status_command(shared_etcd: EtcdServer, prefix: str, tmp_path: Path) -> None:
+    async def scenario(mesh: Mesh) -> None:
+        mesh.start("n0")
+        mesh.start("n1")
+        await mesh.converged()
+        args = [
+            sys.executable,
+            "-m",
+            "warren_mesh.cli",
+            "status",
+            f"--etcd-endpoints={shared_etcd.endpoint}",
+            f"--prefix={prefix}",
+        ]
+        out = await asyncio.to_thread(
+            subprocess.run, [*args, "--output", "json"], capture_output=True, text=True, check=True
+        )
+        nodes = json.loads(out.stdout)
+        assert [n["name"] for n in nodes] == ["n0", "n1"]
+        assert {n["public_key"] for n in nodes} == {a.key.public_key for a in mesh.agents.values()}
+        assert all(n["endpoint"].startswith("127.0.0.1:") and n["overlay_ip"].startswith("10.96.") for n in nodes)
+        assert all(0 < n["lease_seconds_left"] <= 3 for n in nodes)
+        table = await asyncio.to_thread(subprocess.run, args, capture_output=True, text=True, check=True)
+        assert table.stdout.splitlines()[0].split() == [
+            "NODE",
+            "OVERLAY",
+            "IP",
+            "ENDPOINT",
+            "PUBLIC",
+            "KEY",
+            "LEASE",
+            "LEFT",
+        ]
+
+    in_mesh(shared_etcd.endpoint, prefix, tmp_path, scenario)
