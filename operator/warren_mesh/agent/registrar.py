@@ -133,8 +133,10 @@ class Registrar:
     async def register(self, config: MeshConfig, overlay_ip: IPAddress) -> Registration:
         """Publish our record on a fresh lease; take over a record of ours left by a previous run."""
         ttl = self._lease_ttl if self._lease_ttl is not None else config.lease_ttl_seconds
-        record = self._record(config, overlay_ip)
         lease_id = await self._store.grant_lease(ttl)
+        # Stamped after the lease grant: published_at is when the record is written, so measured convergence
+        # lag is the mesh's reaction time, not our own registration round trips.
+        record = self._record(config, overlay_ip)
         key = self._schema.node(self._name)
         try:
             existing = await self._store.create(key, encode_json(record.to_json()), lease=lease_id)
