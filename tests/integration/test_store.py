@@ -62,9 +62,22 @@ def test_leased_key_expires_and_keepalive_reports_loss(shared_etcd: EtcdServer, 
     run(scenario())
 
 
-async def _collect(results: AsyncIterator[WatchResult], into: list[WatchResult]) -> None:
-    async for result in results:
-        into.append(result)
+@contextlib.asynccontextmanager
+async def collecting(watch: AsyncIterator[WatchResult]) -> AsyncIterator[list[WatchResult]]:
+    """Consume ``watch`` in the background into a list; stop consuming when the block ends."""
+    results: list[WatchResult] = []
+
+    async def consume() -> None:
+        async for result in watch:
+            results.append(result)
+
+    task = asyncio.create_task(consume())
+    try:
+        yield results
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def _keys_seen(results: list[WatchResult]) -> dict[str, bytes | None]:
@@ -87,18 +100,14 @@ def test_observe_lists_then_watches(shared_etcd: EtcdServer, prefix: str) -> Non
     async def scenario() -> None:
         store = EtcdStore(shared_etcd.endpoint)
         await store.put(f"{prefix}/a", b"1")
-        results: list[WatchResult] = []
-        task = asyncio.create_task(_collect(store.observe(f"{prefix}/"), results))
-        await _until(lambda: results)
-        assert isinstance(results[0], Snapshot) and [kv.key for kv in results[0].items] == [f"{prefix}/a"]
-        await store.put(f"{prefix}/b", b"2")
-        await store.delete(f"{prefix}/a")
-        await store.put(f"{prefix}x/outside", b"not ours")
-        await _until(lambda: _keys_seen(results) == {f"{prefix}/b": b"2"})
-        assert all(isinstance(r, Events) for r in results[1:])
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        async with collecting(store.observe(f"{prefix}/")) as results:
+            await _until(lambda: bool(results))
+            assert isinstance(results[0], Snapshot) and [kv.key for kv in results[0].items] == [f"{prefix}/a"]
+            await store.put(f"{prefix}/b", b"2")
+            await store.delete(f"{prefix}/a")
+            await store.put(f"{prefix}x/outside", b"not ours")
+            await _until(lambda: _keys_seen(results) == {f"{prefix}/b": b"2"})
+            assert all(isinstance(r, Events) for r in results[1:])
         await store.close()
 
     run(scenario())
@@ -109,31 +118,27 @@ def test_watch_survives_etcd_restart_and_compaction_without_missing_a_change(etc
         restarts: list[str] = []
         store = EtcdStore(etcd.endpoint, call_timeout=2.0)
         writer = EtcdStore(etcd.endpoint, call_timeout=2.0)
-        results: list[WatchResult] = []
-        watch = store.observe(f"{prefix}/", quiet_interval=1.0, on_restart=restarts.append)
-        task = asyncio.create_task(_collect(watch, results))
-        await writer.put(f"{prefix}/before", b"1")
-        await _until(lambda: f"{prefix}/before" in _keys_seen(results))
+        async with collecting(store.observe(f"{prefix}/", quiet_interval=1.0, on_restart=restarts.append)) as results:
+            await writer.put(f"{prefix}/before", b"1")
+            await _until(lambda: f"{prefix}/before" in _keys_seen(results))
 
-        # etcd goes away; changes made while the watcher is disconnected must still arrive.
-        await asyncio.to_thread(etcd.stop)
-        await asyncio.sleep(1.5)
-        await asyncio.to_thread(etcd.start)
-        await writer.put(f"{prefix}/during", b"2")
-        await _until(lambda: f"{prefix}/during" in _keys_seen(results), timeout=20)
-        assert "error" in restarts or "stalled" in restarts
-        assert not any(isinstance(r, Snapshot) for r in results[1:]), "a resume needs no new snapshot"
+            # etcd goes away; changes made while the watcher is disconnected must still arrive.
+            await asyncio.to_thread(etcd.stop)
+            await asyncio.sleep(1.5)
+            await asyncio.to_thread(etcd.start)
+            await writer.put(f"{prefix}/during", b"2")
+            await _until(lambda: f"{prefix}/during" in _keys_seen(results), timeout=20)
+            assert "error" in restarts or "stalled" in restarts
+            assert not any(isinstance(r, Snapshot) for r in results[1:]), "a resume needs no new snapshot"
 
-        # Compaction past the watcher's position while it is away forces a fresh snapshot with the truth.
-        await asyncio.to_thread(etcd.stop)
-        await asyncio.to_thread(etcd.start)
-        await writer.delete(f"{prefix}/before")
-        revision = await writer.put(f"{prefix}/after", b"3")
-        await writer.compact(revision)
-        await _until(lambda: _keys_seen(results) == {f"{prefix}/during": b"2", f"{prefix}/after": b"3"}, timeout=20)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+            # Compaction past the watcher's position while it is away forces a fresh snapshot with the truth.
+            await asyncio.to_thread(etcd.stop)
+            await asyncio.to_thread(etcd.start)
+            await writer.delete(f"{prefix}/before")
+            revision = await writer.put(f"{prefix}/after", b"3")
+            await writer.compact(revision)
+            expected = {f"{prefix}/during": b"2", f"{prefix}/after": b"3"}
+            await _until(lambda: _keys_seen(results) == expected, timeout=20)
         await store.close()
         await writer.close()
 
@@ -144,25 +149,22 @@ def test_compaction_during_an_open_watch_relists(etcd: EtcdServer, prefix: str) 
     """A watcher that resumes from a compacted revision gets a snapshot instead of a silent gap."""
 
     async def scenario() -> None:
-        restarts: list[str] = []
         store = EtcdStore(etcd.endpoint, call_timeout=2.0)
         writer = EtcdStore(etcd.endpoint)
-        results: list[WatchResult] = []
-        agen = store.observe(f"{prefix}/", quiet_interval=0.5, on_restart=restarts.append)
-        first = await agen.__anext__()
+        watch = store.observe(f"{prefix}/", quiet_interval=0.5)
+        first = await anext(watch)
         assert isinstance(first, Snapshot)
         # While nobody reads, the world moves on and history is compacted away.
         for i in range(5):
             await writer.put(f"{prefix}/k{i}", str(i).encode())
-        revision = await writer.delete(f"{prefix}/k0") and await writer.put(f"{prefix}/k9", b"9")
+        await writer.delete(f"{prefix}/k0")
+        revision = await writer.put(f"{prefix}/k9", b"9")
         await writer.compact(revision)
         await asyncio.to_thread(etcd.restart)  # drop the stream so the resume hits the compaction
-        task = asyncio.create_task(_collect(agen, results))
-        expected = {f"{prefix}/k{i}": str(i).encode() for i in (1, 2, 3, 4, 9)}
-        await _until(lambda: _keys_seen([first, *results]) == expected, timeout=20)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        async with collecting(watch) as results:
+            expected = {f"{prefix}/k{i}": str(i).encode() for i in (1, 2, 3, 4, 9)}
+            await _until(lambda: _keys_seen([first, *results]) == expected, timeout=20)
+            assert any(isinstance(r, Snapshot) for r in results)
         await store.close()
         await writer.close()
 
@@ -173,21 +175,16 @@ def test_a_hung_etcd_is_detected_as_a_stalled_watch(etcd: EtcdServer, prefix: st
     async def scenario() -> None:
         restarts: list[str] = []
         store = EtcdStore(etcd.endpoint, call_timeout=1.0)
-        results: list[WatchResult] = []
-        watch = store.observe(f"{prefix}/", quiet_interval=0.5, on_restart=restarts.append)
-        task = asyncio.create_task(_collect(watch, results))
-        await _until(lambda: results)
-        etcd.pause()
-        try:
-            await _until(lambda: "stalled" in restarts, timeout=10)
-        finally:
-            etcd.resume()
         writer = EtcdStore(etcd.endpoint)
-        await writer.put(f"{prefix}/after", b"1")
-        await _until(lambda: f"{prefix}/after" in _keys_seen(results), timeout=20)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        async with collecting(store.observe(f"{prefix}/", quiet_interval=0.5, on_restart=restarts.append)) as results:
+            await _until(lambda: bool(results))
+            etcd.pause()
+            try:
+                await _until(lambda: "stalled" in restarts, timeout=10)
+            finally:
+                etcd.resume()
+            await writer.put(f"{prefix}/after", b"1")
+            await _until(lambda: f"{prefix}/after" in _keys_seen(results), timeout=20)
         await store.close()
         await writer.close()
 
