@@ -7,8 +7,6 @@ are turned on at a short interval so watchers can tell a quiet stream from a dea
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import json
 import os
 import shutil
@@ -21,6 +19,8 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
+from warren_mesh.process import die_with_parent
+
 
 class EtcdServerError(RuntimeError):
     pass
@@ -31,20 +31,6 @@ def find_etcd() -> str:
         if candidate and os.access(candidate, os.X_OK):
             return candidate
     raise EtcdServerError("etcd is not installed; `apt-get install etcd-server` (./hack/test does it for you)")
-
-
-_PR_SET_PDEATHSIG = 1
-# Loaded here, in the parent: between fork and exec the child may only do async-signal-safe work, and loading a
-# library is not. The child then makes one prctl call and nothing else.
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: the kernel kills etcd if the process that started it dies.
-
-    Without this, a test run or lab killed from outside (a CI timeout, SIGKILL) would leave etcd running.
-    """
-    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def free_port() -> int:
@@ -94,7 +80,7 @@ class EtcdServer:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 (one prctl)
+            preexec_fn=die_with_parent,  # noqa: PLW1509 (one prctl)
         )
         log.close()
         deadline = time.monotonic() + timeout
