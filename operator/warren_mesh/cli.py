@@ -24,6 +24,7 @@ from warren_mesh.settings import AgentSettings, SettingsError, StoreSettings, ad
 from warren_mesh.status import read_status, render_json, render_table
 from warren_mesh.store.base import StoreError
 from warren_mesh.store.etcd import EtcdStore
+from warren_mesh.wireguard.backend import BackendError
 
 log = logging.getLogger("warren_mesh")
 
@@ -35,7 +36,7 @@ _USER_ERRORS = (
     UnderlayError,
     StoreError,
     EtcdServerError,
-    NotImplementedError,
+    BackendError,
     PermissionError,
 )
 

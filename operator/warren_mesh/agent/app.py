@@ -30,25 +30,17 @@ from warren_mesh.settings import AgentSettings
 from warren_mesh.store.base import Backoff, StoreUnavailable
 from warren_mesh.store.etcd import EtcdStore
 from warren_mesh.watch import Events
-from warren_mesh.wireguard.backend import Backend
-from warren_mesh.wireguard.memory import MemoryBackend
+from warren_mesh.wireguard.backend import Backend, BackendError
+from warren_mesh.wireguard.select import create_backend
 
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+_DEVICE_CHECK_INTERVAL = 1.0
 
 
 class Stopped(Exception):
     """The agent was told to stop while it was still starting."""
-
-
-def create_backend(settings: AgentSettings) -> Backend:
-    if settings.backend == "memory":
-        return MemoryBackend(interface_name=settings.interface)
-    raise NotImplementedError(
-        f"--backend {settings.backend}: this build drives only the memory backend; "
-        "the kernel and userspace WireGuard backends are not part of it yet"
-    )
 
 
 class Agent:
@@ -61,7 +53,7 @@ class Agent:
         key: NodeKey | None = None,
     ) -> None:
         self.settings = settings
-        self.backend = backend if backend is not None else create_backend(settings)
+        self.backend = backend if backend is not None else create_backend(settings.backend, settings.interface)
         self.metrics = AgentMetrics(registry if registry is not None else CollectorRegistry())
         self.view = MeshView(settings.store.schema, on_reject=self._count_rejection)
         self.store = EtcdStore(settings.store.etcd_endpoints, on_health=self.metrics.etcd_up.set)
@@ -162,6 +154,18 @@ class Agent:
         tasks.append(loop.create_task(self._observe(), name="observe"))
         tasks.append(loop.create_task(self.reconciler.run(), name="reconcile"))
         tasks.append(loop.create_task(registrar.keep_alive(lambda: self.view.config), name="keepalive"))
+        tasks.append(loop.create_task(self._watch_device(), name="device-watchdog"))
+
+    async def _watch_device(self) -> None:
+        """Notice a dead data plane (wireguard-go crashed) within a second and configure the new one."""
+        assert self.reconciler is not None
+        while True:
+            await asyncio.sleep(_DEVICE_CHECK_INTERVAL)
+            try:
+                if self.backend.check():
+                    self.reconciler.notify()
+            except BackendError as exc:
+                log.error("the WireGuard device is down and could not be restarted (retrying): %s", exc)
 
     async def _read_config(self) -> MeshConfig:
         kv = await self.store.get(self.settings.store.schema.config)

@@ -84,9 +84,16 @@ class Reconciler:
             underlay_mtu=self._underlay_mtu,
         )
         self._report_conflicts(desired.conflicts)
+        try:
+            device = self._backend.read()
+        except BackendError as exc:
+            # The device is unreadable (e.g. wireguard-go just died): the watchdog restarts it; try again later.
+            self._metrics.apply_errors.inc()
+            log.error("cannot read the WireGuard device (retrying): %s", exc)
+            return False
         plan = plan_changes(
             desired,
-            self._backend.read(),
+            device,
             local_public_key=self._key.public_key,
             previous=self._applied,
             remove_unknown=view.synced,
@@ -97,7 +104,7 @@ class Reconciler:
             if name != self._local.name:
                 self._metrics.convergence_lag.observe(max(0.0, applied_at - published_at))
         self._applied = desired
-        self._metrics.peers.set(len(self._backend.read().peers) if not ok else len(desired.peers))
+        self._metrics.peers.set(len(desired.peers) if ok else len(device.peers))
         self._metrics.reconcile_duration.observe(time.perf_counter() - started)
         self.passes += 1
         return ok

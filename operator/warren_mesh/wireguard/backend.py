@@ -41,6 +41,10 @@ class Backend(Protocol):
 
     def remove_peer(self, public_key: str) -> None: ...
 
+    def check(self) -> bool:
+        """Repair the data plane if it died (a crashed daemon); True when the device must be configured again."""
+        ...
+
     def close(self, *, remove_device: bool) -> None:
         """Release resources; the device itself stays unless ``remove_device`` (traffic outlives the agent)."""
         ...

@@ -54,6 +54,9 @@ class MemoryBackend:
         self.peers.pop(public_key, None)
         self._log("remove_peer", public_key)
 
+    def check(self) -> bool:
+        return False
+
     def close(self, *, remove_device: bool) -> None:
         self.closed = True
         if remove_device:
