@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 
 from warren_mesh import __version__
@@ -20,6 +22,7 @@ from warren_mesh.agent.underlay import UnderlayError
 from warren_mesh.keys import KeyFileError
 from warren_mesh.lab.demo import run_demo
 from warren_mesh.lab.etcd_server import EtcdServerError
+from warren_mesh.lab.lab import Lab, LabError, NodeStatus, require_root, status_json
 from warren_mesh.settings import AgentSettings, SettingsError, StoreSettings, add_flag, add_store_flags
 from warren_mesh.status import read_status, render_json, render_table
 from warren_mesh.store.base import StoreError
@@ -36,6 +39,7 @@ _USER_ERRORS = (
     UnderlayError,
     StoreError,
     EtcdServerError,
+    LabError,
     BackendError,
     PermissionError,
 )
@@ -57,6 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="start a local etcd and N agents (memory backend); print the mesh")
     demo.add_argument("--nodes", type=int, default=3, help="number of agents (default 3)")
+
+    lab = commands.add_parser("lab", help="a local mesh in network namespaces with real WireGuard (root)")
+    lab_commands = lab.add_subparsers(dest="lab_command", required=True, metavar="LAB_COMMAND")
+    up = lab_commands.add_parser("up", help="start etcd and N nodes, wait until every pair has handshaken")
+    up.add_argument("--nodes", type=int, default=3)
+    up.add_argument("--backend", choices=("auto", "kernel", "userspace"), default="auto")
+    up.add_argument("--lease-ttl", type=int, default=5, help="seconds a dead node lingers (default 5)")
+    up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the full mesh")
+    lab_status = lab_commands.add_parser("status", help="nodes, addresses, peers and handshakes")
+    lab_status.add_argument("--output", choices=("table", "json"), default="table")
+    lab_exec = lab_commands.add_parser("exec", help="run a command inside a node: lab exec node-1 -- ping ...")
+    lab_exec.add_argument("node")
+    lab_exec.add_argument("cmd", nargs=argparse.REMAINDER)
+    lab_commands.add_parser("ping", help="ping every node's overlay address from every other node")
+    lab_commands.add_parser("down", help="remove everything the lab made")
     return parser
 
 
@@ -80,12 +99,76 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise SettingsError(f"--nodes {args.nodes} is not between 2 and 50")
             logging.getLogger().setLevel(max(level, logging.WARNING))
             return 0 if asyncio.run(run_demo(args.nodes, sys.stdout)) else 1
+        if args.command == "lab":
+            return _lab(args)
     except _USER_ERRORS as exc:
         print(f"warren-mesh: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, SettingsError) else 1
     except KeyboardInterrupt:
         return 130
     return 2
+
+
+def _lab(args: argparse.Namespace) -> int:
+    lab = Lab()
+    require_root()
+    if args.lab_command == "up":
+        if not 2 <= args.nodes <= 50:
+            raise SettingsError(f"--nodes {args.nodes} is not between 2 and 50")
+        started = time.monotonic()
+        status = lab.up(
+            args.nodes,
+            backend=args.backend,
+            lease_ttl=args.lease_ttl,
+            timeout=args.timeout,
+            progress=lambda line: print(line, flush=True),
+        )
+        print(f"full mesh of {len(status)} nodes, every pair handshaken, in {time.monotonic() - started:.1f} s\n")
+        print(render_lab_table(status))
+        print("\nnext: `warren-mesh lab ping`, `warren-mesh lab exec node-1 -- wg show`, `warren-mesh lab down`")
+        return 0
+    if not lab.is_up() and args.lab_command != "down":
+        raise LabError("no lab is up; start one with `warren-mesh lab up`")
+    if args.lab_command == "status":
+        status = lab.status()
+        print(status_json(status) if args.output == "json" else render_lab_table(status))
+        return 0
+    if args.lab_command == "exec":
+        command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+        if not command:
+            raise SettingsError("lab exec needs a command: warren-mesh lab exec node-1 -- ping 10.96.0.2")
+        argv = lab.exec_argv(args.node, command)
+        os.execvp(argv[0], argv)  # noqa: S606 (replacing ourselves with the user's command is the point)
+    if args.lab_command == "ping":
+        results = lab.ping_all()
+        for source, target, ok in results:
+            print(f"{source} -> {target}: {'ok' if ok else 'FAILED'}")
+        failed = sum(1 for *_, ok in results if not ok)
+        print(f"{len(results) - failed}/{len(results)} overlay pings answered")
+        return 0 if failed == 0 else 1
+    removed = lab.down()
+    print("\n".join(f"removed {item}" for item in removed) or "nothing to remove")
+    return 0
+
+
+def render_lab_table(status: list[NodeStatus]) -> str:
+    header = ("NODE", "NETNS", "UNDERLAY", "OVERLAY", "PEERS", "HANDSHAKEN", "AGENT")
+    rows = [
+        (
+            s.name,
+            s.netns,
+            s.underlay_ip,
+            s.overlay_ip or "-",
+            str(s.peers),
+            str(s.handshaken),
+            "running" if s.agent_running else "stopped",
+        )
+        for s in status
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]
+    )
 
 
 async def _agent(settings: AgentSettings) -> int:

@@ -19,7 +19,8 @@ NETNS_DIR = "/var/run/netns"
 
 
 def die_with_parent() -> None:
-    """preexec_fn: the kernel kills the child if the process that started it dies (a killed test or lab)."""
+    """preexec_fn: the kernel kills the child when the thread that started it ends (with the main thread: when
+    the process dies, e.g. a killed test run). Only use it from a thread that lives as long as the process."""
     _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 

@@ -179,7 +179,7 @@ def test_a_join_touches_only_the_new_peer(shared_etcd: EtcdServer, prefix: str, 
         marks = {n: len(mesh.device(n).operations) for n in mesh.agents}
         for agent in mesh.agents.values():
             assert agent.reconciler is not None
-            agent.reconciler.reconcile_once()
+            await agent.reconciler.reconcile_once()
         assert {n: len(mesh.device(n).operations) for n in mesh.agents} == marks
 
     in_mesh(shared_etcd.endpoint, prefix, tmp_path, scenario)

@@ -17,6 +17,7 @@ from typing import TypeVar
 
 from prometheus_client import CollectorRegistry
 
+from warren_mesh.agent.device_thread import DeviceThread
 from warren_mesh.agent.reconciler import Reconciler
 from warren_mesh.agent.registrar import Registrar
 from warren_mesh.agent.underlay import DEFAULT_MTU, default_route_address, mtu_of_address
@@ -53,13 +54,24 @@ class Agent:
         key: NodeKey | None = None,
     ) -> None:
         self.settings = settings
-        self.backend = backend if backend is not None else create_backend(settings.backend, settings.interface)
+        self._given_backend = backend
+        self._backend: Backend | None = backend
+        # Real devices are driven from one worker thread (see device_thread); the memory device inline.
+        self.device_thread = DeviceThread(
+            inline=(backend is not None and backend.name == "memory") or settings.backend == "memory"
+        )
         self.metrics = AgentMetrics(registry if registry is not None else CollectorRegistry())
         self.view = MeshView(settings.store.schema, on_reject=self._count_rejection)
         self.store = EtcdStore(settings.store.etcd_endpoints, on_health=self.metrics.etcd_up.set)
         self.key = key if key is not None else self._load_key()
         self.reconciler: Reconciler | None = None
         self.registrar: Registrar | None = None
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            raise RuntimeError("the agent has not created its backend yet (run() does)")
+        return self._backend
 
     def _load_key(self) -> NodeKey:
         key, created = load_or_create(self.settings.key_file)
@@ -80,6 +92,8 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         settings = self.settings
+        if self._backend is None:
+            self._backend = await self.device_thread.run(lambda: create_backend(settings.backend, settings.interface))
         server = None
         if settings.metrics_address:
             server = MetricsServer(settings.metrics_address, self.metrics.registry, self.healthy)
@@ -111,7 +125,8 @@ class Agent:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(5):
                         await self.registrar.deregister()
-            self.backend.close(remove_device=settings.cleanup_on_exit)
+            await self.device_thread.run(lambda: self.backend.close(remove_device=settings.cleanup_on_exit))
+            self.device_thread.shutdown()
             await self.store.close()
             if server is not None:
                 server.stop()
@@ -122,9 +137,12 @@ class Agent:
         if settings.endpoint_host is not None:
             endpoint_host = ipaddress.ip_address(settings.endpoint_host)
         else:
-            endpoint_host = default_route_address()
+            endpoint_host = await asyncio.to_thread(default_route_address)
             log.info("endpoint address %s (default route's interface)", endpoint_host)
-        underlay_mtu = DEFAULT_MTU if self.backend.name == "memory" else mtu_of_address(endpoint_host)
+        if self.backend.name == "memory":
+            underlay_mtu = DEFAULT_MTU
+        else:
+            underlay_mtu = await asyncio.to_thread(mtu_of_address, endpoint_host)
 
         config = await self._until_etcd(stop, self._read_config)
         self.view.config = config
@@ -148,6 +166,7 @@ class Agent:
             key=self.key,
             metrics=self.metrics,
             underlay_mtu=underlay_mtu,
+            device_thread=self.device_thread,
             resync_interval=settings.resync_interval,
         )
         loop = asyncio.get_running_loop()
@@ -162,7 +181,7 @@ class Agent:
         while True:
             await asyncio.sleep(_DEVICE_CHECK_INTERVAL)
             try:
-                if self.backend.check():
+                if await self.device_thread.run(self.backend.check):
                     self.reconciler.notify()
             except BackendError as exc:
                 log.error("the WireGuard device is down and could not be restarted (retrying): %s", exc)

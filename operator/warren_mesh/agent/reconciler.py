@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from warren_mesh.agent.device_thread import DeviceThread
 from warren_mesh.keys import NodeKey
 from warren_mesh.mesh.peers import MeshView
 from warren_mesh.mesh.plan import Plan, plan_changes
@@ -38,8 +39,10 @@ class Reconciler:
         key: NodeKey,
         metrics: AgentMetrics,
         underlay_mtu: int,
+        device_thread: DeviceThread,
         resync_interval: float = 30.0,
     ) -> None:
+        self._device_thread = device_thread
         self._view = view
         self._backend = backend
         self._local = local
@@ -67,12 +70,16 @@ class Reconciler:
             self._dirty.clear()
             if not self._view.synced:
                 continue  # nothing to compare against until the first snapshot
-            if not self.reconcile_once():
+            if not await self.reconcile_once():
                 await asyncio.sleep(_RETRY_AFTER_ERROR)
                 self._dirty.set()
 
-    def reconcile_once(self) -> bool:
-        """One pass; True when every planned change was applied."""
+    async def reconcile_once(self) -> bool:
+        """One pass; True when every planned change was applied.
+
+        The desired state is computed here on the event loop, where the view lives; reading and changing the
+        device happen on the device thread.
+        """
         started = time.perf_counter()
         view = self._view
         desired = build_topology(
@@ -85,7 +92,7 @@ class Reconciler:
         )
         self._report_conflicts(desired.conflicts)
         try:
-            device = self._backend.read()
+            device = await self._device_thread.run(self._backend.read)
         except BackendError as exc:
             # The device is unreadable (e.g. wireguard-go just died): the watchdog restarts it; try again later.
             self._metrics.apply_errors.inc()
@@ -98,7 +105,7 @@ class Reconciler:
             previous=self._applied,
             remove_unknown=view.synced,
         )
-        ok = self._apply(plan, desired)
+        ok = await self._device_thread.run(lambda: self._apply(plan, desired))
         applied_at = time.time()
         for name, published_at in view.take_published().items():
             if name != self._local.name:

@@ -38,7 +38,10 @@ def demo_settings(etcd_endpoint: str, index: int, key_dir: Path) -> AgentSetting
 async def run_demo(nodes: int, out: TextIO, timeout: float = 30.0) -> bool:
     with tempfile.TemporaryDirectory(prefix="warren-demo-") as tmp, EtcdServer() as etcd:
         out.write(f"etcd {etcd.endpoint} (data in {etcd.data_dir}); starting {nodes} agents (memory backend)\n")
-        agents = [Agent(demo_settings(etcd.endpoint, i, Path(tmp))) for i in range(1, nodes + 1)]
+        agents = [
+            Agent(demo_settings(etcd.endpoint, i, Path(tmp)), backend=MemoryBackend(interface_name=f"wgdemo{i}"))
+            for i in range(1, nodes + 1)
+        ]
         stop = asyncio.Event()
         started = time.monotonic()
         tasks = [asyncio.create_task(agent.run(stop)) for agent in agents]

@@ -14,12 +14,14 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
-import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-from warren_mesh.process import die_with_parent
+from pyroute2 import netns
+
+from warren_mesh.process import in_netns
 
 
 class EtcdServerError(RuntimeError):
@@ -40,18 +42,33 @@ def free_port() -> int:
 
 
 class EtcdServer:
-    def __init__(self, data_dir: Path | None = None, *, progress_interval: str = "1s") -> None:
+    def __init__(
+        self,
+        data_dir: Path | None = None,
+        *,
+        progress_interval: str = "1s",
+        host: str = "127.0.0.1",
+        netns: str | None = None,
+        client_port: int | None = None,
+        peer_port: int | None = None,
+        outlive_parent: bool = False,
+    ) -> None:
+        """``netns``: run inside that network namespace on ``host`` (the lab's hub); ``outlive_parent``: keep
+        running after this process exits (the lab's etcd outlives `lab up`; a test's never does)."""
         self._own_dir = data_dir is None
         self.data_dir = Path(tempfile.mkdtemp(prefix="warren-etcd-")) if data_dir is None else data_dir
-        self.client_port = free_port()
-        self.peer_port = free_port()
+        self.host = host
+        self.netns = netns
+        self.client_port = client_port or free_port()
+        self.peer_port = peer_port or free_port()
+        self._outlive_parent = outlive_parent
         self._progress_interval = progress_interval
         self._process: subprocess.Popen[bytes] | None = None
         self.log_path = self.data_dir / "etcd.log"
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"http://{self.host}:{self.client_port}"
 
     @property
     def pid(self) -> int | None:
@@ -60,7 +77,7 @@ class EtcdServer:
     def start(self, timeout: float = 20.0) -> None:
         if self._process is not None:
             return
-        client = f"http://127.0.0.1:{self.client_port}"
+        client = f"http://{self.host}:{self.client_port}"
         peer = f"http://127.0.0.1:{self.peer_port}"
         args = [
             find_etcd(),
@@ -80,7 +97,7 @@ class EtcdServer:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=die_with_parent,  # noqa: PLW1509 (one prctl)
+            preexec_fn=in_netns(self.netns, tied_to_parent=self._tie_to_parent()),  # noqa: PLW1509
         )
         log.close()
         deadline = time.monotonic() + timeout
@@ -94,11 +111,28 @@ class EtcdServer:
         self.stop()
         raise EtcdServerError(f"etcd did not become healthy within {timeout} s; see {self.log_path}")
 
+    def _tie_to_parent(self) -> bool:
+        """Whether etcd should die with us. The kernel ties that to the *thread* that starts the child, so it is
+        only safe from the main thread: started from a worker thread (asyncio.to_thread), etcd would die as soon
+        as that worker exits. Such callers stop it themselves (close())."""
+        return not self._outlive_parent and threading.current_thread() is threading.main_thread()
+
     def _healthy(self) -> bool:
+        """GET /health over a socket made inside etcd's namespace (it may not be reachable from ours)."""
         try:
-            with urllib.request.urlopen(f"{self.endpoint}/health", timeout=1) as resp:  # noqa: S310 (loopback)
-                return bool(json.load(resp).get("health") == "true")
-        except (OSError, ValueError):
+            with netns.create_socket(self.netns) as sock:
+                sock.settimeout(1)
+                sock.connect((self.host, self.client_port))
+                sock.sendall(f"GET /health HTTP/1.0\r\nHost: {self.host}\r\n\r\n".encode())
+                answer = b""
+                while chunk := sock.recv(4096):
+                    answer += chunk
+        except OSError:
+            return False
+        body = answer.partition(b"\r\n\r\n")[2]
+        try:
+            return bool(json.loads(body).get("health") == "true")
+        except ValueError:
             return False
 
     def _tail(self) -> str:

@@ -87,3 +87,7 @@ def address(ifname: str, cidr: str, *, ns: str) -> None:
             if exc.code != 17:  # EEXIST
                 raise
         ipr.link("set", index=index, state="up")
+
+
+def listnetns_names() -> list[str]:
+    return list(netns.listnetns())

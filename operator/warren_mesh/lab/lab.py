@@ -1,0 +1,352 @@
+"""A local multi-node mesh: one network namespace per node, joined by a bridge, with real agents and WireGuard.
+
+Layout (all inside namespaces this lab creates, so no packet ever leaves the machine):
+
+    <prefix>-hub        bridge <prefix>br  192.168.240.1/24, and the lab's etcd listening there
+    <prefix>-node<i>    veth to the bridge, 192.168.240.<10+i>/24, default route via the hub (which forwards
+                        nothing: it only lets the agent find its endpoint as it would on a real host),
+                        and `warren-mesh agent` with WireGuard interface <prefix><i>
+
+Every name derives from the prefix, so ``down`` removes exactly what a lab made, also after `up` crashed and
+left no state file. WireGuard interface names are unique per lab because wireguard-go's socket directory is
+shared by all namespaces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pyroute2 import IPRoute
+
+from warren_mesh.lab import netns
+from warren_mesh.lab.etcd_server import EtcdServer
+from warren_mesh.process import in_netns
+from warren_mesh.wireguard import link, uapi
+
+SUBNET = ipaddress.ip_network("192.168.240.0/24")
+HUB_ADDRESS = "192.168.240.1"
+ETCD_PORT = 2379
+METRICS_PORT = 9587
+
+
+class LabError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatus:
+    name: str
+    netns: str
+    interface: str
+    underlay_ip: str
+    overlay_ip: str | None
+    peers: int
+    handshaken: int  # peers with a completed handshake
+    agent_running: bool
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise LabError("the lab creates network namespaces and WireGuard devices: run it as root (sudo)")
+
+
+class Lab:
+    def __init__(self, prefix: str = "wmlab", state_dir: Path | None = None) -> None:
+        if not prefix.isalnum() or len(prefix) > 8:
+            raise LabError(f"lab prefix {prefix!r} must be at most 8 letters or digits")
+        self.prefix = prefix
+        self.state_dir = state_dir or Path("/run/warren-mesh-lab") / prefix
+        self.hub = f"{prefix}-hub"
+        self.bridge = f"{prefix}br"
+
+    # --- naming -----------------------------------------------------------------------------------------------
+
+    def node_netns(self, index: int) -> str:
+        return f"{self.prefix}-node{index}"
+
+    def interface(self, index: int) -> str:
+        return f"{self.prefix}{index}"
+
+    @staticmethod
+    def node_name(index: int) -> str:
+        return f"node-{index}"
+
+    @staticmethod
+    def underlay_ip(index: int) -> str:
+        return str(SUBNET.network_address + 10 + index)
+
+    @property
+    def etcd_endpoint(self) -> str:
+        return f"http://{HUB_ADDRESS}:{ETCD_PORT}"
+
+    # --- state ------------------------------------------------------------------------------------------------
+
+    def _state_file(self) -> Path:
+        return self.state_dir / "state.json"
+
+    def _load(self) -> dict[str, object]:
+        try:
+            loaded = json.loads(self._state_file().read_text())
+        except (FileNotFoundError, ValueError):
+            return {"nodes": {}, "backend": "auto", "lease_ttl": 5}
+        assert isinstance(loaded, dict)
+        return loaded
+
+    def _save(self, state: dict[str, object]) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._state_file().write_text(json.dumps(state, indent=2))
+
+    def nodes(self) -> list[int]:
+        nodes = self._load()["nodes"]
+        assert isinstance(nodes, dict)
+        return sorted(int(i) for i in nodes)
+
+    def is_up(self) -> bool:
+        return self.hub in netns.listnetns_names()
+
+    # --- up ---------------------------------------------------------------------------------------------------
+
+    def up(
+        self,
+        nodes: int,
+        *,
+        backend: str = "auto",
+        lease_ttl: int = 5,
+        timeout: float = 60.0,
+        progress: Callable[[str], None] | None = None,
+    ) -> list[NodeStatus]:
+        require_root()
+        if self.is_up():
+            raise LabError(f"a lab named {self.prefix} is already up; `warren-mesh lab down` first")
+        self.down()  # leftovers of a crashed `up`
+        say = progress or (lambda _: None)
+        try:
+            self._save({"nodes": {}, "backend": backend, "lease_ttl": lease_ttl})
+            netns.create(self.hub)
+            netns.bridge(self.bridge, ns=self.hub)
+            netns.address(self.bridge, f"{HUB_ADDRESS}/{SUBNET.prefixlen}", ns=self.hub)
+            etcd = EtcdServer(
+                self.state_dir / "etcd",
+                host=HUB_ADDRESS,
+                netns=self.hub,
+                client_port=ETCD_PORT,
+                peer_port=ETCD_PORT + 1,
+                outlive_parent=True,
+            )
+            (self.state_dir / "etcd").mkdir(exist_ok=True)
+            etcd.start()
+            say(f"etcd up at {self.etcd_endpoint} in namespace {self.hub}")
+            for index in range(1, nodes + 1):
+                self.add_node(index)
+                say(f"started {self.node_name(index)} in namespace {self.node_netns(index)}")
+            self.wait_for_mesh(timeout=timeout, progress=say)
+        except BaseException:
+            self.down()
+            raise
+        return self.status()
+
+    def add_node(self, index: int) -> None:
+        ns = self.node_netns(index)
+        netns.create(ns)
+        node_side, hub_side = f"{self.prefix}v{index}n", f"{self.prefix}v{index}h"
+        netns.veth(node_side, hub_side, ns=ns, peer_ns=self.hub)
+        netns.attach(hub_side, self.bridge, ns=self.hub)
+        netns.address(node_side, f"{self.underlay_ip(index)}/{SUBNET.prefixlen}", ns=ns)
+        with IPRoute(netns=ns) as ipr:
+            ipr.route("add", dst="0.0.0.0/0", gateway=HUB_ADDRESS)
+        self.start_agent(index)
+
+    def start_agent(self, index: int) -> int:
+        state = self._load()
+        nodes = state["nodes"]
+        assert isinstance(nodes, dict)
+        args = [
+            sys.executable,
+            "-m",
+            "warren_mesh.cli",
+            "agent",
+            f"--backend={state['backend']}",
+            f"--node-name={self.node_name(index)}",
+            f"--interface={self.interface(index)}",
+            f"--key-file={self.state_dir / (self.node_name(index) + '.key')}",
+            f"--etcd-endpoints={self.etcd_endpoint}",
+            f"--lease-ttl={state['lease_ttl']}",
+            f"--metrics-address=0.0.0.0:{METRICS_PORT}",
+        ]
+        with (self.state_dir / f"{self.node_name(index)}.log").open("ab") as out:
+            process = subprocess.Popen(
+                args,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # the lab outlives the shell that started it
+                preexec_fn=in_netns(self.node_netns(index)),  # noqa: PLW1509 (one setns call)
+            )
+        nodes[str(index)] = process.pid
+        self._save(state)
+        return process.pid
+
+    def kill_agent(self, index: int, sig: int = signal.SIGKILL) -> None:
+        """Stop one agent (SIGKILL: a crash; its wireguard-go keeps running, as on a real node)."""
+        pid = self._agent_pid(index)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+            _wait_exit(pid, 10)
+
+    def _agent_pid(self, index: int) -> int | None:
+        nodes = self._load()["nodes"]
+        assert isinstance(nodes, dict)
+        pid = nodes.get(str(index))
+        return int(pid) if pid is not None else None
+
+    def wait_for_mesh(self, *, timeout: float, progress: Callable[[str], None] | None = None) -> list[NodeStatus]:
+        """Until every running node has every other running node as a peer, with a completed handshake."""
+        deadline = time.monotonic() + timeout
+        last = ""
+        while True:
+            status = self.status()
+            want = len(status) - 1
+            done = sum(1 for s in status if s.agent_running and s.peers == want and s.handshaken == want)
+            line = f"waiting for the mesh: {done}/{len(status)} nodes have all {want} peers handshaken"
+            if done == len(status):
+                return status
+            stopped = [s.name for s in status if not s.agent_running]
+            if stopped:
+                raise LabError(f"the agent of {', '.join(stopped)} exited; see its log in {self.state_dir}")
+            if progress is not None and line != last:
+                progress(line)
+                last = line
+            if time.monotonic() > deadline:
+                raise LabError(f"the mesh did not form within {timeout:.0f} s ({line}); logs in {self.state_dir}")
+            time.sleep(0.2)
+
+    # --- looking at it ----------------------------------------------------------------------------------------
+
+    def status(self) -> list[NodeStatus]:
+        result = []
+        for index in self.nodes():
+            ns = self.node_netns(index)
+            overlay = None
+            peers = handshaken = 0
+            with contextlib.suppress(uapi.UapiError):
+                device = uapi.get(uapi.socket_path(self.interface(index)), timeout=2)
+                peers = len(device.peers)
+                handshaken = sum(1 for s in device.stats.values() if s.last_handshake > 0)
+            with contextlib.suppress(Exception), IPRoute(netns=ns) as ipr:
+                state = link.read_link(ipr, self.interface(index))
+                if state is not None and state.address is not None:
+                    overlay = state.address.split("/")[0]
+            pid = self._agent_pid(index)
+            result.append(
+                NodeStatus(
+                    name=self.node_name(index),
+                    netns=ns,
+                    interface=self.interface(index),
+                    underlay_ip=self.underlay_ip(index),
+                    overlay_ip=overlay,
+                    peers=peers,
+                    handshaken=handshaken,
+                    agent_running=pid is not None and _alive(pid),
+                )
+            )
+        return result
+
+    def exec_argv(self, node: str, command: list[str]) -> list[str]:
+        index = self._index_of(node)
+        return ["ip", "netns", "exec", self.node_netns(index), *command]
+
+    def _index_of(self, node: str) -> int:
+        for index in self.nodes():
+            if node in (self.node_name(index), str(index), self.node_netns(index)):
+                return index
+        raise LabError(f"no node {node!r} in this lab (nodes: {', '.join(self.node_name(i) for i in self.nodes())})")
+
+    def ping(self, source: int, address: str) -> bool:
+        result = subprocess.run(
+            ["ip", "netns", "exec", self.node_netns(source), "ping", "-c", "1", "-W", "2", address],
+            capture_output=True,
+            check=False,
+        )
+        return result.returncode == 0
+
+    def ping_all(self) -> list[tuple[str, str, bool]]:
+        """Ping every node's overlay address from every other node."""
+        status = {s.name: s for s in self.status()}
+        results = []
+        for source in self.nodes():
+            for target in self.nodes():
+                if source == target:
+                    continue
+                address = status[self.node_name(target)].overlay_ip
+                ok = address is not None and self.ping(source, address)
+                results.append((self.node_name(source), self.node_name(target), ok))
+        return results
+
+    # --- down -------------------------------------------------------------------------------------------------
+
+    def down(self) -> list[str]:
+        """Remove everything this lab made: agents, namespaces (with wireguard-go and etcd), sockets, state."""
+        removed: list[str] = []
+        for index in self.nodes():
+            pid = self._agent_pid(index)
+            if pid is not None and _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)  # revokes its lease while etcd is still there
+        for index in self.nodes():
+            pid = self._agent_pid(index)
+            if pid is not None and not _wait_exit(pid, 5):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                _wait_exit(pid, 5)
+        removed.extend(f"namespace {name}" for name in netns.remove_all(f"{self.prefix}-"))
+        for sock in uapi.SOCKET_DIR.glob(f"{self.prefix}*.sock"):
+            sock.unlink(missing_ok=True)
+            removed.append(f"socket {sock}")
+        with IPRoute() as ipr:  # a veth end left in our namespace by a crash between create and move
+            for link_msg in ipr.get_links():
+                name = link_msg.get("IFLA_IFNAME") or ""
+                if name.startswith(f"{self.prefix}v"):
+                    ipr.link("del", index=link_msg["index"])
+                    removed.append(f"link {name}")
+        if self.state_dir.exists():
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+            removed.append(f"state {self.state_dir}")
+        return removed
+
+
+def status_json(status: list[NodeStatus]) -> str:
+    return json.dumps([asdict(s) for s in status], indent=2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (our own exited child not yet reaped) counts as dead.
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
+            return False
+    return True
+
+
+def _wait_exit(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        if not _alive(pid):
+            return True
+        time.sleep(0.05)
+    return False

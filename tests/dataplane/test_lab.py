@@ -1,0 +1,124 @@
+"""The userspace end-to-end scenario: a 3-node lab on wireguard-go, failure, healing and growth."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from warren_mesh.lab.lab import ETCD_PORT, Lab
+from warren_mesh.process import in_netns
+from warren_mesh.wireguard import uapi
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
+
+TTL = 3
+
+# Runs inside a namespace: capture IPv4 frames on one interface for a while, print (protocol, sport, dport).
+SNIFFER = r"""
+import json, socket, struct, sys, time
+iface, seconds = sys.argv[1], float(sys.argv[2])
+sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))  # ETH_P_ALL
+sock.bind((iface, 0))
+sock.settimeout(0.2)
+seen, end = [], time.monotonic() + seconds
+while time.monotonic() < end:
+    try:
+        frame = sock.recv(65535)
+    except TimeoutError:
+        continue
+    if frame[12:14] != b"\x08\x00":  # IPv4 only (IPv6 here is neighbour discovery, no payload)
+        continue
+    ip = frame[14:]
+    proto, ihl = ip[9], (ip[0] & 0x0F) * 4
+    ports = struct.unpack("!HH", ip[ihl:ihl + 4]) if proto in (6, 17) else (0, 0)
+    seen.append([proto, *ports])
+print(json.dumps(seen))
+"""
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    lab = Lab(prefix=f"wt{os.getpid() % 100000}", state_dir=tmp_path / "lab")
+    try:
+        yield lab
+    finally:
+        lab.down()
+    assert (
+        not [n for n in os.listdir("/var/run/netns") if n.startswith(lab.prefix)]
+        if os.path.isdir("/var/run/netns")
+        else True
+    )
+
+
+def handshakes(lab: Lab, index: int) -> dict[str, float]:
+    device = uapi.get(uapi.socket_path(lab.interface(index)))
+    return {key: stats.last_handshake for key, stats in device.stats.items()}
+
+
+def peer_count(lab: Lab, index: int) -> int:
+    return len(uapi.get(uapi.socket_path(lab.interface(index))).peers)
+
+
+def wait_for(condition: object, timeout: float, what: str) -> float:
+    started = time.monotonic()
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def test_userspace_mesh_end_to_end(lab: Lab) -> None:
+    status = lab.up(3, backend="userspace", lease_ttl=TTL, timeout=60)
+    assert [s.peers for s in status] == [2, 2, 2] and all(s.handshaken == 2 for s in status)
+
+    # Every pair pings over the overlay, and what crosses the underlay is only WireGuard's UDP.
+    sniffer = subprocess.Popen(
+        [sys.executable, "-c", SNIFFER, f"{lab.prefix}v1h", "4"],
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=in_netns(lab.hub),  # noqa: PLW1509 (one setns call)
+    )
+    time.sleep(0.5)
+    before = uapi.get(uapi.socket_path(lab.interface(1))).stats
+    results = lab.ping_all()
+    assert all(ok for *_, ok in results), results
+    out, _ = sniffer.communicate(timeout=30)
+    frames = json.loads(out)
+    wireguard = [f for f in frames if f[0] == 17 and 51820 in (f[1], f[2])]
+    control = [f for f in frames if f[0] == 6 and ETCD_PORT in (f[1], f[2])]  # the agent talking to etcd
+    assert wireguard, "the capture saw node-1's WireGuard traffic"
+    assert len(wireguard) + len(control) == len(frames), f"only WireGuard and etcd on the underlay, saw {frames}"
+    after = uapi.get(uapi.socket_path(lab.interface(1))).stats
+    assert sum(s.transmit_bytes for s in after.values()) > sum(s.transmit_bytes for s in before.values())
+    assert sum(s.receive_bytes for s in after.values()) > sum(s.receive_bytes for s in before.values())
+
+    # A crashed agent (SIGKILL) leaves every other device within TTL + 1 s.
+    killed = time.monotonic()
+    lab.kill_agent(3, signal.SIGKILL)
+    wait_for(lambda: peer_count(lab, 1) == 1 and peer_count(lab, 2) == 1, TTL + 5, "node-3 to be dropped")
+    assert time.monotonic() - killed <= TTL + 1
+
+    # Restarted, it comes back with the same identity and the mesh heals.
+    lab.start_agent(3)
+    lab.wait_for_mesh(timeout=30)
+    assert all(ok for *_, ok in lab.ping_all())
+
+    # A fourth node joins without resetting the sessions of the pairs that were there.
+    existing = {i: handshakes(lab, i) for i in (1, 2, 3)}
+    time.sleep(1.1)
+    lab.add_node(4)
+    lab.wait_for_mesh(timeout=30)
+    for i in (1, 2, 3):
+        now = handshakes(lab, i)
+        for key, stamp in existing[i].items():
+            assert now[key] == stamp, f"node-{i}'s session with {key[:8]} was reset by an unrelated join"
+    assert all(ok for *_, ok in lab.ping_all())
