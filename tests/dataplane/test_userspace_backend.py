@@ -73,7 +73,7 @@ def test_two_devices_talk_and_updates_keep_the_session(pair: tuple[str, str]) ->
         assert ping(ns_a, "10.99.0.2")
 
         # A dead daemon is noticed and replaced; the new device starts empty, ready to be configured again.
-        first_pid = backends[0]._process.pid if backends[0]._process else None
+        first_pid = backends[0].daemon_pid()
         assert first_pid is not None
         os.kill(first_pid, 9)
         time.sleep(0.3)

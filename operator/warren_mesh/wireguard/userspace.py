@@ -7,9 +7,13 @@ and the next reconcile pass configures it again from scratch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import signal
+import socket
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -41,8 +45,9 @@ class UserspaceBackend:
         self._netns = netns
         self._socket = uapi.socket_path(interface)
         self._log_dir = log_dir
-        self._process: subprocess.Popen[bytes] | None = None
         self._ipr = IPRoute(netns=netns) if netns is not None else IPRoute()
+        # Daemons we started, kept only to reap them when they exit (they are supervised through the socket).
+        self._children: list[subprocess.Popen[bytes]] = []
         self.restarts = 0
         self.ensure_running()
 
@@ -63,23 +68,38 @@ class UserspaceBackend:
             return False
         return link.read_link(self._ipr, self._interface) is not None
 
+    def daemon_pid(self) -> int | None:
+        """The pid of the wireguard-go serving our socket (from the socket's peer credentials), if any."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(1.0)
+            try:
+                sock.connect(str(self._socket))
+            except OSError:
+                return None
+            pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            return int(pid) or None
+
     def ensure_running(self) -> bool:
-        """Start wireguard-go unless a live one already serves the interface; True if one was started."""
+        """Start wireguard-go unless a live one already serves the interface; True if one was started.
+
+        It runs in the foreground (``-f``) so that it creates its socket itself: the socket's peer credentials then
+        name the daemon, which is how a restarted agent finds (and, if wedged, replaces) a daemon it adopted.
+        """
         if self._alive():
             return False
-        if self._process is not None and self._process.poll() is None:
-            self._process.kill()
-            self._process.wait()
-        # A stale socket of a dead daemon would make the new one refuse to start.
+        wedged = self.daemon_pid()
+        if wedged is not None:  # the socket accepts but the daemon does not answer: replace it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(wedged, signal.SIGKILL)
+        # A stale socket or TUN link of a dead daemon would make the new one refuse to start.
         self._socket.unlink(missing_ok=True)
-        stale = link.read_link(self._ipr, self._interface)
-        if stale is not None:
+        if link.read_link(self._ipr, self._interface) is not None:
             link.delete_link(self._ipr, self._interface)
         env = dict(os.environ, WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD="1", LOG_LEVEL="error")
         log_path = None if self._log_dir is None else self._log_dir / f"wireguard-go-{self._interface}.log"
         with open(log_path or os.devnull, "ab") as out:
-            # Own session: a Ctrl-C aimed at the agent must not take the data plane down with it.
-            self._process = subprocess.Popen(
+            # Its own session: a Ctrl-C aimed at the agent must not take the data plane down with it.
+            process = subprocess.Popen(
                 [find_wireguard_go(), "-f", self._interface],
                 stdout=out,
                 stderr=out,
@@ -89,16 +109,20 @@ class UserspaceBackend:
             )
         deadline = time.monotonic() + _START_TIMEOUT
         while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise BackendError(f"wireguard-go for {self._interface} exited at start ({self._process.returncode})")
+            if process.poll() is not None:
+                raise BackendError(f"wireguard-go for {self._interface} exited at start (exit {process.returncode})")
             if self._alive():
-                log.info("started wireguard-go for %s (pid %d)", self._interface, self._process.pid)
+                log.info("started wireguard-go for %s (pid %d)", self._interface, process.pid)
+                self._children.append(process)
                 return True
             time.sleep(0.02)
+        process.kill()
+        process.wait()
         raise BackendError(f"wireguard-go for {self._interface} did not open {self._socket} in {_START_TIMEOUT} s")
 
     def check(self) -> bool:
         """Restart a dead daemon; True when it had to (the device is empty and must be configured again)."""
+        self._children = [child for child in self._children if child.poll() is None]  # reap the dead
         if self.ensure_running():
             self.restarts += 1
             log.warning("wireguard-go for %s had died; restarted it", self._interface)
@@ -153,13 +177,29 @@ class UserspaceBackend:
 
     def close(self, *, remove_device: bool) -> None:
         if remove_device:
-            # Deleting the TUN link makes wireguard-go exit and remove its socket.
+            # Deleting the TUN link makes wireguard-go exit; wait for that so nothing outlives the removal.
+            pid = self.daemon_pid()
             link.delete_link(self._ipr, self._interface)
-            if self._process is not None:
+            for child in self._children:  # ours: wait reaps them
                 try:
-                    self._process.wait(timeout=5)
+                    child.wait(timeout=5)
                 except subprocess.TimeoutExpired:
-                    self._process.kill()
-                    self._process.wait()
+                    child.kill()
+                    child.wait()
+            adopted = pid is not None and pid not in {child.pid for child in self._children}
+            if adopted and pid is not None and not _wait_gone(pid, 5.0):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             self._socket.unlink(missing_ok=True)
         self._ipr.close()
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.02)
+    return False
