@@ -189,7 +189,10 @@ class Lab:
                 args,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,  # the lab outlives the shell that started it
+                # Its own process group, so the lab outlives the command that started it and a Ctrl-C at that
+                # terminal does not reach it; not its own session, which would also make it (and the wireguard-go
+                # it starts) a separate autogroup for the CPU scheduler (see wireguard/userspace.py).
+                process_group=0,
                 preexec_fn=in_netns(self.node_netns(index)),  # noqa: PLW1509 (one setns call)
             )
         nodes[str(index)] = process.pid

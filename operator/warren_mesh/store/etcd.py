@@ -56,6 +56,10 @@ _CHANNEL_OPTIONS: Final = (
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2_000),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    # Connections of our own: by default gRPC shares subchannels between channels of one process, so a new store
+    # would inherit another's reconnect backoff (and fail at once, right after etcd came back), and simulated
+    # agents in one process would share one connection instead of having their own as real agents do.
+    ("grpc.use_local_subchannel_pool", 1),
 )
 
 
