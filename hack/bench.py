@@ -147,8 +147,9 @@ async def scenario_join(endpoint: str, nodes: int, joins: int) -> dict[str, Any]
             before = list(agents)
             joiner = start(f"join{j}")
             await _wait(lambda before=before: all(peers(a) == len(agents) - 1 for a in before), 30, f"join {j}")
-            assert joiner.registrar is not None and joiner.registrar.current is not None
-            published = joiner.registrar.current.record.published_at
+            # The publish time as the observers received it: the joiner itself may not have processed its own
+            # transaction's answer yet when the others have already applied its record.
+            published = before[0].view.nodes[f"join{j}"].record.published_at
             for agent in before:
                 backend = agent.backend
                 assert isinstance(backend, MemoryBackend)
