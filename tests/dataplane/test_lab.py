@@ -1,4 +1,8 @@
-"""The userspace end-to-end scenario: a 3-node lab on wireguard-go, failure, healing and growth."""
+"""The end-to-end scenario on a real data plane: a 3-node lab, failure, healing and growth.
+
+Runs with wireguard-go here, and with kernel WireGuard inside the QEMU VM (test_kernel_vm.py) where this
+machine's kernel has no WireGuard module.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import pytest
 
 from warren_mesh.lab.lab import ETCD_PORT, Lab
 from warren_mesh.process import in_netns
-from warren_mesh.wireguard import uapi
+from warren_mesh.wireguard.select import kernel_wireguard_available
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 
@@ -59,12 +63,16 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
 
 
 def handshakes(lab: Lab, index: int) -> dict[str, float]:
-    device = uapi.get(uapi.socket_path(lab.interface(index)))
-    return {key: stats.last_handshake for key, stats in device.stats.items()}
+    return {key: handshake for key, (_, _, handshake) in lab.device(index).items()}
 
 
 def peer_count(lab: Lab, index: int) -> int:
-    return len(uapi.get(uapi.socket_path(lab.interface(index))).peers)
+    return len(lab.device(index))
+
+
+def transferred(lab: Lab, index: int) -> tuple[int, int]:
+    device = lab.device(index)
+    return sum(rx for rx, _, _ in device.values()), sum(tx for _, tx, _ in device.values())
 
 
 def wait_for(condition: object, timeout: float, what: str) -> float:
@@ -76,8 +84,24 @@ def wait_for(condition: object, timeout: float, what: str) -> float:
     return time.monotonic() - started
 
 
-def test_userspace_mesh_end_to_end(lab: Lab) -> None:
-    status = lab.up(3, backend="userspace", lease_ttl=TTL, timeout=60)
+KERNEL_WIREGUARD, KERNEL_WHY = kernel_wireguard_available() if os.geteuid() == 0 else (False, "not root")
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "userspace",
+        pytest.param(
+            "kernel",
+            marks=pytest.mark.skipif(
+                not KERNEL_WIREGUARD,
+                reason=f"{KERNEL_WHY}: the kernel scenario runs inside the QEMU VM (test_kernel_vm.py)",
+            ),
+        ),
+    ],
+)
+def test_mesh_end_to_end(lab: Lab, backend: str) -> None:
+    status = lab.up(3, backend=backend, lease_ttl=TTL, timeout=120)
     assert [s.peers for s in status] == [2, 2, 2] and all(s.handshaken == 2 for s in status)
 
     # Every pair pings over the overlay, and what crosses the underlay is only WireGuard's UDP.
@@ -88,7 +112,7 @@ def test_userspace_mesh_end_to_end(lab: Lab) -> None:
         preexec_fn=in_netns(lab.hub),  # noqa: PLW1509 (one setns call)
     )
     time.sleep(0.5)
-    before = uapi.get(uapi.socket_path(lab.interface(1))).stats
+    rx_before, tx_before = transferred(lab, 1)
     results = lab.ping_all()
     assert all(ok for *_, ok in results), results
     out, _ = sniffer.communicate(timeout=30)
@@ -97,9 +121,8 @@ def test_userspace_mesh_end_to_end(lab: Lab) -> None:
     control = [f for f in frames if f[0] == 6 and ETCD_PORT in (f[1], f[2])]  # the agent talking to etcd
     assert wireguard, "the capture saw node-1's WireGuard traffic"
     assert len(wireguard) + len(control) == len(frames), f"only WireGuard and etcd on the underlay, saw {frames}"
-    after = uapi.get(uapi.socket_path(lab.interface(1))).stats
-    assert sum(s.transmit_bytes for s in after.values()) > sum(s.transmit_bytes for s in before.values())
-    assert sum(s.receive_bytes for s in after.values()) > sum(s.receive_bytes for s in before.values())
+    rx_after, tx_after = transferred(lab, 1)
+    assert rx_after > rx_before and tx_after > tx_before, "the device's transfer counters grew"
 
     # A crashed agent (SIGKILL) leaves every other device within TTL + 1 s.
     killed = time.monotonic()

@@ -8,7 +8,8 @@ import os
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from warren_mesh.wireguard.backend import Backend, BackendError
+from warren_mesh.wireguard.backend import Backend
+from warren_mesh.wireguard.kernel import KernelBackend
 from warren_mesh.wireguard.memory import MemoryBackend
 from warren_mesh.wireguard.userspace import UserspaceBackend
 
@@ -33,12 +34,10 @@ def create_backend(kind: str, interface: str) -> Backend:
     if kind == "userspace":
         return UserspaceBackend(interface)
     if kind == "kernel":
-        raise BackendError(
-            "--backend kernel: this build has no kernel backend yet; use --backend userspace (wireguard-go)"
-        )
+        return KernelBackend(interface)
     available, why = kernel_wireguard_available()
     if available:
-        log.warning("backend auto: %s, but this build has no kernel backend yet; using wireguard-go", why)
-    else:
-        log.info("backend auto: %s; using wireguard-go (userspace)", why)
+        log.info("backend auto: %s; using kernel WireGuard", why)
+        return KernelBackend(interface)
+    log.info("backend auto: %s; using wireguard-go (userspace)", why)
     return UserspaceBackend(interface)
