@@ -6,7 +6,8 @@ whose own kernel has no WireGuard module.
 
 The VM boots Debian's stock kernel (`apt-get download` of the package `linux-image-amd64` depends on, unpacked
 with dpkg -x; cached in /var/cache/warren-mesh-vm, outside the repository) with a tiny busybox initramfs that loads
-WireGuard, veth, bridge and 9p, mounts the host's root read-only over virtio-9p, puts tmpfs on /tmp and /run, and
+WireGuard, veth, bridge and 9p, mounts the host's root read-only over virtio-9p, puts a tmpfs on /run (also the
+scratch space: TMPDIR), and
 chroots into it: the command runs with this very checkout, venv and Debian packages. Its output comes back over
 the serial console; the exit code is carried by a marker line. KVM does not work on these machines, so the VM
 runs under TCG emulation (boot to shell takes ~5 s).
@@ -39,7 +40,6 @@ mount -t devtmpfs dev /dev
 for module in $(cat /modules.order); do insmod "/modules/$module" || echo "insmod $module failed"; done
 mkdir -p /host
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 host /host || echo "9p mount failed"
-mount -t tmpfs tmpfs /host/tmp
 mount -t tmpfs tmpfs /host/run
 mount -t proc proc /host/proc
 mount -t sysfs sys /host/sys
@@ -159,8 +159,10 @@ def run_in_vm(command: str, *, memory_mb: int = 2048, timeout: float = 900.0) ->
     vmlinuz, initramfs = prepare()
     with_command = CACHE / "initramfs-run.gz"
     archive = _Cpio()
-    env = "PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HOME=/tmp"
-    archive.file("command", f"cd {shlex.quote(str(REPO))} && export {env} && {command}".encode(), 0o644)
+    # /tmp is left as it is (read-only): the checkout may live there. Scratch space is a tmpfs under /run.
+    env = "PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HOME=/run/vm-tmp TMPDIR=/run/vm-tmp"
+    setup = f"mkdir -p /run/vm-tmp && cd {shlex.quote(str(REPO))} && export {env}"
+    archive.file("command", f"{setup} && {command}".encode(), 0o644)
     # Two concatenated gzip'd cpio archives form one initramfs: the cached base, then the command.
     with_command.write_bytes(initramfs.read_bytes() + archive.finish())
     qemu = shutil.which("qemu-system-x86_64")
