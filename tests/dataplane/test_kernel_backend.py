@@ -1,0 +1,62 @@
+"""The kernel backend against kernel WireGuard: a large device reads back whole (every netlink chunk merged).
+
+Runs where the kernel has WireGuard: inside the QEMU VM (test_kernel_vm.py runs every test named *kernel* there).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from warren_mesh.device import InterfaceSpec, PeerSpec
+from warren_mesh.keys import NodeKey
+from warren_mesh.wireguard.select import kernel_wireguard_available
+
+AVAILABLE, WHY = kernel_wireguard_available() if os.geteuid() == 0 else (False, "not root")
+pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"{WHY}: runs inside the QEMU VM (test_kernel_vm.py)")
+
+PEERS = 300
+
+
+@pytest.fixture
+def backend() -> Iterator[object]:
+    from warren_mesh.wireguard.kernel import KernelBackend
+
+    device = KernelBackend(f"wmk{os.getpid() % 10000}")
+    try:
+        yield device
+    finally:
+        device.close(remove_device=True)
+
+
+def test_kernel_backend_reads_every_chunk(backend: object) -> None:
+    from warren_mesh.wireguard.kernel import KernelBackend
+
+    assert isinstance(backend, KernelBackend)
+    key = NodeKey.generate()
+    backend.set_private_key(key)
+    backend.configure_interface(InterfaceSpec("10.96.0.1/16", 51820, 1420))
+    wanted = {}
+    for i in range(PEERS):
+        spec = PeerSpec(
+            NodeKey.generate().public_key,
+            f"192.0.2.{i % 250 + 1}:{20000 + i}",
+            tuple(sorted((f"10.96.{i // 250 + 1}.{i % 250 + 1}/32", f"10.{100 + i // 250}.{i % 250}.0/24"))),
+            25,
+        )
+        backend.set_peer(spec)
+        wanted[spec.public_key] = spec
+    device = backend.read()
+    assert device.public_key == key.public_key
+    assert device.interface == InterfaceSpec("10.96.0.1/16", 51820, 1420)
+    assert len(device.peers) == PEERS, "a dump of this size spans several netlink messages"
+    assert dict(device.peers) == wanted
+    # One peer removed, one updated in place: nothing else changes.
+    first, second = list(wanted)[:2]
+    backend.remove_peer(first)
+    moved = PeerSpec(second, "192.0.2.99:40000", wanted[second].allowed_ips, 10)
+    backend.set_peer(moved)
+    after = backend.read().peers
+    assert first not in after and after[second] == moved and len(after) == PEERS - 1
