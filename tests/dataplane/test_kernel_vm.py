@@ -31,7 +31,8 @@ def test_kernel_mesh_in_vm() -> None:
     except (subprocess.CalledProcessError, kernel_vm.VMError) as exc:
         pytest.skip(f"Debian's kernel package could not be downloaded or unpacked: {exc}")
     command = (
-        f"{sys.executable} -m pytest -q -p no:cacheprovider -p no:logging tests/dataplane/test_lab.py -k kernel -x"
+        f"{sys.executable} -m pytest -q -p no:cacheprovider -p no:logging -k kernel -x "
+        "tests/dataplane/test_lab.py tests/dataplane/test_kernel_backend.py"
     )
     code, output = kernel_vm.run_in_vm(command, timeout=1200)
     tail = output[-3000:]
