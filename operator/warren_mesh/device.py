@@ -16,6 +16,7 @@ class InterfaceSpec:
     address: str  # overlay address with the mesh prefix length, e.g. "10.96.0.5/16"
     listen_port: int
     mtu: int
+    fwmark: int = 0  # mark on WireGuard's own UDP packets, for hosts whose policy routing needs it; 0 is none
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,6 +75,7 @@ class AgentSettings:
     metrics_address: str | None  # None: no HTTP endpoint
     resync_interval: float = 30.0
     cleanup_on_exit: bool = False
+    fwmark: int = 0
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,6 +93,7 @@ class AgentSettings:
         add_flag(parser, "--lease-ttl", None, "lease TTL in seconds (overrides the mesh config; default 10)")
         add_flag(parser, "--metrics-address", "0.0.0.0:9587", "HOST:PORT of /metrics and /healthz ('' to disable)")
         add_flag(parser, "--resync-interval", "30", "seconds between full comparisons with the device")
+        add_flag(parser, "--fwmark", "0", "firewall mark on WireGuard's UDP packets (0: none), decimal or 0x hex")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> AgentSettings:
@@ -121,6 +123,12 @@ class AgentSettings:
             except ValueError as exc:
                 raise SettingsError(f"--metrics-address: {exc}") from None
         resync = _int_flag("--resync-interval", args.resync_interval, low=1)
+        try:
+            fwmark = int(str(args.fwmark), 0)
+        except ValueError:
+            fwmark = -1
+        if not 0 <= fwmark <= 0xFFFFFFFF:
+            raise SettingsError(f"--fwmark {args.fwmark!r} is not a 32-bit number (decimal or 0x hex)")
         return cls(
             store=store,
             node_name=name,
@@ -133,6 +141,7 @@ class AgentSettings:
             metrics_address=metrics,
             resync_interval=float(resync),
             cleanup_on_exit=bool(getattr(args, "cleanup_on_exit", False)),
+            fwmark=fwmark,
         )
 
 

@@ -37,7 +37,7 @@ def test_kernel_backend_reads_every_chunk(backend: object) -> None:
     assert isinstance(backend, KernelBackend)
     key = NodeKey.generate()
     backend.set_private_key(key)
-    backend.configure_interface(InterfaceSpec("10.96.0.1/16", 51820, 1420))
+    backend.configure_interface(InterfaceSpec("10.96.0.1/16", 51820, 1420, fwmark=0x51))
     wanted = {}
     for i in range(PEERS):
         spec = PeerSpec(
@@ -50,7 +50,7 @@ def test_kernel_backend_reads_every_chunk(backend: object) -> None:
         wanted[spec.public_key] = spec
     device = backend.read()
     assert device.public_key == key.public_key
-    assert device.interface == InterfaceSpec("10.96.0.1/16", 51820, 1420)
+    assert device.interface == InterfaceSpec("10.96.0.1/16", 51820, 1420, fwmark=0x51)
     assert len(device.peers) == PEERS, "a dump of this size spans several netlink messages"
     assert dict(device.peers) == wanted
     # One peer removed, one updated in place: nothing else changes.

@@ -49,14 +49,14 @@ def test_two_devices_talk_and_updates_keep_the_session(pair: tuple[str, str]) ->
     try:
         for i, backend in enumerate(backends):
             backend.set_private_key(keys[i])
-            backend.configure_interface(InterfaceSpec(f"10.99.0.{i + 1}/24", 51820, 1420))
+            backend.configure_interface(InterfaceSpec(f"10.99.0.{i + 1}/24", 51820, 1420, fwmark=0x51))
             other = 1 - i
             backend.set_peer(
                 PeerSpec(keys[other].public_key, f"192.168.251.{other + 1}:51820", (f"10.99.0.{other + 1}/32",), 0)
             )
         state = backends[0].read()
         assert state.public_key == keys[0].public_key
-        assert state.interface == InterfaceSpec("10.99.0.1/24", 51820, 1420)
+        assert state.interface == InterfaceSpec("10.99.0.1/24", 51820, 1420, fwmark=0x51)
         assert list(state.peers) == [keys[1].public_key]
 
         assert ping(ns_a, "10.99.0.2"), "ping through the tunnel"

@@ -377,6 +377,7 @@ def test_name_taken_by_another_key_is_a_clear_error(shared_etcd: EtcdServer, pre
         ("--backend=magic", "--backend"),
         ("--lease-ttl=1", "--lease-ttl"),
         ("--node-name=Bad_Name", "--node-name"),
+        ("--fwmark=0x1ffffffff", "--fwmark"),
     ],
 )
 def test_bad_flags_are_one_line_errors(flag: str, message: str, tmp_path: Path) -> None:

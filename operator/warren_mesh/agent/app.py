@@ -168,6 +168,7 @@ class Agent:
             underlay_mtu=underlay_mtu,
             device_thread=self.device_thread,
             resync_interval=settings.resync_interval,
+            fwmark=settings.fwmark,
         )
         loop = asyncio.get_running_loop()
         tasks.append(loop.create_task(self._observe(), name="observe"))

@@ -41,7 +41,9 @@ class Reconciler:
         underlay_mtu: int,
         device_thread: DeviceThread,
         resync_interval: float = 30.0,
+        fwmark: int = 0,
     ) -> None:
+        self._fwmark = fwmark
         self._device_thread = device_thread
         self._view = view
         self._backend = backend
@@ -89,6 +91,7 @@ class Reconciler:
             peers=view.peers,
             ipam=view.ipam,
             underlay_mtu=self._underlay_mtu,
+            fwmark=self._fwmark,
         )
         self._report_conflicts(desired.conflicts)
         try:

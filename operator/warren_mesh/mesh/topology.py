@@ -90,11 +90,13 @@ def build_topology(
     peers: Mapping[str, Entry[ExternalPeer]],
     ipam: Mapping[str, str],
     underlay_mtu: int,
+    fwmark: int = 0,
 ) -> Topology:
     interface = InterfaceSpec(
         address=f"{local.overlay_ip}/{config.overlay_cidr.prefixlen}",
         listen_port=config.listen_port,
         mtu=device_mtu(config, underlay_mtu),
+        fwmark=fwmark,
     )
     claims = _NetworkClaims()
     for net in (host_network(local.overlay_ip), *local.allowed_ips):

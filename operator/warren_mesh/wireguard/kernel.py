@@ -97,12 +97,14 @@ class KernelBackend:
         except NetlinkError as exc:
             raise BackendError(f"reading WireGuard device {self._interface} failed: {exc}") from None
         private: str | None = None
-        listen_port = 0
+        listen_port = fwmark = 0
         peers: dict[str, _PeerAccumulator] = {}
         for message in messages:
             private = _key_text(message.get_attr("WGDEVICE_A_PRIVATE_KEY")) or private
             port = message.get_attr("WGDEVICE_A_LISTEN_PORT")
             listen_port = int(port) if port else listen_port
+            mark = message.get_attr("WGDEVICE_A_FWMARK")
+            fwmark = int(mark) if mark else fwmark
             for nla in message.get_attr("WGDEVICE_A_PEERS") or []:
                 key = _key_text(nla.get_attr("WGPEER_A_PUBLIC_KEY"))
                 if key is not None:
@@ -110,7 +112,7 @@ class KernelBackend:
         state = link.read_link(self._ipr, self._interface)
         interface = None
         if state is not None and state.address is not None and state.up and listen_port:
-            interface = InterfaceSpec(state.address, listen_port, state.mtu)
+            interface = InterfaceSpec(state.address, listen_port, state.mtu, fwmark)
         public = NodeKey.from_private_bytes(base64.b64decode(private)).public_key if private else None
         return DeviceState(
             public,
@@ -129,7 +131,7 @@ class KernelBackend:
         self._set("set private key", private_key=key.private_base64())
 
     def configure_interface(self, spec: InterfaceSpec) -> None:
-        self._set("set listen port", listen_port=spec.listen_port)
+        self._set("set listen port and fwmark", listen_port=spec.listen_port, fwmark=spec.fwmark)
         try:
             link.configure_link(self._ipr, self._interface, address=spec.address, mtu=spec.mtu)
         except link.LinkError as exc:

@@ -142,7 +142,7 @@ class UserspaceBackend:
         state = link.read_link(self._ipr, self._interface)
         interface = None
         if state is not None and state.address is not None and state.up and device.listen_port:
-            interface = InterfaceSpec(state.address, device.listen_port, state.mtu)
+            interface = InterfaceSpec(state.address, device.listen_port, state.mtu, device.fwmark)
         public = public_key_of(device.private_key) if device.private_key else None
         return DeviceState(public, interface, device.peers, device.stats)
 
@@ -156,7 +156,7 @@ class UserspaceBackend:
         self._set([f"private_key={key.private_bytes.hex()}"], "set private key")
 
     def configure_interface(self, spec: InterfaceSpec) -> None:
-        self._set([f"listen_port={spec.listen_port}"], "set listen port")
+        self._set([f"listen_port={spec.listen_port}", f"fwmark={spec.fwmark}"], "set listen port and fwmark")
         try:
             link.configure_link(self._ipr, self._interface, address=spec.address, mtu=spec.mtu)
         except link.LinkError as exc:
