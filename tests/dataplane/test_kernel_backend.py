@@ -55,7 +55,7 @@ def test_kernel_backend_reads_every_chunk(backend: object) -> None:
     assert dict(device.peers) == wanted
     # One peer removed, one updated in place: nothing else changes.
     first, second = list(wanted)[:2]
-    backend.remove_peer(first)
+    backend.remove_peer(wanted[first])
     moved = PeerSpec(second, "192.0.2.99:40000", wanted[second].allowed_ips, 10)
     backend.set_peer(moved)
     after = backend.read().peers

@@ -81,7 +81,7 @@ def test_two_devices_talk_and_updates_keep_the_session(pair: tuple[str, str]) ->
         assert backends[0].read().peers == {}
         assert backends[0].check() is False
 
-        backends[1].remove_peer(keys[0].public_key)
+        backends[1].remove_peer(backends[1].read().peers[keys[0].public_key])
         assert backends[1].read().peers == {}
     finally:
         for backend in backends:

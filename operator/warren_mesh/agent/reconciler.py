@@ -130,8 +130,8 @@ class Reconciler:
         if plan.interface is not None:
             ok &= self._attempt("interface", self._backend.configure_interface, plan.interface)
         for change in plan.changes:
-            if change.spec is None:
-                ok &= self._attempt(change.action, self._backend.remove_peer, change.public_key)
+            if change.action == "remove":
+                ok &= self._attempt(change.action, self._backend.remove_peer, change.spec)
             else:
                 ok &= self._attempt(change.action, self._backend.set_peer, change.spec)
         return ok

@@ -25,7 +25,7 @@ PeerAction = Literal["add", "update", "remove"]
 class PeerChange:
     action: PeerAction
     public_key: str
-    spec: PeerSpec | None  # None for a removal
+    spec: PeerSpec  # what to set; for a removal, what the device had (its routes go too)
     detail: str
 
 
@@ -79,7 +79,9 @@ def plan_changes(
         changes.append(PeerChange("update", key, want, _difference(have, want)))
     if remove_unknown:
         changes.extend(
-            PeerChange("remove", key, None, "no longer in the mesh") for key in device.peers if key not in desired.peers
+            PeerChange("remove", key, have, "no longer in the mesh")
+            for key, have in device.peers.items()
+            if key not in desired.peers
         )
     return Plan(interface, device.public_key != local_public_key, tuple(changes))
 

@@ -39,7 +39,9 @@ class Backend(Protocol):
         """Add the peer, or update it in place (its session survives)."""
         ...
 
-    def remove_peer(self, public_key: str) -> None: ...
+    def remove_peer(self, spec: PeerSpec) -> None:
+        """Remove the peer and the routes of its allowed IPs (``spec`` is what the device had)."""
+        ...
 
     def check(self) -> bool:
         """Repair the data plane if it died (a crashed daemon); True when the device must be configured again."""

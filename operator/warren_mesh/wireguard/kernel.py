@@ -132,10 +132,7 @@ class KernelBackend:
 
     def configure_interface(self, spec: InterfaceSpec) -> None:
         self._set("set listen port and fwmark", listen_port=spec.listen_port, fwmark=spec.fwmark)
-        try:
-            link.configure_link(self._ipr, self._interface, address=spec.address, mtu=spec.mtu)
-        except link.LinkError as exc:
-            raise BackendError(str(exc)) from None
+        link.configure_link(self._ipr, self._interface, address=spec.address, mtu=spec.mtu)
 
     def set_peer(self, spec: PeerSpec) -> None:
         peer: dict[str, Any] = {
@@ -148,19 +145,11 @@ class KernelBackend:
             endpoint = Endpoint.parse(spec.endpoint)
             peer["endpoint_addr"], peer["endpoint_port"] = str(endpoint.host), endpoint.port
         self._set(f"set peer {spec.public_key[:10]}", peer=peer)
-        try:
-            link.add_routes(self._ipr, self._interface, spec.allowed_ips)
-        except link.LinkError as exc:
-            raise BackendError(str(exc)) from None
+        link.add_routes(self._ipr, self._interface, spec.allowed_ips)
 
-    def remove_peer(self, public_key: str) -> None:
-        before = self.read().peers.get(public_key)
-        self._set(f"remove peer {public_key[:10]}", peer={"public_key": public_key, "remove": True})
-        if before is not None:
-            try:
-                link.remove_routes(self._ipr, self._interface, before.allowed_ips)
-            except link.LinkError as exc:
-                raise BackendError(str(exc)) from None
+    def remove_peer(self, spec: PeerSpec) -> None:
+        self._set(f"remove peer {spec.public_key[:10]}", peer={"public_key": spec.public_key, "remove": True})
+        link.remove_routes(self._ipr, self._interface, spec.allowed_ips)
 
     def close(self, *, remove_device: bool) -> None:
         if remove_device:

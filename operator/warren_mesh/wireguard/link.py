@@ -12,12 +12,14 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from warren_mesh.wireguard.backend import BackendError
+
 # Routing protocol id marking routes warren-mesh installed (any value above 4 not used by a routing daemon).
 ROUTE_PROTOCOL = 158
 
 
-class LinkError(RuntimeError):
-    pass
+class LinkError(BackendError):
+    """A netlink change to the interface failed; backends let it through as their own error."""
 
 
 @dataclass(frozen=True, slots=True)

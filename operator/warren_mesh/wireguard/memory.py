@@ -50,9 +50,9 @@ class MemoryBackend:
         self.peers[spec.public_key] = spec
         self._log("set_peer", spec.public_key)
 
-    def remove_peer(self, public_key: str) -> None:
-        self.peers.pop(public_key, None)
-        self._log("remove_peer", public_key)
+    def remove_peer(self, spec: PeerSpec) -> None:
+        self.peers.pop(spec.public_key, None)
+        self._log("remove_peer", spec.public_key)
 
     def check(self) -> bool:
         return False

@@ -157,26 +157,15 @@ class UserspaceBackend:
 
     def configure_interface(self, spec: InterfaceSpec) -> None:
         self._set([f"listen_port={spec.listen_port}", f"fwmark={spec.fwmark}"], "set listen port and fwmark")
-        try:
-            link.configure_link(self._ipr, self._interface, address=spec.address, mtu=spec.mtu)
-        except link.LinkError as exc:
-            raise BackendError(str(exc)) from None
+        link.configure_link(self._ipr, self._interface, address=spec.address, mtu=spec.mtu)
 
     def set_peer(self, spec: PeerSpec) -> None:
         self._set(uapi.peer_lines(spec), f"set peer {spec.public_key[:10]}")
-        try:
-            link.add_routes(self._ipr, self._interface, spec.allowed_ips)
-        except link.LinkError as exc:
-            raise BackendError(str(exc)) from None
+        link.add_routes(self._ipr, self._interface, spec.allowed_ips)
 
-    def remove_peer(self, public_key: str) -> None:
-        before = uapi.get(self._socket).peers.get(public_key)
-        self._set(uapi.remove_peer_lines(public_key), f"remove peer {public_key[:10]}")
-        if before is not None:
-            try:
-                link.remove_routes(self._ipr, self._interface, before.allowed_ips)
-            except link.LinkError as exc:
-                raise BackendError(str(exc)) from None
+    def remove_peer(self, spec: PeerSpec) -> None:
+        self._set(uapi.remove_peer_lines(spec.public_key), f"remove peer {spec.public_key[:10]}")
+        link.remove_routes(self._ipr, self._interface, spec.allowed_ips)
 
     def close(self, *, remove_device: bool) -> None:
         if remove_device:
