@@ -7,6 +7,10 @@ Scenarios (one JSON line each, latencies in milliseconds):
   floor  N watchers on the etcd3 client alone (no agent logic): put -> watch callback latency.
   join   N agents (real agent code, memory backend) settled; M more join one at a time; latency from the joining
          node's publish time to each other agent's device change for it.
+  leave  graceful leaves (lease revoked): time to removal on every other agent (graceful_*_ms); one crash (an
+         agent process SIGKILLed, its lease runs out): time until every agent removed it (detect_s, and
+         detect_minus_ttl_s against the lease TTL).
+  coldstart  one agent starting next to N existing records: seconds to a fully configured device (ready_s).
 
 The agents share this process and its event loop, so per-event figures include the other agents' work: on this
 2-core machine the honest reading is "what every agent's device did", not an isolated single agent.
@@ -16,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -32,10 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "operator"))
 from prometheus_client import CollectorRegistry
 
 from warren_mesh.agent.app import Agent
+from warren_mesh.keys import NodeKey
 from warren_mesh.lab.etcd_server import EtcdServer
+from warren_mesh.model import Endpoint, NodeRecord, encode_json
 from warren_mesh.schema import KeySchema
 from warren_mesh.settings import AgentSettings, StoreSettings
-from warren_mesh.store.etcd import parse_endpoints
+from warren_mesh.store.etcd import EtcdStore, parse_endpoints
 from warren_mesh.wireguard.memory import MemoryBackend
 
 
@@ -95,7 +103,7 @@ def scenario_floor(endpoint: str, nodes: int, puts: int) -> dict[str, Any]:
     return {"scenario": "floor", "nodes": nodes, "puts": puts, **percentiles(latencies)}
 
 
-def bench_settings(endpoint: str, prefix: str, name: str, key_dir: Path, port: int) -> AgentSettings:
+def bench_settings(*, endpoint: str, prefix: str, name: str, key_dir: Path, port: int, ttl: int) -> AgentSettings:
     return AgentSettings(
         store=StoreSettings((endpoint,), KeySchema(prefix)),
         node_name=name,
@@ -104,7 +112,7 @@ def bench_settings(endpoint: str, prefix: str, name: str, key_dir: Path, port: i
         interface="wgbench",
         backend="memory",
         key_file=key_dir / f"{name}.key",
-        lease_ttl=10,
+        lease_ttl=ttl,
         metrics_address=None,
     )
 
@@ -117,61 +125,194 @@ async def _wait(condition: Any, timeout: float, what: str) -> None:
         await asyncio.sleep(0.002)
 
 
+class SimulatedAgents:
+    """Real agents (store, registrar, reconciler, metrics) on memory devices, sharing this process's loop."""
+
+    def __init__(self, endpoint: str, scenario: str, key_dir: Path, ttl: int = 10) -> None:
+        self.endpoint, self.key_dir, self.ttl = endpoint, key_dir, ttl
+        self.prefix = f"/bench-{scenario}/{time.time_ns()}"
+        self.agents: list[Agent] = []
+        self._stops: dict[str, asyncio.Event] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def start(self, name: str) -> Agent:
+        settings = bench_settings(
+            endpoint=self.endpoint,
+            prefix=self.prefix,
+            name=name,
+            key_dir=self.key_dir,
+            port=20000 + len(self._stops),
+            ttl=self.ttl,
+        )
+        agent = Agent(settings, backend=MemoryBackend(), registry=CollectorRegistry())
+        self.agents.append(agent)
+        self._stops[name] = asyncio.Event()
+        self._tasks[name] = asyncio.create_task(agent.run(self._stops[name]))
+        return agent
+
+    @staticmethod
+    def device(agent: Agent) -> MemoryBackend:
+        backend = agent.backend
+        assert isinstance(backend, MemoryBackend)
+        return backend
+
+    def peers(self, agent: Agent) -> int:
+        return len(self.device(agent).peers)
+
+    async def settle(self, timeout: float = 120) -> None:
+        await _wait(lambda: all(self.peers(a) == len(self.agents) - 1 for a in self.agents), timeout, "the mesh")
+
+    async def stop(self, agent: Agent) -> None:
+        """A graceful leave: the agent revokes its lease on the way out."""
+        name = agent.settings.node_name
+        self._stops[name].set()
+        await self._tasks.pop(name)
+        self.agents.remove(agent)
+
+    async def close(self) -> None:
+        for agent in list(self.agents):
+            await self.stop(agent)
+
+
+def applied_at(agent: Agent, public_key: str, action: str) -> float:
+    """When the agent's device last did ``action`` for ``public_key`` (wall clock)."""
+    return max(
+        op.at for op in SimulatedAgents.device(agent).operations if op.target == public_key and op.action == action
+    )
+
+
 async def scenario_join(endpoint: str, nodes: int, joins: int) -> dict[str, Any]:
-    prefix = f"/bench-join/{time.time_ns()}"
-    stop = asyncio.Event()
-    agents: list[Agent] = []
-    tasks: list[asyncio.Task[None]] = []
     with tempfile.TemporaryDirectory(prefix="warren-bench-") as tmp:
-
-        def start(name: str) -> Agent:
-            agent = Agent(
-                bench_settings(endpoint, prefix, name, Path(tmp), 20000 + len(agents)),
-                backend=MemoryBackend(),
-                registry=CollectorRegistry(),
-            )
-            agents.append(agent)
-            tasks.append(asyncio.create_task(agent.run(stop)))
-            return agent
-
-        def peers(agent: Agent) -> int:
-            backend = agent.backend
-            assert isinstance(backend, MemoryBackend)
-            return len(backend.peers)
-
-        for i in range(nodes):
-            start(f"n{i}")
-        await _wait(lambda: all(peers(a) == nodes - 1 for a in agents), 120, "the initial mesh")
-        latencies: list[float] = []
-        for j in range(joins):
-            before = list(agents)
-            joiner = start(f"join{j}")
-            await _wait(lambda before=before: all(peers(a) == len(agents) - 1 for a in before), 30, f"join {j}")
-            # The publish time as the observers received it: the joiner itself may not have processed its own
-            # transaction's answer yet when the others have already applied its record.
-            published = before[0].view.nodes[f"join{j}"].record.published_at
-            for agent in before:
-                backend = agent.backend
-                assert isinstance(backend, MemoryBackend)
-                applied = next(op.at for op in backend.operations if op.target == joiner.key.public_key)
-                latencies.append((applied - published) * 1000)
-            await _wait(lambda joiner=joiner: peers(joiner) == len(agents) - 1, 30, "the joiner's own mesh")
-        stop.set()
-        await asyncio.gather(*tasks)
+        mesh = SimulatedAgents(endpoint, "join", Path(tmp))
+        try:
+            for i in range(nodes):
+                mesh.start(f"n{i}")
+            await mesh.settle()
+            latencies: list[float] = []
+            for j in range(joins):
+                before = list(mesh.agents)
+                joiner = mesh.start(f"join{j}")
+                await _wait(lambda before=before: all(mesh.peers(a) == len(before) for a in before), 30, f"join {j}")
+                # The publish time as the observers received it: the joiner itself may not have processed its own
+                # transaction's answer yet when the others have already applied its record.
+                published = before[0].view.nodes[f"join{j}"].record.published_at
+                key = joiner.key.public_key
+                latencies.extend((applied_at(a, key, "set_peer") - published) * 1000 for a in before)
+                others = len(before)
+                await _wait(lambda joiner=joiner, n=others: mesh.peers(joiner) == n, 30, "the joiner's own mesh")
+        finally:
+            await mesh.close()
     return {"scenario": "join", "nodes": nodes, "joins": joins, **percentiles(latencies)}
+
+
+async def scenario_leave(endpoint: str, nodes: int, leaves: int, ttl: int) -> dict[str, Any]:
+    """Graceful leaves (lease revoked) and one crash (SIGKILL: the lease runs out), seen by every other agent."""
+    with tempfile.TemporaryDirectory(prefix="warren-bench-") as tmp:
+        mesh = SimulatedAgents(endpoint, "leave", Path(tmp), ttl=ttl)
+        try:
+            for i in range(nodes + leaves):
+                mesh.start(f"n{i}")
+            await mesh.settle()
+            graceful: list[float] = []
+            for _ in range(leaves):
+                leaver = mesh.agents[-1]
+                key = leaver.key.public_key
+                started = time.time()
+                await mesh.stop(leaver)
+                await _wait(lambda key=key: all(key not in mesh.device(a).peers for a in mesh.agents), 30, "removal")
+                graceful.extend((applied_at(a, key, "remove_peer") - started) * 1000 for a in mesh.agents)
+            crash_s = await _crash(mesh, Path(tmp), ttl)
+        finally:
+            await mesh.close()
+    summary = percentiles(graceful)
+    return {
+        "scenario": "leave",
+        "nodes": nodes,
+        "ttl_s": ttl,
+        "graceful_p50_ms": summary["p50_ms"],
+        "graceful_p99_ms": summary["p99_ms"],
+        "graceful_max_ms": summary["max_ms"],
+        "detect_s": round(crash_s, 3),
+        "detect_minus_ttl_s": round(crash_s - ttl, 3),
+    }
+
+
+async def _crash(mesh: SimulatedAgents, key_dir: Path, ttl: int) -> float:
+    """Start a real agent process, SIGKILL it once everyone has it, and time until the last agent dropped it."""
+    args = [
+        sys.executable,
+        "-m",
+        "warren_mesh.cli",
+        "agent",
+        "--backend=memory",
+        f"--etcd-endpoints={mesh.endpoint}",
+        f"--prefix={mesh.prefix}",
+        "--node-name=crasher",
+        "--endpoint=127.0.0.1:29999",
+        f"--key-file={key_dir / 'crasher.key'}",
+        f"--lease-ttl={ttl}",
+        "--metrics-address=",
+    ]
+    process = await asyncio.create_subprocess_exec(*args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        await _wait(lambda: all("crasher" in a.view.nodes for a in mesh.agents), 60, "the crasher to join")
+        key = mesh.agents[0].view.nodes["crasher"].record.public_key
+        await _wait(lambda: all(key in mesh.device(a).peers for a in mesh.agents), 30, "the crasher everywhere")
+        killed = time.time()
+        process.kill()
+        await _wait(lambda: all(key not in mesh.device(a).peers for a in mesh.agents), ttl + 30, "crash detection")
+        return max(applied_at(a, key, "remove_peer") for a in mesh.agents) - killed
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+
+
+async def scenario_coldstart(endpoint: str, records: int) -> dict[str, Any]:
+    """One agent starting next to ``records`` existing node records: time to a fully configured device."""
+    with tempfile.TemporaryDirectory(prefix="warren-bench-") as tmp:
+        mesh = SimulatedAgents(endpoint, "coldstart", Path(tmp))
+        store = EtcdStore(endpoint)
+        lease = await store.grant_lease(300)
+        schema = KeySchema(mesh.prefix)
+        for i in range(records):
+            record = NodeRecord(
+                name=f"r{i}",
+                public_key=NodeKey.generate().public_key,
+                endpoint=Endpoint(ipaddress.ip_address("127.0.0.1"), 30000 + i % 30000),
+                overlay_ip=ipaddress.ip_address(f"10.96.{200 + i // 250}.{i % 250 + 1}"),
+                listen_port=51820,
+                published_at=time.time(),
+            )
+            await store.put(schema.node(record.name), encode_json(record.to_json()), lease=lease)
+        try:
+            started = time.monotonic()
+            agent = mesh.start("cold")
+            await _wait(lambda: mesh.peers(agent) == records, 120, "the cold agent's device")
+            ready = time.monotonic() - started
+        finally:
+            await mesh.close()
+            await store.revoke_lease(lease)
+            await store.close()
+    return {"scenario": "coldstart", "records": records, "ready_s": round(ready, 3)}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenario", action="append", choices=("floor", "join", "all"), default=[])
+    parser.add_argument(
+        "--scenario", action="append", choices=("floor", "join", "leave", "coldstart", "all"), default=[]
+    )
     parser.add_argument("--nodes", type=int, default=10)
     parser.add_argument("--joins", type=int, default=20, help="joins measured in the join scenario")
     parser.add_argument("--puts", type=int, default=50, help="puts measured in the floor scenario")
+    parser.add_argument("--leaves", type=int, default=5, help="graceful leaves measured in the leave scenario")
+    parser.add_argument("--ttl", type=int, default=3, help="lease TTL of the leave scenario's crash")
+    parser.add_argument("--records", type=int, default=None, help="records for coldstart (default: --nodes)")
     parser.add_argument("--etcd-endpoints", default=None, help="use this etcd instead of starting one")
     args = parser.parse_args()
     chosen = args.scenario or ["all"]
     if "all" in chosen:
-        chosen = ["floor", "join"]
+        chosen = ["floor", "join", "leave", "coldstart"]
     server = None
     if args.etcd_endpoints is None:
         server = EtcdServer()
@@ -185,12 +326,16 @@ def main() -> int:
             if scenario == "floor":
                 result = scenario_floor(endpoint, args.nodes, args.puts)
                 floor = result
-            else:
+            elif scenario == "join":
                 if floor is None:
                     floor = scenario_floor(endpoint, args.nodes, args.puts)
                 result = asyncio.run(scenario_join(endpoint, args.nodes, args.joins))
                 result["floor_p99_ms"] = floor["p99_ms"]
                 result["p99_vs_floor"] = round(result["p99_ms"] / max(floor["p99_ms"], 1e-9), 2)
+            elif scenario == "leave":
+                result = asyncio.run(scenario_leave(endpoint, args.nodes, args.leaves, args.ttl))
+            else:
+                result = asyncio.run(scenario_coldstart(endpoint, args.records or args.nodes))
             result["machine"] = machine()
             print(json.dumps(result), flush=True)
     finally:

@@ -25,19 +25,28 @@ def test_bench_smoke(shared_etcd: EtcdServer) -> None:
             "2",
             "--puts",
             "5",
+            "--leaves",
+            "1",
+            "--ttl",
+            "2",
+            "--records",
+            "20",
             "--etcd-endpoints",
             shared_etcd.endpoint,
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
         check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [line["scenario"] for line in lines] == ["floor", "join"]
-    floor, join = lines
+    lines = {line["scenario"]: line for line in map(json.loads, result.stdout.splitlines())}
+    assert list(lines) == ["floor", "join", "leave", "coldstart"]
+    floor, join, leave, cold = lines["floor"], lines["join"], lines["leave"], lines["coldstart"]
     assert floor["samples"] == 3 * 5
     assert join["samples"] == 3 + 4  # each join is seen by every agent already there
     assert 0 < floor["p50_ms"] <= floor["p99_ms"] <= floor["max_ms"]
     assert 0 < join["p50_ms"] <= join["p99_ms"] and join["floor_p99_ms"] == floor["p99_ms"]
+    assert 0 < leave["graceful_p50_ms"] <= leave["graceful_max_ms"]
+    assert leave["ttl_s"] == 2 and leave["detect_s"] >= 1.0  # a crash is noticed through the lease, not earlier
+    assert cold["records"] == 20 and cold["ready_s"] > 0
