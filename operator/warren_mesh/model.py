@@ -143,6 +143,24 @@ def host_network(address: IPAddress) -> IPNetwork:
 
 
 @dataclass(frozen=True, slots=True)
+class Routes:
+    """The networks routed to one peer, worked out once when its record is decoded: canonical text sorted (what the
+    device is given and compared with) and, in the same order, integer ranges (for overlap checks). Deciding runs
+    on every change for every peer, so nothing there may build ipaddress objects or strings again."""
+
+    text: tuple[str, ...]
+    ranges: tuple[tuple[int, int, int, int], ...]  # (IP version, prefix length, first, last address)
+
+    @classmethod
+    def of(cls, networks: tuple[IPNetwork, ...]) -> Routes:
+        ordered = sorted(networks, key=str)
+        return cls(
+            tuple(str(n) for n in ordered),
+            tuple((n.version, n.prefixlen, int(n.network_address), int(n.broadcast_address)) for n in ordered),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class MeshConfig:
     """Mesh-wide settings, written by the operator under ``<prefix>/v1/config``; absent means these defaults."""
 
@@ -202,6 +220,12 @@ class NodeRecord:
     listen_port: int
     allowed_ips: tuple[IPNetwork, ...] = ()  # networks routed to this node besides its overlay address
     published_at: float = 0.0  # the publisher's wall clock, so convergence lag can be measured
+    routes: Routes = field(init=False, repr=False, compare=False)  # overlay address + allowed_ips, derived
+    overlay_text: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "routes", Routes.of(self.routed_networks()))
+        object.__setattr__(self, "overlay_text", str(self.overlay_ip))
 
     def routed_networks(self) -> tuple[IPNetwork, ...]:
         """Everything peers send to this node: its overlay address, then its extra networks."""
@@ -249,6 +273,10 @@ class ExternalPeer:
     allowed_ips: tuple[IPNetwork, ...]
     endpoint: Endpoint | None = None
     persistent_keepalive: int | None = None  # None: the mesh's setting
+    routes: Routes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "routes", Routes.of(self.allowed_ips))
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {

@@ -26,6 +26,7 @@ from warren_mesh.model import (
     IPNetwork,
     MeshConfig,
     NodeRecord,
+    Routes,
     host_network,
 )
 
@@ -60,22 +61,20 @@ class _NetworkClaims:
         self._starts: dict[tuple[int, int], list[int]] = {}  # (ip version, prefix length) -> sorted starts
         self._owner: dict[tuple[int, int, int], str] = {}
 
-    def owner_of_overlap(self, net: IPNetwork) -> str | None:
-        first, last = int(net.network_address), int(net.broadcast_address)
-        for (version, prefixlen), starts in self._starts.items():
-            if version != net.version:
+    def owner_of_overlap(self, version: int, first: int, last: int) -> str | None:
+        for (claimed_version, prefixlen), starts in self._starts.items():
+            if claimed_version != version:
                 continue
             # Networks of one length never overlap each other; of those starting at or before `last`, only the
             # last one can reach back to `first`.
             i = bisect.bisect_right(starts, last) - 1
-            if i >= 0 and starts[i] + (1 << (net.max_prefixlen - prefixlen)) - 1 >= first:
+            if i >= 0 and starts[i] + (1 << ((32 if version == 4 else 128) - prefixlen)) - 1 >= first:
                 return self._owner[(version, prefixlen, starts[i])]
         return None
 
-    def add(self, net: IPNetwork, owner: str) -> None:
-        start = int(net.network_address)
-        bisect.insort(self._starts.setdefault((net.version, net.prefixlen), []), start)
-        self._owner[(net.version, net.prefixlen, start)] = owner
+    def add(self, version: int, prefixlen: int, first: int, owner: str) -> None:
+        bisect.insort(self._starts.setdefault((version, prefixlen), []), first)
+        self._owner[(version, prefixlen, first)] = owner
 
 
 def device_mtu(config: MeshConfig, underlay_mtu: int) -> int:
@@ -99,8 +98,8 @@ def build_topology(
         fwmark=fwmark,
     )
     claims = _NetworkClaims()
-    for net in (host_network(local.overlay_ip), *local.allowed_ips):
-        claims.add(net, local.name)
+    for version, prefixlen, first, _ in Routes.of((host_network(local.overlay_ip), *local.allowed_ips)).ranges:
+        claims.add(version, prefixlen, first, local.name)
     keys: dict[str, str] = {local.public_key: local.name}
     specs: dict[str, PeerSpec] = {}
     conflicts: list[Conflict] = []
@@ -113,14 +112,13 @@ def build_topology(
 
     for _, name, entry in candidates:
         record = entry.record
+        routes = record.routes
         if isinstance(record, NodeRecord):
             problem = _node_problem(record, config, ipam)
-            networks = record.routed_networks()
             endpoint: str | None = str(record.endpoint)
             keepalive = config.persistent_keepalive
         else:
             problem = None
-            networks = record.allowed_ips
             endpoint = None if record.endpoint is None else str(record.endpoint)
             keepalive = (
                 config.persistent_keepalive if record.persistent_keepalive is None else record.persistent_keepalive
@@ -130,25 +128,23 @@ def build_topology(
                 name, REASON_DUPLICATE_PUBLIC_KEY, f"{name} uses the public key of {keys[record.public_key]}"
             )
         if problem is None:
-            for net in networks:
-                holder = claims.owner_of_overlap(net)
+            for text, (version, _, first, last) in zip(routes.text, routes.ranges, strict=True):
+                holder = claims.owner_of_overlap(version, first, last)
                 if holder is not None:
                     problem = Conflict(
-                        name,
-                        REASON_OVERLAPPING_ALLOWED_IPS,
-                        f"{name} claims {net}, which overlaps {holder}'s",
+                        name, REASON_OVERLAPPING_ALLOWED_IPS, f"{name} claims {text}, which overlaps {holder}'s"
                     )
                     break
         if problem is not None:
             conflicts.append(problem)
             continue
-        for net in networks:
-            claims.add(net, name)
+        for version, prefixlen, first, _ in routes.ranges:
+            claims.add(version, prefixlen, first, name)
         keys[record.public_key] = name
         specs[record.public_key] = PeerSpec(
             public_key=record.public_key,
             endpoint=endpoint,
-            allowed_ips=tuple(sorted(str(n) for n in networks)),
+            allowed_ips=routes.text,
             persistent_keepalive=keepalive,
         )
     del keys[local.public_key]
@@ -162,7 +158,7 @@ def _node_problem(record: NodeRecord, config: MeshConfig, ipam: Mapping[str, str
             REASON_ADDRESS_OUTSIDE_CIDR,
             f"{record.name}'s address {record.overlay_ip} is outside the mesh network {config.overlay_cidr}",
         )
-    owner = ipam.get(str(record.overlay_ip))
+    owner = ipam.get(record.overlay_text)
     if owner is not None and owner != record.name:
         return Conflict(
             record.name,
