@@ -42,7 +42,7 @@ from warren_mesh.keys import NodeKey
 from warren_mesh.lab.etcd_server import EtcdServer
 from warren_mesh.model import Endpoint, NodeRecord, encode_json
 from warren_mesh.schema import KeySchema
-from warren_mesh.settings import AgentSettings, StoreSettings
+from warren_mesh.settings import AgentSettings
 from warren_mesh.store.etcd import EtcdStore, parse_endpoints
 from warren_mesh.wireguard.memory import MemoryBackend
 
@@ -103,20 +103,6 @@ def scenario_floor(endpoint: str, nodes: int, puts: int) -> dict[str, Any]:
     return {"scenario": "floor", "nodes": nodes, "puts": puts, **percentiles(latencies)}
 
 
-def bench_settings(*, endpoint: str, prefix: str, name: str, key_dir: Path, port: int, ttl: int) -> AgentSettings:
-    return AgentSettings(
-        store=StoreSettings((endpoint,), KeySchema(prefix)),
-        node_name=name,
-        endpoint_host="127.0.0.1",
-        endpoint_port=port,
-        interface="wgbench",
-        backend="memory",
-        key_file=key_dir / f"{name}.key",
-        lease_ttl=ttl,
-        metrics_address=None,
-    )
-
-
 async def _wait(condition: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -136,13 +122,14 @@ class SimulatedAgents:
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
     def start(self, name: str) -> Agent:
-        settings = bench_settings(
-            endpoint=self.endpoint,
+        settings = AgentSettings.simulated(
+            etcd_endpoint=self.endpoint,
             prefix=self.prefix,
             name=name,
             key_dir=self.key_dir,
             port=20000 + len(self._stops),
-            ttl=self.ttl,
+            interface="wgbench",
+            lease_ttl=self.ttl,
         )
         agent = Agent(settings, backend=MemoryBackend(), registry=CollectorRegistry())
         self.agents.append(agent)

@@ -10,34 +10,6 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from warren_mesh.schema import KeySchema
-from warren_mesh.settings import AgentSettings, StoreSettings
-
-
-def agent_settings(
-    endpoints: str | tuple[str, ...],
-    prefix: str,
-    name: str,
-    key_dir: Path,
-    *,
-    port: int = 51820,
-    ttl: int = 3,
-    resync: float = 30.0,
-    metrics_address: str | None = None,
-) -> AgentSettings:
-    return AgentSettings(
-        store=StoreSettings((endpoints,) if isinstance(endpoints, str) else endpoints, KeySchema(prefix)),
-        node_name=name,
-        endpoint_host="127.0.0.1",
-        endpoint_port=port,
-        interface="wgtest",
-        backend="memory",
-        key_file=key_dir / f"{name}.key",
-        lease_ttl=ttl,
-        metrics_address=metrics_address,
-        resync_interval=resync,
-    )
-
 
 async def wait_until(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.01) -> float:
     """Poll ``condition`` until true; returns the seconds it took, fails the test naming ``what`` otherwise."""

@@ -77,6 +77,34 @@ class AgentSettings:
     cleanup_on_exit: bool = False
     fwmark: int = 0
 
+    @classmethod
+    def simulated(
+        cls,
+        *,
+        etcd_endpoint: str,
+        prefix: str,
+        name: str,
+        key_dir: Path,
+        port: int,
+        interface: str = "wgsim",
+        lease_ttl: int | None = None,
+        resync_interval: float = 30.0,
+        metrics_address: str | None = None,
+    ) -> AgentSettings:
+        """An agent on the memory device, dialled at 127.0.0.1:``port``: the demo's, the tests' and the bench's."""
+        return cls(
+            store=StoreSettings((etcd_endpoint,), KeySchema(prefix)),
+            node_name=name,
+            endpoint_host="127.0.0.1",
+            endpoint_port=port,
+            interface=interface,
+            backend="memory",
+            key_file=key_dir / f"{name}.key",
+            lease_ttl=lease_ttl,
+            metrics_address=metrics_address,
+            resync_interval=resync_interval,
+        )
+
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         add_store_flags(parser)

@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from helpers import AgentProcess, agent_settings, run, wait_until
+from helpers import AgentProcess, run, wait_until
 from warren_mesh.agent.app import Agent
 from warren_mesh.keys import NodeKey, load_or_create
 from warren_mesh.lab.etcd_server import EtcdServer, free_port
 from warren_mesh.model import MeshConfig, encode_json
 from warren_mesh.schema import KeySchema
+from warren_mesh.settings import AgentSettings
 from warren_mesh.store.etcd import EtcdStore
 from warren_mesh.wireguard.memory import MemoryBackend
 
@@ -34,9 +35,18 @@ class Mesh:
         self._stops: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
-    def start(self, name: str, **kwargs: object) -> Agent:
+    def start(self, name: str, metrics_address: str | None = None) -> Agent:
         port = 20000 + len(self.agents)
-        settings = agent_settings(self.endpoint, self.prefix, name, self.key_dir, port=port, ttl=self.ttl, **kwargs)  # type: ignore[arg-type]
+        settings = AgentSettings.simulated(
+            etcd_endpoint=self.endpoint,
+            prefix=self.prefix,
+            name=name,
+            key_dir=self.key_dir,
+            port=port,
+            interface="wgtest",
+            lease_ttl=self.ttl,
+            metrics_address=metrics_address,
+        )
         agent = Agent(settings, backend=MemoryBackend(), registry=CollectorRegistry())
         self.agents[name] = agent
         self._stops[name] = asyncio.Event()

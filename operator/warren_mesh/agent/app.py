@@ -30,7 +30,7 @@ from warren_mesh.model import MeshConfig, RecordError, decode_json
 from warren_mesh.settings import AgentSettings
 from warren_mesh.store.base import Backoff, StoreUnavailable
 from warren_mesh.store.etcd import EtcdStore
-from warren_mesh.watch import Events
+from warren_mesh.watch import Events, Snapshot, WatchResult
 from warren_mesh.wireguard.backend import Backend, BackendError
 from warren_mesh.wireguard.select import create_backend
 
@@ -54,7 +54,6 @@ class Agent:
         key: NodeKey | None = None,
     ) -> None:
         self.settings = settings
-        self._given_backend = backend
         self._backend: Backend | None = backend
         # Real devices are driven from one worker thread (see device_thread); the memory device inline.
         self.device_thread = DeviceThread(
@@ -216,20 +215,17 @@ class Agent:
     async def _observe(self) -> None:
         assert self.reconciler is not None and self.registrar is not None
         config = self.view.config
+        own_key = self.settings.store.schema.node(self.settings.node_name)
         async for result in self.store.observe(
             self.settings.store.schema.root,
             on_restart=lambda reason: self.metrics.watch_restarts.labels(reason).inc(),
         ):
-            own_key = self.settings.store.schema.node(self.settings.node_name)
             if isinstance(result, Events):
                 self.metrics.watch_events.inc(len(result.events))
-                own = [e for e in result.events if e.kv.key == own_key]
-                own_value = (own[-1].kv.value if own[-1].kind == "put" else None) if own else b""
-            else:
-                own_value = next((kv.value for kv in result.items if kv.key == own_key), None)
+            mentioned, own_value = _value_after(result, own_key)
             self.view.apply(result)
             self.reconciler.notify()
-            if own_value != b"":  # our record was in this result (b"" means: not mentioned)
+            if mentioned:
                 await self.registrar.restore(own_value)
             if self.view.config != config:
                 try:
@@ -237,3 +233,13 @@ class Agent:
                     config = self.view.config
                 except StoreUnavailable as exc:
                     log.warning("could not republish after a config change (retried with the next event): %s", exc)
+
+
+def _value_after(result: WatchResult, key: str) -> tuple[bool, bytes | None]:
+    """Whether ``result`` tells anything about ``key`` and, if so, its value afterwards (None: deleted or absent)."""
+    if isinstance(result, Snapshot):
+        return True, next((kv.value for kv in result.items if kv.key == key), None)
+    latest = [event for event in result.events if event.kv.key == key]
+    if not latest:
+        return False, None
+    return True, latest[-1].kv.value if latest[-1].kind == "put" else None

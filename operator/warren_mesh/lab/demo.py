@@ -15,31 +15,27 @@ from typing import TextIO
 
 from warren_mesh.agent.app import Agent
 from warren_mesh.lab.etcd_server import EtcdServer
-from warren_mesh.schema import KeySchema
-from warren_mesh.settings import AgentSettings, StoreSettings
+from warren_mesh.schema import DEFAULT_PREFIX, KeySchema
+from warren_mesh.settings import AgentSettings
 from warren_mesh.status import read_status, render_table
 from warren_mesh.wireguard.memory import MemoryBackend
-
-
-def demo_settings(etcd_endpoint: str, index: int, key_dir: Path) -> AgentSettings:
-    return AgentSettings(
-        store=StoreSettings((etcd_endpoint,), KeySchema()),
-        node_name=f"node-{index}",
-        endpoint_host="127.0.0.1",
-        endpoint_port=51820 + index,
-        interface=f"wgdemo{index}",
-        backend="memory",
-        key_file=key_dir / f"node-{index}.key",
-        lease_ttl=None,
-        metrics_address=None,
-    )
 
 
 async def run_demo(nodes: int, out: TextIO, timeout: float = 30.0) -> bool:
     with tempfile.TemporaryDirectory(prefix="warren-demo-") as tmp, EtcdServer() as etcd:
         out.write(f"etcd {etcd.endpoint} (data in {etcd.data_dir}); starting {nodes} agents (memory backend)\n")
         agents = [
-            Agent(demo_settings(etcd.endpoint, i, Path(tmp)), backend=MemoryBackend(interface_name=f"wgdemo{i}"))
+            Agent(
+                AgentSettings.simulated(
+                    etcd_endpoint=etcd.endpoint,
+                    prefix=DEFAULT_PREFIX,
+                    name=f"node-{i}",
+                    key_dir=Path(tmp),
+                    port=51820 + i,
+                    interface=f"wgdemo{i}",
+                ),
+                backend=MemoryBackend(interface_name=f"wgdemo{i}"),
+            )
             for i in range(1, nodes + 1)
         ]
         stop = asyncio.Event()
