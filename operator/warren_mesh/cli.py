@@ -106,6 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2 if isinstance(exc, SettingsError) else 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`warren-mesh status | head`): stop quietly, and keep Python's own flush at exit
+        # from failing on the closed pipe too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 2
 
 
