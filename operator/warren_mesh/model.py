@@ -60,6 +60,25 @@ REASON_ADDRESS_TAKEN: Final = "address_taken"
 REASON_DUPLICATE_PUBLIC_KEY: Final = "duplicate_public_key"
 REASON_OVERLAPPING_ALLOWED_IPS: Final = "overlapping_allowed_ips"
 REASON_INVALID_CONFIG: Final = "invalid_config"
+# Reasons a record that decodes fine is left out because it collides with an earlier one (topology decides).
+CONFLICT_REASONS: Final = (
+    REASON_ADDRESS_OUTSIDE_CIDR,
+    REASON_ADDRESS_TAKEN,
+    REASON_DUPLICATE_PUBLIC_KEY,
+    REASON_OVERLAPPING_ALLOWED_IPS,
+)
+# Reasons a record cannot be used at all (the view decides); metrics start every one at 0 so that increase()
+# sees the first rejection.
+REJECTION_REASONS: Final = (
+    REASON_INVALID_JSON,
+    REASON_SCHEMA_VERSION,
+    REASON_INVALID_FIELD,
+    REASON_NAME_MISMATCH,
+    REASON_INVALID_PUBLIC_KEY,
+    REASON_INVALID_ENDPOINT,
+    REASON_INVALID_CIDR,
+    REASON_INVALID_CONFIG,
+)
 
 
 def validate_name(name: str) -> str:

@@ -76,6 +76,8 @@ class AgentSettings:
     resync_interval: float = 30.0
     cleanup_on_exit: bool = False
     fwmark: int = 0
+    # Seconds between device readings for the bits-per-second gauges (0: none; a memory device has no traffic).
+    traffic_sample_interval: float = 2.0
 
     @classmethod
     def simulated(
@@ -103,6 +105,7 @@ class AgentSettings:
             lease_ttl=lease_ttl,
             metrics_address=metrics_address,
             resync_interval=resync_interval,
+            traffic_sample_interval=0.0,
         )
 
     @staticmethod

@@ -334,8 +334,15 @@ def test_metrics_and_health_endpoint(shared_etcd: EtcdServer, prefix: str, tmp_p
             "warren_mesh_reconcile_duration_seconds_bucket",
             "warren_mesh_etcd_up 1.0",
             "warren_mesh_convergence_lag_seconds_bucket",
+            "warren_mesh_device_up 1.0",
         ):
             assert name in body, name
+        # Per-peer series, read from the device at scrape time and labelled with the peer's node name.
+        n1 = mesh.agents["n1"].key.public_key
+        labels = f'peer="n1",public_key="{n1}"'
+        assert f"warren_mesh_peer_receive_bytes_total{{{labels}}} 0.0" in body
+        assert f"warren_mesh_peer_last_handshake_timestamp_seconds{{{labels}}} 0.0" in body
+        assert f'warren_mesh_peer_info{{allowed_ips="' in body and 'endpoint="127.0.0.1:' in body
         private = mesh.agents["n0"].key.private_base64()
         assert private not in body
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -26,6 +27,7 @@ from warren_mesh.mesh.peers import MeshView, Rejection
 from warren_mesh.mesh.topology import LocalNode
 from warren_mesh.metrics.http import MetricsServer
 from warren_mesh.metrics.instruments import AgentMetrics
+from warren_mesh.metrics.peer_collector import PeerCollector, TrafficWindow
 from warren_mesh.model import MeshConfig, RecordError, decode_json
 from warren_mesh.settings import AgentSettings
 from warren_mesh.store.base import Backoff, StoreUnavailable
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 _DEVICE_CHECK_INTERVAL = 1.0
+_SCRAPE_DEVICE_TIMEOUT = 5.0  # a scrape waits this long for the device thread, then reports the device down
 
 
 class Stopped(Exception):
@@ -65,6 +68,7 @@ class Agent:
         self.key = key if key is not None else self._load_key()
         self.reconciler: Reconciler | None = None
         self.registrar: Registrar | None = None
+        self.traffic = TrafficWindow()
 
     @property
     def backend(self) -> Backend:
@@ -93,6 +97,13 @@ class Agent:
         settings = self.settings
         if self._backend is None:
             self._backend = await self.device_thread.run(lambda: create_backend(settings.backend, settings.interface))
+        self.metrics.registry.register(
+            PeerCollector(
+                read_device=lambda: self.device_thread.call(self.backend.read, timeout=_SCRAPE_DEVICE_TIMEOUT),
+                peer_names=lambda: self.reconciler.peer_names() if self.reconciler is not None else {},
+                window=self.traffic,
+            )
+        )
         server = None
         if settings.metrics_address:
             server = MetricsServer(settings.metrics_address, self.metrics.registry, self.healthy)
@@ -174,6 +185,8 @@ class Agent:
         tasks.append(loop.create_task(self.reconciler.run(), name="reconcile"))
         tasks.append(loop.create_task(registrar.keep_alive(lambda: self.view.config), name="keepalive"))
         tasks.append(loop.create_task(self._watch_device(), name="device-watchdog"))
+        if settings.traffic_sample_interval > 0:
+            tasks.append(loop.create_task(self._sample_traffic(settings.traffic_sample_interval), name="traffic"))
 
     async def _watch_device(self) -> None:
         """Notice a dead data plane (wireguard-go crashed) within a second and configure the new one."""
@@ -185,6 +198,17 @@ class Agent:
                     self.reconciler.notify()
             except BackendError as exc:
                 log.error("the WireGuard device is down and could not be restarted (retrying): %s", exc)
+
+    async def _sample_traffic(self, interval: float) -> None:
+        """Feed the throughput window with the device's byte counters (the gauges average over it)."""
+        while True:
+            try:
+                device = await self.device_thread.run(self.backend.read)
+            except BackendError:
+                pass  # the watchdog reports and repairs a dead device; the window just misses a sample
+            else:
+                self.traffic.add(time.monotonic(), device.stats)
+            await asyncio.sleep(interval)
 
     async def _read_config(self) -> MeshConfig:
         kv = await self.store.get(self.settings.store.schema.config)

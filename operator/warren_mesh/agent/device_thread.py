@@ -24,6 +24,16 @@ class DeviceThread:
             return call()
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
+    def call(self, call: Callable[[], _T], *, timeout: float) -> _T:
+        """Run ``call`` from a thread other than the event loop's (the metrics server's), waiting for it.
+
+        Inline (memory device) the call runs on the caller's thread: the memory device's reads copy its dicts in
+        one step, which is safe against the loop changing them.
+        """
+        if self._executor is None:
+            return call()
+        return self._executor.submit(call).result(timeout=timeout)
+
     def shutdown(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=True)

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 from warren_mesh.agent.device_thread import DeviceThread
@@ -56,6 +56,11 @@ class Reconciler:
         self._applied: Topology | None = None
         self._conflicts: set[tuple[str, str]] = set()
         self.passes = 0  # completed passes on a synced view; tests and health read it
+
+    def peer_names(self) -> Mapping[str, str]:
+        """Public key -> node or MeshPeer name, as last applied (read by the metrics thread: one attribute read)."""
+        applied = self._applied
+        return applied.names if applied is not None else {}
 
     def notify(self) -> None:
         """The view changed: run a pass as soon as the current one (if any) ends."""
@@ -115,6 +120,8 @@ class Reconciler:
                 self._metrics.convergence_lag.observe(max(0.0, applied_at - published_at))
         self._applied = desired
         self._metrics.peers.set(len(desired.peers) if ok else len(device.peers))
+        self._metrics.nodes.set(1 + sum(1 for name in desired.names.values() if name in view.nodes))
+        self._metrics.report_invalid(view.rejected_by_reason())
         self._metrics.reconcile_duration.observe(time.perf_counter() - started)
         self.passes += 1
         return ok
@@ -148,6 +155,10 @@ class Reconciler:
 
     def _report_conflicts(self, conflicts: tuple[Conflict, ...]) -> None:
         current = {(c.name, c.reason) for c in conflicts}
+        by_reason: dict[str, int] = {}
+        for _, reason in current:
+            by_reason[reason] = by_reason.get(reason, 0) + 1
+        self._metrics.report_conflicting(by_reason)
         for conflict in conflicts:
             if (conflict.name, conflict.reason) not in self._conflicts:
                 log.warning("left out of the mesh: %s", conflict.message)

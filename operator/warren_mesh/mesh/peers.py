@@ -63,7 +63,7 @@ class MeshView:
         self.synced = False  # a complete snapshot has been seen; until then nothing may be removed
         # node name -> publish time of records accepted since the last call to take_published()
         self._published: dict[str, float] = {}
-        self._rejected: dict[str, int] = {}  # key -> mod revision already reported
+        self._rejected: dict[str, tuple[int, str]] = {}  # key -> (mod revision already reported, reason)
 
     def apply(self, result: WatchResult) -> None:
         if isinstance(result, Snapshot):
@@ -75,6 +75,13 @@ class MeshView:
         """Publish times of node records that arrived since the last call (for convergence lag)."""
         published, self._published = self._published, {}
         return published
+
+    def rejected_by_reason(self) -> dict[str, int]:
+        """Keys whose current value is rejected, counted by reason (what an operator has to fix now)."""
+        counts: dict[str, int] = {}
+        for _, reason in self._rejected.values():
+            counts[reason] = counts.get(reason, 0) + 1
+        return counts
 
     def _apply_snapshot(self, snapshot: Snapshot) -> None:
         present = {kv.key for kv in snapshot.items}
@@ -152,9 +159,10 @@ class MeshView:
         self.ipam[address] = owner
 
     def _reject(self, kv: KeyValue, exc: RecordError) -> None:
-        if self._rejected.get(kv.key) == kv.mod_revision:
+        reported = self._rejected.get(kv.key)
+        if reported is not None and reported[0] == kv.mod_revision:
             return  # already reported this very version (seen again in a snapshot)
-        self._rejected[kv.key] = kv.mod_revision
+        self._rejected[kv.key] = (kv.mod_revision, exc.reason)
         rejection = Rejection(kv.key, exc.reason, str(exc))
         log.warning("rejected %s (revision %d): %s", kv.key, kv.mod_revision, exc)
         if self._on_reject is not None:

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from warren_mesh.model import CONFLICT_REASONS, REJECTION_REASONS
+
+APPLY_KINDS = ("add", "update", "remove", "interface", "private_key")
+
 # Convergence happens in milliseconds when healthy; the tail buckets catch an etcd outage or a slow backend.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -16,6 +20,23 @@ class AgentMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.peers = Gauge("warren_mesh_peers", "Peers configured on the WireGuard device.", registry=registry)
+        self.nodes = Gauge(
+            "warren_mesh_nodes",
+            "Nodes in the mesh as this agent applied it, itself included (registered nodes, not MeshPeers).",
+            registry=registry,
+        )
+        self.invalid_records = Gauge(
+            "warren_mesh_invalid_records",
+            "Records in etcd whose current value is rejected, by reason: what needs fixing now.",
+            ["reason"],
+            registry=registry,
+        )
+        self.conflicting_records = Gauge(
+            "warren_mesh_conflicting_records",
+            "Valid records currently left out because they collide with an earlier one, by reason.",
+            ["reason"],
+            registry=registry,
+        )
         self.rejected_records = Counter(
             "warren_mesh_rejected_records",
             "Records in etcd that were not used, by reason (each version of a record counts once).",
@@ -74,3 +95,22 @@ class AgentMetrics:
             registry=registry,
         )
         self.info = Info("warren_mesh_agent", "The agent's node, backend and interface.", registry=registry)
+        # Every label value exists from the start at 0, so rate() and increase() see the first occurrence.
+        for reason in REJECTION_REASONS:
+            self.rejected_records.labels(reason)
+            self.invalid_records.labels(reason)
+        for reason in CONFLICT_REASONS:
+            self.conflicts.labels(reason)
+            self.conflicting_records.labels(reason)
+        for kind in APPLY_KINDS:
+            self.applied_changes.labels(kind)
+        for reason in ("error", "stalled", "compacted"):
+            self.watch_restarts.labels(reason)
+
+    def report_invalid(self, by_reason: dict[str, int]) -> None:
+        for reason in {*REJECTION_REASONS, *by_reason}:
+            self.invalid_records.labels(reason).set(by_reason.get(reason, 0))
+
+    def report_conflicting(self, by_reason: dict[str, int]) -> None:
+        for reason in {*CONFLICT_REASONS, *by_reason}:
+            self.conflicting_records.labels(reason).set(by_reason.get(reason, 0))
