@@ -342,9 +342,13 @@ def test_metrics_and_health_endpoint(shared_etcd: EtcdServer, prefix: str, tmp_p
         labels = f'peer="n1",public_key="{n1}"'
         assert f"warren_mesh_peer_receive_bytes_total{{{labels}}} 0.0" in body
         assert f"warren_mesh_peer_last_handshake_timestamp_seconds{{{labels}}} 0.0" in body
-        assert f'warren_mesh_peer_info{{allowed_ips="' in body and 'endpoint="127.0.0.1:' in body
+        assert 'warren_mesh_peer_info{allowed_ips="' in body and 'endpoint="127.0.0.1:' in body
         private = mesh.agents["n0"].key.private_base64()
         assert private not in body
+        lint = await asyncio.to_thread(
+            subprocess.run, ["promtool", "check", "metrics"], input=body, capture_output=True, text=True, check=False
+        )
+        assert lint.returncode == 0, lint.stdout + lint.stderr
 
     in_mesh(shared_etcd.endpoint, prefix, tmp_path, scenario)
 

@@ -110,7 +110,7 @@ class Agent:
             server.start()
         self.metrics.info.info(
             {
-                "node": settings.node_name,
+                "node_name": settings.node_name,  # not "node": scrape configs set that label (see deploy/monitoring)
                 "backend": self.backend.name,
                 "interface": self.backend.interface_name,
                 "public_key": self.key.public_key,
