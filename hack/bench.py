@@ -11,6 +11,8 @@ Scenarios (one JSON line each, latencies in milliseconds):
          agent process SIGKILLed, its lease runs out): time until every agent removed it (detect_s, and
          detect_minus_ttl_s against the lease TTL).
   coldstart  one agent starting next to N existing records: seconds to a fully configured device (ready_s).
+  scrape one /metrics scrape of an agent whose device has --peers peers (memory device; also wireguard-go in a
+         namespace of its own when root): wall and CPU milliseconds per scrape, exposition size.
 
 The agents share this process and its event loop, so per-event figures include the other agents' work: on this
 2-core machine the honest reading is "what every agent's device did", not an isolated single agent.
@@ -35,16 +37,21 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "operator"))
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
+from pyroute2 import netns
 
 from warren_mesh.agent.app import Agent
+from warren_mesh.device import InterfaceSpec, PeerSpec
 from warren_mesh.keys import NodeKey
 from warren_mesh.lab.etcd_server import EtcdServer
+from warren_mesh.metrics.peer_collector import PeerCollector, TrafficWindow
 from warren_mesh.model import Endpoint, NodeRecord, encode_json
 from warren_mesh.schema import KeySchema
 from warren_mesh.settings import AgentSettings
 from warren_mesh.store.etcd import EtcdStore, parse_endpoints
+from warren_mesh.wireguard.backend import Backend
 from warren_mesh.wireguard.memory import MemoryBackend
+from warren_mesh.wireguard.select import create_backend
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -284,10 +291,64 @@ async def scenario_coldstart(endpoint: str, records: int) -> dict[str, Any]:
     return {"scenario": "coldstart", "records": records, "ready_s": round(ready, 3)}
 
 
+def scenario_scrape(peers: int, scrapes: int) -> dict[str, Any]:
+    """What one Prometheus scrape of an agent with ``peers`` peers costs: the per-peer collector reading the
+    device and rendering the exposition. On the memory device always; on a real wireguard-go device (in a network
+    namespace of its own) when running as root."""
+    result: dict[str, Any] = {"scenario": "scrape", "peers": peers, "scrapes": scrapes}
+    specs = [
+        PeerSpec(
+            NodeKey.generate().public_key, f"192.0.2.{i % 250 + 1}:{30000 + i}", (f"10.97.{i // 250}.{i % 250}/32",)
+        )
+        for i in range(peers)
+    ]
+    memory = MemoryBackend()
+    for spec in specs:
+        memory.set_peer(spec)
+    result.update({f"memory_{k}": v for k, v in _time_scrapes(memory, specs, scrapes).items()})
+    if os.geteuid() == 0:
+        ns = f"wbscrape{os.getpid()}"
+        netns.create(ns)
+        netns.pushns(ns)  # this thread (and wireguard-go, forked from it) now live in the namespace
+        try:
+            backend = create_backend("userspace", "wbscrape0")
+            try:
+                backend.set_private_key(NodeKey.generate())
+                backend.configure_interface(InterfaceSpec("10.97.255.254/16", 51820, 1420))
+                for spec in specs:
+                    backend.set_peer(spec)
+                timing = _time_scrapes(backend, specs, scrapes)
+                result.update({f"userspace_{k}": v for k, v in timing.items()})
+            finally:
+                backend.close(remove_device=True)
+        finally:
+            netns.popns()
+            netns.remove(ns)
+    return result
+
+
+def _time_scrapes(backend: Backend, specs: list[PeerSpec], scrapes: int) -> dict[str, float]:
+    registry = CollectorRegistry()
+    names = {spec.public_key: f"node-{i}" for i, spec in enumerate(specs)}
+    registry.register(PeerCollector(backend.read, lambda: names, TrafficWindow()))
+    wall, cpu, size = [], [], 0
+    for _ in range(scrapes):
+        started, started_cpu = time.perf_counter(), time.process_time()
+        size = len(generate_latest(registry))
+        wall.append((time.perf_counter() - started) * 1000)
+        cpu.append((time.process_time() - started_cpu) * 1000)
+    return {
+        "scrape_p50_ms": round(statistics.median(wall), 2),
+        "scrape_max_ms": round(max(wall), 2),
+        "scrape_cpu_ms": round(statistics.median(cpu), 2),
+        "exposition_kb": round(size / 1024, 1),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--scenario", action="append", choices=("floor", "join", "leave", "coldstart", "all"), default=[]
+        "--scenario", action="append", choices=("floor", "join", "leave", "coldstart", "scrape", "all"), default=[]
     )
     parser.add_argument("--nodes", type=int, default=10)
     parser.add_argument("--joins", type=int, default=20, help="joins measured in the join scenario")
@@ -295,11 +356,13 @@ def main() -> int:
     parser.add_argument("--leaves", type=int, default=5, help="graceful leaves measured in the leave scenario")
     parser.add_argument("--ttl", type=int, default=3, help="lease TTL of the leave scenario's crash")
     parser.add_argument("--records", type=int, default=None, help="records for coldstart (default: --nodes)")
+    parser.add_argument("--peers", type=int, default=1000, help="device peers of the scrape scenario")
+    parser.add_argument("--scrapes", type=int, default=20, help="scrapes timed in the scrape scenario")
     parser.add_argument("--etcd-endpoints", default=None, help="use this etcd instead of starting one")
     args = parser.parse_args()
     chosen = args.scenario or ["all"]
     if "all" in chosen:
-        chosen = ["floor", "join", "leave", "coldstart"]
+        chosen = ["floor", "join", "leave", "coldstart", "scrape"]
     server = None
     if args.etcd_endpoints is None:
         server = EtcdServer()
@@ -321,6 +384,8 @@ def main() -> int:
                 result["p99_vs_floor"] = round(result["p99_ms"] / max(floor["p99_ms"], 1e-9), 2)
             elif scenario == "leave":
                 result = asyncio.run(scenario_leave(endpoint, args.nodes, args.leaves, args.ttl))
+            elif scenario == "scrape":
+                result = scenario_scrape(args.peers, args.scrapes)
             else:
                 result = asyncio.run(scenario_coldstart(endpoint, args.records or args.nodes))
             result["machine"] = machine()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -24,7 +25,7 @@ from warren_mesh.lab.demo import run_demo
 from warren_mesh.lab.etcd_server import EtcdServerError
 from warren_mesh.lab.lab import Lab, LabError, NodeStatus, require_root, status_json
 from warren_mesh.settings import AgentSettings, SettingsError, StoreSettings, add_flag, add_store_flags
-from warren_mesh.status import read_status, render_json, render_table
+from warren_mesh.status import read_agent_traffic, read_status, render_json, render_table
 from warren_mesh.store.base import StoreError
 from warren_mesh.store.etcd import EtcdStore
 from warren_mesh.wireguard.backend import BackendError
@@ -58,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show the mesh as registered in etcd")
     add_store_flags(status)
     status.add_argument("--output", choices=("table", "json"), default="table")
+    status.add_argument(
+        "--agent-metrics",
+        default="http://127.0.0.1:9587/metrics",
+        help="this node's agent's /metrics, for per-peer throughput columns (empty: skip; unreachable: left out)",
+    )
 
     demo = commands.add_parser("demo", help="start a local etcd and N agents (memory backend); print the mesh")
     demo.add_argument("--nodes", type=int, default=3, help="number of agents (default 3)")
@@ -93,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "agent":
             return asyncio.run(_agent(AgentSettings.from_args(args)))
         if args.command == "status":
-            return asyncio.run(_status(StoreSettings.from_args(args), args.output))
+            return asyncio.run(_status(StoreSettings.from_args(args), args.output, args.agent_metrics))
         if args.command == "demo":
             if not 2 <= args.nodes <= 50:
                 raise SettingsError(f"--nodes {args.nodes} is not between 2 and 50")
@@ -187,12 +193,19 @@ async def _agent(settings: AgentSettings) -> int:
     return 0
 
 
-async def _status(settings: StoreSettings, output: str) -> int:
+async def _status(settings: StoreSettings, output: str, agent_metrics: str) -> int:
     store = EtcdStore(settings.etcd_endpoints, call_timeout=3.0)
     try:
         status = await read_status(store, settings.schema)
     finally:
         await store.close()
+    if agent_metrics:
+        try:
+            traffic = await asyncio.to_thread(read_agent_traffic, agent_metrics)
+        except (OSError, ValueError) as exc:
+            log.debug("no throughput columns: %s unreadable: %s", agent_metrics, exc)
+        else:
+            status = dataclasses.replace(status, traffic=traffic, traffic_from=agent_metrics)
     print(render_json(status) if output == "json" else render_table(status))
     return 0
 

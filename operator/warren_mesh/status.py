@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from warren_mesh.mesh.peers import MeshView, Rejection
 from warren_mesh.schema import KeySchema
@@ -39,6 +43,29 @@ class MeshStatus:
     nodes: tuple[NodeStatus, ...]
     rejected: tuple[Rejection, ...]
     revision: int
+    # Public key -> (receive, transmit) bits per second as one agent sees its peers (empty: not asked/reachable).
+    traffic: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    traffic_from: str = ""  # the agent those figures come from
+
+
+def read_agent_traffic(metrics_url: str, timeout: float = 2.0) -> dict[str, tuple[float, float]]:
+    """Per-peer throughput from an agent's /metrics (its averaged bits-per-second gauges); raises OSError or
+    ValueError when the agent cannot be read."""
+    if not metrics_url.startswith(("http://", "https://")):
+        raise ValueError(f"--agent-metrics {metrics_url!r} is not an http(s) URL")
+    with urllib.request.urlopen(metrics_url, timeout=timeout) as response:  # noqa: S310 (scheme checked above)
+        text = response.read().decode()
+    receive: dict[str, float] = {}
+    transmit: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        target = {
+            "warren_mesh_peer_receive_bits_per_second": receive,
+            "warren_mesh_peer_transmit_bits_per_second": transmit,
+        }.get(family.name)
+        if target is not None:
+            for sample in family.samples:
+                target[sample.labels["public_key"]] = sample.value
+    return {key: (receive[key], transmit.get(key, 0.0)) for key in receive}
 
 
 async def read_status(store: EtcdStore, schema: KeySchema) -> MeshStatus:
@@ -62,17 +89,38 @@ async def read_status(store: EtcdStore, schema: KeySchema) -> MeshStatus:
     return MeshStatus(nodes, tuple(rejected), view.revision)
 
 
+def _rate(bits_per_second: float) -> str:
+    for unit, scale in (("Gbit/s", 1e9), ("Mbit/s", 1e6), ("kbit/s", 1e3)):
+        if bits_per_second >= scale:
+            return f"{bits_per_second / scale:.1f} {unit}"
+    return f"{bits_per_second:.0f} bit/s"
+
+
 def render_table(status: MeshStatus) -> str:
-    header = ("NODE", "OVERLAY IP", "ENDPOINT", "PUBLIC KEY", "LEASE LEFT")
-    rows = [
-        (n.name, n.overlay_ip, n.endpoint, n.public_key[:10] + "…", f"{n.lease_seconds_left}s") for n in status.nodes
-    ]
+    header: tuple[str, ...] = ("NODE", "OVERLAY IP", "ENDPOINT", "PUBLIC KEY", "LEASE LEFT")
+    if status.traffic:
+        header = (*header, "RX", "TX")
+    rows: list[tuple[str, ...]] = []
+    for n in status.nodes:
+        row: tuple[str, ...] = (n.name, n.overlay_ip, n.endpoint, n.public_key[:10] + "…", f"{n.lease_seconds_left}s")
+        if status.traffic:
+            rates = status.traffic.get(n.public_key)
+            row = (*row, *((_rate(rates[0]), _rate(rates[1])) if rates is not None else ("-", "-")))
+        rows.append(row)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
     lines.append(f"{len(status.nodes)} node(s) at etcd revision {status.revision}")
+    if status.traffic:
+        lines.append(f"RX/TX: throughput to and from each peer as seen by the agent at {status.traffic_from}")
     lines.extend(f"rejected {r.key}: {r.reason}: {r.message}" for r in status.rejected)
     return "\n".join(lines)
 
 
 def render_json(status: MeshStatus) -> str:
-    return json.dumps([n.to_json() for n in status.nodes], indent=2)
+    nodes = []
+    for n in status.nodes:
+        doc = n.to_json()
+        if n.public_key in status.traffic:
+            doc["receive_bits_per_second"], doc["transmit_bits_per_second"] = status.traffic[n.public_key]
+        nodes.append(doc)
+    return json.dumps(nodes, indent=2)

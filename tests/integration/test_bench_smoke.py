@@ -31,6 +31,10 @@ def test_bench_smoke(shared_etcd: EtcdServer) -> None:
             "2",
             "--records",
             "20",
+            "--peers",
+            "20",
+            "--scrapes",
+            "2",
             "--etcd-endpoints",
             shared_etcd.endpoint,
         ],
@@ -41,7 +45,7 @@ def test_bench_smoke(shared_etcd: EtcdServer) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = {line["scenario"]: line for line in map(json.loads, result.stdout.splitlines())}
-    assert list(lines) == ["floor", "join", "leave", "coldstart"]
+    assert list(lines) == ["floor", "join", "leave", "coldstart", "scrape"]
     floor, join, leave, cold = lines["floor"], lines["join"], lines["leave"], lines["coldstart"]
     assert floor["samples"] == 3 * 5
     assert join["samples"] == 3 + 4  # each join is seen by every agent already there
@@ -50,3 +54,5 @@ def test_bench_smoke(shared_etcd: EtcdServer) -> None:
     assert 0 < leave["graceful_p50_ms"] <= leave["graceful_max_ms"]
     assert leave["ttl_s"] == 2 and leave["detect_s"] >= 1.0  # a crash is noticed through the lease, not earlier
     assert cold["records"] == 20 and cold["ready_s"] > 0
+    scrape = lines["scrape"]
+    assert scrape["peers"] == 20 and scrape["memory_scrape_p50_ms"] > 0 and scrape["memory_exposition_kb"] > 0

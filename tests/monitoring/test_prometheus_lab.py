@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ MONITORING = Path(__file__).resolve().parents[2] / "deploy" / "monitoring"
 TTL = 3
 IPERF_SECONDS = 12
 IPERF_RATE = "200M"
+ETCD_FLAG = f"--etcd-endpoints=http://{HUB_ADDRESS}:{ETCD_PORT}"
 BOGUS = "/warren/mesh/v1/nodes/bogus"  # under the lab's (default) prefix
 
 
@@ -145,7 +147,17 @@ def test_prometheus_sees_the_lab_through_dashboard_and_alerts(lab: Lab, promethe
     report = iperf(lab, server=2, client=1, address=target)
     sent_bps = float(report["end"]["sum_sent"]["bits_per_second"])
     ended = report["started_at"] + float(report["end"]["sum_sent"]["seconds"])
-    time.sleep(2)  # a scrape after the end
+    # `warren-mesh status` on node-1 shows the throughput its agent measured (its window still covers the run).
+    shown = subprocess.run(
+        lab.exec_argv("node-1", [sys.executable, "-m", "warren_mesh.cli", "status", "--output=json", ETCD_FLAG]),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    rows = {row["name"]: row for row in json.loads(shown.stdout)}
+    assert rows["node-2"]["transmit_bits_per_second"] > 0.3 * sent_bps, rows["node-2"]
+    assert "transmit_bits_per_second" not in rows["node-1"]  # itself: not a peer
+    time.sleep(max(0.0, ended + 2 - time.time()))  # a scrape after the end
     window = IPERF_SECONDS - 4  # well inside the transfer, clear of its start and end
     at = ended - 1
     sel_tx = 'job="warren-mesh-agent", node="node-1", peer="node-2"'
