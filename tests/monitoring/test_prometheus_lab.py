@@ -202,6 +202,10 @@ def test_prometheus_sees_the_lab_through_dashboard_and_alerts(lab: Lab, promethe
     rules = [rule for group in prometheus.api("rules")["groups"] for rule in group["rules"]]
     assert len(rules) == 7
     assert all(rule["health"] == "ok" for rule in rules), [(r["name"], r.get("lastError")) for r in rules]
+    # ... and every series an alert looks at is there (an alert on a misspelt metric would never fire).
+    for rule in rules:
+        for metric in set(re.findall(r"\b(up|warren_mesh_\w+)\{", rule["query"])):
+            assert prometheus.query(f'{metric}{{job="warren-mesh-agent"}}'), (rule["name"], metric)
 
     # An agent dies: its node leaves the others' mesh when its lease expires, and Prometheus fires the alert.
     assert not prometheus.firing("WarrenMeshNodeMissing")
