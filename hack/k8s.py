@@ -27,14 +27,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "operator"))
-
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from warren_mesh.lab.etcd_server import EtcdServer, free_port
 
+ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STATE = Path(os.environ.get("WARREN_MESH_K8S_DIR", f"/tmp/warren-mesh-k8s-{os.getuid()}"))
 NAMESPACE = "warren-mesh"
 # name -> (user, groups) of the static tokens written at start

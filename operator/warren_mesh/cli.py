@@ -24,7 +24,16 @@ from warren_mesh.keys import KeyFileError
 from warren_mesh.lab.demo import run_demo
 from warren_mesh.lab.etcd_server import EtcdServerError
 from warren_mesh.lab.lab import Lab, LabError, NodeStatus, require_root, status_json
-from warren_mesh.settings import AgentSettings, SettingsError, StoreSettings, add_flag, add_store_flags
+from warren_mesh.metrics.http import parse_listen_address
+from warren_mesh.settings import (
+    DEFAULT_ETCD,
+    AgentSettings,
+    SettingsError,
+    StoreSettings,
+    add_flag,
+    add_store_flags,
+    etcd_endpoints_flag,
+)
 from warren_mesh.status import read_agent_traffic, read_status, render_json, render_table
 from warren_mesh.store.base import StoreError
 from warren_mesh.store.etcd import EtcdStore
@@ -65,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="this node's agent's /metrics, for per-peer throughput columns (empty: skip; unreachable: left out)",
     )
 
+    operator = commands.add_parser(
+        "operator", help="run the Kubernetes operator: Mesh/MeshPeer -> etcd, registrations -> MeshNodes"
+    )
+    add_flag(operator, "--etcd-endpoints", DEFAULT_ETCD, "comma-separated etcd client URLs, tried in turn")
+    add_flag(operator, "--health-address", "0.0.0.0:8080", "HOST:PORT of the liveness endpoint /healthz; empty: none")
+
     demo = commands.add_parser("demo", help="start a local etcd and N agents (memory backend); print the mesh")
     demo.add_argument("--nodes", type=int, default=3, help="number of agents (default 3)")
 
@@ -100,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_agent(AgentSettings.from_args(args)))
         if args.command == "status":
             return asyncio.run(_status(StoreSettings.from_args(args), args.output, args.agent_metrics))
+        if args.command == "operator":
+            return asyncio.run(_operator(etcd_endpoints_flag(args.etcd_endpoints), args.health_address))
         if args.command == "demo":
             if not 2 <= args.nodes <= 50:
                 raise SettingsError(f"--nodes {args.nodes} is not between 2 and 50")
@@ -190,6 +207,23 @@ async def _agent(settings: AgentSettings) -> int:
     agent = Agent(settings)
     await agent.run(stop)
     log.info("agent stopped")
+    return 0
+
+
+async def _operator(etcd_endpoints: tuple[str, ...], health_address: str) -> int:
+    import kopf  # noqa: PLC0415 (only the operator loads kopf and its handlers; agents never do)
+
+    from warren_mesh.controller import handlers  # noqa: PLC0415 (importing registers the handlers)
+
+    handlers.OPERATOR.etcd_endpoints = etcd_endpoints
+    liveness = None
+    if health_address:
+        try:
+            host, port = parse_listen_address(health_address)
+        except ValueError as exc:
+            raise SettingsError(f"--health-address: {exc}") from None
+        liveness = f"http://{host}:{port}/healthz"
+    await kopf.operator(clusterwide=True, standalone=True, liveness_endpoint=liveness)
     return 0
 
 

@@ -42,6 +42,14 @@ def add_store_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--prefix", DEFAULT_PREFIX, "etcd key prefix of this mesh")
 
 
+def etcd_endpoints_flag(text: str) -> tuple[str, ...]:
+    """``--etcd-endpoints`` as canonical URLs, or a SettingsError naming the flag."""
+    try:
+        return tuple(f"{'https' if e.secure else 'http'}://{e.target}" for e in parse_endpoints(text))
+    except ValueError as exc:
+        raise SettingsError(f"--etcd-endpoints: {exc}") from None
+
+
 @dataclass(frozen=True, slots=True)
 class StoreSettings:
     etcd_endpoints: tuple[str, ...]
@@ -49,12 +57,7 @@ class StoreSettings:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> StoreSettings:
-        try:
-            endpoints = tuple(
-                f"{'https' if e.secure else 'http'}://{e.target}" for e in parse_endpoints(args.etcd_endpoints)
-            )
-        except ValueError as exc:
-            raise SettingsError(f"--etcd-endpoints: {exc}") from None
+        endpoints = etcd_endpoints_flag(args.etcd_endpoints)
         try:
             schema = KeySchema(args.prefix)
         except ValueError as exc:

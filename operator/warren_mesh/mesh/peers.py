@@ -76,6 +76,10 @@ class MeshView:
         published, self._published = self._published, {}
         return published
 
+    @property
+    def schema(self) -> KeySchema:
+        return self._schema
+
     def rejected_by_reason(self) -> dict[str, int]:
         """Keys whose current value is rejected, counted by reason (what an operator has to fix now)."""
         counts: dict[str, int] = {}

@@ -226,6 +226,13 @@ class EtcdStore:
         resp = await self._call("kv", "DeleteRange", rpc_pb2.DeleteRangeRequest(key=key.encode()))
         return bool(resp.deleted)
 
+    async def delete_prefix(self, prefix: str) -> int:
+        """Delete every key under ``prefix`` in one revision; returns how many there were."""
+        raw = prefix.encode()
+        request = rpc_pb2.DeleteRangeRequest(key=raw, range_end=prefix_range_end(raw))
+        resp = await self._call("kv", "DeleteRange", request)
+        return int(resp.deleted)
+
     async def create(self, key: str, value: bytes, *, lease: int = 0) -> KeyValue | None:
         """Put ``key`` only if it does not exist. Returns None on success, else the record that is there."""
         compare = rpc_pb2.Compare(

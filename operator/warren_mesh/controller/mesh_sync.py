@@ -1,0 +1,216 @@
+"""One Mesh's reconciliation loop: Kubernetes -> etcd (config, MeshPeers) and etcd -> Kubernetes (MeshNodes,
+Mesh status).
+
+Level-triggered: every pass compares the whole desired state with etcd and Kubernetes and writes only what
+differs, so an operator restart, an etcd outage or an API server restart is caught up by the next pass without
+help. A pass runs when etcd changes (a watch on the mesh's prefix), when a handler pokes it (a Mesh or MeshPeer
+edit), and every few seconds otherwise. It is the only writer of the mesh's keys and MeshNodes, so passes
+never race each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from warren_mesh.controller.kube import Kube, KubeError
+from warren_mesh.controller.translate import (
+    MESH_LABEL,
+    MeshClaim,
+    SpecError,
+    external_peer,
+    mesh_config,
+    mesh_node_body,
+    mesh_node_name,
+    mesh_node_spec,
+    mesh_schema,
+    now_rfc3339,
+    prefix_owner,
+    ready_condition,
+)
+from warren_mesh.mesh.peers import MeshView
+from warren_mesh.model import encode_json
+from warren_mesh.schema import KeySchema
+from warren_mesh.store.base import StoreError
+from warren_mesh.store.etcd import EtcdStore
+
+log = logging.getLogger(__name__)
+
+PASS_INTERVAL = 5.0  # seconds between passes when nothing pokes the loop
+LEASE_REFRESH = 15.0  # seconds between updates of MeshNodes' leaseSecondsLeft/lastSeen (each is an API write)
+
+
+class MeshSync:
+    def __init__(
+        self,
+        *,
+        name: str,
+        body: Mapping[str, Any],
+        store: EtcdStore,
+        kube: Kube,
+        claims: Callable[[], Iterable[MeshClaim]],
+        peer_specs: Callable[[], Mapping[str, Mapping[str, Any]]],
+    ) -> None:
+        """``body`` is the Mesh as kopf keeps it current; ``claims`` every Mesh's prefix claim; ``peer_specs``
+        the specs of the MeshPeers that name this mesh."""
+        self.name = name
+        self._body = body
+        self._store = store
+        self._kube = kube
+        self._claims = claims
+        self._peer_specs = peer_specs
+        self._wake = asyncio.Event()
+        self._view: MeshView | None = None
+        self._observer: asyncio.Task[None] | None = None
+        self._lease_refreshed = 0.0
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self, stopped: Callable[[], bool]) -> None:
+        try:
+            while not stopped():
+                self._wake.clear()
+                try:
+                    await self.sync_once()
+                except (StoreError, KubeError, OSError) as exc:
+                    log.warning("mesh %s: pass failed, retrying: %s", self.name, exc)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(PASS_INTERVAL):
+                        await self._wake.wait()
+        finally:
+            await self._stop_observer()
+
+    # --- one pass ---------------------------------------------------------------------------------------------
+
+    async def sync_once(self) -> None:
+        spec = self._body.get("spec") or {}
+        generation = self._body.get("metadata", {}).get("generation")
+        try:
+            config = mesh_config(spec)
+            schema = mesh_schema(spec)
+            owner = prefix_owner(schema.prefix, self._claims())
+            if owner is not None and owner != self.name:
+                raise SpecError("PrefixTaken", f"etcd prefix {schema.prefix} belongs to Mesh {owner}")
+        except SpecError as exc:
+            # Refused: nothing is written to etcd; what was written before stays, so agents keep working.
+            await self._patch_status({"conditions": [self._ready(False, exc.reason, str(exc), generation)]})
+            return
+        view = await self._observe(schema)
+
+        want = encode_json(config.to_json())
+        current = await self._store.get(schema.config)
+        if current is None or current.value != want:
+            await self._store.put(schema.config, want)
+            log.info("mesh %s: wrote config to %s: %s", self.name, schema.config, config.to_json())
+        written, refused = await self._sync_peers(schema)
+        nodes, ready = await self._sync_mesh_nodes(view)
+
+        message = f"config in etcd under {schema.prefix}; {written} MeshPeer(s) written"
+        if refused:
+            message += f"; refused: {', '.join(refused)}"
+        await self._patch_status(
+            {
+                "nodes": nodes,
+                "readyNodes": ready,
+                "conditions": [self._ready(True, "Applied", message, generation)],
+            }
+        )
+
+    async def _sync_peers(self, schema: KeySchema) -> tuple[int, list[str]]:
+        """Make ``<prefix>/v1/peers/`` hold exactly the valid MeshPeers of this mesh (the operator owns it)."""
+        desired: dict[str, bytes] = {}
+        refused = []
+        for peer_name, spec in sorted(self._peer_specs().items()):
+            try:
+                desired[schema.peer(peer_name)] = encode_json(external_peer(peer_name, spec).to_json())
+            except SpecError:
+                refused.append(peer_name)  # its own handler reports why on the MeshPeer
+        present = {kv.key: kv.value for kv in (await self._store.list_prefix(schema.peers)).items}
+        for key, value in desired.items():
+            if present.get(key) != value:
+                await self._store.put(key, value)
+                log.info("mesh %s: wrote peer %s", self.name, key)
+        for key in present.keys() - desired.keys():
+            await self._store.delete(key)
+            log.info("mesh %s: removed peer %s (its MeshPeer is gone)", self.name, key)
+        return len(desired), refused
+
+    async def _sync_mesh_nodes(self, view: MeshView) -> tuple[int, int]:
+        """Mirror the registrations as MeshNodes; returns (registered, with a live lease)."""
+        if not view.synced:
+            return 0, 0
+        loop = asyncio.get_running_loop()
+        refresh = loop.time() - self._lease_refreshed >= LEASE_REFRESH
+        entries = dict(view.nodes)
+        leases = sorted({e.lease for e in entries.values() if e.lease})
+        left_list = await asyncio.gather(*(self._store.lease_time_left(lease) for lease in leases))
+        left = dict(zip(leases, left_list, strict=True))
+        existing = {
+            obj["metadata"]["name"]: obj
+            for obj in await self._kube.list("meshnodes", label_selector=f"{MESH_LABEL}={self.name}")
+        }
+        seen = now_rfc3339()
+        for node, entry in entries.items():
+            object_name = mesh_node_name(self.name, node)
+            status = {"leaseSecondsLeft": left.get(entry.lease, -1), "lastSeen": seen}
+            obj = existing.get(object_name)
+            if obj is None:
+                await self._kube.create("meshnodes", mesh_node_body(self.name, entry, status))
+                await self._kube.patch("meshnodes", object_name, {"status": status}, status=True)
+            else:
+                if obj.get("spec") != mesh_node_spec(self.name, entry.record):
+                    await self._kube.patch("meshnodes", object_name, {"spec": mesh_node_spec(self.name, entry.record)})
+                if refresh or not obj.get("status"):
+                    await self._kube.patch("meshnodes", object_name, {"status": status}, status=True)
+        wanted = {mesh_node_name(self.name, node) for node in entries}
+        for object_name in existing.keys() - wanted:
+            await self._kube.delete("meshnodes", object_name)
+            log.info("mesh %s: node %s left the mesh", self.name, object_name)
+        if refresh:
+            self._lease_refreshed = loop.time()
+        ready = sum(1 for e in entries.values() if not e.lease or left.get(e.lease, -1) > 0)
+        return len(entries), ready
+
+    # --- helpers ----------------------------------------------------------------------------------------------
+
+    def _ready(self, ok: bool, reason: str, message: str, generation: int | None) -> dict[str, Any]:
+        previous = (self._body.get("status") or {}).get("conditions") or []
+        return ready_condition(ok, reason, message, generation, previous)
+
+    async def _patch_status(self, status: dict[str, Any]) -> None:
+        status["observedGeneration"] = self._body.get("metadata", {}).get("generation")
+        current = self._body.get("status") or {}
+        if all(current.get(k) == v for k, v in status.items()):
+            return  # unchanged: no write, no event
+        await self._kube.patch("meshes", self.name, {"status": status}, status=True)
+
+    async def _observe(self, schema: KeySchema) -> MeshView:
+        """The mesh as etcd holds it, kept current by a watch on its prefix (restarted if the prefix changes)."""
+        if self._view is not None and self._view.schema == schema and self._observer is not None:
+            return self._view
+        await self._stop_observer()
+        view = MeshView(schema)
+        self._view = view
+        synced = asyncio.Event()
+
+        async def follow() -> None:
+            async for result in self._store.observe(schema.root):
+                view.apply(result)
+                synced.set()
+                self.wake()
+
+        self._observer = asyncio.get_running_loop().create_task(follow(), name=f"observe-{self.name}")
+        async with asyncio.timeout(10):  # etcd away: the pass fails and the next one waits again
+            await synced.wait()
+        return view
+
+    async def _stop_observer(self) -> None:
+        if self._observer is not None:
+            self._observer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._observer
+            self._observer = None

@@ -1,0 +1,142 @@
+"""Kubernetes objects <-> mesh records, as pure functions: what the operator writes and why it refuses.
+
+The CRD schemas already refuse what a structural schema can express; these functions apply the agents' own rules
+(model.py) to the rest, so a spec the operator accepts is one every agent accepts, and a refused one is reported
+on the object and never written to etcd.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from warren_mesh.mesh.peers import Entry
+from warren_mesh.model import (
+    SCHEMA_VERSION,
+    ExternalPeer,
+    MeshConfig,
+    NodeRecord,
+    RecordError,
+)
+from warren_mesh.schema import DEFAULT_PREFIX, KeySchema
+
+DEFAULT_MESH = "default"
+MESH_LABEL = "mesh.warren.io/mesh"
+
+
+class SpecError(Exception):
+    """A spec the agents would reject; ``reason`` is a CamelCase condition reason."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def mesh_schema(spec: Mapping[str, Any]) -> KeySchema:
+    try:
+        return KeySchema(str(spec.get("etcdPrefix", DEFAULT_PREFIX)))
+    except ValueError as exc:
+        raise SpecError("InvalidPrefix", f"etcdPrefix: {exc}") from None
+
+
+def mesh_config(spec: Mapping[str, Any]) -> MeshConfig:
+    """The mesh config a Mesh spec describes, checked exactly as agents check it."""
+    doc: dict[str, Any] = {"schema": SCHEMA_VERSION}
+    for field, key in (
+        ("overlayCIDR", "overlay_cidr"),
+        ("listenPort", "listen_port"),
+        ("mtu", "mtu"),
+        ("persistentKeepalive", "persistent_keepalive"),
+        ("leaseTTLSeconds", "lease_ttl_seconds"),
+    ):
+        if field in spec:
+            doc[key] = spec[field]
+    try:
+        return MeshConfig.from_json(doc)
+    except RecordError as exc:
+        raise SpecError("InvalidSpec", str(exc).replace("overlay_cidr", "overlayCIDR")) from None
+
+
+@dataclass(frozen=True, slots=True)
+class MeshClaim:
+    name: str
+    prefix: str
+    created: str  # metadata.creationTimestamp (RFC 3339 sorts as text)
+
+
+def prefix_owner(prefix: str, claims: Iterable[MeshClaim]) -> str | None:
+    """Of the Meshes on ``prefix``, the one that owns it: the oldest (by name on a tie). Two Meshes writing one
+    prefix would overwrite each other's config; the later one is refused instead."""
+    on_prefix = sorted((c.created, c.name) for c in claims if c.prefix == prefix)
+    return on_prefix[0][1] if on_prefix else None
+
+
+def external_peer(name: str, spec: Mapping[str, Any]) -> ExternalPeer:
+    doc: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "name": name,
+        "public_key": spec.get("publicKey"),
+        "allowed_ips": list(spec.get("allowedIPs") or []),
+    }
+    if spec.get("endpoint"):
+        doc["endpoint"] = spec["endpoint"]
+    if spec.get("persistentKeepalive") is not None:
+        doc["persistent_keepalive"] = spec["persistentKeepalive"]
+    try:
+        return ExternalPeer.from_json(doc, key_name=name)
+    except RecordError as exc:
+        raise SpecError("InvalidSpec", str(exc)) from None
+
+
+def mesh_node_name(mesh: str, node: str) -> str:
+    """MeshNode names: the node's own name in the default mesh, ``<mesh>.<node>`` in others."""
+    return node if mesh == DEFAULT_MESH else f"{mesh}.{node}"
+
+
+def mesh_node_spec(mesh: str, record: NodeRecord) -> dict[str, Any]:
+    return {
+        "mesh": mesh,
+        "nodeName": record.name,
+        "publicKey": record.public_key,
+        "endpoint": str(record.endpoint),
+        "overlayIP": str(record.overlay_ip),
+        "allowedIPs": [str(n) for n in record.allowed_ips],
+    }
+
+
+def mesh_node_body(mesh: str, entry: Entry[NodeRecord], status: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "mesh.warren.io/v1alpha1",
+        "kind": "MeshNode",
+        "metadata": {
+            "name": mesh_node_name(mesh, entry.record.name),
+            "labels": {MESH_LABEL: mesh, "app.kubernetes.io/managed-by": "warren-mesh-operator"},
+        },
+        "spec": mesh_node_spec(mesh, entry.record),
+        "status": dict(status),
+    }
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def ready_condition(
+    ok: bool, reason: str, message: str, generation: int | None, previous: Iterable[Mapping[str, Any]] = ()
+) -> dict[str, Any]:
+    """The Ready condition, keeping its lastTransitionTime while its status stays the same."""
+    status = "True" if ok else "False"
+    before = next((c for c in previous if c.get("type") == "Ready"), None)
+    since = before.get("lastTransitionTime") if before and before.get("status") == status else None
+    condition: dict[str, Any] = {
+        "type": "Ready",
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": since or now_rfc3339(),
+    }
+    if generation is not None:
+        condition["observedGeneration"] = generation
+    return condition
