@@ -1,0 +1,298 @@
+"""The operator against a real kube-apiserver (v1.20, built from Debian's source) and a real etcd, with agents on
+the memory device: what a user does with kubectl reaches every agent, and the mesh shows up in kubectl."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers import AgentProcess
+from k8s_cluster import ROOT, Cluster, OperatorProcess, wait_for
+from warren_mesh.agent.app import Agent
+from warren_mesh.keys import NodeKey
+from warren_mesh.lab.etcd_server import EtcdServer, free_port
+from warren_mesh.schema import KeySchema
+from warren_mesh.settings import AgentSettings
+from warren_mesh.store.etcd import EtcdStore
+from warren_mesh.wireguard.memory import MemoryBackend
+
+PREFIX = "/warren/mesh"
+SCHEMA = KeySchema(PREFIX)
+PEER_KEY = NodeKey.generate().public_key
+
+MESH = """
+apiVersion: mesh.warren.io/v1alpha1
+kind: Mesh
+metadata:
+  name: default
+spec:
+  overlayCIDR: 10.96.0.0/16
+  mtu: 1400
+  leaseTTLSeconds: 3
+"""
+
+PEER = f"""
+apiVersion: mesh.warren.io/v1alpha1
+kind: MeshPeer
+metadata:
+  name: laptop
+spec:
+  publicKey: "{PEER_KEY}"
+  endpoint: 192.0.2.7:51820
+  allowedIPs: ["10.96.250.1/32", "192.168.77.0/24"]
+"""
+
+
+class Agents:
+    """Agents on memory devices, each running on one event loop in a thread of its own, so the test can read
+    their devices (plain attributes) while they run."""
+
+    def __init__(self, etcd_endpoint: str, key_dir: Path) -> None:
+        self.etcd_endpoint = etcd_endpoint
+        self.key_dir = key_dir
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.backends: dict[str, MemoryBackend] = {}
+        self._stops: dict[str, asyncio.Event] = {}
+        self._runs: list[Any] = []
+
+    def start(self, name: str) -> None:
+        settings = AgentSettings.simulated(
+            etcd_endpoint=self.etcd_endpoint, prefix=PREFIX, name=name, key_dir=self.key_dir, port=free_port()
+        )
+        backend = MemoryBackend(interface_name="wg-" + name)
+        self.backends[name] = backend
+
+        async def run() -> None:
+            stop = asyncio.Event()
+            self._stops[name] = stop
+            await Agent(settings, backend=backend).run(stop)
+
+        self._runs.append(asyncio.run_coroutine_threadsafe(run(), self.loop))
+
+    def close(self) -> None:
+        for stop in self._stops.values():
+            self.loop.call_soon_threadsafe(stop.set)
+        for future in self._runs:
+            future.result(timeout=15)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+    def mtus(self) -> set[int | None]:
+        return {b.interface.mtu if b.interface else None for b in self.backends.values()}
+
+
+@pytest.fixture
+def agents(mesh_etcd: EtcdServer, tmp_path: Path) -> Iterator[Agents]:
+    made = Agents(mesh_etcd.endpoint, tmp_path)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def etcd_value(endpoint: str, key: str) -> bytes | None:
+    async def read() -> bytes | None:
+        store = EtcdStore(endpoint)
+        try:
+            kv = await store.get(key)
+            return None if kv is None else kv.value
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
+
+
+def condition(obj: dict[str, Any] | None) -> dict[str, Any]:
+    conditions = ((obj or {}).get("status") or {}).get("conditions") or [{}]
+    return dict(conditions[0])
+
+
+def test_manifests_pass_server_side_validation(cluster: Cluster) -> None:
+    for target in ("deploy", "deploy/external-etcd"):
+        out = cluster.kubectl("apply", "-k", str(ROOT / target), "--dry-run=server")
+        for kind in ("deployment.apps/warren-mesh-operator", "daemonset.apps/warren-mesh-agent", "clusterrole"):
+            assert kind in out, out
+    assert "statefulset.apps/warren-mesh-etcd" in cluster.kubectl(
+        "apply", "-k", str(ROOT / "deploy"), "--dry-run=server"
+    )
+    assert "statefulset" not in cluster.kubectl("apply", "-k", str(ROOT / "deploy/external-etcd"), "--dry-run=server")
+
+
+def test_service_accounts_can_do_what_they_need_and_no_more(cluster: Cluster) -> None:
+    def can(who: str, *what: str) -> bool:
+        answer = cluster.kubectl("auth", "can-i", *what, f"--as=system:serviceaccount:warren-mesh:{who}", check=False)
+        return answer.strip().splitlines()[0] == "yes"
+
+    needed = [
+        ("watch", "meshes.mesh.warren.io"),
+        ("patch", "meshes.mesh.warren.io", "--subresource=status"),
+        ("patch", "meshpeers.mesh.warren.io"),
+        ("create", "meshnodes.mesh.warren.io"),
+        ("delete", "meshnodes.mesh.warren.io"),
+        ("patch", "meshnodes.mesh.warren.io", "--subresource=status"),
+        ("watch", "nodes"),
+        ("create", "events", "-n", "default"),
+        ("watch", "customresourcedefinitions.apiextensions.k8s.io"),
+    ]
+    for what in needed:
+        assert can("warren-mesh-operator", *what), what
+    for what in [
+        ("create", "meshes.mesh.warren.io"),
+        ("delete", "meshes.mesh.warren.io"),
+        ("update", "meshpeers.mesh.warren.io"),
+        ("delete", "nodes"),
+        ("get", "secrets", "-A"),
+        ("list", "pods", "-A"),
+        ("create", "customresourcedefinitions.apiextensions.k8s.io"),
+    ]:
+        assert not can("warren-mesh-operator", *what), what
+    # The agent talks to etcd only.
+    for what in [("get", "meshes.mesh.warren.io"), ("list", "nodes"), ("get", "secrets", "-A"), ("get", "pods")]:
+        assert not can("warren-mesh-agent", *what), what
+
+
+def test_kubectl_edits_reach_every_agent(
+    cluster: Cluster, mesh_etcd: EtcdServer, operator: OperatorProcess, agents: Agents
+) -> None:
+    cluster.kubectl("apply", "-f", "-", input=MESH)
+    config = wait_for(lambda: etcd_value(mesh_etcd.endpoint, SCHEMA.config), 20, "the config in etcd", operator.log)
+    assert json.loads(config)["mtu"] == 1400 and json.loads(config)["lease_ttl_seconds"] == 3
+    for name in ("node-a", "node-b", "node-c"):
+        agents.start(name)
+    wait_for(lambda: agents.mtus() == {1400}, 20, "every agent on MTU 1400")
+    wait_for(lambda: all(len(b.peers) == 2 for b in agents.backends.values()), 20, "a full mesh")
+
+    # An MTU edit is applied by every agent without a restart.
+    cluster.kubectl("patch", "wmesh", "default", "--type=merge", "-p", '{"spec":{"mtu":1380}}')
+    wait_for(lambda: agents.mtus() == {1380}, 20, "every agent on MTU 1380", operator.log)
+
+    # kubectl shows the mesh: MeshNodes and the Mesh's status columns.
+    wait_for(lambda: "3" in cluster.kubectl("get", "wmesh", "default", "--no-headers").split(), 20, "status nodes=3")
+    nodes = cluster.kubectl("get", "meshnodes", "--no-headers")
+    assert sorted(line.split()[0] for line in nodes.splitlines()) == ["node-a", "node-b", "node-c"]
+    node_a = cluster.get("meshnode", "node-a")
+    assert node_a["spec"]["publicKey"] in agents.backends["node-b"].peers
+    assert node_a["spec"]["overlayIP"].startswith("10.96.")
+    assert 0 <= node_a["status"]["leaseSecondsLeft"] <= 3 and node_a["status"]["lastSeen"].endswith("Z")
+    assert condition(cluster.get("wmesh", "default"))["reason"] == "Applied"
+
+    # A MeshPeer becomes a peer of every agent, and leaves when deleted.
+    cluster.kubectl("apply", "-f", "-", input=PEER)
+    wait_for(lambda: all(PEER_KEY in b.peers for b in agents.backends.values()), 20, "the MeshPeer everywhere")
+    spec = agents.backends["node-a"].peers[PEER_KEY]
+    assert spec.endpoint == "192.0.2.7:51820" and spec.allowed_ips == ("10.96.250.1/32", "192.168.77.0/24")
+    assert condition(cluster.get("meshpeer", "laptop"))["reason"] == "Accepted"
+    cluster.kubectl("delete", "meshpeer", "laptop", "--timeout=30s")
+    wait_for(lambda: all(PEER_KEY not in b.peers for b in agents.backends.values()), 20, "the MeshPeer gone")
+    assert etcd_value(mesh_etcd.endpoint, SCHEMA.peer("laptop")) is None
+
+
+def test_invalid_edits_are_refused_or_reported_and_change_nothing(
+    cluster: Cluster, mesh_etcd: EtcdServer, operator: OperatorProcess
+) -> None:
+    cluster.kubectl("apply", "-f", "-", input=MESH)
+    before = wait_for(lambda: etcd_value(mesh_etcd.endpoint, SCHEMA.config), 20, "the config", operator.log)
+
+    # What the schema can say, the API server refuses.
+    for patch, complaint in (
+        ('{"spec":{"listenPort":70000}}', "spec.listenPort"),
+        ('{"spec":{"leaseTTLSeconds":1}}', "spec.leaseTTLSeconds"),
+        ('{"spec":{"mtu":"jumbo"}}', "spec.mtu"),
+        ('{"spec":{"overlayCIDR":"10.96.0.0/40"}}', "spec.overlayCIDR"),
+    ):
+        out = cluster.kubectl("patch", "wmesh", "default", "--type=merge", "-p", patch, check=False)
+        assert complaint in out and "Invalid value" in out, out
+    bad_peer = PEER.replace(PEER_KEY, "not-a-key")
+    assert "spec.publicKey" in cluster.kubectl("apply", "-f", "-", input=bad_peer, check=False)
+
+    # What only the agents' rules can say (host bits in the CIDR), the operator reports, writing nothing.
+    cluster.kubectl("patch", "wmesh", "default", "--type=merge", "-p", '{"spec":{"overlayCIDR":"10.96.0.1/16"}}')
+    refused = wait_for(
+        lambda: (
+            condition(cluster.get("wmesh", "default")).get("reason") == "InvalidSpec"
+            and condition(cluster.get("wmesh", "default"))
+        ),
+        20,
+        "the InvalidSpec condition",
+        operator.log,
+    )
+    assert refused["status"] == "False" and "host bits" in refused["message"]
+    assert etcd_value(mesh_etcd.endpoint, SCHEMA.config) == before
+
+    # A second Mesh on the same prefix would overwrite the first one's config: refused, nothing written.
+    cluster.kubectl("patch", "wmesh", "default", "--type=merge", "-p", '{"spec":{"overlayCIDR":"10.96.0.0/16"}}')
+    second = MESH.replace("name: default", "name: second").replace("mtu: 1400", "mtu: 1300")
+    cluster.kubectl("apply", "-f", "-", input=second)
+    wait_for(lambda: condition(cluster.get("wmesh", "second")).get("reason") == "PrefixTaken", 20, "PrefixTaken")
+    assert etcd_value(mesh_etcd.endpoint, SCHEMA.config) == before
+
+
+def test_meshnodes_follow_registrations_and_deleted_nodes_are_revoked(
+    cluster: Cluster,
+    mesh_etcd: EtcdServer,
+    operator: OperatorProcess,
+    agent_process: Any,
+) -> None:
+    cluster.kubectl("apply", "-f", "-", input=MESH)
+    wait_for(lambda: etcd_value(mesh_etcd.endpoint, SCHEMA.config), 20, "the config", operator.log)
+    victim: AgentProcess = agent_process(mesh_etcd.endpoint, PREFIX, "victim", port=free_port(), ttl=3)
+    victim.start()
+    wait_for(lambda: cluster.get("meshnode", "victim"), 20, "MeshNode victim", operator.log)
+    victim.process.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+    wait_for(lambda: cluster.get("meshnode", "victim") is None, 3 + 10, "MeshNode victim gone after its lease")
+
+    # A Kubernetes Node deleted: its registration is revoked at once, long before its 30 s lease would expire.
+    cluster.kubectl("apply", "-f", "-", input="apiVersion: v1\nkind: Node\nmetadata:\n  name: frozen\n")
+    frozen: AgentProcess = agent_process(mesh_etcd.endpoint, PREFIX, "frozen", port=free_port(), ttl=30)
+    frozen.start()
+    wait_for(lambda: etcd_value(mesh_etcd.endpoint, SCHEMA.node("frozen")), 20, "frozen's registration")
+    frozen.process.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]  (alive but silent: no re-register)
+    try:
+        cluster.kubectl("delete", "node", "frozen")
+        wait_for(lambda: etcd_value(mesh_etcd.endpoint, SCHEMA.node("frozen")) is None, 10, "revocation", operator.log)
+        wait_for(lambda: cluster.get("meshnode", "frozen") is None, 10, "MeshNode frozen gone")
+    finally:
+        frozen.process.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+
+
+def test_operator_catches_up_after_its_own_and_etcds_restart(
+    cluster: Cluster, mesh_etcd: EtcdServer, operator: OperatorProcess
+) -> None:
+    cluster.kubectl("apply", "-f", "-", input=MESH)
+    wait_for(lambda: etcd_value(mesh_etcd.endpoint, SCHEMA.config), 20, "the config", operator.log)
+
+    # Operator down: edits made meanwhile are applied when it is back.
+    operator.kill()
+    cluster.kubectl("apply", "-f", "-", input=PEER)
+    cluster.kubectl("patch", "wmesh", "default", "--type=merge", "-p", '{"spec":{"mtu":1300}}')
+    operator.start()
+    wait_for(
+        lambda: etcd_value(mesh_etcd.endpoint, SCHEMA.peer("laptop")), 30, "the peer after a restart", operator.log
+    )
+    wait_for(
+        lambda: json.loads(etcd_value(mesh_etcd.endpoint, SCHEMA.config) or b"{}").get("mtu") == 1300,
+        30,
+        "the MTU after a restart",
+    )
+
+    # etcd down: an edit waits, and lands once etcd is back.
+    mesh_etcd.stop()
+    cluster.kubectl("patch", "wmesh", "default", "--type=merge", "-p", '{"spec":{"mtu":1280}}')
+    subprocess.run(["sleep", "2"], check=True)
+    mesh_etcd.start()
+    wait_for(
+        lambda: json.loads(etcd_value(mesh_etcd.endpoint, SCHEMA.config) or b"{}").get("mtu") == 1280,
+        40,
+        "the MTU after etcd came back",
+        operator.log,
+    )
