@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import pytest
 from helpers import AgentProcess
 from k8s_cluster import ROOT, Cluster, OperatorProcess, wait_for
 from warren_mesh.agent.app import Agent
+from warren_mesh.controller.mesh_sync import PASS_INTERVAL
 from warren_mesh.keys import NodeKey
 from warren_mesh.lab.etcd_server import EtcdServer, free_port
 from warren_mesh.schema import KeySchema
@@ -195,6 +197,10 @@ def test_kubectl_edits_reach_every_agent(
     cluster.kubectl("delete", "meshpeer", "laptop", "--timeout=30s")
     wait_for(lambda: all(PEER_KEY not in b.peers for b in agents.backends.values()), 20, "the MeshPeer gone")
     assert etcd_value(mesh_etcd.endpoint, SCHEMA.peer("laptop")) is None
+    time.sleep(PASS_INTERVAL + 1)  # a full pass of the mesh loop later, it has not come back (no flapping)
+    for backend in agents.backends.values():
+        touched = [op.action for op in backend.operations if op.target == PEER_KEY]
+        assert touched == ["set_peer", "remove_peer"], touched
 
 
 def test_invalid_edits_are_refused_or_reported_and_change_nothing(

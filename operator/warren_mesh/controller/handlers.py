@@ -27,7 +27,7 @@ from warren_mesh.controller.translate import (
     prefix_owner,
     ready_condition,
 )
-from warren_mesh.schema import DEFAULT_PREFIX
+from warren_mesh.schema import DEFAULT_PREFIX, KeySchema
 from warren_mesh.store.base import StoreError
 from warren_mesh.store.etcd import EtcdStore
 
@@ -79,8 +79,12 @@ def mesh_claims(name: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any) -> dict[s
 
 
 @kopf.index(GROUP, VERSION, "meshpeers")
-def peers_by_mesh(name: str, spec: kopf.Spec, **_: Any) -> dict[str, tuple[str, dict[str, Any]]]:
-    return {str(spec.get("mesh", DEFAULT_MESH)): (name, dict(spec))}
+def peers_by_mesh(
+    name: str, uid: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any
+) -> dict[str, tuple[str, str, dict[str, Any]]] | None:
+    if meta.get("deletionTimestamp"):
+        return None  # being deleted: its finalizer removes the record; the mesh loop must not write it back
+    return {str(spec.get("mesh", DEFAULT_MESH)): (name, uid, dict(spec))}
 
 
 def _claims(index: kopf.Index[str, MeshClaim]) -> list[MeshClaim]:
@@ -107,7 +111,7 @@ async def mesh_loop(
     **kwargs: Any,
 ) -> None:
     mesh_claims: kopf.Index[str, MeshClaim] = kwargs["mesh_claims"]
-    peers_by_mesh: kopf.Index[str, tuple[str, dict[str, Any]]] = kwargs["peers_by_mesh"]
+    peers_by_mesh: kopf.Index[str, tuple[str, str, dict[str, Any]]] = kwargs["peers_by_mesh"]
     store, kube = OPERATOR.clients()
     sync = MeshSync(
         name=name,
@@ -115,7 +119,7 @@ async def mesh_loop(
         store=store,
         kube=kube,
         claims=lambda: _claims(mesh_claims),
-        peer_specs=lambda: dict(peers_by_mesh.get(name, [])),
+        peer_specs=lambda: list(peers_by_mesh.get(name, [])),
     )
     OPERATOR.syncs[name] = sync
     try:
@@ -134,16 +138,30 @@ def mesh_changed(name: str, **_: Any) -> None:
 async def mesh_deleted(name: str, spec: kopf.Spec, **kwargs: Any) -> None:
     """Remove what the operator wrote for this mesh: its config and MeshPeer records in etcd, its MeshNodes.
     Node registrations are the agents' own and stay (agents go on with the default config)."""
-    store, kube = OPERATOR.clients()
+    _store, kube = OPERATOR.clients()
     schema = _owned_schema(name, spec, kwargs["mesh_claims"])
     if schema is not None:
         try:
-            await store.delete(schema.config)
-            await store.delete_prefix(schema.peers)
+            await _delete_keys(name, schema.config, prefixes=(schema.peers,), retire=True)
         except StoreError as exc:
             raise kopf.TemporaryError(f"etcd: {exc}", delay=RETRY_DELAY) from None
     for obj in await kube.list("meshnodes", label_selector=f"{MESH_LABEL}={name}"):
         await kube.delete("meshnodes", obj["metadata"]["name"])
+
+
+async def _delete_keys(
+    mesh: str, *keys: str, prefixes: tuple[str, ...] = (), retire: bool = False, deleted_peer: str | None = None
+) -> None:
+    """Delete in turn with the mesh's loop (if it runs), so no pass in flight writes the keys back."""
+    sync = OPERATOR.syncs.get(mesh)
+    if sync is not None:
+        await sync.delete_keys(*keys, prefixes=prefixes, retire=retire, deleted_peer=deleted_peer)
+        return
+    store, _kube = OPERATOR.clients()
+    for key in keys:
+        await store.delete(key)
+    for prefix in prefixes:
+        await store.delete_prefix(prefix)
 
 
 def _wake(mesh: str) -> None:
@@ -178,15 +196,15 @@ def meshpeer_changed(
 
 
 @kopf.on.delete(GROUP, VERSION, "meshpeers")
-async def meshpeer_deleted(name: str, spec: kopf.Spec, **kwargs: Any) -> None:
+async def meshpeer_deleted(name: str, uid: str, spec: kopf.Spec, **kwargs: Any) -> None:
     mesh = str(spec.get("mesh", DEFAULT_MESH))
     claims = _claims(kwargs["mesh_claims"])
-    store, _kube = OPERATOR.clients()
+    OPERATOR.clients()
     for claim in claims:
         if claim.name == mesh and prefix_owner(claim.prefix, claims) == mesh:
             try:
-                await store.delete(f"{claim.prefix}/v1/peers/{name}")
-            except StoreError as exc:
+                await _delete_keys(mesh, KeySchema(claim.prefix).peer(name), deleted_peer=uid)
+            except (StoreError, ValueError) as exc:
                 raise kopf.TemporaryError(f"etcd: {exc}", delay=RETRY_DELAY) from None
     _wake(mesh)
 
@@ -202,7 +220,10 @@ async def node_event(type: str, name: str, **kwargs: Any) -> None:
         return
     store, _kube = OPERATOR.clients()
     for claim in _claims(kwargs["mesh_claims"]):
-        key = f"{claim.prefix}/v1/nodes/{name}"
+        try:
+            key = KeySchema(claim.prefix).node(name)
+        except ValueError:
+            continue  # a Mesh with an invalid prefix never had registrations
         for attempt in range(5):
             try:
                 kv = await store.get(key)

@@ -52,10 +52,10 @@ class MeshSync:
         store: EtcdStore,
         kube: Kube,
         claims: Callable[[], Iterable[MeshClaim]],
-        peer_specs: Callable[[], Mapping[str, Mapping[str, Any]]],
+        peer_specs: Callable[[], Iterable[tuple[str, str, Mapping[str, Any]]]],
     ) -> None:
         """``body`` is the Mesh as kopf keeps it current; ``claims`` every Mesh's prefix claim; ``peer_specs``
-        the specs of the MeshPeers that name this mesh."""
+        (name, uid, spec) of the MeshPeers that name this mesh."""
         self.name = name
         self._body = body
         self._store = store
@@ -66,16 +66,39 @@ class MeshSync:
         self._view: MeshView | None = None
         self._observer: asyncio.Task[None] | None = None
         self._lease_refreshed = 0.0
+        # Passes and the deletion handlers' etcd writes take turns: a pass that read the MeshPeers just before
+        # one was deleted must not write its record back after the handler removed it.
+        self._turn = asyncio.Lock()
+        self._retired = False
+        # MeshPeers whose deletion handler removed their record: kopf's index may list them a little longer.
+        self._deleted_peers: set[str] = set()
 
     def wake(self) -> None:
         self._wake.set()
 
+    async def delete_keys(
+        self, *keys: str, prefixes: tuple[str, ...] = (), retire: bool = False, deleted_peer: str | None = None
+    ) -> None:
+        """Delete etcd keys between passes; ``retire``: the Mesh is going away, run no pass after this;
+        ``deleted_peer``: the uid of the MeshPeer whose record this is, never to be written again."""
+        async with self._turn:
+            if deleted_peer is not None:
+                self._deleted_peers.add(deleted_peer)
+            for key in keys:
+                await self._store.delete(key)
+            for prefix in prefixes:
+                await self._store.delete_prefix(prefix)
+            self._retired = self._retired or retire
+
     async def run(self, stopped: Callable[[], bool]) -> None:
         try:
-            while not stopped():
+            while not stopped() and not self._retired:
                 self._wake.clear()
                 try:
-                    await self.sync_once()
+                    async with self._turn:
+                        if self._retired:
+                            break
+                        await self.sync_once()
                 except (StoreError, KubeError, OSError) as exc:
                     log.warning("mesh %s: pass failed, retrying: %s", self.name, exc)
                 with contextlib.suppress(TimeoutError):
@@ -124,7 +147,11 @@ class MeshSync:
         """Make ``<prefix>/v1/peers/`` hold exactly the valid MeshPeers of this mesh (the operator owns it)."""
         desired: dict[str, bytes] = {}
         refused = []
-        for peer_name, spec in sorted(self._peer_specs().items()):
+        listed = sorted(self._peer_specs())
+        self._deleted_peers &= {uid for _, uid, _ in listed}  # forget uids once kopf has forgotten them too
+        for peer_name, uid, spec in listed:
+            if uid in self._deleted_peers:
+                continue
             try:
                 desired[schema.peer(peer_name)] = encode_json(external_peer(peer_name, spec).to_json())
             except SpecError:
