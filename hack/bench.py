@@ -10,7 +10,11 @@ Scenarios (one JSON line each, latencies in milliseconds):
   leave  graceful leaves (lease revoked): time to removal on every other agent (graceful_*_ms); one crash (an
          agent process SIGKILLed, its lease runs out): time until every agent removed it (detect_s, and
          detect_minus_ttl_s against the lease TTL).
+  storm  N agents start at once: seconds until every agent has N-1 peers (converged_s).
   coldstart  one agent starting next to N existing records: seconds to a fully configured device (ready_s).
+  churn  --churn random joins/graceful leaves on a settled mesh of N: afterwards every device must equal etcd
+         (final_state_matches) and no agent may have touched a peer that did not change (untouched_changes).
+  cost   one agent process, --records nodes joining one by one: CPU ms per applied event, RSS MB per 1000 peers.
   scrape one /metrics scrape of an agent whose device has --peers peers (memory device; also wireguard-go in a
          namespace of its own when root): wall and CPU milliseconds per scrape, exposition size.
 
@@ -26,12 +30,14 @@ import ipaddress
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +49,7 @@ from pyroute2 import netns
 from warren_mesh.agent.app import Agent
 from warren_mesh.device import InterfaceSpec, PeerSpec
 from warren_mesh.keys import NodeKey
-from warren_mesh.lab.etcd_server import EtcdServer
+from warren_mesh.lab.etcd_server import EtcdServer, free_port
 from warren_mesh.metrics.peer_collector import PeerCollector, TrafficWindow
 from warren_mesh.model import Endpoint, NodeRecord, encode_json
 from warren_mesh.schema import KeySchema
@@ -270,15 +276,8 @@ async def scenario_coldstart(endpoint: str, records: int) -> dict[str, Any]:
         lease = await store.grant_lease(300)
         schema = KeySchema(mesh.prefix)
         for i in range(records):
-            record = NodeRecord(
-                name=f"r{i}",
-                public_key=NodeKey.generate().public_key,
-                endpoint=Endpoint(ipaddress.ip_address("127.0.0.1"), 30000 + i % 30000),
-                overlay_ip=ipaddress.ip_address(f"10.96.{200 + i // 250}.{i % 250 + 1}"),
-                listen_port=51820,
-                published_at=time.time(),
-            )
-            await store.put(schema.node(record.name), encode_json(record.to_json()), lease=lease)
+            key, value = _record(schema, i)
+            await store.put(key, value, lease=lease)
         try:
             started = time.monotonic()
             agent = mesh.start("cold")
@@ -289,6 +288,147 @@ async def scenario_coldstart(endpoint: str, records: int) -> dict[str, Any]:
             await store.revoke_lease(lease)
             await store.close()
     return {"scenario": "coldstart", "records": records, "ready_s": round(ready, 3)}
+
+
+def _record(schema: KeySchema, i: int) -> tuple[str, bytes]:
+    record = NodeRecord(
+        name=f"r{i}",
+        public_key=NodeKey.generate().public_key,
+        endpoint=Endpoint(ipaddress.ip_address("127.0.0.1"), 30000 + i % 30000),
+        overlay_ip=ipaddress.ip_address(f"10.96.{200 + i // 250}.{i % 250 + 1}"),
+        listen_port=51820,
+        published_at=time.time(),
+    )
+    return schema.node(record.name), encode_json(record.to_json())
+
+
+async def scenario_storm(endpoint: str, nodes: int) -> dict[str, Any]:
+    """N agents start at the same moment (a cluster cold boot): time until every agent has N-1 peers."""
+    with tempfile.TemporaryDirectory(prefix="warren-bench-") as tmp:
+        mesh = SimulatedAgents(endpoint, "storm", Path(tmp))
+        try:
+            started = time.monotonic()
+            for i in range(nodes):
+                mesh.start(f"n{i}")
+            await mesh.settle(timeout=600)
+            converged = time.monotonic() - started
+        finally:
+            await mesh.close()
+    return {"scenario": "storm", "nodes": nodes, "converged_s": round(converged, 3)}
+
+
+async def scenario_churn(endpoint: str, nodes: int, operations: int, seed: int = 1) -> dict[str, Any]:
+    """K random joins and graceful leaves on a settled mesh. Afterwards every agent's device must equal what etcd
+    holds, and no agent may have touched a peer that did not itself join or leave (untouched_changes == 0)."""
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory(prefix="warren-bench-") as tmp:
+        mesh = SimulatedAgents(endpoint, "churn", Path(tmp))
+        store = EtcdStore(endpoint)
+        try:
+            for i in range(nodes):
+                mesh.start(f"n{i}")
+            await mesh.settle()
+            marks = {a.settings.node_name: len(mesh.device(a).operations) for a in mesh.agents}
+            churned: set[str] = set()  # public keys that joined or left
+            started = time.monotonic()
+            for k in range(operations):
+                if rng.random() < 0.5 and len(mesh.agents) > 2:
+                    leaver = rng.choice(mesh.agents)
+                    churned.add(leaver.key.public_key)
+                    await mesh.stop(leaver)
+                else:
+                    joiner = mesh.start(f"c{k}")
+                    churned.add(joiner.key.public_key)
+            await mesh.settle()
+            converged = time.monotonic() - started
+            registered = set()
+            for kv in (await store.list_prefix(KeySchema(mesh.prefix).nodes)).items:
+                registered.add(json.loads(kv.value)["public_key"])
+            matches = all(set(mesh.device(a).peers) == registered - {a.key.public_key} for a in mesh.agents)
+            untouched = 0
+            for agent in mesh.agents:
+                if agent.settings.node_name not in marks:
+                    continue  # joined during the churn: configuring every peer is its first setup, not a change
+                ops = list(mesh.device(agent).operations)[marks[agent.settings.node_name] :]
+                untouched += sum(
+                    1 for op in ops if op.action in ("set_peer", "remove_peer") and op.target not in churned
+                )
+        finally:
+            await mesh.close()
+            await store.close()
+    return {
+        "scenario": "churn",
+        "nodes": nodes,
+        "operations": operations,
+        "converged_s": round(converged, 3),
+        "final_state_matches": matches,
+        "untouched_changes": untouched,
+    }
+
+
+async def scenario_cost(endpoint: str, records: int) -> dict[str, Any]:
+    """One real agent process (memory device): CPU per applied event and RSS growth, while ``records`` nodes join
+    it one by one (each a separate etcd event and device change), read from /proc."""
+    prefix = f"/bench-cost/{time.time_ns()}"
+    schema = KeySchema(prefix)
+    with tempfile.TemporaryDirectory(prefix="warren-bench-") as tmp:
+        port = free_port()
+        args = [sys.executable, "-m", "warren_mesh.cli", "agent", "--backend=memory", f"--etcd-endpoints={endpoint}"]
+        args += [f"--prefix={prefix}", "--node-name=measured", "--endpoint=127.0.0.1:29998", "--lease-ttl=30"]
+        args += [f"--key-file={Path(tmp) / 'measured.key'}", f"--metrics-address=127.0.0.1:{port}"]
+        process = await asyncio.create_subprocess_exec(*args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        store = EtcdStore(endpoint)
+        lease = await store.grant_lease(300)
+        try:
+            await _wait_async(lambda: _peers_metric(port) is not None, 60, "the measured agent")
+            await asyncio.sleep(1)  # let start-up settle (imports, first reconcile, allocations)
+            rss0, cpu0 = _proc_usage(process.pid)
+            for i in range(records):
+                key, value = _record(schema, i)
+                await store.put(key, value, lease=lease)
+            await _wait_async(lambda: _peers_metric(port) == records, 300, "the measured agent's device")
+            rss1, cpu1 = _proc_usage(process.pid)
+        finally:
+            process.terminate()
+            await process.wait()
+            await store.revoke_lease(lease)
+            await store.delete_prefix(prefix)
+            await store.close()
+    return {
+        "scenario": "cost",
+        "records": records,
+        "cpu_ms_per_event": round((cpu1 - cpu0) * 1000 / records, 3),
+        "rss_mb_per_1000_peers": round((rss1 - rss0) / 1024 / 1024 * 1000 / records, 2),
+        "rss_mb": round(rss1 / 1024 / 1024, 1),
+    }
+
+
+def _proc_usage(pid: int) -> tuple[int, float]:
+    """(RSS bytes, user+system CPU seconds) of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    rss = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+    return rss, cpu
+
+
+def _peers_metric(port: int) -> float | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith("warren_mesh_peers "):
+                    return float(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+async def _wait_async(condition: Any, timeout: float, what: str) -> None:
+    """Like _wait, for conditions that block (HTTP): polled from a thread, every 50 ms."""
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(condition):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench: timed out waiting for {what}")
+        await asyncio.sleep(0.05)
 
 
 def scenario_scrape(peers: int, scrapes: int) -> dict[str, Any]:
@@ -348,7 +488,10 @@ def _time_scrapes(backend: Backend, specs: list[PeerSpec], scrapes: int) -> dict
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--scenario", action="append", choices=("floor", "join", "leave", "coldstart", "scrape", "all"), default=[]
+        "--scenario",
+        action="append",
+        choices=("floor", "join", "leave", "storm", "coldstart", "churn", "cost", "scrape", "all"),
+        default=[],
     )
     parser.add_argument("--nodes", type=int, default=10)
     parser.add_argument("--joins", type=int, default=20, help="joins measured in the join scenario")
@@ -356,13 +499,14 @@ def main() -> int:
     parser.add_argument("--leaves", type=int, default=5, help="graceful leaves measured in the leave scenario")
     parser.add_argument("--ttl", type=int, default=3, help="lease TTL of the leave scenario's crash")
     parser.add_argument("--records", type=int, default=None, help="records for coldstart (default: --nodes)")
+    parser.add_argument("--churn", type=int, default=20, help="random joins/leaves in the churn scenario")
     parser.add_argument("--peers", type=int, default=1000, help="device peers of the scrape scenario")
     parser.add_argument("--scrapes", type=int, default=20, help="scrapes timed in the scrape scenario")
     parser.add_argument("--etcd-endpoints", default=None, help="use this etcd instead of starting one")
     args = parser.parse_args()
     chosen = args.scenario or ["all"]
     if "all" in chosen:
-        chosen = ["floor", "join", "leave", "coldstart", "scrape"]
+        chosen = ["floor", "join", "leave", "storm", "coldstart", "churn", "cost", "scrape"]
     server = None
     if args.etcd_endpoints is None:
         server = EtcdServer()
@@ -384,6 +528,12 @@ def main() -> int:
                 result["p99_vs_floor"] = round(result["p99_ms"] / max(floor["p99_ms"], 1e-9), 2)
             elif scenario == "leave":
                 result = asyncio.run(scenario_leave(endpoint, args.nodes, args.leaves, args.ttl))
+            elif scenario == "storm":
+                result = asyncio.run(scenario_storm(endpoint, args.nodes))
+            elif scenario == "churn":
+                result = asyncio.run(scenario_churn(endpoint, args.nodes, args.churn))
+            elif scenario == "cost":
+                result = asyncio.run(scenario_cost(endpoint, args.records or 1000))
             elif scenario == "scrape":
                 result = scenario_scrape(args.peers, args.scrapes)
             else:

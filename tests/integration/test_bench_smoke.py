@@ -35,6 +35,8 @@ def test_bench_smoke(shared_etcd: EtcdServer) -> None:
             "20",
             "--scrapes",
             "2",
+            "--churn",
+            "4",
             "--etcd-endpoints",
             shared_etcd.endpoint,
         ],
@@ -45,7 +47,7 @@ def test_bench_smoke(shared_etcd: EtcdServer) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = {line["scenario"]: line for line in map(json.loads, result.stdout.splitlines())}
-    assert list(lines) == ["floor", "join", "leave", "coldstart", "scrape"]
+    assert list(lines) == ["floor", "join", "leave", "storm", "coldstart", "churn", "cost", "scrape"]
     floor, join, leave, cold = lines["floor"], lines["join"], lines["leave"], lines["coldstart"]
     assert floor["samples"] == 3 * 5
     assert join["samples"] == 3 + 4  # each join is seen by every agent already there
@@ -54,5 +56,10 @@ def test_bench_smoke(shared_etcd: EtcdServer) -> None:
     assert 0 < leave["graceful_p50_ms"] <= leave["graceful_max_ms"]
     assert leave["ttl_s"] == 2 and leave["detect_s"] >= 1.0  # a crash is noticed through the lease, not earlier
     assert cold["records"] == 20 and cold["ready_s"] > 0
+    assert lines["storm"]["nodes"] == 3 and lines["storm"]["converged_s"] > 0
+    churn = lines["churn"]
+    assert churn["operations"] == 4 and churn["final_state_matches"] is True and churn["untouched_changes"] == 0
+    cost = lines["cost"]
+    assert cost["records"] == 20 and cost["cpu_ms_per_event"] > 0 and cost["rss_mb"] > 0
     scrape = lines["scrape"]
     assert scrape["peers"] == 20 and scrape["memory_scrape_p50_ms"] > 0 and scrape["memory_exposition_kb"] > 0
