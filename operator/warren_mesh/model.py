@@ -241,10 +241,12 @@ class NodeRecord:
     published_at: float = 0.0  # the publisher's wall clock, so convergence lag can be measured
     routes: Routes = field(init=False, repr=False, compare=False)  # overlay address + allowed_ips, derived
     overlay_text: str = field(init=False, repr=False, compare=False)
+    endpoint_text: str = field(init=False, repr=False, compare=False)  # str(endpoint), made once per record
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "routes", Routes.of(self.routed_networks()))
         object.__setattr__(self, "overlay_text", str(self.overlay_ip))
+        object.__setattr__(self, "endpoint_text", str(self.endpoint))
 
     def routed_networks(self) -> tuple[IPNetwork, ...]:
         """Everything peers send to this node: its overlay address, then its extra networks."""

@@ -115,7 +115,7 @@ def build_topology(
         routes = record.routes
         if isinstance(record, NodeRecord):
             problem = _node_problem(record, config, ipam)
-            endpoint: str | None = str(record.endpoint)
+            endpoint: str | None = record.endpoint_text
             keepalive = config.persistent_keepalive
         else:
             problem = None
