@@ -26,10 +26,10 @@ from warren_mesh.lab.etcd_server import EtcdServerError
 from warren_mesh.lab.lab import Lab, LabError, NodeStatus, require_root, status_json
 from warren_mesh.metrics.http import parse_listen_address
 from warren_mesh.settings import (
-    DEFAULT_ETCD,
     AgentSettings,
     SettingsError,
     StoreSettings,
+    add_etcd_flag,
     add_flag,
     add_store_flags,
     etcd_endpoints_flag,
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     operator = commands.add_parser(
         "operator", help="run the Kubernetes operator: Mesh/MeshPeer -> etcd, registrations -> MeshNodes"
     )
-    add_flag(operator, "--etcd-endpoints", DEFAULT_ETCD, "comma-separated etcd client URLs, tried in turn")
+    add_etcd_flag(operator)
     add_flag(operator, "--health-address", "0.0.0.0:8080", "HOST:PORT of the liveness endpoint /healthz; empty: none")
 
     demo = commands.add_parser("demo", help="start a local etcd and N agents (memory backend); print the mesh")

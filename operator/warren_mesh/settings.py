@@ -37,8 +37,12 @@ def add_flag(parser: argparse.ArgumentParser, flag: str, default: str | None, he
     parser.add_argument(flag, default=env_default(flag, default), help=f"{help} [env {env}; default {default}]")
 
 
-def add_store_flags(parser: argparse.ArgumentParser) -> None:
+def add_etcd_flag(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--etcd-endpoints", DEFAULT_ETCD, "comma-separated etcd client URLs, tried in turn")
+
+
+def add_store_flags(parser: argparse.ArgumentParser) -> None:
+    add_etcd_flag(parser)
     add_flag(parser, "--prefix", DEFAULT_PREFIX, "etcd key prefix of this mesh")
 
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
@@ -155,10 +156,7 @@ class Reconciler:
 
     def _report_conflicts(self, conflicts: tuple[Conflict, ...]) -> None:
         current = {(c.name, c.reason) for c in conflicts}
-        by_reason: dict[str, int] = {}
-        for _, reason in current:
-            by_reason[reason] = by_reason.get(reason, 0) + 1
-        self._metrics.report_conflicting(by_reason)
+        self._metrics.report_conflicting(dict(Counter(reason for _, reason in current)))
         for conflict in conflicts:
             if (conflict.name, conflict.reason) not in self._conflicts:
                 log.warning("left out of the mesh: %s", conflict.message)

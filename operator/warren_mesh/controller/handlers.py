@@ -16,7 +16,7 @@ from typing import Any
 import kopf
 
 from warren_mesh.controller.kube import GROUP, VERSION, Kube
-from warren_mesh.controller.mesh_sync import MeshSync
+from warren_mesh.controller.mesh_sync import MeshSync, delete_keys
 from warren_mesh.controller.translate import (
     DEFAULT_MESH,
     MESH_LABEL,
@@ -91,13 +91,13 @@ def _claims(index: kopf.Index[str, MeshClaim]) -> list[MeshClaim]:
     return list(index.get("all", []))
 
 
-def _owned_schema(mesh: str, spec: kopf.Spec, claims: kopf.Index[str, MeshClaim]) -> Any:
+def _owned_schema(mesh: str, prefix: str, claims: list[MeshClaim]) -> KeySchema | None:
     """The mesh's key schema if the mesh owns its prefix (else None: it never wrote there)."""
     try:
-        schema = mesh_schema(spec)
+        schema = mesh_schema({"etcdPrefix": prefix})
     except SpecError:
         return None
-    return schema if prefix_owner(schema.prefix, _claims(claims)) in (mesh, None) else None
+    return schema if prefix_owner(schema.prefix, claims) in (mesh, None) else None
 
 
 # --- Mesh ---------------------------------------------------------------------------------------------------
@@ -139,7 +139,7 @@ async def mesh_deleted(name: str, spec: kopf.Spec, **kwargs: Any) -> None:
     """Remove what the operator wrote for this mesh: its config and MeshPeer records in etcd, its MeshNodes.
     Node registrations are the agents' own and stay (agents go on with the default config)."""
     _store, kube = OPERATOR.clients()
-    schema = _owned_schema(name, spec, kwargs["mesh_claims"])
+    schema = _owned_schema(name, str(spec.get("etcdPrefix", DEFAULT_PREFIX)), _claims(kwargs["mesh_claims"]))
     if schema is not None:
         try:
             await _delete_keys(name, schema.config, prefixes=(schema.peers,), retire=True)
@@ -156,12 +156,8 @@ async def _delete_keys(
     sync = OPERATOR.syncs.get(mesh)
     if sync is not None:
         await sync.delete_keys(*keys, prefixes=prefixes, retire=retire, deleted_peer=deleted_peer)
-        return
-    store, _kube = OPERATOR.clients()
-    for key in keys:
-        await store.delete(key)
-    for prefix in prefixes:
-        await store.delete_prefix(prefix)
+    else:
+        await delete_keys(OPERATOR.clients()[0], keys, prefixes)
 
 
 def _wake(mesh: str) -> None:
@@ -201,10 +197,11 @@ async def meshpeer_deleted(name: str, uid: str, spec: kopf.Spec, **kwargs: Any) 
     claims = _claims(kwargs["mesh_claims"])
     OPERATOR.clients()
     for claim in claims:
-        if claim.name == mesh and prefix_owner(claim.prefix, claims) == mesh:
+        schema = _owned_schema(mesh, claim.prefix, claims) if claim.name == mesh else None
+        if schema is not None:
             try:
-                await _delete_keys(mesh, KeySchema(claim.prefix).peer(name), deleted_peer=uid)
-            except (StoreError, ValueError) as exc:
+                await _delete_keys(mesh, schema.peer(name), deleted_peer=uid)
+            except StoreError as exc:
                 raise kopf.TemporaryError(f"etcd: {exc}", delay=RETRY_DELAY) from None
     _wake(mesh)
 

@@ -43,6 +43,13 @@ PASS_INTERVAL = 5.0  # seconds between passes when nothing pokes the loop
 LEASE_REFRESH = 15.0  # seconds between updates of MeshNodes' leaseSecondsLeft/lastSeen (each is an API write)
 
 
+async def delete_keys(store: EtcdStore, keys: Iterable[str], prefixes: Iterable[str] = ()) -> None:
+    for key in keys:
+        await store.delete(key)
+    for prefix in prefixes:
+        await store.delete_prefix(prefix)
+
+
 class MeshSync:
     def __init__(
         self,
@@ -84,10 +91,7 @@ class MeshSync:
         async with self._turn:
             if deleted_peer is not None:
                 self._deleted_peers.add(deleted_peer)
-            for key in keys:
-                await self._store.delete(key)
-            for prefix in prefixes:
-                await self._store.delete_prefix(prefix)
+            await delete_keys(self._store, keys, prefixes)
             self._retired = self._retired or retire
 
     async def run(self, stopped: Callable[[], bool]) -> None:

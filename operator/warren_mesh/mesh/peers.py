@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -82,10 +83,7 @@ class MeshView:
 
     def rejected_by_reason(self) -> dict[str, int]:
         """Keys whose current value is rejected, counted by reason (what an operator has to fix now)."""
-        counts: dict[str, int] = {}
-        for _, reason in self._rejected.values():
-            counts[reason] = counts.get(reason, 0) + 1
-        return counts
+        return dict(Counter(reason for _, reason in self._rejected.values()))
 
     def _apply_snapshot(self, snapshot: Snapshot) -> None:
         present = {kv.key for kv in snapshot.items}

@@ -108,9 +108,13 @@ class AgentMetrics:
             self.watch_restarts.labels(reason)
 
     def report_invalid(self, by_reason: dict[str, int]) -> None:
-        for reason in {*REJECTION_REASONS, *by_reason}:
-            self.invalid_records.labels(reason).set(by_reason.get(reason, 0))
+        _set_by_reason(self.invalid_records, REJECTION_REASONS, by_reason)
 
     def report_conflicting(self, by_reason: dict[str, int]) -> None:
-        for reason in {*CONFLICT_REASONS, *by_reason}:
-            self.conflicting_records.labels(reason).set(by_reason.get(reason, 0))
+        _set_by_reason(self.conflicting_records, CONFLICT_REASONS, by_reason)
+
+
+def _set_by_reason(gauge: Gauge, known: tuple[str, ...], by_reason: dict[str, int]) -> None:
+    """Set every reason's count, known ones without records back to 0 (a fixed record clears its alert)."""
+    for reason in {*known, *by_reason}:
+        gauge.labels(reason).set(by_reason.get(reason, 0))
