@@ -195,7 +195,7 @@ class Agent:
             await asyncio.sleep(_DEVICE_CHECK_INTERVAL)
             try:
                 if await self.device_thread.run(self.backend.check):
-                    self.reconciler.notify()
+                    self.reconciler.notify(verify=True)  # a new data plane: configure it from scratch
             except BackendError as exc:
                 log.error("the WireGuard device is down and could not be restarted (retrying): %s", exc)
 

@@ -4,12 +4,16 @@ Edge-triggered for speed (every watch batch marks the view dirty and a pass runs
 during a pass are folded into the next one), level-triggered for safety (a pass also runs every resync interval
 and repairs a device that drifted; it changes nothing when nothing differs). A change the device refuses is
 counted and retried on a later pass; it never stops the others from being applied.
+
+An edge-triggered pass costs what the change touched, not what the mesh holds: the topology is updated for the
+records the watch batch changed, and the plan covers only the peers that differ from what was applied last, so
+the device is not read back. The first pass, every periodic resync, the pass after any failure and the pass after
+a data-plane restart read the whole device and compare everything (``verify``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import Counter
@@ -19,8 +23,8 @@ from typing import TypeVar
 from warren_mesh.agent.device_thread import DeviceThread
 from warren_mesh.keys import NodeKey
 from warren_mesh.mesh.peers import MeshView
-from warren_mesh.mesh.plan import Plan, plan_changes
-from warren_mesh.mesh.topology import Conflict, LocalNode, Topology, build_topology
+from warren_mesh.mesh.plan import Plan, plan_changes, plan_delta
+from warren_mesh.mesh.topology import Conflict, LocalNode, Topology, TopologyBuilder
 from warren_mesh.metrics.instruments import AgentMetrics
 from warren_mesh.wireguard.backend import Backend, BackendError
 
@@ -44,16 +48,15 @@ class Reconciler:
         resync_interval: float = 30.0,
         fwmark: int = 0,
     ) -> None:
-        self._fwmark = fwmark
         self._device_thread = device_thread
         self._view = view
         self._backend = backend
-        self._local = local
         self._key = key
         self._metrics = metrics
-        self._underlay_mtu = underlay_mtu
+        self._builder = TopologyBuilder(local, underlay_mtu=underlay_mtu, fwmark=fwmark)
         self._resync_interval = resync_interval
         self._dirty = asyncio.Event()
+        self._verify_next = True  # the next pass reads the device and compares everything
         self._applied: Topology | None = None
         self._conflicts: set[tuple[str, str]] = set()
         self.passes = 0  # completed passes on a synced view; tests and health read it
@@ -63,18 +66,26 @@ class Reconciler:
         applied = self._applied
         return applied.names if applied is not None else {}
 
-    def notify(self) -> None:
-        """The view changed: run a pass as soon as the current one (if any) ends."""
+    @property
+    def rebuilds(self) -> int:
+        """How often the topology was folded from scratch rather than updated (benchmarks read it)."""
+        return self._builder.rebuilds
+
+    def notify(self, *, verify: bool = False) -> None:
+        """The view changed (or, with ``verify``, the device may have): run a pass once the current one ends."""
+        if verify:
+            self._verify_next = True
         self._dirty.set()
 
     async def run(self) -> None:
         while True:
-            # On timeout this is the periodic resync: compare anyway.
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation that arrives just as
             # the awaited event fires, and the agent would never stop.
-            with contextlib.suppress(TimeoutError):
+            try:
                 async with asyncio.timeout(self._resync_interval):
                     await self._dirty.wait()
+            except TimeoutError:
+                self._verify_next = True  # the periodic resync: compare with the device as it is
             self._dirty.clear()
             if not self._view.synced:
                 continue  # nothing to compare against until the first snapshot
@@ -82,7 +93,7 @@ class Reconciler:
                 await asyncio.sleep(_RETRY_AFTER_ERROR)
                 self._dirty.set()
 
-    async def reconcile_once(self) -> bool:
+    async def reconcile_once(self, *, verify: bool = False) -> bool:
         """One pass; True when every planned change was applied.
 
         The desired state is computed here on the event loop, where the view lives; reading and changing the
@@ -90,38 +101,36 @@ class Reconciler:
         """
         started = time.perf_counter()
         view = self._view
-        desired = build_topology(
-            local=self._local,
-            config=view.config,
-            nodes=view.nodes,
-            peers=view.peers,
-            ipam=view.ipam,
-            underlay_mtu=self._underlay_mtu,
-            fwmark=self._fwmark,
-        )
+        affected = self._builder.update(view, view.take_changes())
+        desired = self._builder.topology()
         self._report_conflicts(desired.conflicts)
-        try:
-            device = await self._device_thread.run(self._backend.read)
-        except BackendError as exc:
-            # The device is unreadable (e.g. wireguard-go just died): the watchdog restarts it; try again later.
-            self._metrics.apply_errors.inc()
-            log.error("cannot read the WireGuard device (retrying): %s", exc)
-            return False
-        plan = plan_changes(
-            desired,
-            device,
-            local_public_key=self._key.public_key,
-            previous=self._applied,
-            remove_unknown=view.synced,
-        )
+        previous = self._applied
+        verify = verify or self._verify_next or affected is None or previous is None
+        # Until this pass succeeds, the device may differ from what was applied: the next one must look.
+        self._verify_next = True
+        if verify or previous is None or affected is None:
+            try:
+                device = await self._device_thread.run(self._backend.read)
+            except BackendError as exc:
+                # The device is unreadable (e.g. wireguard-go just died): the watchdog restarts it; retry later.
+                self._metrics.apply_errors.inc()
+                log.error("cannot read the WireGuard device (retrying): %s", exc)
+                return False
+            plan = plan_changes(
+                desired, device, local_public_key=self._key.public_key, previous=previous, remove_unknown=view.synced
+            )
+        else:
+            plan = plan_delta(previous, desired, affected)
         ok = await self._device_thread.run(lambda: self._apply(plan, desired))
+        self._verify_next = not ok
         applied_at = time.time()
         for name, published_at in view.take_published().items():
-            if name != self._local.name:
+            if name != self._builder.local_name:
                 self._metrics.convergence_lag.observe(max(0.0, applied_at - published_at))
         self._applied = desired
-        self._metrics.peers.set(len(desired.peers) if ok else len(device.peers))
-        self._metrics.nodes.set(1 + sum(1 for name in desired.names.values() if name in view.nodes))
+        if ok:
+            self._metrics.peers.set(len(desired.peers))
+        self._metrics.nodes.set(1 + self._builder.nodes_taken)
         self._metrics.report_invalid(view.rejected_by_reason())
         self._metrics.reconcile_duration.observe(time.perf_counter() - started)
         self.passes += 1

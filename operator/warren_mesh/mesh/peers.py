@@ -43,6 +43,20 @@ class Entry(Generic[_R]):
 
 
 @dataclass(frozen=True, slots=True)
+class Changes:
+    """What the view saw change since the last call to ``MeshView.take_changes()``.
+
+    ``everything`` is set when the change cannot be pinned to single records (a snapshot, a config change): the
+    consumer must then look at the whole view again.
+    """
+
+    everything: bool
+    nodes: frozenset[str] = frozenset()
+    peers: frozenset[str] = frozenset()
+    addresses: frozenset[str] = frozenset()  # reservations (ipam) put or deleted
+
+
+@dataclass(frozen=True, slots=True)
 class Rejection:
     key: str
     reason: str
@@ -65,6 +79,11 @@ class MeshView:
         # node name -> publish time of records accepted since the last call to take_published()
         self._published: dict[str, float] = {}
         self._rejected: dict[str, tuple[int, str]] = {}  # key -> (mod revision already reported, reason)
+        # Changed since take_changes(): lets the agent decide from the records an event touched, not all of them.
+        self._changed_everything = True
+        self._changed_nodes: set[str] = set()
+        self._changed_peers: set[str] = set()
+        self._changed_addresses: set[str] = set()
 
     def apply(self, result: WatchResult) -> None:
         if isinstance(result, Snapshot):
@@ -76,6 +95,20 @@ class MeshView:
         """Publish times of node records that arrived since the last call (for convergence lag)."""
         published, self._published = self._published, {}
         return published
+
+    def take_changes(self) -> Changes:
+        """What changed since the last call (everything, on the first call)."""
+        changes = Changes(
+            self._changed_everything,
+            frozenset(self._changed_nodes),
+            frozenset(self._changed_peers),
+            frozenset(self._changed_addresses),
+        )
+        self._changed_everything = False
+        self._changed_nodes.clear()
+        self._changed_peers.clear()
+        self._changed_addresses.clear()
+        return changes
 
     @property
     def schema(self) -> KeySchema:
@@ -99,6 +132,7 @@ class MeshView:
             self._put(kv)
         self.revision = snapshot.revision
         self.synced = True
+        self._changed_everything = True
 
     def _apply_events(self, batch: Events) -> None:
         for event in batch.events:
@@ -117,12 +151,16 @@ class MeshView:
             case ("node", name):
                 self.nodes.pop(name, None)
                 self._published.pop(name, None)
+                self._changed_nodes.add(name)
             case ("peer", name):
                 self.peers.pop(name, None)
+                self._changed_peers.add(name)
             case ("ipam", address):
                 self.ipam.pop(address, None)
+                self._changed_addresses.add(address)
             case ("config", _):
                 self.config, self._config_revision = MeshConfig(), 0
+                self._changed_everything = True
 
     def _put(self, kv: KeyValue) -> None:
         kind = self._schema.classify(kv.key)
@@ -136,17 +174,20 @@ class MeshView:
                         record = NodeRecord.from_json(decode_json(kv.value), key_name=name)
                         self.nodes[name] = Entry(record, kv.create_revision, kv.mod_revision, kv.lease)
                         self._published[name] = record.published_at
+                        self._changed_nodes.add(name)
                 case ("peer", name):
                     current_peer = self.peers.get(name)
                     if current_peer is None or current_peer.mod_revision != kv.mod_revision:
                         peer = ExternalPeer.from_json(decode_json(kv.value), key_name=name)
                         self.peers[name] = Entry(peer, kv.create_revision, kv.mod_revision, kv.lease)
+                        self._changed_peers.add(name)
                 case ("ipam", address):
                     self._put_reservation(address, kv.value)
                 case ("config", _):
                     if kv.mod_revision != self._config_revision:
                         self.config = _decode_config(kv.value)
                         self._config_revision = kv.mod_revision
+                        self._changed_everything = True
         except RecordError as exc:
             self._reject(kv, exc)
         else:
@@ -158,7 +199,9 @@ class MeshView:
             owner = value.decode()
         except (ValueError, UnicodeDecodeError):
             raise RecordError(REASON_INVALID_FIELD, f"reservation {address!r} is not an address with a name") from None
-        self.ipam[address] = owner
+        if self.ipam.get(address) != owner:
+            self.ipam[address] = owner
+            self._changed_addresses.add(address)
 
     def _reject(self, kv: KeyValue, exc: RecordError) -> None:
         reported = self._rejected.get(kv.key)

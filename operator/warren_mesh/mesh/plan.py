@@ -7,11 +7,19 @@ does not strip it bare before its first snapshot arrives.
 
 WireGuard updates a peer's endpoint itself when the peer roams (NAT rebinding). An endpoint that differs from
 what we last asked for is therefore roaming, not drift, and is left alone unless the record itself changed.
+
+Removals come first: when allowed IPs move from one peer to another in one plan, removing the old holder after
+the new one was set would take the moved networks' routes with it.
+
+``plan_changes`` compares with the device as read; ``plan_delta`` compares the topology last applied with the
+new one for the peers a change touched, without reading the device (a full read costs O(peers) in netlink or
+UAPI on every event). The agent uses the delta while it knows the device to be as it left it, and a full
+comparison at start, after any failure, after a data-plane restart and on every periodic resync.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -66,6 +74,12 @@ def plan_changes(
 ) -> Plan:
     interface = None if device.interface == desired.interface else desired.interface
     changes: list[PeerChange] = []
+    if remove_unknown:
+        changes.extend(
+            PeerChange("remove", key, have, "no longer in the mesh")
+            for key, have in device.peers.items()
+            if key not in desired.peers
+        )
     for key, want in desired.peers.items():
         have = device.peers.get(key)
         if have is None:
@@ -77,13 +91,27 @@ def plan_changes(
         if _only_roamed(have, want, before):
             continue
         changes.append(PeerChange("update", key, want, _difference(have, want)))
-    if remove_unknown:
-        changes.extend(
-            PeerChange("remove", key, have, "no longer in the mesh")
-            for key, have in device.peers.items()
-            if key not in desired.peers
-        )
     return Plan(interface, device.public_key != local_public_key, tuple(changes))
+
+
+def plan_delta(previous: Topology, desired: Topology, public_keys: Iterable[str]) -> Plan:
+    """The changes for ``public_keys`` between two topologies, the device being as ``previous`` left it."""
+    removals: list[PeerChange] = []
+    changes: list[PeerChange] = []
+    for key in sorted(public_keys):
+        want = desired.peers.get(key)
+        before = previous.peers.get(key)
+        if want == before:
+            continue
+        if want is None:
+            assert before is not None
+            removals.append(PeerChange("remove", key, before, "no longer in the mesh"))
+        elif before is None:
+            changes.append(PeerChange("add", key, want, _describe(want)))
+        else:
+            changes.append(PeerChange("update", key, want, _difference(before, want)))
+    interface = None if previous.interface == desired.interface else desired.interface
+    return Plan(interface, False, (*removals, *changes))
 
 
 def _only_roamed(have: PeerSpec, want: PeerSpec, before: PeerSpec | None) -> bool:

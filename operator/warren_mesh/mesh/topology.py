@@ -1,20 +1,27 @@
 """The desired WireGuard device of one node, computed from the mesh view alone (pure: no I/O, no clock).
 
-The same function serves the agent, ``warren-mesh status`` and the benchmarks. Conflicts are settled the same
-way on every node, so the mesh stays symmetric: records are taken in order of their etcd create revision and a
-record that collides with one taken before it (same public key, an address reserved for someone else, allowed
-IPs overlapping another peer's) is left out. Overlaps matter because WireGuard routes by allowed IPs: a record
-that claims another node's address would otherwise silently take its traffic.
+The same fold serves the agent, ``warren-mesh status`` and the benchmarks. Conflicts are settled the same way on
+every node, so the mesh stays symmetric: records are taken in order of their etcd create revision and a record
+that collides with one taken before it (same public key, an address reserved for someone else, allowed IPs
+overlapping another peer's) is left out. Overlaps matter because WireGuard routes by allowed IPs: a record that
+claims another node's address would otherwise silently take its traffic.
+
+An agent sees one change at a time in a mesh of hundreds, so ``TopologyBuilder`` keeps the fold and updates it
+for the records a change touched: a node joining comes last in create-revision order and is settled against
+what is already taken; a node leaving frees what it held. Whenever a change could alter how a later record was
+settled (it lands in the middle and collides, or records after it are in conflict), the builder folds everything
+again, so the result is always exactly what a fold from scratch gives (the tests compare both on random runs).
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Final
 
 from warren_mesh.device import InterfaceSpec, PeerSpec
-from warren_mesh.mesh.peers import Entry
+from warren_mesh.mesh.peers import Changes, Entry, MeshView
 from warren_mesh.model import (
     REASON_ADDRESS_OUTSIDE_CIDR,
     REASON_ADDRESS_TAKEN,
@@ -54,6 +61,12 @@ class Topology:
     conflicts: tuple[Conflict, ...] = ()
 
 
+# A record taking part in the fold: ("node" | "peer", name), and where it stands in it.
+Candidate = tuple[str, str]
+_Position = tuple[int, str, int]  # (create revision, name, 0 for a node / 1 for a peer)
+_LOCAL: Final = ("local", "")
+
+
 class _NetworkClaims:
     """Networks taken so far, answering "does this overlap one of them?" in O(prefix lengths x log n)."""
 
@@ -76,82 +89,257 @@ class _NetworkClaims:
         bisect.insort(self._starts.setdefault((version, prefixlen), []), first)
         self._owner[(version, prefixlen, first)] = owner
 
+    def remove(self, version: int, prefixlen: int, first: int) -> None:
+        starts = self._starts[(version, prefixlen)]
+        del starts[bisect.bisect_left(starts, first)]
+        del self._owner[(version, prefixlen, first)]
+
+
+@dataclass(frozen=True, slots=True)
+class _Settled:
+    """How one record came out of the fold: taken (``spec``) or left out (``conflict``)."""
+
+    entry: Entry[NodeRecord] | Entry[ExternalPeer]
+    position: _Position
+    spec: PeerSpec | None
+    conflict: Conflict | None
+
 
 def device_mtu(config: MeshConfig, underlay_mtu: int) -> int:
     return config.mtu if config.mtu is not None else underlay_mtu - WIREGUARD_OVERHEAD
 
 
-def build_topology(
-    *,
-    local: LocalNode,
-    config: MeshConfig,
-    nodes: Mapping[str, Entry[NodeRecord]],
-    peers: Mapping[str, Entry[ExternalPeer]],
-    ipam: Mapping[str, str],
-    underlay_mtu: int,
-    fwmark: int = 0,
-) -> Topology:
-    interface = InterfaceSpec(
-        address=f"{local.overlay_ip}/{config.overlay_cidr.prefixlen}",
-        listen_port=config.listen_port,
-        mtu=device_mtu(config, underlay_mtu),
-        fwmark=fwmark,
-    )
-    claims = _NetworkClaims()
-    for version, prefixlen, first, _ in Routes.of((host_network(local.overlay_ip), *local.allowed_ips)).ranges:
-        claims.add(version, prefixlen, first, local.name)
-    keys: dict[str, str] = {local.public_key: local.name}
-    specs: dict[str, PeerSpec] = {}
-    conflicts: list[Conflict] = []
+class TopologyBuilder:
+    """The fold over one view, kept between changes (see the module's docstring)."""
 
-    candidates: list[tuple[int, str, Entry[NodeRecord] | Entry[ExternalPeer]]] = [
-        (entry.create_revision, name, entry) for name, entry in nodes.items() if name != local.name
-    ]
-    candidates.extend((entry.create_revision, name, entry) for name, entry in peers.items())
-    candidates.sort(key=lambda c: (c[0], c[1]))
+    def __init__(self, local: LocalNode, *, underlay_mtu: int, fwmark: int = 0) -> None:
+        self._local = local
+        self._underlay_mtu = underlay_mtu
+        self._fwmark = fwmark
+        self._reset(MeshConfig(), {})
+        self.rebuilds = 0  # folds from scratch; tests and benchmarks read it
 
-    for _, name, entry in candidates:
-        record = entry.record
-        routes = record.routes
+    @property
+    def local_name(self) -> str:
+        return self._local.name
+
+    def _reset(self, config: MeshConfig, ipam: Mapping[str, str]) -> None:
+        self._config = config
+        self._ipam = ipam
+        self._interface = InterfaceSpec(
+            address=f"{self._local.overlay_ip}/{config.overlay_cidr.prefixlen}",
+            listen_port=config.listen_port,
+            mtu=device_mtu(config, self._underlay_mtu),
+            fwmark=self._fwmark,
+        )
+        self._claims = _NetworkClaims()
+        self._holders: dict[str, Candidate] = {}  # public key -> the record that has it
+        self._settled: dict[Candidate, _Settled] = {}
+        self._order: list[_Position] = []  # every settled record's position, sorted
+        self._conflicts: dict[Candidate, _Settled] = {}
+        self._specs: dict[str, PeerSpec] = {}  # public key -> peer, of taken records
+        self._names: dict[str, str] = {}  # public key -> node or peer name, of taken records
+        self._by_address: dict[str, set[Candidate]] = {}  # overlay address -> nodes claiming it
+        self.nodes_taken = 0
+        local = self._local
+        for version, prefixlen, first, _ in Routes.of((host_network(local.overlay_ip), *local.allowed_ips)).ranges:
+            self._claims.add(version, prefixlen, first, local.name)
+        self._holders[local.public_key] = _LOCAL
+
+    def rebuild(self, view: MeshView) -> None:
+        """Fold every record of ``view`` from scratch."""
+        self.rebuilds += 1
+        self._reset(view.config, view.ipam)
+        candidates = [(c, e, _position(c, e)) for c, e in _entries(view, self._local.name)]
+        candidates.sort(key=lambda c: c[2])
+        for candidate, entry, position in candidates:
+            self._settle(candidate, entry, position, self._problem(candidate, entry))
+
+    def update(self, view: MeshView, changes: Changes) -> set[str] | None:
+        """Bring the fold up to date with ``changes``; the public keys whose peer may differ now, or None when
+        everything was folded again (the caller must then compare everything)."""
+        if changes.everything or view.config is not self._config:
+            self.rebuild(view)
+            return None
+        self._ipam = view.ipam
+        touched: dict[Candidate, bool] = {("node", n): False for n in changes.nodes if n != self._local.name}
+        touched.update((("peer", n), False) for n in changes.peers)
+        for address in changes.addresses:
+            # A reservation changed under a node: settle that node again though its record is the same.
+            touched.update((c, True) for c in self._by_address.get(address, ()))
+        affected: set[str] = set()
+        arrivals: list[tuple[_Position, Candidate, Entry[NodeRecord] | Entry[ExternalPeer]]] = []
+        for candidate, again in touched.items():
+            entry = _entry(view, candidate)
+            settled = self._settled.get(candidate)
+            if settled is not None:
+                if entry is settled.entry and not again:
+                    continue
+                if settled.spec is not None:
+                    affected.add(settled.spec.public_key)
+                if not self._unsettle(candidate, settled):
+                    self.rebuild(view)
+                    return None
+            if entry is not None:
+                arrivals.append((_position(candidate, entry), candidate, entry))
+        # In fold order, so that several nodes joining in one batch each come last in turn.
+        for position, candidate, entry in sorted(arrivals, key=lambda a: a[0]):
+            if not self._arrive(candidate, entry, position):
+                self.rebuild(view)
+                return None
+            spec = self._settled[candidate].spec
+            if spec is not None:
+                affected.add(spec.public_key)
+        return affected
+
+    def topology(self) -> Topology:
+        """The fold's result, as values that later updates do not change."""
+        conflicts = sorted(self._conflicts.values(), key=lambda s: s.position)
+        return Topology(
+            self._interface,
+            dict(self._specs),
+            dict(self._names),
+            tuple(s.conflict for s in conflicts if s.conflict is not None),
+        )
+
+    def _arrive(
+        self, candidate: Candidate, entry: Entry[NodeRecord] | Entry[ExternalPeer], position: _Position
+    ) -> bool:
+        """Settle a record that joined the fold; False when only a fold from scratch can place it exactly."""
+        problem = self._problem(candidate, entry)
+        if self._order and position < self._order[-1]:
+            # Not last in line. Left out for a reason of its own (its address), it affects nobody; otherwise it
+            # is exact only if it collides with no one (later holders would lose to it) and no later record
+            # is in conflict (it might now collide with this one instead).
+            independent = problem is not None and problem.reason in _SELF_REASONS
+            if not independent and (problem is not None or self._conflicts_after(position)):
+                return False
+        self._settle(candidate, entry, position, problem)
+        return True
+
+    def _unsettle(self, candidate: Candidate, settled: _Settled) -> bool:
+        """Take a record out of the fold; False when records after it may have been settled differently."""
+        del self._settled[candidate]
+        del self._order[bisect.bisect_left(self._order, settled.position)]
+        record = settled.entry.record
         if isinstance(record, NodeRecord):
-            problem = _node_problem(record, config, ipam)
+            holders = self._by_address[record.overlay_text]
+            holders.discard(candidate)
+            if not holders:
+                del self._by_address[record.overlay_text]
+        if settled.spec is None:
+            del self._conflicts[candidate]
+            return True
+        for version, prefixlen, first, _ in record.routes.ranges:
+            self._claims.remove(version, prefixlen, first)
+        del self._holders[record.public_key]
+        del self._specs[record.public_key]
+        del self._names[record.public_key]
+        if candidate[0] == "node":
+            self.nodes_taken -= 1
+        # What it held is free now: a record after it that was left out for colliding may be taken now.
+        return not self._conflicts_after(settled.position)
+
+    def _conflicts_after(self, position: _Position) -> bool:
+        return any(s.position > position for s in self._conflicts.values())
+
+    def _settle(
+        self,
+        candidate: Candidate,
+        entry: Entry[NodeRecord] | Entry[ExternalPeer],
+        position: _Position,
+        problem: Conflict | None,
+    ) -> None:
+        record = entry.record
+        if isinstance(record, NodeRecord):
+            self._by_address.setdefault(record.overlay_text, set()).add(candidate)
+        bisect.insort(self._order, position)
+        if problem is not None:
+            self._settled[candidate] = self._conflicts[candidate] = _Settled(entry, position, None, problem)
+            return
+        name = candidate[1]
+        for version, prefixlen, first, _ in record.routes.ranges:
+            self._claims.add(version, prefixlen, first, name)
+        spec = self._spec(record)
+        self._holders[record.public_key] = candidate
+        self._specs[record.public_key] = spec
+        self._names[record.public_key] = name
+        self._settled[candidate] = _Settled(entry, position, spec, None)
+        if candidate[0] == "node":
+            self.nodes_taken += 1
+
+    def _spec(self, record: NodeRecord | ExternalPeer) -> PeerSpec:
+        config = self._config
+        if isinstance(record, NodeRecord):
             endpoint: str | None = record.endpoint_text
             keepalive = config.persistent_keepalive
         else:
-            problem = None
             endpoint = None if record.endpoint is None else str(record.endpoint)
             keepalive = (
                 config.persistent_keepalive if record.persistent_keepalive is None else record.persistent_keepalive
             )
-        if problem is None and record.public_key in keys:
-            problem = Conflict(
-                name, REASON_DUPLICATE_PUBLIC_KEY, f"{name} uses the public key of {keys[record.public_key]}"
-            )
-        if problem is None:
-            for text, (version, _, first, last) in zip(routes.text, routes.ranges, strict=True):
-                holder = claims.owner_of_overlap(version, first, last)
-                if holder is not None:
-                    problem = Conflict(
-                        name, REASON_OVERLAPPING_ALLOWED_IPS, f"{name} claims {text}, which overlaps {holder}'s"
-                    )
-                    break
-        if problem is not None:
-            conflicts.append(problem)
-            continue
-        for version, prefixlen, first, _ in routes.ranges:
-            claims.add(version, prefixlen, first, name)
-        keys[record.public_key] = name
-        specs[record.public_key] = PeerSpec(
+        return PeerSpec(
             public_key=record.public_key,
             endpoint=endpoint,
-            allowed_ips=routes.text,
+            allowed_ips=record.routes.text,
             persistent_keepalive=keepalive,
         )
-    del keys[local.public_key]
-    return Topology(interface, specs, keys, tuple(conflicts))
+
+    def _problem(self, candidate: Candidate, entry: Entry[NodeRecord] | Entry[ExternalPeer]) -> Conflict | None:
+        """Why this record cannot be taken next to everything taken so far, or None."""
+        record = entry.record
+        name = candidate[1]
+        if isinstance(record, NodeRecord):
+            problem = _address_problem(record, self._config, self._ipam)
+            if problem is not None:
+                return problem
+        holder = self._holders.get(record.public_key)
+        if holder is not None:
+            holder_name = self._local.name if holder == _LOCAL else holder[1]
+            return Conflict(name, REASON_DUPLICATE_PUBLIC_KEY, f"{name} uses the public key of {holder_name}")
+        routes = record.routes
+        for text, (version, _, first, last) in zip(routes.text, routes.ranges, strict=True):
+            owner = self._claims.owner_of_overlap(version, first, last)
+            if owner is not None:
+                return Conflict(name, REASON_OVERLAPPING_ALLOWED_IPS, f"{name} claims {text}, which overlaps {owner}'s")
+        return None
 
 
-def _node_problem(record: NodeRecord, config: MeshConfig, ipam: Mapping[str, str]) -> Conflict | None:
+def build_topology(
+    *,
+    local: LocalNode,
+    view: MeshView,
+    underlay_mtu: int,
+    fwmark: int = 0,
+) -> Topology:
+    """The desired device for ``local``, folded from scratch (``status`` and tests; the agent keeps a builder)."""
+    builder = TopologyBuilder(local, underlay_mtu=underlay_mtu, fwmark=fwmark)
+    builder.rebuild(view)
+    return builder.topology()
+
+
+# Reasons that depend on the record alone (and the config and reservations), never on the records before it.
+_SELF_REASONS: Final = frozenset({REASON_ADDRESS_OUTSIDE_CIDR, REASON_ADDRESS_TAKEN})
+
+
+def _position(candidate: Candidate, entry: Entry[NodeRecord] | Entry[ExternalPeer]) -> _Position:
+    return (entry.create_revision, candidate[1], 0 if candidate[0] == "node" else 1)
+
+
+def _entry(view: MeshView, candidate: Candidate) -> Entry[NodeRecord] | Entry[ExternalPeer] | None:
+    kind, name = candidate
+    return view.nodes.get(name) if kind == "node" else view.peers.get(name)
+
+
+def _entries(view: MeshView, local_name: str) -> Iterator[tuple[Candidate, Entry[NodeRecord] | Entry[ExternalPeer]]]:
+    for name, node in view.nodes.items():
+        if name != local_name:
+            yield ("node", name), node
+    for name, peer in view.peers.items():
+        yield ("peer", name), peer
+
+
+def _address_problem(record: NodeRecord, config: MeshConfig, ipam: Mapping[str, str]) -> Conflict | None:
     if record.overlay_ip not in config.overlay_cidr:
         return Conflict(
             record.name,

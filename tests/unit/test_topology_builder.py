@@ -1,0 +1,156 @@
+"""The agent's incremental fold must always equal a fold from scratch, whatever the order of changes."""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+
+import pytest
+
+from warren_mesh.device import DeviceState, PeerSpec
+from warren_mesh.keys import NodeKey
+from warren_mesh.mesh.peers import MeshView
+from warren_mesh.mesh.plan import Plan, plan_changes, plan_delta
+from warren_mesh.mesh.topology import LocalNode, Topology, TopologyBuilder, build_topology
+from warren_mesh.model import Endpoint, ExternalPeer, MeshConfig, NodeRecord, encode_json
+from warren_mesh.schema import KeySchema
+from warren_mesh.watch import Event, Events, KeyValue, Snapshot
+
+SCHEMA = KeySchema("/t")
+KEYS = [NodeKey.generate().public_key for _ in range(10)]
+LOCAL = LocalNode("local", KEYS[0], ipaddress.ip_address("10.96.0.1"))
+# Small pools, so that names, keys, addresses and networks collide often.
+NAMES = [f"n{i}" for i in range(14)] + ["local"]
+ADDRESSES = [f"10.96.0.{i}" for i in range(1, 9)] + ["10.97.0.5"]
+NETWORKS = ["10.200.0.0/24", "10.200.0.0/16", "10.200.1.0/24", "192.168.7.0/24", "fd00::/64"]
+
+
+def _node_value(rng: random.Random, name: str) -> bytes:
+    record = NodeRecord(
+        name=name,
+        public_key=rng.choice(KEYS),
+        endpoint=Endpoint(ipaddress.ip_address("192.0.2.1"), rng.choice([51820, 51821])),
+        overlay_ip=ipaddress.ip_address(rng.choice(ADDRESSES)),
+        listen_port=51820,
+        allowed_ips=tuple(ipaddress.ip_network(n) for n in rng.sample(NETWORKS, rng.choice([0, 0, 1, 2]))),
+        published_at=1.0,
+    )
+    return encode_json(record.to_json())
+
+
+def _peer_value(rng: random.Random, name: str) -> bytes:
+    peer = ExternalPeer(
+        name=name,
+        public_key=rng.choice(KEYS),
+        allowed_ips=tuple(ipaddress.ip_network(n) for n in rng.sample([*NETWORKS, "10.96.0.3/32"], rng.choice([1, 2]))),
+        endpoint=None,
+    )
+    return encode_json(peer.to_json())
+
+
+class _Etcd:
+    """Just enough of etcd's revision bookkeeping to produce realistic watch events."""
+
+    def __init__(self) -> None:
+        self.revision = 1
+        self.data: dict[str, KeyValue] = {}
+
+    def put(self, key: str, value: bytes) -> Event:
+        self.revision += 1
+        current = self.data.get(key)
+        create = current.create_revision if current is not None else self.revision
+        self.data[key] = KeyValue(key, value, create, self.revision, lease=0)
+        return Event("put", self.data[key])
+
+    def delete(self, key: str) -> Event | None:
+        if key not in self.data:
+            return None
+        self.revision += 1
+        del self.data[key]
+        return Event("delete", KeyValue(key, b"", 0, self.revision, lease=0))
+
+
+def _random_event(rng: random.Random, etcd: _Etcd) -> Event | None:
+    roll = rng.random()
+    name = rng.choice(NAMES)
+    if roll < 0.45:
+        return etcd.put(SCHEMA.node(name), _node_value(rng, name))
+    if roll < 0.65:
+        return etcd.delete(SCHEMA.node(name)) if rng.random() < 0.8 else etcd.delete(SCHEMA.peer(name))
+    if roll < 0.75:
+        return etcd.put(SCHEMA.peer(name), _peer_value(rng, name))
+    if roll < 0.88:
+        return etcd.put(SCHEMA.address(rng.choice(ADDRESSES[:-1])), rng.choice(NAMES).encode())
+    if roll < 0.96:
+        return etcd.delete(SCHEMA.address(rng.choice(ADDRESSES[:-1])))
+    if roll < 0.98:
+        return etcd.put(SCHEMA.config, encode_json(MeshConfig(persistent_keepalive=rng.choice([0, 25])).to_json()))
+    return etcd.put(SCHEMA.node(name), b"{not json")  # rejected: the last valid record stays
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_incremental_fold_equals_a_fold_from_scratch(seed: int) -> None:
+    rng = random.Random(seed)
+    etcd = _Etcd()
+    view = MeshView(SCHEMA)
+    view.apply(Snapshot((), etcd.revision))
+    builder = TopologyBuilder(LOCAL, underlay_mtu=1500)
+    builder.update(view, view.take_changes())
+    previous = builder.topology()
+    for step in range(300):
+        if rng.random() < 0.01:
+            view.apply(Snapshot(tuple(etcd.data.values()), etcd.revision))  # a re-list after a compaction
+        else:
+            events = [e for e in (_random_event(rng, etcd) for _ in range(rng.choice([1, 1, 1, 2, 4]))) if e]
+            if not events:
+                continue
+            view.apply(Events(tuple(events), etcd.revision))
+        affected = builder.update(view, view.take_changes())
+        current = builder.topology()
+        expected = build_topology(local=LOCAL, view=view, underlay_mtu=1500)
+        assert current == expected, f"seed {seed}, step {step}"
+        if affected is not None:
+            # The delta plan must reach exactly the device a full comparison reaches.
+            device = DeviceState(LOCAL.public_key, previous.interface, dict(previous.peers))
+            full = plan_changes(current, device, local_public_key=LOCAL.public_key, previous=previous)
+            delta = plan_delta(previous, current, affected)
+            assert _applied(previous, delta) == _applied(previous, full) == dict(current.peers)
+        previous = current
+    assert builder.rebuilds < 300, "every change needed a fold from scratch"
+
+
+def _applied(before: Topology, plan: Plan) -> dict[str, PeerSpec]:
+    """The peers a device that held ``before`` holds after ``plan``."""
+    peers = dict(before.peers)
+    for change in plan.changes:
+        if change.action == "remove":
+            peers.pop(change.public_key, None)
+        else:
+            peers[change.public_key] = change.spec
+    return peers
+
+
+def test_a_join_at_the_end_is_settled_without_folding_again() -> None:
+    etcd = _Etcd()
+    view = MeshView(SCHEMA)
+    view.apply(Snapshot((), etcd.revision))
+    builder = TopologyBuilder(LOCAL, underlay_mtu=1500)
+    builder.update(view, view.take_changes())
+    for i in range(2, 8):
+        name = f"n{i}"
+        record = NodeRecord(
+            name=name,
+            public_key=KEYS[i],
+            endpoint=Endpoint(ipaddress.ip_address("192.0.2.1"), 51820),
+            overlay_ip=ipaddress.ip_address(f"10.96.0.{i}"),
+            listen_port=51820,
+            published_at=1.0,
+        )
+        reservation = etcd.put(SCHEMA.address(f"10.96.0.{i}"), name.encode())
+        view.apply(Events((reservation, etcd.put(SCHEMA.node(name), encode_json(record.to_json()))), etcd.revision))
+        assert builder.update(view, view.take_changes()) == {KEYS[i]}
+    leave = etcd.delete(SCHEMA.node("n4"))
+    assert leave is not None
+    view.apply(Events((leave,), etcd.revision))
+    assert builder.update(view, view.take_changes()) == {KEYS[4]}
+    assert builder.rebuilds == 1
