@@ -18,8 +18,10 @@ Scenarios (one JSON line each, latencies in milliseconds):
   scrape one /metrics scrape of an agent whose device has --peers peers (memory device; also wireguard-go in a
          namespace of its own when root): wall and CPU milliseconds per scrape, exposition size.
 
-The agents share this process and its event loop, so per-event figures include the other agents' work: on this
-2-core machine the honest reading is "what every agent's device did", not an isolated single agent.
+The agents are packed into --workers processes (default: one per core; hack/agent_pool.py), each running its
+share on one event loop, so per-event figures include the other agents' work: on a 2-core machine the honest
+reading is "what every agent's device did", not an isolated single agent. The floor's bare watchers are packed
+the same way.
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -46,14 +47,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "operator"))
 from prometheus_client import CollectorRegistry, generate_latest
 from pyroute2 import netns
 
-from warren_mesh.agent.app import Agent
+from agent_pool import AgentPool, BenchError
 from warren_mesh.device import InterfaceSpec, PeerSpec
-from warren_mesh.keys import NodeKey
+from warren_mesh.keys import NodeKey, load_or_create
 from warren_mesh.lab.etcd_server import EtcdServer, free_port
 from warren_mesh.metrics.peer_collector import PeerCollector, TrafficWindow
 from warren_mesh.model import Endpoint, NodeRecord, encode_json
 from warren_mesh.schema import KeySchema
-from warren_mesh.settings import AgentSettings
 from warren_mesh.store.etcd import EtcdStore, parse_endpoints
 from warren_mesh.wireguard.backend import Backend
 from warren_mesh.wireguard.memory import MemoryBackend
@@ -79,156 +79,78 @@ def machine() -> dict[str, Any]:
     return {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()}
 
 
-def scenario_floor(endpoint: str, nodes: int, puts: int) -> dict[str, Any]:
-    """The physical floor: one etcd commit plus watch fan-out to N clients, with nothing of ours in the way."""
+async def scenario_floor(endpoint: str, nodes: int, puts: int, workers: int) -> dict[str, Any]:
+    """The physical floor: one etcd commit plus watch fan-out to N clients, with nothing of ours in the way. The
+    watchers are packed into worker processes exactly as the agents are, so both pay the same for sharing."""
     import etcd3
 
-    target = parse_endpoints(endpoint)[0].target
-    host, port = target.rsplit(":", 1)
-    prefix = f"/bench-floor/{time.time_ns()}/"
-    received: list[list[float]] = [[] for _ in range(puts)]
-    lock = threading.Lock()
-    clients = [etcd3.client(host=host, port=int(port), timeout=10) for _ in range(nodes)]
-
-    def callback(response: Any) -> None:
-        now = time.time()
-        for event in getattr(response, "events", []):
-            index = int(event.key.decode().rsplit("/", 1)[1])
-            with lock:
-                received[index].append(now)
-
-    watch_ids = [client.add_watch_prefix_callback(prefix, callback) for client in clients]
+    host, port = parse_endpoints(endpoint)[0].target.rsplit(":", 1)
     writer = etcd3.client(host=host, port=int(port), timeout=10)
-    latencies: list[float] = []
-    for i in range(puts):
-        sent = time.time()
-        writer.put(f"{prefix}{i}", b"x")
-        deadline = time.monotonic() + 5
-        while len(received[i]) < nodes and time.monotonic() < deadline:
-            time.sleep(0.0005)
-        latencies.extend((t - sent) * 1000 for t in received[i])
-    # Cancel the watches but leave the clients open: etcd3's watcher thread re-dials a closed channel in a loop
-    # and prints a traceback; its daemon threads end with this short-lived process.
-    for client, watch_id in zip(clients, watch_ids, strict=True):
-        client.cancel_watch(watch_id)
-    writer.delete_prefix(prefix)
-    writer.close()
-    return {"scenario": "floor", "nodes": nodes, "puts": puts, **percentiles(latencies)}
+    prefix = f"/bench-floor/{time.time_ns()}/"
+    try:
+        with tempfile.TemporaryDirectory(prefix="warren-bench-") as tmp:
+            async with AgentPool(endpoint, "floor", Path(tmp), workers=workers) as pool:
+                latencies = await pool.floor(prefix, nodes, puts, lambda key: writer.put(key, b"x"))
+    finally:
+        writer.delete_prefix(prefix)
+        writer.close()
+    return {"scenario": "floor", "nodes": nodes, "puts": puts, "workers": workers, **percentiles(latencies)}
 
 
-async def _wait(condition: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"bench: timed out waiting for {what}")
-        await asyncio.sleep(0.002)
+async def _start_all(pool: AgentPool, names: list[str]) -> None:
+    """Start agents in batches: each worker starts its share while the next requests are on their way."""
+    for i in range(0, len(names), 50):
+        await asyncio.gather(*(pool.start(name) for name in names[i : i + 50]))
 
 
-class SimulatedAgents:
-    """Real agents (store, registrar, reconciler, metrics) on memory devices, sharing this process's loop."""
-
-    def __init__(self, endpoint: str, scenario: str, key_dir: Path, ttl: int = 10) -> None:
-        self.endpoint, self.key_dir, self.ttl = endpoint, key_dir, ttl
-        self.prefix = f"/bench-{scenario}/{time.time_ns()}"
-        self.agents: list[Agent] = []
-        self._stops: dict[str, asyncio.Event] = {}
-        self._tasks: dict[str, asyncio.Task[None]] = {}
-
-    def start(self, name: str) -> Agent:
-        settings = AgentSettings.simulated(
-            etcd_endpoint=self.endpoint,
-            prefix=self.prefix,
-            name=name,
-            key_dir=self.key_dir,
-            port=20000 + len(self._stops),
-            interface="wgbench",
-            lease_ttl=self.ttl,
-        )
-        agent = Agent(settings, backend=MemoryBackend(), registry=CollectorRegistry())
-        self.agents.append(agent)
-        self._stops[name] = asyncio.Event()
-        self._tasks[name] = asyncio.create_task(agent.run(self._stops[name]))
-        return agent
-
-    @staticmethod
-    def device(agent: Agent) -> MemoryBackend:
-        backend = agent.backend
-        assert isinstance(backend, MemoryBackend)
-        return backend
-
-    def peers(self, agent: Agent) -> int:
-        return len(self.device(agent).peers)
-
-    async def settle(self, timeout: float = 120) -> None:
-        await _wait(lambda: all(self.peers(a) == len(self.agents) - 1 for a in self.agents), timeout, "the mesh")
-
-    async def stop(self, agent: Agent) -> None:
-        """A graceful leave: the agent revokes its lease on the way out."""
-        name = agent.settings.node_name
-        self._stops[name].set()
-        await self._tasks.pop(name)
-        self.agents.remove(agent)
-
-    async def close(self) -> None:
-        for agent in list(self.agents):
-            await self.stop(agent)
-
-
-def applied_at(agent: Agent, public_key: str, action: str) -> float:
-    """When the agent's device last did ``action`` for ``public_key`` (wall clock)."""
-    return max(
-        op.at for op in SimulatedAgents.device(agent).operations if op.target == public_key and op.action == action
-    )
-
-
-async def scenario_join(endpoint: str, nodes: int, joins: int) -> dict[str, Any]:
+async def scenario_join(endpoint: str, nodes: int, joins: int, workers: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="warren-bench-") as tmp:
-        mesh = SimulatedAgents(endpoint, "join", Path(tmp))
-        try:
-            for i in range(nodes):
-                mesh.start(f"n{i}")
-            await mesh.settle()
+        async with AgentPool(endpoint, "join", Path(tmp), workers=workers) as pool:
+            await _start_all(pool, [f"n{i}" for i in range(nodes)])
+            await pool.settle(timeout=900)
+            rebuilds = await pool.rebuilds()
             latencies: list[float] = []
             for j in range(joins):
-                before = list(mesh.agents)
-                joiner = mesh.start(f"join{j}")
-                await _wait(lambda before=before: all(mesh.peers(a) == len(before) for a in before), 30, f"join {j}")
+                before = pool.names
+                key = await pool.start(f"join{j}")
+                applied = await pool.applied(key, present=True, names=before)
                 # The publish time as the observers received it: the joiner itself may not have processed its own
                 # transaction's answer yet when the others have already applied its record.
-                published = before[0].view.nodes[f"join{j}"].record.published_at
-                key = joiner.key.public_key
-                latencies.extend((applied_at(a, key, "set_peer") - published) * 1000 for a in before)
-                others = len(before)
-                await _wait(lambda joiner=joiner, n=others: mesh.peers(joiner) == n, 30, "the joiner's own mesh")
-        finally:
-            await mesh.close()
-    return {"scenario": "join", "nodes": nodes, "joins": joins, **percentiles(latencies)}
+                published = await pool.published_at(f"join{j}", observer=before[0])
+                latencies.extend((at - published) * 1000 for at in applied.values())
+                await pool.settle()  # the joiner's own mesh, before the next one joins
+            rebuilds = await pool.rebuilds() - rebuilds
+    return {
+        "scenario": "join",
+        "nodes": nodes,
+        "joins": joins,
+        "workers": workers,
+        "full_rebuilds": rebuilds,
+        **percentiles(latencies),
+    }
 
 
-async def scenario_leave(endpoint: str, nodes: int, leaves: int, ttl: int) -> dict[str, Any]:
+async def scenario_leave(endpoint: str, nodes: int, leaves: int, ttl: int, workers: int) -> dict[str, Any]:
     """Graceful leaves (lease revoked) and one crash (SIGKILL: the lease runs out), seen by every other agent."""
     with tempfile.TemporaryDirectory(prefix="warren-bench-") as tmp:
-        mesh = SimulatedAgents(endpoint, "leave", Path(tmp), ttl=ttl)
-        try:
-            for i in range(nodes + leaves):
-                mesh.start(f"n{i}")
-            await mesh.settle()
+        async with AgentPool(endpoint, "leave", Path(tmp), workers=workers, ttl=ttl) as pool:
+            await _start_all(pool, [f"n{i}" for i in range(nodes + leaves)])
+            await pool.settle(timeout=900)
             graceful: list[float] = []
             for _ in range(leaves):
-                leaver = mesh.agents[-1]
-                key = leaver.key.public_key
+                leaver = pool.names[-1]
+                key = pool.keys[leaver]
                 started = time.time()
-                await mesh.stop(leaver)
-                await _wait(lambda key=key: all(key not in mesh.device(a).peers for a in mesh.agents), 30, "removal")
-                graceful.extend((applied_at(a, key, "remove_peer") - started) * 1000 for a in mesh.agents)
-            crash_s = await _crash(mesh, Path(tmp), ttl)
-        finally:
-            await mesh.close()
+                await pool.stop(leaver)
+                removed = await pool.applied(key, present=False)
+                graceful.extend((at - started) * 1000 for at in removed.values())
+            crash_s = await _crash(pool, Path(tmp), ttl)
     summary = percentiles(graceful)
     return {
         "scenario": "leave",
         "nodes": nodes,
         "ttl_s": ttl,
+        "workers": workers,
         "graceful_p50_ms": summary["p50_ms"],
         "graceful_p99_ms": summary["p99_ms"],
         "graceful_max_ms": summary["max_ms"],
@@ -237,31 +159,31 @@ async def scenario_leave(endpoint: str, nodes: int, leaves: int, ttl: int) -> di
     }
 
 
-async def _crash(mesh: SimulatedAgents, key_dir: Path, ttl: int) -> float:
+async def _crash(pool: AgentPool, key_dir: Path, ttl: int) -> float:
     """Start a real agent process, SIGKILL it once everyone has it, and time until the last agent dropped it."""
+    key_file = key_dir / "crasher.key"
+    key, _ = load_or_create(key_file)
     args = [
         sys.executable,
         "-m",
         "warren_mesh.cli",
         "agent",
         "--backend=memory",
-        f"--etcd-endpoints={mesh.endpoint}",
-        f"--prefix={mesh.prefix}",
+        f"--etcd-endpoints={pool.endpoint}",
+        f"--prefix={pool.prefix}",
         "--node-name=crasher",
         "--endpoint=127.0.0.1:29999",
-        f"--key-file={key_dir / 'crasher.key'}",
+        f"--key-file={key_file}",
         f"--lease-ttl={ttl}",
         "--metrics-address=",
     ]
     process = await asyncio.create_subprocess_exec(*args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        await _wait(lambda: all("crasher" in a.view.nodes for a in mesh.agents), 60, "the crasher to join")
-        key = mesh.agents[0].view.nodes["crasher"].record.public_key
-        await _wait(lambda: all(key in mesh.device(a).peers for a in mesh.agents), 30, "the crasher everywhere")
+        await pool.applied(key.public_key, present=True, timeout=60)
         killed = time.time()
         process.kill()
-        await _wait(lambda: all(key not in mesh.device(a).peers for a in mesh.agents), ttl + 30, "crash detection")
-        return max(applied_at(a, key, "remove_peer") for a in mesh.agents) - killed
+        removed = await pool.applied(key.public_key, present=False, timeout=ttl + 30)
+        return max(removed.values()) - killed
     finally:
         if process.returncode is None:
             process.kill()
@@ -271,22 +193,21 @@ async def _crash(mesh: SimulatedAgents, key_dir: Path, ttl: int) -> float:
 async def scenario_coldstart(endpoint: str, records: int) -> dict[str, Any]:
     """One agent starting next to ``records`` existing node records: time to a fully configured device."""
     with tempfile.TemporaryDirectory(prefix="warren-bench-") as tmp:
-        mesh = SimulatedAgents(endpoint, "coldstart", Path(tmp))
-        store = EtcdStore(endpoint)
-        lease = await store.grant_lease(300)
-        schema = KeySchema(mesh.prefix)
-        for i in range(records):
-            key, value = _record(schema, i)
-            await store.put(key, value, lease=lease)
-        try:
-            started = time.monotonic()
-            agent = mesh.start("cold")
-            await _wait(lambda: mesh.peers(agent) == records, 120, "the cold agent's device")
-            ready = time.monotonic() - started
-        finally:
-            await mesh.close()
-            await store.revoke_lease(lease)
-            await store.close()
+        async with AgentPool(endpoint, "coldstart", Path(tmp), workers=1) as pool:
+            store = EtcdStore(endpoint)
+            lease = await store.grant_lease(300)
+            schema = KeySchema(pool.prefix)
+            try:
+                for i in range(records):
+                    key, value = _record(schema, i)
+                    await store.put(key, value, lease=lease)
+                started = time.monotonic()
+                await pool.start("cold")
+                await pool.settle(timeout=120, peers=records)
+                ready = time.monotonic() - started
+            finally:
+                await store.revoke_lease(lease)
+                await store.close()
     return {"scenario": "coldstart", "records": records, "ready_s": round(ready, 3)}
 
 
@@ -302,64 +223,59 @@ def _record(schema: KeySchema, i: int) -> tuple[str, bytes]:
     return schema.node(record.name), encode_json(record.to_json())
 
 
-async def scenario_storm(endpoint: str, nodes: int) -> dict[str, Any]:
+async def scenario_storm(endpoint: str, nodes: int, workers: int) -> dict[str, Any]:
     """N agents start at the same moment (a cluster cold boot): time until every agent has N-1 peers."""
     with tempfile.TemporaryDirectory(prefix="warren-bench-") as tmp:
-        mesh = SimulatedAgents(endpoint, "storm", Path(tmp))
-        try:
+        async with AgentPool(endpoint, "storm", Path(tmp), workers=workers) as pool:
             started = time.monotonic()
-            for i in range(nodes):
-                mesh.start(f"n{i}")
-            await mesh.settle(timeout=600)
+            await _start_all(pool, [f"n{i}" for i in range(nodes)])
+            await pool.settle(timeout=900)
             converged = time.monotonic() - started
-        finally:
-            await mesh.close()
-    return {"scenario": "storm", "nodes": nodes, "converged_s": round(converged, 3)}
+            rebuilds = await pool.rebuilds()
+    return {
+        "scenario": "storm",
+        "nodes": nodes,
+        "workers": workers,
+        "converged_s": round(converged, 3),
+        "full_rebuilds": rebuilds,
+    }
 
 
-async def scenario_churn(endpoint: str, nodes: int, operations: int, seed: int = 1) -> dict[str, Any]:
+async def scenario_churn(endpoint: str, nodes: int, operations: int, workers: int, seed: int = 1) -> dict[str, Any]:
     """K random joins and graceful leaves on a settled mesh. Afterwards every agent's device must equal what etcd
     holds, and no agent may have touched a peer that did not itself join or leave (untouched_changes == 0)."""
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory(prefix="warren-bench-") as tmp:
-        mesh = SimulatedAgents(endpoint, "churn", Path(tmp))
-        store = EtcdStore(endpoint)
-        try:
-            for i in range(nodes):
-                mesh.start(f"n{i}")
-            await mesh.settle()
-            marks = {a.settings.node_name: len(mesh.device(a).operations) for a in mesh.agents}
-            churned: set[str] = set()  # public keys that joined or left
-            started = time.monotonic()
-            for k in range(operations):
-                if rng.random() < 0.5 and len(mesh.agents) > 2:
-                    leaver = rng.choice(mesh.agents)
-                    churned.add(leaver.key.public_key)
-                    await mesh.stop(leaver)
-                else:
-                    joiner = mesh.start(f"c{k}")
-                    churned.add(joiner.key.public_key)
-            await mesh.settle()
-            converged = time.monotonic() - started
-            registered = set()
-            for kv in (await store.list_prefix(KeySchema(mesh.prefix).nodes)).items:
-                registered.add(json.loads(kv.value)["public_key"])
-            matches = all(set(mesh.device(a).peers) == registered - {a.key.public_key} for a in mesh.agents)
-            untouched = 0
-            for agent in mesh.agents:
-                if agent.settings.node_name not in marks:
-                    continue  # joined during the churn: configuring every peer is its first setup, not a change
-                ops = list(mesh.device(agent).operations)[marks[agent.settings.node_name] :]
-                untouched += sum(
-                    1 for op in ops if op.action in ("set_peer", "remove_peer") and op.target not in churned
-                )
-        finally:
-            await mesh.close()
-            await store.close()
+        async with AgentPool(endpoint, "churn", Path(tmp), workers=workers) as pool:
+            store = EtcdStore(endpoint)
+            try:
+                await _start_all(pool, [f"n{i}" for i in range(nodes)])
+                await pool.settle(timeout=900)
+                await pool.mark()
+                churned: set[str] = set()  # public keys that joined or left
+                started = time.monotonic()
+                for k in range(operations):
+                    if rng.random() < 0.5 and len(pool.names) > 2:
+                        leaver = rng.choice(pool.names)
+                        churned.add(pool.keys[leaver])
+                        await pool.stop(leaver)
+                    else:
+                        churned.add(await pool.start(f"c{k}"))
+                await pool.settle()
+                converged = time.monotonic() - started
+                registered = {
+                    json.loads(kv.value)["public_key"]
+                    for kv in (await store.list_prefix(KeySchema(pool.prefix).nodes)).items
+                }
+                matches = await pool.devices_match(registered)
+                untouched = await pool.untouched_changes(churned)
+            finally:
+                await store.close()
     return {
         "scenario": "churn",
         "nodes": nodes,
         "operations": operations,
+        "workers": workers,
         "converged_s": round(converged, 3),
         "final_state_matches": matches,
         "untouched_changes": untouched,
@@ -423,11 +339,11 @@ def _peers_metric(port: int) -> float | None:
 
 
 async def _wait_async(condition: Any, timeout: float, what: str) -> None:
-    """Like _wait, for conditions that block (HTTP): polled from a thread, every 50 ms."""
+    """Wait for a condition that blocks (HTTP): polled from a thread, every 50 ms."""
     deadline = time.monotonic() + timeout
     while not await asyncio.to_thread(condition):
         if time.monotonic() > deadline:
-            raise SystemExit(f"bench: timed out waiting for {what}")
+            raise BenchError(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
 
 
@@ -503,6 +419,9 @@ def main() -> int:
     parser.add_argument("--peers", type=int, default=1000, help="device peers of the scrape scenario")
     parser.add_argument("--scrapes", type=int, default=20, help="scrapes timed in the scrape scenario")
     parser.add_argument("--etcd-endpoints", default=None, help="use this etcd instead of starting one")
+    parser.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="processes the simulated agents are spread over"
+    )
     args = parser.parse_args()
     chosen = args.scenario or ["all"]
     if "all" in chosen:
@@ -517,33 +436,46 @@ def main() -> int:
     try:
         floor: dict[str, Any] | None = None
         for scenario in dict.fromkeys(chosen):
+            if scenario in ("floor", "join") and floor is None:
+                floor = asyncio.run(scenario_floor(endpoint, args.nodes, args.puts, args.workers))
+                if scenario == "floor" or "floor" in chosen:
+                    _emit(floor)
             if scenario == "floor":
-                result = scenario_floor(endpoint, args.nodes, args.puts)
-                floor = result
-            elif scenario == "join":
-                if floor is None:
-                    floor = scenario_floor(endpoint, args.nodes, args.puts)
-                result = asyncio.run(scenario_join(endpoint, args.nodes, args.joins))
+                continue
+            result = _run(scenario, endpoint, args)
+            if scenario == "join" and floor is not None:
                 result["floor_p99_ms"] = floor["p99_ms"]
                 result["p99_vs_floor"] = round(result["p99_ms"] / max(floor["p99_ms"], 1e-9), 2)
-            elif scenario == "leave":
-                result = asyncio.run(scenario_leave(endpoint, args.nodes, args.leaves, args.ttl))
-            elif scenario == "storm":
-                result = asyncio.run(scenario_storm(endpoint, args.nodes))
-            elif scenario == "churn":
-                result = asyncio.run(scenario_churn(endpoint, args.nodes, args.churn))
-            elif scenario == "cost":
-                result = asyncio.run(scenario_cost(endpoint, args.records or 1000))
-            elif scenario == "scrape":
-                result = scenario_scrape(args.peers, args.scrapes)
-            else:
-                result = asyncio.run(scenario_coldstart(endpoint, args.records or args.nodes))
-            result["machine"] = machine()
-            print(json.dumps(result), flush=True)
+            _emit(result)
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
     finally:
         if server is not None:
             server.close()
     return 0
+
+
+def _run(scenario: str, endpoint: str, args: argparse.Namespace) -> dict[str, Any]:
+    workers = args.workers
+    if scenario == "join":
+        return asyncio.run(scenario_join(endpoint, args.nodes, args.joins, workers))
+    if scenario == "leave":
+        return asyncio.run(scenario_leave(endpoint, args.nodes, args.leaves, args.ttl, workers))
+    if scenario == "storm":
+        return asyncio.run(scenario_storm(endpoint, args.nodes, workers))
+    if scenario == "churn":
+        return asyncio.run(scenario_churn(endpoint, args.nodes, args.churn, workers))
+    if scenario == "cost":
+        return asyncio.run(scenario_cost(endpoint, args.records or 1000))
+    if scenario == "scrape":
+        return scenario_scrape(args.peers, args.scrapes)
+    return asyncio.run(scenario_coldstart(endpoint, args.records or args.nodes))
+
+
+def _emit(result: dict[str, Any]) -> None:
+    result["machine"] = machine()
+    print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
