@@ -113,7 +113,7 @@ def test_incremental_fold_equals_a_fold_from_scratch(seed: int) -> None:
             # The delta plan must reach exactly the device a full comparison reaches.
             device = DeviceState(LOCAL.public_key, previous.interface, dict(previous.peers))
             full = plan_changes(current, device, local_public_key=LOCAL.public_key, previous=previous)
-            delta = plan_delta(previous, current, affected)
+            delta = plan_delta(previous.peers, current.peers, affected)
             assert _applied(previous, delta) == _applied(previous, full) == dict(current.peers)
         previous = current
     assert builder.rebuilds < 300, "every change needed a fold from scratch"

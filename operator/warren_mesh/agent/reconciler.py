@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 from warren_mesh.agent.device_thread import DeviceThread
+from warren_mesh.device import InterfaceSpec, PeerSpec
 from warren_mesh.keys import NodeKey
 from warren_mesh.mesh.peers import MeshView
 from warren_mesh.mesh.plan import Plan, plan_changes, plan_delta
@@ -57,14 +58,17 @@ class Reconciler:
         self._resync_interval = resync_interval
         self._dirty = asyncio.Event()
         self._verify_next = True  # the next pass reads the device and compares everything
-        self._applied: Topology | None = None
+        # What the device was last given (kept up to date change by change, never copied on the common path).
+        self._applied_interface: InterfaceSpec | None = None
+        self._applied_peers: dict[str, PeerSpec] = {}
+        self._applied_names: dict[str, str] = {}
         self._conflicts: set[tuple[str, str]] = set()
         self.passes = 0  # completed passes on a synced view; tests and health read it
 
     def peer_names(self) -> Mapping[str, str]:
-        """Public key -> node or MeshPeer name, as last applied (read by the metrics thread: one attribute read)."""
-        applied = self._applied
-        return applied.names if applied is not None else {}
+        """Public key -> node or MeshPeer name, as last applied. The metrics thread only looks keys up in it (safe
+        while the loop changes it); it never iterates."""
+        return self._applied_names
 
     @property
     def rebuilds(self) -> int:
@@ -101,46 +105,68 @@ class Reconciler:
         """
         started = time.perf_counter()
         view = self._view
-        affected = self._builder.update(view, view.take_changes())
-        desired = self._builder.topology()
-        self._report_conflicts(desired.conflicts)
-        previous = self._applied
-        verify = verify or self._verify_next or affected is None or previous is None
+        builder = self._builder
+        affected = builder.update(view, view.take_changes())
+        self._report_conflicts(builder.conflicts)
+        full = verify or self._verify_next or affected is None or self._applied_interface is None
         # Until this pass succeeds, the device may differ from what was applied: the next one must look.
         self._verify_next = True
-        if verify or previous is None or affected is None:
-            try:
-                device = await self._device_thread.run(self._backend.read)
-            except BackendError as exc:
-                # The device is unreadable (e.g. wireguard-go just died): the watchdog restarts it; retry later.
-                self._metrics.apply_errors.inc()
-                log.error("cannot read the WireGuard device (retrying): %s", exc)
+        if full or affected is None:
+            ok = await self._compare_everything(view.synced)
+            if ok is None:
                 return False
-            plan = plan_changes(
-                desired, device, local_public_key=self._key.public_key, previous=previous, remove_unknown=view.synced
-            )
         else:
-            plan = plan_delta(previous, desired, affected)
-        ok = await self._device_thread.run(lambda: self._apply(plan, desired))
+            plan = plan_delta(self._applied_peers, builder.peers, affected)
+            names = {k: n for k in affected if (n := builder.names.get(k) or self._applied_names.get(k))}
+            ok = await self._device_thread.run(lambda: self._apply(plan, names))
+            for change in plan.changes:
+                if change.action == "remove":
+                    self._applied_peers.pop(change.public_key, None)
+                    self._applied_names.pop(change.public_key, None)
+                else:
+                    self._applied_peers[change.public_key] = change.spec
+                    self._applied_names[change.public_key] = builder.names[change.public_key]
         self._verify_next = not ok
         applied_at = time.time()
         for name, published_at in view.take_published().items():
-            if name != self._builder.local_name:
+            if name != builder.local_name:
                 self._metrics.convergence_lag.observe(max(0.0, applied_at - published_at))
-        self._applied = desired
         if ok:
-            self._metrics.peers.set(len(desired.peers))
-        self._metrics.nodes.set(1 + self._builder.nodes_taken)
+            self._metrics.peers.set(len(builder.peers))
+        self._metrics.nodes.set(1 + builder.nodes_taken)
         self._metrics.report_invalid(view.rejected_by_reason())
         self._metrics.reconcile_duration.observe(time.perf_counter() - started)
         self.passes += 1
         return ok
 
-    def _apply(self, plan: Plan, desired: Topology) -> bool:
+    async def _compare_everything(self, synced: bool) -> bool | None:
+        """Read the device and plan against it; whether every change was applied, None if it was unreadable."""
+        desired = self._builder.topology()
+        previous = None
+        if self._applied_interface is not None:
+            previous = Topology(self._applied_interface, self._applied_peers, self._applied_names)
+        try:
+            device = await self._device_thread.run(self._backend.read)
+        except BackendError as exc:
+            # The device is unreadable (e.g. wireguard-go just died): the watchdog restarts it; retry later.
+            self._metrics.apply_errors.inc()
+            log.error("cannot read the WireGuard device (retrying): %s", exc)
+            return None
+        plan = plan_changes(
+            desired, device, local_public_key=self._key.public_key, previous=previous, remove_unknown=synced
+        )
+        names = {**self._applied_names, **desired.names}
+        ok = await self._device_thread.run(lambda: self._apply(plan, names))
+        self._applied_interface = desired.interface
+        self._applied_peers = dict(desired.peers)
+        self._applied_names = dict(desired.names)
+        return ok
+
+    def _apply(self, plan: Plan, names: Mapping[str, str]) -> bool:
         if plan.empty:
             return True
-        names = {**(self._applied.names if self._applied else {}), **desired.names}
-        log.info("applying:\n%s", plan.explain(names))
+        if log.isEnabledFor(logging.INFO):  # explaining costs more than applying to the memory device
+            log.info("applying:\n%s", plan.explain(names))
         ok = True
         if plan.set_private_key:
             ok &= self._attempt("private_key", self._backend.set_private_key, self._key)

@@ -94,13 +94,14 @@ def plan_changes(
     return Plan(interface, device.public_key != local_public_key, tuple(changes))
 
 
-def plan_delta(previous: Topology, desired: Topology, public_keys: Iterable[str]) -> Plan:
-    """The changes for ``public_keys`` between two topologies, the device being as ``previous`` left it."""
+def plan_delta(applied: Mapping[str, PeerSpec], desired: Mapping[str, PeerSpec], public_keys: Iterable[str]) -> Plan:
+    """The peer changes for ``public_keys`` from the peers last applied to the desired ones, the device being as
+    it was left (the interface is never part of a delta: a config change makes the caller compare everything)."""
     removals: list[PeerChange] = []
     changes: list[PeerChange] = []
     for key in sorted(public_keys):
-        want = desired.peers.get(key)
-        before = previous.peers.get(key)
+        want = desired.get(key)
+        before = applied.get(key)
         if want == before:
             continue
         if want is None:
@@ -110,8 +111,7 @@ def plan_delta(previous: Topology, desired: Topology, public_keys: Iterable[str]
             changes.append(PeerChange("add", key, want, _describe(want)))
         else:
             changes.append(PeerChange("update", key, want, _difference(before, want)))
-    interface = None if previous.interface == desired.interface else desired.interface
-    return Plan(interface, False, (*removals, *changes))
+    return Plan(None, False, (*removals, *changes))
 
 
 def _only_roamed(have: PeerSpec, want: PeerSpec, before: PeerSpec | None) -> bool:

@@ -192,15 +192,27 @@ class TopologyBuilder:
                 affected.add(spec.public_key)
         return affected
 
+    @property
+    def peers(self) -> Mapping[str, PeerSpec]:
+        """The taken records' peers by public key, live: valid until the next update, not to be kept."""
+        return self._specs
+
+    @property
+    def names(self) -> Mapping[str, str]:
+        """Public key -> node or peer name of the taken records, live like ``peers``."""
+        return self._names
+
+    @property
+    def conflicts(self) -> tuple[Conflict, ...]:
+        """The records left out, in fold order."""
+        if not self._conflicts:
+            return ()
+        ordered = sorted(self._conflicts.values(), key=lambda s: s.position)
+        return tuple(s.conflict for s in ordered if s.conflict is not None)
+
     def topology(self) -> Topology:
         """The fold's result, as values that later updates do not change."""
-        conflicts = sorted(self._conflicts.values(), key=lambda s: s.position)
-        return Topology(
-            self._interface,
-            dict(self._specs),
-            dict(self._names),
-            tuple(s.conflict for s in conflicts if s.conflict is not None),
-        )
+        return Topology(self._interface, dict(self._specs), dict(self._names), self.conflicts)
 
     def _arrive(
         self, candidate: Candidate, entry: Entry[NodeRecord] | Entry[ExternalPeer], position: _Position

@@ -95,6 +95,8 @@ class AgentMetrics:
             registry=registry,
         )
         self.info = Info("warren_mesh_agent", "The agent's node, backend and interface.", registry=registry)
+        self._invalid_reported: dict[str, int] = {}
+        self._conflicting_reported: dict[str, int] = {}
         # Every label value exists from the start at 0, so rate() and increase() see the first occurrence.
         for reason in REJECTION_REASONS:
             self.rejected_records.labels(reason)
@@ -108,10 +110,14 @@ class AgentMetrics:
             self.watch_restarts.labels(reason)
 
     def report_invalid(self, by_reason: dict[str, int]) -> None:
-        _set_by_reason(self.invalid_records, REJECTION_REASONS, by_reason)
+        if by_reason != self._invalid_reported:  # every pass reports; most passes change nothing here
+            _set_by_reason(self.invalid_records, REJECTION_REASONS, by_reason)
+            self._invalid_reported = dict(by_reason)
 
     def report_conflicting(self, by_reason: dict[str, int]) -> None:
-        _set_by_reason(self.conflicting_records, CONFLICT_REASONS, by_reason)
+        if by_reason != self._conflicting_reported:
+            _set_by_reason(self.conflicting_records, CONFLICT_REASONS, by_reason)
+            self._conflicting_reported = dict(by_reason)
 
 
 def _set_by_reason(gauge: Gauge, known: tuple[str, ...], by_reason: dict[str, int]) -> None:
