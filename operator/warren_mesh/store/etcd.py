@@ -26,10 +26,11 @@ from urllib.parse import urlsplit
 os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
 
 import grpc
-from etcd3.etcdrpc import kv_pb2, rpc_pb2, rpc_pb2_grpc
+from etcd3.etcdrpc import rpc_pb2, rpc_pb2_grpc
 
 from warren_mesh.store.base import Backoff, StoreError, StoreUnavailable
-from warren_mesh.watch import Event, Events, KeyValue, Snapshot, WatchResult
+from warren_mesh.store.wire import RangeAnswer, WatchAnswer, decode_range_response, decode_watch_response
+from warren_mesh.watch import Events, KeyValue, Snapshot, WatchResult
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +122,27 @@ class _Connection:
             self.channel = grpc.aio.insecure_channel(endpoint.target, options=_CHANNEL_OPTIONS)
         self.kv = rpc_pb2_grpc.KVStub(self.channel)
         self.lease = rpc_pb2_grpc.LeaseStub(self.channel)
-        # Our own handle on the Watch method, whose serializer also passes pre-encoded bytes through.
+        # Our own handles on Watch and Range, the hot path: answers are decoded by store.wire straight into our
+        # values; the request serializer also passes pre-encoded bytes through.
         self.watch = self.channel.stream_stream(
             "/etcdserverpb.Watch/Watch",
             request_serializer=lambda m: m if isinstance(m, bytes) else m.SerializeToString(),
-            response_deserializer=rpc_pb2.WatchResponse.FromString,
+            response_deserializer=decode_watch_response,
         )
+        self.decoded = _DecodedKV(
+            self.channel.unary_unary(
+                "/etcdserverpb.KV/Range",
+                request_serializer=rpc_pb2.RangeRequest.SerializeToString,
+                response_deserializer=decode_range_response,
+            )
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _DecodedKV:
+    """KV methods whose answers store.wire decodes (called like the generated stub's)."""
+
+    Range: Any  # named as etcd's method, so _call reaches it as it reaches the generated stubs' methods
 
 
 def _kv(raw: Any) -> KeyValue:
@@ -210,13 +226,14 @@ class EtcdStore:
     # --- keys -------------------------------------------------------------------------------------------------
 
     async def get(self, key: str) -> KeyValue | None:
-        resp = await self._call("kv", "Range", rpc_pb2.RangeRequest(key=key.encode()))
-        return _kv(resp.kvs[0]) if resp.kvs else None
+        resp: RangeAnswer = await self._call("decoded", "Range", rpc_pb2.RangeRequest(key=key.encode()))
+        return resp.kvs[0] if resp.kvs else None
 
     async def list_prefix(self, prefix: str) -> Snapshot:
         raw = prefix.encode()
-        resp = await self._call("kv", "Range", rpc_pb2.RangeRequest(key=raw, range_end=prefix_range_end(raw)))
-        return Snapshot(tuple(_kv(kv) for kv in resp.kvs), resp.header.revision)
+        request = rpc_pb2.RangeRequest(key=raw, range_end=prefix_range_end(raw))
+        resp: RangeAnswer = await self._call("decoded", "Range", request)
+        return Snapshot(resp.kvs, resp.revision)
 
     async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
         resp = await self._call("kv", "Put", rpc_pb2.PutRequest(key=key.encode(), value=value, lease=lease))
@@ -390,7 +407,7 @@ class EtcdStore:
                         raise WatchStalled(f"watch on etcd at {conn.endpoint.target} stopped answering")
                 self._check(response, start_revision)
                 if response.events:
-                    yield _events(response.events)
+                    yield Events(response.events, max(event.kv.mod_revision for event in response.events))
         except WatchStalled as exc:
             self._fail_over(conn, exc)
             raise
@@ -418,7 +435,7 @@ class EtcdStore:
         return item
 
     @staticmethod
-    def _check(response: Any, start_revision: int) -> None:
+    def _check(response: WatchAnswer, start_revision: int) -> None:
         if response.compact_revision:
             raise RevisionCompacted(f"revision {start_revision} compacted (now {response.compact_revision})")
         if response.canceled:
@@ -434,8 +451,3 @@ async def _pump(call: Any, responses: asyncio.Queue[Any]) -> None:
                 return
     except grpc.aio.AioRpcError as exc:
         responses.put_nowait(exc)
-
-
-def _events(raw_events: Any) -> Events:
-    events = tuple(Event("delete" if ev.type == kv_pb2.Event.DELETE else "put", _kv(ev.kv)) for ev in raw_events)
-    return Events(events, max(ev.kv.mod_revision for ev in events))
