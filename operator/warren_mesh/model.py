@@ -171,12 +171,17 @@ class Routes:
     ranges: tuple[tuple[int, int, int, int], ...]  # (IP version, prefix length, first, last address)
 
     @classmethod
-    def of(cls, networks: tuple[IPNetwork, ...]) -> Routes:
-        ordered = sorted(networks, key=str)
-        return cls(
-            tuple(str(n) for n in ordered),
-            tuple((n.version, n.prefixlen, int(n.network_address), int(n.broadcast_address)) for n in ordered),
-        )
+    def of(cls, networks: tuple[IPNetwork, ...], *, host: IPAddress | None = None) -> Routes:
+        """``networks``, and ``host`` as a /32 or /128; the host's is built from the address directly (parsing it
+        back as a network text was most of decoding a node record)."""
+        entries = [
+            (str(n), (n.version, n.prefixlen, int(n.network_address), int(n.broadcast_address))) for n in networks
+        ]
+        if host is not None:
+            value = int(host)
+            entries.append((f"{host}/{host.max_prefixlen}", (host.version, host.max_prefixlen, value, value)))
+        entries.sort(key=lambda entry: entry[0])
+        return cls(tuple(text for text, _ in entries), tuple(span for _, span in entries))
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,7 +249,7 @@ class NodeRecord:
     endpoint_text: str = field(init=False, repr=False, compare=False)  # str(endpoint), made once per record
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "routes", Routes.of(self.routed_networks()))
+        object.__setattr__(self, "routes", Routes.of(self.allowed_ips, host=self.overlay_ip))
         object.__setattr__(self, "overlay_text", str(self.overlay_ip))
         object.__setattr__(self, "endpoint_text", str(self.endpoint))
 

@@ -14,6 +14,7 @@ from warren_mesh.model import (
     MeshConfig,
     NodeRecord,
     RecordError,
+    Routes,
     decode_json,
     encode_json,
 )
@@ -44,6 +45,7 @@ def test_node_record_round_trips() -> None:
     record = decode_node(node_doc())
     assert record.endpoint == Endpoint(ipaddress.ip_address("192.0.2.1"), 51820)
     assert [str(n) for n in record.routed_networks()] == ["10.96.0.2/32", "10.244.1.0/24"]
+    assert record.routes == Routes.of(record.routed_networks())
     assert NodeRecord.from_json(decode_json(encode_json(record.to_json())), key_name="node-a") == record
 
 
@@ -98,3 +100,12 @@ def test_external_peer_needs_allowed_ips() -> None:
     with pytest.raises(RecordError) as caught:
         ExternalPeer.from_json({"schema": 1, "name": "laptop", "public_key": KEY, "allowed_ips": []}, key_name="laptop")
     assert caught.value.reason == "invalid_cidr"
+
+
+def test_a_host_route_made_from_the_address_equals_one_parsed_as_a_network() -> None:
+    for text in ("10.96.0.7", "fd00:0:0::1", "::ffff:1.2.3.4"):
+        address = ipaddress.ip_address(text)
+        extra = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/64"))
+        assert Routes.of(extra, host=address) == Routes.of(
+            (*extra, ipaddress.ip_network(f"{text}/{address.max_prefixlen}"))
+        )

@@ -186,7 +186,7 @@ class Reconciler:
             self._metrics.apply_errors.inc()
             log.error("device change %s failed (retrying): %s", kind, exc)
             return False
-        self._metrics.applied_changes.labels(kind).inc()
+        self._metrics.applied_by_kind[kind].inc()
         return True
 
     def _report_conflicts(self, conflicts: tuple[Conflict, ...]) -> None:

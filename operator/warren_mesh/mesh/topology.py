@@ -34,7 +34,6 @@ from warren_mesh.model import (
     MeshConfig,
     NodeRecord,
     Routes,
-    host_network,
 )
 
 
@@ -142,7 +141,7 @@ class TopologyBuilder:
         self._by_address: dict[str, set[Candidate]] = {}  # overlay address -> nodes claiming it
         self.nodes_taken = 0
         local = self._local
-        for version, prefixlen, first, _ in Routes.of((host_network(local.overlay_ip), *local.allowed_ips)).ranges:
+        for version, prefixlen, first, _ in Routes.of(local.allowed_ips, host=local.overlay_ip).ranges:
             self._claims.add(version, prefixlen, first, local.name)
         self._holders[local.public_key] = _LOCAL
 

@@ -4,8 +4,8 @@ Every agent decodes every change in the mesh, and with a Python 3.11 wheel the e
 messages run on protobuf's pure-Python implementation: building a message object per event and per key-value,
 then copying it into ours, was a fifth of an agent's CPU in a 400-node start-up storm. These two answers are the
 hot path, so they are read here field by field (a one-event answer: 8 us instead of 18 us); every other call
-keeps the generated messages. The field numbers are etcd's ``rpc.proto`` and ``kv.proto`` (API v3, stable since etcd 3.0); fields we
-do not know are skipped, as protobuf requires, so newer etcd versions decode too.
+keeps the generated messages. The field numbers are etcd's ``rpc.proto`` and ``kv.proto`` (API v3, stable since
+etcd 3.0); fields we do not know are skipped, as protobuf requires, so newer etcd versions decode too.
 """
 
 from __future__ import annotations
