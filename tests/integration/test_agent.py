@@ -312,6 +312,40 @@ def test_a_lost_lease_is_re_registered(etcd: EtcdServer, prefix: str, tmp_path: 
     in_mesh(etcd.endpoint, prefix, tmp_path, scenario)
 
 
+def test_a_lease_that_expires_while_registering_is_retried(etcd: EtcdServer, prefix: str, tmp_path: Path) -> None:
+    """An agent stalled past its TTL between granting a lease and writing its record (seen with a thousand agents
+    on two cores) gets "lease not found": it must register again, not stop."""
+
+    async def scenario(mesh: Mesh) -> None:
+        mesh.start("n0")
+        mesh.start("n1")
+        await mesh.converged()
+        agent = mesh.agents["n1"]
+        registrar = agent.registrar
+        assert registrar is not None and registrar.current is not None
+        store = agent.store
+        grant = store.grant_lease
+        stalled = 0
+
+        async def grant_then_stall(ttl: int) -> int:
+            nonlocal stalled
+            lease = await grant(ttl)
+            if stalled == 0:
+                stalled += 1
+                await store.revoke_lease(lease)  # what a stall longer than the TTL leaves behind
+            return lease
+
+        store.grant_lease = grant_then_stall  # type: ignore[method-assign]
+        writer = EtcdStore(etcd.endpoint)
+        await writer.revoke_lease(registrar.current.lease_id)
+        await wait_until(lambda: mesh.metric("n1", "warren_mesh_registrations_total") == 2, 15, "re-registration")
+        assert stalled == 1 and mesh.metric("n1", "warren_mesh_lease_keepalive_failures_total") >= 2
+        await mesh.converged()
+        await writer.close()
+
+    in_mesh(etcd.endpoint, prefix, tmp_path, scenario)
+
+
 def test_metrics_and_health_endpoint(shared_etcd: EtcdServer, prefix: str, tmp_path: Path) -> None:
     async def scenario(mesh: Mesh) -> None:
         port = free_port()

@@ -10,7 +10,7 @@ import pytest
 
 from helpers import run, wait_until
 from warren_mesh.lab.etcd_server import EtcdServer, free_port
-from warren_mesh.store.base import StoreUnavailable
+from warren_mesh.store.base import LeaseNotFound, StoreUnavailable
 from warren_mesh.store.etcd import EtcdStore, parse_endpoints, prefix_range_end
 from warren_mesh.watch import Events, Snapshot, WatchResult
 
@@ -57,6 +57,8 @@ def test_leased_key_expires_and_keepalive_reports_loss(shared_etcd: EtcdServer, 
         assert await store.keepalive(lease) == 0
         assert await store.lease_time_left(lease) == -1
         await store.revoke_lease(lease)  # revoking a lost lease is harmless
+        with pytest.raises(LeaseNotFound):
+            await store.put(f"{prefix}/leased", b"x", lease=lease)
         await store.close()
 
     run(scenario())

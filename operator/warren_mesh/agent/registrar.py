@@ -30,7 +30,7 @@ from warren_mesh.model import (
     encode_json,
 )
 from warren_mesh.schema import KeySchema
-from warren_mesh.store.base import Backoff, StoreError, StoreUnavailable
+from warren_mesh.store.base import Backoff, LeaseNotFound, StoreError, StoreUnavailable
 from warren_mesh.store.etcd import EtcdStore
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,10 @@ class Registrar:
                 )
                 if existing is None and existing_lease not in (0, lease_id):
                     await self._store.revoke_lease(existing_lease)
+        except LeaseNotFound:
+            # The new lease ran out before the record was written: etcd or this agent stalled for longer than the
+            # TTL. Nothing is wrong with the registration itself, so callers retry it like an unreachable etcd.
+            raise StoreUnavailable(f"lease {lease_id:x} expired before {key} was written; registering again") from None
         except BaseException:
             await asyncio.shield(self._revoke_quietly(lease_id))
             raise
@@ -234,7 +238,9 @@ class Registrar:
                 await self.register(config(), current.record.overlay_ip)
                 backoff.reset()
                 delay = self._registration().ttl / 3
-            except StoreUnavailable as exc:
+            except StoreError as exc:
+                # Unreachable, too slow, or refused: all are retried (this task ending would end the agent, and
+                # an agent that stops renewing leaves the mesh).
                 self._metrics.lease_keepalive_failures.inc()
                 log.warning("lease keepalive failed: %s", exc)
                 # Retry soon rather than in TTL/3: every second unrefreshed is a second off our peers' patience.

@@ -14,6 +14,10 @@ class StoreUnavailable(StoreError):
     """The store could not be reached (or did not answer in time); retrying later may work."""
 
 
+class LeaseNotFound(StoreError):
+    """The lease named in a request has expired (or was revoked)."""
+
+
 @dataclass(slots=True)
 class Backoff:
     """Exponential backoff with full jitter, so a fleet of agents does not reconnect in lockstep."""

@@ -28,7 +28,7 @@ os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
 import grpc
 from etcd3.etcdrpc import rpc_pb2, rpc_pb2_grpc
 
-from warren_mesh.store.base import Backoff, StoreError, StoreUnavailable
+from warren_mesh.store.base import Backoff, LeaseNotFound, StoreError, StoreUnavailable
 from warren_mesh.store.wire import RangeAnswer, WatchAnswer, decode_range_response, decode_watch_response
 from warren_mesh.watch import Events, KeyValue, Snapshot, WatchResult
 
@@ -53,6 +53,10 @@ _CHANNEL_OPTIONS: Final = (
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    # No bandwidth-probe pings: gRPC sends them while a watch streams much data, and etcd (grpc-go, 5 s minimum
+    # ping interval by default) answers a burst of them with GOAWAY "too_many_pings", dropping every call on the
+    # connection. Seen with a thousand agents starting at once.
+    ("grpc.http2.bdp_probe", 0),
     # Reconnect quickly after an etcd restart instead of gRPC's default of up to two minutes.
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2_000),
@@ -211,7 +215,10 @@ class EtcdStore:
                 raise StoreUnavailable(
                     f"etcd at {conn.endpoint.target} is unavailable: {exc.code().name}: {exc.details()}"
                 ) from None
-            raise StoreError(f"etcd refused {method}: {exc.code().name}: {exc.details()}") from None
+            message = f"etcd refused {method}: {exc.code().name}: {exc.details()}"
+            if exc.code() == grpc.StatusCode.NOT_FOUND and "lease not found" in (exc.details() or ""):
+                raise LeaseNotFound(message) from None
+            raise StoreError(message) from None
         self._set_health(True)
         return response
 
@@ -326,11 +333,8 @@ class EtcdStore:
         return int(resp.TTL)
 
     async def revoke_lease(self, lease_id: int) -> None:
-        try:
+        with contextlib.suppress(LeaseNotFound):  # gone already: what revoking wanted
             await self._call("lease", "LeaseRevoke", rpc_pb2.LeaseRevokeRequest(ID=lease_id))
-        except StoreError as exc:
-            if "not found" not in str(exc):
-                raise
 
     async def lease_time_left(self, lease_id: int) -> int:
         """Seconds left on a lease; -1 when it has expired or never existed."""
