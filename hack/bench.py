@@ -98,16 +98,23 @@ async def scenario_floor(endpoint: str, nodes: int, puts: int, workers: int) -> 
 
 
 async def _start_all(pool: AgentPool, names: list[str]) -> None:
-    """Start agents in batches: each worker starts its share while the next requests are on their way."""
+    """Start agents at once (the storm): each worker starts its share while the next requests are on their way."""
     for i in range(0, len(names), 50):
         await asyncio.gather(*(pool.start(name) for name in names[i : i + 50]))
 
 
-async def scenario_join(endpoint: str, nodes: int, joins: int, workers: int) -> dict[str, Any]:
+async def _settled_mesh(pool: AgentPool, names: list[str], batch: int = 100) -> None:
+    """Build the mesh a scenario starts from as a cluster grows, ``batch`` nodes at a time, each batch settled
+    before the next (the storm scenario measures everyone starting at once)."""
+    for i in range(0, len(names), batch):
+        await _start_all(pool, names[i : i + batch])
+        await pool.settle(timeout=900)
+
+
+async def scenario_join(endpoint: str, nodes: int, joins: int, workers: int, lease_ttl: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="warren-bench-") as tmp:
-        async with AgentPool(endpoint, "join", Path(tmp), workers=workers) as pool:
-            await _start_all(pool, [f"n{i}" for i in range(nodes)])
-            await pool.settle(timeout=900)
+        async with AgentPool(endpoint, "join", Path(tmp), workers=workers, ttl=lease_ttl) as pool:
+            await _settled_mesh(pool, [f"n{i}" for i in range(nodes)])
             rebuilds = await pool.rebuilds()
             latencies: list[float] = []
             for j in range(joins):
@@ -125,6 +132,7 @@ async def scenario_join(endpoint: str, nodes: int, joins: int, workers: int) -> 
         "nodes": nodes,
         "joins": joins,
         "workers": workers,
+        "lease_ttl_s": lease_ttl,
         "full_rebuilds": rebuilds,
         **percentiles(latencies),
     }
@@ -134,8 +142,7 @@ async def scenario_leave(endpoint: str, nodes: int, leaves: int, ttl: int, worke
     """Graceful leaves (lease revoked) and one crash (SIGKILL: the lease runs out), seen by every other agent."""
     with tempfile.TemporaryDirectory(prefix="warren-bench-") as tmp:
         async with AgentPool(endpoint, "leave", Path(tmp), workers=workers, ttl=ttl) as pool:
-            await _start_all(pool, [f"n{i}" for i in range(nodes + leaves)])
-            await pool.settle(timeout=900)
+            await _settled_mesh(pool, [f"n{i}" for i in range(nodes + leaves)])
             graceful: list[float] = []
             for _ in range(leaves):
                 leaver = pool.names[-1]
@@ -223,10 +230,10 @@ def _record(schema: KeySchema, i: int) -> tuple[str, bytes]:
     return schema.node(record.name), encode_json(record.to_json())
 
 
-async def scenario_storm(endpoint: str, nodes: int, workers: int) -> dict[str, Any]:
+async def scenario_storm(endpoint: str, nodes: int, workers: int, lease_ttl: int) -> dict[str, Any]:
     """N agents start at the same moment (a cluster cold boot): time until every agent has N-1 peers."""
     with tempfile.TemporaryDirectory(prefix="warren-bench-") as tmp:
-        async with AgentPool(endpoint, "storm", Path(tmp), workers=workers) as pool:
+        async with AgentPool(endpoint, "storm", Path(tmp), workers=workers, ttl=lease_ttl) as pool:
             started = time.monotonic()
             await _start_all(pool, [f"n{i}" for i in range(nodes)])
             await pool.settle(timeout=900)
@@ -236,21 +243,23 @@ async def scenario_storm(endpoint: str, nodes: int, workers: int) -> dict[str, A
         "scenario": "storm",
         "nodes": nodes,
         "workers": workers,
+        "lease_ttl_s": lease_ttl,
         "converged_s": round(converged, 3),
         "full_rebuilds": rebuilds,
     }
 
 
-async def scenario_churn(endpoint: str, nodes: int, operations: int, workers: int, seed: int = 1) -> dict[str, Any]:
+async def scenario_churn(
+    endpoint: str, nodes: int, operations: int, workers: int, lease_ttl: int, *, seed: int = 1
+) -> dict[str, Any]:
     """K random joins and graceful leaves on a settled mesh. Afterwards every agent's device must equal what etcd
     holds, and no agent may have touched a peer that did not itself join or leave (untouched_changes == 0)."""
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory(prefix="warren-bench-") as tmp:
-        async with AgentPool(endpoint, "churn", Path(tmp), workers=workers) as pool:
+        async with AgentPool(endpoint, "churn", Path(tmp), workers=workers, ttl=lease_ttl) as pool:
             store = EtcdStore(endpoint)
             try:
-                await _start_all(pool, [f"n{i}" for i in range(nodes)])
-                await pool.settle(timeout=900)
+                await _settled_mesh(pool, [f"n{i}" for i in range(nodes)])
                 await pool.mark()
                 churned: set[str] = set()  # public keys that joined or left
                 started = time.monotonic()
@@ -420,6 +429,12 @@ def main() -> int:
     parser.add_argument("--scrapes", type=int, default=20, help="scrapes timed in the scrape scenario")
     parser.add_argument("--etcd-endpoints", default=None, help="use this etcd instead of starting one")
     parser.add_argument(
+        "--lease-ttl",
+        type=int,
+        default=10,
+        help="lease TTL of the simulated agents in join, storm and churn (the product's default: 10 s)",
+    )
+    parser.add_argument(
         "--workers", type=int, default=os.cpu_count() or 1, help="processes the simulated agents are spread over"
     )
     args = parser.parse_args()
@@ -459,13 +474,13 @@ def main() -> int:
 def _run(scenario: str, endpoint: str, args: argparse.Namespace) -> dict[str, Any]:
     workers = args.workers
     if scenario == "join":
-        return asyncio.run(scenario_join(endpoint, args.nodes, args.joins, workers))
+        return asyncio.run(scenario_join(endpoint, args.nodes, args.joins, workers, args.lease_ttl))
     if scenario == "leave":
         return asyncio.run(scenario_leave(endpoint, args.nodes, args.leaves, args.ttl, workers))
     if scenario == "storm":
-        return asyncio.run(scenario_storm(endpoint, args.nodes, workers))
+        return asyncio.run(scenario_storm(endpoint, args.nodes, workers, args.lease_ttl))
     if scenario == "churn":
-        return asyncio.run(scenario_churn(endpoint, args.nodes, args.churn, workers))
+        return asyncio.run(scenario_churn(endpoint, args.nodes, args.churn, workers, args.lease_ttl))
     if scenario == "cost":
         return asyncio.run(scenario_cost(endpoint, args.records or 1000))
     if scenario == "scrape":

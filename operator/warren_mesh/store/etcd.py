@@ -195,12 +195,16 @@ class EtcdStore:
     def _fail_over(self, conn: _Connection, error: BaseException) -> None:
         """Drop ``conn`` and move to the next endpoint, unless another caller already did."""
         self._set_health(False)
+        if len(self._endpoints) == 1:
+            # Nowhere else to go. gRPC re-dials a broken channel by itself (within max_reconnect_backoff), and a
+            # timeout under load is no broken connection: dropping it would cut the watch and every call on it,
+            # and the resumed watch would cost etcd a replay (a cascade seen with a thousand agents at once).
+            return
         if self._conn is not conn:
             return
         self._conn = None
         self._index = (self._index + 1) % len(self._endpoints)
-        if len(self._endpoints) > 1:
-            log.warning("etcd at %s failed (%s); trying %s next", conn.endpoint.target, error, self.endpoint)
+        log.warning("etcd at %s failed (%s); trying %s next", conn.endpoint.target, error, self.endpoint)
         task = asyncio.get_running_loop().create_task(conn.channel.close(grace=None))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
