@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import logging
 import time
@@ -247,8 +248,14 @@ class Agent:
             if isinstance(result, Events):
                 self.metrics.watch_events.inc(len(result.events))
             mentioned, own_value = _value_after(result, own_key)
+            first = not self.view.synced
             self.view.apply(result)
             self.reconciler.notify()
+            if first:
+                # Everything so far (modules, metrics, the whole mesh as listed) lives as long as the agent: take
+                # it out of the cyclic collector's generations, whose full collections would otherwise walk it
+                # again and again (pauses of tens of ms at a thousand peers, the tail of convergence lag).
+                gc.freeze()
             if mentioned:
                 await self.registrar.restore(own_value)
             if self.view.config != config:

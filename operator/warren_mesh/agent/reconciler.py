@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -86,7 +87,8 @@ class Reconciler:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation that arrives just as
             # the awaited event fires, and the agent would never stop.
             try:
-                async with asyncio.timeout(self._resync_interval):
+                # Jittered, so agents started together do not all read their devices at the same moment.
+                async with asyncio.timeout(self._resync_interval * random.uniform(0.9, 1.1)):
                     await self._dirty.wait()
             except TimeoutError:
                 self._verify_next = True  # the periodic resync: compare with the device as it is

@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import ipaddress
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -219,14 +220,14 @@ class Registrar:
     async def keep_alive(self, config: Callable[[], MeshConfig]) -> None:
         """Refresh the lease every TTL/3 forever; register again (with the current config) if it is lost."""
         backoff = Backoff(initial=0.2, maximum=1.0)
-        delay = self._registration().ttl / 3
+        delay = _refresh_delay(self._registration().ttl)
         while True:
             await asyncio.sleep(delay)
             current = self._registration()
             try:
                 if await self._store.keepalive(current.lease_id) > 0:
                     backoff.reset()
-                    delay = current.ttl / 3
+                    delay = _refresh_delay(current.ttl)
                     continue
                 self._metrics.lease_keepalive_failures.inc()
                 log.warning(
@@ -237,7 +238,7 @@ class Registrar:
                 )
                 await self.register(config(), current.record.overlay_ip)
                 backoff.reset()
-                delay = self._registration().ttl / 3
+                delay = _refresh_delay(self._registration().ttl)
             except StoreError as exc:
                 # Unreachable, too slow, or refused: all are retried (this task ending would end the agent, and
                 # an agent that stops renewing leaves the mesh).
@@ -263,3 +264,9 @@ class Registrar:
             await self._store.revoke_lease(lease_id)
         except StoreUnavailable as exc:
             log.warning("could not revoke lease %x (%s); it expires on its own", lease_id, exc)
+
+
+def _refresh_delay(ttl: int) -> float:
+    """A third of the TTL, less up to a fifth of that at random: agents started together (a cluster boot) would
+    otherwise refresh in lockstep forever, and every pulse delays whatever etcd does at that moment."""
+    return ttl / 3 * random.uniform(0.8, 1.0)
