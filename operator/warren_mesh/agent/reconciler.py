@@ -99,7 +99,7 @@ class Reconciler:
                 await asyncio.sleep(_RETRY_AFTER_ERROR)
                 self._dirty.set()
 
-    async def reconcile_once(self, *, verify: bool = False) -> bool:
+    async def reconcile_once(self) -> bool:
         """One pass; True when every planned change was applied.
 
         The desired state is computed here on the event loop, where the view lives; reading and changing the
@@ -110,10 +110,10 @@ class Reconciler:
         builder = self._builder
         affected = builder.update(view, view.take_changes())
         self._report_conflicts(builder.conflicts)
-        full = verify or self._verify_next or affected is None or self._applied_interface is None
+        verify = self._verify_next or self._applied_interface is None
         # Until this pass succeeds, the device may differ from what was applied: the next one must look.
         self._verify_next = True
-        if full or affected is None:
+        if verify or affected is None:
             ok = await self._compare_everything(view.synced)
             if ok is None:
                 return False

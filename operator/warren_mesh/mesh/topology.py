@@ -157,7 +157,7 @@ class TopologyBuilder:
     def update(self, view: MeshView, changes: Changes) -> set[str] | None:
         """Bring the fold up to date with ``changes``; the public keys whose peer may differ now, or None when
         everything was folded again (the caller must then compare everything)."""
-        if changes.everything or view.config is not self._config:
+        if changes.everything:  # a snapshot or a config change: nothing to update from
             self.rebuild(view)
             return None
         self._ipam = view.ipam

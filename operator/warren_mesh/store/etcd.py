@@ -193,7 +193,7 @@ class EtcdStore:
                 self._on_health(up)
 
     def _fail_over(self, conn: _Connection, error: BaseException) -> None:
-        """Drop ``conn`` and move to the next endpoint, unless another caller already did."""
+        """Mark etcd down; with several endpoints, drop ``conn`` and move to the next (unless another caller did)."""
         self._set_health(False)
         if len(self._endpoints) == 1:
             # Nowhere else to go. gRPC re-dials a broken channel by itself (within max_reconnect_backoff), and a
