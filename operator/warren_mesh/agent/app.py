@@ -167,13 +167,12 @@ class Agent:
             lease_ttl=settings.lease_ttl,
             metrics=self.metrics,
         )
-        overlay_ip = await self._until_etcd(stop, lambda: registrar.reserve_address(config.overlay_cidr))
-        await self._until_etcd(stop, lambda: registrar.register(config, overlay_ip))
+        registration = await self._until_etcd(stop, lambda: registrar.register(config))
         self.registrar = registrar
         self.reconciler = Reconciler(
             view=self.view,
             backend=self.backend,
-            local=LocalNode(settings.node_name, self.key.public_key, overlay_ip),
+            local=LocalNode(settings.node_name, self.key.public_key, registration.record.overlay_ip),
             key=self.key,
             metrics=self.metrics,
             underlay_mtu=underlay_mtu,

@@ -15,7 +15,7 @@ import ipaddress
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 from warren_mesh.keys import NodeKey
@@ -88,19 +88,21 @@ class Registrar:
 
     # --- address ----------------------------------------------------------------------------------------------
 
-    async def reserve_address(self, cidr: IPNetwork) -> IPAddress:
-        """Our reserved address in ``cidr``, reserving one the first time. Stable across restarts."""
+    async def _reservations(self, cidr: IPNetwork) -> tuple[IPAddress | None, set[int]]:
+        """The address we hold in ``cidr`` (None if none) and every address reserved by anyone."""
         snapshot = await self._store.list_prefix(self._schema.ipam)
         taken: set[int] = set()
         for kv in snapshot.items:
-            address = kv.key[len(self._schema.ipam) :]
             try:
-                ip = ipaddress.ip_address(address)
+                ip = ipaddress.ip_address(kv.key[len(self._schema.ipam) :])
             except ValueError:
                 continue
             if kv.value.decode(errors="replace") == self._name and ip in cidr:
-                return ip
+                return ip, taken
             taken.add(int(ip))
+        return None, taken
+
+    def _candidates(self, cidr: IPNetwork, taken: set[int]) -> Iterator[IPAddress]:
         first, last = _usable_hosts(cidr)
         size = last - first + 1
         # Start where the name hashes to: nodes joining at once rarely race for the same address, and a node
@@ -108,14 +110,8 @@ class Registrar:
         start = int.from_bytes(hashlib.sha256(self._name.encode()).digest()[:8], "big") % size
         for step in range(size):
             candidate = first + (start + step) % size
-            if candidate in taken:
-                continue
-            ip = ipaddress.ip_address(candidate)
-            holder = await self._store.create(self._schema.address(str(ip)), self._name.encode())
-            if holder is None or holder.value == self._name.encode():
-                log.info("reserved overlay address %s for %s", ip, self._name)
-                return ip
-        raise AddressSpaceExhausted(f"every address in the mesh network {cidr} is reserved; widen overlayCIDR")
+            if candidate not in taken:
+                yield ipaddress.ip_address(candidate)
 
     # --- registration -----------------------------------------------------------------------------------------
 
@@ -131,27 +127,20 @@ class Registrar:
             published_at=time.time(),
         )
 
-    async def register(self, config: MeshConfig, overlay_ip: IPAddress) -> Registration:
-        """Publish our record on a fresh lease; take over a record of ours left by a previous run."""
+    async def register(self, config: MeshConfig, overlay_ip: IPAddress | None = None) -> Registration:
+        """Publish our record on a fresh lease, at ``overlay_ip`` or else at the address we hold, reserving one
+        the first time (stable across restarts); take over a record of ours left by a previous run."""
         ttl = self._lease_ttl if self._lease_ttl is not None else config.lease_ttl_seconds
+        taken: set[int] = set()
+        if overlay_ip is None:
+            overlay_ip, taken = await self._reservations(config.overlay_cidr)
         lease_id = await self._store.grant_lease(ttl)
-        # Stamped after the lease grant: published_at is when the record is written, so measured convergence
-        # lag is the mesh's reaction time, not our own registration round trips.
-        record = self._record(config, overlay_ip)
         key = self._schema.node(self._name)
         try:
-            existing = await self._store.create(key, encode_json(record.to_json()), lease=lease_id)
-            while existing is not None:
-                self._check_ours(existing.value)
-                # Our own record from before a restart, still on the old lease: move it to the new lease without
-                # a gap (peers see an update, not a delete and re-add), then let the old lease go.
-                existing_lease = existing.lease
-                record = replace(record, published_at=time.time())
-                existing = await self._store.replace(
-                    key, encode_json(record.to_json()), mod_revision=existing.mod_revision, lease=lease_id
-                )
-                if existing is None and existing_lease not in (0, lease_id):
-                    await self._store.revoke_lease(existing_lease)
+            if overlay_ip is None:
+                record = await self._reserve_and_publish(config, taken, lease_id)
+            else:
+                record = await self._publish(self._record(config, overlay_ip), lease_id)
         except LeaseNotFound:
             # The new lease ran out before the record was written: etcd or this agent stalled for longer than the
             # TTL. Nothing is wrong with the registration itself, so callers retry it like an unreachable etcd.
@@ -165,12 +154,57 @@ class Registrar:
         log.info(
             "registered %s as %s at %s (lease %x, ttl %d s)",
             self._name,
-            overlay_ip,
+            record.overlay_ip,
             record.endpoint,
             lease_id,
             ttl,
         )
         return self.current
+
+    async def _reserve_and_publish(self, config: MeshConfig, taken: set[int], lease_id: int) -> NodeRecord:
+        """Reserve a free address and publish our record at it. The usual first start writes both in one
+        transaction: one revision, so a cluster booting at once costs every watcher one event per node, not two."""
+        name = self._name.encode()
+        for ip in self._candidates(config.overlay_cidr, taken):
+            record = self._record(config, ip)
+            address_key = self._schema.address(str(ip))
+            holders = await self._store.create_all(
+                [(address_key, name, 0), (self._schema.node(self._name), encode_json(record.to_json()), lease_id)]
+            )
+            if holders is None:
+                log.info("reserved overlay address %s for %s", ip, self._name)
+                return record
+            address_holder = holders[0]
+            if address_holder is not None and address_holder.value != name:
+                continue  # another node took it since we listed
+            # The address is ours or free, but a record of ours is there already (a previous run whose
+            # reservation is gone): reserve on its own, then take the record over.
+            if address_holder is None:
+                holder = await self._store.create(address_key, name)
+                if holder is not None and holder.value != name:
+                    continue
+            log.info("reserved overlay address %s for %s", ip, self._name)
+            return await self._publish(record, lease_id)
+        raise AddressSpaceExhausted(
+            f"every address in the mesh network {config.overlay_cidr} is reserved; widen overlayCIDR"
+        )
+
+    async def _publish(self, record: NodeRecord, lease_id: int) -> NodeRecord:
+        """Write ``record`` on ``lease_id``, taking over a record of ours from a previous run without a gap."""
+        key = self._schema.node(self._name)
+        existing = await self._store.create(key, encode_json(record.to_json()), lease=lease_id)
+        while existing is not None:
+            self._check_ours(existing.value)
+            # Our own record from before a restart, still on the old lease: move it to the new lease without
+            # a gap (peers see an update, not a delete and re-add), then let the old lease go.
+            existing_lease = existing.lease
+            record = replace(record, published_at=time.time())
+            existing = await self._store.replace(
+                key, encode_json(record.to_json()), mod_revision=existing.mod_revision, lease=lease_id
+            )
+            if existing is None and existing_lease not in (0, lease_id):
+                await self._store.revoke_lease(existing_lease)
+        return record
 
     def _check_ours(self, raw: bytes) -> None:
         where = self._schema.node(self._name)

@@ -48,10 +48,12 @@ _RETRYABLE: Final = frozenset(
 # Encoded by hand: field 3, wire type 2 (length-delimited), length 0.
 _PROGRESS_REQUEST: Final = b"\x1a\x00"
 _CHANNEL_OPTIONS: Final = (
-    # Notice a dead TCP connection (etcd host gone) within ~15 s even when no call is in flight.
+    # Notice a dead TCP connection (etcd host gone) within ~15 s. Only while a call is open (an agent always has
+    # its watch): etcd does not permit pings on a connection without streams and counts each one as a strike,
+    # answering the third with GOAWAY "too_many_pings", which drops every call on the connection.
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.keepalive_permit_without_calls", 0),
     ("grpc.http2.max_pings_without_data", 0),
     # No bandwidth-probe pings: gRPC sends them while a watch streams much data, and etcd (grpc-go, 5 s minimum
     # ping interval by default) answers a burst of them with GOAWAY "too_many_pings", dropping every call on the
@@ -267,6 +269,25 @@ class EtcdStore:
             result=rpc_pb2.Compare.EQUAL, target=rpc_pb2.Compare.CREATE, key=key.encode(), create_revision=0
         )
         return await self._txn(compare, key, value, lease)
+
+    async def create_all(self, items: Sequence[tuple[str, bytes, int]]) -> list[KeyValue | None] | None:
+        """Put every ``(key, value, lease)`` in one revision, only if none of the keys exists. None on success,
+        else what is at each key (None where nothing is)."""
+        compares = [
+            rpc_pb2.Compare(
+                result=rpc_pb2.Compare.EQUAL, target=rpc_pb2.Compare.CREATE, key=k.encode(), create_revision=0
+            )
+            for k, _, _ in items
+        ]
+        puts = [
+            rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=k.encode(), value=v, lease=lease))
+            for k, v, lease in items
+        ]
+        ranges = [rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=k.encode())) for k, _, _ in items]
+        resp = await self._call("kv", "Txn", rpc_pb2.TxnRequest(compare=compares, success=puts, failure=ranges))
+        if resp.succeeded:
+            return None
+        return [_kv(r.response_range.kvs[0]) if r.response_range.kvs else None for r in resp.responses]
 
     async def replace(self, key: str, value: bytes, *, mod_revision: int, lease: int = 0) -> KeyValue | None:
         """Put ``key`` only if it is unchanged since ``mod_revision``. None on success, else what is there."""

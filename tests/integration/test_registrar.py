@@ -1,0 +1,113 @@
+"""Registration against a real etcd: one revision for a first start, a stable address, and the fallbacks when
+the address or the record is not where the fast path expects it."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Awaitable, Callable
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from helpers import run
+from warren_mesh.agent.registrar import AddressSpaceExhausted, Registrar
+from warren_mesh.keys import NodeKey
+from warren_mesh.lab.etcd_server import EtcdServer
+from warren_mesh.metrics.instruments import AgentMetrics
+from warren_mesh.model import MeshConfig, NodeRecord, decode_json
+from warren_mesh.schema import KeySchema
+from warren_mesh.store.etcd import EtcdStore
+from warren_mesh.watch import Snapshot
+
+KEY = NodeKey.generate()
+
+
+def registrar(store: EtcdStore, schema: KeySchema, name: str = "n1", key: NodeKey = KEY) -> Registrar:
+    return Registrar(
+        store=store,
+        schema=schema,
+        name=name,
+        key=key,
+        endpoint_host=ipaddress.ip_address("127.0.0.1"),
+        endpoint_port=51820,
+        lease_ttl=30,
+        metrics=AgentMetrics(CollectorRegistry()),
+    )
+
+
+def with_store(endpoint: str, scenario: Callable[[EtcdStore], Awaitable[None]]) -> None:
+    async def wrapped() -> None:
+        store = EtcdStore(endpoint)
+        try:
+            await scenario(store)
+        finally:
+            await store.close()
+
+    run(wrapped())
+
+
+def test_a_first_start_reserves_and_publishes_in_one_revision(shared_etcd: EtcdServer, prefix: str) -> None:
+    schema = KeySchema(prefix)
+
+    async def scenario(store: EtcdStore) -> None:
+        registration = await registrar(store, schema).register(MeshConfig())
+        ip = registration.record.overlay_ip
+        reservation = await store.get(schema.address(str(ip)))
+        record = await store.get(schema.node("n1"))
+        assert reservation is not None and reservation.value == b"n1" and reservation.lease == 0
+        assert record is not None and record.lease == registration.lease_id
+        assert reservation.create_revision == record.create_revision  # one transaction: peers see one event
+        assert NodeRecord.from_json(decode_json(record.value), key_name="n1").overlay_ip == ip
+
+        # A restart keeps the address and moves the record to its new lease without deleting it.
+        again = await registrar(store, schema).register(MeshConfig())
+        moved = await store.get(schema.node("n1"))
+        assert again.record.overlay_ip == ip and again.lease_id != registration.lease_id
+        assert moved is not None and moved.lease == again.lease_id
+        assert moved.create_revision == record.create_revision
+        assert await store.lease_time_left(registration.lease_id) == -1  # the old lease was let go
+
+    with_store(shared_etcd.endpoint, scenario)
+
+
+def test_an_address_taken_after_listing_moves_on_to_the_next(shared_etcd: EtcdServer, prefix: str) -> None:
+    schema = KeySchema(prefix)
+    config = MeshConfig(overlay_cidr=ipaddress.ip_network("10.9.0.0/30"))  # two usable addresses: .1 and .2
+
+    async def scenario(store: EtcdStore) -> None:
+        first = await registrar(store, schema, "first", NodeKey.generate()).register(config)
+        mine = registrar(store, schema)
+        listing = store.list_prefix
+
+        async def listed_before_first_reserved(prefix: str) -> Snapshot:
+            snapshot = await listing(prefix)
+            return Snapshot((), snapshot.revision)
+
+        store.list_prefix = listed_before_first_reserved  # type: ignore[method-assign]
+        registration = await mine.register(config)
+        store.list_prefix = listing  # type: ignore[method-assign]
+        taken = {first.record.overlay_ip, registration.record.overlay_ip}
+        assert taken == {ipaddress.ip_address("10.9.0.1"), ipaddress.ip_address("10.9.0.2")}
+        with pytest.raises(AddressSpaceExhausted, match=r"every address in the mesh network 10\.9\.0\.0/30"):
+            await registrar(store, schema, "third", NodeKey.generate()).register(config)
+        assert await store.get(schema.node("third")) is None  # nothing published without an address
+
+    with_store(shared_etcd.endpoint, scenario)
+
+
+def test_a_record_whose_reservation_was_lost_is_reserved_again_and_taken_over(
+    shared_etcd: EtcdServer, prefix: str
+) -> None:
+    schema = KeySchema(prefix)
+
+    async def scenario(store: EtcdStore) -> None:
+        before = await registrar(store, schema).register(MeshConfig())
+        await store.delete_prefix(schema.ipam)  # an operator wiped the reservations; the record is still alive
+        after = await registrar(store, schema).register(MeshConfig())
+        reservation = await store.get(schema.address(str(after.record.overlay_ip)))
+        record = await store.get(schema.node("n1"))
+        assert reservation is not None and reservation.value == b"n1"
+        assert record is not None and record.lease == after.lease_id
+        assert after.record.overlay_ip == before.record.overlay_ip  # the name hashes to the same first choice
+
+    with_store(shared_etcd.endpoint, scenario)
