@@ -16,6 +16,7 @@ import json
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ class _Worker:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._marks: dict[str, int] = {}
         self._floor: _FloorWatchers | None = None
+        self.died: dict[str, str] = {}  # agents whose run() ended without being stopped, and why
 
     @staticmethod
     def _device(agent: Agent) -> MemoryBackend:
@@ -77,8 +79,26 @@ class _Worker:
         agent = Agent(settings, backend=MemoryBackend(), registry=CollectorRegistry())
         self.agents[name] = agent
         self._stops[name] = asyncio.Event()
-        self._tasks[name] = asyncio.create_task(agent.run(self._stops[name]))
+        task = asyncio.create_task(agent.run(self._stops[name]))
+        task.add_done_callback(lambda done: self._ended(name, done))
+        self._tasks[name] = task
         return agent.key.public_key
+
+    def _ended(self, name: str, task: asyncio.Task[None]) -> None:
+        """An agent's run() only returns when told to stop: anything else is an agent bug, said at once (the
+        scenario waiting on it would otherwise only time out)."""
+        if task.cancelled() or self._stops.get(name) is None:
+            return
+        error = task.exception()
+        self.died[name] = f"{type(error).__name__}: {error}" if error is not None else "returned unasked"
+        trace = "".join(traceback.format_exception(error)) if error is not None else ""
+        print(f"agent {name} ended: {self.died[name]}\n{trace}", file=sys.stderr, flush=True)
+
+    def _alive(self) -> bool:
+        if self.died:
+            name, why = next(iter(self.died.items()))
+            raise BenchError(f"{len(self.died)} agent(s) ended on their own, {name} first: {why}")
+        return True
 
     async def stop(self, name: str) -> None:
         """A graceful leave: the agent revokes its lease on the way out."""
@@ -91,7 +111,9 @@ class _Worker:
 
     async def settle(self, peers: int, timeout: float) -> None:
         await wait_until(
-            lambda: all(len(self._device(a).peers) == peers for a in self.agents.values()), timeout, "the mesh"
+            lambda: self._alive() and all(len(self._device(a).peers) == peers for a in self.agents.values()),
+            timeout,
+            "the mesh",
         )
 
     async def applied(self, key: str, present: bool, names: list[str] | None, timeout: float) -> dict[str, float]:

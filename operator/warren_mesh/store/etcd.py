@@ -44,6 +44,10 @@ _RETRYABLE: Final = frozenset(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
     }
 )
+# How a streaming call's read, write or half-close fails once etcd or the deadline has ended it: with its status,
+# or, when the call ended between our check and gRPC's, with an error of gRPC's own (ExecuteBatchError) or
+# asyncio's (InvalidStateError). All mean the same to us: this call is over, retry on a new one.
+_STREAM_FAILURES: Final = (grpc.aio.AioRpcError, grpc.aio.BaseError, asyncio.InvalidStateError)
 # WatchRequest field 3 is WatchProgressRequest (etcd >= 3.4), an empty message etcd3 0.12's protos do not know.
 # Encoded by hand: field 3, wire type 2 (length-delimited), length 0.
 _PROGRESS_REQUEST: Final = b"\x1a\x00"
@@ -341,14 +345,15 @@ class EtcdStore:
     async def keepalive(self, lease_id: int) -> int:
         """Refresh a lease; returns its new TTL, or 0 when etcd no longer has it."""
         conn = self._connection()
-        call = conn.lease.LeaseKeepAlive(timeout=self._call_timeout)
+        # The request goes in as an iterable, so gRPC writes and half-closes it itself: our own write() and
+        # done_writing() raised internal errors (not AioRpcError) when the deadline ended the call between them.
+        request = rpc_pb2.LeaseKeepAliveRequest(ID=lease_id)
+        call = conn.lease.LeaseKeepAlive((request,), timeout=self._call_timeout)
         try:
-            await call.write(rpc_pb2.LeaseKeepAliveRequest(ID=lease_id))
-            await call.done_writing()
             resp = await call.read()
-        except grpc.aio.AioRpcError as exc:
+        except _STREAM_FAILURES as exc:
             self._fail_over(conn, exc)
-            raise StoreUnavailable(f"etcd at {conn.endpoint.target} is unavailable: {exc.code().name}") from None
+            raise StoreUnavailable(f"etcd at {conn.endpoint.target} is unavailable: {_reason(exc)}") from None
         finally:
             call.cancel()
         if resp is grpc.aio.EOF:
@@ -440,9 +445,9 @@ class EtcdStore:
         except WatchStalled as exc:
             self._fail_over(conn, exc)
             raise
-        except grpc.aio.AioRpcError as exc:  # from a write: the stream broke under us
+        except _STREAM_FAILURES as exc:  # from a write: the stream broke under us
             self._fail_over(conn, exc)
-            raise StoreUnavailable(f"watch on etcd at {conn.endpoint.target} failed: {exc.code().name}") from None
+            raise StoreUnavailable(f"watch on etcd at {conn.endpoint.target} failed: {_reason(exc)}") from None
         finally:
             reader.cancel()
             call.cancel()
@@ -455,9 +460,9 @@ class EtcdStore:
                 item = await responses.get()
         except TimeoutError:
             return None
-        if isinstance(item, grpc.aio.AioRpcError):
+        if isinstance(item, _STREAM_FAILURES):
             self._fail_over(conn, item)
-            raise StoreUnavailable(f"watch on etcd at {conn.endpoint.target} failed: {item.code().name}")
+            raise StoreUnavailable(f"watch on etcd at {conn.endpoint.target} failed: {_reason(item)}")
         if item is grpc.aio.EOF:
             self._fail_over(conn, StoreUnavailable("stream closed"))
             raise StoreUnavailable(f"etcd at {conn.endpoint.target} closed the watch stream")
@@ -478,5 +483,11 @@ async def _pump(call: Any, responses: asyncio.Queue[Any]) -> None:
             responses.put_nowait(response)
             if response is grpc.aio.EOF:
                 return
-    except grpc.aio.AioRpcError as exc:
+    except _STREAM_FAILURES as exc:
         responses.put_nowait(exc)
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, grpc.aio.AioRpcError):
+        return str(error.code().name)
+    return f"the call ended under us ({type(error).__name__}: {error})"
