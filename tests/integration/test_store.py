@@ -64,7 +64,6 @@ def test_leased_key_expires_and_keepalive_reports_loss(shared_etcd: EtcdServer, 
     run(scenario())
 
 
-@contextlib.asynccontextmanager
 def test_a_keepalive_cut_by_its_deadline_is_reported_as_unavailable(shared_etcd: EtcdServer) -> None:
     """Deadlines shorter than a round trip end calls at every point of the exchange, also between gRPC's own
     steps, where grpc.aio raised errors of its own (ExecuteBatchError, a few in a thousand): each such error ended
@@ -90,6 +89,7 @@ def test_a_keepalive_cut_by_its_deadline_is_reported_as_unavailable(shared_etcd:
     run(scenario())
 
 
+@contextlib.asynccontextmanager
 async def collecting(watch: AsyncIterator[WatchResult]) -> AsyncIterator[list[WatchResult]]:
     """Consume ``watch`` in the background into a list; stop consuming when the block ends."""
     results: list[WatchResult] = []
