@@ -12,6 +12,7 @@ import binascii
 import ipaddress
 import json
 import re
+import socket
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
@@ -129,7 +130,7 @@ class Endpoint:
         elif text.count(":") == 1:
             host_text, _, port_text = text.partition(":")
         try:
-            host = ipaddress.ip_address(host_text)
+            host = parse_ip(host_text)
         except ValueError:
             raise RecordError(REASON_INVALID_ENDPOINT, f"endpoint {text!r} does not start with an IP address") from None
         if not port_text:
@@ -156,6 +157,17 @@ def parse_network(value: object, *, what: str) -> IPNetwork:
         raise RecordError(REASON_INVALID_CIDR, f"{what} {value!r} is not a network in CIDR form: {exc}") from None
 
 
+def parse_ip(text: str) -> IPAddress:
+    """``ipaddress.ip_address(text)``, IPv4 through the C parser: every node record carries two addresses and its
+    reservation a third, and the Python parser was the largest part of decoding a record. glibc's inet_pton
+    accepts exactly the dotted quads Python does (no leading zeros, no short forms); anything else, IPv6
+    included, goes to the Python parser, which also raises ValueError for invalid text as before."""
+    try:
+        return ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, text))
+    except OSError:
+        return ipaddress.ip_address(text)
+
+
 def host_network(address: IPAddress) -> IPNetwork:
     """The single-address network (/32 or /128) for one overlay address."""
     return ipaddress.ip_network(f"{address}/{address.max_prefixlen}")
@@ -171,15 +183,18 @@ class Routes:
     ranges: tuple[tuple[int, int, int, int], ...]  # (IP version, prefix length, first, last address)
 
     @classmethod
-    def of(cls, networks: tuple[IPNetwork, ...], *, host: IPAddress | None = None) -> Routes:
+    def of(
+        cls, networks: tuple[IPNetwork, ...], *, host: IPAddress | None = None, host_text: str | None = None
+    ) -> Routes:
         """``networks``, and ``host`` as a /32 or /128; the host's is built from the address directly (parsing it
-        back as a network text was most of decoding a node record)."""
+        back as a network text was most of decoding a node record). ``host_text``: ``str(host)``, if at hand."""
         entries = [
             (str(n), (n.version, n.prefixlen, int(n.network_address), int(n.broadcast_address))) for n in networks
         ]
         if host is not None:
             value = int(host)
-            entries.append((f"{host}/{host.max_prefixlen}", (host.version, host.max_prefixlen, value, value)))
+            text = str(host) if host_text is None else host_text
+            entries.append((f"{text}/{host.max_prefixlen}", (host.version, host.max_prefixlen, value, value)))
         entries.sort(key=lambda entry: entry[0])
         return cls(tuple(text for text, _ in entries), tuple(span for _, span in entries))
 
@@ -249,8 +264,9 @@ class NodeRecord:
     endpoint_text: str = field(init=False, repr=False, compare=False)  # str(endpoint), made once per record
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "routes", Routes.of(self.allowed_ips, host=self.overlay_ip))
-        object.__setattr__(self, "overlay_text", str(self.overlay_ip))
+        overlay_text = str(self.overlay_ip)
+        object.__setattr__(self, "routes", Routes.of(self.allowed_ips, host=self.overlay_ip, host_text=overlay_text))
+        object.__setattr__(self, "overlay_text", overlay_text)
         object.__setattr__(self, "endpoint_text", str(self.endpoint))
 
     def routed_networks(self) -> tuple[IPNetwork, ...]:
@@ -279,7 +295,7 @@ class NodeRecord:
         public_key = validate_public_key(doc.get("public_key"))
         endpoint = Endpoint.parse(_required(doc, "endpoint", str))
         try:
-            overlay_ip = ipaddress.ip_address(_required(doc, "overlay_ip", str))
+            overlay_ip = parse_ip(_required(doc, "overlay_ip", str))
         except ValueError:
             raise RecordError(REASON_INVALID_CIDR, f"overlay_ip {doc['overlay_ip']!r} is not an IP") from None
         allowed = tuple(parse_network(n, what="allowed_ips entry") for n in _list(doc, "allowed_ips"))

@@ -17,6 +17,7 @@ from warren_mesh.model import (
     Routes,
     decode_json,
     encode_json,
+    parse_ip,
 )
 
 KEY = base64.b64encode(bytes(range(32))).decode()
@@ -109,3 +110,20 @@ def test_a_host_route_made_from_the_address_equals_one_parsed_as_a_network() -> 
         assert Routes.of(extra, host=address) == Routes.of(
             (*extra, ipaddress.ip_network(f"{text}/{address.max_prefixlen}"))
         )
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["10.0.0.1", "0.0.0.0", "255.255.255.255", "256.0.0.1", "010.0.0.1", "10.0.0", "10.0.0.1.", " 10.0.0.1",
+     "10.0.0.1 ", "1e1.0.0.1", "", "::1", "fd00::1", "::ffff:10.0.0.1", "0x0a.0.0.1", "10.0.0.1/32", "fd00:::1"],
+)  # fmt: skip
+def test_parse_ip_agrees_with_the_standard_library(text: str) -> None:
+    try:
+        expected: object = ipaddress.ip_address(text)
+    except ValueError:
+        expected = ValueError
+    try:
+        got: object = parse_ip(text)
+    except ValueError:
+        got = ValueError
+    assert got == expected and type(got) is type(expected)

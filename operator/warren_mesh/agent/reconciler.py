@@ -169,27 +169,28 @@ class Reconciler:
             return True
         if log.isEnabledFor(logging.INFO):  # explaining costs more than applying to the memory device
             log.info("applying:\n%s", plan.explain(names))
-        ok = True
+        applied: Counter[str] = Counter()  # counted here, added to the metrics once per pass (a lock each)
         if plan.set_private_key:
-            ok &= self._attempt("private_key", self._backend.set_private_key, self._key)
+            self._attempt("private_key", self._backend.set_private_key, self._key, applied)
         if plan.interface is not None:
-            ok &= self._attempt("interface", self._backend.configure_interface, plan.interface)
+            self._attempt("interface", self._backend.configure_interface, plan.interface, applied)
         for change in plan.changes:
             if change.action == "remove":
-                ok &= self._attempt(change.action, self._backend.remove_peer, change.spec)
+                self._attempt(change.action, self._backend.remove_peer, change.spec, applied)
             else:
-                ok &= self._attempt(change.action, self._backend.set_peer, change.spec)
-        return ok
+                self._attempt(change.action, self._backend.set_peer, change.spec, applied)
+        for kind, count in applied.items():
+            self._metrics.applied_by_kind[kind].inc(count)
+        return applied.total() == plan.size
 
-    def _attempt(self, kind: str, operation: Callable[[_A], None], argument: _A) -> bool:
+    def _attempt(self, kind: str, operation: Callable[[_A], None], argument: _A, applied: Counter[str]) -> None:
         try:
             operation(argument)
         except BackendError as exc:
             self._metrics.apply_errors.inc()
             log.error("device change %s failed (retrying): %s", kind, exc)
-            return False
-        self._metrics.applied_by_kind[kind].inc()
-        return True
+        else:
+            applied[kind] += 1
 
     def _report_conflicts(self, conflicts: tuple[Conflict, ...]) -> None:
         current = {(c.name, c.reason) for c in conflicts}

@@ -8,7 +8,6 @@ mangled is still alive (its lease is being kept), so cutting it off would punish
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from warren_mesh.model import (
     NodeRecord,
     RecordError,
     decode_json,
+    parse_ip,
 )
 from warren_mesh.schema import KeySchema
 from warren_mesh.watch import Events, KeyValue, Snapshot, WatchResult
@@ -195,7 +195,7 @@ class MeshView:
 
     def _put_reservation(self, address: str, value: bytes) -> None:
         try:
-            ipaddress.ip_address(address)
+            parse_ip(address)
             owner = value.decode()
         except (ValueError, UnicodeDecodeError):
             raise RecordError(REASON_INVALID_FIELD, f"reservation {address!r} is not an address with a name") from None

@@ -47,6 +47,11 @@ class Plan:
     def empty(self) -> bool:
         return self.interface is None and not self.set_private_key and not self.changes
 
+    @property
+    def size(self) -> int:
+        """How many device operations carrying out the plan takes."""
+        return (self.interface is not None) + self.set_private_key + len(self.changes)
+
     def explain(self, names: Mapping[str, str] | None = None) -> str:
         """One line per change, for logs and ``--dry-run`` style output."""
         names = names or {}
