@@ -35,7 +35,7 @@ class Mesh:
         self._stops: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
-    def start(self, name: str, metrics_address: str | None = None) -> Agent:
+    def start(self, name: str, metrics_address: str | None = None, resync_interval: float = 30.0) -> Agent:
         port = 20000 + len(self.agents)
         settings = AgentSettings.simulated(
             etcd_endpoint=self.endpoint,
@@ -45,6 +45,7 @@ class Mesh:
             port=port,
             interface="wgtest",
             lease_ttl=self.ttl,
+            resync_interval=resync_interval,
             metrics_address=metrics_address,
         )
         agent = Agent(settings, backend=MemoryBackend(), registry=CollectorRegistry())
@@ -191,6 +192,36 @@ def test_a_join_touches_only_the_new_peer(shared_etcd: EtcdServer, prefix: str, 
             assert agent.reconciler is not None
             await agent.reconciler.reconcile_once()
         assert {n: len(mesh.device(n).operations) for n in mesh.agents} == marks
+
+    in_mesh(shared_etcd.endpoint, prefix, tmp_path, scenario)
+
+
+def test_the_periodic_resync_repairs_a_drifted_device_while_the_mesh_keeps_changing(
+    shared_etcd: EtcdServer, prefix: str, tmp_path: Path
+) -> None:
+    """The level-triggered pass runs every resync interval however busy the watch is (its timer used to restart
+    with every pass, so a mesh that changed more often than the interval was never checked against the device)."""
+
+    async def scenario(mesh: Mesh) -> None:
+        watched = mesh.start("watched", resync_interval=1.0)
+        mesh.start("other")
+        await mesh.converged()
+        other_key = mesh.agents["other"].key.public_key
+        device = mesh.device("watched")
+        device.remove_peer(device.peers[other_key])  # someone ran `wg set ... remove` by hand
+        writer = EtcdStore(mesh.endpoint)
+        busy_until = time.monotonic() + 8
+        try:
+            # Keys of a newer schema under the mesh's root: every one is a watch event and a pass, none a change.
+            i = 0
+            while other_key not in device.peers and time.monotonic() < busy_until:
+                await writer.put(f"{KeySchema(mesh.prefix).root}future/{i % 5}", b"x")
+                i += 1
+                await asyncio.sleep(0.2)
+        finally:
+            await writer.close()
+        assert other_key in device.peers, "the resync never ran"
+        assert watched.reconciler is not None and watched.reconciler.passes > 5
 
     in_mesh(shared_etcd.endpoint, prefix, tmp_path, scenario)
 

@@ -58,6 +58,7 @@ class Reconciler:
         self._builder = TopologyBuilder(local, underlay_mtu=underlay_mtu, fwmark=fwmark)
         self._resync_interval = resync_interval
         self._dirty = asyncio.Event()
+        self._resync_timer: asyncio.TimerHandle | None = None
         self._verify_next = True  # the next pass reads the device and compares everything
         # What the device was last given (kept up to date change by change, never copied on the common path).
         self._applied_interface: InterfaceSpec | None = None
@@ -83,21 +84,29 @@ class Reconciler:
         self._dirty.set()
 
     async def run(self) -> None:
-        while True:
-            # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation that arrives just as
-            # the awaited event fires, and the agent would never stop.
-            try:
-                # Jittered, so agents started together do not all read their devices at the same moment.
-                async with asyncio.timeout(self._resync_interval * random.uniform(0.9, 1.1)):
-                    await self._dirty.wait()
-            except TimeoutError:
-                self._verify_next = True  # the periodic resync: compare with the device as it is
-            self._dirty.clear()
-            if not self._view.synced:
-                continue  # nothing to compare against until the first snapshot
-            if not await self.reconcile_once():
-                await asyncio.sleep(_RETRY_AFTER_ERROR)
-                self._dirty.set()
+        self._resync_timer = asyncio.get_running_loop().call_later(self._next_resync(), self._resync)
+        try:
+            while True:
+                await self._dirty.wait()
+                self._dirty.clear()
+                if not self._view.synced:
+                    continue  # nothing to compare against until the first snapshot
+                if not await self.reconcile_once():
+                    await asyncio.sleep(_RETRY_AFTER_ERROR)
+                    self._dirty.set()
+        finally:
+            if self._resync_timer is not None:
+                self._resync_timer.cancel()
+
+    def _next_resync(self) -> float:
+        # Jittered, so agents started together do not all read their devices at the same moment.
+        return self._resync_interval * random.uniform(0.9, 1.1)
+
+    def _resync(self) -> None:
+        """The periodic resync: the next pass compares with the device as it is, however busy the mesh is. One
+        timer per interval, not one per pass (a timer per pass was a tenth of a busy agent's loop)."""
+        self.notify(verify=True)
+        self._resync_timer = asyncio.get_running_loop().call_later(self._next_resync(), self._resync)
 
     async def reconcile_once(self) -> bool:
         """One pass; True when every planned change was applied.
