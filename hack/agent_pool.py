@@ -31,6 +31,7 @@ from warren_mesh.store.etcd import parse_endpoints
 from warren_mesh.wireguard.memory import MemoryBackend
 
 _POLL = 0.002  # seconds between checks of a condition inside a worker
+_LAG_PROBE = 0.1  # seconds between the loop-lag probe's timers
 
 
 class BenchError(Exception):
@@ -59,6 +60,8 @@ class _Worker:
         self._marks: dict[str, int] = {}
         self._floor: _FloorWatchers | None = None
         self.died: dict[str, str] = {}  # agents whose run() ended without being stopped, and why
+        self._lag_monitor: asyncio.Task[None] | None = None
+        self._worst_lag = 0.0
 
     @staticmethod
     def _device(agent: Agent) -> MemoryBackend:
@@ -164,6 +167,21 @@ class _Worker:
     async def rebuilds(self) -> int:
         return sum(a.reconciler.rebuilds for a in self.agents.values() if a.reconciler is not None)
 
+    async def loop_lag(self) -> float:
+        """The longest a timer here fired late since the last call, in seconds: how long any agent of this worker
+        waited for its turn (its keepalive included). Started by the first call."""
+        if self._lag_monitor is None:
+            self._lag_monitor = asyncio.create_task(self._watch_lag())
+        worst, self._worst_lag = self._worst_lag, 0.0
+        return worst
+
+    async def _watch_lag(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + _LAG_PROBE
+            await asyncio.sleep(_LAG_PROBE)
+            self._worst_lag = max(self._worst_lag, loop.time() - due)
+
     async def floor_watch(self, prefix: str, watchers: int, puts: int) -> None:
         self._floor = _FloorWatchers(self.endpoint, prefix, watchers, puts)
 
@@ -179,6 +197,8 @@ class _Worker:
             self._floor = None
 
     async def close(self) -> None:
+        if self._lag_monitor is not None:
+            self._lag_monitor.cancel()
         for name in list(self.agents):
             await self.stop(name)
         await self.floor_close()
@@ -380,6 +400,10 @@ class AgentPool:
 
     async def rebuilds(self) -> int:
         return sum(await self._each("rebuilds"))
+
+    async def loop_lag(self) -> float:
+        """The worst event-loop lag of any worker since the last call (seconds); the first call starts measuring."""
+        return max(await self._each("loop_lag"))
 
     async def floor(self, prefix: str, watchers: int, puts: int, put: Callable[[str], None]) -> list[float]:
         """The floor with the same packing as the agents: ``watchers`` bare etcd3 watchers spread over the workers;

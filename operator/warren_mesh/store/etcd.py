@@ -181,6 +181,9 @@ class EtcdStore:
         self._call_timeout = call_timeout
         self._on_health = on_health
         self._closing: set[asyncio.Task[None]] = set()
+        self._keepalive_lock = asyncio.Lock()
+        self._keepalive_call: Any = None  # the open LeaseKeepAlive stream, reused by every refresh
+        self._keepalive_conn: _Connection | None = None
         self.up = False
 
     @property
@@ -233,6 +236,9 @@ class EtcdStore:
         return response
 
     async def close(self) -> None:
+        if self._keepalive_call is not None:
+            self._keepalive_call.cancel()
+            self._keepalive_call = None
         if self._conn is not None:
             await self._conn.channel.close(grace=None)
             self._conn = None
@@ -343,22 +349,33 @@ class EtcdStore:
         return int(resp.ID)
 
     async def keepalive(self, lease_id: int) -> int:
-        """Refresh a lease; returns its new TTL, or 0 when etcd no longer has it."""
-        conn = self._connection()
-        # The request goes in as an iterable, so gRPC writes and half-closes it itself: our own write() and
-        # done_writing() raised internal errors (not AioRpcError) when the deadline ended the call between them.
-        request = rpc_pb2.LeaseKeepAliveRequest(ID=lease_id)
-        call = conn.lease.LeaseKeepAlive((request,), timeout=self._call_timeout)
-        try:
-            resp = await call.read()
-        except _STREAM_FAILURES as exc:
-            self._fail_over(conn, exc)
-            raise StoreUnavailable(f"etcd at {conn.endpoint.target} is unavailable: {_reason(exc)}") from None
-        finally:
-            call.cancel()
-        if resp is grpc.aio.EOF:
-            self._fail_over(conn, StoreUnavailable("keepalive stream closed"))
-            raise StoreUnavailable("etcd closed the keepalive stream")
+        """Refresh a lease; returns its new TTL, or 0 when etcd no longer has it.
+
+        One LeaseKeepAlive stream is kept open and reused, as etcd's own client does: a refresh is one message
+        each way, so the request leaves as soon as we run. A stream per refresh took several event-loop turns
+        (call set-up, metadata, write, half-close) before etcd saw the request; on a busy loop that outlasted the
+        lease (a thousand agents starting at once lost their leases this way).
+        """
+        async with self._keepalive_lock:
+            conn = self._connection()
+            call = self._keepalive_call
+            if call is None or self._keepalive_conn is not conn or call.done():
+                if call is not None:
+                    call.cancel()
+                call = conn.lease.LeaseKeepAlive()  # no deadline: it lives as long as it works
+                self._keepalive_call, self._keepalive_conn = call, conn
+            try:
+                async with asyncio.timeout(self._call_timeout):
+                    await call.write(rpc_pb2.LeaseKeepAliveRequest(ID=lease_id))
+                    resp = await call.read()
+                if resp is grpc.aio.EOF:
+                    raise StoreUnavailable("etcd closed the keepalive stream")
+            except (TimeoutError, StoreUnavailable, *_STREAM_FAILURES) as exc:
+                call.cancel()
+                self._keepalive_call = None
+                self._fail_over(conn, exc)
+                reason = "no answer in time" if isinstance(exc, TimeoutError) else _reason(exc)
+                raise StoreUnavailable(f"etcd at {conn.endpoint.target} is unavailable: {reason}") from None
         self._set_health(True)
         return int(resp.TTL)
 
@@ -490,4 +507,6 @@ async def _pump(call: Any, responses: asyncio.Queue[Any]) -> None:
 def _reason(error: BaseException) -> str:
     if isinstance(error, grpc.aio.AioRpcError):
         return str(error.code().name)
+    if isinstance(error, StoreError):
+        return str(error)
     return f"the call ended under us ({type(error).__name__}: {error})"
