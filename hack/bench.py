@@ -234,11 +234,13 @@ async def scenario_storm(endpoint: str, nodes: int, workers: int, lease_ttl: int
     """N agents start at the same moment (a cluster cold boot): time until every agent has N-1 peers."""
     with tempfile.TemporaryDirectory(prefix="warren-bench-") as tmp:
         async with AgentPool(endpoint, "storm", Path(tmp), workers=workers, ttl=lease_ttl) as pool:
+            await pool.loop_lag()  # starts the workers' lag probes
             started = time.monotonic()
             await _start_all(pool, [f"n{i}" for i in range(nodes)])
             await pool.settle(timeout=900)
             converged = time.monotonic() - started
             rebuilds = await pool.rebuilds()
+            lag = await pool.loop_lag()
     return {
         "scenario": "storm",
         "nodes": nodes,
@@ -246,6 +248,7 @@ async def scenario_storm(endpoint: str, nodes: int, workers: int, lease_ttl: int
         "lease_ttl_s": lease_ttl,
         "converged_s": round(converged, 3),
         "full_rebuilds": rebuilds,
+        "worst_loop_lag_s": round(lag, 3),
     }
 
 

@@ -57,6 +57,7 @@ def test_bench_smoke(shared_etcd: EtcdServer) -> None:
     assert leave["ttl_s"] == 2 and leave["detect_s"] >= 1.0  # a crash is noticed through the lease, not earlier
     assert cold["records"] == 20 and cold["ready_s"] > 0
     assert lines["storm"]["nodes"] == 3 and lines["storm"]["converged_s"] > 0
+    assert lines["storm"]["worst_loop_lag_s"] >= 0
     churn = lines["churn"]
     assert churn["operations"] == 4 and churn["final_state_matches"] is True and churn["untouched_changes"] == 0
     cost = lines["cost"]

@@ -353,8 +353,8 @@ class EtcdStore:
 
         One LeaseKeepAlive stream is kept open and reused, as etcd's own client does: a refresh is one message
         each way, so the request leaves as soon as we run. A stream per refresh took several event-loop turns
-        (call set-up, metadata, write, half-close) before etcd saw the request; on a busy loop that outlasted the
-        lease (a thousand agents starting at once lost their leases this way).
+        (call set-up, metadata, write, half-close) before etcd saw the request, which on a busy loop (a thousand
+        simulated agents starting at once) cost leases.
         """
         async with self._keepalive_lock:
             conn = self._connection()
