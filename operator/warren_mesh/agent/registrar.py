@@ -29,6 +29,7 @@ from warren_mesh.model import (
     RecordError,
     decode_json,
     encode_json,
+    parse_ip,
 )
 from warren_mesh.schema import KeySchema
 from warren_mesh.store.base import Backoff, LeaseNotFound, StoreError, StoreUnavailable
@@ -94,7 +95,7 @@ class Registrar:
         taken: set[int] = set()
         for kv in snapshot.items:
             try:
-                ip = ipaddress.ip_address(kv.key[len(self._schema.ipam) :])
+                ip = parse_ip(kv.key[len(self._schema.ipam) :])
             except ValueError:
                 continue
             if kv.value.decode(errors="replace") == self._name and ip in cidr:
@@ -135,6 +136,8 @@ class Registrar:
         if overlay_ip is None:
             overlay_ip, taken = await self._reservations(config.overlay_cidr)
         lease_id = await self._store.grant_lease(ttl)
+        # Records are stamped after the lease grant: published_at is when the record is written, so measured
+        # convergence lag is the mesh's reaction time, not our own registration round trips.
         key = self._schema.node(self._name)
         try:
             if overlay_ip is None:

@@ -275,10 +275,11 @@ class EtcdStore:
 
     async def create(self, key: str, value: bytes, *, lease: int = 0) -> KeyValue | None:
         """Put ``key`` only if it does not exist. Returns None on success, else the record that is there."""
-        compare = rpc_pb2.Compare(
-            result=rpc_pb2.Compare.EQUAL, target=rpc_pb2.Compare.CREATE, key=key.encode(), create_revision=0
-        )
-        return await self._txn(compare, key, value, lease)
+        holders = await self.create_all([(key, value, lease)])
+        if holders is None:
+            return None
+        # Nothing there means the key vanished between compare and range: report it as a bare conflict.
+        return holders[0] or KeyValue(key, b"", 0, 0)
 
     async def create_all(self, items: Sequence[tuple[str, bytes, int]]) -> list[KeyValue | None] | None:
         """Put every ``(key, value, lease)`` in one revision, only if none of the keys exists. None on success,
