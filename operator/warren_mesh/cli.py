@@ -189,7 +189,7 @@ def render_lab_table(status: list[NodeStatus]) -> str:
             s.overlay_ip or "-",
             str(s.peers),
             str(s.handshaken),
-            "running" if s.agent_running else "stopped",
+            ("ready" if s.agent_ready else "starting") if s.agent_running else "stopped",
         )
         for s in status
     ]

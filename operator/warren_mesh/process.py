@@ -1,7 +1,8 @@
-"""Child-process setup only the kernel can do: dying with the parent, starting inside a network namespace.
+"""What only the kernel can do for us: a child that dies with its parent or starts inside a network namespace,
+and a connection made from inside a namespace.
 
-These run between fork and exec, where only async-signal-safe work is allowed, so libc is loaded here in the
-parent and the child makes single system calls.
+The preexec functions run between fork and exec, where only async-signal-safe work is allowed, so libc is loaded
+here in the parent and the child makes single system calls.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import ctypes
 import ctypes.util
 import os
 import signal
+import socket
+import threading
 from collections.abc import Callable
 
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -37,3 +40,32 @@ def in_netns(name: str | None, *, tied_to_parent: bool = False) -> Callable[[], 
             _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
     return enter
+
+
+def connect_in_netns(name: str, address: tuple[str, int], timeout: float) -> socket.socket:
+    """A TCP connection to ``address`` as seen from inside network namespace ``name``.
+
+    A socket belongs to the namespace it was created in, and setns() moves only the calling thread, so a thread
+    of its own enters the namespace, connects, and ends; the socket is then used from anywhere.
+    """
+    outcome: list[socket.socket | OSError] = []
+
+    def connect() -> None:
+        try:
+            fd = os.open(os.path.join(NETNS_DIR, name), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _LIBC.setns(fd, _CLONE_NEWNET) != 0:
+                    errno = ctypes.get_errno()
+                    raise OSError(errno, f"cannot enter network namespace {name}: {os.strerror(errno)}")
+            finally:
+                os.close(fd)
+            outcome.append(socket.create_connection(address, timeout=timeout))
+        except OSError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=connect, name=f"connect-in-{name}", daemon=True)
+    thread.start()
+    thread.join()
+    if isinstance(outcome[0], OSError):
+        raise outcome[0]
+    return outcome[0]

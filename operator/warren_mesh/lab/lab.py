@@ -15,6 +15,7 @@ shared by all namespaces.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import ipaddress
 import json
 import os
@@ -31,7 +32,7 @@ from pyroute2 import IPRoute
 
 from warren_mesh.lab import netns
 from warren_mesh.lab.etcd_server import EtcdServer
-from warren_mesh.process import in_netns
+from warren_mesh.process import connect_in_netns, in_netns
 from warren_mesh.wireguard import link, uapi
 
 SUBNET = ipaddress.ip_network("192.168.240.0/24")
@@ -54,6 +55,7 @@ class NodeStatus:
     peers: int
     handshaken: int  # peers with a completed handshake
     agent_running: bool
+    agent_ready: bool  # its /healthz says so: the device was configured from a complete view of the mesh
 
 
 def require_root() -> None:
@@ -213,6 +215,42 @@ class Lab:
         pid = nodes.get(str(index))
         return int(pid) if pid is not None else None
 
+    def agent_ready(self, index: int) -> bool:
+        """Whether node ``index``'s agent answers its /healthz with 200 (asked from inside the node's namespace)."""
+        try:
+            sock = connect_in_netns(self.node_netns(index), ("127.0.0.1", METRICS_PORT), timeout=2.0)
+        except OSError:
+            return False
+        conn = http.client.HTTPConnection("127.0.0.1", METRICS_PORT, timeout=2.0)
+        conn.sock = sock
+        try:
+            conn.request("GET", "/healthz")
+            return conn.getresponse().status == 200
+        except (OSError, http.client.HTTPException):
+            return False
+        finally:
+            conn.close()
+
+    def wait_for_agent(self, index: int, *, timeout: float) -> float:
+        """Until node ``index``'s agent is ready; returns how long that took.
+
+        Kept apart from wait_for_mesh because starting a Python process is not the mesh's doing and varies
+        widely: ~0.3 s on a host, ~20 s in the emulated (TCG) VM of the kernel tests, where every import reads
+        the host's files over 9p.
+        """
+        started = time.monotonic()
+        while not self.agent_ready(index):
+            pid = self._agent_pid(index)
+            if pid is None or not _alive(pid):
+                raise LabError(f"the agent of {self.node_name(index)} exited; see its log in {self.state_dir}")
+            if time.monotonic() - started > timeout:
+                raise LabError(
+                    f"the agent of {self.node_name(index)} was not ready within {timeout:.0f} s; "
+                    f"logs in {self.state_dir}\n" + self._log_tail(self.node_name(index))
+                )
+            time.sleep(0.2)
+        return time.monotonic() - started
+
     def wait_for_mesh(self, *, timeout: float, progress: Callable[[str], None] | None = None) -> list[NodeStatus]:
         """Until every running node has every other running node as a peer, with a completed handshake."""
         deadline = time.monotonic() + timeout
@@ -231,8 +269,26 @@ class Lab:
                 progress(line)
                 last = line
             if time.monotonic() > deadline:
-                raise LabError(f"the mesh did not form within {timeout:.0f} s ({line}); logs in {self.state_dir}")
+                lagging = [s for s in status if not (s.peers == want and s.handshaken == want)]
+                raise LabError(
+                    f"the mesh did not form within {timeout:.0f} s ({line}); logs in {self.state_dir}\n"
+                    + "\n".join(self._lagging_report(s, want) for s in lagging)
+                )
             time.sleep(0.2)
+
+    def _lagging_report(self, node: NodeStatus, want: int, log_lines: int = 20) -> str:
+        """What a node that has not joined the mesh has, and the end of its agent's log: the lab (and a test that
+        uses it) removes its state directory when it fails, so this is what is left to diagnose with."""
+        agent = "ready" if node.agent_ready else "not ready"
+        head = f"{node.name}: {node.peers}/{want} peers, {node.handshaken} handshaken, agent {agent}; its log ends:"
+        return f"{head}\n{self._log_tail(node.name, log_lines)}"
+
+    def _log_tail(self, name: str, lines: int = 20) -> str:
+        try:
+            log = (self.state_dir / f"{name}.log").read_text(errors="replace").splitlines()[-lines:]
+        except OSError as exc:
+            log = [f"(no log: {exc})"]
+        return "\n".join(f"  {entry}" for entry in log)
 
     # --- looking at it ----------------------------------------------------------------------------------------
 
@@ -263,6 +319,7 @@ class Lab:
                 if state is not None and state.address is not None:
                     overlay = state.address.split("/")[0]
             pid = self._agent_pid(index)
+            running = pid is not None and _alive(pid)
             result.append(
                 NodeStatus(
                     name=self.node_name(index),
@@ -272,7 +329,8 @@ class Lab:
                     overlay_ip=overlay,
                     peers=len(device),
                     handshaken=sum(1 for _, _, handshake in device.values() if handshake > 0),
-                    agent_running=pid is not None and _alive(pid),
+                    agent_running=running,
+                    agent_ready=running and self.agent_ready(index),
                 )
             )
         return result
