@@ -3,8 +3,9 @@ the address or the record is not where the fast path expects it."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -17,7 +18,7 @@ from warren_mesh.metrics.instruments import AgentMetrics
 from warren_mesh.model import MeshConfig, NodeRecord, decode_json
 from warren_mesh.schema import KeySchema
 from warren_mesh.store.etcd import EtcdStore
-from warren_mesh.watch import Snapshot
+from warren_mesh.watch import KeyValue, Snapshot
 
 KEY = NodeKey.generate()
 
@@ -111,3 +112,41 @@ def test_a_record_whose_reservation_was_lost_is_reserved_again_and_taken_over(
         assert after.record.overlay_ip == before.record.overlay_ip  # the name hashes to the same first choice
 
     with_store(shared_etcd.endpoint, scenario)
+
+
+def test_the_lease_is_kept_alive_from_its_grant_while_registration_is_slow(
+    shared_etcd: EtcdServer, prefix: str
+) -> None:
+    """With a thousand nodes starting at once, writing the record took seconds after the lease was granted; a
+    lease first refreshed after registering expired before that, and the node flapped out of the mesh."""
+    schema = KeySchema(prefix)
+
+    class SlowStore(EtcdStore):
+        async def create_all(self, items: Sequence[tuple[str, bytes, int]]) -> list[KeyValue | None] | None:
+            await asyncio.sleep(3.0)  # longer than the lease's TTL
+            return await super().create_all(items)
+
+    async def scenario() -> None:
+        store = SlowStore(shared_etcd.endpoint)
+        try:
+            slow = Registrar(
+                store=store,
+                schema=schema,
+                name="slow",
+                key=NodeKey.generate(),
+                endpoint_host=ipaddress.ip_address("127.0.0.1"),
+                endpoint_port=51820,
+                lease_ttl=2,
+                metrics=AgentMetrics(CollectorRegistry()),
+            )
+            registration = await slow.register(MeshConfig())
+            record = await store.get(schema.node("slow"))
+            assert record is not None and record.lease == registration.lease_id
+            await asyncio.sleep(2.5)  # past another TTL: the refreshes go on after registering
+            assert await store.lease_time_left(registration.lease_id) > 0
+            await slow.deregister()
+            assert await store.get(schema.node("slow")) is None
+        finally:
+            await store.close()
+
+    run(scenario())

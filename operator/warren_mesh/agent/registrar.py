@@ -13,7 +13,6 @@ import asyncio
 import hashlib
 import ipaddress
 import logging
-import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -33,7 +32,7 @@ from warren_mesh.model import (
 )
 from warren_mesh.schema import KeySchema
 from warren_mesh.store.base import Backoff, LeaseNotFound, StoreError, StoreUnavailable
-from warren_mesh.store.etcd import EtcdStore
+from warren_mesh.store.etcd import EtcdStore, lease_refresh_interval
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +85,7 @@ class Registrar:
         self._allowed_ips = allowed_ips
         self.current: Registration | None = None
         self._published = b""  # the exact value of our record in etcd, to notice when someone changes it
+        self._holder: asyncio.Task[None] | None = None  # keeps the current lease alive; ends when etcd drops it
 
     # --- address ----------------------------------------------------------------------------------------------
 
@@ -136,6 +136,9 @@ class Registrar:
         if overlay_ip is None:
             overlay_ip, taken = await self._reservations(config.overlay_cidr)
         lease_id = await self._store.grant_lease(ttl)
+        # Held from this moment, not from when the record is written: with a thousand nodes starting at once,
+        # registering took several seconds, and a lease refreshed only after that expired before its first refresh.
+        holder = asyncio.get_running_loop().create_task(self._hold(lease_id, ttl), name=f"lease-{lease_id:x}")
         # Records are stamped after the lease grant: published_at is when the record is written, so measured
         # convergence lag is the mesh's reaction time, not our own registration round trips.
         key = self._schema.node(self._name)
@@ -147,10 +150,15 @@ class Registrar:
         except LeaseNotFound:
             # The new lease ran out before the record was written: etcd or this agent stalled for longer than the
             # TTL. Nothing is wrong with the registration itself, so callers retry it like an unreachable etcd.
+            holder.cancel()
             raise StoreUnavailable(f"lease {lease_id:x} expired before {key} was written; registering again") from None
         except BaseException:
+            holder.cancel()
             await asyncio.shield(self._revoke_quietly(lease_id))
             raise
+        if self._holder is not None:
+            self._holder.cancel()  # the previous lease's: etcd dropped it, or we are moving off it
+        self._holder = holder
         self.current = Registration(record, lease_id, ttl)
         self._published = encode_json(record.to_json())
         self._metrics.registrations.inc()
@@ -254,35 +262,47 @@ class Registrar:
             # Most likely our lease is gone (that deleted the record); the keepalive registers us again.
             log.warning("could not restore the record of %s: %s", self._name, exc)
 
-    async def keep_alive(self, config: Callable[[], MeshConfig]) -> None:
-        """Refresh the lease every TTL/3 forever; register again (with the current config) if it is lost."""
+    async def _hold(self, lease_id: int, ttl: int) -> None:
+        """Refresh a lease every TTL/3 until etcd says it is gone; stream failures are retried, never fatal."""
         backoff = Backoff(initial=0.2, maximum=1.0)
-        delay = _refresh_delay(self._registration().ttl)
+        first_in = lease_refresh_interval(ttl)  # it was granted just now
         while True:
-            await asyncio.sleep(delay)
-            current = self._registration()
             try:
-                if await self._store.keepalive(current.lease_id) > 0:
-                    backoff.reset()
-                    delay = _refresh_delay(current.ttl)
-                    continue
-                self._metrics.lease_keepalive_failures.inc()
-                log.warning(
-                    "lease %x of %s is gone (etcd away for longer than %d s?); registering again",
-                    current.lease_id,
-                    self._name,
-                    current.ttl,
-                )
-                await self.register(config(), current.record.overlay_ip)
-                backoff.reset()
-                delay = _refresh_delay(self._registration().ttl)
+                await self._store.hold_lease(lease_id, ttl, first_in=first_in, on_renewed=backoff.reset)
+                return
             except StoreError as exc:
-                # Unreachable, too slow, or refused: all are retried (this task ending would end the agent, and
-                # an agent that stops renewing leaves the mesh).
+                # Unreachable, stuck, or refused: all are retried (an agent that stops renewing leaves the mesh).
                 self._metrics.lease_keepalive_failures.inc()
                 log.warning("lease keepalive failed: %s", exc)
-                # Retry soon rather than in TTL/3: every second unrefreshed is a second off our peers' patience.
-                delay = backoff.delay()
+                # Renew as soon as a stream is back rather than in TTL/3: every second unrenewed is a second off
+                # our peers' patience.
+                first_in = 0.0
+                await asyncio.sleep(backoff.delay())
+
+    async def keep_alive(self, config: Callable[[], MeshConfig]) -> None:
+        """Forever: wait until etcd drops our lease (refreshed from the moment it was granted), then register
+        again with the current config."""
+        backoff = Backoff(initial=0.2, maximum=1.0)
+        while True:
+            current = self._registration()
+            assert self._holder is not None
+            # Shielded: this task being cancelled (the agent stopping) must not stop the refreshes before
+            # deregister() revokes the lease; deregister (or the next registration) ends the holder.
+            await asyncio.shield(self._holder)
+            self._metrics.lease_keepalive_failures.inc()
+            log.warning(
+                "lease %x of %s is gone (etcd away for longer than %d s?); registering again",
+                current.lease_id,
+                self._name,
+                current.ttl,
+            )
+            try:
+                await self.register(config(), current.record.overlay_ip)
+                backoff.reset()
+            except StoreError as exc:
+                # The old holder stays finished, so the next turn tries again.
+                log.warning("registering again failed: %s", exc)
+                await asyncio.sleep(backoff.delay())
 
     def _registration(self) -> Registration:
         if self.current is None:
@@ -292,6 +312,9 @@ class Registrar:
     async def deregister(self) -> None:
         """Revoke our lease so every peer drops us now rather than when it would expire."""
         current, self.current = self.current, None
+        if self._holder is not None:
+            self._holder.cancel()
+            self._holder = None
         if current is not None:
             await self._revoke_quietly(current.lease_id)
             log.info("revoked lease of %s; peers drop it now", self._name)
@@ -301,9 +324,3 @@ class Registrar:
             await self._store.revoke_lease(lease_id)
         except StoreUnavailable as exc:
             log.warning("could not revoke lease %x (%s); it expires on its own", lease_id, exc)
-
-
-def _refresh_delay(ttl: int) -> float:
-    """A third of the TTL, less up to a fifth of that at random: agents started together (a cluster boot) would
-    otherwise refresh in lockstep forever, and every pulse delays whatever etcd does at that moment."""
-    return ttl / 3 * random.uniform(0.8, 1.0)

@@ -13,9 +13,11 @@ stopped. We keep its generated messages and stubs and put our own connection han
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
+import random
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -181,9 +183,6 @@ class EtcdStore:
         self._call_timeout = call_timeout
         self._on_health = on_health
         self._closing: set[asyncio.Task[None]] = set()
-        self._keepalive_lock = asyncio.Lock()
-        self._keepalive_call: Any = None  # the open LeaseKeepAlive stream, reused by every refresh
-        self._keepalive_conn: _Connection | None = None
         self.up = False
 
     @property
@@ -236,9 +235,6 @@ class EtcdStore:
         return response
 
     async def close(self) -> None:
-        if self._keepalive_call is not None:
-            self._keepalive_call.cancel()
-            self._keepalive_call = None
         if self._conn is not None:
             await self._conn.channel.close(grace=None)
             self._conn = None
@@ -349,36 +345,67 @@ class EtcdStore:
             raise StoreError(f"etcd refused a lease of {ttl} s: {resp.error}")
         return int(resp.ID)
 
-    async def keepalive(self, lease_id: int) -> int:
-        """Refresh a lease; returns its new TTL, or 0 when etcd no longer has it.
+    async def hold_lease(
+        self,
+        lease_id: int,
+        ttl: int,
+        *,
+        first_in: float,
+        on_renewed: Callable[[], None] | None = None,
+    ) -> None:
+        """Keep a lease alive until etcd says it is gone, then return. Raises StoreUnavailable when the stream
+        fails or stops answering; the caller holds it again on a new stream.
 
-        One LeaseKeepAlive stream is kept open and reused, as etcd's own client does: a refresh is one message
-        each way, so the request leaves as soon as we run. A stream per refresh took several event-loop turns
-        (call set-up, metadata, write, half-close) before etcd saw the request, which on a busy loop (a thousand
-        simulated agents starting at once) cost leases.
+        As etcd's own client does: one LeaseKeepAlive stream, a request every TTL/3 (the first after
+        ``first_in`` s) whether or not the earlier ones were answered yet, and the answers read as they come.
+        A late answer then costs nothing: the lease lives as long as etcd hears from us. Waiting for each answer
+        before sending the next (and giving up on the stream after a deadline) put every delay of a busy event
+        loop in series, and a thousand simulated agents on two cores lost hundreds of 10 s leases that way.
+        The lease is declared lost only by etcd (an answer with TTL 0), never by our clock.
         """
-        async with self._keepalive_lock:
-            conn = self._connection()
-            call = self._keepalive_call
-            if call is None or self._keepalive_conn is not conn or call.done():
-                if call is not None:
-                    call.cancel()
-                call = conn.lease.LeaseKeepAlive()  # no deadline: it lives as long as it works
-                self._keepalive_call, self._keepalive_conn = call, conn
-            try:
-                async with asyncio.timeout(self._call_timeout):
-                    await call.write(rpc_pb2.LeaseKeepAliveRequest(ID=lease_id))
-                    resp = await call.read()
+        conn = self._connection()
+        call = conn.lease.LeaseKeepAlive()  # no deadline: it lives as long as it works
+        loop = asyncio.get_running_loop()
+        unanswered: collections.deque[float] = collections.deque()  # when each request awaiting its answer left
+        # Answers later than this mean the stream (or etcd) is stuck, not slow: by now the lease has expired
+        # unless some request got through, so a new stream (or the next endpoint) loses nothing.
+        patience = max(self._call_timeout, float(ttl))
+
+        async def read_answers() -> None:
+            while True:
+                resp = await call.read()
                 if resp is grpc.aio.EOF:
-                    raise StoreUnavailable("etcd closed the keepalive stream")
-            except (TimeoutError, StoreUnavailable, *_STREAM_FAILURES) as exc:
-                call.cancel()
-                self._keepalive_call = None
-                self._fail_over(conn, exc)
-                reason = "no answer in time" if isinstance(exc, TimeoutError) else _reason(exc)
-                raise StoreUnavailable(f"etcd at {conn.endpoint.target} is unavailable: {reason}") from None
-        self._set_health(True)
-        return int(resp.TTL)
+                    raise StoreUnavailable("it closed the keepalive stream")
+                if unanswered:  # etcd answers a stream's requests in order, one by one
+                    unanswered.popleft()
+                if resp.TTL <= 0:
+                    return
+                self._set_health(True)
+                if on_renewed is not None:
+                    on_renewed()
+
+        reader = loop.create_task(read_answers(), name=f"lease-{lease_id:x}-answers")
+        reader.add_done_callback(_retrieve)
+        try:
+            delay = first_in
+            while True:
+                await asyncio.wait((reader,), timeout=delay)
+                if reader.done():
+                    await reader  # returns: etcd says the lease is gone; raises: the stream failed
+                    return
+                if unanswered and loop.time() - unanswered[0] > patience:
+                    raise TimeoutError
+                unanswered.append(loop.time())  # before the write: its answer may be read before the write returns
+                async with asyncio.timeout(patience):
+                    await call.write(rpc_pb2.LeaseKeepAliveRequest(ID=lease_id))
+                delay = lease_refresh_interval(ttl)
+        except (TimeoutError, StoreUnavailable, *_STREAM_FAILURES) as exc:
+            self._fail_over(conn, exc)
+            reason = f"no keepalive answer for {patience:.0f} s" if isinstance(exc, TimeoutError) else _reason(exc)
+            raise StoreUnavailable(f"etcd at {conn.endpoint.target} is unavailable: {reason}") from None
+        finally:
+            reader.cancel()
+            call.cancel()
 
     async def revoke_lease(self, lease_id: int) -> None:
         with contextlib.suppress(LeaseNotFound):  # gone already: what revoking wanted
@@ -503,6 +530,18 @@ async def _pump(call: Any, responses: asyncio.Queue[Any]) -> None:
                 return
     except _STREAM_FAILURES as exc:
         responses.put_nowait(exc)
+
+
+def lease_refresh_interval(ttl: int) -> float:
+    """A third of the TTL, less up to a fifth of that at random: agents started together (a cluster boot) would
+    otherwise refresh in lockstep forever, and every pulse delays whatever etcd does at that moment."""
+    return ttl / 3 * random.uniform(0.8, 1.0)
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Mark a helper task's failure as seen: its owner may be gone (cancelled) before it could await it."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _reason(error: BaseException) -> str:
