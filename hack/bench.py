@@ -21,7 +21,8 @@ Scenarios (one JSON line each, latencies in milliseconds):
 The agents are packed into --workers processes (default: one per core; hack/agent_pool.py), each running its
 share on one event loop, so per-event figures include the other agents' work: on a 2-core machine the honest
 reading is "what every agent's device did", not an isolated single agent. The floor's bare watchers are packed
-the same way.
+the same way. The workers run at nice 5 so that etcd, which has CPUs of its own in a cluster, is not starved by
+the simulated agents sharing its machine.
 """
 
 from __future__ import annotations
