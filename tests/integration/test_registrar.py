@@ -23,7 +23,9 @@ from warren_mesh.watch import KeyValue, Snapshot
 KEY = NodeKey.generate()
 
 
-def registrar(store: EtcdStore, schema: KeySchema, name: str = "n1", key: NodeKey = KEY) -> Registrar:
+def registrar(
+    store: EtcdStore, schema: KeySchema, name: str = "n1", key: NodeKey = KEY, lease_ttl: int = 30
+) -> Registrar:
     return Registrar(
         store=store,
         schema=schema,
@@ -31,7 +33,7 @@ def registrar(store: EtcdStore, schema: KeySchema, name: str = "n1", key: NodeKe
         key=key,
         endpoint_host=ipaddress.ip_address("127.0.0.1"),
         endpoint_port=51820,
-        lease_ttl=30,
+        lease_ttl=lease_ttl,
         metrics=AgentMetrics(CollectorRegistry()),
     )
 
@@ -129,16 +131,7 @@ def test_the_lease_is_kept_alive_from_its_grant_while_registration_is_slow(
     async def scenario() -> None:
         store = SlowStore(shared_etcd.endpoint)
         try:
-            slow = Registrar(
-                store=store,
-                schema=schema,
-                name="slow",
-                key=NodeKey.generate(),
-                endpoint_host=ipaddress.ip_address("127.0.0.1"),
-                endpoint_port=51820,
-                lease_ttl=2,
-                metrics=AgentMetrics(CollectorRegistry()),
-            )
+            slow = registrar(store, schema, name="slow", key=NodeKey.generate(), lease_ttl=2)
             registration = await slow.register(MeshConfig())
             record = await store.get(schema.node("slow"))
             assert record is not None and record.lease == registration.lease_id
