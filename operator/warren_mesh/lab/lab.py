@@ -264,7 +264,10 @@ class Lab:
                 return status
             stopped = [s.name for s in status if not s.agent_running]
             if stopped:
-                raise LabError(f"the agent of {', '.join(stopped)} exited; see its log in {self.state_dir}")
+                raise LabError(
+                    f"the agent of {', '.join(stopped)} exited; logs in {self.state_dir}\n"
+                    + "\n".join(f"{name}'s log ends:\n{self._log_tail(name)}" for name in stopped)
+                )
             if progress is not None and line != last:
                 progress(line)
                 last = line
