@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import warren_mesh.store.etcd  # noqa: F401  (first: sets gRPC's process-wide options before any test imports grpc)
 from helpers import AgentProcess
 from warren_mesh.lab.etcd_server import EtcdServer
 

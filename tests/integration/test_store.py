@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -268,5 +269,33 @@ def test_fails_over_to_the_next_endpoint(shared_etcd: EtcdServer, prefix: str) -
         assert store.endpoint.endswith(str(shared_etcd.client_port))
         assert health[-1] is True
         await store.close()
+
+    run(scenario())
+
+
+def test_processes_started_while_grpc_is_busy_survive_the_fork(shared_etcd: EtcdServer, prefix: str) -> None:
+    """gRPC's fork handlers restarted its poller in the forked child, which then crashed (SIGSEGV) before exec in
+    about one fork in fifteen while calls were in flight: the agent starting wireguard-go, the lab starting agents."""
+
+    async def scenario() -> None:
+        store = EtcdStore(shared_etcd.endpoint)
+        await store.put(f"{prefix}/k", b"v")
+        done = asyncio.Event()
+
+        async def keep_grpc_busy() -> None:
+            while not done.is_set():
+                await store.get(f"{prefix}/k")
+
+        busy = asyncio.create_task(keep_grpc_busy())
+
+        def spawn() -> int:
+            # A preexec_fn makes subprocess fork (not vfork/posix_spawn), as the lab's in_netns does.
+            return subprocess.run(["true"], preexec_fn=lambda: None, check=False).returncode
+
+        codes = [await asyncio.to_thread(spawn) for _ in range(150)]
+        done.set()
+        await busy
+        await store.close()
+        assert codes == [0] * len(codes), f"{sum(c != 0 for c in codes)} children died: {sorted(set(codes))}"
 
     run(scenario())
