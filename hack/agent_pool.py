@@ -268,7 +268,7 @@ def _worker_main() -> None:
     # Below etcd's priority: in a cluster etcd has CPUs of its own, here it shares two cores with a thousand
     # simulated agents. At equal priority the workers took ~2/3 of the CPU in a storm, etcd answered lease
     # refreshes up to ~10 s late, and a varying number of leases expired (converged in 55-117 s over five runs;
-    # 53-56 s niced). Both the agents and the floor's bare watchers run in these workers, so both are judged alike.
+    # 53-58 s niced). Both the agents and the floor's bare watchers run in these workers, so both are judged alike.
     os.nice(WORKER_NICENESS)
     asyncio.run(_serve(_Worker(endpoint, prefix, key_dir, ttl)))
 

@@ -242,7 +242,7 @@ class Lab:
         while not self.agent_ready(index):
             pid = self._agent_pid(index)
             if pid is None or not _alive(pid):
-                raise LabError(f"the agent of {self.node_name(index)} exited; see its log in {self.state_dir}")
+                raise self._exited([self.node_name(index)])
             if time.monotonic() - started > timeout:
                 raise LabError(
                     f"the agent of {self.node_name(index)} was not ready within {timeout:.0f} s; "
@@ -264,10 +264,7 @@ class Lab:
                 return status
             stopped = [s.name for s in status if not s.agent_running]
             if stopped:
-                raise LabError(
-                    f"the agent of {', '.join(stopped)} exited; logs in {self.state_dir}\n"
-                    + "\n".join(f"{name}'s log ends:\n{self._log_tail(name)}" for name in stopped)
-                )
+                raise self._exited(stopped)
             if progress is not None and line != last:
                 progress(line)
                 last = line
@@ -278,6 +275,12 @@ class Lab:
                     + "\n".join(self._lagging_report(s, want) for s in lagging)
                 )
             time.sleep(0.2)
+
+    def _exited(self, names: list[str]) -> LabError:
+        return LabError(
+            f"the agent of {', '.join(names)} exited; logs in {self.state_dir}\n"
+            + "\n".join(f"{name}'s log ends:\n{self._log_tail(name)}" for name in names)
+        )
 
     def _lagging_report(self, node: NodeStatus, want: int, log_lines: int = 20) -> str:
         """What a node that has not joined the mesh has, and the end of its agent's log: the lab (and a test that
