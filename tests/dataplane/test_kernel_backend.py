@@ -60,3 +60,32 @@ def test_kernel_backend_reads_every_chunk(backend: object) -> None:
     backend.set_peer(moved)
     after = backend.read().peers
     assert first not in after and after[second] == moved and len(after) == PEERS - 1
+
+
+def test_kernel_routes_follow_a_replaced_link(backend: object) -> None:
+    """The backend remembers the link's index for routing; a link replaced behind its back (deleted and created
+    again by someone else) costs at most one failed change, after which routes go through the new link."""
+    from pyroute2 import IPRoute
+
+    from warren_mesh.wireguard.backend import BackendError
+    from warren_mesh.wireguard.kernel import KernelBackend
+
+    assert isinstance(backend, KernelBackend)
+    name = backend.interface_name
+    backend.configure_interface(InterfaceSpec("10.96.0.1/16", 51820, 1420))
+    peer = PeerSpec(NodeKey.generate().public_key, "192.0.2.1:51820", ("10.96.0.2/32", "10.244.7.0/24"), 0)
+    backend.set_peer(peer)
+    with IPRoute() as ipr:
+        old_index = ipr.link_lookup(ifname=name)[0]
+        assert [r.get("RTA_OIF") for r in ipr.get_routes(dst="10.244.7.1")] == [old_index]
+        ipr.link("del", index=old_index)
+        ipr.link("add", ifname=name, kind="wireguard")
+        new_index = ipr.link_lookup(ifname=name)[0]
+        ipr.link("set", index=new_index, state="up")
+    assert new_index != old_index
+    try:
+        backend.set_peer(peer)
+    except BackendError:  # the remembered index was stale: this change failed, the next one reads the link anew
+        backend.set_peer(peer)
+    with IPRoute() as ipr:
+        assert [r.get("RTA_OIF") for r in ipr.get_routes(dst="10.244.7.1")] == [new_index]

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from pyroute2 import IPRoute
 
 from warren_mesh.device import InterfaceSpec, PeerSpec
 from warren_mesh.keys import NodeKey
@@ -39,6 +40,15 @@ def ping(ns: str, address: str) -> bool:
         ["ip", "netns", "exec", ns, "ping", "-c", "1", "-W", "2", address], capture_output=True, check=False
     )
     return result.returncode == 0
+
+
+def route_interface(ns: str, address: str) -> str | None:
+    """The name of the interface packets to ``address`` leave through, inside ``ns``."""
+    with IPRoute(netns=ns) as ipr:
+        for route in ipr.get_routes(dst=address):
+            for found in ipr.get_links(route.get("RTA_OIF")):
+                return str(found.get("IFLA_IFNAME"))
+    return None
 
 
 def test_two_devices_talk_and_updates_keep_the_session(pair: tuple[str, str]) -> None:
@@ -80,6 +90,10 @@ def test_two_devices_talk_and_updates_keep_the_session(pair: tuple[str, str]) ->
         assert backends[0].check() is True
         assert backends[0].read().peers == {}
         assert backends[0].check() is False
+        # The new daemon made a new TUN link: routes set after the restart go through it, not the old one.
+        backends[0].configure_interface(InterfaceSpec("10.99.0.1/24", 51820, 1420))
+        backends[0].set_peer(PeerSpec(keys[1].public_key, "192.168.251.2:51820", ("10.99.0.2/32", "10.244.2.0/24")))
+        assert route_interface(ns_a, "10.244.2.1") == f"{tag}w0"
 
         backends[1].remove_peer(backends[1].read().peers[keys[0].public_key])
         assert backends[1].read().peers == {}

@@ -66,6 +66,7 @@ class KernelBackend:
     def __init__(self, interface: str) -> None:
         self._interface = interface
         self._ipr = IPRoute()
+        self._link = link.InterfaceLink(self._ipr, interface)
         self._wg = WireGuard()
         self.ensure_device()
 
@@ -79,7 +80,7 @@ class KernelBackend:
 
     def ensure_device(self) -> bool:
         """Create the WireGuard link if it is missing; True when it had to."""
-        if link.read_link(self._ipr, self._interface) is not None:
+        if self._link.read() is not None:
             return False
         try:
             self._ipr.link("add", ifname=self._interface, kind="wireguard")
@@ -109,7 +110,7 @@ class KernelBackend:
                 key = _key_text(nla.get_attr("WGPEER_A_PUBLIC_KEY"))
                 if key is not None:
                     peers.setdefault(key, _PeerAccumulator(key)).merge(nla)
-        state = link.read_link(self._ipr, self._interface)
+        state = self._link.read()
         interface = None
         if state is not None and state.address is not None and state.up and listen_port:
             interface = InterfaceSpec(state.address, listen_port, state.mtu, fwmark)
@@ -132,7 +133,7 @@ class KernelBackend:
 
     def configure_interface(self, spec: InterfaceSpec) -> None:
         self._set("set listen port and fwmark", listen_port=spec.listen_port, fwmark=spec.fwmark)
-        link.configure_link(self._ipr, self._interface, address=spec.address, mtu=spec.mtu)
+        self._link.configure(address=spec.address, mtu=spec.mtu)
 
     def set_peer(self, spec: PeerSpec) -> None:
         peer: dict[str, Any] = {
@@ -145,14 +146,14 @@ class KernelBackend:
             endpoint = Endpoint.parse(spec.endpoint)
             peer["endpoint_addr"], peer["endpoint_port"] = str(endpoint.host), endpoint.port
         self._set(f"set peer {spec.public_key[:10]}", peer=peer)
-        link.add_routes(self._ipr, self._interface, spec.allowed_ips)
+        self._link.add_routes(spec.allowed_ips)
 
     def remove_peer(self, spec: PeerSpec) -> None:
         self._set(f"remove peer {spec.public_key[:10]}", peer={"public_key": spec.public_key, "remove": True})
-        link.remove_routes(self._ipr, self._interface, spec.allowed_ips)
+        self._link.remove_routes(spec.allowed_ips)
 
     def close(self, *, remove_device: bool) -> None:
         if remove_device:
-            link.delete_link(self._ipr, self._interface)
+            self._link.delete()
         self._wg.close()
         self._ipr.close()

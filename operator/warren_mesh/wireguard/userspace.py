@@ -46,6 +46,7 @@ class UserspaceBackend:
         self._socket = uapi.socket_path(interface)
         self._log_dir = log_dir
         self._ipr = IPRoute(netns=netns) if netns is not None else IPRoute()
+        self._link = link.InterfaceLink(self._ipr, interface)
         # Daemons we started, kept only to reap them when they exit (they are supervised through the socket).
         self._children: list[subprocess.Popen[bytes]] = []
         self.restarts = 0
@@ -66,7 +67,7 @@ class UserspaceBackend:
             uapi.get(self._socket, timeout=1.0)
         except uapi.UapiError:
             return False
-        return link.read_link(self._ipr, self._interface) is not None
+        return self._link.read() is not None
 
     def daemon_pid(self) -> int | None:
         """The pid of the wireguard-go serving our socket (from the socket's peer credentials), if any."""
@@ -93,8 +94,8 @@ class UserspaceBackend:
                 os.kill(wedged, signal.SIGKILL)
         # A stale socket or TUN link of a dead daemon would make the new one refuse to start.
         self._socket.unlink(missing_ok=True)
-        if link.read_link(self._ipr, self._interface) is not None:
-            link.delete_link(self._ipr, self._interface)
+        if self._link.read() is not None:
+            self._link.delete()
         env = dict(os.environ, WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD="1", LOG_LEVEL="error")
         log_path = None if self._log_dir is None else self._log_dir / f"wireguard-go-{self._interface}.log"
         with open(log_path or os.devnull, "ab") as out:
@@ -139,7 +140,7 @@ class UserspaceBackend:
             device = uapi.get(self._socket)
         except uapi.UapiError as exc:
             raise BackendError(str(exc)) from None
-        state = link.read_link(self._ipr, self._interface)
+        state = self._link.read()
         interface = None
         if state is not None and state.address is not None and state.up and device.listen_port:
             interface = InterfaceSpec(state.address, device.listen_port, state.mtu, device.fwmark)
@@ -157,21 +158,21 @@ class UserspaceBackend:
 
     def configure_interface(self, spec: InterfaceSpec) -> None:
         self._set([f"listen_port={spec.listen_port}", f"fwmark={spec.fwmark}"], "set listen port and fwmark")
-        link.configure_link(self._ipr, self._interface, address=spec.address, mtu=spec.mtu)
+        self._link.configure(address=spec.address, mtu=spec.mtu)
 
     def set_peer(self, spec: PeerSpec) -> None:
         self._set(uapi.peer_lines(spec), f"set peer {spec.public_key[:10]}")
-        link.add_routes(self._ipr, self._interface, spec.allowed_ips)
+        self._link.add_routes(spec.allowed_ips)
 
     def remove_peer(self, spec: PeerSpec) -> None:
         self._set(uapi.remove_peer_lines(spec.public_key), f"remove peer {spec.public_key[:10]}")
-        link.remove_routes(self._ipr, self._interface, spec.allowed_ips)
+        self._link.remove_routes(spec.allowed_ips)
 
     def close(self, *, remove_device: bool) -> None:
         if remove_device:
             # Deleting the TUN link makes wireguard-go exit; wait for that so nothing outlives the removal.
             pid = self.daemon_pid()
-            link.delete_link(self._ipr, self._interface)
+            self._link.delete()
             for child in self._children:  # ours: wait reaps them
                 try:
                     child.wait(timeout=5)
