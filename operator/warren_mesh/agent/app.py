@@ -54,11 +54,16 @@ class Agent:
         settings: AgentSettings,
         *,
         backend: Backend | None = None,
+        device_factory: Callable[[], Backend] | None = None,
         registry: CollectorRegistry | None = None,
         key: NodeKey | None = None,
     ) -> None:
+        """``backend``: a device made by the caller (the memory device of tests and the bench); ``device_factory``:
+        how to make a real device, called by run() on the device thread that will own it (the default follows the
+        settings; the bench passes one that drives wireguard-go in a namespace of its own)."""
         self.settings = settings
         self._backend: Backend | None = backend
+        self._device_factory = device_factory or (lambda: create_backend(settings.backend, settings.interface))
         # Real devices are driven from one worker thread (see device_thread); the memory device inline.
         self.device_thread = DeviceThread(
             inline=(backend is not None and backend.name == "memory") or settings.backend == "memory"
@@ -97,7 +102,7 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         settings = self.settings
         if self._backend is None:
-            self._backend = await self.device_thread.run(lambda: create_backend(settings.backend, settings.interface))
+            self._backend = await self.device_thread.run(self._device_factory)
         self.metrics.registry.register(
             PeerCollector(
                 read_device=lambda: self.device_thread.call(self.backend.read, timeout=_SCRAPE_DEVICE_TIMEOUT),
