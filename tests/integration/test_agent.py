@@ -370,7 +370,8 @@ def test_a_lease_that_expires_while_registering_is_retried(etcd: EtcdServer, pre
         writer = EtcdStore(etcd.endpoint)
         await writer.revoke_lease(registrar.current.lease_id)
         await wait_until(lambda: mesh.metric("n1", "warren_mesh_registrations_total") == 2, 15, "re-registration")
-        assert stalled == 1 and mesh.metric("n1", "warren_mesh_lease_keepalive_failures_total") >= 2
+        # One lease was lost; the registration that failed after it is retried, not counted as another.
+        assert stalled == 1 and mesh.metric("n1", "warren_mesh_lease_keepalive_failures_total") == 1
         await mesh.converged()
         await writer.close()
 

@@ -281,7 +281,7 @@ class Registrar:
 
     async def keep_alive(self, config: Callable[[], MeshConfig]) -> None:
         """Forever: wait until etcd drops our lease (refreshed from the moment it was granted), then register
-        again with the current config."""
+        again with the current config, retrying until that succeeds (one lost lease is counted and said once)."""
         backoff = Backoff(initial=0.2, maximum=1.0)
         while True:
             current = self._registration()
@@ -296,13 +296,15 @@ class Registrar:
                 self._name,
                 current.ttl,
             )
-            try:
-                await self.register(config(), current.record.overlay_ip)
-                backoff.reset()
-            except StoreError as exc:
-                # The old holder stays finished, so the next turn tries again.
-                log.warning("registering again failed: %s", exc)
-                await asyncio.sleep(backoff.delay())
+            backoff.reset()
+            while True:
+                try:
+                    await self.register(config(), current.record.overlay_ip)
+                    break
+                except StoreError as exc:
+                    delay = backoff.delay()
+                    log.warning("registering again failed (next try in %.1f s): %s", delay, exc)
+                    await asyncio.sleep(delay)
 
     def _registration(self) -> Registration:
         if self.current is None:
