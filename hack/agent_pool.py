@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "operator"))
 from prometheus_client import CollectorRegistry
 
 from warren_mesh.agent.app import Agent
+from warren_mesh.metrics.instruments import WATCH_RESTART_REASONS
 from warren_mesh.settings import AgentSettings
 from warren_mesh.store.etcd import parse_endpoints
 from warren_mesh.wireguard.memory import MemoryBackend
@@ -168,6 +169,19 @@ class _Worker:
 
     async def rebuilds(self) -> int:
         return sum(a.reconciler.rebuilds for a in self.agents.values() if a.reconciler is not None)
+
+    async def work(self) -> dict[str, float]:
+        """What the agents here did so far: reconcile passes, watches restarted, registrations beyond the first
+        (each one a lease that was lost), from their metrics."""
+        agents = list(self.agents.values())
+        restarts = registrations = 0.0
+        for agent in agents:
+            sample = agent.metrics.registry.get_sample_value
+            for reason in WATCH_RESTART_REASONS:
+                restarts += sample("warren_mesh_watch_restarts_total", {"reason": reason}) or 0.0
+            registrations += sample("warren_mesh_registrations_total") or 0.0
+        passes = sum(a.reconciler.passes for a in agents if a.reconciler is not None)
+        return {"passes": passes, "watch_restarts": restarts, "reregistrations": registrations - len(agents)}
 
     async def loop_lag(self) -> float:
         """The longest a timer here fired late since the last call, in seconds: how long any agent of this worker
@@ -407,6 +421,11 @@ class AgentPool:
 
     async def rebuilds(self) -> int:
         return sum(await self._each("rebuilds"))
+
+    async def work(self) -> dict[str, float]:
+        """Reconcile passes, watch restarts and re-registrations, summed over every agent."""
+        parts = await self._each("work")
+        return {key: sum(part[key] for part in parts) for key in parts[0]}
 
     async def loop_lag(self) -> float:
         """The worst event-loop lag of any worker since the last call (seconds); the first call starts measuring."""

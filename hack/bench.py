@@ -10,7 +10,9 @@ Scenarios (one JSON line each, latencies in milliseconds):
   leave  graceful leaves (lease revoked): time to removal on every other agent (graceful_*_ms); one crash (an
          agent process SIGKILLed, its lease runs out): time until every agent removed it (detect_s, and
          detect_minus_ttl_s against the lease TTL).
-  storm  N agents start at once: seconds until every agent has N-1 peers (converged_s).
+  storm  N agents start at once: seconds until every agent has N-1 peers (converged_s); also what it took:
+         reconcile passes per agent, watch restarts (reason "behind": a watch resumed to catch up in batches) and
+         re-registrations (each one a lease that was lost).
   coldstart  one agent starting next to N existing records: seconds to a fully configured device (ready_s; as
          root also userspace_ready_s: a real agent on wireguard-go, daemon start included, device in a namespace).
   churn  --churn random joins/graceful leaves on a settled mesh of N: afterwards every device must equal etcd
@@ -298,6 +300,7 @@ async def scenario_storm(endpoint: str, nodes: int, workers: int, lease_ttl: int
             converged = time.monotonic() - started
             rebuilds = await pool.rebuilds()
             lag = await pool.loop_lag()
+            work = await pool.work()
     return {
         "scenario": "storm",
         "nodes": nodes,
@@ -306,6 +309,9 @@ async def scenario_storm(endpoint: str, nodes: int, workers: int, lease_ttl: int
         "converged_s": round(converged, 3),
         "full_rebuilds": rebuilds,
         "worst_loop_lag_s": round(lag, 3),
+        "passes_per_agent": round(work["passes"] / nodes, 1),
+        "watch_restarts": int(work["watch_restarts"]),
+        "reregistrations": int(work["reregistrations"]),
     }
 
 

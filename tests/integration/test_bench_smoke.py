@@ -61,6 +61,7 @@ def test_bench_smoke(shared_etcd: EtcdServer) -> None:
         assert cold["userspace_ready_s"] > 0
     assert lines["storm"]["nodes"] == 3 and lines["storm"]["converged_s"] > 0
     assert lines["storm"]["worst_loop_lag_s"] >= 0
+    assert lines["storm"]["passes_per_agent"] > 0 and lines["storm"]["reregistrations"] >= 0
     churn = lines["churn"]
     assert churn["operations"] == 4 and churn["final_state_matches"] is True and churn["untouched_changes"] == 0
     cost = lines["cost"]

@@ -12,7 +12,7 @@ import pytest
 from helpers import run, wait_until
 from warren_mesh.lab.etcd_server import EtcdServer, free_port
 from warren_mesh.store.base import LeaseNotFound, StoreUnavailable
-from warren_mesh.store.etcd import EtcdStore, parse_endpoints, prefix_range_end
+from warren_mesh.store.etcd import CATCH_UP_GAP, EtcdStore, parse_endpoints, prefix_range_end
 from warren_mesh.watch import Events, Snapshot, WatchResult
 
 
@@ -297,5 +297,52 @@ def test_processes_started_while_grpc_is_busy_survive_the_fork(shared_etcd: Etcd
         await busy
         await store.close()
         assert codes == [0] * len(codes), f"{sum(c != 0 for c in codes)} children died: {sorted(set(codes))}"
+
+    run(scenario())
+
+
+def test_a_watch_far_behind_catches_up_in_batches(etcd: EtcdServer, prefix: str) -> None:
+    """A reader that fell far behind its watch stream (etcd queued one answer per revision for it) resumes the
+    watch as soon as etcd tells it how far ahead it is: the backlog then arrives in a few batched answers, with
+    no change missed or repeated."""
+
+    async def scenario() -> None:
+        store, writer = EtcdStore(etcd.endpoint), EtcdStore(etcd.endpoint)
+        restarts: list[str] = []
+        watch = store.observe(f"{prefix}/", on_restart=restarts.append)
+        assert isinstance(await anext(watch), Snapshot)
+        reading = asyncio.ensure_future(anext(watch))  # opens the watch stream and waits for its first change
+        await asyncio.sleep(0.5)
+        await writer.put(f"{prefix}/k0", b"0")
+        first = await reading
+        assert isinstance(first, Events)
+        # The reader is busy elsewhere while every put below is queued for it as an answer of its own.
+        changes = CATCH_UP_GAP * 2 + 100
+        for i in range(1, changes + 1):
+            await writer.put(f"{prefix}/k{i}", str(i).encode())
+        # A lease answer tells the store the revision etcd is at.
+        lease = await store.grant_lease(5)
+        holding = asyncio.create_task(store.hold_lease(lease, 5, first_in=0.0))
+        await wait_until(lambda: store.known_revision >= first.revision + changes, 10, "a lease answer")
+        answers: list[Events] = []
+        seen: dict[str, bytes] = {}
+        while len(seen) < changes:
+            result = await asyncio.wait_for(anext(watch), timeout=10)
+            assert isinstance(result, Events)
+            answers.append(result)
+            for event in result.events:
+                assert event.kv.key not in seen, "a change delivered twice"
+                seen[event.kv.key] = event.kv.value
+        assert seen == {f"{prefix}/k{i}": str(i).encode() for i in range(1, changes + 1)}
+        revisions = [event.kv.mod_revision for result in answers for event in result.events]
+        assert revisions == list(range(first.revision + 1, first.revision + changes + 1)), "in order, none skipped"
+        assert restarts == ["behind"]
+        assert len(answers) <= 5, f"{len(answers)} answers for {changes} queued changes: not caught up in batches"
+        holding.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await holding
+        await watch.aclose()
+        await store.close()
+        await writer.close()
 
     run(scenario())

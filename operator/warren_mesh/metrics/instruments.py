@@ -11,6 +11,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from warren_mesh.model import CONFLICT_REASONS, REJECTION_REASONS
 
 APPLY_KINDS = ("add", "update", "remove", "interface", "private_key")
+# Why the watch was resumed on a new stream (store/etcd.py: EtcdStore.observe).
+WATCH_RESTART_REASONS = ("error", "stalled", "compacted", "behind")
 
 # Convergence happens in milliseconds when healthy; the tail buckets catch an etcd outage or a slow backend.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -54,7 +56,7 @@ class AgentMetrics:
         )
         self.watch_restarts = Counter(
             "warren_mesh_watch_restarts",
-            "Times the etcd watch was restarted, by reason (error, stalled, compacted).",
+            "Times the etcd watch was restarted, by reason (error, stalled, compacted, behind).",
             ["reason"],
             registry=registry,
         )
@@ -106,7 +108,7 @@ class AgentMetrics:
             self.conflicting_records.labels(reason)
         # labels() costs more than the change it counts on the memory device: look each child up once.
         self.applied_by_kind = {kind: self.applied_changes.labels(kind) for kind in APPLY_KINDS}
-        for reason in ("error", "stalled", "compacted"):
+        for reason in WATCH_RESTART_REASONS:
             self.watch_restarts.labels(reason)
 
     def report_invalid(self, by_reason: dict[str, int]) -> None:

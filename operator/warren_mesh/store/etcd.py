@@ -57,6 +57,12 @@ _STREAM_FAILURES: Final = (grpc.aio.AioRpcError, grpc.aio.BaseError, asyncio.Inv
 # WatchRequest field 3 is WatchProgressRequest (etcd >= 3.4), an empty message etcd3 0.12's protos do not know.
 # Encoded by hand: field 3, wire type 2 (length-delimited), length 0.
 _PROGRESS_REQUEST: Final = b"\x1a\x00"
+# A watch this many revisions behind a revision etcd has already reported is resumed on a new stream. A watcher
+# that starts behind is caught up by etcd in batches (up to 1000 revisions per answer), whereas one that fell
+# behind reading keeps receiving one answer per revision, already queued for it, and each answer costs a trip
+# through gRPC and the event loop. With a thousand agents starting at once, the agents that registered first
+# spent half the storm reading such queues one revision at a time.
+CATCH_UP_GAP: Final = 500
 _CHANNEL_OPTIONS: Final = (
     # Notice a dead TCP connection (etcd host gone) within ~15 s. Only while a call is open (an agent always has
     # its watch): etcd does not permit pings on a connection without streams and counts each one as a strike,
@@ -86,6 +92,10 @@ class RevisionCompacted(StoreError):
 
 class WatchStalled(StoreUnavailable):
     """The watch stream stopped answering, even to a progress request."""
+
+
+class WatchBehind(StoreError):
+    """The watch fell far behind what etcd holds; resumed on a new stream, it catches up in batches."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +198,7 @@ class EtcdStore:
         self._on_health = on_health
         self._closing: set[asyncio.Task[None]] = set()
         self.up = False
+        self.known_revision = 0  # the store revision in etcd's latest lease answer to us
 
     @property
     def endpoint(self) -> str:
@@ -384,6 +395,8 @@ class EtcdStore:
                     unanswered.popleft()
                 if resp.TTL <= 0:
                     return
+                # The latest, not the largest: an etcd rebuilt from scratch starts counting again.
+                self.known_revision = resp.header.revision
                 self._set_health(True)
                 if on_renewed is not None:
                     on_renewed()
@@ -439,7 +452,7 @@ class EtcdStore:
         After an error the watch resumes from the last delivered revision (no snapshot needed); only when that
         revision has been compacted away is a new snapshot listed and yielded. ``quiet_interval`` is how long
         the stream may be silent before a progress request is sent and how long the answer may take.
-        ``on_restart`` is told why the watch restarted (``error``, ``stalled``, ``compacted``).
+        ``on_restart`` is told why the watch restarted (``error``, ``stalled``, ``compacted``, ``behind``).
         """
         backoff = Backoff()
         next_revision: int | None = None
@@ -460,6 +473,9 @@ class EtcdStore:
             except WatchStalled as exc:
                 log.warning("%s; resuming from revision %s", exc, next_revision)
                 reason = "stalled"
+            except WatchBehind as exc:
+                log.info("%s; resuming from revision %s to catch up in batches", exc, next_revision)
+                reason = "behind"
             except StoreUnavailable as exc:
                 log.warning("%s; watch resumes from revision %s", exc, next_revision)
                 reason = "error"
@@ -499,7 +515,10 @@ class EtcdStore:
                     guard.confirmed = True
                     self._set_health(True)
                 if answer.events:
-                    yield Events(answer.events, max(event.kv.mod_revision for event in answer.events))
+                    revision = max(event.kv.mod_revision for event in answer.events)
+                    yield Events(answer.events, revision)
+                    if self.known_revision - revision > CATCH_UP_GAP:
+                        raise WatchBehind(f"watch at revision {revision}, etcd at {self.known_revision} or later")
         except StoreUnavailable as exc:  # WatchStalled, a closed stream, a watch etcd canceled
             self._fail_over(conn, exc)
             raise
