@@ -243,8 +243,8 @@ async def _coldstart_userspace(endpoint: str, prefix: str, records: int, key_dir
     neither the TUN link nor the routes to the records' overlay addresses touch the host.
     """
     ns, interface = f"wbcold{os.getpid()}", f"wbc{os.getpid()}"
-    await asyncio.to_thread(lab_netns.create, ns)  # pyroute2's sync calls cannot run on the event loop
     try:
+        await asyncio.to_thread(lab_netns.create, ns)  # pyroute2's sync calls cannot run on the event loop
         settings = dataclasses.replace(
             AgentSettings.simulated(
                 etcd_endpoint=endpoint, prefix=prefix, name="cold-wg", key_dir=key_dir, port=51820, interface=interface
