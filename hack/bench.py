@@ -51,7 +51,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "operator"))
 
 from prometheus_client import CollectorRegistry, generate_latest
-from pyroute2 import netns
 
 from agent_pool import AgentPool, BenchError, wait_until
 from warren_mesh.agent.app import Agent
@@ -67,7 +66,6 @@ from warren_mesh.store.etcd import EtcdStore, parse_endpoints
 from warren_mesh.wireguard import uapi
 from warren_mesh.wireguard.backend import Backend
 from warren_mesh.wireguard.memory import MemoryBackend
-from warren_mesh.wireguard.select import create_backend
 from warren_mesh.wireguard.userspace import UserspaceBackend
 
 
@@ -439,10 +437,9 @@ def scenario_scrape(peers: int, scrapes: int) -> dict[str, Any]:
     result.update({f"memory_{k}": v for k, v in _time_scrapes(memory, specs, scrapes).items()})
     if os.geteuid() == 0:
         ns = f"wbscrape{os.getpid()}"
-        netns.create(ns)
-        netns.pushns(ns)  # this thread (and wireguard-go, forked from it) now live in the namespace
         try:
-            backend = create_backend("userspace", "wbscrape0")
+            lab_netns.create(ns)
+            backend = UserspaceBackend("wbscrape0", netns=ns)  # wireguard-go started inside the namespace
             try:
                 backend.set_private_key(NodeKey.generate())
                 backend.configure_interface(InterfaceSpec("10.97.255.254/16", 51820, 1420))
@@ -453,8 +450,7 @@ def scenario_scrape(peers: int, scrapes: int) -> dict[str, Any]:
             finally:
                 backend.close(remove_device=True)
         finally:
-            netns.popns()
-            netns.remove(ns)
+            lab_netns.remove(ns)
     return result
 
 
