@@ -24,10 +24,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "operator"))
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 
 from warren_mesh.agent.app import Agent
-from warren_mesh.metrics.instruments import WATCH_RESTART_REASONS
 from warren_mesh.settings import AgentSettings
 from warren_mesh.store.etcd import parse_endpoints
 from warren_mesh.wireguard.memory import MemoryBackend
@@ -174,12 +173,8 @@ class _Worker:
         """What the agents here did so far: reconcile passes, watches restarted, registrations beyond the first
         (each one a lease that was lost), from their metrics."""
         agents = list(self.agents.values())
-        restarts = registrations = 0.0
-        for agent in agents:
-            sample = agent.metrics.registry.get_sample_value
-            for reason in WATCH_RESTART_REASONS:
-                restarts += sample("warren_mesh_watch_restarts_total", {"reason": reason}) or 0.0
-            registrations += sample("warren_mesh_registrations_total") or 0.0
+        restarts = sum(_total(a.metrics.watch_restarts) for a in agents)
+        registrations = sum(_total(a.metrics.registrations) for a in agents)
         passes = sum(a.reconciler.passes for a in agents if a.reconciler is not None)
         return {"passes": passes, "watch_restarts": restarts, "reregistrations": registrations - len(agents)}
 
@@ -218,6 +213,13 @@ class _Worker:
         for name in list(self.agents):
             await self.stop(name)
         await self.floor_close()
+
+
+def _total(counter: Counter) -> float:
+    """A counter's count over all its label values. Collecting just this counter: asking the agent's registry
+    would collect every metric, its per-peer collector reading the whole device, for each value asked."""
+    samples = (sample for metric in counter.collect() for sample in metric.samples)
+    return sum(sample.value for sample in samples if sample.name.endswith("_total"))
 
 
 class _FloorWatchers:
