@@ -55,7 +55,7 @@ class InterfaceLink:
     """One WireGuard interface's IP side (address, MTU, up, routes), through the backend's netlink socket.
 
     Routing a peer's networks needs the link's index and address. Reading them back for every peer cost three
-    netlink requests per peer (two thirds of the 3 s a wireguard-go agent took to configure 1000 peers), so the
+    netlink requests per peer (most of the ~2 s a wireguard-go agent took to configure 1000 peers), so the
     link's state is remembered: refreshed by every read, forgotten by configure, by delete, by a failed change and
     when the backend replaces the device. A stale memory therefore costs at most one failed change, which the
     reconciler retries.
@@ -78,7 +78,6 @@ class InterfaceLink:
 
     def configure(self, *, address: str, mtu: int) -> None:
         """Set exactly one address and the MTU, and bring the link up."""
-        self.forget()
         state = self.read()
         if state is None:
             raise LinkError(f"interface {self.name} does not exist")
