@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 import warren_mesh.store.etcd  # noqa: F401  (first: sets gRPC's process-wide options before any test imports grpc)
 from helpers import AgentProcess
@@ -48,7 +49,7 @@ def agent_process(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
             f"--etcd-endpoints={etcd_endpoint}",
             f"--prefix={prefix}",
             f"--node-name={name}",
-            f"--endpoint=127.0.0.1:{port}",
+            f"--endpoint=192.0.2.1:{port}",
             f"--key-file={tmp_path / (name + '.key')}",
             f"--lease-ttl={ttl}",
             "--metrics-address=",
@@ -61,3 +62,9 @@ def agent_process(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
     yield make
     for proc in made:
         proc.kill()
+
+
+# Property-based tests: a bounded run in CI, a long one on request (HYPOTHESIS_PROFILE=long; see docs/security.md).
+settings.register_profile("ci", max_examples=300, deadline=None, print_blob=True)
+settings.register_profile("long", max_examples=50_000, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

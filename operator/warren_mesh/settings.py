@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal, cast
 
+from warren_mesh.admission import endpoint_problem
 from warren_mesh.metrics.http import parse_listen_address
-from warren_mesh.model import MIN_LEASE_TTL, Endpoint, RecordError, validate_name
+from warren_mesh.model import MIN_LEASE_TTL, RecordError, split_host_port, validate_name, validate_port
 from warren_mesh.schema import DEFAULT_PREFIX, KeySchema
 from warren_mesh.store.etcd import parse_endpoints
 
@@ -22,6 +23,7 @@ BackendName = Literal["auto", "kernel", "userspace", "memory"]
 BACKENDS: Final = ("auto", "kernel", "userspace", "memory")
 DEFAULT_ETCD: Final = "http://127.0.0.1:2379"
 DEFAULT_KEY_FILE: Final = "/var/lib/warren-mesh/private.key"
+SIMULATED_ENDPOINT_HOST: Final = "192.0.2.1"
 
 
 class SettingsError(ValueError):
@@ -100,11 +102,13 @@ class AgentSettings:
         resync_interval: float = 30.0,
         metrics_address: str | None = None,
     ) -> AgentSettings:
-        """An agent on the memory device, dialled at 127.0.0.1:``port``: the demo's, the tests' and the bench's."""
+        """An agent on the memory device, "dialled" at 192.0.2.1:``port``: the demo's, the tests' and the bench's.
+        The address is from a documentation range (RFC 5737): a memory device sends nothing, and peers refuse
+        loopback endpoints."""
         return cls(
             store=StoreSettings((etcd_endpoint,), KeySchema(prefix)),
             node_name=name,
-            endpoint_host="127.0.0.1",
+            endpoint_host=SIMULATED_ENDPOINT_HOST,
             endpoint_port=port,
             interface=interface,
             backend="memory",
@@ -145,10 +149,15 @@ class AgentSettings:
         port: int | None = None
         if args.endpoint:
             try:
-                parsed = Endpoint.parse(args.endpoint, default_port=0)
+                address, port = split_host_port(args.endpoint)
+                if port is not None:
+                    validate_port(port, what="port")
             except RecordError as exc:
                 raise SettingsError(f"--endpoint: {exc}") from None
-            host, port = str(parsed.host), (parsed.port or None)
+            problem = endpoint_problem(address)
+            if problem is not None:
+                raise SettingsError(f"--endpoint {args.endpoint!r} is not an address peers can dial: {problem}")
+            host = str(address)
         if not args.interface or len(args.interface) > 15 or "/" in args.interface:
             raise SettingsError(f"--interface {args.interface!r} is not a Linux interface name (1-15 characters)")
         if args.backend not in BACKENDS:

@@ -231,7 +231,7 @@ def _node_doc(name: str, key: str, address: str, **changes: object) -> dict[str,
         "schema": 1,
         "name": name,
         "public_key": key,
-        "endpoint": "127.0.0.1:30000",
+        "endpoint": "192.0.2.30:30000",
         "overlay_ip": address,
         "allowed_ips": [],
         "listen_port": 51820,
@@ -408,7 +408,7 @@ def test_metrics_and_health_endpoint(shared_etcd: EtcdServer, prefix: str, tmp_p
         labels = f'peer="n1",public_key="{n1}"'
         assert f"warren_mesh_peer_receive_bytes_total{{{labels}}} 0.0" in body
         assert f"warren_mesh_peer_last_handshake_timestamp_seconds{{{labels}}} 0.0" in body
-        assert 'warren_mesh_peer_info{allowed_ips="' in body and 'endpoint="127.0.0.1:' in body
+        assert 'warren_mesh_peer_info{allowed_ips="' in body and 'endpoint="192.0.2.1:' in body
         private = mesh.agents["n0"].key.private_base64()
         assert private not in body
         lint = await asyncio.to_thread(
@@ -441,7 +441,7 @@ def test_name_taken_by_another_key_is_a_clear_error(shared_etcd: EtcdServer, pre
             "--node-name=taken",
             f"--etcd-endpoints={shared_etcd.endpoint}",
             f"--prefix={prefix}",
-            "--endpoint=127.0.0.1:1",
+            "--endpoint=192.0.2.1:1",
             f"--key-file={key_file}",
             "--metrics-address=",
         ],
@@ -498,7 +498,7 @@ def test_status_command(shared_etcd: EtcdServer, prefix: str, tmp_path: Path) ->
         nodes = json.loads(out.stdout)
         assert [n["name"] for n in nodes] == ["n0", "n1"]
         assert {n["public_key"] for n in nodes} == {a.key.public_key for a in mesh.agents.values()}
-        assert all(n["endpoint"].startswith("127.0.0.1:") and n["overlay_ip"].startswith("10.96.") for n in nodes)
+        assert all(n["endpoint"].startswith("192.0.2.1:") and n["overlay_ip"].startswith("10.96.") for n in nodes)
         assert all(0 < n["lease_seconds_left"] <= 3 for n in nodes)
         table = await asyncio.to_thread(subprocess.run, args, capture_output=True, text=True, check=True)
         assert table.stdout.splitlines()[0].split() == [

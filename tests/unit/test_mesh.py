@@ -103,11 +103,11 @@ def test_conflicts_resolve_by_create_revision() -> None:
     view.apply(
         Snapshot(
             (
-                kv(SCHEMA.node("a"), record("a", "10.96.0.2"), 10),
+                kv(SCHEMA.node("a"), record("a", "10.96.0.2", extra=("10.244.1.0/24",)), 10),
                 # b reuses a's key but registered later: left out
                 kv(SCHEMA.node("b"), record("b", "10.96.0.3", key=KEYS["a"]), 11),
-                # c claims a's address inside its allowed IPs: left out (it would steal a's traffic)
-                kv(SCHEMA.node("c"), record("c", "10.96.0.4", extra=("10.96.0.2/32",)), 12),
+                # c claims part of a's pod network: left out (it would steal a's traffic)
+                kv(SCHEMA.node("c"), record("c", "10.96.0.4", extra=("10.244.1.0/25",)), 12),
                 # d claims an address reserved for someone else
                 kv(SCHEMA.node("d"), record("d", "10.96.0.5"), 13),
                 kv(SCHEMA.address("10.96.0.5"), b"somebody-else", 4),
@@ -132,8 +132,10 @@ def test_a_record_claiming_our_address_or_outside_the_cidr_is_left_out() -> None
                 kv(SCHEMA.node("a"), record("a", "10.96.0.1"), 3),
                 kv(SCHEMA.node("b"), record("b", "172.16.0.9"), 4),
                 kv(SCHEMA.node("c"), record("c", "10.96.0.3", extra=("10.0.0.0/8",)), 5),
+                # a node may route its overlay address and pod networks to itself, nothing else
+                kv(SCHEMA.node("d"), record("d", "10.96.0.4", extra=("10.96.0.9/32",)), 6),
             ),
-            5,
+            6,
         )
     )
     topo = topology_of(view)
@@ -141,7 +143,8 @@ def test_a_record_claiming_our_address_or_outside_the_cidr_is_left_out() -> None
     assert {(c.name, c.reason) for c in topo.conflicts} == {
         ("a", "overlapping_allowed_ips"),
         ("b", "address_outside_cidr"),
-        ("c", "overlapping_allowed_ips"),
+        ("c", "network_not_owned"),
+        ("d", "network_not_owned"),
     }
 
 

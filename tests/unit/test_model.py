@@ -45,8 +45,8 @@ def decode_node(doc: object, name: str = "node-a") -> NodeRecord:
 def test_node_record_round_trips() -> None:
     record = decode_node(node_doc())
     assert record.endpoint == Endpoint(ipaddress.ip_address("192.0.2.1"), 51820)
-    assert [str(n) for n in record.routed_networks()] == ["10.96.0.2/32", "10.244.1.0/24"]
-    assert record.routes == Routes.of(record.routed_networks())
+    assert record.routes.text == ("10.244.1.0/24", "10.96.0.2/32")
+    assert record.routes == Routes.of(record.allowed_ips, host=record.overlay_ip)
     assert NodeRecord.from_json(decode_json(encode_json(record.to_json())), key_name="node-a") == record
 
 

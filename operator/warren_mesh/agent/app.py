@@ -22,17 +22,23 @@ from prometheus_client import CollectorRegistry
 from warren_mesh.agent.device_thread import DeviceThread
 from warren_mesh.agent.reconciler import Reconciler
 from warren_mesh.agent.registrar import Registrar
-from warren_mesh.agent.underlay import DEFAULT_MTU, default_route_address, mtu_of_address
+from warren_mesh.agent.underlay import (
+    DEFAULT_MTU,
+    addresses_of_hosts,
+    default_route_address,
+    mtu_of_address,
+    subnets_of_address,
+)
 from warren_mesh.keys import NodeKey, load_or_create
 from warren_mesh.mesh.peers import MeshView, Rejection
 from warren_mesh.mesh.topology import LocalNode
 from warren_mesh.metrics.http import MetricsServer
 from warren_mesh.metrics.instruments import AgentMetrics
 from warren_mesh.metrics.peer_collector import PeerCollector, TrafficWindow
-from warren_mesh.model import MeshConfig, RecordError, decode_json
+from warren_mesh.model import IPAddress, IPNetwork, MeshConfig
 from warren_mesh.settings import AgentSettings
 from warren_mesh.store.base import Backoff, StoreUnavailable
-from warren_mesh.store.etcd import EtcdStore
+from warren_mesh.store.etcd import EtcdStore, parse_endpoints
 from warren_mesh.watch import Events, Snapshot, WatchResult
 from warren_mesh.wireguard.backend import Backend, BackendError
 from warren_mesh.wireguard.select import create_backend
@@ -159,6 +165,8 @@ class Agent:
             underlay_mtu = DEFAULT_MTU
         else:
             underlay_mtu = await asyncio.to_thread(mtu_of_address, endpoint_host)
+        protected = await asyncio.to_thread(self._protected_networks, endpoint_host)
+        log.info("never routed into the tunnel: %s", ", ".join(str(n) for n in protected))
 
         config = await self._until_etcd(stop, self._read_config)
         self.view.config = config
@@ -177,7 +185,9 @@ class Agent:
         self.reconciler = Reconciler(
             view=self.view,
             backend=self.backend,
-            local=LocalNode(settings.node_name, self.key.public_key, registration.record.overlay_ip),
+            local=LocalNode(
+                settings.node_name, self.key.public_key, registration.record.overlay_ip, protected=protected
+            ),
             key=self.key,
             metrics=self.metrics,
             underlay_mtu=underlay_mtu,
@@ -215,15 +225,23 @@ class Agent:
                 self.traffic.add(time.monotonic(), device.stats)
             await asyncio.sleep(interval)
 
+    def _protected_networks(self, endpoint_host: IPAddress) -> tuple[IPNetwork, ...]:
+        """What this node must reach outside the tunnel, whatever etcd says: its underlay address and subnet, and
+        etcd's addresses (a route over them would cut the node off from its peers and from etcd)."""
+        addresses = [endpoint_host]
+        networks: list[IPNetwork] = []
+        if self.backend.name != "memory":  # a simulated node's address is on no interface of this host
+            networks.extend(subnets_of_address(endpoint_host))
+        addresses.extend(addresses_of_hosts(e.host for e in parse_endpoints(self.settings.store.etcd_endpoints)))
+        networks.extend(ipaddress.ip_network(f"{a}/{a.max_prefixlen}") for a in addresses)
+        return tuple(dict.fromkeys(networks))
+
     async def _read_config(self) -> MeshConfig:
-        kv = await self.store.get(self.settings.store.schema.config)
-        if kv is None:
-            return MeshConfig()
-        try:
-            return MeshConfig.from_json(decode_json(kv.value))
-        except RecordError as exc:
-            log.warning("mesh config is invalid, using defaults until it is fixed: %s", exc)
-            return MeshConfig()
+        """The mesh config as the watch will see it: listed with the whole mesh, so that a config that would
+        leave registered nodes out is refused here exactly as it is later (the nodes are part of the answer)."""
+        view = MeshView(self.settings.store.schema)
+        view.apply(await self.store.list_prefix(self.settings.store.schema.root))
+        return view.config
 
     async def _until_etcd(self, stop: asyncio.Event, attempt: Callable[[], Awaitable[_T]]) -> _T:
         """Retry ``attempt`` while etcd is unreachable, until it succeeds or the agent is told to stop."""
@@ -252,6 +270,10 @@ class Agent:
             if isinstance(result, Events):
                 self.metrics.watch_events.inc(len(result.events))
             mentioned, own_value = _value_after(result, own_key)
+            reservation_key = self.registrar.reservation_key
+            reserved, reservation_value = (
+                _value_after(result, reservation_key) if reservation_key is not None else (False, None)
+            )
             first = not self.view.synced
             self.view.apply(result)
             self.reconciler.notify()
@@ -262,6 +284,8 @@ class Agent:
                 gc.freeze()
             if mentioned:
                 await self.registrar.restore(own_value)
+            if reserved:
+                await self.registrar.restore_reservation(reservation_value)
             if self.view.config != config:
                 try:
                     await self.registrar.republish(self.view.config)

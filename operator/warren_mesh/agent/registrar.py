@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
+from warren_mesh.admission import usable_host_range
 from warren_mesh.keys import NodeKey
 from warren_mesh.metrics.instruments import AgentMetrics
 from warren_mesh.model import (
@@ -50,14 +51,6 @@ class Registration:
     record: NodeRecord
     lease_id: int
     ttl: int
-
-
-def _usable_hosts(cidr: IPNetwork) -> tuple[int, int]:
-    """First and last address a node may take (no network/broadcast address in IPv4 networks above /31)."""
-    first, last = int(cidr.network_address), int(cidr.broadcast_address)
-    if cidr.num_addresses > 2:
-        first, last = first + 1, last - (1 if cidr.version == 4 else 0)
-    return first, last
 
 
 class Registrar:
@@ -104,7 +97,7 @@ class Registrar:
         return None, taken
 
     def _candidates(self, cidr: IPNetwork, taken: set[int]) -> Iterator[IPAddress]:
-        first, last = _usable_hosts(cidr)
+        first, last = usable_host_range(cidr)
         size = last - first + 1
         # Start where the name hashes to: nodes joining at once rarely race for the same address, and a node
         # whose reservation was lost tends to get its old address back.
@@ -261,6 +254,31 @@ class Registrar:
         except StoreError as exc:
             # Most likely our lease is gone (that deleted the record); the keepalive registers us again.
             log.warning("could not restore the record of %s: %s", self._name, exc)
+
+    @property
+    def reservation_key(self) -> str | None:
+        """The key of the address we hold, once registered."""
+        current = self.current
+        return None if current is None else self._schema.address(str(current.record.overlay_ip))
+
+    async def restore_reservation(self, value: bytes | None) -> None:
+        """Write our address reservation again if someone deleted it or put another name there. Every agent
+        keeps our record as long as it is older than the rewritten reservation, but a node that claims the address
+        as well would win it: the address is ours as long as we live, so we say so again at once."""
+        key = self.reservation_key
+        name = self._name.encode()
+        if key is None or value == name:
+            return
+        log.warning(
+            "the reservation %s of %s was %s by someone else; writing it again",
+            key,
+            self._name,
+            "deleted" if value is None else "changed",
+        )
+        try:
+            await self._store.put(key, name)
+        except StoreError as exc:
+            log.warning("could not restore the reservation %s (retried with the next change): %s", key, exc)
 
     async def _hold(self, lease_id: int, ttl: int) -> None:
         """Refresh a lease every TTL/3 until etcd says it is gone; stream failures are retried, never fatal."""

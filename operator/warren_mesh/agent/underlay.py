@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Iterable
 
 from pyroute2 import IPRoute
 
-from warren_mesh.model import IPAddress
+from warren_mesh.netaddr import IPAddress, IPNetwork, parse_ip
 
 DEFAULT_MTU = 1500
 
@@ -41,3 +42,31 @@ def mtu_of_address(address: IPAddress) -> int:
                 if links:
                     return int(links[0].get("IFLA_MTU") or DEFAULT_MTU)
     return DEFAULT_MTU
+
+
+def subnets_of_address(address: IPAddress) -> tuple[IPNetwork, ...]:
+    """The networks of ``address`` as configured on this host's interfaces (its connected underlay subnets)."""
+    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+    with IPRoute() as ipr:
+        return tuple(
+            ipaddress.ip_interface(f"{entry.get('IFA_ADDRESS')}/{entry['prefixlen']}").network
+            for entry in ipr.get_addr(family=family)
+            if entry.get("IFA_ADDRESS") == str(address)
+        )
+
+
+def addresses_of_hosts(hosts: Iterable[str]) -> tuple[IPAddress, ...]:
+    """The addresses ``hosts`` (IP literals or names) stand for now; a name that does not resolve gives none."""
+    found: list[IPAddress] = []
+    for host in hosts:
+        try:
+            found.append(parse_ip(host.strip("[]")))
+            continue
+        except ValueError:
+            pass
+        try:
+            infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+        except OSError:
+            continue
+        found.extend(ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos)
+    return tuple(dict.fromkeys(found))

@@ -31,7 +31,7 @@ from warren_mesh.controller.translate import (
     prefix_owner,
     ready_condition,
 )
-from warren_mesh.mesh.peers import MeshView
+from warren_mesh.mesh.peers import MeshView, renumbering_refusal
 from warren_mesh.model import encode_json
 from warren_mesh.schema import KeySchema
 from warren_mesh.store.base import StoreError
@@ -130,22 +130,22 @@ class MeshSync:
 
         want = encode_json(config.to_json())
         current = await self._store.get(schema.config)
-        if current is None or current.value != want:
+        # Agents refuse a config that would leave registered nodes out; so does the operator, before writing it.
+        renumbering = renumbering_refusal(config, view.nodes)
+        if renumbering is None and (current is None or current.value != want):
             await self._store.put(schema.config, want)
             log.info("mesh %s: wrote config to %s: %s", self.name, schema.config, config.to_json())
         written, refused = await self._sync_peers(schema)
         nodes, ready = await self._sync_mesh_nodes(view)
 
-        message = f"config in etcd under {schema.prefix}; {written} MeshPeer(s) written"
-        if refused:
-            message += f"; refused: {', '.join(refused)}"
-        await self._patch_status(
-            {
-                "nodes": nodes,
-                "readyNodes": ready,
-                "conditions": [self._ready(True, "Applied", message, generation)],
-            }
-        )
+        if renumbering is not None:
+            condition = self._ready(False, "OverlayCIDRInUse", f"config not written: {renumbering}", generation)
+        else:
+            message = f"config in etcd under {schema.prefix}; {written} MeshPeer(s) written"
+            if refused:
+                message += f"; refused: {', '.join(refused)}"
+            condition = self._ready(True, "Applied", message, generation)
+        await self._patch_status({"nodes": nodes, "readyNodes": ready, "conditions": [condition]})
 
     async def _sync_peers(self, schema: KeySchema) -> tuple[int, list[str]]:
         """Make ``<prefix>/v1/peers/`` hold exactly the valid MeshPeers of this mesh (the operator owns it)."""

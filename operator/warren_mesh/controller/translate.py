@@ -54,9 +54,10 @@ def mesh_config(spec: Mapping[str, Any]) -> MeshConfig:
         if field in spec:
             doc[key] = spec[field]
     try:
-        return MeshConfig.from_json(doc)
+        config = MeshConfig.from_json(doc)
     except RecordError as exc:
         raise SpecError("InvalidSpec", str(exc).replace("overlay_cidr", "overlayCIDR")) from None
+    return config  # written back through to_json(): an MTU given as text ("1400") reaches etcd as a number
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,26 +3,39 @@
 Each record is decoded once per revision, at the moment it arrives, so the cost of a change is the cost of that
 record, not of the mesh. A record that cannot be decoded is rejected alone and reported once; if its key held a
 valid record before, that last valid record stays in force until the key is deleted. A node whose record got
-mangled is still alive (its lease is being kept), so cutting it off would punish the wrong party.
+mangled is still alive (its lease is being kept), so cutting it off would punish the wrong party. Whatever goes
+wrong while one record is handled (even a bug of ours) stays with that record: nothing escapes into the watch.
+
+A mesh config whose overlay network would leave out nodes that are registered now is refused the same way: the
+mesh keeps the config it had (renumbering a live mesh is not something a config edit may do; the operator
+refuses such an edit and says so on the Mesh). It takes effect by itself once no registered node is left
+outside it.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from warren_mesh.admission import usable_host_range
 from warren_mesh.model import (
+    MAX_KEY_BYTES,
     REASON_INVALID_CONFIG,
     REASON_INVALID_FIELD,
+    REASON_INVALID_KEY,
+    REASON_UNEXPECTED,
     ExternalPeer,
     MeshConfig,
     NodeRecord,
     RecordError,
     decode_json,
+    one_line,
     parse_ip,
+    printable,
+    validate_name,
 )
 from warren_mesh.schema import KeySchema
 from warren_mesh.watch import Events, KeyValue, Snapshot, WatchResult
@@ -57,6 +70,14 @@ class Changes:
 
 
 @dataclass(frozen=True, slots=True)
+class Reservation:
+    """``ipam/<address>``: who holds the address, and since when (older claims win)."""
+
+    owner: str
+    create_revision: int
+
+
+@dataclass(frozen=True, slots=True)
 class Rejection:
     key: str
     reason: str
@@ -73,7 +94,7 @@ class MeshView:
         self._config_revision = 0
         self.nodes: dict[str, Entry[NodeRecord]] = {}
         self.peers: dict[str, Entry[ExternalPeer]] = {}
-        self.ipam: dict[str, str] = {}  # overlay address -> owning node name
+        self.ipam: dict[str, Reservation] = {}  # overlay address -> who holds it
         self.revision = 0
         self.synced = False  # a complete snapshot has been seen; until then nothing may be removed
         # node name -> publish time of records accepted since the last call to take_published()
@@ -84,6 +105,8 @@ class MeshView:
         self._changed_nodes: set[str] = set()
         self._changed_peers: set[str] = set()
         self._changed_addresses: set[str] = set()
+        # The stored config, when refused because it would leave out registered nodes: tried again as they leave.
+        self._pending_config: tuple[KeyValue, MeshConfig] | None = None
 
     def apply(self, result: WatchResult) -> None:
         if isinstance(result, Snapshot):
@@ -128,7 +151,9 @@ class MeshView:
         if self._schema.config not in present:
             self.config, self._config_revision = MeshConfig(), 0
         self._rejected = {k: r for k, r in self._rejected.items() if k in present}
-        for kv in snapshot.items:
+        self._pending_config = None
+        # The config last: whether it may take effect depends on the nodes registered with it.
+        for kv in sorted(snapshot.items, key=lambda kv: kv.key == self._schema.config):
             self._put(kv)
         self.revision = snapshot.revision
         self.synced = True
@@ -149,7 +174,8 @@ class MeshView:
             return
         match kind:
             case ("node", name):
-                self.nodes.pop(name, None)
+                if self.nodes.pop(name, None) is not None and self._pending_config is not None:
+                    self._retry_pending_config()
                 self._published.pop(name, None)
                 self._changed_nodes.add(name)
             case ("peer", name):
@@ -160,6 +186,7 @@ class MeshView:
                 self._changed_addresses.add(address)
             case ("config", _):
                 self.config, self._config_revision = MeshConfig(), 0
+                self._pending_config = None
                 self._changed_everything = True
 
     def _put(self, kv: KeyValue) -> None:
@@ -167,40 +194,75 @@ class MeshView:
         if kind is None:
             return  # a key of a newer schema version or another tool: not ours to judge
         try:
-            match kind:
-                case ("node", name):
-                    current = self.nodes.get(name)
-                    if current is None or current.mod_revision != kv.mod_revision:
-                        record = NodeRecord.from_json(decode_json(kv.value), key_name=name)
-                        self.nodes[name] = Entry(record, kv.create_revision, kv.mod_revision, kv.lease)
-                        self._published[name] = record.published_at
-                        self._changed_nodes.add(name)
-                case ("peer", name):
-                    current_peer = self.peers.get(name)
-                    if current_peer is None or current_peer.mod_revision != kv.mod_revision:
-                        peer = ExternalPeer.from_json(decode_json(kv.value), key_name=name)
-                        self.peers[name] = Entry(peer, kv.create_revision, kv.mod_revision, kv.lease)
-                        self._changed_peers.add(name)
-                case ("ipam", address):
-                    self._put_reservation(address, kv.value)
-                case ("config", _):
-                    if kv.mod_revision != self._config_revision:
-                        self.config = _decode_config(kv.value)
-                        self._config_revision = kv.mod_revision
-                        self._changed_everything = True
+            self._put_kind(kind, kv)
         except RecordError as exc:
             self._reject(kv, exc)
+        except Exception as exc:  # a bug of ours must cost one record, never the watch or the agent
+            log.exception("handling %s failed", printable(kv.key))
+            self._reject(kv, RecordError(REASON_UNEXPECTED, f"{type(exc).__name__}: {printable(str(exc))}"))
         else:
             self._rejected.pop(kv.key, None)
 
-    def _put_reservation(self, address: str, value: bytes) -> None:
+    def _put_kind(self, kind: tuple[str, str], kv: KeyValue) -> None:
+        kind_name, name = kind
+        if len(kv.key) > MAX_KEY_BYTES:
+            raise RecordError(REASON_INVALID_KEY, f"key of {len(kv.key)} characters is longer than {MAX_KEY_BYTES}")
+        match kind_name:
+            case "node":
+                _check_key_name(name)
+                current = self.nodes.get(name)
+                if current is None or current.mod_revision != kv.mod_revision:
+                    record = NodeRecord.from_json(decode_json(kv.value), key_name=name)
+                    self.nodes[name] = Entry(record, kv.create_revision, kv.mod_revision, kv.lease)
+                    self._published[name] = record.published_at
+                    self._changed_nodes.add(name)
+                    if self._pending_config is not None:
+                        self._retry_pending_config()
+            case "peer":
+                _check_key_name(name)
+                current_peer = self.peers.get(name)
+                if current_peer is None or current_peer.mod_revision != kv.mod_revision:
+                    peer = ExternalPeer.from_json(decode_json(kv.value), key_name=name)
+                    self.peers[name] = Entry(peer, kv.create_revision, kv.mod_revision, kv.lease)
+                    self._changed_peers.add(name)
+            case "ipam":
+                self._put_reservation(name, kv)
+            case "config":
+                if kv.mod_revision != self._config_revision:
+                    self._put_config(kv, _decode_config(kv.value))
+
+    def _put_config(self, kv: KeyValue, config: MeshConfig) -> None:
+        """Take ``config`` unless it would leave out a registered node; then keep it pending and refuse it."""
+        refusal = renumbering_refusal(config, self.nodes)
+        if refusal is not None:
+            self._pending_config = (kv, config)
+            raise RecordError(REASON_INVALID_CONFIG, f"mesh config kept as before: {refusal}")
+        self._pending_config = None
+        self.config = config
+        self._config_revision = kv.mod_revision
+        self._changed_everything = True
+
+    def _retry_pending_config(self) -> None:
+        assert self._pending_config is not None
+        kv, config = self._pending_config
+        try:
+            self._put_config(kv, config)
+        except RecordError:
+            return  # still leaves someone out
+        log.info("mesh config of revision %d takes effect: no registered node is left outside it", kv.mod_revision)
+        self._rejected.pop(kv.key, None)
+
+    def _put_reservation(self, address: str, kv: KeyValue) -> None:
         try:
             parse_ip(address)
-            owner = value.decode()
+            owner = validate_name(kv.value.decode())
         except (ValueError, UnicodeDecodeError):
-            raise RecordError(REASON_INVALID_FIELD, f"reservation {address!r} is not an address with a name") from None
-        if self.ipam.get(address) != owner:
-            self.ipam[address] = owner
+            raise RecordError(
+                REASON_INVALID_FIELD, f"reservation {printable(address)} is not an address with a node name"
+            ) from None
+        reservation = Reservation(owner, kv.create_revision)
+        if self.ipam.get(address) != reservation:
+            self.ipam[address] = reservation
             self._changed_addresses.add(address)
 
     def _reject(self, kv: KeyValue, exc: RecordError) -> None:
@@ -208,10 +270,44 @@ class MeshView:
         if reported is not None and reported[0] == kv.mod_revision:
             return  # already reported this very version (seen again in a snapshot)
         self._rejected[kv.key] = (kv.mod_revision, exc.reason)
-        rejection = Rejection(kv.key, exc.reason, str(exc))
-        log.warning("rejected %s (revision %d): %s", kv.key, kv.mod_revision, exc)
+        message = one_line(str(exc))  # one bounded line, whatever the record held
+        rejection = Rejection(kv.key, exc.reason, message)
+        log.warning("rejected %s (revision %d, %s): %s", printable(kv.key), kv.mod_revision, exc.reason, message)
         if self._on_reject is not None:
             self._on_reject(rejection)
+
+
+def renumbering_refusal(config: MeshConfig, nodes: Mapping[str, Entry[NodeRecord]]) -> str | None:
+    """Why ``config`` may not take effect while ``nodes`` are registered (its networks would leave some of them
+    out: an address, a pod network or an endpoint that no longer fits), or None. Agents and the operator refuse
+    such a config alike."""
+    outside = sorted(name for name, entry in nodes.items() if _left_out_by(config, entry.record))
+    if not outside:
+        return None
+    shown = ", ".join(outside[:5]) + (f" and {len(outside) - 5} more" if len(outside) > 5 else "")
+    return (
+        f"overlay network {config.overlay_cidr} and pod network {config.pod_cidr} would leave out "
+        f"{len(outside)} registered node(s) ({shown}); a live mesh is not renumbered by a config edit: widen the "
+        "networks instead, or change them once those nodes have left"
+    )
+
+
+def _left_out_by(config: MeshConfig, record: NodeRecord) -> bool:
+    overlay, pods, endpoint = config.overlay_cidr, config.pod_cidr, record.endpoint.host
+    first, last = usable_host_range(overlay)
+    return (
+        record.overlay_ip.version != overlay.version
+        or not first <= int(record.overlay_ip) <= last
+        or any(n.version != pods.version or not n.subnet_of(pods) for n in record.allowed_ips)  # type: ignore[arg-type]
+        or any(endpoint.version == n.version and endpoint in n for n in (overlay, pods))
+    )
+
+
+def _check_key_name(name: str) -> None:
+    try:
+        validate_name(name)
+    except RecordError:
+        raise RecordError(REASON_INVALID_KEY, f"key name {printable(name)} is not a node name") from None
 
 
 def _decode_config(raw: bytes) -> MeshConfig:

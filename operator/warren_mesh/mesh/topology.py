@@ -6,6 +6,14 @@ that collides with one taken before it (same public key, an address reserved for
 overlapping another peer's) is left out. Overlaps matter because WireGuard routes by allowed IPs: a record that
 claims another node's address would otherwise silently take its traffic.
 
+What a record may claim is limited to what the mesh gave it. A node: its reserved overlay address (a usable host
+of the overlay network) and networks inside the pod network. An external peer: networks outside the overlay and
+pod networks, and inside the overlay network single addresses only. An address reserved under ``ipam/`` belongs
+to its holder: a record claiming it loses when the holder itself claims it (however old the claim), or when the
+reservation is older than the claim. So a node's own reservation and record always win over a later claim, and
+a reservation rewritten under a node after it registered takes nothing from it. Nothing may be routed over the
+networks this node must reach outside the tunnel (``LocalNode.protected``: its underlay, its etcd).
+
 An agent sees one change at a time in a mesh of hundreds, so ``TopologyBuilder`` keeps the fold and updates it
 for the records a change touched: a node joining comes last in create-revision order and is settled against
 what is already taken; a node leaving frees what it held. Whenever a change could alter how a later record was
@@ -20,13 +28,16 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final
 
+from warren_mesh.admission import usable_host_range
 from warren_mesh.device import InterfaceSpec, PeerSpec
-from warren_mesh.mesh.peers import Changes, Entry, MeshView
+from warren_mesh.mesh.peers import Changes, Entry, MeshView, Reservation
 from warren_mesh.model import (
     REASON_ADDRESS_OUTSIDE_CIDR,
     REASON_ADDRESS_TAKEN,
     REASON_DUPLICATE_PUBLIC_KEY,
+    REASON_NETWORK_NOT_OWNED,
     REASON_OVERLAPPING_ALLOWED_IPS,
+    REASON_UNSAFE_ROUTE,
     WIREGUARD_OVERHEAD,
     ExternalPeer,
     IPAddress,
@@ -43,6 +54,10 @@ class LocalNode:
     public_key: str
     overlay_ip: IPAddress
     allowed_ips: tuple[IPNetwork, ...] = ()
+    # Networks this node reaches outside the tunnel and that no peer may take: its underlay address and subnet,
+    # etcd's addresses. A route over them would cut the node off from its peers and from etcd (and so from the
+    # very deletion that would repair it).
+    protected: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,16 +130,23 @@ class TopologyBuilder:
         self._local = local
         self._underlay_mtu = underlay_mtu
         self._fwmark = fwmark
-        self._reset(MeshConfig(), {})
+        self._protected = tuple((n.version, int(n.network_address), int(n.broadcast_address)) for n in local.protected)
+        self._reset(MeshConfig(), None)
         self.rebuilds = 0  # folds from scratch; tests and benchmarks read it
 
     @property
     def local_name(self) -> str:
         return self._local.name
 
-    def _reset(self, config: MeshConfig, ipam: Mapping[str, str]) -> None:
+    def _reset(self, config: MeshConfig, view: MeshView | None) -> None:
         self._config = config
-        self._ipam = ipam
+        self._view = view
+        first, last = usable_host_range(config.overlay_cidr)
+        self._overlay_range = (config.overlay_cidr.version, first, last)
+        overlay, pods = config.overlay_cidr, config.pod_cidr
+        self._mesh_ranges = tuple(
+            (n.version, int(n.network_address), int(n.broadcast_address)) for n in (overlay, pods)
+        )
         self._interface = InterfaceSpec(
             address=f"{self._local.overlay_ip}/{config.overlay_cidr.prefixlen}",
             listen_port=config.listen_port,
@@ -138,7 +160,8 @@ class TopologyBuilder:
         self._conflicts: dict[Candidate, _Settled] = {}
         self._specs: dict[str, PeerSpec] = {}  # public key -> peer, of taken records
         self._names: dict[str, str] = {}  # public key -> node or peer name, of taken records
-        self._by_address: dict[str, set[Candidate]] = {}  # overlay address -> nodes claiming it
+        # address inside the overlay network -> the records claiming it (a node's own address, a peer's host route)
+        self._by_address: dict[str, set[Candidate]] = {}
         self.nodes_taken = 0
         local = self._local
         for version, prefixlen, first, _ in Routes.of(local.allowed_ips, host=local.overlay_ip).ranges:
@@ -148,7 +171,7 @@ class TopologyBuilder:
     def rebuild(self, view: MeshView) -> None:
         """Fold every record of ``view`` from scratch."""
         self.rebuilds += 1
-        self._reset(view.config, view.ipam)
+        self._reset(view.config, view)
         candidates = [(c, e, _position(c, e)) for c, e in _entries(view, self._local.name)]
         candidates.sort(key=lambda c: c[2])
         for candidate, entry, position in candidates:
@@ -160,12 +183,22 @@ class TopologyBuilder:
         if changes.everything:  # a snapshot or a config change: nothing to update from
             self.rebuild(view)
             return None
-        self._ipam = view.ipam
+        self._view = view
         touched: dict[Candidate, bool] = {("node", n): False for n in changes.nodes if n != self._local.name}
         touched.update((("peer", n), False) for n in changes.peers)
-        for address in changes.addresses:
-            # A reservation changed under a node: settle that node again though its record is the same.
-            touched.update((c, True) for c in self._by_address.get(address, ()))
+        addresses = set(changes.addresses)  # a reservation changed under a record: settle it again
+        for candidate in list(touched):
+            # Who may hold an address depends on whether its holder claims it: a record that claims or gave up
+            # an address has every other record on that address settled again.
+            settled = self._settled.get(candidate)
+            if settled is not None:
+                addresses.update(self._overlay_claims(settled.entry.record))
+            entry = _entry(view, candidate)
+            if entry is not None:
+                addresses.update(self._overlay_claims(entry.record))
+        for address in addresses:
+            for other in self._by_address.get(address, ()):
+                touched[other] = True
         affected: set[str] = set()
         arrivals: list[tuple[_Position, Candidate, Entry[NodeRecord] | Entry[ExternalPeer]]] = []
         for candidate, again in touched.items():
@@ -233,11 +266,11 @@ class TopologyBuilder:
         del self._settled[candidate]
         del self._order[bisect.bisect_left(self._order, settled.position)]
         record = settled.entry.record
-        if isinstance(record, NodeRecord):
-            holders = self._by_address[record.overlay_text]
+        for address in self._overlay_claims(record):
+            holders = self._by_address[address]
             holders.discard(candidate)
             if not holders:
-                del self._by_address[record.overlay_text]
+                del self._by_address[address]
         if settled.spec is None:
             del self._conflicts[candidate]
             return True
@@ -262,8 +295,8 @@ class TopologyBuilder:
         problem: Conflict | None,
     ) -> None:
         record = entry.record
-        if isinstance(record, NodeRecord):
-            self._by_address.setdefault(record.overlay_text, set()).add(candidate)
+        for address in self._overlay_claims(record):
+            self._by_address.setdefault(address, set()).add(candidate)
         bisect.insort(self._order, position)
         if problem is not None:
             self._settled[candidate] = self._conflicts[candidate] = _Settled(entry, position, None, problem)
@@ -278,6 +311,85 @@ class TopologyBuilder:
         self._settled[candidate] = _Settled(entry, position, spec, None)
         if candidate[0] == "node":
             self.nodes_taken += 1
+
+    def _overlay_claims(self, record: NodeRecord | ExternalPeer) -> tuple[str, ...]:
+        """The single addresses inside the overlay network that ``record`` claims (reservations decide who holds
+        them): a node's own address, a peer's host routes."""
+        if isinstance(record, NodeRecord):
+            return (record.overlay_text,)
+        overlay_version, overlay_start, overlay_end = self._mesh_ranges[0]
+        return tuple(
+            text.split("/", 1)[0]
+            for text, (version, _, start, end) in zip(record.routes.text, record.routes.ranges, strict=True)
+            if version == overlay_version and start == end and overlay_start <= start <= overlay_end
+        )
+
+    def _claim_problem(self, name: str, entry: Entry[NodeRecord] | Entry[ExternalPeer]) -> Conflict | None:
+        """Why ``entry`` claims something the mesh never gave it (depends on the config, the reservations and the
+        holders' own claims, never on the order of the fold), or None."""
+        record = entry.record
+        overlay_version, first, last = self._overlay_range
+        (_, overlay_start, overlay_end), (_, pods_start, pods_end) = self._mesh_ranges
+        config = self._config
+        if isinstance(record, NodeRecord):
+            if record.overlay_ip.version != overlay_version or not first <= int(record.overlay_ip) <= last:
+                return Conflict(
+                    name,
+                    REASON_ADDRESS_OUTSIDE_CIDR,
+                    f"{name}'s address {record.overlay_ip} is not a usable address of the mesh network "
+                    f"{config.overlay_cidr}",
+                )
+            for text, (version, _, start, end) in zip(record.routes.text, record.routes.ranges, strict=True):
+                if text == f"{record.overlay_text}/{record.overlay_ip.max_prefixlen}":
+                    continue
+                if version != config.pod_cidr.version or start < pods_start or end > pods_end:
+                    return Conflict(
+                        name,
+                        REASON_NETWORK_NOT_OWNED,
+                        f"{name} claims {text}: a node may claim its overlay address and networks inside the pod "
+                        f"network {config.pod_cidr}, nothing else",
+                    )
+            endpoint = record.endpoint.host
+            for network in (config.overlay_cidr, config.pod_cidr):
+                if endpoint.version == network.version and endpoint in network:
+                    message = f"{name}'s endpoint {endpoint} lies inside the mesh network {network}"
+                    return Conflict(name, REASON_UNSAFE_ROUTE, message)
+        else:
+            for text, (version, prefixlen, start, end) in zip(record.routes.text, record.routes.ranges, strict=True):
+                if version != overlay_version:
+                    continue
+                in_overlay = start <= overlay_end and end >= overlay_start
+                in_pods = version == config.pod_cidr.version and start <= pods_end and end >= pods_start
+                single = prefixlen == (32 if version == 4 else 128)
+                if in_pods or (in_overlay and not (single and first <= start <= last)):
+                    return Conflict(
+                        name,
+                        REASON_NETWORK_NOT_OWNED,
+                        f"{name} claims {text}: inside the mesh's own networks an external peer may claim single "
+                        "usable overlay addresses only",
+                    )
+        for address in self._overlay_claims(record):
+            problem = self._reservation_problem(name, address, entry.create_revision)
+            if problem is not None:
+                return problem
+        for text, (version, _, start, end) in zip(record.routes.text, record.routes.ranges, strict=True):
+            for protected_version, protected_start, protected_end in self._protected:
+                if version == protected_version and start <= protected_end and end >= protected_start:
+                    return Conflict(
+                        name,
+                        REASON_UNSAFE_ROUTE,
+                        f"{name} claims {text}, which would route this node's underlay or etcd into the tunnel",
+                    )
+        return None
+
+    def _reservation_problem(self, name: str, address: str, claimed_at: int) -> Conflict | None:
+        view = self._view
+        reservation: Reservation | None = view.ipam.get(address) if view is not None else None
+        if view is None or reservation is None or reservation.owner == name:
+            return None
+        if reservation.create_revision < claimed_at or _holder_claims(view, reservation.owner, address):
+            return Conflict(name, REASON_ADDRESS_TAKEN, f"{name} claims {address}, reserved for {reservation.owner}")
+        return None
 
     def _spec(self, record: NodeRecord | ExternalPeer) -> PeerSpec:
         config = self._config
@@ -300,10 +412,9 @@ class TopologyBuilder:
         """Why this record cannot be taken next to everything taken so far, or None."""
         record = entry.record
         name = candidate[1]
-        if isinstance(record, NodeRecord):
-            problem = _address_problem(record, self._config, self._ipam)
-            if problem is not None:
-                return problem
+        problem = self._claim_problem(name, entry)
+        if problem is not None:
+            return problem
         holder = self._holders.get(record.public_key)
         if holder is not None:
             holder_name = self._local.name if holder == _LOCAL else holder[1]
@@ -330,7 +441,9 @@ def build_topology(
 
 
 # Reasons that depend on the record alone (and the config and reservations), never on the records before it.
-_SELF_REASONS: Final = frozenset({REASON_ADDRESS_OUTSIDE_CIDR, REASON_ADDRESS_TAKEN})
+_SELF_REASONS: Final = frozenset(
+    {REASON_ADDRESS_OUTSIDE_CIDR, REASON_ADDRESS_TAKEN, REASON_NETWORK_NOT_OWNED, REASON_UNSAFE_ROUTE}
+)
 
 
 def _position(candidate: Candidate, entry: Entry[NodeRecord] | Entry[ExternalPeer]) -> _Position:
@@ -350,18 +463,10 @@ def _entries(view: MeshView, local_name: str) -> Iterator[tuple[Candidate, Entry
         yield ("peer", name), peer
 
 
-def _address_problem(record: NodeRecord, config: MeshConfig, ipam: Mapping[str, str]) -> Conflict | None:
-    if record.overlay_ip not in config.overlay_cidr:
-        return Conflict(
-            record.name,
-            REASON_ADDRESS_OUTSIDE_CIDR,
-            f"{record.name}'s address {record.overlay_ip} is outside the mesh network {config.overlay_cidr}",
-        )
-    owner = ipam.get(record.overlay_text)
-    if owner is not None and owner != record.name:
-        return Conflict(
-            record.name,
-            REASON_ADDRESS_TAKEN,
-            f"{record.name} claims {record.overlay_ip}, reserved for {owner}",
-        )
-    return None
+def _holder_claims(view: MeshView, holder: str, address: str) -> bool:
+    """Whether the holder of a reservation claims the reserved address itself (as a node or an external peer)."""
+    node = view.nodes.get(holder)
+    if node is not None and node.record.overlay_text == address:
+        return True
+    peer = view.peers.get(holder)
+    return peer is not None and any(text.split("/", 1)[0] == address for text in peer.record.routes.text)

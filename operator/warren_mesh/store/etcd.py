@@ -103,6 +103,11 @@ class EtcdEndpoint:
     target: str  # host:port for gRPC
     secure: bool
 
+    @property
+    def host(self) -> str:
+        """The host name or address alone (IPv6 without brackets)."""
+        return self.target.rsplit(":", 1)[0].strip("[]")
+
     @classmethod
     def parse(cls, url: str) -> EtcdEndpoint:
         text = url.strip()
@@ -173,7 +178,7 @@ class _DecodedKV:
 
 def _kv(raw: Any) -> KeyValue:
     return KeyValue(
-        key=raw.key.decode(),
+        key=raw.key.decode("utf-8", "surrogateescape"),  # as store.wire decodes keys
         value=bytes(raw.value),
         create_revision=raw.create_revision,
         mod_revision=raw.mod_revision,
@@ -236,6 +241,10 @@ class EtcdStore:
         conn = self._connection()
         try:
             response = await getattr(getattr(conn, stub), method)(request, timeout=self._call_timeout)
+        except asyncio.CancelledError:
+            if not _cut_off_by_grpc():
+                raise
+            raise StoreUnavailable(f"{method} on etcd at {conn.endpoint.target} was cut off (failover)") from None
         except grpc.aio.AioRpcError as exc:
             if exc.code() in _RETRYABLE:
                 self._fail_over(conn, exc)
@@ -246,6 +255,8 @@ class EtcdStore:
             if exc.code() == grpc.StatusCode.NOT_FOUND and "lease not found" in (exc.details() or ""):
                 raise LeaseNotFound(message) from None
             raise StoreError(message) from None
+        if response is None:  # gRPC hands back None when our decoder refused the answer (and logs why)
+            raise StoreUnavailable(f"etcd at {conn.endpoint.target} sent an answer to {method} that does not decode")
         self._set_health(True)
         return response
 
@@ -388,7 +399,12 @@ class EtcdStore:
 
         async def read_answers() -> None:
             while True:
-                resp = await call.read()
+                try:
+                    resp = await call.read()
+                except asyncio.CancelledError:
+                    if not _cut_off_by_grpc():
+                        raise
+                    raise StoreUnavailable("the keepalive stream was cut off (failover)") from None
                 if resp is grpc.aio.EOF:
                     raise StoreUnavailable("it closed the keepalive stream")
                 if unanswered:  # etcd answers a stream's requests in order, one by one
@@ -417,8 +433,13 @@ class EtcdStore:
                 if unanswered and now - unanswered[0] > patience:
                     raise TimeoutError
                 unanswered.append(now)  # before the write: its answer may be read before the write returns
-                async with asyncio.timeout(patience):
-                    await call.write(rpc_pb2.LeaseKeepAliveRequest(ID=lease_id))
+                try:
+                    async with asyncio.timeout(patience):
+                        await call.write(rpc_pb2.LeaseKeepAliveRequest(ID=lease_id))
+                except asyncio.CancelledError:
+                    if not _cut_off_by_grpc():
+                        raise
+                    raise StoreUnavailable("the keepalive stream was cut off (failover)") from None
                 # After a stall longer than an interval, start afresh from now instead of catching up in a burst.
                 due = max(due, loop.time() - ttl / 3) + lease_refresh_interval(ttl)
         except (TimeoutError, StoreUnavailable, *_STREAM_FAILURES) as exc:
@@ -496,18 +517,28 @@ class EtcdStore:
             create = rpc_pb2.WatchCreateRequest(
                 key=raw, range_end=prefix_range_end(raw), start_revision=start_revision, progress_notify=True
             )
-            await call.write(rpc_pb2.WatchRequest(create_request=create))
+            try:
+                await call.write(rpc_pb2.WatchRequest(create_request=create))
+            except asyncio.CancelledError:
+                if not _cut_off_by_grpc():
+                    raise
+                raise StoreUnavailable(f"the watch on etcd at {conn.endpoint.target} was cut off") from None
             guarding = asyncio.get_running_loop().create_task(guard.run(), name=f"watch-guard-{prefix}")
             while True:
                 try:
                     response = await call.read()
                 except asyncio.CancelledError:
-                    current = asyncio.current_task()
-                    if guard.stalled is None or (current is not None and current.cancelling()):
-                        raise  # we are being cancelled, not the guard giving up on the stream
-                    raise WatchStalled(guard.stalled) from None
+                    if not _cut_off_by_grpc():
+                        raise  # we are being cancelled: the agent is stopping
+                    # The guard gave up on the stream, or a failover elsewhere (the lease keepalive) closed the
+                    # channel the watch shares: either way the watch resumes, on this endpoint or the next.
+                    if guard.stalled is not None:
+                        raise WatchStalled(guard.stalled) from None
+                    raise StoreUnavailable(f"the watch on etcd at {conn.endpoint.target} was cut off") from None
                 if response is grpc.aio.EOF:
                     raise StoreUnavailable(f"etcd at {conn.endpoint.target} closed the watch stream")
+                if response is None:  # our decoder refused the answer (gRPC logs why): resume on a new stream
+                    raise StoreUnavailable(f"etcd at {conn.endpoint.target} sent a watch answer that does not decode")
                 guard.heard()
                 answer = cast(WatchAnswer, response)  # decode_watch_response made it
                 self._check(answer, start_revision)
@@ -590,6 +621,14 @@ def lease_refresh_interval(ttl: int) -> float:
     """A third of the TTL, less up to a fifth of that at random: agents started together (a cluster boot) would
     otherwise refresh in lockstep forever, and every pulse delays whatever etcd does at that moment."""
     return ttl / 3 * random.uniform(0.8, 1.0)
+
+
+def _cut_off_by_grpc() -> bool:
+    """Whether a CancelledError that reached the current task came from gRPC rather than from someone cancelling
+    the task. gRPC cancels every call on a channel that is closed (a failover does that), and awaiting such a
+    call raises CancelledError: taken for a request to stop, it ended every agent when etcd lost its quorum."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:

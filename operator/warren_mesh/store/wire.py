@@ -123,11 +123,10 @@ def _key_value(buf: bytes, pos: int, end: int) -> KeyValue:
                 lease = _int64(number)
         else:
             pos = _skip(buf, pos, end, wire_type)
-    try:
-        text = key.decode()
-    except UnicodeDecodeError:
-        raise WireError(f"key {key[:60]!r} is not UTF-8") from None
-    return KeyValue(text, value, create_revision, mod_revision, lease)
+    # Keys are decoded losslessly whatever their bytes: a key that is not UTF-8 is a bad record for the view to
+    # reject (and its deletion must reach the same string), never an error here, where gRPC would swallow it
+    # and end the whole call.
+    return KeyValue(key.decode("utf-8", "surrogateescape"), value, create_revision, mod_revision, lease)
 
 
 def _event(buf: bytes, pos: int, end: int) -> Event:

@@ -1,21 +1,29 @@
 """The WireGuard interface as an IP link: address, MTU, up, and routes for peers' networks (pyroute2 only).
 
 Both real backends share this: WireGuard itself knows nothing of IP addresses or routes. Routes we add carry our
-own routing-protocol number, so we only ever delete routes we made and never an administrator's.
+own routing-protocol number, so we only ever delete routes we made and never an administrator's; and a route is
+added only where no route of someone else's is (the kernel's connected route of the underlay, say): a route
+for the same destination that is not ours is left alone and the change fails. As a last line, whatever the
+deciding code let through, a default route or a special-purpose range (loopback, link-local, multicast) is never
+routed into the tunnel.
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import socket
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from warren_mesh.admission import network_problem
 from warren_mesh.wireguard.backend import BackendError
 
 # Routing protocol id marking routes warren-mesh installed (any value above 4 not used by a routing daemon).
 ROUTE_PROTOCOL = 158
+MAIN_TABLE = 254
 
 
 class LinkError(BackendError):
@@ -104,11 +112,41 @@ class InterfaceLink:
         if state is None:
             raise LinkError(f"interface {self.name} does not exist")
         for net in _routed_outside(state.address, networks):
+            problem = network_problem(ipaddress.ip_network(net))
+            if problem is not None:
+                raise LinkError(f"refusing to route {net} via {self.name}: {problem}")
             try:
-                self._ipr.route("replace", dst=net, oif=state.index, proto=ROUTE_PROTOCOL)
+                # "add" fails where any route for the destination exists; only one of ours is then replaced.
+                self._ipr.route("add", dst=net, oif=state.index, proto=ROUTE_PROTOCOL)
             except NetlinkError as exc:
-                self.forget()
-                raise LinkError(f"route {net} via {self.name} failed: {exc}") from None
+                if exc.code != errno.EEXIST:
+                    self.forget()
+                    raise LinkError(f"route {net} via {self.name} failed: {exc}") from None
+                self._replace_own_route(net, state.index)
+
+    def _replace_own_route(self, net: str, index: int) -> None:
+        """Point an existing route for ``net`` at ``index``, if that route is ours; refuse otherwise."""
+        network = ipaddress.ip_network(net)
+        family = socket.AF_INET if network.version == 4 else socket.AF_INET6
+        existing = [
+            route
+            for route in self._ipr.get_routes(family=family, table=MAIN_TABLE)
+            if route["dst_len"] == network.prefixlen
+            and route.get("RTA_DST", "0.0.0.0" if network.version == 4 else "::") == str(network.network_address)
+        ]
+        foreign = [r for r in existing if r["proto"] != ROUTE_PROTOCOL]
+        if foreign:
+            raise LinkError(
+                f"not routing {net} via {self.name}: a route for it that warren-mesh did not make exists "
+                f"(protocol {foreign[0]['proto']}); it is left as it is"
+            )
+        if any(r.get("RTA_OIF") == index for r in existing):
+            return  # ours already, through this interface
+        try:
+            self._ipr.route("replace", dst=net, oif=index, proto=ROUTE_PROTOCOL)
+        except NetlinkError as exc:
+            self.forget()
+            raise LinkError(f"route {net} via {self.name} failed: {exc}") from None
 
     def remove_routes(self, networks: tuple[str, ...]) -> None:
         state = self._state()

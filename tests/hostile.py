@@ -1,0 +1,100 @@
+"""A mesh of three honest nodes for tests to attack: what an attacker with write access to etcd could do to it,
+and the checks that it came through whole (its nodes still peers, nothing dangerous in the desired device)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from warren_mesh.admission import network_problem
+from warren_mesh.keys import NodeKey
+from warren_mesh.mesh.peers import MeshView, Rejection
+from warren_mesh.mesh.topology import LocalNode, Topology, build_topology
+from warren_mesh.model import encode_json
+from warren_mesh.schema import KeySchema
+from warren_mesh.watch import Event, Events, KeyValue, Snapshot
+
+SCHEMA = KeySchema("/h")
+LOCAL_KEY = NodeKey.generate().public_key
+UNDERLAY = "192.168.240.0/24"
+ETCD = "192.168.240.1/32"
+LOCAL = LocalNode(
+    "local",
+    LOCAL_KEY,
+    ipaddress.ip_address("10.96.0.1"),
+    protected=(ipaddress.ip_network(UNDERLAY), ipaddress.ip_network(ETCD)),
+)
+HONEST = {f"h{i}": (NodeKey.generate().public_key, f"10.96.0.{10 + i}", f"192.168.240.{10 + i}") for i in range(3)}
+ATTACKER_KEY = NodeKey.generate().public_key
+
+
+def node_doc(name: str, key: str, address: str, endpoint: str, **changes: object) -> dict[str, object]:
+    doc: dict[str, object] = {
+        "schema": 1,
+        "name": name,
+        "public_key": key,
+        "endpoint": endpoint,
+        "overlay_ip": address,
+        "allowed_ips": [],
+        "listen_port": 51820,
+        "published_at": 1.0,
+    }
+    doc.update(changes)
+    return doc
+
+
+def peer_doc(name: str, **changes: object) -> dict[str, object]:
+    doc: dict[str, object] = {"schema": 1, "name": name, "public_key": ATTACKER_KEY, "allowed_ips": ["10.50.0.0/24"]}
+    doc.update(changes)
+    return doc
+
+
+class Mesh:
+    """A view holding three honest nodes (each with its reservation), fed hostile records one revision at a time."""
+
+    def __init__(self) -> None:
+        self.rejections: list[Rejection] = []
+        self.view = MeshView(SCHEMA, on_reject=self.rejections.append)
+        self.revision = 0
+        self.created: dict[str, int] = {}
+        items = []
+        for name, (key, address, endpoint) in HONEST.items():
+            items.append(self._kv(SCHEMA.address(address), name.encode()))
+            items.append(self._kv(SCHEMA.node(name), encode_json(node_doc(name, key, address, f"{endpoint}:51820"))))
+        self.view.apply(Snapshot(tuple(items), self.revision))
+
+    def _kv(self, key: str, value: bytes) -> KeyValue:
+        self.revision += 1
+        create = self.created.setdefault(key, self.revision)
+        return KeyValue(key, value, create, self.revision, lease=0)
+
+    def put(self, key: str, value: bytes | dict[str, object]) -> None:
+        raw = encode_json(value) if isinstance(value, dict) else value
+        self.view.apply(Events((Event("put", self._kv(key, raw)),), self.revision))
+
+    def delete(self, key: str) -> None:
+        self.revision += 1
+        self.created.pop(key, None)
+        self.view.apply(Events((Event("delete", KeyValue(key, b"", 0, self.revision)),), self.revision))
+
+    def topology(self) -> Topology:
+        return build_topology(local=LOCAL, view=self.view, underlay_mtu=1500)
+
+    def reasons(self) -> set[str]:
+        return {r.reason for r in self.rejections} | {c.reason for c in self.topology().conflicts}
+
+    def assert_honest_intact(self) -> None:
+        topology = self.topology()
+        for name, (key, address, _) in HONEST.items():
+            assert topology.names.get(key) == name, f"{name} lost its place: {topology.conflicts}"
+            assert f"{address}/32" in topology.peers[key].allowed_ips
+        assert_safe(topology)
+
+
+def assert_safe(topology: Topology) -> None:
+    """Nothing in the desired device routes a special range, the underlay or etcd into the tunnel."""
+    protected = [ipaddress.ip_network(UNDERLAY), ipaddress.ip_network(ETCD)]
+    for spec in topology.peers.values():
+        for text in spec.allowed_ips:
+            network = ipaddress.ip_network(text)
+            assert network_problem(network) is None, text
+            assert not any(network.version == p.version and network.overlaps(p) for p in protected), text  # type: ignore[arg-type]

@@ -1,0 +1,190 @@
+"""Property-based fuzzing of the trust boundary (hypothesis): random and mutated records, keys and configs.
+
+Properties, whatever an attacker writes next to three honest nodes (anywhere but the honest nodes' own keys):
+- nothing but a RecordError ever leaves the decoder, and nothing at all leaves the view;
+- the desired device never routes a special-purpose range, this node's underlay or etcd into the tunnel;
+- every honest node stays a peer with its address;
+- the agent's incremental fold equals a fold from scratch.
+
+CI runs a bounded number of examples (the ``ci`` profile in conftest.py); a longer run, as documented in
+docs/security.md: ``HYPOTHESIS_PROFILE=long .venv/bin/pytest tests/unit/test_fuzz.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hostile import ATTACKER_KEY, HONEST, LOCAL, LOCAL_KEY, SCHEMA, Mesh, assert_safe, node_doc, peer_doc
+from warren_mesh.keys import NodeKey
+from warren_mesh.mesh.topology import TopologyBuilder
+from warren_mesh.model import ExternalPeer, MeshConfig, NodeRecord, RecordError, decode_json
+
+HONEST_KEYS = [key for key, _, _ in HONEST.values()]
+HONEST_ADDRESSES = [address for _, address, _ in HONEST.values()]
+# Values close to valid ones, so mutations reach past the first check: addresses, networks, endpoints, keys.
+ADDRESSES = [*HONEST_ADDRESSES, "10.96.0.1", "10.96.0.50", "10.96.0.0", "10.96.255.255", "10.97.0.1", "fd00::5"]
+NETWORKS = [
+    *(f"{a}/32" for a in ADDRESSES[:5]),
+    "10.244.1.0/24",
+    "10.244.0.0/16",
+    "10.244.1.0/25",
+    "192.168.240.0/24",
+    "192.168.240.1/32",
+    "192.168.0.0/16",
+    "0.0.0.0/0",
+    "0.0.0.0/1",
+    "128.0.0.0/1",
+    "::/0",
+    "::/1",
+    "127.0.0.1/32",
+    "169.254.169.254/32",
+    "224.0.0.0/4",
+    "172.20.0.0/16",
+    "10.96.0.0/16",
+    "fd00::/64",
+    "10.0.0.0/8",
+]
+ENDPOINTS = [
+    "192.0.2.9:51820",
+    "198.51.100.3:51820",
+    "[2001:db8::1]:51820",
+    "203.0.113.7:1",
+    "192.168.240.50:51820",
+    "10.96.0.10:51820",
+    "127.0.0.1:22",
+    "[::ffff:127.0.0.1]:1",
+    "[fe80::1%eth0]:51820",
+    "0.0.0.0:1",
+    "192.0.2.9:\u00b2",
+    "192.0.2.9:" + "9" * 50,
+]
+ATTACKER_KEYS = [ATTACKER_KEY, *(NodeKey.generate().public_key for _ in range(4))]
+# Mostly valid keys of the attacker's own, so that most records get as far as the fold.
+KEYS = [*ATTACKER_KEYS * 3, *HONEST_KEYS, LOCAL_KEY, "A" * 43 + "=", "AQ" + "A" * 41 + "=", "not a key"]
+CIDRS = ["10.96.0.0/16", "10.96.0.0/12", "10.96.0.0/28", "10.97.0.0/16", "0.0.0.0/0", "fd00::/64", "192.168.0.0/16"]
+FIELDS = [
+    "schema",
+    "name",
+    "public_key",
+    "endpoint",
+    "overlay_ip",
+    "allowed_ips",
+    "listen_port",
+    "published_at",
+    "persistent_keepalive",
+    "overlay_cidr",
+    "pod_cidr",
+    "mtu",
+    "lease_ttl_seconds",
+]
+
+json_values: st.SearchStrategy[Any] = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats()
+    | st.text(max_size=20)
+    | st.sampled_from(ADDRESSES + NETWORKS + ENDPOINTS + KEYS + CIDRS + ["auto", "1400"]),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=3),
+    max_leaves=8,
+)
+ATTACKER_NAMES = ["a0", "a1", "a2", "h0x", "local"]
+
+
+@st.composite
+def mutated(draw: st.DrawFn, base: dict[str, Any]) -> bytes:
+    """``base`` with fields replaced, removed or added; then, now and again, its bytes cut or garbled."""
+    doc = dict(base)
+    if draw(st.booleans()):  # half the time well-formed: what matters then is what it claims
+        doc["allowed_ips"] = draw(st.lists(st.sampled_from(NETWORKS), max_size=3))
+        return json.dumps(doc).encode()
+    for field in draw(st.lists(st.sampled_from(FIELDS), max_size=3)):
+        if draw(st.booleans()):
+            doc[field] = draw(json_values)
+        else:
+            doc.pop(field, None)
+    raw = json.dumps(doc, allow_nan=True).encode()
+    match draw(st.integers(min_value=0, max_value=9)):
+        case 0:
+            cut = draw(st.integers(min_value=0, max_value=len(raw)))
+            raw = raw[:cut]
+        case 1:
+            at = draw(st.integers(min_value=0, max_value=len(raw)))
+            raw = raw[:at] + draw(st.binary(max_size=8)) + raw[at:]
+        case _:
+            pass
+    return raw
+
+
+@st.composite
+def attacks(draw: st.DrawFn) -> tuple[str, str, bytes | None]:
+    """One write of the attacker's: (kind, key, value or None for a deletion)."""
+    kind = draw(st.sampled_from(["node", "peer", "ipam", "config", "raw"]))
+    name = draw(st.sampled_from(ATTACKER_NAMES))
+    if kind == "ipam":
+        address = draw(st.sampled_from([a for a in ADDRESSES if a not in HONEST_ADDRESSES]))
+        key = SCHEMA.address(address)
+        value: bytes | None = draw(st.sampled_from([b"a0", b"a1", b"h0", b"local", b"\xff"]))
+    elif kind == "config":
+        key = SCHEMA.config
+        base = MeshConfig().to_json() | {"overlay_cidr": draw(st.sampled_from(CIDRS))}
+        value = draw(mutated(base))
+    elif kind == "raw":
+        key = SCHEMA.node(name) if draw(st.booleans()) else SCHEMA.root + draw(st.text(max_size=10))
+        value = draw(st.binary(max_size=64))
+    elif kind == "node":
+        key = SCHEMA.node(name)
+        endpoint = draw(st.sampled_from(ENDPOINTS))
+        base = node_doc(name, draw(st.sampled_from(KEYS)), draw(st.sampled_from(ADDRESSES)), endpoint)
+        value = draw(mutated(base))
+    else:
+        key = SCHEMA.peer(name)
+        value = draw(mutated(peer_doc(name, public_key=draw(st.sampled_from(KEYS)))))
+    if draw(st.integers(min_value=0, max_value=5)) == 0:
+        value = None
+    return kind, key, value
+
+
+def decode_every_way(raw: bytes) -> None:
+    """Decode ``raw`` as each kind of record; a RecordError is the only way any of them may fail."""
+    for decode in (
+        lambda doc: NodeRecord.from_json(doc, key_name="x"),
+        lambda doc: ExternalPeer.from_json(doc, key_name="x"),
+        MeshConfig.from_json,
+    ):
+        with contextlib.suppress(RecordError):
+            decode(decode_json(raw))
+
+
+@given(st.binary(max_size=512))
+def test_decoder_raises_only_record_errors_on_any_bytes(raw: bytes) -> None:
+    decode_every_way(raw)
+
+
+@given(st.data())
+def test_decoder_raises_only_record_errors_on_mutated_records(data: st.DataObject) -> None:
+    for base in (node_doc("x", ATTACKER_KEY, "10.96.0.9", "192.0.2.9:1"), peer_doc("x"), MeshConfig().to_json()):
+        decode_every_way(data.draw(mutated(base)))
+
+
+@given(st.lists(attacks(), min_size=1, max_size=12))
+def test_no_attack_costs_an_honest_node_its_place_or_routes_anything_dangerous(
+    writes: list[tuple[str, str, bytes | None]],
+) -> None:
+    mesh = Mesh()
+    builder = TopologyBuilder(LOCAL, underlay_mtu=1500)
+    builder.update(mesh.view, mesh.view.take_changes())
+    for _, key, value in writes:
+        if value is None:
+            mesh.delete(key)
+        else:
+            mesh.put(key, value)
+        builder.update(mesh.view, mesh.view.take_changes())
+        assert builder.topology() == mesh.topology(), "the incremental fold differs from a fold from scratch"
+        mesh.assert_honest_intact()
+        assert_safe(builder.topology())
