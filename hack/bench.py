@@ -188,7 +188,7 @@ async def _crash(pool: AgentPool, key_dir: Path, ttl: int) -> float:
         f"--etcd-endpoints={pool.endpoint}",
         f"--prefix={pool.prefix}",
         "--node-name=crasher",
-        "--endpoint=127.0.0.1:29999",
+        "--endpoint=192.0.2.1:29999",
         f"--key-file={key_file}",
         f"--lease-ttl={ttl}",
         "--metrics-address=",
@@ -279,7 +279,7 @@ def _record(schema: KeySchema, i: int) -> tuple[str, bytes]:
     record = NodeRecord(
         name=f"r{i}",
         public_key=NodeKey.generate().public_key,
-        endpoint=Endpoint(ipaddress.ip_address("127.0.0.1"), 30000 + i % 30000),
+        endpoint=Endpoint(ipaddress.ip_address("192.0.2.1"), 30000 + i % 30000),
         overlay_ip=ipaddress.ip_address(f"10.96.{200 + i // 250}.{i % 250 + 1}"),
         listen_port=51820,
         published_at=time.time(),
@@ -363,7 +363,7 @@ async def scenario_cost(endpoint: str, records: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="warren-bench-") as tmp:
         port = free_port()
         args = [sys.executable, "-m", "warren_mesh.cli", "agent", "--backend=memory", f"--etcd-endpoints={endpoint}"]
-        args += [f"--prefix={prefix}", "--node-name=measured", "--endpoint=127.0.0.1:29998", "--lease-ttl=30"]
+        args += [f"--prefix={prefix}", "--node-name=measured", "--endpoint=192.0.2.1:29998", "--lease-ttl=30"]
         args += [f"--key-file={Path(tmp) / 'measured.key'}", f"--metrics-address=127.0.0.1:{port}"]
         process = await asyncio.create_subprocess_exec(*args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         store = EtcdStore(endpoint)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import itertools
 import json
 import math
 import re
@@ -248,6 +249,17 @@ def parse_routed_network(value: object, *, what: str) -> IPNetwork:
     return network
 
 
+def parse_allowed_ips(doc: dict[str, Any]) -> tuple[IPNetwork, ...]:
+    """A record's ``allowed_ips``: each one routable, and no two overlapping (the fold keeps one claim per
+    network, and a network listed twice would be claimed twice and released twice)."""
+    networks = tuple(parse_routed_network(n, what="allowed_ips entry") for n in _list(doc, "allowed_ips"))
+    spans = sorted((n.version, int(n.network_address), int(n.broadcast_address), n) for n in networks)
+    for (version, _, last, network), (next_version, next_first, _, following) in itertools.pairwise(spans):
+        if version == next_version and next_first <= last:
+            raise RecordError(REASON_INVALID_CIDR, f"allowed_ips entries {network} and {following} overlap")
+    return networks
+
+
 def _parse_overlay(doc: dict[str, Any], key: str, default: IPNetwork) -> IPNetwork:
     if key not in doc:
         return default
@@ -386,7 +398,7 @@ class NodeRecord:
             raise RecordError(REASON_INVALID_CIDR, f"overlay_ip {printable(overlay_text)} is not an IP") from None
         if endpoint_problem(overlay_ip) is not None or (overlay_ip.version == 6 and overlay_ip.scope_id):
             raise RecordError(REASON_INVALID_CIDR, f"overlay_ip {overlay_ip} is not an address a mesh can use")
-        allowed = tuple(parse_routed_network(n, what="allowed_ips entry") for n in _list(doc, "allowed_ips"))
+        allowed = parse_allowed_ips(doc)
         listen_port = validate_port(doc.get("listen_port"), what="listen_port")
         published_at = doc.get("published_at", 0.0)
         if type(published_at) not in (int, float) or not math.isfinite(published_at) or published_at < 0:
@@ -429,7 +441,7 @@ class ExternalPeer:
         if name != key_name:
             raise RecordError(REASON_NAME_MISMATCH, f"record names peer {name!r} but sits under {printable(key_name)}")
         public_key = validate_public_key(doc.get("public_key"))
-        allowed = tuple(parse_routed_network(n, what="allowed_ips entry") for n in _list(doc, "allowed_ips"))
+        allowed = parse_allowed_ips(doc)
         if not allowed:
             raise RecordError(REASON_INVALID_CIDR, "an external peer needs at least one allowed IP network")
         endpoint_text = doc.get("endpoint")

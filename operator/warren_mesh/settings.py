@@ -102,11 +102,12 @@ class AgentSettings:
         resync_interval: float = 30.0,
         metrics_address: str | None = None,
     ) -> AgentSettings:
-        """An agent on the memory device, "dialled" at 192.0.2.1:``port``: the demo's, the tests' and the bench's.
+        """An agent on the memory device (``etcd_endpoint``: one URL or several, comma-separated), "dialled" at
+        192.0.2.1:``port``: the demo's, the tests' and the bench's.
         The address is from a documentation range (RFC 5737): a memory device sends nothing, and peers refuse
         loopback endpoints."""
         return cls(
-            store=StoreSettings((etcd_endpoint,), KeySchema(prefix)),
+            store=StoreSettings(tuple(etcd_endpoint.split(",")), KeySchema(prefix)),
             node_name=name,
             endpoint_host=SIMULATED_ENDPOINT_HOST,
             endpoint_port=port,

@@ -31,7 +31,7 @@ def registrar(
         schema=schema,
         name=name,
         key=key,
-        endpoint_host=ipaddress.ip_address("127.0.0.1"),
+        endpoint_host=ipaddress.ip_address("192.0.2.1"),
         endpoint_port=51820,
         lease_ttl=lease_ttl,
         metrics=AgentMetrics(CollectorRegistry()),

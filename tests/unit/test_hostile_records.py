@@ -152,6 +152,24 @@ def test_external_peers_may_not_route_the_underlay_etcd_or_the_mesh_itself(netwo
     mesh.assert_honest_intact()
 
 
+@pytest.mark.parametrize(
+    "networks",
+    [["10.96.0.99/32", "10.96.0.99/32"], ["172.20.0.0/16", "172.20.1.0/24"], ["fd00::/64", "fd00::1/128"]],
+)
+@pytest.mark.parametrize("kind", ["node", "peer"])
+def test_networks_listed_twice_or_overlapping_each_other_are_refused(networks: list[str], kind: str) -> None:
+    # Found by the long fuzz run: a network listed twice was claimed twice by the fold and released twice.
+    mesh = Mesh()
+    if kind == "node":
+        mesh.put(SCHEMA.node("x"), node_doc("x", ATTACKER_KEY, "10.96.0.98", "192.0.2.9:1", allowed_ips=networks))
+    else:
+        mesh.put(SCHEMA.peer("x"), peer_doc("x", allowed_ips=networks))
+    mesh.delete(SCHEMA.peer("x"))
+    mesh.put(SCHEMA.peer("x"), peer_doc("x", allowed_ips=networks))
+    assert {r.reason for r in mesh.rejections} == {"invalid_cidr"}
+    mesh.assert_honest_intact()
+
+
 def test_an_external_peer_routes_a_remote_site_and_its_own_overlay_address() -> None:
     mesh = Mesh()
     mesh.put(SCHEMA.peer("site"), peer_doc("site", allowed_ips=["10.96.250.1/32", "172.20.0.0/16"]))

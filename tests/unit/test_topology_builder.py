@@ -22,7 +22,7 @@ LOCAL = LocalNode("local", KEYS[0], ipaddress.ip_address("10.96.0.1"))
 # Small pools, so that names, keys, addresses and networks collide often.
 NAMES = [f"n{i}" for i in range(14)] + ["local"]
 ADDRESSES = [f"10.96.0.{i}" for i in range(1, 9)] + ["10.97.0.5"]
-NETWORKS = ["10.200.0.0/24", "10.200.0.0/16", "10.200.1.0/24", "192.168.7.0/24", "fd00::/64"]
+NETWORKS = ["10.200.0.0/24", "10.200.0.0/16", "10.244.1.0/24", "10.244.0.0/16", "192.168.7.0/24", "fd00::/64"]
 
 
 def _node_value(rng: random.Random, name: str) -> bytes:
@@ -42,7 +42,9 @@ def _peer_value(rng: random.Random, name: str) -> bytes:
     peer = ExternalPeer(
         name=name,
         public_key=rng.choice(KEYS),
-        allowed_ips=tuple(ipaddress.ip_network(n) for n in rng.sample([*NETWORKS, "10.96.0.3/32"], rng.choice([1, 2]))),
+        allowed_ips=tuple(
+            ipaddress.ip_network(n) for n in rng.sample([*NETWORKS, "10.96.0.3/32", "10.96.0.5/32"], rng.choice([1, 2]))
+        ),
         endpoint=None,
     )
     return encode_json(peer.to_json())

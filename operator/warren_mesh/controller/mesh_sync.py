@@ -131,7 +131,7 @@ class MeshSync:
         want = encode_json(config.to_json())
         current = await self._store.get(schema.config)
         # Agents refuse a config that would leave registered nodes out; so does the operator, before writing it.
-        renumbering = renumbering_refusal(config, view.nodes)
+        renumbering = renumbering_refusal(config, view.nodes, view.config)
         if renumbering is None and (current is None or current.value != want):
             await self._store.put(schema.config, want)
             log.info("mesh %s: wrote config to %s: %s", self.name, schema.config, config.to_json())

@@ -1,7 +1,8 @@
 """A real etcd process of our own: the embedded default for the demo and lab, and the fixture of the tests.
 
 It listens on loopback only, on free ports, with a data directory it owns and removes. Progress notifications
-are turned on at a short interval so watchers can tell a quiet stream from a dead one.
+are turned on at a short interval so watchers can tell a quiet stream from a dead one. ``EtcdCluster`` runs three
+(or more) such members as one cluster, for the tests that take members away (leader loss, quorum loss).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from types import TracebackType
 
@@ -52,6 +54,7 @@ class EtcdServer:
         client_port: int | None = None,
         peer_port: int | None = None,
         outlive_parent: bool = False,
+        name: str = "default",
     ) -> None:
         """``netns``: run inside that network namespace on ``host`` (the lab's hub); ``outlive_parent``: keep
         running after this process exits (the lab's etcd outlives `lab up`; a test's never does)."""
@@ -63,6 +66,8 @@ class EtcdServer:
         self.peer_port = peer_port or free_port()
         self._outlive_parent = outlive_parent
         self._progress_interval = progress_interval
+        self.name = name
+        self.initial_cluster: str | None = None  # "name=peer-url,...": set by EtcdCluster; None: a cluster of one
         self._process: subprocess.Popen[bytes] | None = None
         self.log_path = self.data_dir / "etcd.log"
 
@@ -74,20 +79,25 @@ class EtcdServer:
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
-    def start(self, timeout: float = 20.0) -> None:
+    @property
+    def peer_url(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
+
+    def start(self, timeout: float = 20.0, *, wait: bool = True) -> None:
+        """Start etcd; with ``wait``, until it is healthy (a cluster member is healthy once there is a leader)."""
         if self._process is not None:
             return
         client = f"http://{self.host}:{self.client_port}"
-        peer = f"http://127.0.0.1:{self.peer_port}"
+        peer = self.peer_url
         args = [
             find_etcd(),
-            "--name=default",
+            f"--name={self.name}",
             f"--data-dir={self.data_dir / 'data'}",
             f"--listen-client-urls={client}",
             f"--advertise-client-urls={client}",
             f"--listen-peer-urls={peer}",
             f"--initial-advertise-peer-urls={peer}",
-            f"--initial-cluster=default={peer}",
+            f"--initial-cluster={self.initial_cluster or f'{self.name}={peer}'}",
             f"--experimental-watch-progress-notify-interval={self._progress_interval}",
             "--log-level=warn",
         ]
@@ -100,8 +110,14 @@ class EtcdServer:
             preexec_fn=in_netns(self.netns, tied_to_parent=self._tie_to_parent()),  # noqa: PLW1509
         )
         log.close()
+        if wait:
+            self.wait_healthy(timeout)
+
+    def wait_healthy(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if self._process is None:
+                raise EtcdServerError("etcd is not running")
             if self._process.poll() is not None:
                 self._process = None
                 raise EtcdServerError(f"etcd exited at start; see {self.log_path}:\n{self._tail()}")
@@ -153,6 +169,21 @@ class EtcdServer:
                 process.kill()
                 process.wait()
 
+    def status(self) -> dict[str, str]:
+        """etcd's maintenance status (its member id, the leader's id, ...) through its JSON gateway."""
+        url = f"{self.endpoint}/v3/maintenance/status"  # http on loopback: our own etcd
+        request = urllib.request.Request(url, data=b"{}", method="POST")  # noqa: S310
+        with urllib.request.urlopen(request, timeout=5) as answer:  # noqa: S310
+            status = json.loads(answer.read())
+        return {"member": str(status["header"]["member_id"]), "leader": str(status["leader"])}
+
+    def kill(self) -> None:
+        """SIGKILL, as a machine that dies would leave it: no goodbye to its peers or clients."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
     def restart(self) -> None:
         """Stop and start again on the same ports and data (clients resume where they were)."""
         self.stop()
@@ -174,6 +205,58 @@ class EtcdServer:
 
     def __enter__(self) -> EtcdServer:
         self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class EtcdCluster:
+    """``size`` etcd members on loopback forming one cluster; each can be stopped and started again."""
+
+    def __init__(self, size: int = 3, *, progress_interval: str = "1s") -> None:
+        self.members = [EtcdServer(progress_interval=progress_interval, name=f"m{i}") for i in range(size)]
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        for member in self.members:
+            member.initial_cluster = initial
+
+    @property
+    def endpoints(self) -> str:
+        """Every member's client URL, comma-separated (what --etcd-endpoints takes)."""
+        return ",".join(m.endpoint for m in self.members)
+
+    def start(self, timeout: float = 30.0) -> None:
+        for member in self.members:  # all at once: no member is healthy before a majority is up
+            member.start(wait=False)
+        for member in self.members:
+            member.wait_healthy(timeout)
+
+    def leader(self) -> EtcdServer:
+        """The member that leads now (asked of the first member that answers)."""
+        for member in self.members:
+            if member.pid is None:
+                continue
+            try:
+                status = member.status()
+            except OSError:
+                continue
+            for candidate in self.members:
+                if candidate.pid is not None and candidate.status()["member"] == status["leader"]:
+                    return candidate
+        raise EtcdServerError("no member of the cluster knows a leader")
+
+    def close(self) -> None:
+        for member in self.members:
+            member.close()
+
+    def __enter__(self) -> EtcdCluster:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def __exit__(

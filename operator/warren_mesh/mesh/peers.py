@@ -233,7 +233,7 @@ class MeshView:
 
     def _put_config(self, kv: KeyValue, config: MeshConfig) -> None:
         """Take ``config`` unless it would leave out a registered node; then keep it pending and refuse it."""
-        refusal = renumbering_refusal(config, self.nodes)
+        refusal = renumbering_refusal(config, self.nodes, self.config)
         if refusal is not None:
             self._pending_config = (kv, config)
             raise RecordError(REASON_INVALID_CONFIG, f"mesh config kept as before: {refusal}")
@@ -277,11 +277,16 @@ class MeshView:
             self._on_reject(rejection)
 
 
-def renumbering_refusal(config: MeshConfig, nodes: Mapping[str, Entry[NodeRecord]]) -> str | None:
-    """Why ``config`` may not take effect while ``nodes`` are registered (its networks would leave some of them
-    out: an address, a pod network or an endpoint that no longer fits), or None. Agents and the operator refuse
-    such a config alike."""
-    outside = sorted(name for name, entry in nodes.items() if _left_out_by(config, entry.record))
+def renumbering_refusal(config: MeshConfig, nodes: Mapping[str, Entry[NodeRecord]], current: MeshConfig) -> str | None:
+    """Why ``config`` may not replace ``current`` while ``nodes`` are registered (its networks would leave out
+    some that fit now: an address, a pod network or an endpoint that no longer fits), or None. Nodes that do not
+    fit the current config either count for nothing: a bad record must not freeze the config. Agents and the
+    operator refuse such a config alike."""
+    outside = sorted(
+        name
+        for name, entry in nodes.items()
+        if _left_out_by(config, entry.record) and not _left_out_by(current, entry.record)
+    )
     if not outside:
         return None
     shown = ", ".join(outside[:5]) + (f" and {len(outside) - 5} more" if len(outside) > 5 else "")

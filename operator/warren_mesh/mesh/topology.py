@@ -387,7 +387,12 @@ class TopologyBuilder:
         reservation: Reservation | None = view.ipam.get(address) if view is not None else None
         if view is None or reservation is None or reservation.owner == name:
             return None
-        if reservation.create_revision < claimed_at or _holder_claims(view, reservation.owner, address):
+        local = self._local
+        if reservation.owner == local.name:  # this node claims what its agent knows it holds, whatever etcd shows
+            holder_claims = address == str(local.overlay_ip)
+        else:
+            holder_claims = _holder_claims(view, reservation.owner, address)
+        if reservation.create_revision < claimed_at or holder_claims:
             return Conflict(name, REASON_ADDRESS_TAKEN, f"{name} claims {address}, reserved for {reservation.owner}")
         return None
 

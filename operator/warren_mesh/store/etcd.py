@@ -176,6 +176,12 @@ class _DecodedKV:
     Range: Any  # named as etcd's method, so _call reaches it as it reaches the generated stubs' methods
 
 
+def _wire_key(key: str) -> bytes:
+    """A key as etcd stores it: the exact inverse of how keys are decoded (store.wire), so that a key that is not
+    UTF-8 can be read, reported and deleted like any other."""
+    return key.encode("utf-8", "surrogateescape")
+
+
 def _kv(raw: Any) -> KeyValue:
     return KeyValue(
         key=raw.key.decode("utf-8", "surrogateescape"),  # as store.wire decodes keys
@@ -271,26 +277,26 @@ class EtcdStore:
     # --- keys -------------------------------------------------------------------------------------------------
 
     async def get(self, key: str) -> KeyValue | None:
-        resp: RangeAnswer = await self._call("decoded", "Range", rpc_pb2.RangeRequest(key=key.encode()))
+        resp: RangeAnswer = await self._call("decoded", "Range", rpc_pb2.RangeRequest(key=_wire_key(key)))
         return resp.kvs[0] if resp.kvs else None
 
     async def list_prefix(self, prefix: str) -> Snapshot:
-        raw = prefix.encode()
+        raw = _wire_key(prefix)
         request = rpc_pb2.RangeRequest(key=raw, range_end=prefix_range_end(raw))
         resp: RangeAnswer = await self._call("decoded", "Range", request)
         return Snapshot(resp.kvs, resp.revision)
 
     async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
-        resp = await self._call("kv", "Put", rpc_pb2.PutRequest(key=key.encode(), value=value, lease=lease))
+        resp = await self._call("kv", "Put", rpc_pb2.PutRequest(key=_wire_key(key), value=value, lease=lease))
         return int(resp.header.revision)
 
     async def delete(self, key: str) -> bool:
-        resp = await self._call("kv", "DeleteRange", rpc_pb2.DeleteRangeRequest(key=key.encode()))
+        resp = await self._call("kv", "DeleteRange", rpc_pb2.DeleteRangeRequest(key=_wire_key(key)))
         return bool(resp.deleted)
 
     async def delete_prefix(self, prefix: str) -> int:
         """Delete every key under ``prefix`` in one revision; returns how many there were."""
-        raw = prefix.encode()
+        raw = _wire_key(prefix)
         request = rpc_pb2.DeleteRangeRequest(key=raw, range_end=prefix_range_end(raw))
         resp = await self._call("kv", "DeleteRange", request)
         return int(resp.deleted)
@@ -308,15 +314,15 @@ class EtcdStore:
         else what is at each key (None where nothing is)."""
         compares = [
             rpc_pb2.Compare(
-                result=rpc_pb2.Compare.EQUAL, target=rpc_pb2.Compare.CREATE, key=k.encode(), create_revision=0
+                result=rpc_pb2.Compare.EQUAL, target=rpc_pb2.Compare.CREATE, key=_wire_key(k), create_revision=0
             )
             for k, _, _ in items
         ]
         puts = [
-            rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=k.encode(), value=v, lease=lease))
+            rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=_wire_key(k), value=v, lease=lease))
             for k, v, lease in items
         ]
-        ranges = [rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=k.encode())) for k, _, _ in items]
+        ranges = [rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=_wire_key(k))) for k, _, _ in items]
         resp = await self._call("kv", "Txn", rpc_pb2.TxnRequest(compare=compares, success=puts, failure=ranges))
         if resp.succeeded:
             return None
@@ -327,7 +333,7 @@ class EtcdStore:
         compare = rpc_pb2.Compare(
             result=rpc_pb2.Compare.EQUAL,
             target=rpc_pb2.Compare.MOD,
-            key=key.encode(),
+            key=_wire_key(key),
             mod_revision=mod_revision,
         )
         return await self._txn(compare, key, value, lease)
@@ -337,12 +343,12 @@ class EtcdStore:
         compare = rpc_pb2.Compare(
             result=rpc_pb2.Compare.EQUAL,
             target=rpc_pb2.Compare.MOD,
-            key=key.encode(),
+            key=_wire_key(key),
             mod_revision=mod_revision,
         )
         request = rpc_pb2.TxnRequest(
             compare=[compare],
-            success=[rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=key.encode()))],
+            success=[rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=_wire_key(key)))],
         )
         resp = await self._call("kv", "Txn", request)
         return bool(resp.succeeded)
@@ -350,8 +356,8 @@ class EtcdStore:
     async def _txn(self, compare: Any, key: str, value: bytes, lease: int) -> KeyValue | None:
         request = rpc_pb2.TxnRequest(
             compare=[compare],
-            success=[rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=key.encode(), value=value, lease=lease))],
-            failure=[rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=key.encode()))],
+            success=[rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=_wire_key(key), value=value, lease=lease))],
+            failure=[rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=_wire_key(key)))],
         )
         resp = await self._call("kv", "Txn", request)
         if resp.succeeded:
@@ -506,7 +512,7 @@ class EtcdStore:
 
     async def _watch(self, prefix: str, start_revision: int, quiet_interval: float) -> AsyncIterator[Events]:
         conn = self._connection()
-        raw = prefix.encode()
+        raw = _wire_key(prefix)
         call = conn.watch()
         # Confirming takes one answer, but under load it waits behind everything else on a busy loop and etcd;
         # giving up too early restarts the watch and adds load where there is already too much.
