@@ -6,9 +6,11 @@ machine's kernel has no WireGuard module.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,9 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pyroute2 import IPRoute
 
-from warren_mesh.lab.lab import ETCD_PORT, Lab
-from warren_mesh.process import in_netns
+from warren_mesh.keys import NodeKey
+from warren_mesh.lab.lab import ETCD_PORT, HUB_ADDRESS, METRICS_PORT, SUBNET, Lab
+from warren_mesh.process import connect_in_netns, in_netns
 from warren_mesh.wireguard.select import kernel_wireguard_available
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
@@ -148,4 +152,91 @@ def test_mesh_end_to_end(lab: Lab, backend: str) -> None:
         now = handshakes(lab, i)
         for key, stamp in existing[i].items():
             assert now[key] == stamp, f"node-{i}'s session with {key[:8]} was reset by an unrelated join"
+    assert all(ok for *_, ok in lab.ping_all())
+
+
+def _etcdctl(lab: Lab, *args: str, value: bytes | None = None) -> None:
+    """etcdctl against the lab's etcd, from inside the hub's namespace (where etcd listens)."""
+    subprocess.run(
+        ["ip", "netns", "exec", lab.hub, "etcdctl", f"--endpoints={lab.etcd_endpoint}", *args],
+        input=value,
+        env={**os.environ, "ETCDCTL_API": "3"},
+        capture_output=True,
+        check=True,
+    )
+
+
+def _metrics(lab: Lab, index: int) -> str:
+    sock = connect_in_netns(lab.node_netns(index), ("127.0.0.1", METRICS_PORT), timeout=2.0)
+    conn = http.client.HTTPConnection("127.0.0.1", METRICS_PORT, timeout=5.0)
+    conn.sock = sock
+    try:
+        conn.request("GET", "/metrics")
+        return conn.getresponse().read().decode()
+    finally:
+        conn.close()
+
+
+def _main_routes(lab: Lab, index: int) -> list[tuple[str, int, int]]:
+    with IPRoute(netns=lab.node_netns(index)) as ipr:
+        return sorted(
+            (f"{r.get('RTA_DST', '0.0.0.0')}/{r['dst_len']}", r["proto"], r.get("RTA_OIF", 0))
+            for r in ipr.get_routes(family=socket.AF_INET, table=254)
+        )
+
+
+def test_records_claiming_etcd_or_the_underlay_never_cut_the_mesh_off(lab: Lab) -> None:
+    """One record with allowed IPs covering the hub (etcd's address) once routed etcd into the tunnel on every
+    node: every agent lost etcd, and the mesh stayed cut off after the record was deleted. And a record claiming
+    the underlay subnet made the agent replace the kernel's connected route."""
+    lab.up(3, backend="userspace", lease_ttl=TTL, timeout=120)
+    routes = {i: _main_routes(lab, i) for i in (1, 2, 3)}
+    hostile = {
+        "/warren/mesh/v1/peers/etcd-thief": {"allowed_ips": [f"{HUB_ADDRESS}/32"]},
+        "/warren/mesh/v1/peers/underlay-thief": {"allowed_ips": [str(SUBNET)], "endpoint": "192.0.2.50:51820"},
+        "/warren/mesh/v1/peers/wide": {"allowed_ips": ["192.168.0.0/16"]},
+        "/warren/mesh/v1/peers/default": {"allowed_ips": ["0.0.0.0/1", "128.0.0.0/1"]},
+    }
+    for key, fields in hostile.items():
+        name = key.rsplit("/", 1)[1]
+        doc = {"schema": 1, "name": name, "public_key": NodeKey.generate().public_key, **fields}
+        _etcdctl(lab, "put", key, value=json.dumps(doc).encode())
+    node_doc = {
+        "schema": 1,
+        "name": "node-evil",
+        "public_key": NodeKey.generate().public_key,
+        "endpoint": "192.168.240.99:51820",
+        "overlay_ip": "10.96.77.7",
+        "allowed_ips": [str(SUBNET)],
+        "listen_port": 51820,
+        "published_at": time.time(),
+    }
+    _etcdctl(lab, "put", "/warren/mesh/v1/nodes/node-evil", value=json.dumps(node_doc).encode())
+
+    def counted(index: int, metric: str, reason: str) -> float:
+        for line in _metrics(lab, index).splitlines():
+            if line.startswith(f'{metric}{{reason="{reason}"}}'):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    wait_for(
+        lambda: all(counted(i, "warren_mesh_conflicts_total", "unsafe_route") == 3 for i in (1, 2, 3)),
+        15,
+        "every agent to leave out the three peers that would route the underlay or etcd",
+    )
+    assert all(counted(i, "warren_mesh_rejected_records_total", "forbidden_network") == 1 for i in (1, 2, 3))
+    assert all(counted(i, "warren_mesh_conflicts_total", "network_not_owned") == 1 for i in (1, 2, 3))
+    time.sleep(2)  # a few more passes: nothing may have been routed meanwhile
+    for i in (1, 2, 3):
+        assert _main_routes(lab, i) == routes[i], f"node-{i}'s routing table changed"
+        assert "warren_mesh_etcd_up 1.0" in _metrics(lab, i), f"node-{i} lost etcd"
+        assert peer_count(lab, i) == 2
+    assert all(ok for *_, ok in lab.ping_all())
+
+    # The mesh still follows etcd: the records go, and a new node joins everywhere.
+    for key in [*hostile, "/warren/mesh/v1/nodes/node-evil"]:
+        _etcdctl(lab, "del", key)
+    lab.add_node(4)
+    lab.wait_for_agent(4, timeout=STARTUP)
+    lab.wait_for_mesh(timeout=30)
     assert all(ok for *_, ok in lab.ping_all())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from pyroute2 import IPRoute
 from warren_mesh.device import InterfaceSpec, PeerSpec
 from warren_mesh.keys import NodeKey
 from warren_mesh.lab import netns
+from warren_mesh.wireguard.backend import BackendError
 from warren_mesh.wireguard.uapi import SOCKET_DIR
 from warren_mesh.wireguard.userspace import UserspaceBackend
 
@@ -101,3 +103,43 @@ def test_two_devices_talk_and_updates_keep_the_session(pair: tuple[str, str]) ->
         for backend in backends:
             backend.close(remove_device=True)
     assert not any(p.name.startswith(tag) for p in SOCKET_DIR.glob("*.sock"))
+
+
+def _routes(ns: str) -> list[tuple[str, int, int]]:
+    """The main table as (destination/length, protocol, output interface index)."""
+    with IPRoute(netns=ns) as ipr:
+        return sorted(
+            (f"{r.get('RTA_DST', '0.0.0.0')}/{r['dst_len']}", r["proto"], r.get("RTA_OIF", 0))
+            for r in ipr.get_routes(family=socket.AF_INET, table=254)
+        )
+
+
+def test_the_device_never_takes_a_route_it_does_not_own_or_a_special_range(pair: tuple[str, str]) -> None:
+    """The last guard, below whatever the deciding code let through: the kernel's connected route of the underlay
+    is never replaced, and loopback, link-local, multicast or a default route never go into the tunnel."""
+    ns_a = pair[0]
+    tag = ns_a[:-1]
+    backend = UserspaceBackend(f"{tag}w0", netns=ns_a)
+    try:
+        backend.set_private_key(NodeKey.generate())
+        backend.configure_interface(InterfaceSpec("10.99.0.1/24", 51820, 1420))
+        before = _routes(ns_a)
+        assert ("192.168.251.0/24", 2) in [r[:2] for r in before], "the kernel's connected route (protocol 2)"
+        key = NodeKey.generate().public_key
+        with pytest.raises(BackendError, match="did not make"):
+            backend.set_peer(PeerSpec(key, "192.168.251.2:51820", ("10.99.0.2/32", "192.168.251.0/24")))
+        assert [r for r in _routes(ns_a) if r[0] == "192.168.251.0/24"] == [
+            r for r in before if r[0] == "192.168.251.0/24"
+        ], "the connected route of the underlay was touched"
+        assert ping(ns_a, "192.168.251.2"), "the underlay still works"
+        for special in ("0.0.0.0/0", "127.0.0.0/8", "169.254.169.254/32", "224.0.0.0/4", "128.0.0.0/1"):
+            other = NodeKey.generate().public_key
+            with pytest.raises(BackendError, match="refusing to route"):
+                backend.set_peer(PeerSpec(other, "192.168.251.2:51820", ("10.99.0.3/32", special)))
+            assert other not in backend.read().peers, "the peer was set before its routes were refused"
+        # Routes of our own are still repaired and moved as before.
+        backend.set_peer(PeerSpec(key, "192.168.251.2:51820", ("10.99.0.2/32", "10.244.2.0/24")))
+        assert route_interface(ns_a, "10.244.2.1") == f"{tag}w0"
+        backend.set_peer(PeerSpec(key, "192.168.251.2:51820", ("10.99.0.2/32", "10.244.2.0/24")))  # again: no error
+    finally:
+        backend.close(remove_device=True)

@@ -136,6 +136,7 @@ class KernelBackend:
         self._link.configure(address=spec.address, mtu=spec.mtu)
 
     def set_peer(self, spec: PeerSpec) -> None:
+        self._link.refuse_unroutable(spec.allowed_ips)
         peer: dict[str, Any] = {
             "public_key": spec.public_key,
             "persistent_keepalive": spec.persistent_keepalive,

@@ -107,14 +107,20 @@ class InterfaceLink:
         finally:
             self.forget()
 
+    def refuse_unroutable(self, networks: tuple[str, ...]) -> None:
+        """Raise before anything is changed if one of ``networks`` may never be routed into the tunnel (backends
+        call this before they give a peer its allowed IPs)."""
+        for net in networks:
+            problem = network_problem(ipaddress.ip_network(net))
+            if problem is not None:
+                raise LinkError(f"refusing to route {net} via {self.name}: {problem}")
+
     def add_routes(self, networks: tuple[str, ...]) -> None:
+        self.refuse_unroutable(networks)
         state = self._state()
         if state is None:
             raise LinkError(f"interface {self.name} does not exist")
         for net in _routed_outside(state.address, networks):
-            problem = network_problem(ipaddress.ip_network(net))
-            if problem is not None:
-                raise LinkError(f"refusing to route {net} via {self.name}: {problem}")
             try:
                 # "add" fails where any route for the destination exists; only one of ours is then replaced.
                 self._ipr.route("add", dst=net, oif=state.index, proto=ROUTE_PROTOCOL)

@@ -161,6 +161,7 @@ class UserspaceBackend:
         self._link.configure(address=spec.address, mtu=spec.mtu)
 
     def set_peer(self, spec: PeerSpec) -> None:
+        self._link.refuse_unroutable(spec.allowed_ips)
         self._set(uapi.peer_lines(spec), f"set peer {spec.public_key[:10]}")
         self._link.add_routes(spec.allowed_ips)
 
