@@ -243,6 +243,44 @@ def test_invalid_edits_are_refused_or_reported_and_change_nothing(
     assert etcd_value(mesh_etcd.endpoint, SCHEMA.config) == before
 
 
+def test_an_overlay_change_that_would_leave_nodes_out_is_refused_and_widening_is_not(
+    cluster: Cluster, mesh_etcd: EtcdServer, operator: OperatorProcess, agents: Agents
+) -> None:
+    cluster.kubectl("apply", "-f", "-", input=MESH)
+    before = wait_for(lambda: etcd_value(mesh_etcd.endpoint, SCHEMA.config), 20, "the config", operator.log)
+    agents.start("a")
+    agents.start("b")
+    wait_for(lambda: all(len(b.peers) == 1 for b in agents.backends.values()), 20, "the mesh of a and b")
+    addresses = {name: b.interface.address if b.interface else None for name, b in agents.backends.items()}
+
+    # Renumbering the live mesh by an edit: refused and reported, nothing written, no device touched.
+    cluster.kubectl("patch", "wmesh", "default", "--type=merge", "-p", '{"spec":{"overlayCIDR":"10.97.0.0/16"}}')
+    refused = wait_for(
+        lambda: (
+            condition(cluster.get("wmesh", "default")).get("reason") == "OverlayCIDRInUse"
+            and condition(cluster.get("wmesh", "default"))
+        ),
+        20,
+        "the OverlayCIDRInUse condition",
+        operator.log,
+    )
+    assert refused["status"] == "False" and "2 registered node(s) (a, b)" in refused["message"], refused
+    time.sleep(PASS_INTERVAL + 1)
+    assert etcd_value(mesh_etcd.endpoint, SCHEMA.config) == before
+    assert {n: b.interface.address if b.interface else None for n, b in agents.backends.items()} == addresses
+    assert all(len(b.peers) == 1 for b in agents.backends.values())
+
+    # Widening keeps every node inside: written, and the agents take it.
+    cluster.kubectl("patch", "wmesh", "default", "--type=merge", "-p", '{"spec":{"overlayCIDR":"10.96.0.0/12"}}')
+    wait_for(
+        lambda: all(b.interface is not None and b.interface.address.endswith("/12") for b in agents.backends.values()),
+        20,
+        "every device on the wider overlay",
+        operator.log,
+    )
+    assert condition(cluster.get("wmesh", "default")).get("reason") == "Applied"
+
+
 def test_meshnodes_follow_registrations_and_deleted_nodes_are_revoked(
     cluster: Cluster,
     mesh_etcd: EtcdServer,
