@@ -113,7 +113,7 @@ REJECTION_REASONS: Final = (
 
 # Curve25519 points of small order, as listed by libsodium (the top bit, which X25519 ignores, cleared). A peer
 # with one of these as its public key makes every handshake's shared secret predictable (all zeros).
-_LOW_ORDER_POINTS: Final = frozenset(
+LOW_ORDER_POINTS: Final = frozenset(
     bytes.fromhex(h)
     for h in (
         "0000000000000000000000000000000000000000000000000000000000000000",
@@ -162,7 +162,7 @@ def validate_public_key(value: object) -> str:
         raise RecordError(REASON_INVALID_PUBLIC_KEY, f"public key {printable(value)} is not base64") from None
     if len(raw) != 32:
         raise RecordError(REASON_INVALID_PUBLIC_KEY, f"public key decodes to {len(raw)} bytes, not 32")
-    if raw[:31] + bytes([raw[31] & 0x7F]) in _LOW_ORDER_POINTS:
+    if raw[:31] + bytes([raw[31] & 0x7F]) in LOW_ORDER_POINTS:
         raise RecordError(REASON_INVALID_PUBLIC_KEY, f"public key {value} is a Curve25519 point of small order")
     return base64.b64encode(raw).decode()
 

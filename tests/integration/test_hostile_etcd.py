@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import ipaddress
-import time
 from pathlib import Path
 
+import hostile
 from agents import Mesh, in_mesh
 from helpers import wait_until
 from warren_mesh.admission import network_problem
@@ -26,29 +26,11 @@ NAMES = ("n0", "n1", "n2")
 
 
 def node_doc(name: str, key: str, address: str, **changes: object) -> dict[str, object]:
-    doc: dict[str, object] = {
-        "schema": 1,
-        "name": name,
-        "public_key": key,
-        "endpoint": "198.51.100.7:51820",
-        "overlay_ip": address,
-        "allowed_ips": [],
-        "listen_port": 51820,
-        "published_at": time.time(),
-    }
-    doc.update(changes)
-    return doc
+    return hostile.node_doc(name, key, address, "198.51.100.7:51820") | changes
 
 
 def peer_doc(name: str, **changes: object) -> dict[str, object]:
-    doc: dict[str, object] = {
-        "schema": 1,
-        "name": name,
-        "public_key": NodeKey.generate().public_key,
-        "allowed_ips": ["172.30.0.0/16"],
-    }
-    doc.update(changes)
-    return doc
+    return hostile.peer_doc(name, **({"public_key": NodeKey.generate().public_key} | changes))
 
 
 def intact(mesh: Mesh) -> bool:
