@@ -431,7 +431,7 @@ class AgentPool:
 
     async def loop_lag(self) -> float:
         """The worst event-loop lag of any worker since the last call (seconds); the first call starts measuring."""
-        return max(await self._each("loop_lag"))
+        return float(max(await self._each("loop_lag")))
 
     async def floor(self, prefix: str, watchers: int, puts: int, put: Callable[[str], None]) -> list[float]:
         """The floor with the same packing as the agents: ``watchers`` bare etcd3 watchers spread over the workers;

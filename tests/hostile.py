@@ -97,4 +97,4 @@ def assert_safe(topology: Topology) -> None:
         for text in spec.allowed_ips:
             network = ipaddress.ip_network(text)
             assert network_problem(network) is None, text
-            assert not any(network.version == p.version and network.overlaps(p) for p in protected), text  # type: ignore[arg-type]
+            assert not any(network.version == p.version and network.overlaps(p) for p in protected), text

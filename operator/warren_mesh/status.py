@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from warren_mesh.mesh.peers import MeshView, Rejection
 from warren_mesh.schema import KeySchema
-from warren_mesh.store.etcd import EtcdStore
+from warren_mesh.store.base import Store
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +68,7 @@ def read_agent_traffic(metrics_url: str, timeout: float = 2.0) -> dict[str, tupl
     return {key: (receive[key], transmit.get(key, 0.0)) for key in receive}
 
 
-async def read_status(store: EtcdStore, schema: KeySchema) -> MeshStatus:
+async def read_status(store: Store, schema: KeySchema) -> MeshStatus:
     rejected: list[Rejection] = []
     view = MeshView(schema, on_reject=rejected.append)
     view.apply(await store.list_prefix(schema.root))

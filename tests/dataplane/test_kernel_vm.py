@@ -16,15 +16,14 @@ from pathlib import Path
 
 import pytest
 
-HACK = Path(__file__).resolve().parents[2] / "hack"
-sys.path.insert(0, str(HACK))
+from warren_mesh.lab import kernel_vm
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the VM harness needs root (kernel download, QEMU)")
 
 
 def test_kernel_mesh_in_vm() -> None:
-    import kernel_vm
-
     if shutil.which("qemu-system-x86_64") is None or shutil.which("busybox") is None:
         pytest.skip("qemu-system-x86 or busybox-static is not installed (hack/setup installs them with apt-get)")
     try:
@@ -35,7 +34,7 @@ def test_kernel_mesh_in_vm() -> None:
         f"{sys.executable} -m pytest -q --color=no --tb=short -p no:cacheprovider -p no:logging -k kernel -x "
         "tests/dataplane/test_lab.py tests/dataplane/test_kernel_backend.py"
     )
-    code, output = kernel_vm.run_in_vm(command, timeout=1200)
+    code, output = kernel_vm.run_in_vm(command, workdir=ROOT, timeout=1200)
     tail = output[-8000:]  # room for the lab's report of the nodes that did not join
     assert code == 0, tail
     # Every selected test ran with kernel WireGuard: none skipped (the inner run stops at the first failure).

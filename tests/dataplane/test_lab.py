@@ -191,7 +191,7 @@ def test_records_claiming_etcd_or_the_underlay_never_cut_the_mesh_off(lab: Lab) 
     the underlay subnet made the agent replace the kernel's connected route."""
     lab.up(3, backend="userspace", lease_ttl=TTL, timeout=120)
     routes = {i: _main_routes(lab, i) for i in (1, 2, 3)}
-    hostile = {
+    hostile: dict[str, dict[str, object]] = {
         "/warren/mesh/v1/peers/etcd-thief": {"allowed_ips": [f"{HUB_ADDRESS}/32"]},
         "/warren/mesh/v1/peers/underlay-thief": {"allowed_ips": [str(SUBNET)], "endpoint": "192.0.2.50:51820"},
         "/warren/mesh/v1/peers/wide": {"allowed_ips": ["192.168.0.0/16"]},

@@ -60,8 +60,8 @@ def test_agents_ride_out_leader_loss_and_quorum_loss(cluster: EtcdCluster, prefi
         while time.monotonic() - lost < QUORUM_LOSS:
             await asyncio.sleep(1)
             assert not mesh.ended(), f"agents ended during the quorum loss: {mesh.ended()}"
-            for name, before in peers.items():
-                assert mesh.device(name).peers == before, f"{name}'s device changed while etcd had no quorum"
+            for name, held in peers.items():
+                assert mesh.device(name).peers == held, f"{name}'s device changed while etcd had no quorum"
             assert all(agent.healthy() for agent in mesh.agents.values())
         assert any(mesh.metric(n, "warren_mesh_etcd_up") == 0 for n in mesh.agents), "nobody noticed etcd was away"
 

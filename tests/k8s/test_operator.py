@@ -300,13 +300,14 @@ def test_meshnodes_follow_registrations_and_deleted_nodes_are_revoked(
     frozen: AgentProcess = agent_process(mesh_etcd.endpoint, PREFIX, "frozen", port=free_port(), ttl=30)
     frozen.start()
     wait_for(lambda: etcd_value(mesh_etcd.endpoint, SCHEMA.node("frozen")), 20, "frozen's registration")
-    frozen.process.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]  (alive but silent: no re-register)
+    assert frozen.process is not None
+    frozen.process.send_signal(signal.SIGSTOP)  # alive but silent: no re-register
     try:
         cluster.kubectl("delete", "node", "frozen")
         wait_for(lambda: etcd_value(mesh_etcd.endpoint, SCHEMA.node("frozen")) is None, 10, "revocation", operator.log)
         wait_for(lambda: cluster.get("meshnode", "frozen") is None, 10, "MeshNode frozen gone")
     finally:
-        frozen.process.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+        frozen.process.send_signal(signal.SIGCONT)
 
 
 def test_operator_catches_up_after_its_own_and_etcds_restart(

@@ -24,7 +24,7 @@ def test_honest_mesh_is_whole() -> None:
 
 # --- records that used to crash every agent ----------------------------------------------------------------------
 
-CRASHERS = {
+CRASHERS: dict[str, bytes | dict[str, object]] = {
     "no overlay_ip": {k: v for k, v in node_doc("x", ATTACKER_KEY, "", "192.0.2.9:1").items() if k != "overlay_ip"},
     "port of 5000 digits": b'{"schema":1,"name":"x","listen_port":' + b"9" * 5000 + b"}",
     "endpoint port of 5000 digits": node_doc("x", ATTACKER_KEY, "10.96.0.99", "192.0.2.9:" + "9" * 5000),

@@ -32,8 +32,7 @@ from warren_mesh.model import (
     parse_ip,
 )
 from warren_mesh.schema import KeySchema
-from warren_mesh.store.base import Backoff, LeaseNotFound, StoreError, StoreUnavailable
-from warren_mesh.store.etcd import EtcdStore, lease_refresh_interval
+from warren_mesh.store.base import Backoff, LeaseNotFound, Store, StoreError, StoreUnavailable, lease_refresh_interval
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,7 @@ class Registrar:
     def __init__(
         self,
         *,
-        store: EtcdStore,
+        store: Store,
         schema: KeySchema,
         name: str,
         key: NodeKey,

@@ -28,8 +28,8 @@ from warren_mesh.controller.translate import (
     ready_condition,
 )
 from warren_mesh.schema import DEFAULT_PREFIX, KeySchema
-from warren_mesh.store.base import StoreError
-from warren_mesh.store.etcd import EtcdStore
+from warren_mesh.store.base import Store, StoreError
+from warren_mesh.store.etcd import EtcdStore  # the operator's start-up is the one place that picks a store
 
 log = logging.getLogger(__name__)
 RETRY_DELAY = 3.0  # seconds before kopf retries a handler that could not reach etcd
@@ -38,11 +38,11 @@ RETRY_DELAY = 3.0  # seconds before kopf retries a handler that could not reach 
 @dataclass
 class OperatorState:
     etcd_endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
-    store: EtcdStore | None = None
+    store: Store | None = None
     kube: Kube | None = None
     syncs: dict[str, MeshSync] = field(default_factory=dict)
 
-    def clients(self) -> tuple[EtcdStore, Kube]:
+    def clients(self) -> tuple[Store, Kube]:
         if self.store is None or self.kube is None:
             raise kopf.TemporaryError("the operator is still starting", delay=1)
         return self.store, self.kube

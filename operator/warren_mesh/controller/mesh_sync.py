@@ -34,8 +34,7 @@ from warren_mesh.controller.translate import (
 from warren_mesh.mesh.peers import MeshView, renumbering_refusal
 from warren_mesh.model import encode_json
 from warren_mesh.schema import KeySchema
-from warren_mesh.store.base import StoreError
-from warren_mesh.store.etcd import EtcdStore
+from warren_mesh.store.base import Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +42,7 @@ PASS_INTERVAL = 5.0  # seconds between passes when nothing pokes the loop
 LEASE_REFRESH = 15.0  # seconds between updates of MeshNodes' leaseSecondsLeft/lastSeen (each is an API write)
 
 
-async def delete_keys(store: EtcdStore, keys: Iterable[str], prefixes: Iterable[str] = ()) -> None:
+async def delete_keys(store: Store, keys: Iterable[str], prefixes: Iterable[str] = ()) -> None:
     for key in keys:
         await store.delete(key)
     for prefix in prefixes:
@@ -56,7 +55,7 @@ class MeshSync:
         *,
         name: str,
         body: Mapping[str, Any],
-        store: EtcdStore,
+        store: Store,
         kube: Kube,
         claims: Callable[[], Iterable[MeshClaim]],
         peer_specs: Callable[[], Iterable[tuple[str, str, Mapping[str, Any]]]],

@@ -17,8 +17,7 @@ import collections
 import contextlib
 import logging
 import os
-import random
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, cast
 from urllib.parse import urlsplit
@@ -34,7 +33,7 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 import grpc
 from etcd3.etcdrpc import rpc_pb2, rpc_pb2_grpc
 
-from warren_mesh.store.base import Backoff, LeaseNotFound, StoreError, StoreUnavailable
+from warren_mesh.store.base import Backoff, LeaseNotFound, StoreError, StoreUnavailable, lease_refresh_interval
 from warren_mesh.store.wire import RangeAnswer, WatchAnswer, decode_range_response, decode_watch_response
 from warren_mesh.watch import Events, KeyValue, Snapshot, WatchResult
 
@@ -473,7 +472,7 @@ class EtcdStore:
         *,
         quiet_interval: float = 5.0,
         on_restart: Callable[[str], None] | None = None,
-    ) -> AsyncIterator[WatchResult]:
+    ) -> AsyncGenerator[WatchResult, None]:
         """Yield a snapshot of ``prefix``, then its changes, forever; never skips a revision.
 
         After an error the watch resumes from the last delivered revision (no snapshot needed); only when that
@@ -621,12 +620,6 @@ class _WatchGuard:
     def _give_up(self, why: str) -> None:
         self.stalled = why
         self._call.cancel()
-
-
-def lease_refresh_interval(ttl: int) -> float:
-    """A third of the TTL, less up to a fifth of that at random: agents started together (a cluster boot) would
-    otherwise refresh in lockstep forever, and every pulse delays whatever etcd does at that moment."""
-    return ttl / 3 * random.uniform(0.8, 1.0)
 
 
 def _cut_off_by_grpc() -> bool:

@@ -1,0 +1,178 @@
+"""The registrar's logic on the memory store, whose clock the test drives: leases that run out exactly when the
+test says, an etcd that goes away on request. The same logic against a real etcd: tests/integration."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Awaitable, Callable
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from helpers import run
+from warren_mesh.agent.registrar import AddressSpaceExhausted, Registrar, RegistrationConflict
+from warren_mesh.keys import NodeKey
+from warren_mesh.mesh.peers import MeshView
+from warren_mesh.metrics.instruments import AgentMetrics
+from warren_mesh.model import MeshConfig, NodeRecord, decode_json
+from warren_mesh.schema import KeySchema
+from warren_mesh.store.base import Store, StoreUnavailable
+from warren_mesh.store.memory import MemoryStore
+from warren_mesh.watch import Events, Snapshot
+
+SCHEMA = KeySchema("/m")
+
+
+def registrar(store: Store, name: str = "n1", key: NodeKey | None = None, ttl: int = 10) -> Registrar:
+    return Registrar(
+        store=store,
+        schema=SCHEMA,
+        name=name,
+        key=key or NodeKey.generate(),
+        endpoint_host=ipaddress.ip_address("192.0.2.1"),
+        endpoint_port=51820,
+        lease_ttl=ttl,
+        metrics=AgentMetrics(CollectorRegistry()),
+    )
+
+
+def scenario(body: Callable[[MemoryStore], Awaitable[None]]) -> None:
+    async def main() -> None:
+        store = MemoryStore()
+        try:
+            await body(store)
+        finally:
+            await store.close()
+
+    run(main())
+
+
+def test_the_memory_store_keeps_etcds_promises() -> None:
+    async def body(store: MemoryStore) -> None:
+        assert await store.create("/a", b"1") is None
+        held = await store.create("/a", b"2")
+        assert held is not None and held.value == b"1"
+        first = await store.get("/a")
+        assert first is not None and first.create_revision == first.mod_revision == 2
+        await store.put("/a", b"3")
+        second = await store.get("/a")
+        assert second is not None and second.create_revision == 2 and second.mod_revision == 3
+        assert await store.replace("/a", b"4", mod_revision=2) is not None  # stale: refused
+        assert await store.replace("/a", b"4", mod_revision=3) is None
+        lease = await store.grant_lease(5)
+        await store.put("/b", b"x", lease=lease)
+        stream = store.observe("/")
+        snapshot = await anext(stream)
+        assert isinstance(snapshot, Snapshot) and [kv.key for kv in snapshot.items] == ["/a", "/b"]
+        await store.advance(6)  # nobody holds the lease: it expires, and its key with it
+        events = await anext(stream)
+        assert isinstance(events, Events) and [(e.kind, e.kv.key) for e in events.events] == [("delete", "/b")]
+        assert await store.lease_time_left(lease) == -1
+        await store.put("/c", b"y")
+        await store.compact(store.revision)
+        restarts: list[str] = []
+        late = store.observe("/", on_restart=restarts.append)
+        assert isinstance(await anext(late), Snapshot)
+        await stream.aclose()
+        await late.aclose()
+
+    scenario(body)
+
+
+def test_a_held_lease_lives_and_an_unheld_one_dies_with_its_record() -> None:
+    async def body(store: MemoryStore) -> None:
+        r = registrar(store)
+        registration = await r.register(MeshConfig())
+        await store.advance(60)  # held by the registrar's keepalive: still there
+        assert await store.get(SCHEMA.node("n1")) is not None
+        await r.deregister()  # revoked: gone at once
+        assert await store.get(SCHEMA.node("n1")) is None
+        # The address is reserved for good: the next run gets it back.
+        again = await registrar(store).register(MeshConfig())
+        assert again.record.overlay_ip == registration.record.overlay_ip
+        await store.advance(0)
+
+    scenario(body)
+
+
+def test_a_lease_lost_while_etcd_is_away_is_registered_again_at_the_same_address() -> None:
+    async def body(store: MemoryStore) -> None:
+        r = registrar(store, ttl=10)
+        first = await r.register(MeshConfig())
+        keeping = asyncio.create_task(r.keep_alive(MeshConfig))
+        await store.set_available(False)
+        await store.advance(11)  # away longer than the TTL: etcd drops the lease and the record
+        assert SCHEMA.node("n1") not in {kv.key for kv in (await _listed(store)).items}
+        await store.set_available(True)
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if await store.get(SCHEMA.node("n1")) is not None:
+                break
+        record = await store.get(SCHEMA.node("n1"))
+        assert record is not None and record.lease != first.lease_id
+        assert NodeRecord.from_json(decode_json(record.value), key_name="n1").overlay_ip == first.record.overlay_ip
+        keeping.cancel()
+        await r.deregister()
+
+    scenario(body)
+
+
+async def _listed(store: MemoryStore) -> Snapshot:
+    store.available = True
+    try:
+        return await store.list_prefix(SCHEMA.root)
+    finally:
+        store.available = False
+
+
+def test_a_name_held_by_another_key_is_never_overwritten() -> None:
+    async def body(store: MemoryStore) -> None:
+        await registrar(store, "n1").register(MeshConfig())
+        with pytest.raises(RegistrationConflict, match="another public key"):
+            await registrar(store, "n1").register(MeshConfig())
+
+    scenario(body)
+
+
+def test_nodes_never_share_an_address_and_a_full_network_is_a_clear_error() -> None:
+    async def body(store: MemoryStore) -> None:
+        config = MeshConfig(overlay_cidr=ipaddress.ip_network("10.96.0.0/30"))  # two usable addresses
+        first = await registrar(store, "a").register(config)
+        second = await registrar(store, "b").register(config)
+        assert first.record.overlay_ip != second.record.overlay_ip
+        with pytest.raises(AddressSpaceExhausted, match="widen overlayCIDR"):
+            await registrar(store, "c").register(config)
+        view = MeshView(SCHEMA)
+        view.apply(await store.list_prefix(SCHEMA.root))
+        assert {r.owner for r in view.ipam.values()} == {"a", "b"}
+
+    scenario(body)
+
+
+def test_a_rewritten_reservation_is_written_back_by_its_holder() -> None:
+    async def body(store: MemoryStore) -> None:
+        r = registrar(store)
+        registration = await r.register(MeshConfig())
+        key = SCHEMA.address(str(registration.record.overlay_ip))
+        assert r.reservation_key == key
+        await store.put(key, b"evil")
+        await r.restore_reservation(b"evil")
+        restored = await store.get(key)
+        assert restored is not None and restored.value == b"n1"
+        await store.delete(key)
+        await r.restore_reservation(None)
+        assert (await store.get(key)) is not None
+        await r.restore_reservation(b"n1")  # ours: nothing to do
+        await r.deregister()
+
+    scenario(body)
+
+
+def test_an_unreachable_store_is_an_error_callers_retry() -> None:
+    async def body(store: MemoryStore) -> None:
+        await store.set_available(False)
+        with pytest.raises(StoreUnavailable):
+            await registrar(store).register(MeshConfig())
+
+    scenario(body)
