@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "operator"))
 from prometheus_client import CollectorRegistry, Counter
 
 from warren_mesh.agent.app import Agent
+from warren_mesh.netaddr import parse_endpoints
 from warren_mesh.settings import AgentSettings
-from warren_mesh.store.etcd import parse_endpoints
 from warren_mesh.wireguard.memory import MemoryBackend
 
 _POLL = 0.002  # seconds between checks of a condition inside a worker

@@ -60,9 +60,10 @@ from warren_mesh.lab import netns as lab_netns
 from warren_mesh.lab.etcd_server import EtcdServer, free_port
 from warren_mesh.metrics.peer_collector import PeerCollector, TrafficWindow
 from warren_mesh.model import Endpoint, NodeRecord, encode_json
+from warren_mesh.netaddr import parse_endpoints
 from warren_mesh.schema import KeySchema
 from warren_mesh.settings import AgentSettings
-from warren_mesh.store.etcd import EtcdStore, parse_endpoints
+from warren_mesh.store.etcd import EtcdStore
 from warren_mesh.wireguard import uapi
 from warren_mesh.wireguard.backend import Backend
 from warren_mesh.wireguard.memory import MemoryBackend

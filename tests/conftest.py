@@ -10,9 +10,12 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-import warren_mesh.store.etcd  # noqa: F401  (first: sets gRPC's process-wide options before any test imports grpc)
 from helpers import AgentProcess
 from warren_mesh.lab.etcd_server import EtcdServer
+from warren_mesh.store import runtime
+
+# Before any test imports gRPC (directly, or through a store or etcd3): the process-wide settings it reads once.
+runtime.prepare()
 
 _prefixes = itertools.count()
 

@@ -24,7 +24,7 @@ from warren_mesh.keys import KeyFileError
 from warren_mesh.lab.demo import run_demo
 from warren_mesh.lab.etcd_server import EtcdServerError
 from warren_mesh.lab.lab import Lab, LabError, NodeStatus, require_root, status_json
-from warren_mesh.metrics.http import parse_listen_address
+from warren_mesh.netaddr import parse_listen_address
 from warren_mesh.settings import (
     AgentSettings,
     SettingsError,

@@ -1,9 +1,14 @@
-"""IP address types and the fast parser every record decode uses (the lowest floor: no other import of ours)."""
+"""Addresses of every kind the project parses: IP types and the fast IP parser every record decode uses, etcd's
+client URLs and HTTP listen addresses. The lowest floor: nothing of ours is imported here, so settings, the store
+and the model can all use it without pulling in gRPC or an HTTP server."""
 
 from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -20,3 +25,45 @@ def parse_ip(text: str) -> IPAddress:
         return ipaddress.ip_address(text)
     except (TypeError, ValueError):  # not a str, or one with a NUL byte: inet_pton's errors, not ours
         raise ValueError(f"{text!r} is not an IP address") from None
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdEndpoint:
+    target: str  # host:port for gRPC
+    secure: bool
+
+    @property
+    def host(self) -> str:
+        """The host name or address alone (IPv6 without brackets)."""
+        return self.target.rsplit(":", 1)[0].strip("[]")
+
+    @classmethod
+    def parse(cls, url: str) -> EtcdEndpoint:
+        text = url.strip()
+        if "://" not in text:
+            text = "http://" + text
+        parts = urlsplit(text)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+            raise ValueError(f"etcd endpoint {url!r} is not of the form http://HOST:PORT or https://HOST:PORT")
+        try:
+            port = parts.port or 2379
+        except ValueError:
+            raise ValueError(f"etcd endpoint {url!r} has an invalid port") from None
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        return cls(f"{host}:{port}", parts.scheme == "https")
+
+
+def parse_endpoints(text: str | Sequence[str]) -> tuple[EtcdEndpoint, ...]:
+    items = text.split(",") if isinstance(text, str) else list(text)
+    endpoints = tuple(EtcdEndpoint.parse(item) for item in items if item.strip())
+    if not endpoints:
+        raise ValueError("no etcd endpoint given")
+    return endpoints
+
+
+def parse_listen_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPv6]:PORT``; raises ValueError with a readable message."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"metrics address {text!r} is not HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)

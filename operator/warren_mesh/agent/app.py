@@ -36,9 +36,10 @@ from warren_mesh.metrics.http import MetricsServer
 from warren_mesh.metrics.instruments import AgentMetrics
 from warren_mesh.metrics.peer_collector import PeerCollector, TrafficWindow
 from warren_mesh.model import IPAddress, IPNetwork, MeshConfig
+from warren_mesh.netaddr import parse_endpoints
 from warren_mesh.settings import AgentSettings
 from warren_mesh.store.base import Backoff, StoreUnavailable
-from warren_mesh.store.etcd import EtcdStore, parse_endpoints
+from warren_mesh.store.etcd import EtcdStore
 from warren_mesh.watch import Events, Snapshot, WatchResult
 from warren_mesh.wireguard.backend import Backend, BackendError
 from warren_mesh.wireguard.select import create_backend

@@ -12,13 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-
-def parse_listen_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[IPv6]:PORT``; raises ValueError with a readable message."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"metrics address {text!r} is not HOST:PORT")
-    return host.strip("[]") or "0.0.0.0", int(port)
+from warren_mesh.netaddr import parse_listen_address
 
 
 class MetricsServer:
