@@ -23,7 +23,8 @@ from warren_mesh.agent.underlay import UnderlayError
 from warren_mesh.keys import KeyFileError
 from warren_mesh.lab.demo import run_demo
 from warren_mesh.lab.etcd_server import EtcdServerError
-from warren_mesh.lab.lab import Lab, LabError, NodeStatus, require_root, status_json
+from warren_mesh.lab.lab import Lab, LabError, require_root
+from warren_mesh.lab.report import render_lab_table, status_json
 from warren_mesh.netaddr import parse_listen_address
 from warren_mesh.settings import (
     AgentSettings,
@@ -177,26 +178,6 @@ def _lab(args: argparse.Namespace) -> int:
     removed = lab.down()
     print("\n".join(f"removed {item}" for item in removed) or "nothing to remove")
     return 0
-
-
-def render_lab_table(status: list[NodeStatus]) -> str:
-    header = ("NODE", "NETNS", "UNDERLAY", "OVERLAY", "PEERS", "HANDSHAKEN", "AGENT")
-    rows = [
-        (
-            s.name,
-            s.netns,
-            s.underlay_ip,
-            s.overlay_ip or "-",
-            str(s.peers),
-            str(s.handshaken),
-            ("ready" if s.agent_ready else "starting") if s.agent_running else "stopped",
-        )
-        for s in status
-    ]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]
-    )
 
 
 async def _agent(settings: AgentSettings) -> int:

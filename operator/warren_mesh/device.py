@@ -42,3 +42,6 @@ class DeviceState:
     interface: InterfaceSpec | None
     peers: Mapping[str, PeerSpec] = field(default_factory=dict)
     stats: Mapping[str, PeerStats] = field(default_factory=dict)
+    # Destinations (canonical CIDR text) of the routes the mesh owns through the device: routing protocol 158 on
+    # real devices. Routes of anyone else are not the mesh's to read, compare or change.
+    routes: frozenset[str] = frozenset()

@@ -1,5 +1,5 @@
 """What only the kernel can do for us: a child that dies with its parent or starts inside a network namespace,
-and a connection made from inside a namespace.
+a connection made from inside a namespace, and whether (and until when) a process lives.
 
 The preexec functions run between fork and exec, where only async-signal-safe work is allowed, so libc is loaded
 here in the parent and the child makes single system calls.
@@ -7,13 +7,16 @@ here in the parent and the child makes single system calls.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _PR_SET_PDEATHSIG = 1
@@ -69,3 +72,28 @@ def connect_in_netns(name: str, address: tuple[str, int], timeout: float) -> soc
     if isinstance(outcome[0], OSError):
         raise outcome[0]
     return outcome[0]
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, exited but not reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (our own exited child not yet reaped) counts as dead.
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
+            return False
+    return True
+
+
+def wait_exit(pid: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` s for ``pid`` to end (reaping it if it is our child); whether it did."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        if not alive(pid):
+            return True
+        time.sleep(0.05)
+    return False

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Final, Literal, cast
 
 from warren_mesh.admission import endpoint_problem
-from warren_mesh.model import MIN_LEASE_TTL, RecordError, split_host_port, validate_name, validate_port
+from warren_mesh.model import MIN_LEASE_TTL
 from warren_mesh.netaddr import parse_endpoints, parse_listen_address
 from warren_mesh.schema import DEFAULT_PREFIX, KeySchema
+from warren_mesh.validation import RecordError, split_host_port, validate_name, validate_port
 
 BackendName = Literal["auto", "kernel", "userspace", "memory"]
 BACKENDS: Final = ("auto", "kernel", "userspace", "memory")

@@ -23,7 +23,7 @@ from pyroute2 import IPRoute
 from warren_mesh.keys import NodeKey
 from warren_mesh.lab.lab import ETCD_PORT, HUB_ADDRESS, METRICS_PORT, SUBNET, Lab
 from warren_mesh.process import connect_in_netns, in_netns
-from warren_mesh.wireguard.select import kernel_wireguard_available
+from warren_mesh.wireguard.choice import kernel_wireguard_available
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 
@@ -239,4 +239,35 @@ def test_records_claiming_etcd_or_the_underlay_never_cut_the_mesh_off(lab: Lab) 
     lab.add_node(4)
     lab.wait_for_agent(4, timeout=STARTUP)
     lab.wait_for_mesh(timeout=30)
+    assert all(ok for *_, ok in lab.ping_all())
+
+
+def _mesh_routes(lab: Lab, index: int) -> set[str]:
+    return {dst for dst, proto, _ in _main_routes(lab, index) if proto == 158}
+
+
+def test_routes_are_repaired_by_the_resync_and_follow_allowed_ips(lab: Lab) -> None:
+    resync = 2
+    lab.up(2, backend="userspace", lease_ttl=TTL, resync_interval=resync, timeout=120)
+    site = {"schema": 1, "name": "site", "public_key": NodeKey.generate().public_key, "allowed_ips": ["172.30.0.0/16"]}
+    _etcdctl(lab, "put", "/warren/mesh/v1/peers/site", value=json.dumps(site).encode())
+    wait_for(lambda: all(_mesh_routes(lab, i) == {"172.30.0.0/16"} for i in (1, 2)), 10, "the site's route")
+    sessions = handshakes(lab, 1)
+    # Someone else's route through the same interface: never the mesh's to touch.
+    with IPRoute(netns=lab.node_netns(1)) as ipr:
+        wg = ipr.link_lookup(ifname=lab.interface(1))[0]
+        ipr.route("add", dst="10.123.0.0/24", oif=wg, proto=4)  # "static"
+    # Deleted by hand, the mesh's route is back within one resync, and nothing else changed.
+    subprocess.run(["ip", "netns", "exec", lab.node_netns(1), "ip", "route", "del", "172.30.0.0/16"], check=True)
+    took = wait_for(lambda: _mesh_routes(lab, 1) == {"172.30.0.0/16"}, resync * 1.1 + 2, "the route to come back")
+    print(f"route repaired in {took:.1f} s (resync interval {resync} s)")
+    assert handshakes(lab, 1) == sessions, "repairing a route touched a peer's session"
+    assert ("10.123.0.0/24", 4, wg) in _main_routes(lab, 1), "a route of someone else's was touched"
+    # The site gives up half its network: the stale route goes, the new one comes, on every node.
+    site["allowed_ips"] = ["172.30.0.0/24"]
+    _etcdctl(lab, "put", "/warren/mesh/v1/peers/site", value=json.dumps(site).encode())
+    wait_for(lambda: all(_mesh_routes(lab, i) == {"172.30.0.0/24"} for i in (1, 2)), 10, "the narrower route")
+    _etcdctl(lab, "del", "/warren/mesh/v1/peers/site")
+    wait_for(lambda: all(_mesh_routes(lab, i) == set() for i in (1, 2)), 10, "no mesh route left")
+    assert ("10.123.0.0/24", 4, wg) in _main_routes(lab, 1)
     assert all(ok for *_, ok in lab.ping_all())

@@ -79,8 +79,10 @@ def test_two_devices_talk_and_updates_keep_the_session(pair: tuple[str, str]) ->
         handshake = stats.last_handshake
         time.sleep(1.1)
         backends[0].set_peer(PeerSpec(keys[1].public_key, "192.168.251.2:51820", ("10.99.0.2/32", "10.244.2.0/24"), 5))
+        backends[0].add_route("10.244.2.0/24")
         after = backends[0].read()
         assert after.peers[keys[1].public_key].allowed_ips == ("10.244.2.0/24", "10.99.0.2/32")
+        assert after.routes == {"10.244.2.0/24"}, "the device reads back the routes the mesh owns through it"
         assert after.stats[keys[1].public_key].last_handshake == handshake
         assert ping(ns_a, "10.99.0.2")
 
@@ -93,9 +95,14 @@ def test_two_devices_talk_and_updates_keep_the_session(pair: tuple[str, str]) ->
         assert backends[0].read().peers == {}
         assert backends[0].check() is False
         # The new daemon made a new TUN link: routes set after the restart go through it, not the old one.
+        assert backends[0].read().routes == frozenset(), "the old TUN link took its routes with it"
         backends[0].configure_interface(InterfaceSpec("10.99.0.1/24", 51820, 1420))
         backends[0].set_peer(PeerSpec(keys[1].public_key, "192.168.251.2:51820", ("10.99.0.2/32", "10.244.2.0/24")))
+        backends[0].add_route("10.244.2.0/24")
         assert route_interface(ns_a, "10.244.2.1") == f"{tag}w0"
+        backends[0].remove_route("10.244.2.0/24")
+        backends[0].remove_route("10.244.2.0/24")  # gone already: fine
+        assert backends[0].read().routes == frozenset()
 
         backends[1].remove_peer(backends[1].read().peers[keys[0].public_key])
         assert backends[1].read().peers == {}
@@ -126,8 +133,14 @@ def test_the_device_never_takes_a_route_it_does_not_own_or_a_special_range(pair:
         before = _routes(ns_a)
         assert ("192.168.251.0/24", 2) in [r[:2] for r in before], "the kernel's connected route (protocol 2)"
         key = NodeKey.generate().public_key
+        backend.set_peer(PeerSpec(key, "192.168.251.2:51820", ("10.99.0.2/32", "192.168.251.0/24")))
         with pytest.raises(BackendError, match="did not make"):
-            backend.set_peer(PeerSpec(key, "192.168.251.2:51820", ("10.99.0.2/32", "192.168.251.0/24")))
+            backend.add_route("192.168.251.0/24")
+        with IPRoute(netns=ns_a) as ipr:  # and a route of someone else's is never removed either
+            ipr.route("add", dst="10.244.9.0/24", oif=ipr.link_lookup(ifname=f"{tag}w0")[0])
+        backend.remove_route("10.244.9.0/24")
+        assert any(r[0] == "10.244.9.0/24" for r in _routes(ns_a)), "a route of someone else's was removed"
+        assert backend.read().routes == frozenset(), "only the mesh's own routes are read as the mesh's"
         assert [r for r in _routes(ns_a) if r[0] == "192.168.251.0/24"] == [
             r for r in before if r[0] == "192.168.251.0/24"
         ], "the connected route of the underlay was touched"
@@ -137,9 +150,12 @@ def test_the_device_never_takes_a_route_it_does_not_own_or_a_special_range(pair:
             with pytest.raises(BackendError, match="refusing to route"):
                 backend.set_peer(PeerSpec(other, "192.168.251.2:51820", ("10.99.0.3/32", special)))
             assert other not in backend.read().peers, "the peer was set before its routes were refused"
-        # Routes of our own are still repaired and moved as before.
-        backend.set_peer(PeerSpec(key, "192.168.251.2:51820", ("10.99.0.2/32", "10.244.2.0/24")))
+            with pytest.raises(BackendError, match="refusing to route"):
+                backend.add_route(special)
+        # Routes of our own are added, and adding one again changes nothing.
+        backend.add_route("10.244.2.0/24")
+        backend.add_route("10.244.2.0/24")
         assert route_interface(ns_a, "10.244.2.1") == f"{tag}w0"
-        backend.set_peer(PeerSpec(key, "192.168.251.2:51820", ("10.99.0.2/32", "10.244.2.0/24")))  # again: no error
+        assert backend.read().routes == {"10.244.2.0/24"}
     finally:
         backend.close(remove_device=True)

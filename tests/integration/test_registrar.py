@@ -15,9 +15,10 @@ from warren_mesh.agent.registrar import AddressSpaceExhausted, Registrar
 from warren_mesh.keys import NodeKey
 from warren_mesh.lab.etcd_server import EtcdServer
 from warren_mesh.metrics.instruments import AgentMetrics
-from warren_mesh.model import MeshConfig, NodeRecord, decode_json
+from warren_mesh.model import MeshConfig, NodeRecord
 from warren_mesh.schema import KeySchema
 from warren_mesh.store.etcd import EtcdStore
+from warren_mesh.validation import decode_json
 from warren_mesh.watch import KeyValue, Snapshot
 
 KEY = NodeKey.generate()

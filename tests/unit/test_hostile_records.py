@@ -14,7 +14,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from hostile import ATTACKER_KEY, HONEST, LOCAL_KEY, SCHEMA, Mesh, node_doc, peer_doc
 from warren_mesh.keys import NodeKey
 from warren_mesh.mesh.peers import MeshView
-from warren_mesh.model import LOW_ORDER_POINTS, MAX_VALUE_BYTES, MeshConfig, decode_json, encode_json
+from warren_mesh.model import MeshConfig, encode_json
+from warren_mesh.validation import LOW_ORDER_POINTS, MAX_VALUE_BYTES, decode_json
 from warren_mesh.watch import KeyValue, Snapshot
 
 

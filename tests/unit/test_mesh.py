@@ -8,10 +8,11 @@ import json
 from warren_mesh.device import DeviceState, InterfaceSpec, PeerSpec
 from warren_mesh.keys import NodeKey
 from warren_mesh.mesh.peers import MeshView, Rejection
-from warren_mesh.mesh.plan import plan_changes
+from warren_mesh.mesh.plan import plan_changes, plan_delta
 from warren_mesh.mesh.topology import LocalNode, Topology, build_topology
-from warren_mesh.model import Endpoint, MeshConfig, NodeRecord, encode_json
+from warren_mesh.model import MeshConfig, NodeRecord, encode_json
 from warren_mesh.schema import KeySchema
+from warren_mesh.validation import Endpoint
 from warren_mesh.watch import Event, Events, KeyValue, Snapshot
 
 SCHEMA = KeySchema("/t")
@@ -192,3 +193,32 @@ def test_roamed_endpoint_is_left_alone() -> None:
     assert plan_changes(topo, _device(topo, roamed), local_public_key=LOCAL.public_key, previous=topo).empty
     # Without knowing what we set before (fresh start), the record's endpoint is applied.
     assert not plan_changes(topo, _device(topo, roamed), local_public_key=LOCAL.public_key).empty
+
+
+def test_routes_are_planned_like_peers() -> None:
+    view = MeshView(SCHEMA)
+    view.apply(Snapshot((kv(SCHEMA.node("a"), record("a", "10.96.0.2", extra=("10.244.1.0/24",)), 3),), 3))
+    desired = topology_of(view)
+    # The /32 of a's overlay address is reached through the interface's own /16: only the pod network is routed.
+    fresh = plan_changes(desired, DeviceState(LOCAL.public_key, desired.interface), local_public_key=LOCAL.public_key)
+    assert fresh.routes_to_add == ("10.244.1.0/24",) and fresh.routes_to_remove == ()
+    # A mesh route deleted by hand is added again; a stale one goes; nothing else is touched.
+    drifted = DeviceState(LOCAL.public_key, desired.interface, dict(desired.peers), routes=frozenset({"10.244.9.0/24"}))
+    plan = plan_changes(desired, drifted, local_public_key=LOCAL.public_key, previous=desired)
+    assert (plan.routes_to_add, plan.routes_to_remove, plan.changes) == (("10.244.1.0/24",), ("10.244.9.0/24",), ())
+    assert "add route 10.244.1.0/24" in plan.explain() and plan.size == 2
+    # Before the first complete view, nothing is removed: routes as peers.
+    early = plan_changes(desired, drifted, local_public_key=LOCAL.public_key, remove_unknown=False)
+    assert early.routes_to_remove == ()
+
+
+def test_a_delta_removes_the_route_of_a_network_a_peer_gave_up() -> None:
+    view = MeshView(SCHEMA)
+    view.apply(Snapshot((kv(SCHEMA.node("a"), record("a", "10.96.0.2", extra=("10.244.1.0/24",)), 3),), 3))
+    before = topology_of(view)
+    view.apply(Events((Event("put", kv(SCHEMA.node("a"), record("a", "10.96.0.2"), 4, create=3)),), 4))
+    after = topology_of(view)
+    key = KEYS["a"]
+    delta = plan_delta(before.peers, after.peers, {key}, interface_address=after.interface.address)
+    assert delta.routes_to_remove == ("10.244.1.0/24",) and delta.routes_to_add == ()
+    assert [(c.action, c.public_key) for c in delta.changes] == [("update", key)]

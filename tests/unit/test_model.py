@@ -8,17 +8,10 @@ import json
 
 import pytest
 
-from warren_mesh.model import (
-    Endpoint,
-    ExternalPeer,
-    MeshConfig,
-    NodeRecord,
-    RecordError,
-    Routes,
-    decode_json,
-    encode_json,
-    parse_ip,
-)
+from warren_mesh.model import ExternalPeer, MeshConfig, NodeRecord, encode_json
+from warren_mesh.netaddr import parse_ip
+from warren_mesh.routes import Routes
+from warren_mesh.validation import Endpoint, RecordError, decode_json
 
 KEY = base64.b64encode(bytes(range(32))).decode()
 

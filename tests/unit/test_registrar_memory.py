@@ -15,10 +15,11 @@ from warren_mesh.agent.registrar import AddressSpaceExhausted, Registrar, Regist
 from warren_mesh.keys import NodeKey
 from warren_mesh.mesh.peers import MeshView
 from warren_mesh.metrics.instruments import AgentMetrics
-from warren_mesh.model import MeshConfig, NodeRecord, decode_json
+from warren_mesh.model import MeshConfig, NodeRecord
 from warren_mesh.schema import KeySchema
 from warren_mesh.store.base import Store, StoreUnavailable
 from warren_mesh.store.memory import MemoryStore
+from warren_mesh.validation import decode_json
 from warren_mesh.watch import Events, Snapshot
 
 SCHEMA = KeySchema("/m")

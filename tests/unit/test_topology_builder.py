@@ -10,10 +10,11 @@ import pytest
 from warren_mesh.device import DeviceState, PeerSpec
 from warren_mesh.keys import NodeKey
 from warren_mesh.mesh.peers import MeshView
-from warren_mesh.mesh.plan import Plan, plan_changes, plan_delta
+from warren_mesh.mesh.plan import Plan, desired_routes, plan_changes, plan_delta
 from warren_mesh.mesh.topology import LocalNode, Topology, TopologyBuilder, build_topology
-from warren_mesh.model import Endpoint, ExternalPeer, MeshConfig, NodeRecord, encode_json
+from warren_mesh.model import ExternalPeer, MeshConfig, NodeRecord, encode_json
 from warren_mesh.schema import KeySchema
+from warren_mesh.validation import Endpoint
 from warren_mesh.watch import Event, Events, KeyValue, Snapshot
 
 SCHEMA = KeySchema("/t")
@@ -113,10 +114,17 @@ def test_incremental_fold_equals_a_fold_from_scratch(seed: int) -> None:
         assert current == expected, f"seed {seed}, step {step}"
         if affected is not None:
             # The delta plan must reach exactly the device a full comparison reaches.
-            device = DeviceState(LOCAL.public_key, previous.interface, dict(previous.peers))
+            device = DeviceState(
+                LOCAL.public_key, previous.interface, dict(previous.peers), routes=frozenset(desired_routes(previous))
+            )
             full = plan_changes(current, device, local_public_key=LOCAL.public_key, previous=previous)
-            delta = plan_delta(previous.peers, current.peers, affected)
+            delta = plan_delta(previous.peers, current.peers, affected, interface_address=current.interface.address)
             assert _applied(previous, delta) == _applied(previous, full) == dict(current.peers)
+            # Routes too: the delta reaches the routes a full comparison reaches, and those are the desired ones.
+            routes = desired_routes(previous)
+            after_delta = (routes - set(delta.routes_to_remove)) | set(delta.routes_to_add)
+            after_full = (routes - set(full.routes_to_remove)) | set(full.routes_to_add)
+            assert after_delta == after_full == desired_routes(current)
         previous = current
     assert builder.rebuilds < 300, "every change needed a fold from scratch"
 

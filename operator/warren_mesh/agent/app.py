@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import ipaddress
 import logging
 import time
@@ -20,6 +19,7 @@ from typing import TypeVar
 from prometheus_client import CollectorRegistry
 
 from warren_mesh.agent.device_thread import DeviceThread
+from warren_mesh.agent.observer import MeshObserver
 from warren_mesh.agent.reconciler import Reconciler
 from warren_mesh.agent.registrar import Registrar
 from warren_mesh.agent.underlay import (
@@ -35,14 +35,13 @@ from warren_mesh.mesh.topology import LocalNode
 from warren_mesh.metrics.http import MetricsServer
 from warren_mesh.metrics.instruments import AgentMetrics
 from warren_mesh.metrics.peer_collector import PeerCollector, TrafficWindow
-from warren_mesh.model import IPAddress, IPNetwork, MeshConfig
-from warren_mesh.netaddr import parse_endpoints
+from warren_mesh.model import MeshConfig
+from warren_mesh.netaddr import IPAddress, IPNetwork, parse_endpoints
 from warren_mesh.settings import AgentSettings
 from warren_mesh.store.base import Backoff, StoreUnavailable
 from warren_mesh.store.etcd import EtcdStore
-from warren_mesh.watch import Events, Snapshot, WatchResult
 from warren_mesh.wireguard.backend import Backend, BackendError
-from warren_mesh.wireguard.select import create_backend
+from warren_mesh.wireguard.choice import create_backend
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +196,15 @@ class Agent:
             fwmark=settings.fwmark,
         )
         loop = asyncio.get_running_loop()
-        tasks.append(loop.create_task(self._observe(), name="observe"))
+        observer = MeshObserver(
+            store=self.store,
+            view=self.view,
+            reconciler=self.reconciler,
+            registrar=registrar,
+            metrics=self.metrics,
+            node_key=schema.node(settings.node_name),
+        )
+        tasks.append(loop.create_task(observer.run(), name="observe"))
         tasks.append(loop.create_task(self.reconciler.run(), name="reconcile"))
         tasks.append(loop.create_task(registrar.keep_alive(lambda: self.view.config), name="keepalive"))
         tasks.append(loop.create_task(self._watch_device(), name="device-watchdog"))
@@ -259,47 +266,3 @@ class Agent:
                 async with asyncio.timeout(backoff.delay()):
                     await stop.wait()
         raise Stopped
-
-    async def _observe(self) -> None:
-        assert self.reconciler is not None and self.registrar is not None
-        config = self.view.config
-        own_key = self.settings.store.schema.node(self.settings.node_name)
-        async for result in self.store.observe(
-            self.settings.store.schema.root,
-            on_restart=lambda reason: self.metrics.watch_restarts.labels(reason).inc(),
-        ):
-            if isinstance(result, Events):
-                self.metrics.watch_events.inc(len(result.events))
-            mentioned, own_value = _value_after(result, own_key)
-            reservation_key = self.registrar.reservation_key
-            reserved, reservation_value = (
-                _value_after(result, reservation_key) if reservation_key is not None else (False, None)
-            )
-            first = not self.view.synced
-            self.view.apply(result)
-            self.reconciler.notify()
-            if first:
-                # Everything so far (modules, metrics, the whole mesh as listed) lives as long as the agent: take
-                # it out of the cyclic collector's generations, whose full collections would otherwise walk it
-                # again and again (pauses of tens of ms at a thousand peers, the tail of convergence lag).
-                gc.freeze()
-            if mentioned:
-                await self.registrar.restore(own_value)
-            if reserved:
-                await self.registrar.restore_reservation(reservation_value)
-            if self.view.config != config:
-                try:
-                    await self.registrar.republish(self.view.config)
-                    config = self.view.config
-                except StoreUnavailable as exc:
-                    log.warning("could not republish after a config change (retried with the next event): %s", exc)
-
-
-def _value_after(result: WatchResult, key: str) -> tuple[bool, bytes | None]:
-    """Whether ``result`` tells anything about ``key`` and, if so, its value afterwards (None: deleted or absent)."""
-    if isinstance(result, Snapshot):
-        return True, next((kv.value for kv in result.items if kv.key == key), None)
-    latest = [event for event in result.events if event.kv.key == key]
-    if not latest:
-        return False, None
-    return True, latest[-1].kv.value if latest[-1].kind == "put" else None

@@ -127,7 +127,10 @@ class Reconciler:
             if ok is None:
                 return False
         else:
-            plan = plan_delta(self._applied_peers, builder.peers, affected)
+            assert self._applied_interface is not None  # verify is False only after a full comparison
+            plan = plan_delta(
+                self._applied_peers, builder.peers, affected, interface_address=self._applied_interface.address
+            )
             names = {k: n for k in affected if (n := builder.names.get(k) or self._applied_names.get(k))}
             ok = await self._device_thread.run(lambda: self._apply(plan, names))
             for change in plan.changes:
@@ -183,11 +186,18 @@ class Reconciler:
             self._attempt("private_key", self._backend.set_private_key, self._key, applied)
         if plan.interface is not None:
             self._attempt("interface", self._backend.configure_interface, plan.interface, applied)
+        # Peers leave before their routes, and routes come after their peers: traffic is routed into the device
+        # only while a peer is there to take it.
         for change in plan.changes:
             if change.action == "remove":
                 self._attempt(change.action, self._backend.remove_peer, change.spec, applied)
-            else:
+        for network in plan.routes_to_remove:
+            self._attempt("remove_route", self._backend.remove_route, network, applied)
+        for change in plan.changes:
+            if change.action != "remove":
                 self._attempt(change.action, self._backend.set_peer, change.spec, applied)
+        for network in plan.routes_to_add:
+            self._attempt("add_route", self._backend.add_route, network, applied)
         for kind, count in applied.items():
             self._metrics.applied_by_kind[kind].inc(count)
         return applied.total() == plan.size

@@ -20,19 +20,11 @@ from dataclasses import dataclass, replace
 from warren_mesh.admission import usable_host_range
 from warren_mesh.keys import NodeKey
 from warren_mesh.metrics.instruments import AgentMetrics
-from warren_mesh.model import (
-    Endpoint,
-    IPAddress,
-    IPNetwork,
-    MeshConfig,
-    NodeRecord,
-    RecordError,
-    decode_json,
-    encode_json,
-    parse_ip,
-)
+from warren_mesh.model import MeshConfig, NodeRecord, encode_json
+from warren_mesh.netaddr import IPAddress, IPNetwork, parse_ip
 from warren_mesh.schema import KeySchema
 from warren_mesh.store.base import Backoff, LeaseNotFound, Store, StoreError, StoreUnavailable, lease_refresh_interval
+from warren_mesh.validation import Endpoint, RecordError, decode_json
 
 log = logging.getLogger(__name__)
 

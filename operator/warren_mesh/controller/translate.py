@@ -13,14 +13,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from warren_mesh.mesh.peers import Entry
-from warren_mesh.model import (
-    SCHEMA_VERSION,
-    ExternalPeer,
-    MeshConfig,
-    NodeRecord,
-    RecordError,
-)
+from warren_mesh.model import ExternalPeer, MeshConfig, NodeRecord
 from warren_mesh.schema import DEFAULT_PREFIX, KeySchema
+from warren_mesh.validation import SCHEMA_VERSION, RecordError
 
 DEFAULT_MESH = "default"
 MESH_LABEL = "mesh.warren.io/mesh"

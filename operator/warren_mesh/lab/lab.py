@@ -25,14 +25,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pyroute2 import IPRoute
 
 from warren_mesh.lab import netns
 from warren_mesh.lab.etcd_server import EtcdServer
-from warren_mesh.process import connect_in_netns, in_netns
+from warren_mesh.lab.report import LabNode
+from warren_mesh.process import alive, connect_in_netns, in_netns, wait_exit
 from warren_mesh.wireguard import link, uapi
 
 SUBNET = ipaddress.ip_network("192.168.240.0/24")
@@ -43,19 +43,6 @@ METRICS_PORT = 9587
 
 class LabError(RuntimeError):
     pass
-
-
-@dataclass(frozen=True, slots=True)
-class NodeStatus:
-    name: str
-    netns: str
-    interface: str
-    underlay_ip: str
-    overlay_ip: str | None
-    peers: int
-    handshaken: int  # peers with a completed handshake
-    agent_running: bool
-    agent_ready: bool  # its /healthz says so: the device was configured from a complete view of the mesh
 
 
 def require_root() -> None:
@@ -125,16 +112,17 @@ class Lab:
         *,
         backend: str = "auto",
         lease_ttl: int = 5,
+        resync_interval: int = 30,
         timeout: float = 60.0,
         progress: Callable[[str], None] | None = None,
-    ) -> list[NodeStatus]:
+    ) -> list[LabNode]:
         require_root()
         if self.is_up():
             raise LabError(f"a lab named {self.prefix} is already up; `warren-mesh lab down` first")
         self.down()  # leftovers of a crashed `up`
         say = progress or (lambda _: None)
         try:
-            self._save({"nodes": {}, "backend": backend, "lease_ttl": lease_ttl})
+            self._save({"nodes": {}, "backend": backend, "lease_ttl": lease_ttl, "resync_interval": resync_interval})
             netns.create(self.hub)
             netns.bridge(self.bridge, ns=self.hub)
             netns.address(self.bridge, f"{HUB_ADDRESS}/{SUBNET.prefixlen}", ns=self.hub)
@@ -184,6 +172,7 @@ class Lab:
             f"--key-file={self.state_dir / (self.node_name(index) + '.key')}",
             f"--etcd-endpoints={self.etcd_endpoint}",
             f"--lease-ttl={state['lease_ttl']}",
+            f"--resync-interval={state.get('resync_interval', 30)}",
             f"--metrics-address=0.0.0.0:{METRICS_PORT}",
         ]
         with (self.state_dir / f"{self.node_name(index)}.log").open("ab") as out:
@@ -207,7 +196,7 @@ class Lab:
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            _wait_exit(pid, 10)
+            wait_exit(pid, 10)
 
     def _agent_pid(self, index: int) -> int | None:
         nodes = self._load()["nodes"]
@@ -241,7 +230,7 @@ class Lab:
         started = time.monotonic()
         while not self.agent_ready(index):
             pid = self._agent_pid(index)
-            if pid is None or not _alive(pid):
+            if pid is None or not alive(pid):
                 raise self._exited([self.node_name(index)])
             if time.monotonic() - started > timeout:
                 raise LabError(
@@ -251,7 +240,7 @@ class Lab:
             time.sleep(0.2)
         return time.monotonic() - started
 
-    def wait_for_mesh(self, *, timeout: float, progress: Callable[[str], None] | None = None) -> list[NodeStatus]:
+    def wait_for_mesh(self, *, timeout: float, progress: Callable[[str], None] | None = None) -> list[LabNode]:
         """Until every running node has every other running node as a peer, with a completed handshake."""
         deadline = time.monotonic() + timeout
         last = ""
@@ -282,7 +271,7 @@ class Lab:
             + "\n".join(f"{name}'s log ends:\n{self._log_tail(name)}" for name in names)
         )
 
-    def _lagging_report(self, node: NodeStatus, want: int, log_lines: int = 20) -> str:
+    def _lagging_report(self, node: LabNode, want: int, log_lines: int = 20) -> str:
         """What a node that has not joined the mesh has, and the end of its agent's log: the lab (and a test that
         uses it) removes its state directory when it fails, so this is what is left to diagnose with."""
         agent = "ready" if node.agent_ready else "not ready"
@@ -314,7 +303,7 @@ class Lab:
                 peers[fields[0]] = (int(fields[5]), int(fields[6]), float(fields[4]))
         return peers
 
-    def status(self) -> list[NodeStatus]:
+    def status(self) -> list[LabNode]:
         result = []
         for index in self.nodes():
             ns = self.node_netns(index)
@@ -325,9 +314,9 @@ class Lab:
                 if state is not None and state.address is not None:
                     overlay = state.address.split("/")[0]
             pid = self._agent_pid(index)
-            running = pid is not None and _alive(pid)
+            running = pid is not None and alive(pid)
             result.append(
-                NodeStatus(
+                LabNode(
                     name=self.node_name(index),
                     netns=ns,
                     interface=self.interface(index),
@@ -379,15 +368,15 @@ class Lab:
         removed: list[str] = []
         for index in self.nodes():
             pid = self._agent_pid(index)
-            if pid is not None and _alive(pid):
+            if pid is not None and alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)  # revokes its lease while etcd is still there
         for index in self.nodes():
             pid = self._agent_pid(index)
-            if pid is not None and not _wait_exit(pid, 5):
+            if pid is not None and not wait_exit(pid, 5):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                _wait_exit(pid, 5)
+                wait_exit(pid, 5)
         removed.extend(f"namespace {name}" for name in netns.remove_all(f"{self.prefix}-"))
         for sock in uapi.SOCKET_DIR.glob(f"{self.prefix}*.sock"):
             sock.unlink(missing_ok=True)
@@ -402,30 +391,3 @@ class Lab:
             shutil.rmtree(self.state_dir, ignore_errors=True)
             removed.append(f"state {self.state_dir}")
         return removed
-
-
-def status_json(status: list[NodeStatus]) -> str:
-    return json.dumps([asdict(s) for s in status], indent=2)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie (our own exited child not yet reaped) counts as dead.
-    with contextlib.suppress(OSError):
-        if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
-            return False
-    return True
-
-
-def _wait_exit(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
-        if not _alive(pid):
-            return True
-        time.sleep(0.05)
-    return False

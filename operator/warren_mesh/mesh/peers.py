@@ -21,23 +21,21 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from warren_mesh.admission import usable_host_range
-from warren_mesh.model import (
+from warren_mesh.model import ExternalPeer, MeshConfig, NodeRecord
+from warren_mesh.netaddr import parse_ip
+from warren_mesh.schema import KeySchema
+from warren_mesh.validation import (
     MAX_KEY_BYTES,
     REASON_INVALID_CONFIG,
     REASON_INVALID_FIELD,
     REASON_INVALID_KEY,
     REASON_UNEXPECTED,
-    ExternalPeer,
-    MeshConfig,
-    NodeRecord,
     RecordError,
     decode_json,
     one_line,
-    parse_ip,
     printable,
     validate_name,
 )
-from warren_mesh.schema import KeySchema
 from warren_mesh.watch import Events, KeyValue, Snapshot, WatchResult
 
 log = logging.getLogger(__name__)

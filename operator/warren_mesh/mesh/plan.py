@@ -8,8 +8,11 @@ does not strip it bare before its first snapshot arrives.
 WireGuard updates a peer's endpoint itself when the peer roams (NAT rebinding). An endpoint that differs from
 what we last asked for is therefore roaming, not drift, and is left alone unless the record itself changed.
 
-Removals come first: when allowed IPs move from one peer to another in one plan, removing the old holder after
-the new one was set would take the moved networks' routes with it.
+Routes are part of the plan: every network of a peer's allowed IPs that the interface's own prefix does not
+already reach is routed to the device, compared with the routes the mesh owns there (protocol 158) like peers
+are, and a route deleted by hand comes back with the next full comparison. Removals come first, additions last:
+a route appears only once its peer can take the traffic. A network that moves from one peer to another in one
+plan stays routed throughout (the fold never gives one network to two peers, so a route has exactly one peer).
 
 ``plan_changes`` compares with the device as read; ``plan_delta`` compares the topology last applied with the
 new one for the peers a change touched, without reading the device (a full read costs O(peers) in netlink or
@@ -19,6 +22,7 @@ comparison at start, after any failure, after a data-plane restart and on every 
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -42,18 +46,24 @@ class Plan:
     interface: InterfaceSpec | None  # None: the interface is as it should be
     set_private_key: bool
     changes: tuple[PeerChange, ...]
+    routes_to_remove: tuple[str, ...] = ()
+    routes_to_add: tuple[str, ...] = ()
 
     @property
     def empty(self) -> bool:
-        return self.interface is None and not self.set_private_key and not self.changes
+        return self.interface is None and not self.set_private_key and not self.changes and not self.route_changes
+
+    @property
+    def route_changes(self) -> int:
+        return len(self.routes_to_remove) + len(self.routes_to_add)
 
     @property
     def size(self) -> int:
         """How many device operations carrying out the plan takes."""
-        return (self.interface is not None) + self.set_private_key + len(self.changes)
+        return (self.interface is not None) + self.set_private_key + len(self.changes) + self.route_changes
 
     def explain(self, names: Mapping[str, str] | None = None) -> str:
-        """One line per change, for logs and ``--dry-run`` style output."""
+        """One line per change, for the agent's log."""
         names = names or {}
         lines = []
         if self.set_private_key:
@@ -66,7 +76,26 @@ class Plan:
         for change in self.changes:
             who = names.get(change.public_key, change.public_key[:10] + "…")
             lines.append(f"{change.action} peer {who}: {change.detail}")
+        lines.extend(f"remove route {network}" for network in self.routes_to_remove)
+        lines.extend(f"add route {network}" for network in self.routes_to_add)
         return "\n".join(lines) if lines else "no changes"
+
+
+def routed(interface_address: str | None, networks: Iterable[str]) -> set[str]:
+    """The networks that need a route of their own: those the interface's own prefix (its connected route, e.g.
+    the overlay /16 for peers' /32 addresses) does not already reach."""
+    connected = ipaddress.ip_interface(interface_address).network if interface_address else None
+    result = set()
+    for text in networks:
+        network = ipaddress.ip_network(text)
+        if connected is not None and network.version == connected.version and network.subnet_of(connected):  # type: ignore[arg-type]
+            continue
+        result.add(text)
+    return result
+
+
+def desired_routes(desired: Topology) -> set[str]:
+    return routed(desired.interface.address, (n for spec in desired.peers.values() for n in spec.allowed_ips))
 
 
 def plan_changes(
@@ -96,19 +125,40 @@ def plan_changes(
         if _only_roamed(have, want, before):
             continue
         changes.append(PeerChange("update", key, want, _difference(have, want)))
-    return Plan(interface, device.public_key != local_public_key, tuple(changes))
+    routes = desired_routes(desired)
+    stale = sorted(device.routes - routes) if remove_unknown else []
+    return Plan(
+        interface,
+        device.public_key != local_public_key,
+        tuple(changes),
+        tuple(stale),
+        tuple(sorted(routes - device.routes)),
+    )
 
 
-def plan_delta(applied: Mapping[str, PeerSpec], desired: Mapping[str, PeerSpec], public_keys: Iterable[str]) -> Plan:
-    """The peer changes for ``public_keys`` from the peers last applied to the desired ones, the device being as
-    it was left (the interface is never part of a delta: a config change makes the caller compare everything)."""
+def plan_delta(
+    applied: Mapping[str, PeerSpec],
+    desired: Mapping[str, PeerSpec],
+    public_keys: Iterable[str],
+    *,
+    interface_address: str | None,
+) -> Plan:
+    """The peer and route changes for ``public_keys`` from the peers last applied to the desired ones, the device
+    being as it was left (the interface is never part of a delta: a config change makes the caller compare
+    everything). Each network is one peer's, so the routes that change are those of the peers that changed."""
     removals: list[PeerChange] = []
     changes: list[PeerChange] = []
+    routes_before: set[str] = set()
+    routes_after: set[str] = set()
     for key in sorted(public_keys):
         want = desired.get(key)
         before = applied.get(key)
         if want == before:
             continue
+        if before is not None:
+            routes_before.update(before.allowed_ips)
+        if want is not None:
+            routes_after.update(want.allowed_ips)
         if want is None:
             assert before is not None
             removals.append(PeerChange("remove", key, before, "no longer in the mesh"))
@@ -116,7 +166,9 @@ def plan_delta(applied: Mapping[str, PeerSpec], desired: Mapping[str, PeerSpec],
             changes.append(PeerChange("add", key, want, _describe(want)))
         else:
             changes.append(PeerChange("update", key, want, _difference(before, want)))
-    return Plan(None, False, (*removals, *changes))
+    before_routed = routed(interface_address, routes_before - routes_after)
+    after_routed = routed(interface_address, routes_after - routes_before)
+    return Plan(None, False, (*removals, *changes), tuple(sorted(before_routed)), tuple(sorted(after_routed)))
 
 
 def _only_roamed(have: PeerSpec, want: PeerSpec, before: PeerSpec | None) -> bool:

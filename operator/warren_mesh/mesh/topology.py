@@ -31,20 +31,16 @@ from typing import Final
 from warren_mesh.admission import usable_host_range
 from warren_mesh.device import InterfaceSpec, PeerSpec
 from warren_mesh.mesh.peers import Changes, Entry, MeshView, Reservation
-from warren_mesh.model import (
+from warren_mesh.model import WIREGUARD_OVERHEAD, ExternalPeer, MeshConfig, NodeRecord
+from warren_mesh.netaddr import IPAddress, IPNetwork
+from warren_mesh.routes import Routes
+from warren_mesh.validation import (
     REASON_ADDRESS_OUTSIDE_CIDR,
     REASON_ADDRESS_TAKEN,
     REASON_DUPLICATE_PUBLIC_KEY,
     REASON_NETWORK_NOT_OWNED,
     REASON_OVERLAPPING_ALLOWED_IPS,
     REASON_UNSAFE_ROUTE,
-    WIREGUARD_OVERHEAD,
-    ExternalPeer,
-    IPAddress,
-    IPNetwork,
-    MeshConfig,
-    NodeRecord,
-    Routes,
 )
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-from warren_mesh.model import CONFLICT_REASONS, REJECTION_REASONS
+from warren_mesh.validation import CONFLICT_REASONS, REJECTION_REASONS
 
-APPLY_KINDS = ("add", "update", "remove", "interface", "private_key")
+APPLY_KINDS = ("add", "update", "remove", "interface", "private_key", "add_route", "remove_route")
 # Why the watch was resumed on a new stream (store/etcd.py: EtcdStore.observe).
 WATCH_RESTART_REASONS = ("error", "stalled", "compacted", "behind")
 
@@ -74,7 +74,8 @@ class AgentMetrics:
         )
         self.applied_changes = Counter(
             "warren_mesh_applied_changes",
-            "Changes applied to the device, by kind (add, update, remove, interface, private_key).",
+            "Changes applied to the device, by kind (peers: add, update, remove; add_route, remove_route; interface, "
+            "private_key).",
             ["kind"],
             registry=registry,
         )

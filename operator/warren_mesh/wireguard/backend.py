@@ -36,11 +36,19 @@ class Backend(Protocol):
         ...
 
     def set_peer(self, spec: PeerSpec) -> None:
-        """Add the peer, or update it in place (its session survives)."""
+        """Add the peer, or update it in place (its session survives). Routes are changes of their own."""
         ...
 
     def remove_peer(self, spec: PeerSpec) -> None:
-        """Remove the peer and the routes of its allowed IPs (``spec`` is what the device had)."""
+        """Remove the peer (``spec`` is what the device had)."""
+        ...
+
+    def add_route(self, network: str) -> None:
+        """Route ``network`` to the device, marked as the mesh's; never over a route the mesh does not own."""
+        ...
+
+    def remove_route(self, network: str) -> None:
+        """Remove the mesh's route for ``network`` through the device (gone already is fine)."""
         ...
 
     def check(self) -> bool:

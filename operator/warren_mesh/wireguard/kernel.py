@@ -16,7 +16,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from warren_mesh.device import DeviceState, InterfaceSpec, PeerSpec, PeerStats
 from warren_mesh.keys import NodeKey
-from warren_mesh.model import Endpoint
+from warren_mesh.validation import Endpoint
 from warren_mesh.wireguard import link
 from warren_mesh.wireguard.backend import BackendError
 
@@ -120,6 +120,7 @@ class KernelBackend:
             interface,
             {k: PeerSpec(k, p.endpoint, tuple(sorted(p.allowed)), p.keepalive) for k, p in peers.items()},
             {k: PeerStats(p.rx, p.tx, p.handshake) for k, p in peers.items()},
+            self._link.read_routes() if state is not None else frozenset(),
         )
 
     def _set(self, what: str, **kwargs: Any) -> None:
@@ -147,11 +148,15 @@ class KernelBackend:
             endpoint = Endpoint.parse(spec.endpoint)
             peer["endpoint_addr"], peer["endpoint_port"] = str(endpoint.host), endpoint.port
         self._set(f"set peer {spec.public_key[:10]}", peer=peer)
-        self._link.add_routes(spec.allowed_ips)
 
     def remove_peer(self, spec: PeerSpec) -> None:
         self._set(f"remove peer {spec.public_key[:10]}", peer={"public_key": spec.public_key, "remove": True})
-        self._link.remove_routes(spec.allowed_ips)
+
+    def add_route(self, network: str) -> None:
+        self._link.add_route(network)
+
+    def remove_route(self, network: str) -> None:
+        self._link.remove_route(network)
 
     def close(self, *, remove_device: bool) -> None:
         if remove_device:

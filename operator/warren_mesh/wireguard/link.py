@@ -115,20 +115,43 @@ class InterfaceLink:
             if problem is not None:
                 raise LinkError(f"refusing to route {net} via {self.name}: {problem}")
 
-    def add_routes(self, networks: tuple[str, ...]) -> None:
-        self.refuse_unroutable(networks)
+    def add_route(self, net: str) -> None:
+        self.refuse_unroutable((net,))
         state = self._state()
         if state is None:
             raise LinkError(f"interface {self.name} does not exist")
-        for net in _routed_outside(state.address, networks):
-            try:
-                # "add" fails where any route for the destination exists; only one of ours is then replaced.
-                self._ipr.route("add", dst=net, oif=state.index, proto=ROUTE_PROTOCOL)
-            except NetlinkError as exc:
-                if exc.code != errno.EEXIST:
-                    self.forget()
-                    raise LinkError(f"route {net} via {self.name} failed: {exc}") from None
-                self._replace_own_route(net, state.index)
+        try:
+            # "add" fails where any route for the destination exists; only one of ours is then replaced.
+            self._ipr.route("add", dst=net, oif=state.index, proto=ROUTE_PROTOCOL)
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                self.forget()
+                raise LinkError(f"route {net} via {self.name} failed: {exc}") from None
+            self._replace_own_route(net, state.index)
+
+    def remove_route(self, net: str) -> None:
+        state = self._state()
+        if state is None:
+            return  # the link is gone, and its routes with it
+        try:
+            # Only a route of ours matches: the kernel compares the protocol of the route it deletes.
+            self._ipr.route("del", dst=net, oif=state.index, proto=ROUTE_PROTOCOL)
+        except NetlinkError as exc:
+            if exc.code != errno.ESRCH:  # already gone
+                self.forget()
+                raise LinkError(f"removing route {net} via {self.name} failed: {exc}") from None
+
+    def read_routes(self) -> frozenset[str]:
+        """Destinations of the routes of ours (protocol 158) through this link, IPv4 and IPv6."""
+        state = self._state()
+        if state is None:
+            return frozenset()
+        found = set()
+        for family, default in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+            for route in self._ipr.get_routes(family=family, table=MAIN_TABLE, proto=ROUTE_PROTOCOL):
+                if route.get("RTA_OIF") == state.index:
+                    found.add(str(ipaddress.ip_network(f"{route.get('RTA_DST', default)}/{route['dst_len']}")))
+        return frozenset(found)
 
     def _replace_own_route(self, net: str, index: int) -> None:
         """Point an existing route for ``net`` at ``index``, if that route is ours; refuse otherwise."""
@@ -154,32 +177,8 @@ class InterfaceLink:
             self.forget()
             raise LinkError(f"route {net} via {self.name} failed: {exc}") from None
 
-    def remove_routes(self, networks: tuple[str, ...]) -> None:
-        state = self._state()
-        if state is None:
-            return
-        for net in _routed_outside(state.address, networks):
-            try:
-                self._ipr.route("del", dst=net, oif=state.index, proto=ROUTE_PROTOCOL)
-            except NetlinkError as exc:
-                if exc.code != 3:  # ESRCH: already gone
-                    self.forget()
-                    raise LinkError(f"removing route {net} via {self.name} failed: {exc}") from None
-
     def delete(self) -> None:
         self.forget()
         found = self._ipr.link_lookup(ifname=self.name)
         if found:
             self._ipr.link("del", index=found[0])
-
-
-def _routed_outside(address: str | None, networks: tuple[str, ...]) -> list[str]:
-    """Networks not already reached through the interface's own (connected) prefix."""
-    connected = ipaddress.ip_interface(address).network if address else None
-    result = []
-    for text in networks:
-        net = ipaddress.ip_network(text)
-        if connected is not None and net.version == connected.version and net.subnet_of(connected):  # type: ignore[arg-type]
-            continue
-        result.append(text)
-    return result

@@ -16,8 +16,8 @@ from warren_mesh.keys import NodeKey
 
 @dataclass(frozen=True, slots=True)
 class Operation:
-    action: str  # "private_key", "interface", "set_peer", "remove_peer"
-    target: str  # the peer's public key, or the interface name
+    action: str  # "private_key", "interface", "set_peer", "remove_peer", "add_route", "remove_route"
+    target: str  # the peer's public key, the route's destination, or the interface name
     at: float  # time.time() when applied: comparable with a record's published_at
 
 
@@ -27,6 +27,7 @@ class MemoryBackend:
     public_key: str | None = None
     interface: InterfaceSpec | None = None
     peers: dict[str, PeerSpec] = field(default_factory=dict)
+    routes: set[str] = field(default_factory=set)
     # Bounded, so a long-running demo or benchmark does not grow without end.
     operations: deque[Operation] = field(default_factory=lambda: deque(maxlen=100_000))
     closed: bool = False
@@ -36,7 +37,7 @@ class MemoryBackend:
         return "memory"
 
     def read(self) -> DeviceState:
-        return DeviceState(self.public_key, self.interface, dict(self.peers))
+        return DeviceState(self.public_key, self.interface, dict(self.peers), routes=frozenset(self.routes))
 
     def set_private_key(self, key: NodeKey) -> None:
         self.public_key = key.public_key
@@ -54,6 +55,14 @@ class MemoryBackend:
         self.peers.pop(spec.public_key, None)
         self._log("remove_peer", spec.public_key)
 
+    def add_route(self, network: str) -> None:
+        self.routes.add(network)
+        self._log("add_route", network)
+
+    def remove_route(self, network: str) -> None:
+        self.routes.discard(network)
+        self._log("remove_route", network)
+
     def check(self) -> bool:
         return False
 
@@ -62,6 +71,7 @@ class MemoryBackend:
         if remove_device:
             self.public_key, self.interface = None, None
             self.peers.clear()
+            self.routes.clear()
 
     def _log(self, action: str, target: str) -> None:
         self.operations.append(Operation(action, target, time.time()))

@@ -145,7 +145,8 @@ class UserspaceBackend:
         if state is not None and state.address is not None and state.up and device.listen_port:
             interface = InterfaceSpec(state.address, device.listen_port, state.mtu, device.fwmark)
         public = public_key_of(device.private_key) if device.private_key else None
-        return DeviceState(public, interface, device.peers, device.stats)
+        routes = self._link.read_routes() if state is not None else frozenset()
+        return DeviceState(public, interface, device.peers, device.stats, routes)
 
     def _set(self, lines: list[str], what: str) -> None:
         try:
@@ -163,11 +164,15 @@ class UserspaceBackend:
     def set_peer(self, spec: PeerSpec) -> None:
         self._link.refuse_unroutable(spec.allowed_ips)
         self._set(uapi.peer_lines(spec), f"set peer {spec.public_key[:10]}")
-        self._link.add_routes(spec.allowed_ips)
 
     def remove_peer(self, spec: PeerSpec) -> None:
         self._set(uapi.remove_peer_lines(spec.public_key), f"remove peer {spec.public_key[:10]}")
-        self._link.remove_routes(spec.allowed_ips)
+
+    def add_route(self, network: str) -> None:
+        self._link.add_route(network)
+
+    def remove_route(self, network: str) -> None:
+        self._link.remove_route(network)
 
     def close(self, *, remove_device: bool) -> None:
         if remove_device:

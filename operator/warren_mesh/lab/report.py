@@ -1,0 +1,45 @@
+"""What the lab says about its nodes: one value per node, as JSON or as the table `warren-mesh lab status` prints."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class LabNode:
+    """One lab node as `lab status` shows it."""
+
+    name: str
+    netns: str
+    interface: str
+    underlay_ip: str
+    overlay_ip: str | None
+    peers: int
+    handshaken: int  # peers with a completed handshake
+    agent_running: bool
+    agent_ready: bool  # its /healthz says so: the device was configured from a complete view of the mesh
+
+
+def status_json(status: list[LabNode]) -> str:
+    return json.dumps([asdict(s) for s in status], indent=2)
+
+
+def render_lab_table(status: list[LabNode]) -> str:
+    header = ("NODE", "NETNS", "UNDERLAY", "OVERLAY", "PEERS", "HANDSHAKEN", "AGENT")
+    rows = [
+        (
+            s.name,
+            s.netns,
+            s.underlay_ip,
+            s.overlay_ip or "-",
+            str(s.peers),
+            str(s.handshaken),
+            ("ready" if s.agent_ready else "starting") if s.agent_running else "stopped",
+        )
+        for s in status
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]
+    )
