@@ -7,8 +7,9 @@ import ipaddress
 
 from warren_mesh.admission import network_problem
 from warren_mesh.keys import NodeKey
+from warren_mesh.mesh.claims import LocalNode
 from warren_mesh.mesh.peers import MeshView, Rejection
-from warren_mesh.mesh.topology import LocalNode, Topology, build_topology
+from warren_mesh.mesh.topology import Topology, build_topology
 from warren_mesh.model import encode_json
 from warren_mesh.schema import KeySchema
 from warren_mesh.watch import Event, Events, KeyValue, Snapshot

@@ -7,9 +7,10 @@ import json
 
 from warren_mesh.device import DeviceState, InterfaceSpec, PeerSpec
 from warren_mesh.keys import NodeKey
+from warren_mesh.mesh.claims import LocalNode
 from warren_mesh.mesh.peers import MeshView, Rejection
 from warren_mesh.mesh.plan import plan_changes, plan_delta
-from warren_mesh.mesh.topology import LocalNode, Topology, build_topology
+from warren_mesh.mesh.topology import Topology, build_topology
 from warren_mesh.model import MeshConfig, NodeRecord, encode_json
 from warren_mesh.schema import KeySchema
 from warren_mesh.validation import Endpoint

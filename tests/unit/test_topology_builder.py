@@ -9,9 +9,10 @@ import pytest
 
 from warren_mesh.device import DeviceState, PeerSpec
 from warren_mesh.keys import NodeKey
+from warren_mesh.mesh.claims import LocalNode
 from warren_mesh.mesh.peers import MeshView
 from warren_mesh.mesh.plan import Plan, desired_routes, plan_changes, plan_delta
-from warren_mesh.mesh.topology import LocalNode, Topology, TopologyBuilder, build_topology
+from warren_mesh.mesh.topology import Topology, TopologyBuilder, build_topology
 from warren_mesh.model import ExternalPeer, MeshConfig, NodeRecord, encode_json
 from warren_mesh.schema import KeySchema
 from warren_mesh.validation import Endpoint

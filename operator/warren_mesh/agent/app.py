@@ -30,8 +30,8 @@ from warren_mesh.agent.underlay import (
     subnets_of_address,
 )
 from warren_mesh.keys import NodeKey, load_or_create
+from warren_mesh.mesh.claims import LocalNode
 from warren_mesh.mesh.peers import MeshView, Rejection
-from warren_mesh.mesh.topology import LocalNode
 from warren_mesh.metrics.http import MetricsServer
 from warren_mesh.metrics.instruments import AgentMetrics
 from warren_mesh.metrics.peer_collector import PeerCollector, TrafficWindow

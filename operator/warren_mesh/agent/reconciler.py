@@ -24,9 +24,10 @@ from typing import TypeVar
 from warren_mesh.agent.device_thread import DeviceThread
 from warren_mesh.device import InterfaceSpec, PeerSpec
 from warren_mesh.keys import NodeKey
+from warren_mesh.mesh.claims import Conflict, LocalNode
 from warren_mesh.mesh.peers import MeshView
 from warren_mesh.mesh.plan import Plan, plan_changes, plan_delta
-from warren_mesh.mesh.topology import Conflict, LocalNode, Topology, TopologyBuilder
+from warren_mesh.mesh.topology import Topology, TopologyBuilder
 from warren_mesh.metrics.instruments import AgentMetrics
 from warren_mesh.wireguard.backend import Backend, BackendError
 

@@ -1,0 +1,184 @@
+"""What a record may claim next to the mesh's config, its reservations and this node: pure rules, no order.
+
+A node may claim its reserved overlay address (a usable address of the overlay network) and networks inside the
+pod network; an external peer networks outside both, and inside the overlay network single usable addresses
+only. An address reserved under ``ipam/`` belongs to its holder: a record claiming it loses when the holder itself
+claims it (however old the claim), or when the reservation is older than the claim. So a node's own reservation and
+record always win over a later claim, and a reservation rewritten under a node after it registered takes nothing
+from it. Nothing may be routed over the networks this node must reach outside the tunnel (``LocalNode.protected``:
+its underlay, its etcd).
+
+What depends on the order of the fold (who claimed a key or a network first) is the topology's (mesh/topology.py);
+``NetworkClaims`` is the index it keeps of the networks taken so far.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+from warren_mesh.admission import usable_host_range
+from warren_mesh.mesh.peers import MeshView, Reservation
+from warren_mesh.model import ExternalPeer, MeshConfig, NodeRecord
+from warren_mesh.netaddr import IPAddress, IPNetwork
+from warren_mesh.validation import (
+    REASON_ADDRESS_OUTSIDE_CIDR,
+    REASON_ADDRESS_TAKEN,
+    REASON_NETWORK_NOT_OWNED,
+    REASON_UNSAFE_ROUTE,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LocalNode:
+    name: str
+    public_key: str
+    overlay_ip: IPAddress
+    allowed_ips: tuple[IPNetwork, ...] = ()
+    # Networks this node reaches outside the tunnel and that no peer may take: its underlay address and subnet,
+    # etcd's addresses. A route over them would cut the node off from its peers and from etcd (and so from the
+    # very deletion that would repair it).
+    protected: tuple[IPNetwork, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    name: str  # the record left out
+    reason: str
+    message: str
+
+
+class NetworkClaims:
+    """Networks taken so far, answering "does this overlap one of them?" in O(prefix lengths x log n)."""
+
+    def __init__(self) -> None:
+        self._starts: dict[tuple[int, int], list[int]] = {}  # (ip version, prefix length) -> sorted starts
+        self._owner: dict[tuple[int, int, int], str] = {}
+
+    def owner_of_overlap(self, version: int, first: int, last: int) -> str | None:
+        for (claimed_version, prefixlen), starts in self._starts.items():
+            if claimed_version != version:
+                continue
+            # Networks of one length never overlap each other; of those starting at or before `last`, only the
+            # last one can reach back to `first`.
+            i = bisect.bisect_right(starts, last) - 1
+            if i >= 0 and starts[i] + (1 << ((32 if version == 4 else 128) - prefixlen)) - 1 >= first:
+                return self._owner[(version, prefixlen, starts[i])]
+        return None
+
+    def add(self, version: int, prefixlen: int, first: int, owner: str) -> None:
+        bisect.insort(self._starts.setdefault((version, prefixlen), []), first)
+        self._owner[(version, prefixlen, first)] = owner
+
+    def remove(self, version: int, prefixlen: int, first: int) -> None:
+        starts = self._starts[(version, prefixlen)]
+        del starts[bisect.bisect_left(starts, first)]
+        del self._owner[(version, prefixlen, first)]
+
+
+class ClaimRules:
+    """The rules of one config, for one node, against one view (``view`` follows the builder's updates)."""
+
+    def __init__(self, config: MeshConfig, local: LocalNode, view: MeshView | None) -> None:
+        self._config = config
+        self._local = local
+        self.view = view
+        first, last = usable_host_range(config.overlay_cidr)
+        self._overlay_range = (config.overlay_cidr.version, first, last)
+        self._mesh_ranges = tuple(
+            (n.version, int(n.network_address), int(n.broadcast_address))
+            for n in (config.overlay_cidr, config.pod_cidr)
+        )
+        self._protected = tuple((n.version, int(n.network_address), int(n.broadcast_address)) for n in local.protected)
+
+    def overlay_claims(self, record: NodeRecord | ExternalPeer) -> tuple[str, ...]:
+        """The single addresses inside the overlay network that ``record`` claims (reservations decide who holds
+        them): a node's own address, a peer's host routes."""
+        if isinstance(record, NodeRecord):
+            return (record.overlay_text,)
+        overlay_version, overlay_start, overlay_end = self._mesh_ranges[0]
+        return tuple(
+            text.split("/", 1)[0]
+            for text, (version, _, start, end) in zip(record.routes.text, record.routes.ranges, strict=True)
+            if version == overlay_version and start == end and overlay_start <= start <= overlay_end
+        )
+
+    def problem(self, name: str, record: NodeRecord | ExternalPeer, claimed_at: int) -> Conflict | None:
+        """Why ``record`` (created at revision ``claimed_at``) claims something the mesh never gave it: depends
+        on the config, the reservations and the holders' own claims, never on the order of the fold."""
+        overlay_version, first, last = self._overlay_range
+        (_, overlay_start, overlay_end), (_, pods_start, pods_end) = self._mesh_ranges
+        config = self._config
+        if isinstance(record, NodeRecord):
+            if record.overlay_ip.version != overlay_version or not first <= int(record.overlay_ip) <= last:
+                return Conflict(
+                    name,
+                    REASON_ADDRESS_OUTSIDE_CIDR,
+                    f"{name}'s address {record.overlay_ip} is not a usable address of the mesh network "
+                    f"{config.overlay_cidr}",
+                )
+            for text, (version, _, start, end) in zip(record.routes.text, record.routes.ranges, strict=True):
+                if text == f"{record.overlay_text}/{record.overlay_ip.max_prefixlen}":
+                    continue
+                if version != config.pod_cidr.version or start < pods_start or end > pods_end:
+                    return Conflict(
+                        name,
+                        REASON_NETWORK_NOT_OWNED,
+                        f"{name} claims {text}: a node may claim its overlay address and networks inside the pod "
+                        f"network {config.pod_cidr}, nothing else",
+                    )
+            endpoint = record.endpoint.host
+            for network in (config.overlay_cidr, config.pod_cidr):
+                if endpoint.version == network.version and endpoint in network:
+                    message = f"{name}'s endpoint {endpoint} lies inside the mesh network {network}"
+                    return Conflict(name, REASON_UNSAFE_ROUTE, message)
+        else:
+            for text, (version, prefixlen, start, end) in zip(record.routes.text, record.routes.ranges, strict=True):
+                if version != overlay_version:
+                    continue
+                in_overlay = start <= overlay_end and end >= overlay_start
+                in_pods = version == config.pod_cidr.version and start <= pods_end and end >= pods_start
+                single = prefixlen == (32 if version == 4 else 128)
+                if in_pods or (in_overlay and not (single and first <= start <= last)):
+                    return Conflict(
+                        name,
+                        REASON_NETWORK_NOT_OWNED,
+                        f"{name} claims {text}: inside the mesh's own networks an external peer may claim single "
+                        "usable overlay addresses only",
+                    )
+        for address in self.overlay_claims(record):
+            problem = self._reservation_problem(name, address, claimed_at)
+            if problem is not None:
+                return problem
+        for text, (version, _, start, end) in zip(record.routes.text, record.routes.ranges, strict=True):
+            for protected_version, protected_start, protected_end in self._protected:
+                if version == protected_version and start <= protected_end and end >= protected_start:
+                    return Conflict(
+                        name,
+                        REASON_UNSAFE_ROUTE,
+                        f"{name} claims {text}, which would route this node's underlay or etcd into the tunnel",
+                    )
+        return None
+
+    def _reservation_problem(self, name: str, address: str, claimed_at: int) -> Conflict | None:
+        view = self.view
+        reservation: Reservation | None = view.ipam.get(address) if view is not None else None
+        if view is None or reservation is None or reservation.owner == name:
+            return None
+        local = self._local
+        if reservation.owner == local.name:  # this node claims what its agent knows it holds, whatever etcd shows
+            holder_claims = address == str(local.overlay_ip)
+        else:
+            holder_claims = _holder_claims(view, reservation.owner, address)
+        if reservation.create_revision < claimed_at or holder_claims:
+            return Conflict(name, REASON_ADDRESS_TAKEN, f"{name} claims {address}, reserved for {reservation.owner}")
+        return None
+
+
+def _holder_claims(view: MeshView, holder: str, address: str) -> bool:
+    """Whether the holder of a reservation claims the reserved address itself (as a node or an external peer)."""
+    node = view.nodes.get(holder)
+    if node is not None and node.record.overlay_text == address:
+        return True
+    peer = view.peers.get(holder)
+    return peer is not None and any(text.split("/", 1)[0] == address for text in peer.record.routes.text)
