@@ -245,13 +245,11 @@ async def _coldstart_userspace(endpoint: str, prefix: str, records: int, key_dir
     ns, interface = f"wbcold{os.getpid()}", f"wbc{os.getpid()}"
     try:
         await asyncio.to_thread(lab_netns.create, ns)  # pyroute2's sync calls cannot run on the event loop
-        settings = dataclasses.replace(
-            AgentSettings.simulated(
-                etcd_endpoint=endpoint, prefix=prefix, name="cold-wg", key_dir=key_dir, port=51820, interface=interface
-            ),
-            backend="userspace",
-            cleanup_on_exit=True,
+        simulated = AgentSettings.simulated(
+            etcd_endpoint=endpoint, prefix=prefix, name="cold-wg", key_dir=key_dir, port=51820, interface=interface
         )
+        device = dataclasses.replace(simulated.device, backend="userspace", cleanup_on_exit=True)
+        settings = dataclasses.replace(simulated, device=device)
         agent = Agent(
             settings, device_factory=lambda: UserspaceBackend(interface, netns=ns), registry=CollectorRegistry()
         )

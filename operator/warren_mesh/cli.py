@@ -25,15 +25,13 @@ from warren_mesh.lab.demo import run_demo
 from warren_mesh.lab.etcd_server import EtcdServerError
 from warren_mesh.lab.lab import Lab, LabError, require_root
 from warren_mesh.lab.report import render_lab_table, status_json
-from warren_mesh.netaddr import parse_listen_address
 from warren_mesh.settings import (
     AgentSettings,
+    OperatorSettings,
     SettingsError,
     StoreSettings,
-    add_etcd_flag,
     add_flag,
     add_store_flags,
-    etcd_endpoints_flag,
 )
 from warren_mesh.status import read_agent_traffic, read_status, render_json, render_table
 from warren_mesh.store.base import StoreError
@@ -78,8 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     operator = commands.add_parser(
         "operator", help="run the Kubernetes operator: Mesh/MeshPeer -> etcd, registrations -> MeshNodes"
     )
-    add_etcd_flag(operator)
-    add_flag(operator, "--health-address", "0.0.0.0:8080", "HOST:PORT of the liveness endpoint /healthz; empty: none")
+    OperatorSettings.add_arguments(operator)
 
     demo = commands.add_parser("demo", help="start a local etcd and N agents (memory backend); print the mesh")
     demo.add_argument("--nodes", type=int, default=3, help="number of agents (default 3)")
@@ -117,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "status":
             return asyncio.run(_status(StoreSettings.from_args(args), args.output, args.agent_metrics))
         if args.command == "operator":
-            return asyncio.run(_operator(etcd_endpoints_flag(args.etcd_endpoints), args.health_address))
+            return asyncio.run(_operator(OperatorSettings.from_args(args)))
         if args.command == "demo":
             if not 2 <= args.nodes <= 50:
                 raise SettingsError(f"--nodes {args.nodes} is not between 2 and 50")
@@ -191,18 +188,15 @@ async def _agent(settings: AgentSettings) -> int:
     return 0
 
 
-async def _operator(etcd_endpoints: tuple[str, ...], health_address: str) -> int:
+async def _operator(settings: OperatorSettings) -> int:
     import kopf  # noqa: PLC0415 (only the operator loads kopf and its handlers; agents never do)
 
     from warren_mesh.controller import handlers  # noqa: PLC0415 (importing registers the handlers)
 
-    handlers.OPERATOR.etcd_endpoints = etcd_endpoints
+    handlers.OPERATOR.etcd_endpoints = settings.etcd_endpoints
     liveness = None
-    if health_address:
-        try:
-            host, port = parse_listen_address(health_address)
-        except ValueError as exc:
-            raise SettingsError(f"--health-address: {exc}") from None
+    if settings.health_address is not None:
+        host, port = settings.health_address
         liveness = f"http://{host}:{port}/healthz"
     await kopf.operator(clusterwide=True, standalone=True, liveness_endpoint=liveness)
     return 0

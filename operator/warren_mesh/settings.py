@@ -72,21 +72,46 @@ class StoreSettings:
 
 
 @dataclass(frozen=True, slots=True)
-class AgentSettings:
-    store: StoreSettings
+class RegistrationSettings:
+    """How this node appears in the mesh: its name, the endpoint peers dial, and how long it lingers if it dies."""
+
     node_name: str
     endpoint_host: str | None  # None: the address of the default route's interface
     endpoint_port: int | None  # None: the mesh's listen port
+    lease_ttl: int | None  # None: the mesh config's
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSettings:
+    """The WireGuard device this agent drives."""
+
     interface: str
     backend: BackendName
-    key_file: Path
-    lease_ttl: int | None  # None: the mesh config's
-    metrics_address: str | None  # None: no HTTP endpoint
-    resync_interval: float = 30.0
-    cleanup_on_exit: bool = False
+    key_file: Path  # the device's private key, created (0600) if absent
     fwmark: int = 0
+    resync_interval: float = 30.0  # seconds between full comparisons with the device
+    cleanup_on_exit: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    address: str | None  # HOST:PORT of /metrics and /healthz; None: no HTTP endpoint
     # Seconds between device readings for the bits-per-second gauges (0: none; a memory device has no traffic).
     traffic_sample_interval: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSettings:
+    """Everything an agent is told, grouped by the part of it that uses it."""
+
+    store: StoreSettings
+    registration: RegistrationSettings
+    device: DeviceSettings
+    metrics: MetricsSettings
+
+    @property
+    def node_name(self) -> str:
+        return self.registration.node_name
 
     @classmethod
     def simulated(
@@ -108,16 +133,9 @@ class AgentSettings:
         loopback endpoints."""
         return cls(
             store=StoreSettings(tuple(etcd_endpoint.split(",")), KeySchema(prefix)),
-            node_name=name,
-            endpoint_host=SIMULATED_ENDPOINT_HOST,
-            endpoint_port=port,
-            interface=interface,
-            backend="memory",
-            key_file=key_dir / f"{name}.key",
-            lease_ttl=lease_ttl,
-            metrics_address=metrics_address,
-            resync_interval=resync_interval,
-            traffic_sample_interval=0.0,
+            registration=RegistrationSettings(name, SIMULATED_ENDPOINT_HOST, port, lease_ttl),
+            device=DeviceSettings(interface, "memory", key_dir / f"{name}.key", resync_interval=resync_interval),
+            metrics=MetricsSettings(metrics_address, traffic_sample_interval=0.0),
         )
 
     @staticmethod
@@ -179,18 +197,38 @@ class AgentSettings:
             raise SettingsError(f"--fwmark {args.fwmark!r} is not a 32-bit number (decimal or 0x hex)")
         return cls(
             store=store,
-            node_name=name,
-            endpoint_host=host,
-            endpoint_port=port,
-            interface=args.interface,
-            backend=cast(BackendName, args.backend),
-            key_file=Path(args.key_file),
-            lease_ttl=ttl,
-            metrics_address=metrics,
-            resync_interval=float(resync),
-            cleanup_on_exit=bool(getattr(args, "cleanup_on_exit", False)),
-            fwmark=fwmark,
+            registration=RegistrationSettings(name, host, port, ttl),
+            device=DeviceSettings(
+                interface=args.interface,
+                backend=cast(BackendName, args.backend),
+                key_file=Path(args.key_file),
+                fwmark=fwmark,
+                resync_interval=float(resync),
+                cleanup_on_exit=bool(getattr(args, "cleanup_on_exit", False)),
+            ),
+            metrics=MetricsSettings(metrics),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorSettings:
+    etcd_endpoints: tuple[str, ...]
+    health_address: tuple[str, int] | None  # the liveness endpoint /healthz; None: none
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        add_etcd_flag(parser)
+        add_flag(parser, "--health-address", "0.0.0.0:8080", "HOST:PORT of the liveness endpoint /healthz; empty: none")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> OperatorSettings:
+        health = None
+        if args.health_address:
+            try:
+                health = parse_listen_address(args.health_address)
+            except ValueError as exc:
+                raise SettingsError(f"--health-address: {exc}") from None
+        return cls(etcd_endpoints_flag(args.etcd_endpoints), health)
 
 
 def _int_flag(flag: str, value: str, *, low: int) -> int:

@@ -17,6 +17,7 @@ from warren_mesh.lab.etcd_server import EtcdServer
 from warren_mesh.metrics.instruments import AgentMetrics
 from warren_mesh.model import MeshConfig, NodeRecord
 from warren_mesh.schema import KeySchema
+from warren_mesh.settings import RegistrationSettings
 from warren_mesh.store.etcd import EtcdStore
 from warren_mesh.validation import decode_json
 from warren_mesh.watch import KeyValue, Snapshot
@@ -28,13 +29,11 @@ def registrar(
     store: EtcdStore, schema: KeySchema, name: str = "n1", key: NodeKey = KEY, lease_ttl: int = 30
 ) -> Registrar:
     return Registrar(
+        RegistrationSettings(name, "192.0.2.1", 51820, lease_ttl),
         store=store,
         schema=schema,
-        name=name,
         key=key,
         endpoint_host=ipaddress.ip_address("192.0.2.1"),
-        endpoint_port=51820,
-        lease_ttl=lease_ttl,
         metrics=AgentMetrics(CollectorRegistry()),
     )
 

@@ -17,6 +17,7 @@ from warren_mesh.mesh.peers import MeshView
 from warren_mesh.metrics.instruments import AgentMetrics
 from warren_mesh.model import MeshConfig, NodeRecord
 from warren_mesh.schema import KeySchema
+from warren_mesh.settings import RegistrationSettings
 from warren_mesh.store.base import Store, StoreUnavailable
 from warren_mesh.store.memory import MemoryStore
 from warren_mesh.validation import decode_json
@@ -27,13 +28,11 @@ SCHEMA = KeySchema("/m")
 
 def registrar(store: Store, name: str = "n1", key: NodeKey | None = None, ttl: int = 10) -> Registrar:
     return Registrar(
+        RegistrationSettings(name, "192.0.2.1", 51820, ttl),
         store=store,
         schema=SCHEMA,
-        name=name,
         key=key or NodeKey.generate(),
         endpoint_host=ipaddress.ip_address("192.0.2.1"),
-        endpoint_port=51820,
-        lease_ttl=ttl,
         metrics=AgentMetrics(CollectorRegistry()),
     )
 

@@ -69,10 +69,11 @@ class Agent:
         settings; the bench passes one that drives wireguard-go in a namespace of its own)."""
         self.settings = settings
         self._backend: Backend | None = backend
-        self._device_factory = device_factory or (lambda: create_backend(settings.backend, settings.interface))
+        device = settings.device
+        self._device_factory = device_factory or (lambda: create_backend(device.backend, device.interface))
         # Real devices are driven from one worker thread (see device_thread); the memory device inline.
         self.device_thread = DeviceThread(
-            inline=(backend is not None and backend.name == "memory") or settings.backend == "memory"
+            inline=backend.simulated if backend is not None else device.backend == "memory"
         )
         self.metrics = AgentMetrics(registry if registry is not None else CollectorRegistry())
         self.view = MeshView(settings.store.schema, on_reject=self._count_rejection)
@@ -89,11 +90,11 @@ class Agent:
         return self._backend
 
     def _load_key(self) -> NodeKey:
-        key, created = load_or_create(self.settings.key_file)
+        key, created = load_or_create(self.settings.device.key_file)
         log.info(
             "%s key %s (public %s)",
             "created" if created else "loaded",
-            self.settings.key_file,
+            self.settings.device.key_file,
             key.public_key,
         )
         return key
@@ -117,8 +118,8 @@ class Agent:
             )
         )
         server = None
-        if settings.metrics_address:
-            server = MetricsServer(settings.metrics_address, self.metrics.registry, self.healthy)
+        if settings.metrics.address:
+            server = MetricsServer(settings.metrics.address, self.metrics.registry, self.healthy)
             server.start()
         self.metrics.info.info(
             {
@@ -147,7 +148,7 @@ class Agent:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(5):
                         await self.registrar.deregister()
-            await self.device_thread.run(lambda: self.backend.close(remove_device=settings.cleanup_on_exit))
+            await self.device_thread.run(lambda: self.backend.close(remove_device=settings.device.cleanup_on_exit))
             self.device_thread.shutdown()
             await self.store.close()
             if server is not None:
@@ -156,12 +157,12 @@ class Agent:
     async def _start(self, stop: asyncio.Event, tasks: list[asyncio.Task[None]]) -> None:
         settings = self.settings
         schema = settings.store.schema
-        if settings.endpoint_host is not None:
-            endpoint_host = ipaddress.ip_address(settings.endpoint_host)
+        if settings.registration.endpoint_host is not None:
+            endpoint_host = ipaddress.ip_address(settings.registration.endpoint_host)
         else:
             endpoint_host = await asyncio.to_thread(default_route_address)
             log.info("endpoint address %s (default route's interface)", endpoint_host)
-        if self.backend.name == "memory":
+        if self.backend.simulated:
             underlay_mtu = DEFAULT_MTU
         else:
             underlay_mtu = await asyncio.to_thread(mtu_of_address, endpoint_host)
@@ -171,18 +172,17 @@ class Agent:
         config = await self._until_etcd(stop, self._read_config)
         self.view.config = config
         registrar = Registrar(
+            settings.registration,
             store=self.store,
             schema=schema,
-            name=settings.node_name,
             key=self.key,
             endpoint_host=endpoint_host,
-            endpoint_port=settings.endpoint_port,
-            lease_ttl=settings.lease_ttl,
             metrics=self.metrics,
         )
         registration = await self._until_etcd(stop, lambda: registrar.register(config))
         self.registrar = registrar
         self.reconciler = Reconciler(
+            settings.device,
             view=self.view,
             backend=self.backend,
             local=LocalNode(
@@ -192,8 +192,6 @@ class Agent:
             metrics=self.metrics,
             underlay_mtu=underlay_mtu,
             device_thread=self.device_thread,
-            resync_interval=settings.resync_interval,
-            fwmark=settings.fwmark,
         )
         loop = asyncio.get_running_loop()
         observer = MeshObserver(
@@ -208,8 +206,9 @@ class Agent:
         tasks.append(loop.create_task(self.reconciler.run(), name="reconcile"))
         tasks.append(loop.create_task(registrar.keep_alive(lambda: self.view.config), name="keepalive"))
         tasks.append(loop.create_task(self._watch_device(), name="device-watchdog"))
-        if settings.traffic_sample_interval > 0:
-            tasks.append(loop.create_task(self._sample_traffic(settings.traffic_sample_interval), name="traffic"))
+        if settings.metrics.traffic_sample_interval > 0:
+            interval = settings.metrics.traffic_sample_interval
+            tasks.append(loop.create_task(self._sample_traffic(interval), name="traffic"))
 
     async def _watch_device(self) -> None:
         """Notice a dead data plane (wireguard-go crashed) within a second and configure the new one."""
@@ -238,7 +237,7 @@ class Agent:
         etcd's addresses (a route over them would cut the node off from its peers and from etcd)."""
         addresses = [endpoint_host]
         networks: list[IPNetwork] = []
-        if self.backend.name != "memory":  # a simulated node's address is on no interface of this host
+        if not self.backend.simulated:  # a simulated node's address is on no interface of this host
             networks.extend(subnets_of_address(endpoint_host))
         addresses.extend(addresses_of_hosts(e.host for e in parse_endpoints(self.settings.store.etcd_endpoints)))
         networks.extend(ipaddress.ip_network(f"{a}/{a.max_prefixlen}") for a in addresses)

@@ -29,6 +29,7 @@ from warren_mesh.mesh.peers import MeshView
 from warren_mesh.mesh.plan import Plan, plan_changes, plan_delta
 from warren_mesh.mesh.topology import Topology, TopologyBuilder
 from warren_mesh.metrics.instruments import AgentMetrics
+from warren_mesh.settings import DeviceSettings
 from warren_mesh.wireguard.backend import Backend, BackendError
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ _RETRY_AFTER_ERROR = 1.0  # seconds before a failed change is tried again
 class Reconciler:
     def __init__(
         self,
+        settings: DeviceSettings,
         *,
         view: MeshView,
         backend: Backend,
@@ -48,16 +50,14 @@ class Reconciler:
         metrics: AgentMetrics,
         underlay_mtu: int,
         device_thread: DeviceThread,
-        resync_interval: float = 30.0,
-        fwmark: int = 0,
     ) -> None:
         self._device_thread = device_thread
         self._view = view
         self._backend = backend
         self._key = key
         self._metrics = metrics
-        self._builder = TopologyBuilder(local, underlay_mtu=underlay_mtu, fwmark=fwmark)
-        self._resync_interval = resync_interval
+        self._builder = TopologyBuilder(local, underlay_mtu=underlay_mtu, fwmark=settings.fwmark)
+        self._resync_interval = settings.resync_interval
         self._dirty = asyncio.Event()
         self._resync_timer: asyncio.TimerHandle | None = None
         self._verify_next = True  # the next pass reads the device and compares everything

@@ -23,6 +23,7 @@ from warren_mesh.metrics.instruments import AgentMetrics
 from warren_mesh.model import MeshConfig, NodeRecord, encode_json
 from warren_mesh.netaddr import IPAddress, IPNetwork, parse_ip
 from warren_mesh.schema import KeySchema
+from warren_mesh.settings import RegistrationSettings
 from warren_mesh.store.base import Backoff, LeaseNotFound, Store, StoreError, StoreUnavailable, lease_refresh_interval
 from warren_mesh.validation import Endpoint, RecordError, decode_json
 
@@ -47,26 +48,23 @@ class Registration:
 class Registrar:
     def __init__(
         self,
+        settings: RegistrationSettings,
         *,
         store: Store,
         schema: KeySchema,
-        name: str,
         key: NodeKey,
         endpoint_host: IPAddress,
-        endpoint_port: int | None,
-        lease_ttl: int | None,
         metrics: AgentMetrics,
-        allowed_ips: tuple[IPNetwork, ...] = (),
     ) -> None:
+        """``endpoint_host``: the settings' endpoint address, or the one found on this host when they name none."""
         self._store = store
         self._schema = schema
-        self._name = name
+        self._name = settings.node_name
         self._key = key
         self._endpoint_host = endpoint_host
-        self._endpoint_port = endpoint_port  # None: follow the mesh's listen port
-        self._lease_ttl = lease_ttl  # None: the mesh config's TTL
+        self._endpoint_port = settings.endpoint_port  # None: follow the mesh's listen port
+        self._lease_ttl = settings.lease_ttl  # None: the mesh config's TTL
         self._metrics = metrics
-        self._allowed_ips = allowed_ips
         self.current: Registration | None = None
         self._published = b""  # the exact value of our record in etcd, to notice when someone changes it
         self._holder: asyncio.Task[None] | None = None  # keeps the current lease alive; ends when etcd drops it
@@ -108,7 +106,6 @@ class Registrar:
             endpoint=Endpoint(self._endpoint_host, port),
             overlay_ip=overlay_ip,
             listen_port=config.listen_port,
-            allowed_ips=self._allowed_ips,
             published_at=time.time(),
         )
 

@@ -25,6 +25,11 @@ class Backend(Protocol):
     @property
     def interface_name(self) -> str: ...
 
+    @property
+    def simulated(self) -> bool:
+        """Whether the device exists only in this process (no link on the host: no underlay, MTU or traffic)."""
+        ...
+
     def read(self) -> DeviceState:
         """The device as it is now; a device that does not exist yet reads as empty (no interface)."""
         ...

@@ -75,6 +75,10 @@ class KernelBackend:
         return "kernel"
 
     @property
+    def simulated(self) -> bool:
+        return False
+
+    @property
     def interface_name(self) -> str:
         return self._interface
 

@@ -36,6 +36,10 @@ class MemoryBackend:
     def name(self) -> str:
         return "memory"
 
+    @property
+    def simulated(self) -> bool:
+        return True
+
     def read(self) -> DeviceState:
         return DeviceState(self.public_key, self.interface, dict(self.peers), routes=frozenset(self.routes))
 

@@ -57,6 +57,10 @@ class UserspaceBackend:
         return "userspace"
 
     @property
+    def simulated(self) -> bool:
+        return False
+
+    @property
     def interface_name(self) -> str:
         return self._interface
 
