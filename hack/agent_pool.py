@@ -17,18 +17,17 @@ import os
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "operator"))
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import Counter
 
 from warren_mesh.agent.app import Agent
+from warren_mesh.lab.simulated import SimulatedAgents
 from warren_mesh.netaddr import parse_endpoints
-from warren_mesh.settings import AgentSettings
 from warren_mesh.wireguard.memory import MemoryBackend
 
 _POLL = 0.002  # seconds between checks of a condition inside a worker
@@ -55,13 +54,11 @@ class _Worker:
     """The agents of one worker process, and the floor's bare etcd3 watchers when asked for them."""
 
     def __init__(self, endpoint: str, prefix: str, key_dir: Path, ttl: int) -> None:
-        self.endpoint, self.prefix, self.key_dir, self.ttl = endpoint, prefix, key_dir, ttl
-        self.agents: dict[str, Agent] = {}
-        self._stops: dict[str, asyncio.Event] = {}
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.endpoint = endpoint
+        self.pool = SimulatedAgents(endpoint, prefix, key_dir, ttl=ttl, interface="wgbench")
+        self.agents = self.pool.agents
         self._marks: dict[str, int] = {}
         self._floor: _FloorWatchers | None = None
-        self.died: dict[str, str] = {}  # agents whose run() ended without being stopped, and why
         self._lag_monitor: asyncio.Task[None] | None = None
         self._worst_lag = 0.0
 
@@ -72,44 +69,19 @@ class _Worker:
         return backend
 
     async def start(self, name: str, port: int) -> str:
-        settings = AgentSettings.simulated(
-            etcd_endpoint=self.endpoint,
-            prefix=self.prefix,
-            name=name,
-            key_dir=self.key_dir,
-            port=port,
-            interface="wgbench",
-            lease_ttl=self.ttl,
-        )
-        agent = Agent(settings, backend=MemoryBackend(), registry=CollectorRegistry())
-        self.agents[name] = agent
-        self._stops[name] = asyncio.Event()
-        task = asyncio.create_task(agent.run(self._stops[name]))
-        task.add_done_callback(lambda done: self._ended(name, done))
-        self._tasks[name] = task
-        return agent.key.public_key
-
-    def _ended(self, name: str, task: asyncio.Task[None]) -> None:
-        """An agent's run() only returns when told to stop: anything else is an agent bug, said at once (the
-        scenario waiting on it would otherwise only time out)."""
-        if task.cancelled() or self._stops.get(name) is None:
-            return
-        error = task.exception()
-        self.died[name] = f"{type(error).__name__}: {error}" if error is not None else "returned unasked"
-        trace = "".join(traceback.format_exception(error)) if error is not None else ""
-        print(f"agent {name} ended: {self.died[name]}\n{trace}", file=sys.stderr, flush=True)
+        return self.pool.start(name, port=port).key.public_key
 
     def _alive(self) -> bool:
-        if self.died:
-            name, why = next(iter(self.died.items()))
-            raise BenchError(f"{len(self.died)} agent(s) ended on their own, {name} first: {why}")
+        """Raise at once when an agent ended on its own (a scenario waiting on it would otherwise only time out)."""
+        if self.pool.died:
+            name, why = next(iter(self.pool.died.items()))
+            print(f"agent {name} ended: {why}", file=sys.stderr, flush=True)
+            raise BenchError(f"{len(self.pool.died)} agent(s) ended on their own, {name} first: {why.splitlines()[0]}")
         return True
 
     async def stop(self, name: str) -> None:
         """A graceful leave: the agent revokes its lease on the way out."""
-        self._stops.pop(name).set()
-        await self._tasks.pop(name)
-        del self.agents[name]
+        await self.pool.stop(name)
 
     async def ping(self) -> None:
         """Answered once the worker has imported everything and is serving."""

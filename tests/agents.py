@@ -2,73 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry
-
 from helpers import run, wait_until
-from warren_mesh.agent.app import Agent
-from warren_mesh.settings import AgentSettings
-from warren_mesh.wireguard.memory import MemoryBackend
+from warren_mesh.lab.simulated import SimulatedAgents
 
 
-class Mesh:
-    """In-process agents sharing one event loop; each has its own store, registry and memory device."""
+class Mesh(SimulatedAgents):
+    """In-process agents sharing one event loop (lab/simulated.py), with what tests ask of them."""
 
     def __init__(self, endpoint: str, prefix: str, key_dir: Path, ttl: int = 3) -> None:
-        self.endpoint, self.prefix, self.key_dir, self.ttl = endpoint, prefix, key_dir, ttl
-        self.agents: dict[str, Agent] = {}
-        self._stops: dict[str, asyncio.Event] = {}
-        self._tasks: dict[str, asyncio.Task[None]] = {}
-
-    def start(
-        self,
-        name: str,
-        metrics_address: str | None = None,
-        resync_interval: float = 30.0,
-        etcd_endpoint: str | None = None,
-    ) -> Agent:
-        port = 20000 + len(self.agents)
-        settings = AgentSettings.simulated(
-            etcd_endpoint=etcd_endpoint or self.endpoint,
-            prefix=self.prefix,
-            name=name,
-            key_dir=self.key_dir,
-            port=port,
-            interface="wgtest",
-            lease_ttl=self.ttl,
-            resync_interval=resync_interval,
-            metrics_address=metrics_address,
-        )
-        agent = Agent(settings, backend=MemoryBackend(), registry=CollectorRegistry())
-        self.agents[name] = agent
-        self._stops[name] = asyncio.Event()
-        self._tasks[name] = asyncio.create_task(agent.run(self._stops[name]))
-        return agent
+        super().__init__(endpoint, prefix, key_dir, ttl=ttl, interface="wgtest")
 
     def ended(self) -> dict[str, str]:
         """Agents whose run() ended on its own (an agent only ends when told to stop): name -> why."""
-        return {
-            name: repr(task.exception()) if not task.cancelled() else "cancelled"
-            for name, task in self._tasks.items()
-            if task.done()
-        }
-
-    async def stop(self, name: str) -> None:
-        self._stops[name].set()
-        await self._tasks.pop(name)
-        del self.agents[name]
-
-    async def close(self) -> None:
-        for name in list(self._tasks):
-            await self.stop(name)
-
-    def device(self, name: str) -> MemoryBackend:
-        backend = self.agents[name].backend
-        assert isinstance(backend, MemoryBackend)
-        return backend
+        return dict(self.died)
 
     def peer_names(self, name: str) -> set[str]:
         agent = self.agents[name]

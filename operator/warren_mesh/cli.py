@@ -1,4 +1,4 @@
-"""Command line: ``warren-mesh agent | status | demo``.
+"""Command line: ``warren-mesh agent | operator | status | demo | lab (up | status | exec | ping | down)``.
 
 Errors a user can cause (a bad flag, an unreadable key file, a name taken by another node, etcd away when a
 one-shot command needs it) end in one line naming the fix and a non-zero exit, never a traceback.

@@ -49,7 +49,6 @@ class UserspaceBackend:
         self._link = link.InterfaceLink(self._ipr, interface)
         # Daemons we started, kept only to reap them when they exit (they are supervised through the socket).
         self._children: list[subprocess.Popen[bytes]] = []
-        self.restarts = 0
         self.ensure_running()
 
     @property
@@ -132,7 +131,6 @@ class UserspaceBackend:
         """Restart a dead daemon; True when it had to (the device is empty and must be configured again)."""
         self._children = [child for child in self._children if child.poll() is None]  # reap the dead
         if self.ensure_running():
-            self.restarts += 1
             log.warning("wireguard-go for %s had died; restarted it", self._interface)
             return True
         return False
