@@ -85,7 +85,9 @@ class AgentMetrics:
             registry=registry,
         )
         self.etcd_up = Gauge(
-            "warren_mesh_etcd_up", "1 when the last request to etcd succeeded, else 0.", registry=registry
+            "warren_mesh_etcd_up",
+            "1 when etcd answered the last request that needs its quorum (a key-value call, a lease refresh), else 0.",
+            registry=registry,
         )
         self.lease_keepalive_failures = Counter(
             "warren_mesh_lease_keepalive_failures",

@@ -141,6 +141,8 @@ class EtcdConnection:
         self.call_timeout = call_timeout
         self._on_health = on_health
         self._closing: set[asyncio.Task[None]] = set()
+        # Whether etcd answered the last request that needs its quorum (a key-value call, a lease refresh). Watches
+        # do not count: a member that lost its quorum still serves them while nothing can be written or renewed.
         self.up = False
         self.known_revision = 0  # the store revision in etcd's latest lease answer to us
 

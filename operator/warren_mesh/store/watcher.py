@@ -138,9 +138,9 @@ async def _watch(
             guard.heard()
             answer = cast(WatchAnswer, response)  # decode_watch_response made it
             _check(answer, start_revision)
-            if not guard.confirmed:  # the first answer confirms the watch
-                guard.confirmed = True
-                connection.set_health(True)
+            # The first answer confirms the watch. It says nothing of etcd's health: a member that lost its quorum
+            # still serves watches, while nothing can be written or renewed (see EtcdConnection.up).
+            guard.confirmed = True
             if answer.events:
                 revision = max(event.kv.mod_revision for event in answer.events)
                 yield Events(answer.events, revision)
