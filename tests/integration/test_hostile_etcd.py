@@ -33,6 +33,10 @@ def peer_doc(name: str, **changes: object) -> dict[str, object]:
     return hostile.peer_doc(name, **({"public_key": NodeKey.generate().public_key} | changes))
 
 
+def _devices(mesh: Mesh) -> dict[str, object]:
+    return {n: (sorted(mesh.peer_names(n)), len(mesh.device(n).peers), mesh.ended()) for n in NAMES}
+
+
 def intact(mesh: Mesh) -> bool:
     """Every agent runs and holds exactly the other honest nodes, with nothing dangerous routed."""
     for name in NAMES:
@@ -115,23 +119,28 @@ def test_hostile_records_through_etcd_are_contained(shared_etcd: EtcdServer, pre
                     for reason in expected
                 }
 
-            await wait_until(lambda: all(counted(n) == expected for n in NAMES), 10, f"every agent to count {expected}")
+            try:
+                await wait_until(lambda: all(counted(n) == expected for n in NAMES), 10, "every agent's counts")
+            except AssertionError:
+                raise AssertionError(f"expected {expected} everywhere, counted {[counted(n) for n in NAMES]}") from None
             for name in NAMES:
                 for reason in ("address_taken", "network_not_owned"):
-                    assert mesh.metric(name, "warren_mesh_conflicts_total", {"reason": reason}) == 1, (name, reason)
-            assert intact(mesh), "a valid peer was lost or something dangerous routed"
+                    count = mesh.metric(name, "warren_mesh_conflicts_total", {"reason": reason})
+                    assert count == 1, (name, reason, count)
+            assert intact(mesh), f"a valid peer was lost or something dangerous routed: {_devices(mesh)}"
             assert all(str(mesh.agents[n].view.config.overlay_cidr) == "10.96.0.0/16" for n in NAMES)
 
             # Rewriting n1's reservation takes nothing from n1, and n1 writes its reservation back.
             address_key = schema.address(str(n1.overlay_ip))
             await writer.delete(address_key)
             await writer.put(address_key, b"evil")
-            await wait_until(
-                lambda: mesh.agents["n0"].view.ipam[str(n1.overlay_ip)].owner == "n1",
-                10,
-                "n1 to restore its reservation",
-            )
-            assert intact(mesh)
+
+            def restored() -> bool:  # the reservation may be missing for a moment: deleted, not yet written back
+                held = mesh.agents["n0"].view.ipam.get(str(n1.overlay_ip))
+                return held is not None and held.owner == "n1"
+
+            await wait_until(restored, 10, "n1 to restore its reservation")
+            assert intact(mesh), f"the rewritten reservation cost a peer: {_devices(mesh)}"
 
             # Everything deleted: counts of what is wrong now drop to zero, the agents still react to valid changes.
             for key in [*hostile, schema.peer("sleeper"), schema.node("pods"), schema.config]:
