@@ -232,6 +232,9 @@ def parse_routed_network(value: object, *, what: str) -> IPNetwork:
 def parse_allowed_ips(doc: dict[str, Any]) -> tuple[IPNetwork, ...]:
     """A record's ``allowed_ips``: each one routable, and no two overlapping (the fold keeps one claim per
     network, and a network listed twice would be claimed twice and released twice)."""
+    if not doc.get("allowed_ips", True):  # most node records: nothing besides the overlay address
+        bounded_list(doc, "allowed_ips")  # still a list, not 0 or ""
+        return ()
     networks = tuple(parse_routed_network(n, what="allowed_ips entry") for n in bounded_list(doc, "allowed_ips"))
     spans = sorted((n.version, int(n.network_address), int(n.broadcast_address), n) for n in networks)
     for (version, _, last, network), (next_version, next_first, _, following) in itertools.pairwise(spans):

@@ -40,6 +40,7 @@ from warren_mesh.netaddr import IPAddress, IPNetwork, parse_endpoints
 from warren_mesh.settings import AgentSettings
 from warren_mesh.store.base import Backoff, StoreUnavailable
 from warren_mesh.store.etcd import EtcdStore
+from warren_mesh.validation import RecordError, decode_json
 from warren_mesh.wireguard.backend import Backend, BackendError
 from warren_mesh.wireguard.choice import create_backend
 
@@ -244,11 +245,18 @@ class Agent:
         return tuple(dict.fromkeys(networks))
 
     async def _read_config(self) -> MeshConfig:
-        """The mesh config as the watch will see it: listed with the whole mesh, so that a config that would
-        leave registered nodes out is refused here exactly as it is later (the nodes are part of the answer)."""
-        view = MeshView(self.settings.store.schema)
-        view.apply(await self.store.list_prefix(self.settings.store.schema.root))
-        return view.config
+        """The mesh config to register with. Read alone, not with the mesh: listing every record on every start
+        would cost a cluster that boots at once a decode of the whole mesh per node. So a config that the view
+        will refuse (one that would leave registered nodes out) is not recognised here; the operator never writes
+        one, and docs/security.md says what a hostile one can do."""
+        kv = await self.store.get(self.settings.store.schema.config)
+        if kv is None:
+            return MeshConfig()
+        try:
+            return MeshConfig.from_json(decode_json(kv.value))
+        except RecordError as exc:
+            log.warning("mesh config is invalid, using defaults until it is fixed: %s", exc)
+            return MeshConfig()
 
     async def _until_etcd(self, stop: asyncio.Event, attempt: Callable[[], Awaitable[_T]]) -> _T:
         """Retry ``attempt`` while etcd is unreachable, until it succeeds or the agent is told to stop."""

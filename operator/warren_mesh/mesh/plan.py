@@ -22,6 +22,7 @@ comparison at start, after any failure, after a data-plane restart and on every 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -84,14 +85,23 @@ class Plan:
 def routed(interface_address: str | None, networks: Iterable[str]) -> set[str]:
     """The networks that need a route of their own: those the interface's own prefix (its connected route, e.g.
     the overlay /16 for peers' /32 addresses) does not already reach."""
-    connected = ipaddress.ip_interface(interface_address).network if interface_address else None
+    if interface_address is None:
+        return set(networks)
+    version, first, last = _span(interface_address)
     result = set()
     for text in networks:
-        network = ipaddress.ip_network(text)
-        if connected is not None and network.version == connected.version and network.subnet_of(connected):  # type: ignore[arg-type]
-            continue
-        result.add(text)
+        net_version, net_first, net_last = _span(text)
+        if not (net_version == version and first <= net_first and net_last <= last):
+            result.add(text)
     return result
+
+
+@functools.lru_cache(maxsize=65536)
+def _span(text: str) -> tuple[int, int, int]:
+    """(IP version, first, last address) of a network, or of an interface address's network. Every pass asks about
+    the same few texts (its peers' networks), and parsing them with ipaddress each time was most of a pass."""
+    network = ipaddress.ip_interface(text).network
+    return network.version, int(network.network_address), int(network.broadcast_address)
 
 
 def desired_routes(desired: Topology) -> set[str]:
