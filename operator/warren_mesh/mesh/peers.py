@@ -6,8 +6,8 @@ valid record before, that last valid record stays in force until the key is dele
 mangled is still alive (its lease is being kept), so cutting it off would punish the wrong party. Whatever goes
 wrong while one record is handled (even a bug of ours) stays with that record: nothing escapes into the watch.
 
-A mesh config whose overlay network would leave out nodes that are registered now is refused the same way: the
-mesh keeps the config it had (renumbering a live mesh is not something a config edit may do; the operator
+A mesh config whose networks would leave out nodes that are registered now is refused the same way: the mesh
+keeps the config it had (renumbering a live mesh is not something a config edit may do; the operator
 refuses such an edit and says so on the Mesh). It takes effect by itself once no registered node is left
 outside it.
 """
@@ -196,8 +196,8 @@ class MeshView:
         except RecordError as exc:
             self._reject(kv, exc)
         except Exception as exc:  # a bug of ours must cost one record, never the watch or the agent
-            log.exception("handling %s failed", printable(kv.key))
-            self._reject(kv, RecordError(REASON_UNEXPECTED, f"{type(exc).__name__}: {printable(str(exc))}"))
+            error = RecordError(REASON_UNEXPECTED, f"{type(exc).__name__}: {printable(str(exc))}")
+            self._reject(kv, error, trace=exc)
         else:
             self._rejected.pop(kv.key, None)
 
@@ -263,14 +263,22 @@ class MeshView:
             self.ipam[address] = reservation
             self._changed_addresses.add(address)
 
-    def _reject(self, kv: KeyValue, exc: RecordError) -> None:
+    def _reject(self, kv: KeyValue, exc: RecordError, *, trace: BaseException | None = None) -> None:
+        """Count and log a rejected record version once; ``trace``: the bug of ours it hit, logged with it."""
         reported = self._rejected.get(kv.key)
         if reported is not None and reported[0] == kv.mod_revision:
             return  # already reported this very version (seen again in a snapshot)
         self._rejected[kv.key] = (kv.mod_revision, exc.reason)
         message = one_line(str(exc))  # one bounded line, whatever the record held
         rejection = Rejection(kv.key, exc.reason, message)
-        log.warning("rejected %s (revision %d, %s): %s", printable(kv.key), kv.mod_revision, exc.reason, message)
+        log.warning(
+            "rejected %s (revision %d, %s): %s",
+            printable(kv.key),
+            kv.mod_revision,
+            exc.reason,
+            message,
+            exc_info=(type(trace), trace, trace.__traceback__) if trace is not None else None,
+        )
         if self._on_reject is not None:
             self._on_reject(rejection)
 
