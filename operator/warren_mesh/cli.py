@@ -15,8 +15,9 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
-from warren_mesh import __version__
+from warren_mesh import __version__, pki
 from warren_mesh.agent.app import Agent
 from warren_mesh.agent.registrar import AddressSpaceExhausted, RegistrationConflict
 from warren_mesh.agent.underlay import UnderlayError
@@ -36,12 +37,15 @@ from warren_mesh.settings import (
 from warren_mesh.status import read_agent_traffic, read_status, render_json, render_table
 from warren_mesh.store.base import StoreError
 from warren_mesh.store.etcd import EtcdStore
+from warren_mesh.validation import RecordError, validate_name
 from warren_mesh.wireguard.backend import BackendError
 
 log = logging.getLogger("warren_mesh")
 
 _USER_ERRORS = (
     SettingsError,
+    RecordError,  # a name given on the command line that is no node name
+    pki.PkiError,
     KeyFileError,
     RegistrationConflict,
     AddressSpaceExhausted,
@@ -77,6 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
         "operator", help="run the Kubernetes operator: Mesh/MeshPeer -> etcd, registrations -> MeshNodes"
     )
     OperatorSettings.add_arguments(operator)
+
+    certs = commands.add_parser("certs", help="a CA and certificates for etcd, the operator and the nodes")
+    certs_commands = certs.add_subparsers(dest="certs_command", required=True, metavar="CERTS_COMMAND")
+    certs_init = certs_commands.add_parser("init", help="create the CA, etcd's certificate, the admin's and operator's")
+    certs_init.add_argument(
+        "--etcd-name", action="append", required=True, help="a DNS name or IP address of etcd (repeat for each)"
+    )
+    certs_node = certs_commands.add_parser("node", help="a client certificate for one node (CN node-NAME)")
+    certs_node.add_argument("name")
+    certs_renew = certs_commands.add_parser("renew", help="renew a node's certificate if it expires soon")
+    certs_renew.add_argument("name")
+    certs_renew.add_argument("--within-days", type=int, default=pki.RENEW_WITHIN_DAYS)
+    for sub in (certs_init, certs_node, certs_renew):
+        sub.add_argument("--dir", required=True, type=Path, help="the PKI directory (keys are written 0600)")
 
     demo = commands.add_parser("demo", help="start a local etcd and N agents (memory backend); print the mesh")
     demo.add_argument("--nodes", type=int, default=3, help="number of agents (default 3)")
@@ -122,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0 if asyncio.run(run_demo(args.nodes, sys.stdout)) else 1
         if args.command == "lab":
             return _lab(args)
+        if args.command == "certs":
+            return _certs(args)
     except _USER_ERRORS as exc:
         print(f"warren-mesh: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, SettingsError) else 1
@@ -188,12 +208,33 @@ async def _agent(settings: AgentSettings) -> int:
     return 0
 
 
+def _certs(args: argparse.Namespace) -> int:
+    """Create or renew certificates; prints the files written, never a key."""
+    directory: Path = args.dir
+    if args.certs_command == "init":
+        written = pki.init(directory, args.etcd_name)
+    elif args.certs_command == "node":
+        validate_name(args.name)
+        written = {args.name: pki.issue_node(directory, args.name)}
+    else:
+        validate_name(args.name)
+        renewed = pki.renew_node(directory, args.name, within_days=args.within_days)
+        if renewed is None:
+            print(f"{pki.node_user(args.name)}.pem is valid for more than {args.within_days} days: not renewed")
+            return 0
+        written = {args.name: renewed}
+    for credential in written.values():
+        print(f"wrote {credential.cert} and {credential.key} (0600)")
+    return 0
+
+
 async def _operator(settings: OperatorSettings) -> int:
     import kopf  # noqa: PLC0415 (only the operator loads kopf and its handlers; agents never do)
 
     from warren_mesh.controller import handlers  # noqa: PLC0415 (importing registers the handlers)
 
     handlers.OPERATOR.etcd_endpoints = settings.etcd_endpoints
+    handlers.OPERATOR.etcd_tls = settings.etcd_tls
     liveness = None
     if settings.health_address is not None:
         host, port = settings.health_address
@@ -203,7 +244,7 @@ async def _operator(settings: OperatorSettings) -> int:
 
 
 async def _status(settings: StoreSettings, output: str, agent_metrics: str) -> int:
-    store = EtcdStore(settings.etcd_endpoints, call_timeout=3.0)
+    store = EtcdStore(settings.etcd_endpoints, tls=settings.tls, call_timeout=3.0)
     try:
         status = await read_status(store, settings.schema)
     finally:

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Final, Literal, cast
 
 from warren_mesh.admission import endpoint_problem
+from warren_mesh.etcd_tls import EtcdTls
 from warren_mesh.model import MIN_LEASE_TTL
 from warren_mesh.netaddr import parse_endpoints, parse_listen_address
+from warren_mesh.pki import credential_problem
 from warren_mesh.schema import DEFAULT_PREFIX, KeySchema
 from warren_mesh.validation import RecordError, split_host_port, validate_name, validate_port
 
@@ -41,6 +43,30 @@ def add_flag(parser: argparse.ArgumentParser, flag: str, default: str | None, he
 
 def add_etcd_flag(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--etcd-endpoints", DEFAULT_ETCD, "comma-separated etcd client URLs, tried in turn")
+    add_flag(parser, "--etcd-ca-file", None, "CA that signed etcd's certificate (https endpoints)")
+    add_flag(parser, "--etcd-cert-file", None, "client certificate for etcd; its common name is the etcd user")
+    add_flag(parser, "--etcd-key-file", None, "the client certificate's key")
+
+
+def etcd_tls_flags(args: argparse.Namespace, endpoints: tuple[str, ...]) -> EtcdTls | None:
+    """The three ``--etcd-*-file`` flags, checked: files readable, certificate and key together, matching and in
+    their validity period, and only with https endpoints."""
+    ca, cert, key = (getattr(args, name, None) or None for name in ("etcd_ca_file", "etcd_cert_file", "etcd_key_file"))
+    if ca is None and cert is None and key is None:
+        return None
+    if (cert is None) != (key is None):
+        raise SettingsError("--etcd-cert-file and --etcd-key-file go together: give both or neither")
+    plain = [e for e in endpoints if e.startswith("http://")]
+    if plain:
+        raise SettingsError(f"--etcd-endpoints {plain[0]} is plain http, but TLS files are given: use https://")
+    for flag, value in (("--etcd-ca-file", ca), ("--etcd-cert-file", cert), ("--etcd-key-file", key)):
+        if value is not None and not os.access(value, os.R_OK):
+            raise SettingsError(f"{flag} {value!r} cannot be read")
+    if cert is not None and key is not None:
+        problem = credential_problem(Path(cert), Path(key))
+        if problem is not None:
+            raise SettingsError(f"--etcd-cert-file/--etcd-key-file: {problem}")
+    return EtcdTls(Path(ca) if ca else None, Path(cert) if cert else None, Path(key) if key else None)
 
 
 def add_store_flags(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +86,7 @@ def etcd_endpoints_flag(text: str) -> tuple[str, ...]:
 class StoreSettings:
     etcd_endpoints: tuple[str, ...]
     schema: KeySchema
+    tls: EtcdTls | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> StoreSettings:
@@ -68,7 +95,7 @@ class StoreSettings:
             schema = KeySchema(args.prefix)
         except ValueError as exc:
             raise SettingsError(f"--prefix: {exc}") from None
-        return cls(endpoints, schema)
+        return cls(endpoints, schema, etcd_tls_flags(args, endpoints))
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,13 +153,14 @@ class AgentSettings:
         lease_ttl: int | None = None,
         resync_interval: float = 30.0,
         metrics_address: str | None = None,
+        tls: EtcdTls | None = None,
     ) -> AgentSettings:
         """An agent on the memory device (``etcd_endpoint``: one URL or several, comma-separated), "dialled" at
         192.0.2.1:``port``: the demo's, the tests' and the bench's.
         The address is from a documentation range (RFC 5737): a memory device sends nothing, and peers refuse
         loopback endpoints."""
         return cls(
-            store=StoreSettings(tuple(etcd_endpoint.split(",")), KeySchema(prefix)),
+            store=StoreSettings(tuple(etcd_endpoint.split(",")), KeySchema(prefix), tls),
             registration=RegistrationSettings(name, SIMULATED_ENDPOINT_HOST, port, lease_ttl),
             device=DeviceSettings(interface, "memory", key_dir / f"{name}.key", resync_interval=resync_interval),
             metrics=MetricsSettings(metrics_address, traffic_sample_interval=0.0),
@@ -214,6 +242,7 @@ class AgentSettings:
 class OperatorSettings:
     etcd_endpoints: tuple[str, ...]
     health_address: tuple[str, int] | None  # the liveness endpoint /healthz; None: none
+    etcd_tls: EtcdTls | None = None
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -228,7 +257,8 @@ class OperatorSettings:
                 health = parse_listen_address(args.health_address)
             except ValueError as exc:
                 raise SettingsError(f"--health-address: {exc}") from None
-        return cls(etcd_endpoints_flag(args.etcd_endpoints), health)
+        endpoints = etcd_endpoints_flag(args.etcd_endpoints)
+        return cls(endpoints, health, etcd_tls_flags(args, endpoints))
 
 
 def _int_flag(flag: str, value: str, *, low: int) -> int:

@@ -78,7 +78,9 @@ class Agent:
         )
         self.metrics = AgentMetrics(registry if registry is not None else CollectorRegistry())
         self.view = MeshView(settings.store.schema, on_reject=self._count_rejection)
-        self.store = EtcdStore(settings.store.etcd_endpoints, on_health=self.metrics.etcd_up.set)
+        self.store = EtcdStore(
+            settings.store.etcd_endpoints, tls=settings.store.tls, on_health=self.metrics.etcd_up.set
+        )
         self.key = key if key is not None else self._load_key()
         self.reconciler: Reconciler | None = None
         self.registrar: Registrar | None = None

@@ -27,6 +27,7 @@ from warren_mesh.controller.translate import (
     prefix_owner,
     ready_condition,
 )
+from warren_mesh.etcd_tls import EtcdTls
 from warren_mesh.schema import DEFAULT_PREFIX, KeySchema
 from warren_mesh.store.base import Store, StoreError
 from warren_mesh.store.etcd import EtcdStore  # the operator's start-up is the one place that picks a store
@@ -38,6 +39,7 @@ RETRY_DELAY = 3.0  # seconds before kopf retries a handler that could not reach 
 @dataclass
 class OperatorState:
     etcd_endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
+    etcd_tls: EtcdTls | None = None
     store: Store | None = None
     kube: Kube | None = None
     syncs: dict[str, MeshSync] = field(default_factory=dict)
@@ -58,7 +60,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
     settings.persistence.finalizer = f"{GROUP}/operator"
     settings.watching.server_timeout = 60
-    OPERATOR.store = EtcdStore(OPERATOR.etcd_endpoints)
+    OPERATOR.store = EtcdStore(OPERATOR.etcd_endpoints, tls=OPERATOR.etcd_tls)
     OPERATOR.kube = Kube()
 
 

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -55,6 +56,7 @@ class EtcdServer:
         peer_port: int | None = None,
         outlive_parent: bool = False,
         name: str = "default",
+        pki: Path | None = None,
     ) -> None:
         """``netns``: run inside that network namespace on ``host`` (the lab's hub); ``outlive_parent``: keep
         running after this process exits (the lab's etcd outlives `lab up`; a test's never does)."""
@@ -67,13 +69,15 @@ class EtcdServer:
         self._outlive_parent = outlive_parent
         self._progress_interval = progress_interval
         self.name = name
+        # With a PKI directory (warren_mesh.pki): clients speak TLS and must show a certificate of its CA.
+        self.pki = pki
         self.initial_cluster: str | None = None  # "name=peer-url,...": set by EtcdCluster; None: a cluster of one
         self._process: subprocess.Popen[bytes] | None = None
         self.log_path = self.data_dir / "etcd.log"
 
     @property
     def endpoint(self) -> str:
-        return f"http://{self.host}:{self.client_port}"
+        return f"{'https' if self.pki else 'http'}://{self.host}:{self.client_port}"
 
     @property
     def pid(self) -> int | None:
@@ -87,7 +91,7 @@ class EtcdServer:
         """Start etcd; with ``wait``, until it is healthy (a cluster member is healthy once there is a leader)."""
         if self._process is not None:
             return
-        client = f"http://{self.host}:{self.client_port}"
+        client = self.endpoint
         peer = self.peer_url
         args = [
             find_etcd(),
@@ -101,6 +105,13 @@ class EtcdServer:
             f"--experimental-watch-progress-notify-interval={self._progress_interval}",
             "--log-level=warn",
         ]
+        if self.pki is not None:
+            args += [
+                f"--cert-file={self.pki / 'etcd.pem'}",
+                f"--key-file={self.pki / 'etcd-key.pem'}",
+                f"--trusted-ca-file={self.pki / 'ca.pem'}",
+                "--client-cert-auth",
+            ]
         log = self.log_path.open("ab")
         self._process = subprocess.Popen(
             args,
@@ -136,9 +147,10 @@ class EtcdServer:
     def _healthy(self) -> bool:
         """GET /health over a socket made inside etcd's namespace (it may not be reachable from ours)."""
         try:
-            with netns.create_socket(self.netns) as sock:
-                sock.settimeout(1)
-                sock.connect((self.host, self.client_port))
+            with netns.create_socket(self.netns) as raw:
+                raw.settimeout(1)
+                raw.connect((self.host, self.client_port))
+                sock = self._tls_context().wrap_socket(raw, server_hostname=self.host) if self.pki else raw
                 sock.sendall(f"GET /health HTTP/1.0\r\nHost: {self.host}\r\n\r\n".encode())
                 answer = b""
                 while chunk := sock.recv(4096):
@@ -150,6 +162,13 @@ class EtcdServer:
             return bool(json.loads(body).get("health") == "true")
         except ValueError:
             return False
+
+    def _tls_context(self) -> ssl.SSLContext:
+        """A client context with the PKI's admin certificate (etcd asks every client for one)."""
+        assert self.pki is not None
+        context = ssl.create_default_context(cafile=str(self.pki / "ca.pem"))
+        context.load_cert_chain(str(self.pki / "admin.pem"), str(self.pki / "admin-key.pem"))
+        return context
 
     def _tail(self) -> str:
         with contextlib.suppress(OSError):
@@ -171,9 +190,10 @@ class EtcdServer:
 
     def status(self) -> dict[str, str]:
         """etcd's maintenance status (its member id, the leader's id, ...) through its JSON gateway."""
-        url = f"{self.endpoint}/v3/maintenance/status"  # http on loopback: our own etcd
+        url = f"{self.endpoint}/v3/maintenance/status"  # our own etcd, on loopback
         request = urllib.request.Request(url, data=b"{}", method="POST")  # noqa: S310
-        with urllib.request.urlopen(request, timeout=5) as answer:  # noqa: S310
+        context = self._tls_context() if self.pki else None
+        with urllib.request.urlopen(request, timeout=5, context=context) as answer:  # noqa: S310
             status = json.loads(answer.read())
         return {"member": str(status["header"]["member_id"]), "leader": str(status["leader"])}
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from warren_mesh.agent.app import Agent
+from warren_mesh.etcd_tls import EtcdTls
 from warren_mesh.settings import AgentSettings
 from warren_mesh.wireguard.memory import MemoryBackend
 
@@ -34,6 +35,7 @@ class SimulatedAgents:
         metrics_address: str | None = None,
         resync_interval: float = 30.0,
         etcd_endpoint: str | None = None,
+        tls: EtcdTls | None = None,
     ) -> Agent:
         """Start agent ``name`` (``etcd_endpoint``: other URLs than the pool's, comma-separated)."""
         if port is None:
@@ -49,6 +51,7 @@ class SimulatedAgents:
             lease_ttl=self.ttl,
             resync_interval=resync_interval,
             metrics_address=metrics_address,
+            tls=tls,
         )
         agent = Agent(settings, backend=MemoryBackend(interface_name=self.interface), registry=CollectorRegistry())
         self.agents[name] = agent

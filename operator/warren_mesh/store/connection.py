@@ -21,6 +21,7 @@ runtime.prepare()  # before gRPC and protobuf are first imported (below)
 import grpc  # noqa: E402
 from etcd3.etcdrpc import rpc_pb2, rpc_pb2_grpc  # noqa: E402
 
+from warren_mesh.etcd_tls import EtcdTls  # noqa: E402
 from warren_mesh.netaddr import EtcdEndpoint, parse_endpoints  # noqa: E402
 from warren_mesh.store.base import LeaseNotFound, StoreError, StoreUnavailable  # noqa: E402
 from warren_mesh.store.wire import decode_range_response, decode_watch_response  # noqa: E402
@@ -76,11 +77,11 @@ def prefix_range_end(prefix: bytes) -> bytes:
 
 
 class _Connection:
-    def __init__(self, endpoint: EtcdEndpoint) -> None:
+    def __init__(self, endpoint: EtcdEndpoint, credentials: grpc.ChannelCredentials | None) -> None:
         self.endpoint = endpoint
         if endpoint.secure:
             self.channel = grpc.aio.secure_channel(
-                endpoint.target, grpc.ssl_channel_credentials(), options=_CHANNEL_OPTIONS
+                endpoint.target, credentials or grpc.ssl_channel_credentials(), options=_CHANNEL_OPTIONS
             )
         else:
             self.channel = grpc.aio.insecure_channel(endpoint.target, options=_CHANNEL_OPTIONS)
@@ -132,10 +133,17 @@ class EtcdConnection:
         self,
         endpoints: str | Sequence[str],
         *,
+        tls: EtcdTls | None = None,
         call_timeout: float = 5.0,
         on_health: Callable[[bool], None] | None = None,
     ) -> None:
         self._endpoints = parse_endpoints(endpoints)
+        self._credentials = None
+        if tls is not None:
+            ca, key, chain = tls.read()  # once: files are read at start, as etcd's own client does
+            self._credentials = grpc.ssl_channel_credentials(
+                root_certificates=ca, private_key=key, certificate_chain=chain
+            )
         self._index = 0
         self._conn: _Connection | None = None
         self.call_timeout = call_timeout
@@ -152,7 +160,7 @@ class EtcdConnection:
 
     def connection(self) -> _Connection:
         if self._conn is None:
-            self._conn = _Connection(self._endpoints[self._index])
+            self._conn = _Connection(self._endpoints[self._index], self._credentials)
         return self._conn
 
     def set_health(self, up: bool) -> None:
@@ -189,8 +197,10 @@ class EtcdConnection:
         except grpc.aio.AioRpcError as exc:
             if exc.code() in _RETRYABLE:
                 self.fail_over(conn, exc)
+                details = exc.details() or ""
+                hint = tls_hint(details, secure=conn.endpoint.secure)
                 raise StoreUnavailable(
-                    f"etcd at {conn.endpoint.target} is unavailable: {exc.code().name}: {exc.details()}"
+                    f"etcd at {conn.endpoint.target} is unavailable: {hint or f'{exc.code().name}: {details}'}"
                 ) from None
             message = f"etcd refused {method}: {exc.code().name}: {exc.details()}"
             if exc.code() == grpc.StatusCode.NOT_FOUND and "lease not found" in (exc.details() or ""):
@@ -208,6 +218,21 @@ class EtcdConnection:
         for task in list(self._closing):
             with contextlib.suppress(Exception):
                 await task
+
+
+def tls_hint(details: str, *, secure: bool) -> str | None:
+    """What a connection failure of gRPC's says about TLS, in one sentence naming the flag to fix; None if it
+    says nothing about TLS. (gRPC reports each case only through the text of its error.)"""
+    if secure and ("CERTIFICATE_VERIFY_FAILED" in details or "BAD_SIGNATURE" in details):
+        return "its certificate is not signed by the CA in --etcd-ca-file (or does not name this endpoint's host)"
+    if secure and "TSI_DATA_CORRUPTED" in details:
+        return (
+            "it refused this client's certificate (none given, expired, or not signed by etcd's CA): check "
+            "--etcd-cert-file and --etcd-key-file"
+        )
+    if not secure and "Socket closed" in details:
+        return "it closed the connection: if etcd serves TLS, give an https:// endpoint and --etcd-ca-file"
+    return None
 
 
 def cut_off_by_grpc() -> bool:

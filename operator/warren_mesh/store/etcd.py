@@ -17,6 +17,7 @@ from typing import Any
 
 from etcd3.etcdrpc import rpc_pb2
 
+from warren_mesh.etcd_tls import EtcdTls
 from warren_mesh.store import leases, watcher
 from warren_mesh.store.base import LeaseNotFound, StoreError
 from warren_mesh.store.connection import EtcdConnection, kv_of, prefix_range_end, wire_key
@@ -31,10 +32,12 @@ class EtcdStore:
         self,
         endpoints: str | Sequence[str],
         *,
+        tls: EtcdTls | None = None,
         call_timeout: float = 5.0,
         on_health: Callable[[bool], None] | None = None,
     ) -> None:
-        self._connection = EtcdConnection(endpoints, call_timeout=call_timeout, on_health=on_health)
+        """``tls``: the CA and client certificate for https endpoints (None: system CAs, no client certificate)."""
+        self._connection = EtcdConnection(endpoints, tls=tls, call_timeout=call_timeout, on_health=on_health)
 
     @property
     def endpoint(self) -> str:
