@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--backend", choices=("auto", "kernel", "userspace"), default="auto")
     up.add_argument("--lease-ttl", type=int, default=5, help="seconds a dead node lingers (default 5)")
     up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the full mesh")
+    up.add_argument("--no-tls", action="store_true", help="plain http to etcd, no certificates (TLS is the default)")
+    lab_env = lab_commands.add_parser(
+        "env", help='export lines pointing commands at the lab\'s etcd: eval "$(warren-mesh lab env)"'
+    )
+    lab_env.add_argument("--node", help="a node's credentials instead of the admin's (node-1, ...)")
     lab_status = lab_commands.add_parser("status", help="nodes, addresses, peers and handshakes")
     lab_status.add_argument("--output", choices=("table", "json"), default="table")
     lab_exec = lab_commands.add_parser("exec", help="run a command inside a node: lab exec node-1 -- ping ...")
@@ -166,15 +171,24 @@ def _lab(args: argparse.Namespace) -> int:
             args.nodes,
             backend=args.backend,
             lease_ttl=args.lease_ttl,
+            tls=not args.no_tls,
             timeout=args.timeout,
             progress=lambda line: print(line, flush=True),
         )
         print(f"full mesh of {len(status)} nodes, every pair handshaken, in {time.monotonic() - started:.1f} s\n")
         print(render_lab_table(status))
-        print("\nnext: `warren-mesh lab ping`, `warren-mesh lab exec node-1 -- wg show`, `warren-mesh lab down`")
+        print(
+            "\nnext: `warren-mesh lab ping`, `warren-mesh lab exec node-1 -- wg show`, "
+            '`eval "$(warren-mesh lab env)"; warren-mesh status`, `warren-mesh lab down`'
+        )
         return 0
     if not lab.is_up() and args.lab_command != "down":
         raise LabError("no lab is up; start one with `warren-mesh lab up`")
+    if args.lab_command == "env":
+        if args.node is not None and args.node not in {lab.node_name(i) for i in lab.nodes()}:
+            raise LabError(f"no node {args.node!r} in this lab")
+        print(lab.access().exports(args.node))
+        return 0
     if args.lab_command == "status":
         status = lab.status()
         print(status_json(status) if args.output == "json" else render_lab_table(status))

@@ -158,7 +158,7 @@ def test_mesh_end_to_end(lab: Lab, backend: str) -> None:
 def _etcdctl(lab: Lab, *args: str, value: bytes | None = None) -> None:
     """etcdctl against the lab's etcd, from inside the hub's namespace (where etcd listens)."""
     subprocess.run(
-        ["ip", "netns", "exec", lab.hub, "etcdctl", f"--endpoints={lab.etcd_endpoint}", *args],
+        ["ip", "netns", "exec", lab.hub, *lab.access().etcdctl(*args)],
         input=value,
         env={**os.environ, "ETCDCTL_API": "3"},
         capture_output=True,

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from prom_server import Prometheus, http_get
-from warren_mesh.lab.lab import ETCD_PORT, HUB_ADDRESS, METRICS_PORT, Lab
+from warren_mesh.lab.lab import METRICS_PORT, Lab
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 
@@ -30,7 +30,6 @@ MONITORING = Path(__file__).resolve().parents[2] / "deploy" / "monitoring"
 TTL = 3
 IPERF_SECONDS = 12
 IPERF_RATE = "200M"
-ETCD_FLAG = f"--etcd-endpoints=http://{HUB_ADDRESS}:{ETCD_PORT}"
 BOGUS = "/warren/mesh/v1/nodes/bogus"  # under the lab's (default) prefix
 
 
@@ -148,8 +147,9 @@ def test_prometheus_sees_the_lab_through_dashboard_and_alerts(lab: Lab, promethe
     sent_bps = float(report["end"]["sum_sent"]["bits_per_second"])
     ended = report["started_at"] + float(report["end"]["sum_sent"]["seconds"])
     # `warren-mesh status` on node-1 shows the throughput its agent measured (its window still covers the run).
+    node1_flags = lab.access().flags("node-1")  # node-1's own etcd credentials (the lab's etcd speaks TLS)
     shown = subprocess.run(
-        lab.exec_argv("node-1", [sys.executable, "-m", "warren_mesh.cli", "status", "--output=json", ETCD_FLAG]),
+        lab.exec_argv("node-1", [sys.executable, "-m", "warren_mesh.cli", "status", "--output=json", *node1_flags]),
         capture_output=True,
         text=True,
         check=True,
@@ -181,11 +181,7 @@ def test_prometheus_sees_the_lab_through_dashboard_and_alerts(lab: Lab, promethe
             "netns",
             "exec",
             lab.hub,
-            "etcdctl",
-            f"--endpoints={HUB_ADDRESS}:{ETCD_PORT}",
-            "put",
-            BOGUS,
-            "{not json",
+            *lab.access().etcdctl("put", BOGUS, "{not json"),
         ],
         capture_output=True,
         check=False,

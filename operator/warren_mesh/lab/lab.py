@@ -29,9 +29,11 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 
+from warren_mesh import pki
 from warren_mesh.lab import netns
+from warren_mesh.lab.access import LabAccess
 from warren_mesh.lab.etcd_server import EtcdServer
-from warren_mesh.lab.report import LabNode
+from warren_mesh.lab.report import LabNode, lagging_report, log_tail
 from warren_mesh.process import alive, connect_in_netns, in_netns, wait_exit
 from warren_mesh.wireguard import link, uapi
 
@@ -76,8 +78,21 @@ class Lab:
         return str(SUBNET.network_address + 10 + index)
 
     @property
+    def tls(self) -> bool:
+        """Whether this lab's etcd speaks TLS and asks every client for a certificate (the default)."""
+        return bool(self._load().get("tls", False))
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.state_dir / "pki"
+
+    @property
     def etcd_endpoint(self) -> str:
-        return f"http://{HUB_ADDRESS}:{ETCD_PORT}"
+        return f"{'https' if self.tls else 'http'}://{HUB_ADDRESS}:{ETCD_PORT}"
+
+    def access(self) -> LabAccess:
+        """How a command reaches this lab's etcd: the endpoint and, with TLS, whose certificate."""
+        return LabAccess(self.etcd_endpoint, self.pki_dir if self.tls else None)
 
     # --- state ------------------------------------------------------------------------------------------------
 
@@ -113,6 +128,7 @@ class Lab:
         backend: str = "auto",
         lease_ttl: int = 5,
         resync_interval: int = 30,
+        tls: bool = True,
         timeout: float = 60.0,
         progress: Callable[[str], None] | None = None,
     ) -> list[LabNode]:
@@ -122,7 +138,10 @@ class Lab:
         self.down()  # leftovers of a crashed `up`
         say = progress or (lambda _: None)
         try:
-            self._save({"nodes": {}, "backend": backend, "lease_ttl": lease_ttl, "resync_interval": resync_interval})
+            state = {"nodes": {}, "backend": backend, "lease_ttl": lease_ttl, "resync_interval": resync_interval}
+            self._save({**state, "tls": tls})
+            if tls:  # a PKI of the lab's own: etcd's certificate for the hub's address, admin and node certificates
+                pki.init(self.pki_dir, [HUB_ADDRESS])
             netns.create(self.hub)
             netns.bridge(self.bridge, ns=self.hub)
             netns.address(self.bridge, f"{HUB_ADDRESS}/{SUBNET.prefixlen}", ns=self.hub)
@@ -133,6 +152,7 @@ class Lab:
                 client_port=ETCD_PORT,
                 peer_port=ETCD_PORT + 1,
                 outlive_parent=True,
+                pki=self.pki_dir if tls else None,
             )
             (self.state_dir / "etcd").mkdir(exist_ok=True)
             etcd.start()
@@ -153,6 +173,8 @@ class Lab:
         netns.veth(node_side, hub_side, ns=ns, peer_ns=self.hub)
         netns.attach(hub_side, self.bridge, ns=self.hub)
         netns.address(node_side, f"{self.underlay_ip(index)}/{SUBNET.prefixlen}", ns=ns)
+        if self.tls and not (self.pki_dir / f"{pki.node_user(self.node_name(index))}.pem").exists():
+            pki.issue_node(self.pki_dir, self.node_name(index))
         with IPRoute(netns=ns) as ipr:
             ipr.route("add", dst="0.0.0.0/0", gateway=HUB_ADDRESS)
         self.start_agent(index)
@@ -170,7 +192,7 @@ class Lab:
             f"--node-name={self.node_name(index)}",
             f"--interface={self.interface(index)}",
             f"--key-file={self.state_dir / (self.node_name(index) + '.key')}",
-            f"--etcd-endpoints={self.etcd_endpoint}",
+            *self.access().flags(self.node_name(index)),
             f"--lease-ttl={state['lease_ttl']}",
             f"--resync-interval={state.get('resync_interval', 30)}",
             f"--metrics-address=0.0.0.0:{METRICS_PORT}",
@@ -235,7 +257,7 @@ class Lab:
             if time.monotonic() - started > timeout:
                 raise LabError(
                     f"the agent of {self.node_name(index)} was not ready within {timeout:.0f} s; "
-                    f"logs in {self.state_dir}\n" + self._log_tail(self.node_name(index))
+                    f"logs in {self.state_dir}\n" + log_tail(self.state_dir, self.node_name(index))
                 )
             time.sleep(0.2)
         return time.monotonic() - started
@@ -261,29 +283,15 @@ class Lab:
                 lagging = [s for s in status if not (s.peers == want and s.handshaken == want)]
                 raise LabError(
                     f"the mesh did not form within {timeout:.0f} s ({line}); logs in {self.state_dir}\n"
-                    + "\n".join(self._lagging_report(s, want) for s in lagging)
+                    + "\n".join(lagging_report(s, want, log_tail(self.state_dir, s.name)) for s in lagging)
                 )
             time.sleep(0.2)
 
     def _exited(self, names: list[str]) -> LabError:
         return LabError(
             f"the agent of {', '.join(names)} exited; logs in {self.state_dir}\n"
-            + "\n".join(f"{name}'s log ends:\n{self._log_tail(name)}" for name in names)
+            + "\n".join(f"{name}'s log ends:\n{log_tail(self.state_dir, name)}" for name in names)
         )
-
-    def _lagging_report(self, node: LabNode, want: int, log_lines: int = 20) -> str:
-        """What a node that has not joined the mesh has, and the end of its agent's log: the lab (and a test that
-        uses it) removes its state directory when it fails, so this is what is left to diagnose with."""
-        agent = "ready" if node.agent_ready else "not ready"
-        head = f"{node.name}: {node.peers}/{want} peers, {node.handshaken} handshaken, agent {agent}; its log ends:"
-        return f"{head}\n{self._log_tail(node.name, log_lines)}"
-
-    def _log_tail(self, name: str, lines: int = 20) -> str:
-        try:
-            log = (self.state_dir / f"{name}.log").read_text(errors="replace").splitlines()[-lines:]
-        except OSError as exc:
-            log = [f"(no log: {exc})"]
-        return "\n".join(f"  {entry}" for entry in log)
 
     # --- looking at it ----------------------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,3 +44,20 @@ def render_lab_table(status: list[LabNode]) -> str:
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]
     )
+
+
+def lagging_report(node: LabNode, want: int, tail: str) -> str:
+    """What a node that has not joined the mesh has, and the end of its agent's log: the lab (and a test that uses
+    it) removes its state directory when it fails, so this is what is left to diagnose with."""
+    agent = "ready" if node.agent_ready else "not ready"
+    head = f"{node.name}: {node.peers}/{want} peers, {node.handshaken} handshaken, agent {agent}; its log ends:"
+    return f"{head}\n{tail}"
+
+
+def log_tail(state_dir: Path, name: str, lines: int = 20) -> str:
+    """The last ``lines`` lines of node ``name``'s agent log, indented."""
+    try:
+        log = (state_dir / f"{name}.log").read_text(errors="replace").splitlines()[-lines:]
+    except OSError as exc:
+        log = [f"(no log: {exc})"]
+    return "\n".join(f"  {entry}" for entry in log)
