@@ -144,6 +144,11 @@ class NodeRecord:
         if endpoint_problem(overlay_ip) is not None or (overlay_ip.version == 6 and overlay_ip.scope_id):
             raise RecordError(REASON_INVALID_CIDR, f"overlay_ip {overlay_ip} is not an address a mesh can use")
         allowed = parse_allowed_ips(doc)
+        # The overlay address is routed to the node anyway; listed again, the fold would claim it twice (found by
+        # the fuzz test: claimed twice, released twice, a KeyError in the reconciler).
+        for network in allowed:
+            if network.version == overlay_ip.version and overlay_ip in network:
+                raise RecordError(REASON_INVALID_CIDR, f"allowed_ips entry {network} covers the overlay address itself")
         listen_port = validate_port(doc.get("listen_port"), what="listen_port")
         published_at = doc.get("published_at", 0.0)
         if type(published_at) not in (int, float) or not math.isfinite(published_at) or published_at < 0:

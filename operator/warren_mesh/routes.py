@@ -24,8 +24,9 @@ class Routes:
     def of(
         cls, networks: tuple[IPNetwork, ...], *, host: IPAddress | None = None, host_text: str | None = None
     ) -> Routes:
-        """``networks``, and ``host`` as a /32 or /128; the host's is built from the address directly (parsing it
-        back as a network text was most of decoding a node record). ``host_text``: ``str(host)``, if at hand."""
+        """``networks`` (disjoint, none covering ``host``: the decoders make sure), and ``host`` as a /32 or /128.
+        The host's is built from the address directly (parsing it back as a network text was most of decoding a
+        node record). ``host_text``: ``str(host)``, if at hand."""
         entries = [
             (str(n), (n.version, n.prefixlen, int(n.network_address), int(n.broadcast_address))) for n in networks
         ]

@@ -11,9 +11,10 @@ import logging
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from hostile import ATTACKER_KEY, HONEST, LOCAL_KEY, SCHEMA, Mesh, node_doc, peer_doc
+from hostile import ATTACKER_KEY, HONEST, LOCAL, LOCAL_KEY, SCHEMA, Mesh, node_doc, peer_doc
 from warren_mesh.keys import NodeKey
 from warren_mesh.mesh.peers import MeshView
+from warren_mesh.mesh.topology import TopologyBuilder
 from warren_mesh.model import MeshConfig, encode_json
 from warren_mesh.validation import LOW_ORDER_POINTS, MAX_VALUE_BYTES, decode_json
 from warren_mesh.watch import KeyValue, Snapshot
@@ -155,7 +156,11 @@ def test_external_peers_may_not_route_the_underlay_etcd_or_the_mesh_itself(netwo
 
 @pytest.mark.parametrize(
     "networks",
-    [["10.96.0.99/32", "10.96.0.99/32"], ["172.20.0.0/16", "172.20.1.0/24"], ["fd00::/64", "fd00::1/128"]],
+    [
+        ["10.96.0.99/32", "10.96.0.99/32"],
+        ["172.20.0.0/16", "172.20.1.0/24"],
+        ["fd00::/64", "fd00::1/128"],
+    ],
 )
 @pytest.mark.parametrize("kind", ["node", "peer"])
 def test_networks_listed_twice_or_overlapping_each_other_are_refused(networks: list[str], kind: str) -> None:
@@ -168,6 +173,22 @@ def test_networks_listed_twice_or_overlapping_each_other_are_refused(networks: l
     mesh.delete(SCHEMA.peer("x"))
     mesh.put(SCHEMA.peer("x"), peer_doc("x", allowed_ips=networks))
     assert {r.reason for r in mesh.rejections} == {"invalid_cidr"}
+    mesh.assert_honest_intact()
+
+
+def test_a_node_listing_its_own_overlay_address_again_is_refused() -> None:
+    # Found by the fuzz test in CI: the address was claimed twice by the fold and released twice (a KeyError that
+    # would have ended the reconciler). This is the sequence it found, through the agent's incremental fold.
+    mesh = Mesh()
+    builder = TopologyBuilder(LOCAL, underlay_mtu=1500)
+    builder.update(mesh.view, mesh.view.take_changes())
+    doc = node_doc("a0", ATTACKER_KEY, "10.96.0.50", "192.0.2.9:51820", allowed_ips=["10.96.0.50/32"])
+    mesh.put(SCHEMA.node("a0"), doc)
+    builder.update(mesh.view, mesh.view.take_changes())
+    mesh.delete(SCHEMA.node("a0"))
+    builder.update(mesh.view, mesh.view.take_changes())
+    assert [r.reason for r in mesh.rejections] == ["invalid_cidr"]
+    assert builder.topology() == mesh.topology()
     mesh.assert_honest_intact()
 
 

@@ -133,7 +133,7 @@ def test_a_record_claiming_our_address_or_outside_the_cidr_is_left_out() -> None
             (
                 kv(SCHEMA.node("a"), record("a", "10.96.0.1"), 3),
                 kv(SCHEMA.node("b"), record("b", "172.16.0.9"), 4),
-                kv(SCHEMA.node("c"), record("c", "10.96.0.3", extra=("10.0.0.0/8",)), 5),
+                kv(SCHEMA.node("c"), record("c", "10.96.0.3", extra=("172.16.0.0/12",)), 5),
                 # a node may route its overlay address and pod networks to itself, nothing else
                 kv(SCHEMA.node("d"), record("d", "10.96.0.4", extra=("10.96.0.9/32",)), 6),
             ),
