@@ -212,6 +212,18 @@ def test_records_claiming_etcd_or_the_underlay_never_cut_the_mesh_off(lab: Lab) 
         "published_at": time.time(),
     }
     _etcdctl(lab, "put", "/warren/mesh/v1/nodes/node-evil", value=json.dumps(node_doc).encode())
+    # And records that once crashed every agent (each now rejected alone).
+    crashers = {
+        "/warren/mesh/v1/nodes/no-address": json.dumps(
+            {k: v for k, v in node_doc.items() if k != "overlay_ip"} | {"name": "no-address"}
+        ),
+        "/warren/mesh/v1/nodes/deep": '{"a":' + "[" * 2000 + "]" * 2000 + "}",
+        "/warren/mesh/v1/nodes/digits": '{"schema":1,"listen_port":' + "9" * 5000 + "}",
+    }
+    for key, text in crashers.items():
+        _etcdctl(lab, "put", key, value=text.encode())
+    not_utf8 = os.fsdecode(b"/warren/mesh/v1/nodes/\xff\xfe")  # etcdctl passes the key's bytes as they are
+    _etcdctl(lab, "put", not_utf8, value=b"{}")
 
     def counted(index: int, metric: str, reason: str) -> float:
         for line in _metrics(lab, index).splitlines():
@@ -226,7 +238,16 @@ def test_records_claiming_etcd_or_the_underlay_never_cut_the_mesh_off(lab: Lab) 
     )
     assert all(counted(i, "warren_mesh_rejected_records_total", "forbidden_network") == 1 for i in (1, 2, 3))
     assert all(counted(i, "warren_mesh_conflicts_total", "network_not_owned") == 1 for i in (1, 2, 3))
+    wait_for(
+        lambda: all(counted(i, "warren_mesh_rejected_records_total", "invalid_key") == 1 for i in (1, 2, 3)),
+        10,
+        "every agent to reject the key that is not UTF-8",
+    )
+    assert all(counted(i, "warren_mesh_rejected_records_total", "invalid_field") == 1 for i in (1, 2, 3))
+    assert all(counted(i, "warren_mesh_rejected_records_total", "too_large") == 1 for i in (1, 2, 3))
+    assert all(counted(i, "warren_mesh_rejected_records_total", "invalid_json") == 1 for i in (1, 2, 3))
     time.sleep(2)  # a few more passes: nothing may have been routed meanwhile
+    assert all(node.agent_running for node in lab.status()), "an agent ended"
     for i in (1, 2, 3):
         assert _main_routes(lab, i) == routes[i], f"node-{i}'s routing table changed"
         assert "warren_mesh_etcd_up 1.0" in _metrics(lab, i), f"node-{i} lost etcd"
@@ -234,7 +255,7 @@ def test_records_claiming_etcd_or_the_underlay_never_cut_the_mesh_off(lab: Lab) 
     assert all(ok for *_, ok in lab.ping_all())
 
     # The mesh still follows etcd: the records go, and a new node joins everywhere.
-    for key in [*hostile, "/warren/mesh/v1/nodes/node-evil"]:
+    for key in [*hostile, *crashers, not_utf8, "/warren/mesh/v1/nodes/node-evil"]:
         _etcdctl(lab, "del", key)
     lab.add_node(4)
     lab.wait_for_agent(4, timeout=STARTUP)
