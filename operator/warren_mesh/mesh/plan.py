@@ -23,7 +23,7 @@ comparison at start, after any failure, after a data-plane restart and on every 
 from __future__ import annotations
 
 import functools
-import ipaddress
+import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -98,10 +98,18 @@ def routed(interface_address: str | None, networks: Iterable[str]) -> set[str]:
 
 @functools.lru_cache(maxsize=65536)
 def _span(text: str) -> tuple[int, int, int]:
-    """(IP version, first, last address) of a network, or of an interface address's network. Every pass asks about
-    the same few texts (its peers' networks), and parsing them with ipaddress each time was most of a pass."""
-    network = ipaddress.ip_interface(text).network
-    return network.version, int(network.network_address), int(network.broadcast_address)
+    """(IP version, first, last address) of a network, or of an interface address's network, from canonical CIDR
+    text. Every join brings a peer address not seen before, so this runs once per change: parsed with the C
+    parser (ipaddress took ~15 us, most of a delta pass), and cached for the resyncs."""
+    address, _, length = text.partition("/")
+    try:
+        packed, version = socket.inet_pton(socket.AF_INET, address), 4
+    except OSError:
+        packed, version = socket.inet_pton(socket.AF_INET6, address), 6
+    bits = 32 if version == 4 else 128
+    size = 1 << (bits - (int(length) if length else bits))
+    first = int.from_bytes(packed, "big") & ~(size - 1)
+    return version, first, first + size - 1
 
 
 def desired_routes(desired: Topology) -> set[str]:
