@@ -110,7 +110,8 @@ class ClaimRules:
         (_, overlay_start, overlay_end), (_, pods_start, pods_end) = self._mesh_ranges
         config = self._config
         if isinstance(record, NodeRecord):
-            if record.overlay_ip.version != overlay_version or not first <= int(record.overlay_ip) <= last:
+            own = int(record.overlay_ip)
+            if record.overlay_ip.version != overlay_version or not first <= own <= last:
                 return Conflict(
                     name,
                     REASON_ADDRESS_OUTSIDE_CIDR,
@@ -118,8 +119,8 @@ class ClaimRules:
                     f"{config.overlay_cidr}",
                 )
             for text, (version, _, start, end) in zip(record.routes.text, record.routes.ranges, strict=True):
-                if text == f"{record.overlay_text}/{record.overlay_ip.max_prefixlen}":
-                    continue
+                if start == end == own and version == overlay_version:
+                    continue  # its own overlay address (the decoder keeps allowed_ips off it)
                 if version != config.pod_cidr.version or start < pods_start or end > pods_end:
                     return Conflict(
                         name,
@@ -128,8 +129,11 @@ class ClaimRules:
                         f"network {config.pod_cidr}, nothing else",
                     )
             endpoint = record.endpoint.host
-            for network in (config.overlay_cidr, config.pod_cidr):
-                if endpoint.version == network.version and endpoint in network:
+            endpoint_value = int(endpoint)
+            for (version, start, end), network in zip(
+                self._mesh_ranges, (config.overlay_cidr, config.pod_cidr), strict=True
+            ):
+                if endpoint.version == version and start <= endpoint_value <= end:
                     message = f"{name}'s endpoint {endpoint} lies inside the mesh network {network}"
                     return Conflict(name, REASON_UNSAFE_ROUTE, message)
         else:
