@@ -14,7 +14,6 @@ split of the default route gets through either.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
 from typing import Final
 
 from warren_mesh.netaddr import IPAddress, IPNetwork
@@ -48,10 +47,6 @@ _SPECIAL_SPANS: Final = {
 # Networks broader than these are refused outright: no remote site is that large, and such a claim would take
 # over a large part of the internet's traffic from every node.
 MIN_PREFIX_LENGTH: Final = {4: 8, 6: 16}
-
-
-def _overlaps(a: IPNetwork, b: IPNetwork) -> bool:
-    return a.version == b.version and a.overlaps(b)
 
 
 def network_problem(network: IPNetwork) -> str | None:
@@ -88,16 +83,6 @@ def overlay_problem(network: IPNetwork) -> str | None:
         return problem
     if network.num_addresses < 4:
         return f"{network} is too small for a mesh"
-    return None
-
-
-def covering(networks: Iterable[IPNetwork], protected: Iterable[IPNetwork]) -> tuple[IPNetwork, IPNetwork] | None:
-    """The first pair (claimed, protected) that overlap, or None."""
-    protected = tuple(protected)
-    for network in networks:
-        for guarded in protected:
-            if _overlaps(network, guarded):
-                return network, guarded
     return None
 
 
