@@ -50,7 +50,8 @@ def peer_doc(name: str, **changes: object) -> dict[str, object]:
 
 
 class Mesh:
-    """A view holding three honest nodes (each with its reservation), fed hostile records one revision at a time."""
+    """A view holding three honest nodes (each with its claim on its address), fed hostile records one revision at
+    a time."""
 
     def __init__(self) -> None:
         self.rejections: list[Rejection] = []
@@ -59,7 +60,7 @@ class Mesh:
         self.created: dict[str, int] = {}
         items = []
         for name, (key, address, endpoint) in HONEST.items():
-            items.append(self._kv(SCHEMA.address(address), name.encode()))
+            items.append(self._kv(SCHEMA.claim(name, address), b""))
             items.append(self._kv(SCHEMA.node(name), encode_json(node_doc(name, key, address, f"{endpoint}:51820"))))
         self.view.apply(Snapshot(tuple(items), self.revision))
 

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from warren_mesh import __version__, pki
+from warren_mesh.admin import roles
+from warren_mesh.admin.migration import migrate_reservations
 from warren_mesh.agent.app import Agent
 from warren_mesh.agent.registrar import AddressSpaceExhausted, RegistrationConflict
 from warren_mesh.agent.underlay import UnderlayError
@@ -37,6 +39,7 @@ from warren_mesh.settings import (
 from warren_mesh.status import read_agent_traffic, read_status, render_json, render_table
 from warren_mesh.store.base import StoreError
 from warren_mesh.store.etcd import EtcdStore
+from warren_mesh.store.etcd_auth import EtcdAuth
 from warren_mesh.validation import RecordError, validate_name
 from warren_mesh.wireguard.backend import BackendError
 
@@ -96,6 +99,24 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (certs_init, certs_node, certs_renew):
         sub.add_argument("--dir", required=True, type=Path, help="the PKI directory (keys are written 0600)")
 
+    etcd_auth = commands.add_parser(
+        "etcd-auth", help="etcd users and roles: each node may write only its own keys (run as etcd's root)"
+    )
+    etcd_auth_commands = etcd_auth.add_subparsers(dest="etcd_auth_command", required=True, metavar="AUTH_COMMAND")
+    auth_setup = etcd_auth_commands.add_parser(
+        "setup", help="root, the operator and the given nodes, then turn etcd's auth on (idempotent)"
+    )
+    auth_setup.add_argument("--node", action="append", default=[], help="a node name (repeat for each)")
+    auth_node = etcd_auth_commands.add_parser("add-node", help="the user and role of one more node")
+    auth_node.add_argument("name")
+    for sub in (auth_setup, auth_node):
+        add_store_flags(sub)
+
+    migrate = commands.add_parser(
+        "migrate-claims", help="move ipam/ reservations to node-owned claims (before etcd's auth is turned on)"
+    )
+    add_store_flags(migrate)
+
     demo = commands.add_parser("demo", help="start a local etcd and N agents (memory backend); print the mesh")
     demo.add_argument("--nodes", type=int, default=3, help="number of agents (default 3)")
 
@@ -147,6 +168,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _lab(args)
         if args.command == "certs":
             return _certs(args)
+        if args.command == "etcd-auth":
+            return asyncio.run(_etcd_auth(StoreSettings.from_args(args), args))
+        if args.command == "migrate-claims":
+            return asyncio.run(_migrate_claims(StoreSettings.from_args(args)))
     except _USER_ERRORS as exc:
         print(f"warren-mesh: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, SettingsError) else 1
@@ -240,6 +265,33 @@ def _certs(args: argparse.Namespace) -> int:
     for credential in written.values():
         print(f"wrote {credential.cert} and {credential.key} (0600)")
     return 0
+
+
+async def _etcd_auth(settings: StoreSettings, args: argparse.Namespace) -> int:
+    nodes = [validate_name(name) for name in (args.node if args.etcd_auth_command == "setup" else [args.name])]
+    store = EtcdStore(settings.etcd_endpoints, tls=settings.tls)
+    try:
+        auth = EtcdAuth(store)
+        if args.etcd_auth_command == "setup":
+            await roles.set_up(auth, settings.schema, nodes)
+            print(f"etcd auth is on: root, {pki.OPERATOR_USER} and {len(nodes)} node(s) under {settings.schema.root}")
+        else:
+            await roles.add_node(auth, settings.schema, nodes[0])
+            print(f"{pki.node_user(nodes[0])} may write {settings.schema.node(nodes[0])} and its claims")
+    finally:
+        await store.close()
+    return 0
+
+
+async def _migrate_claims(settings: StoreSettings) -> int:
+    store = EtcdStore(settings.etcd_endpoints, tls=settings.tls)
+    try:
+        report = await migrate_reservations(store, settings.schema)
+    finally:
+        await store.close()
+    for line in report.lines() or ["nothing to migrate"]:
+        print(line)
+    return 1 if report.changed else 0
 
 
 async def _operator(settings: OperatorSettings) -> int:

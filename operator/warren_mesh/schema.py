@@ -7,11 +7,20 @@ schema can live beside this one under ``v2/`` during an upgrade.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, NamedTuple
 
 DEFAULT_PREFIX: Final = "/warren/mesh"
 
-KeyKind = Literal["config", "node", "ipam", "peer"]
+KeyKind = Literal["config", "node", "claim", "ipam", "peer"]
+# What a node claims under its own claims/ directory (the pod network issue adds "pods").
+ClaimKind = Literal["overlay"]
+CLAIM_KINDS: Final[frozenset[str]] = frozenset({"overlay"})
+
+
+class ClaimKey(NamedTuple):
+    node: str
+    kind: str
+    value: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +44,19 @@ class KeySchema:
         return f"{self.root}nodes/"
 
     @property
+    def claims(self) -> str:
+        return f"{self.root}claims/"
+
+    def claims_of(self, node: str) -> str:
+        """The directory only ``node`` (and the admin) may write: what the node claims of the mesh's networks."""
+        return f"{self.claims}{node}/"
+
+    def claim(self, node: str, address: str, kind: ClaimKind = "overlay") -> str:
+        return f"{self.claims_of(node)}{kind}/{address}"
+
+    @property
     def ipam(self) -> str:
+        """Reservations of schema v1 before node-owned claims: read (and migrated), never written any more."""
         return f"{self.root}ipam/"
 
     @property
@@ -45,17 +66,30 @@ class KeySchema:
     def node(self, name: str) -> str:
         return self.nodes + name
 
-    def address(self, address: str) -> str:
+    def legacy_reservation(self, address: str) -> str:
         return self.ipam + address
 
     def peer(self, name: str) -> str:
         return self.peers + name
 
+    @staticmethod
+    def split_claim(name: str) -> ClaimKey | None:
+        """``<node>/<kind>/<value>`` (the name part of a claim key) in its parts; None if it has not three."""
+        parts = name.split("/")
+        if len(parts) != 3:
+            return None
+        return ClaimKey(*parts)
+
     def classify(self, key: str) -> tuple[KeyKind, str] | None:
         """Which kind of key this is and its name part; None for keys this version does not know."""
         if key == self.config:
             return "config", ""
-        for kind, start in (("node", self.nodes), ("ipam", self.ipam), ("peer", self.peers)):
+        for kind, start in (
+            ("node", self.nodes),
+            ("claim", self.claims),
+            ("ipam", self.ipam),
+            ("peer", self.peers),
+        ):
             if key.startswith(start) and len(key) > len(start):
                 return kind, key[len(start) :]  # type: ignore[return-value]
         return None

@@ -292,3 +292,27 @@ def test_routes_are_repaired_by_the_resync_and_follow_allowed_ips(lab: Lab) -> N
     wait_for(lambda: all(_mesh_routes(lab, i) == set() for i in (1, 2)), 10, "no mesh route left")
     assert ("10.123.0.0/24", 4, wg) in _main_routes(lab, 1)
     assert all(ok for *_, ok in lab.ping_all())
+
+
+def test_no_node_can_write_another_nodes_keys_the_config_or_the_peers(lab: Lab) -> None:
+    """The lab runs etcd with TLS and per-node roles by default. For every ordered pair of its 4 nodes, A's
+    credential cannot put, delete or create-if-absent any key of B (its record, its claims, a new claim), the
+    config or the peers, nor revoke B's lease; and the mesh is unchanged afterwards."""
+    lab.up(4, backend="userspace", lease_ttl=TTL, timeout=120)
+    nodes = [Lab.node_name(i) for i in (1, 2, 3, 4)]
+    probe = Path(__file__).with_name("isolation_probe.py")
+    done = subprocess.run(
+        [sys.executable, str(probe), lab.etcd_endpoint, str(lab.pki_dir), "/warren/mesh", *nodes],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=in_netns(lab.hub),
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["allowed"] == [], "\n".join(result["allowed"])
+    assert result["attempts"] == 12 * (3 * 6 + 1)  # 12 pairs x (6 keys x 3 writes + the lease)
+    assert result["unchanged"], "a refused write changed the mesh"
+    assert all(node.agent_running for node in lab.status())
+    assert all(ok for *_, ok in lab.ping_all())

@@ -130,20 +130,26 @@ def test_hostile_records_through_etcd_are_contained(shared_etcd: EtcdServer, pre
             assert intact(mesh), f"a valid peer was lost or something dangerous routed: {_devices(mesh)}"
             assert all(str(mesh.agents[n].view.config.overlay_cidr) == "10.96.0.0/16" for n in NAMES)
 
-            # Rewriting n1's reservation takes nothing from n1, and n1 writes its reservation back.
-            address_key = schema.address(str(n1.overlay_ip))
-            await writer.delete(address_key)
-            await writer.put(address_key, b"evil")
+            # Deleting n1's claim and claiming its address for another takes nothing from n1, and n1 claims its
+            # address again.
+            await writer.delete(schema.claim("n1", str(n1.overlay_ip)))
+            await writer.put(schema.claim("evil", str(n1.overlay_ip)), b"")
 
-            def restored() -> bool:  # the reservation may be missing for a moment: deleted, not yet written back
-                held = mesh.agents["n0"].view.ipam.get(str(n1.overlay_ip))
-                return held is not None and held.owner == "n1"
+            def restored() -> bool:
+                claims = mesh.agents["n0"].view.claims_on(str(n1.overlay_ip))
+                return {claim.owner for claim in claims} == {"evil", "n1"}
 
-            await wait_until(restored, 10, "n1 to restore its reservation")
+            await wait_until(restored, 10, "n1 to claim its address again")
             assert intact(mesh), f"the rewritten reservation cost a peer: {_devices(mesh)}"
 
             # Everything deleted: counts of what is wrong now drop to zero, the agents still react to valid changes.
-            for key in [*hostile, schema.peer("sleeper"), schema.node("pods"), schema.config]:
+            for key in [
+                *hostile,
+                schema.peer("sleeper"),
+                schema.node("pods"),
+                schema.config,
+                schema.claim("evil", str(n1.overlay_ip)),
+            ]:
                 await writer.delete(key)
             mesh.start("n3")
             await mesh.converged()

@@ -4,6 +4,7 @@ the address or the record is not where the fast path expects it."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -38,6 +39,11 @@ def registrar(
     )
 
 
+def _first_choice(name: str, size: int) -> int:
+    """Where the registrar starts looking for a free address for ``name`` (registrar._candidates)."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") % size
+
+
 def with_store(endpoint: str, scenario: Callable[[EtcdStore], Awaitable[None]]) -> None:
     async def wrapped() -> None:
         store = EtcdStore(endpoint)
@@ -49,15 +55,15 @@ def with_store(endpoint: str, scenario: Callable[[EtcdStore], Awaitable[None]]) 
     run(wrapped())
 
 
-def test_a_first_start_reserves_and_publishes_in_one_revision(shared_etcd: EtcdServer, prefix: str) -> None:
+def test_a_first_start_claims_and_publishes_in_one_revision(shared_etcd: EtcdServer, prefix: str) -> None:
     schema = KeySchema(prefix)
 
     async def scenario(store: EtcdStore) -> None:
         registration = await registrar(store, schema).register(MeshConfig())
         ip = registration.record.overlay_ip
-        reservation = await store.get(schema.address(str(ip)))
+        reservation = await store.get(schema.claim("n1", str(ip)))
         record = await store.get(schema.node("n1"))
-        assert reservation is not None and reservation.value == b"n1" and reservation.lease == 0
+        assert reservation is not None and reservation.lease == 0
         assert record is not None and record.lease == registration.lease_id
         assert reservation.create_revision == record.create_revision  # one transaction: peers see one event
         assert NodeRecord.from_json(decode_json(record.value), key_name="n1").overlay_ip == ip
@@ -78,17 +84,23 @@ def test_an_address_taken_after_listing_moves_on_to_the_next(shared_etcd: EtcdSe
     config = MeshConfig(overlay_cidr=ipaddress.ip_network("10.9.0.0/30"))  # two usable addresses: .1 and .2
 
     async def scenario(store: EtcdStore) -> None:
-        first = await registrar(store, schema, "first", NodeKey.generate()).register(config)
+        # "first" is a name whose first choice is n1's: they collide on it.
+        first_name = next(f"first{i}" for i in range(100) if _first_choice(f"first{i}", 2) == _first_choice("n1", 2))
+        first = await registrar(store, schema, first_name, NodeKey.generate()).register(config)
         mine = registrar(store, schema)
         listing = store.list_prefix
 
-        async def listed_before_first_reserved(prefix: str) -> Snapshot:
+        async def listed_before_first_claimed(prefix: str) -> Snapshot:
+            # The first listing (what is free?) comes before "first" claimed; the check after our claim is real.
+            store.list_prefix = listing  # type: ignore[method-assign]
             snapshot = await listing(prefix)
             return Snapshot((), snapshot.revision)
 
-        store.list_prefix = listed_before_first_reserved  # type: ignore[method-assign]
+        store.list_prefix = listed_before_first_claimed  # type: ignore[method-assign]
         registration = await mine.register(config)
-        store.list_prefix = listing  # type: ignore[method-assign]
+        # n1 claimed first's address (it listed before), saw the older claim, withdrew, and claimed the other.
+        held = await store.list_prefix(schema.claims_of("n1"))
+        assert [kv.key for kv in held.items] == [schema.claim("n1", str(registration.record.overlay_ip))]
         taken = {first.record.overlay_ip, registration.record.overlay_ip}
         assert taken == {ipaddress.ip_address("10.9.0.1"), ipaddress.ip_address("10.9.0.2")}
         with pytest.raises(AddressSpaceExhausted, match=r"every address in the mesh network 10\.9\.0\.0/30"):
@@ -98,18 +110,16 @@ def test_an_address_taken_after_listing_moves_on_to_the_next(shared_etcd: EtcdSe
     with_store(shared_etcd.endpoint, scenario)
 
 
-def test_a_record_whose_reservation_was_lost_is_reserved_again_and_taken_over(
-    shared_etcd: EtcdServer, prefix: str
-) -> None:
+def test_a_record_whose_claim_was_lost_is_claimed_again_and_taken_over(shared_etcd: EtcdServer, prefix: str) -> None:
     schema = KeySchema(prefix)
 
     async def scenario(store: EtcdStore) -> None:
         before = await registrar(store, schema).register(MeshConfig())
-        await store.delete_prefix(schema.ipam)  # an operator wiped the reservations; the record is still alive
+        await store.delete_prefix(schema.claims)  # an admin wiped the claims; the record is still alive
         after = await registrar(store, schema).register(MeshConfig())
-        reservation = await store.get(schema.address(str(after.record.overlay_ip)))
+        reservation = await store.get(schema.claim("n1", str(after.record.overlay_ip)))
         record = await store.get(schema.node("n1"))
-        assert reservation is not None and reservation.value == b"n1"
+        assert reservation is not None
         assert record is not None and record.lease == after.lease_id
         assert after.record.overlay_ip == before.record.overlay_ip  # the name hashes to the same first choice
 

@@ -128,12 +128,29 @@ def mutated(draw: st.DrawFn, base: dict[str, Any]) -> bytes:
 @st.composite
 def attacks(draw: st.DrawFn) -> tuple[str, str, bytes | None]:
     """One write of the attacker's: (kind, key, value or None for a deletion)."""
-    kind = draw(st.sampled_from(["node", "peer", "ipam", "config", "raw"]))
+    kind = draw(st.sampled_from(["node", "peer", "claim", "ipam", "config", "raw"]))
     name = draw(st.sampled_from(ATTACKER_NAMES))
-    if kind == "ipam":
-        address = draw(st.sampled_from([a for a in ADDRESSES if a not in HONEST_ADDRESSES]))
-        key = SCHEMA.address(address)
-        value: bytes | None = draw(st.sampled_from([b"a0", b"a1", b"h0", b"local", b"\xff"]))
+    value: bytes | None
+    if kind == "claim":
+        # Claims under the attacker's own names (all its credential may write), on any address, honest ones too
+        # (younger than theirs); and claim keys of every malformed shape.
+        address = draw(st.sampled_from(ADDRESSES))
+        key = draw(
+            st.sampled_from(
+                [
+                    SCHEMA.claim(name, address),
+                    f"{SCHEMA.claims_of(name)}overlay/not-an-address",
+                    f"{SCHEMA.claims_of(name)}pods/{address}",
+                    f"{SCHEMA.claims_of(name)}overlay/{address}/extra",
+                    f"{SCHEMA.claims}{name}",
+                    f"{SCHEMA.claims}Not_A_Name/overlay/{address}",
+                ]
+            )
+        )
+        value = draw(st.binary(max_size=16))
+    elif kind == "ipam":  # reservations of a mesh not migrated yet
+        key = SCHEMA.legacy_reservation(draw(st.sampled_from(ADDRESSES)))
+        value = draw(st.sampled_from([b"a0", b"a1", b"h0", b"local", b"\xff"]))
     elif kind == "config":
         key = SCHEMA.config
         base = MeshConfig().to_json() | {"overlay_cidr": draw(st.sampled_from(CIDRS))}

@@ -404,14 +404,27 @@ def test_config_fields_must_have_their_exact_types(doc: dict[str, object]) -> No
 # --- takeovers through the reservations ---------------------------------------------------------------------------
 
 
-def test_a_rewritten_reservation_takes_nothing_from_the_node_that_registered_first() -> None:
+def test_a_younger_claim_on_a_nodes_address_takes_nothing_from_it() -> None:
     mesh = Mesh()
     _, address, _ = HONEST["h1"]
-    mesh.delete(SCHEMA.address(address))
-    mesh.put(SCHEMA.address(address), b"evil")
+    mesh.put(SCHEMA.claim("evil", address), b"")
+    assert mesh.view.reservations[address].owner == "h1"
     mesh.assert_honest_intact()
-    # Put over it directly (same create revision as h1's): still h1's, its record is not younger.
-    mesh.put(SCHEMA.address(address), b"evil2")
+    # Deleted and claimed again by another (an admin's mistake, or a migration gone wrong): h1's record is older
+    # than the new claim, and h1 claims the address itself, so it keeps it.
+    mesh.delete(SCHEMA.claim("h1", address))
+    assert mesh.view.reservations[address].owner == "evil"
+    mesh.assert_honest_intact()
+
+
+def test_a_reservation_of_the_old_schema_counts_like_a_claim_until_migrated() -> None:
+    mesh = Mesh()
+    newcomer = NodeKey.generate().public_key
+    mesh.put(SCHEMA.legacy_reservation("10.96.0.77"), b"old-node")
+    mesh.put(SCHEMA.claim("newcomer", "10.96.0.77"), b"")  # younger: the old reservation holds the address
+    mesh.put(SCHEMA.node("newcomer"), node_doc("newcomer", newcomer, "10.96.0.77", "192.168.240.77:51820"))
+    assert mesh.view.reservations["10.96.0.77"].owner == "old-node"
+    assert mesh.reasons() == {"address_taken"}
     mesh.assert_honest_intact()
 
 
@@ -432,7 +445,7 @@ def test_a_squatter_on_the_address_a_future_node_will_pick_loses_it_when_the_nod
     mesh.put(SCHEMA.node("squatter"), node_doc("squatter", ATTACKER_KEY, "10.96.0.77", "192.0.2.9:1"))
     mesh.put(SCHEMA.peer("squatter2"), peer_doc("squatter2", public_key=LOCAL_KEY[:-4] + "AAA=", allowed_ips=[]))
     newcomer = NodeKey.generate().public_key
-    mesh.put(SCHEMA.address("10.96.0.77"), b"newcomer")
+    mesh.put(SCHEMA.claim("newcomer", "10.96.0.77"), b"")
     mesh.put(SCHEMA.node("newcomer"), node_doc("newcomer", newcomer, "10.96.0.77", "192.168.240.77:51820"))
     topology = mesh.topology()
     assert topology.names.get(newcomer) == "newcomer"
@@ -440,11 +453,16 @@ def test_a_squatter_on_the_address_a_future_node_will_pick_loses_it_when_the_nod
     mesh.assert_honest_intact()
 
 
-def test_invalid_json_in_a_reservation_keeps_the_previous_holder() -> None:
+def test_malformed_claims_are_rejected_alone_and_keep_the_holder() -> None:
     mesh = Mesh()
     _, address, _ = HONEST["h2"]
-    mesh.put(SCHEMA.address(address), b"\xff not a name")
-    assert mesh.view.ipam[address].owner == "h2"
+    mesh.put(SCHEMA.legacy_reservation(address), b"\xff not a name")
+    mesh.put(f"{SCHEMA.claims_of('a0')}overlay/not-an-address", b"")
+    mesh.put(f"{SCHEMA.claims}Not_A_Name/overlay/{address}", b"")
+    mesh.put(f"{SCHEMA.claims}a0", b"")
+    mesh.put(f"{SCHEMA.claims_of('a0')}pods/10.244.0.0-24", b"")  # a kind of a later version: ignored
+    assert [r.reason for r in mesh.rejections] == ["invalid_field", "invalid_key", "invalid_key", "invalid_key"]
+    assert mesh.view.reservations[address].owner == "h2"
     mesh.assert_honest_intact()
 
 

@@ -112,7 +112,7 @@ def test_conflicts_resolve_by_create_revision() -> None:
                 kv(SCHEMA.node("c"), record("c", "10.96.0.4", extra=("10.244.1.0/25",)), 12),
                 # d claims an address reserved for someone else
                 kv(SCHEMA.node("d"), record("d", "10.96.0.5"), 13),
-                kv(SCHEMA.address("10.96.0.5"), b"somebody-else", 4),
+                kv(SCHEMA.claim("somebody-else", "10.96.0.5"), b"", 4),
             ),
             13,
         )

@@ -145,25 +145,23 @@ def test_nodes_never_share_an_address_and_a_full_network_is_a_clear_error() -> N
             await registrar(store, "c").register(config)
         view = MeshView(SCHEMA)
         view.apply(await store.list_prefix(SCHEMA.root))
-        assert {r.owner for r in view.ipam.values()} == {"a", "b"}
+        assert {r.owner for r in view.reservations.values()} == {"a", "b"}
 
     scenario(body)
 
 
-def test_a_rewritten_reservation_is_written_back_by_its_holder() -> None:
+def test_a_deleted_claim_is_written_back_by_its_holder() -> None:
     async def body(store: MemoryStore) -> None:
         r = registrar(store)
         registration = await r.register(MeshConfig())
-        key = SCHEMA.address(str(registration.record.overlay_ip))
+        key = SCHEMA.claim("n1", str(registration.record.overlay_ip))
         assert r.reservation_key == key
-        await store.put(key, b"evil")
-        await r.restore_reservation(b"evil")
-        restored = await store.get(key)
-        assert restored is not None and restored.value == b"n1"
+        before = await store.get(key)
+        await r.restore_reservation(b"anything")  # what a claim holds says nothing: nothing to do
+        assert await store.get(key) == before
         await store.delete(key)
         await r.restore_reservation(None)
         assert (await store.get(key)) is not None
-        await r.restore_reservation(b"n1")  # ours: nothing to do
         await r.deregister()
 
     scenario(body)

@@ -84,9 +84,13 @@ def _random_event(rng: random.Random, etcd: _Etcd) -> Event | None:
     if roll < 0.75:
         return etcd.put(SCHEMA.peer(name), _peer_value(rng, name))
     if roll < 0.88:
-        return etcd.put(SCHEMA.address(rng.choice(ADDRESSES[:-1])), rng.choice(NAMES).encode())
+        return etcd.put(SCHEMA.claim(rng.choice(NAMES), rng.choice(ADDRESSES[:-1])), b"")
+    if roll < 0.92:
+        return etcd.delete(SCHEMA.claim(rng.choice(NAMES), rng.choice(ADDRESSES[:-1])))
+    if roll < 0.94:
+        return etcd.put(SCHEMA.legacy_reservation(rng.choice(ADDRESSES[:-1])), rng.choice(NAMES).encode())
     if roll < 0.96:
-        return etcd.delete(SCHEMA.address(rng.choice(ADDRESSES[:-1])))
+        return etcd.delete(SCHEMA.legacy_reservation(rng.choice(ADDRESSES[:-1])))
     if roll < 0.98:
         return etcd.put(SCHEMA.config, encode_json(MeshConfig(persistent_keepalive=rng.choice([0, 25])).to_json()))
     return etcd.put(SCHEMA.node(name), b"{not json")  # rejected: the last valid record stays
@@ -157,7 +161,7 @@ def test_a_join_at_the_end_is_settled_without_folding_again() -> None:
             listen_port=51820,
             published_at=1.0,
         )
-        reservation = etcd.put(SCHEMA.address(f"10.96.0.{i}"), name.encode())
+        reservation = etcd.put(SCHEMA.claim(name, f"10.96.0.{i}"), b"")
         view.apply(Events((reservation, etcd.put(SCHEMA.node(name), encode_json(record.to_json()))), etcd.revision))
         assert builder.update(view, view.take_changes()) == {KEYS[i]}
     leave = etcd.delete(SCHEMA.node("n4"))

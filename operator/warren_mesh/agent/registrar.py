@@ -1,10 +1,12 @@
 """This node's place in the mesh: a stable overlay address and a node record that lives exactly as long as we do.
 
-The address is reserved under ``ipam/<address>`` with a create-only transaction and never expires, so a node
-gets the same address after any restart and two nodes can never hold one. Liveness is separate: the node record
-sits on a short lease that we keep alive every TTL/3; if we die, etcd deletes the record when the lease runs out
-and every peer drops us. A record for our name that carries another public key belongs to someone else and is
-never overwritten.
+The address is claimed under ``claims/<node>/overlay/<address>``, a key only this node may write (with etcd's
+auth on, docs/security.md). Two nodes may claim one address; the older claim (lower create revision) holds it,
+the same on every node, and the younger claimant sees that right after it wrote its claim and moves on. Claims
+never expire, so a node gets the same address after any restart. Liveness is separate: the node record sits on a
+short lease that we keep alive every TTL/3; if we die, etcd deletes the record when the lease runs out and every
+peer drops us. A record for our name that carries another public key belongs to someone else and is never
+overwritten.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass, replace
 
 from warren_mesh.admission import usable_host_range
 from warren_mesh.keys import NodeKey
+from warren_mesh.mesh.peers import MeshView
 from warren_mesh.metrics.instruments import AgentMetrics
 from warren_mesh.model import MeshConfig, NodeRecord, encode_json
 from warren_mesh.netaddr import IPAddress, IPNetwork, parse_ip
@@ -26,6 +29,7 @@ from warren_mesh.schema import KeySchema
 from warren_mesh.settings import RegistrationSettings
 from warren_mesh.store.base import Backoff, LeaseNotFound, Store, StoreError, StoreUnavailable, lease_refresh_interval
 from warren_mesh.validation import Endpoint, RecordError, decode_json
+from warren_mesh.watch import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -71,19 +75,35 @@ class Registrar:
 
     # --- address ----------------------------------------------------------------------------------------------
 
-    async def _reservations(self, cidr: IPNetwork) -> tuple[IPAddress | None, set[int]]:
-        """The address we hold in ``cidr`` (None if none) and every address reserved by anyone."""
-        snapshot = await self._store.list_prefix(self._schema.ipam)
+    async def _claims(self) -> MeshView:
+        """Every claim on an overlay address, judged as every agent judges them (including the ``ipam/``
+        reservations of a mesh not migrated yet)."""
+        claims = await self._store.list_prefix(self._schema.claims)
+        legacy = await self._store.list_prefix(self._schema.ipam)
+        view = MeshView(self._schema)
+        view.apply(Snapshot(claims.items + legacy.items, max(claims.revision, legacy.revision)))
+        return view
+
+    async def _held_address(self, cidr: IPNetwork) -> tuple[IPAddress | None, set[int]]:
+        """The address we hold in ``cidr`` (None if none) and every address someone else holds. Our claims that
+        lost to an older one are withdrawn; an address we hold only through a reservation of the old schema gets a
+        claim of ours (so a migrated mesh keeps every node's address)."""
+        view = await self._claims()
+        held: IPAddress | None = None
         taken: set[int] = set()
-        for kv in snapshot.items:
-            try:
-                ip = parse_ip(kv.key[len(self._schema.ipam) :])
-            except ValueError:
-                continue
-            if kv.value.decode(errors="replace") == self._name and ip in cidr:
-                return ip, taken
-            taken.add(int(ip))
-        return None, taken
+        for address, holder in view.reservations.items():
+            ip = parse_ip(address)
+            if holder.owner != self._name:
+                taken.add(int(ip))
+                for claim in view.claims_on(address):
+                    if claim.key == self._schema.claim(self._name, address):
+                        log.warning("withdrawing the claim of %s on %s: %s holds it", self._name, ip, holder.owner)
+                        await self._store.delete(claim.key)
+            elif ip in cidr and (held is None or int(ip) < int(held)):
+                held = ip
+        if held is not None:
+            await self._store.create(self._schema.claim(self._name, str(held)), b"")  # no-op once it is there
+        return held, taken
 
     def _candidates(self, cidr: IPNetwork, taken: set[int]) -> Iterator[IPAddress]:
         first, last = usable_host_range(cidr)
@@ -115,7 +135,7 @@ class Registrar:
         ttl = self._lease_ttl if self._lease_ttl is not None else config.lease_ttl_seconds
         taken: set[int] = set()
         if overlay_ip is None:
-            overlay_ip, taken = await self._reservations(config.overlay_cidr)
+            overlay_ip, taken = await self._held_address(config.overlay_cidr)
         lease_id = await self._store.grant_lease(ttl)
         # Held from this moment, not from when the record is written: with a thousand nodes starting at once,
         # registering took several seconds, and a lease refreshed only after that expired before its first refresh.
@@ -154,31 +174,41 @@ class Registrar:
         return self.current
 
     async def _reserve_and_publish(self, config: MeshConfig, taken: set[int], lease_id: int) -> NodeRecord:
-        """Reserve a free address and publish our record at it. The usual first start writes both in one
-        transaction: one revision, so a cluster booting at once costs every watcher one event per node, not two."""
-        name = self._name.encode()
+        """Claim a free address and publish our record at it. The usual first start writes both in one
+        transaction: one revision, so a cluster booting at once costs every watcher one event per node, not two.
+        Claims of other nodes made since we listed are older than ours and win: we check, and move on if so."""
+        published: NodeRecord | None = None
         for ip in self._candidates(config.overlay_cidr, taken):
             record = self._record(config, ip)
-            address_key = self._schema.address(str(ip))
-            holders = await self._store.create_all(
-                [(address_key, name, 0), (self._schema.node(self._name), encode_json(record.to_json()), lease_id)]
-            )
-            if holders is None:
-                log.info("reserved overlay address %s for %s", ip, self._name)
-                return record
-            address_holder = holders[0]
-            if address_holder is not None and address_holder.value != name:
-                continue  # another node took it since we listed
-            # The address is ours or free, but a record of ours is there already (a previous run whose
-            # reservation is gone): reserve on its own, then take the record over.
-            if address_holder is None:
-                holder = await self._store.create(address_key, name)
-                if holder is not None and holder.value != name:
-                    continue
-            log.info("reserved overlay address %s for %s", ip, self._name)
+            claim_key = self._schema.claim(self._name, str(ip))
+            if published is None:
+                holders = await self._store.create_all(
+                    [(claim_key, b"", 0), (self._schema.node(self._name), encode_json(record.to_json()), lease_id)]
+                )
+                if holders is None:
+                    published = record
+                elif holders[0] is None:
+                    # A record of ours is there already (a previous run whose claim is gone): claim alone, then
+                    # take the record over.
+                    await self._store.create(claim_key, b"")
+            else:
+                await self._store.create(claim_key, b"")
+            holder = (await self._claims()).reservations.get(str(ip))
+            if holder is None or holder.owner != self._name:
+                log.info(
+                    "%s claimed %s first; %s tries the next address",
+                    holder.owner if holder else "nobody",
+                    ip,
+                    self._name,
+                )
+                await self._store.delete(claim_key)
+                continue
+            log.info("claimed overlay address %s for %s", ip, self._name)
+            if published is not None and published.overlay_ip == ip:
+                return published
             return await self._publish(record, lease_id)
         raise AddressSpaceExhausted(
-            f"every address in the mesh network {config.overlay_cidr} is reserved; widen overlayCIDR"
+            f"every address in the mesh network {config.overlay_cidr} is claimed; widen overlayCIDR"
         )
 
     async def _publish(self, record: NodeRecord, lease_id: int) -> NodeRecord:
@@ -245,28 +275,23 @@ class Registrar:
 
     @property
     def reservation_key(self) -> str | None:
-        """The key of the address we hold, once registered."""
+        """The key of our claim on the address we hold, once registered."""
         current = self.current
-        return None if current is None else self._schema.address(str(current.record.overlay_ip))
+        return None if current is None else self._schema.claim(self._name, str(current.record.overlay_ip))
 
     async def restore_reservation(self, value: bytes | None) -> None:
-        """Write our address reservation again if someone deleted it or put another name there. Every agent
-        keeps our record as long as it is older than the rewritten reservation, but a node that claims the address
-        as well would win it: the address is ours as long as we live, so we say so again at once."""
+        """Claim our address again if someone deleted our claim. Every agent keeps our record as long as it is
+        older than a newer claim, but a node that claims the address as well would win it: the address is ours as
+        long as we live, so we say so again at once. (What a claim's key holds is all it says: its value is
+        ignored.)"""
         key = self.reservation_key
-        name = self._name.encode()
-        if key is None or value == name:
+        if key is None or value is not None:
             return
-        log.warning(
-            "the reservation %s of %s was %s by someone else; writing it again",
-            key,
-            self._name,
-            "deleted" if value is None else "changed",
-        )
+        log.warning("the claim %s of %s was deleted by someone else; claiming again", key, self._name)
         try:
-            await self._store.put(key, name)
+            await self._store.create(key, b"")
         except StoreError as exc:
-            log.warning("could not restore the reservation %s (retried with the next change): %s", key, exc)
+            log.warning("could not claim %s again (retried with the next change): %s", key, exc)
 
     async def _hold(self, lease_id: int, ttl: int) -> None:
         """Refresh a lease every TTL/3 until etcd says it is gone; stream failures are retried, never fatal."""

@@ -157,6 +157,9 @@ class Lab:
             (self.state_dir / "etcd").mkdir(exist_ok=True)
             etcd.start()
             say(f"etcd up at {self.etcd_endpoint} in namespace {self.hub}")
+            if tls:  # each node's certificate may write only that node's keys (docs/security.md)
+                self._admin("etcd-auth", "setup")
+                say("etcd auth on: each node may write only its own keys")
             for index in range(1, nodes + 1):
                 self.add_node(index)
                 say(f"started {self.node_name(index)} in namespace {self.node_netns(index)}")
@@ -175,6 +178,7 @@ class Lab:
         netns.address(node_side, f"{self.underlay_ip(index)}/{SUBNET.prefixlen}", ns=ns)
         if self.tls and not (self.pki_dir / f"{pki.node_user(self.node_name(index))}.pem").exists():
             pki.issue_node(self.pki_dir, self.node_name(index))
+            self._admin("etcd-auth", "add-node", self.node_name(index))
         with IPRoute(netns=ns) as ipr:
             ipr.route("add", dst="0.0.0.0/0", gateway=HUB_ADDRESS)
         self.start_agent(index)
@@ -211,6 +215,19 @@ class Lab:
         nodes[str(index)] = process.pid
         self._save(state)
         return process.pid
+
+    def _admin(self, *command: str) -> None:
+        """Run a `warren-mesh` command as the admin inside the hub's namespace, where etcd listens."""
+        argv = [sys.executable, "-m", "warren_mesh.cli", "--log-level=warning", *command, *self.access().flags()]
+        done = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            preexec_fn=in_netns(self.hub),
+            check=False,
+        )
+        if done.returncode != 0:
+            raise LabError(f"`warren-mesh {' '.join(command)}` failed: {done.stderr.strip() or done.stdout.strip()}")
 
     def kill_agent(self, index: int, sig: int = signal.SIGKILL) -> None:
         """Stop one agent (SIGKILL: a crash; its wireguard-go keeps running, as on a real node)."""

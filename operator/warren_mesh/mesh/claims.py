@@ -1,12 +1,12 @@
-"""What a record may claim next to the mesh's config, its reservations and this node: pure rules, no order.
+"""What a record may claim next to the mesh's config, the address claims and this node: pure rules, no order.
 
 A node may claim its reserved overlay address (a usable address of the overlay network) and networks inside the
 pod network; an external peer networks outside both, and inside the overlay network single usable addresses
-only. An address reserved under ``ipam/`` belongs to its holder: a record claiming it loses when the holder itself
-claims it (however old the claim), or when the reservation is older than the claim. So a node's own reservation and
-record always win over a later claim, and a reservation rewritten under a node after it registered takes nothing
-from it. Nothing may be routed over the networks this node must reach outside the tunnel (``LocalNode.protected``:
-its underlay, its etcd).
+only. An address claimed under ``claims/<node>/overlay/`` belongs to its holder (the oldest claim on it): a
+record claiming it loses when the holder itself claims it (however old the claim), or when the holder's claim is
+older than the record. So a node's own claim and record always win over a later claim, and an address claimed
+again for another after its node registered takes nothing from it. Nothing may be routed over the networks this
+node must reach outside the tunnel (``LocalNode.protected``: its underlay, its etcd).
 
 What depends on the order of the fold (who claimed a key or a network first) is the topology's (mesh/topology.py);
 ``NetworkClaims`` is the index it keeps of the networks taken so far.
@@ -166,7 +166,7 @@ class ClaimRules:
 
     def _reservation_problem(self, name: str, address: str, claimed_at: int) -> Conflict | None:
         view = self.view
-        reservation: Reservation | None = view.ipam.get(address) if view is not None else None
+        reservation: Reservation | None = view.reservations.get(address) if view is not None else None
         if view is None or reservation is None or reservation.owner == name:
             return None
         local = self._local

@@ -23,7 +23,7 @@ from typing import Generic, TypeVar
 from warren_mesh.admission import usable_host_range
 from warren_mesh.model import ExternalPeer, MeshConfig, NodeRecord
 from warren_mesh.netaddr import parse_ip
-from warren_mesh.schema import KeySchema
+from warren_mesh.schema import CLAIM_KINDS, KeySchema
 from warren_mesh.validation import (
     MAX_KEY_BYTES,
     REASON_INVALID_CONFIG,
@@ -64,15 +64,17 @@ class Changes:
     everything: bool
     nodes: frozenset[str] = frozenset()
     peers: frozenset[str] = frozenset()
-    addresses: frozenset[str] = frozenset()  # reservations (ipam) put or deleted
+    addresses: frozenset[str] = frozenset()  # addresses whose holder changed
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, order=True)
 class Reservation:
-    """``ipam/<address>``: who holds the address, and since when (older claims win)."""
+    """A claim on an overlay address: who made it, and since when. Of several claims on one address the oldest
+    (lowest create revision, then key) holds it, the same on every node."""
 
-    owner: str
     create_revision: int
+    key: str
+    owner: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +85,7 @@ class Rejection:
 
 
 class MeshView:
-    """Config, node records, external peers and address reservations under one key prefix."""
+    """Config, node records, external peers and address claims under one key prefix."""
 
     def __init__(self, schema: KeySchema, *, on_reject: Callable[[Rejection], None] | None = None) -> None:
         self._schema = schema
@@ -92,7 +94,10 @@ class MeshView:
         self._config_revision = 0
         self.nodes: dict[str, Entry[NodeRecord]] = {}
         self.peers: dict[str, Entry[ExternalPeer]] = {}
-        self.ipam: dict[str, Reservation] = {}  # overlay address -> who holds it
+        self.reservations: dict[str, Reservation] = {}  # overlay address -> its oldest claim (who holds it)
+        # overlay address -> claim key -> claim: node-owned claims/<node>/overlay/<address>, and the ipam/<address>
+        # reservations of meshes not migrated yet (docs/etcd-keys.md).
+        self._claims: dict[str, dict[str, Reservation]] = {}
         self.revision = 0
         self.synced = False  # a complete snapshot has been seen; until then nothing may be removed
         # node name -> publish time of records accepted since the last call to take_published()
@@ -145,7 +150,8 @@ class MeshView:
             del self.nodes[name]
         for name in [n for n in self.peers if self._schema.peer(n) not in present]:
             del self.peers[name]
-        self.ipam = {}
+        self.reservations = {}
+        self._claims = {}
         if self._schema.config not in present:
             self.config, self._config_revision = MeshConfig(), 0
         self._rejected = {k: r for k, r in self._rejected.items() if k in present}
@@ -179,9 +185,12 @@ class MeshView:
             case ("peer", name):
                 self.peers.pop(name, None)
                 self._changed_peers.add(name)
+            case ("claim", name):
+                claim = self._schema.split_claim(name)
+                if claim is not None:
+                    self._drop_claim(claim.value, key)
             case ("ipam", address):
-                self.ipam.pop(address, None)
-                self._changed_addresses.add(address)
+                self._drop_claim(address, key)
             case ("config", _):
                 self.config, self._config_revision = MeshConfig(), 0
                 self._pending_config = None
@@ -223,8 +232,10 @@ class MeshView:
                     peer = ExternalPeer.from_json(decode_json(kv.value), key_name=name)
                     self.peers[name] = Entry(peer, kv.create_revision, kv.mod_revision, kv.lease)
                     self._changed_peers.add(name)
+            case "claim":
+                self._put_claim(name, kv)
             case "ipam":
-                self._put_reservation(name, kv)
+                self._put_legacy_reservation(name, kv)
             case "config":
                 if kv.mod_revision != self._config_revision:
                     self._put_config(kv, _decode_config(kv.value))
@@ -250,7 +261,20 @@ class MeshView:
         log.info("mesh config of revision %d takes effect: no registered node is left outside it", kv.mod_revision)
         self._rejected.pop(kv.key, None)
 
-    def _put_reservation(self, address: str, kv: KeyValue) -> None:
+    def _put_claim(self, name: str, kv: KeyValue) -> None:
+        claim = self._schema.split_claim(name)
+        if claim is None:
+            raise RecordError(REASON_INVALID_KEY, f"claim {printable(name)} is not <node>/<kind>/<value>")
+        _check_key_name(claim.node)
+        if claim.kind not in CLAIM_KINDS:
+            return  # a kind of a newer version: not ours to judge
+        try:
+            parse_ip(claim.value)
+        except ValueError:
+            raise RecordError(REASON_INVALID_KEY, f"claim {printable(name)} does not name an address") from None
+        self._add_claim(claim.value, Reservation(kv.create_revision, kv.key, claim.node))
+
+    def _put_legacy_reservation(self, address: str, kv: KeyValue) -> None:
         try:
             parse_ip(address)
             owner = validate_name(kv.value.decode())
@@ -258,10 +282,34 @@ class MeshView:
             raise RecordError(
                 REASON_INVALID_FIELD, f"reservation {printable(address)} is not an address with a node name"
             ) from None
-        reservation = Reservation(owner, kv.create_revision)
-        if self.ipam.get(address) != reservation:
-            self.ipam[address] = reservation
+        self._add_claim(address, Reservation(kv.create_revision, kv.key, owner))
+
+    def _add_claim(self, address: str, claim: Reservation) -> None:
+        claims = self._claims.setdefault(address, {})
+        if claims.get(claim.key) != claim:
+            claims[claim.key] = claim
+            self._settle_holder(address)
+
+    def _drop_claim(self, address: str, key: str) -> None:
+        claims = self._claims.get(address)
+        if claims is not None and claims.pop(key, None) is not None:
+            if not claims:
+                del self._claims[address]
+            self._settle_holder(address)
+
+    def _settle_holder(self, address: str) -> None:
+        claims = self._claims.get(address)
+        holder = min(claims.values()) if claims else None
+        if self.reservations.get(address) != holder:
+            if holder is None:
+                del self.reservations[address]
+            else:
+                self.reservations[address] = holder
             self._changed_addresses.add(address)
+
+    def claims_on(self, address: str) -> list[Reservation]:
+        """Every claim on ``address``, oldest (the holder) first."""
+        return sorted(self._claims.get(address, {}).values())
 
     def _reject(self, kv: KeyValue, exc: RecordError, *, trace: BaseException | None = None) -> None:
         """Count and log a rejected record version once; ``trace``: the bug of ours it hit, logged with it."""

@@ -51,6 +51,13 @@ class Store(Protocol):
         """Delete ``key`` only if it is unchanged since ``mod_revision``."""
         ...
 
+    async def commit(
+        self, *, unchanged: Sequence[tuple[str, int]], puts: Sequence[tuple[str, bytes]], deletes: Sequence[str]
+    ) -> bool:
+        """If every ``(key, mod_revision)`` of ``unchanged`` still holds (0: the key is absent), apply ``puts``
+        and ``deletes`` in one revision. Whether it did."""
+        ...
+
     async def grant_lease(self, ttl: int) -> int: ...
 
     async def hold_lease(

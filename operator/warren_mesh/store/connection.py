@@ -87,6 +87,15 @@ class _Connection:
             self.channel = grpc.aio.insecure_channel(endpoint.target, options=_CHANNEL_OPTIONS)
         self.kv = rpc_pb2_grpc.KVStub(self.channel)
         self.lease = rpc_pb2_grpc.LeaseStub(self.channel)
+        self.auth = rpc_pb2_grpc.AuthStub(self.channel)
+        # Requests encoded by hand: fields of etcd 3.4 that the etcd3 package's protocol files predate.
+        self.raw_auth = _RawAuth(
+            self.channel.unary_unary(
+                "/etcdserverpb.Auth/UserAdd",
+                request_serializer=bytes,
+                response_deserializer=rpc_pb2.AuthUserAddResponse.FromString,
+            )
+        )
         # Our own handles on Watch and Range, the hot path: answers are decoded by store.wire straight into our
         # values; the request serializer also passes pre-encoded bytes through.
         self.watch = self.channel.stream_stream(
@@ -101,6 +110,11 @@ class _Connection:
                 response_deserializer=decode_range_response,
             )
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _RawAuth:
+    UserAdd: Any
 
 
 @dataclass(frozen=True, slots=True)

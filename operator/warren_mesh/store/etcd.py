@@ -44,6 +44,11 @@ class EtcdStore:
         return self._connection.endpoint
 
     @property
+    def connection(self) -> EtcdConnection:
+        """For the store's sibling modules (store/etcd_auth.py)."""
+        return self._connection
+
+    @property
     def up(self) -> bool:
         return self._connection.up
 
@@ -133,6 +138,19 @@ class EtcdStore:
             success=[rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=wire_key(key)))],
         )
         resp = await self._connection.call("kv", "Txn", request)
+        return bool(resp.succeeded)
+
+    async def commit(
+        self, *, unchanged: Sequence[tuple[str, int]], puts: Sequence[tuple[str, bytes]], deletes: Sequence[str]
+    ) -> bool:
+        """See ``Store.commit``."""
+        compares = [
+            rpc_pb2.Compare(result=rpc_pb2.Compare.EQUAL, target=rpc_pb2.Compare.MOD, key=wire_key(k), mod_revision=m)
+            for k, m in unchanged
+        ]
+        ops = [rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=wire_key(k), value=v)) for k, v in puts]
+        ops += [rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=wire_key(k))) for k in deletes]
+        resp = await self._connection.call("kv", "Txn", rpc_pb2.TxnRequest(compare=compares, success=ops))
         return bool(resp.succeeded)
 
     async def _txn(self, compare: Any, key: str, value: bytes, lease: int) -> KeyValue | None:

@@ -133,6 +133,20 @@ class MemoryStore:
         await self._write([self._delete_event(key)])
         return True
 
+    async def commit(
+        self, *, unchanged: Sequence[tuple[str, int]], puts: Sequence[tuple[str, bytes]], deletes: Sequence[str]
+    ) -> bool:
+        self._check()
+        for key, mod_revision in unchanged:
+            current = self._data.get(key)
+            if (current.mod_revision if current is not None else 0) != mod_revision:
+                return False
+        events = [self._put_event(key, value, 0) for key, value in puts]
+        events += [self._delete_event(key) for key in deletes if key in self._data]
+        if events:
+            await self._write(events)
+        return True
+
     def _put_event(self, key: str, value: bytes, lease: int) -> Event:
         if lease and lease not in self._leases:
             raise LeaseNotFound(f"lease {lease:x} not found")

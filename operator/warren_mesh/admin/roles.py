@@ -1,0 +1,61 @@
+"""Who may write what in etcd: the mesh's roles, one per node and one for the operator (docs/security.md).
+
+- A node reads the whole mesh and writes only its own record (``nodes/<node>``) and its own claims
+  (``claims/<node>/``). It cannot touch another node's keys, the config or the external peers.
+- The operator reads the whole mesh, writes the config and the external peers, and may delete node records and
+  claims: etcd lets a lease be revoked only by a user who may write every key on it, and freeing the address of a
+  node gone for good is a deletion of its claim.
+- The admin (etcd's ``root``, the admin certificate) does everything else: users, roles, migrations.
+
+Users are the common names of the certificates ``warren_mesh.pki`` issues. Setting up is idempotent: run it
+again to add nodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from warren_mesh import pki
+from warren_mesh.schema import KeySchema
+from warren_mesh.store.etcd_auth import EtcdAuth, Permission
+
+ROOT_ROLE = "root"
+
+
+def node_permissions(schema: KeySchema, node: str) -> list[Permission]:
+    return [
+        Permission("read", schema.root, prefix=True),
+        Permission("readwrite", schema.node(node), prefix=False),
+        Permission("readwrite", schema.claims_of(node), prefix=True),
+    ]
+
+
+def operator_permissions(schema: KeySchema) -> list[Permission]:
+    return [
+        Permission("read", schema.root, prefix=True),
+        Permission("readwrite", schema.config, prefix=False),
+        Permission("readwrite", schema.peers, prefix=True),
+        Permission("readwrite", schema.nodes, prefix=True),
+        Permission("readwrite", schema.claims, prefix=True),
+    ]
+
+
+async def add_node(auth: EtcdAuth, schema: KeySchema, node: str) -> None:
+    """The user of ``node``'s certificate, with a role of its own that may write only that node's keys."""
+    user = pki.node_user(node)
+    await auth.add_user(user)
+    await auth.add_role(user, node_permissions(schema, node))
+    await auth.grant_role(user, user)
+
+
+async def set_up(auth: EtcdAuth, schema: KeySchema, nodes: Iterable[str]) -> None:
+    """Root, the operator and ``nodes``, then auth on (etcd refuses to enable it without a root user)."""
+    await auth.add_user(pki.ADMIN_USER)
+    await auth.add_role(ROOT_ROLE, [])
+    await auth.grant_role(pki.ADMIN_USER, ROOT_ROLE)
+    await auth.add_user(pki.OPERATOR_USER)
+    await auth.add_role(pki.OPERATOR_USER, operator_permissions(schema))
+    await auth.grant_role(pki.OPERATOR_USER, pki.OPERATOR_USER)
+    for node in nodes:
+        await add_node(auth, schema, node)
+    await auth.enable()
