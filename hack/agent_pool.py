@@ -6,7 +6,8 @@ which speaks JSON lines over each worker's stdin/stdout. Conditions the benchmar
 N-1 peers", "every agent applied key K") are evaluated inside the workers, next to the agents, so waiting costs
 no round trips per poll.
 
-A worker is this file run as a script: ``python hack/agent_pool.py ENDPOINT PREFIX KEY_DIR TTL``.
+A worker is this file run as a script: ``python hack/agent_pool.py ENDPOINT PREFIX KEY_DIR TTL PKI_DIR`` (PKI_DIR
+``-`` for plain http; else etcd speaks TLS with auth on, and each agent uses its own node certificate).
 """
 
 from __future__ import annotations
@@ -25,9 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "operator"))
 
 from prometheus_client import Counter
 
+from warren_mesh import pki
+from warren_mesh.admin import roles
 from warren_mesh.agent.app import Agent
+from warren_mesh.etcd_tls import EtcdTls
 from warren_mesh.lab.simulated import SimulatedAgents
 from warren_mesh.netaddr import parse_endpoints
+from warren_mesh.schema import KeySchema
+from warren_mesh.store.etcd import EtcdStore
+from warren_mesh.store.etcd_auth import EtcdAuth
 from warren_mesh.wireguard.memory import MemoryBackend
 
 _POLL = 0.002  # seconds between checks of a condition inside a worker
@@ -53,8 +60,9 @@ async def wait_until(condition: Callable[[], bool], timeout: float, what: str) -
 class _Worker:
     """The agents of one worker process, and the floor's bare etcd3 watchers when asked for them."""
 
-    def __init__(self, endpoint: str, prefix: str, key_dir: Path, ttl: int) -> None:
+    def __init__(self, endpoint: str, prefix: str, key_dir: Path, ttl: int, pki_dir: Path | None) -> None:
         self.endpoint = endpoint
+        self.pki_dir = pki_dir
         self.pool = SimulatedAgents(endpoint, prefix, key_dir, ttl=ttl, interface="wgbench")
         self.agents = self.pool.agents
         self._marks: dict[str, int] = {}
@@ -69,7 +77,8 @@ class _Worker:
         return backend
 
     async def start(self, name: str, port: int) -> str:
-        return self.pool.start(name, port=port).key.public_key
+        tls = None if self.pki_dir is None else credentials(self.pki_dir, pki.node_user(name))
+        return self.pool.start(name, port=port, tls=tls).key.public_key
 
     def _alive(self) -> bool:
         """Raise at once when an agent ended on its own (a scenario waiting on it would otherwise only time out)."""
@@ -166,7 +175,7 @@ class _Worker:
             self._worst_lag = max(self._worst_lag, loop.time() - due)
 
     async def floor_watch(self, prefix: str, watchers: int, puts: int) -> None:
-        self._floor = _FloorWatchers(self.endpoint, prefix, watchers, puts)
+        self._floor = _FloorWatchers(self.endpoint, prefix, watchers, puts, self.pki_dir)
 
     async def floor_received(self, index: int, timeout: float) -> list[float]:
         floor = self._floor
@@ -197,14 +206,12 @@ def _total(counter: Counter) -> float:
 class _FloorWatchers:
     """N watchers on the etcd3 client alone, with nothing of ours in the way: put -> callback times."""
 
-    def __init__(self, endpoint: str, prefix: str, watchers: int, puts: int) -> None:
-        import etcd3
-
+    def __init__(self, endpoint: str, prefix: str, watchers: int, puts: int, pki_dir: Path | None) -> None:
         host, port = parse_endpoints(endpoint)[0].target.rsplit(":", 1)
         self.watchers = watchers
         self.received: list[list[float]] = [[] for _ in range(puts)]
         self._lock = threading.Lock()
-        self._clients = [etcd3.client(host=host, port=int(port), timeout=10) for _ in range(watchers)]
+        self._clients = [etcd3_client(host, int(port), pki_dir) for _ in range(watchers)]
         self._watches = [client.add_watch_prefix_callback(prefix, self._callback) for client in self._clients]
 
     def _callback(self, response: Any) -> None:
@@ -251,14 +258,36 @@ async def _serve(worker: _Worker) -> None:
     await worker.close()
 
 
+def credentials(pki_dir: Path, stem: str) -> EtcdTls:
+    return EtcdTls(pki_dir / "ca.pem", pki_dir / f"{stem}.pem", pki_dir / f"{stem}-key.pem")
+
+
+def etcd3_client(host: str, port: int, pki_dir: Path | None) -> Any:
+    """The etcd3 package's client (the floor's), as the admin when etcd speaks TLS."""
+    import etcd3
+
+    if pki_dir is None:
+        return etcd3.client(host=host, port=port, timeout=10)
+    admin = credentials(pki_dir, "admin")
+    return etcd3.client(
+        host=host,
+        port=port,
+        timeout=10,
+        ca_cert=str(admin.ca_file),
+        cert_cert=str(admin.cert_file),
+        cert_key=str(admin.key_file),
+    )
+
+
 def _worker_main() -> None:
     endpoint, prefix, key_dir, ttl = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
+    pki_dir = None if sys.argv[5] == "-" else Path(sys.argv[5])
     # Below etcd's priority: in a cluster etcd has CPUs of its own, here it shares two cores with a thousand
     # simulated agents. At equal priority the workers took ~2/3 of the CPU in a storm, etcd answered lease
     # refreshes up to ~10 s late, and a varying number of leases expired (converged in 55-117 s over five runs;
     # 53-58 s niced). Both the agents and the floor's bare watchers run in these workers, so both are judged alike.
     os.nice(WORKER_NICENESS)
-    asyncio.run(_serve(_Worker(endpoint, prefix, key_dir, ttl)))
+    asyncio.run(_serve(_Worker(endpoint, prefix, key_dir, ttl, pki_dir)))
 
 
 # --- in the benchmark ----------------------------------------------------------------------------------------
@@ -310,8 +339,12 @@ class _WorkerHandle:
 class AgentPool:
     """N simulated agents over ``workers`` processes, placed round-robin by start order."""
 
-    def __init__(self, endpoint: str, scenario: str, key_dir: Path, *, workers: int, ttl: int = 10) -> None:
-        self.endpoint, self.key_dir, self.ttl, self.workers = endpoint, key_dir, ttl, workers
+    def __init__(
+        self, endpoint: str, scenario: str, key_dir: Path, *, workers: int, ttl: int = 10, pki_dir: Path | None = None
+    ) -> None:
+        """``pki_dir``: etcd speaks TLS with auth on; each agent gets a certificate and a role of its own."""
+        self.endpoint, self.key_dir, self.ttl, self.workers, self.pki_dir = endpoint, key_dir, ttl, workers, pki_dir
+        self._admin: EtcdStore | None = None
         self.prefix = f"/bench-{scenario}/{time.time_ns()}"
         self._handles: list[_WorkerHandle] = []
         self.keys: dict[str, str] = {}  # live agent -> public key
@@ -327,15 +360,20 @@ class AgentPool:
                 self.prefix,
                 str(self.key_dir),
                 str(self.ttl),
+                str(self.pki_dir or "-"),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
             )
             self._handles.append(_WorkerHandle(process))
         await self._each("ping")  # start-up (imports) is not part of any measurement
+        if self.pki_dir is not None:
+            self._admin = EtcdStore(self.endpoint, tls=credentials(self.pki_dir, "admin"))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await asyncio.gather(*(handle.close() for handle in self._handles))
+        if self._admin is not None:
+            await self._admin.close()
 
     @property
     def names(self) -> list[str]:
@@ -347,6 +385,9 @@ class AgentPool:
     async def start(self, name: str) -> str:
         index, port = self._started % self.workers, 20000 + self._started
         self._started += 1
+        if self.pki_dir is not None and self._admin is not None:  # enrolment is not part of any measurement
+            pki.issue_node(self.pki_dir, name)
+            await roles.add_node(EtcdAuth(self._admin), KeySchema(self.prefix), name)
         key: str = await self._handles[index].call("start", name=name, port=port)
         self.keys[name], self._placed[name] = key, index
         return key

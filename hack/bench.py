@@ -2,6 +2,7 @@
 """Benchmarks of the control plane against a real etcd, each judged against a floor measured in the same run.
 
     .venv/bin/python hack/bench.py --scenario floor --scenario join --nodes 10
+    .venv/bin/python hack/bench.py --scenario join --nodes 100 --etcd-auth   # TLS, client certificates, roles
 
 Scenarios (one JSON line each, latencies in milliseconds):
   floor  N watchers on the etcd3 client alone (no agent logic): put -> watch callback latency.
@@ -52,7 +53,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "operator"))
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from agent_pool import AgentPool, BenchError, wait_until
+from agent_pool import AgentPool, BenchError, credentials, etcd3_client, wait_until
+from warren_mesh import pki
+from warren_mesh.admin import roles
 from warren_mesh.agent.app import Agent
 from warren_mesh.device import InterfaceSpec, PeerSpec
 from warren_mesh.keys import NodeKey, load_or_create
@@ -64,6 +67,7 @@ from warren_mesh.netaddr import parse_endpoints
 from warren_mesh.schema import KeySchema
 from warren_mesh.settings import AgentSettings
 from warren_mesh.store.etcd import EtcdStore
+from warren_mesh.store.etcd_auth import EtcdAuth
 from warren_mesh.validation import Endpoint
 from warren_mesh.wireguard import uapi
 from warren_mesh.wireguard.backend import Backend
@@ -86,6 +90,10 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     }
 
 
+# The run's PKI when etcd speaks TLS with auth on (--etcd-auth), else None.
+PKI_DIR: Path | None = None
+
+
 def machine() -> dict[str, Any]:
     return {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()}
 
@@ -93,14 +101,12 @@ def machine() -> dict[str, Any]:
 async def scenario_floor(endpoint: str, nodes: int, puts: int, workers: int) -> dict[str, Any]:
     """The physical floor: one etcd commit plus watch fan-out to N clients, with nothing of ours in the way. The
     watchers are packed into worker processes exactly as the agents are, so both pay the same for sharing."""
-    import etcd3
-
     host, port = parse_endpoints(endpoint)[0].target.rsplit(":", 1)
-    writer = etcd3.client(host=host, port=int(port), timeout=10)
+    writer = etcd3_client(host, int(port), PKI_DIR)
     prefix = f"/bench-floor/{time.time_ns()}/"
     try:
         with tempfile.TemporaryDirectory(prefix="warren-bench-") as tmp:
-            async with AgentPool(endpoint, "floor", Path(tmp), workers=workers) as pool:
+            async with AgentPool(endpoint, "floor", Path(tmp), workers=workers, pki_dir=PKI_DIR) as pool:
                 latencies = await pool.floor(prefix, nodes, puts, lambda key: writer.put(key, b"x"))
     finally:
         writer.delete_prefix(prefix)
@@ -124,7 +130,7 @@ async def _settled_mesh(pool: AgentPool, names: list[str], batch: int = 100) -> 
 
 async def scenario_join(endpoint: str, nodes: int, joins: int, workers: int, lease_ttl: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="warren-bench-") as tmp:
-        async with AgentPool(endpoint, "join", Path(tmp), workers=workers, ttl=lease_ttl) as pool:
+        async with AgentPool(endpoint, "join", Path(tmp), workers=workers, ttl=lease_ttl, pki_dir=PKI_DIR) as pool:
             await _settled_mesh(pool, [f"n{i}" for i in range(nodes)])
             rebuilds = await pool.rebuilds()
             latencies: list[float] = []
@@ -144,6 +150,7 @@ async def scenario_join(endpoint: str, nodes: int, joins: int, workers: int, lea
         "joins": joins,
         "workers": workers,
         "lease_ttl_s": lease_ttl,
+        "etcd_auth": PKI_DIR is not None,
         "full_rebuilds": rebuilds,
         **percentiles(latencies),
     }
@@ -495,6 +502,11 @@ def main() -> int:
     parser.add_argument("--scrapes", type=int, default=20, help="scrapes timed in the scrape scenario")
     parser.add_argument("--etcd-endpoints", default=None, help="use this etcd instead of starting one")
     parser.add_argument(
+        "--etcd-auth",
+        action="store_true",
+        help="floor and join only: etcd with TLS, client certificates and per-node roles (as the lab runs it)",
+    )
+    parser.add_argument(
         "--lease-ttl",
         type=int,
         default=10,
@@ -508,10 +520,20 @@ def main() -> int:
     if "all" in chosen:
         chosen = ["floor", "join", "leave", "storm", "coldstart", "churn", "cost", "scrape"]
     server = None
+    pki_tmp = None
+    if args.etcd_auth:
+        if args.etcd_endpoints is not None or set(chosen) - {"floor", "join"}:
+            parser.error("--etcd-auth starts an etcd of its own, for the floor and join scenarios")
+        global PKI_DIR  # noqa: PLW0603 (one setting for every scenario of this run)
+        pki_tmp = tempfile.TemporaryDirectory(prefix="warren-bench-pki-")
+        PKI_DIR = Path(pki_tmp.name)
+        pki.init(PKI_DIR, ["127.0.0.1"])
     if args.etcd_endpoints is None:
-        server = EtcdServer()
+        server = EtcdServer(pki=PKI_DIR)
         server.start()
         endpoint = server.endpoint
+        if PKI_DIR is not None:
+            asyncio.run(_enable_auth(endpoint, PKI_DIR))
     else:
         endpoint = args.etcd_endpoints.split(",")[0]
     try:
@@ -534,7 +556,18 @@ def main() -> int:
     finally:
         if server is not None:
             server.close()
+        if pki_tmp is not None:
+            pki_tmp.cleanup()
     return 0
+
+
+async def _enable_auth(endpoint: str, pki_dir: Path) -> None:
+    """Root and the operator, auth on; each simulated node is given its role as it starts (AgentPool)."""
+    admin = EtcdStore(endpoint, tls=credentials(pki_dir, "admin"))
+    try:
+        await roles.set_up(EtcdAuth(admin), KeySchema("/bench"), [])
+    finally:
+        await admin.close()
 
 
 def _run(scenario: str, endpoint: str, args: argparse.Namespace) -> dict[str, Any]:

@@ -7,7 +7,7 @@
 
 There is no kubelet or controller manager: objects are stored and validated, RBAC is enforced, pods never run
 (validate workloads with `kubectl apply --dry-run=server`). Authentication is by static tokens: an admin, and the
-operator's and the agent's service accounts (kubeconfig-operator, kubeconfig-agent in STATE_DIR), so tests can act
+operator's, the agent's and the enroller's service accounts (kubeconfig-operator, -agent, -enroller in STATE_DIR), so tests can act
 with exactly the permissions the manifests in deploy/ grant.
 """
 
@@ -40,6 +40,7 @@ IDENTITIES = {
     "admin": ("admin", ["system:masters"]),
     "operator": (f"system:serviceaccount:{NAMESPACE}:warren-mesh-operator", ["system:serviceaccounts"]),
     "agent": (f"system:serviceaccount:{NAMESPACE}:warren-mesh-agent", ["system:serviceaccounts"]),
+    "enroller": (f"system:serviceaccount:{NAMESPACE}:warren-mesh-enroller", ["system:serviceaccounts"]),
 }
 
 

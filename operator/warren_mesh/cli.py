@@ -23,11 +23,14 @@ from warren_mesh.admin.migration import migrate_reservations
 from warren_mesh.agent.app import Agent
 from warren_mesh.agent.registrar import AddressSpaceExhausted, RegistrationConflict
 from warren_mesh.agent.underlay import UnderlayError
+from warren_mesh.enroller.client import EnrolmentError, enroll
+from warren_mesh.enroller.identity import AgentIdentity
 from warren_mesh.keys import KeyFileError
 from warren_mesh.lab.demo import run_demo
 from warren_mesh.lab.etcd_server import EtcdServerError
 from warren_mesh.lab.lab import Lab, LabError, require_root
 from warren_mesh.lab.report import render_lab_table, status_json
+from warren_mesh.netaddr import parse_listen_address
 from warren_mesh.settings import (
     AgentSettings,
     OperatorSettings,
@@ -58,6 +61,7 @@ _USER_ERRORS = (
     LabError,
     BackendError,
     PermissionError,
+    EnrolmentError,
 )
 
 
@@ -111,6 +115,28 @@ def build_parser() -> argparse.ArgumentParser:
     auth_node.add_argument("name")
     for sub in (auth_setup, auth_node):
         add_store_flags(sub)
+
+    enroller = commands.add_parser(
+        "enroller", help="sign each agent pod's etcd certificate for its own node (TokenReview; holds the CA key)"
+    )
+    add_store_flags(enroller)
+    add_flag(enroller, "--listen-address", "0.0.0.0:9443", "HOST:PORT of the HTTPS endpoint")
+    add_flag(enroller, "--pki-dir", None, "directory with the mesh CA (ca.pem, ca-key.pem)")
+    add_flag(enroller, "--tls-cert-file", None, "the enroller's server certificate (of the mesh CA)")
+    add_flag(enroller, "--tls-key-file", None, "its key")
+    add_flag(enroller, "--agent-namespace", "warren-mesh", "namespace of the agent pods")
+    add_flag(enroller, "--agent-service-account", "warren-mesh-agent", "service account of the agent pods")
+    add_flag(enroller, "--token-audience", "warren-mesh", "audience of the agents' projected tokens")
+
+    enroll = commands.add_parser(
+        "enroll", help="get this node's etcd certificate from the enroller (key made here; renews when due)"
+    )
+    add_flag(enroll, "--enroller", None, "https:// URL of the enroller")
+    add_flag(enroll, "--enroller-ca-file", None, "the mesh CA, which signed the enroller's certificate")
+    add_flag(enroll, "--token-file", "/var/run/secrets/warren-mesh/token", "the pod's projected token")
+    add_flag(enroll, "--dir", "/var/lib/warren-mesh/etcd", "where node.pem, node-key.pem (0600) and ca.pem go")
+    add_flag(enroll, "--node-name", None, "the node this pod runs on: refused if the API server says otherwise")
+    enroll.add_argument("--renew-within-days", type=int, default=pki.RENEW_WITHIN_DAYS)
 
     migrate = commands.add_parser(
         "migrate-claims", help="move ipam/ reservations to node-owned claims (before etcd's auth is turned on)"
@@ -170,6 +196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _certs(args)
         if args.command == "etcd-auth":
             return asyncio.run(_etcd_auth(StoreSettings.from_args(args), args))
+        if args.command == "enroller":
+            return asyncio.run(_enroller(StoreSettings.from_args(args), args))
+        if args.command == "enroll":
+            return _enroll(args)
         if args.command == "migrate-claims":
             return asyncio.run(_migrate_claims(StoreSettings.from_args(args)))
     except _USER_ERRORS as exc:
@@ -280,6 +310,58 @@ async def _etcd_auth(settings: StoreSettings, args: argparse.Namespace) -> int:
             print(f"{pki.node_user(nodes[0])} may write {settings.schema.node(nodes[0])} and its claims")
     finally:
         await store.close()
+    return 0
+
+
+async def _enroller(settings: StoreSettings, args: argparse.Namespace) -> int:
+    for flag in ("pki_dir", "tls_cert_file", "tls_key_file"):
+        if not getattr(args, flag):
+            raise SettingsError(f"--{flag.replace('_', '-')} is required")
+    if settings.tls is None:
+        raise SettingsError("the enroller creates etcd users: give etcd's root credentials (--etcd-cert-file, ...)")
+    host, port = parse_listen_address(args.listen_address)
+    identity = AgentIdentity(args.agent_namespace, args.agent_service_account, args.token_audience)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    # Only the enroller loads aiohttp's server and kopf's login (agents never do).
+    from warren_mesh.enroller.server import serve as serve_enroller  # noqa: PLC0415
+
+    store = EtcdStore(settings.etcd_endpoints, tls=settings.tls)
+    try:
+        await serve_enroller(
+            Path(args.pki_dir),
+            host=host,
+            port=port,
+            identity=identity,
+            etcd=store,
+            schema=settings.schema,
+            tls=(Path(args.tls_cert_file), Path(args.tls_key_file)),
+            stop=stop,
+        )
+    finally:
+        await store.close()
+    return 0
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    if not args.enroller or not args.enroller_ca_file:
+        raise SettingsError("--enroller and --enroller-ca-file are required")
+    if args.node_name:
+        validate_name(args.node_name)
+    done = enroll(
+        args.enroller,
+        ca_file=Path(args.enroller_ca_file),
+        token_file=Path(args.token_file),
+        directory=Path(args.dir),
+        node_name=args.node_name or None,
+        renew_within_days=args.renew_within_days,
+    )
+    if done is None:
+        print(f"{Path(args.dir) / 'node.pem'} is valid for more than {args.renew_within_days} days: kept")
+    else:
+        print(f"wrote {done.cert} for {pki.node_user(done.node)} (key {done.key} stays on this node)")
     return 0
 
 

@@ -114,15 +114,31 @@ def issue(
     """Sign a certificate for ``common_name`` with the CA in ``directory``, written as ``stem.pem`` and
     ``stem-key.pem``. With ``server_names`` (DNS names or IP addresses) it is a server certificate (etcd's),
     otherwise a client certificate. ``not_before`` and ``days`` exist for tests of expired certificates."""
-    ca_cert, ca_key = _load_ca(directory)
     key = ec.generate_private_key(ec.SECP256R1())
+    cert = _sign(directory, key.public_key(), common_name, server_names=server_names, days=days, not_before=not_before)
+    _write_key(directory / f"{stem}-key.pem", key)
+    (directory / f"{stem}.pem").write_bytes(cert)
+    return Credential(directory / f"{stem}.pem", directory / f"{stem}-key.pem")
+
+
+def _sign(
+    directory: Path,
+    public_key: ec.EllipticCurvePublicKey,
+    common_name: str,
+    *,
+    server_names: Iterable[str] = (),
+    days: int = LEAF_DAYS,
+    not_before: datetime.datetime | None = None,
+) -> bytes:
+    """A certificate (PEM) for ``public_key`` as ``common_name``, signed by the CA in ``directory``."""
+    ca_cert, ca_key = _load_ca(directory)
     start = not_before or _now() - datetime.timedelta(minutes=5)
     names = list(server_names)
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(start + datetime.timedelta(days=days))
@@ -136,9 +152,44 @@ def issue(
         usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
         builder = builder.add_extension(x509.SubjectAlternativeName([_san(n) for n in names]), critical=False)
     cert = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False).sign(ca_key, hashes.SHA256())
-    _write_key(directory / f"{stem}-key.pem", key)
-    (directory / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return Credential(directory / f"{stem}.pem", directory / f"{stem}-key.pem")
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+# --- certificate requests: a key made where it is used, a certificate from whoever holds the CA ----------------
+
+
+def node_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """The key at ``path``, made (0600) if there is none: a node's key never leaves the node."""
+    if path.exists():
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise PkiError(f"{path} is not an EC private key")
+        return key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    _write_key(path, key)
+    return key
+
+
+def certificate_request(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """A CSR (PEM) proving possession of ``key``. It names nobody: the signer decides whose it is."""
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def sign_request(directory: Path, request: bytes, common_name: str) -> bytes:
+    """A client certificate (PEM) for the key of ``request`` as ``common_name``: whatever the request says about
+    names is ignored. Refused (PkiError): anything but a P-256 key, or a request its key did not sign."""
+    try:
+        csr = x509.load_pem_x509_csr(request)
+    except ValueError as exc:
+        raise PkiError(f"not a PEM certificate request ({exc})") from None
+    public_key = csr.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.name != "secp256r1":
+        raise PkiError("the request's key is not an ECDSA P-256 key")
+    if not csr.is_signature_valid:
+        raise PkiError("the request is not signed by its own key")
+    return _sign(directory, public_key, common_name)
 
 
 def _san(name: str) -> x509.GeneralName:

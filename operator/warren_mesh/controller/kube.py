@@ -7,6 +7,7 @@ in-cluster service account, else the kubeconfig), so both always act as the same
 
 from __future__ import annotations
 
+import builtins
 import json
 import ssl
 import urllib.parse
@@ -109,6 +110,31 @@ class Kube:
         url = self._url(plural, name, "status" if status else None)
         patched: dict[str, Any] = await self._request("PATCH", url, patch, "application/merge-patch+json")
         return patched
+
+    # --- core objects the enroller reads (warren_mesh/enroller) ---------------------------------------------------
+
+    async def review_token(self, token: str, audiences: builtins.list[str]) -> dict[str, Any]:
+        """The API server's TokenReview of ``token`` for ``audiences``: its ``status``."""
+        body = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenReview",
+            "spec": {"token": token, "audiences": audiences},
+        }
+        url = self._info.server.rstrip("/") + "/apis/authentication.k8s.io/v1/tokenreviews"
+        review: dict[str, Any] = await self._request("POST", url, body)
+        status: dict[str, Any] = review.get("status") or {}
+        return status
+
+    async def get_core(self, path: str) -> dict[str, Any] | None:
+        """A core object (``namespaces/NS/pods/NAME``, ``nodes/NAME``), or None if there is none."""
+        url = self._info.server.rstrip("/") + "/api/v1/" + "/".join(urllib.parse.quote(p) for p in path.split("/"))
+        try:
+            found: dict[str, Any] = await self._request("GET", url)
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return found
 
     async def delete(self, plural: str, name: str) -> None:
         try:

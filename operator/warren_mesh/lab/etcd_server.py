@@ -7,6 +7,8 @@ are turned on at a short interval so watchers can tell a quiet stream from a dea
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -20,11 +22,17 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from collections.abc import Iterable
 from types import TracebackType
 
 from pyroute2 import netns
 
+from warren_mesh.admin import roles
+from warren_mesh.etcd_tls import EtcdTls
 from warren_mesh.process import in_netns
+from warren_mesh.schema import DEFAULT_PREFIX, KeySchema
+from warren_mesh.store.etcd import EtcdStore
+from warren_mesh.store.etcd_auth import EtcdAuth
 
 
 class EtcdServerError(RuntimeError):
@@ -162,6 +170,25 @@ class EtcdServer:
             return bool(json.loads(body).get("health") == "true")
         except ValueError:
             return False
+
+    def client_tls(self, stem: str = "admin") -> EtcdTls:
+        """The credentials ``stem.pem``/``stem-key.pem`` of this server's PKI (the admin's by default)."""
+        assert self.pki is not None, "a plain etcd has no client certificates"
+        return EtcdTls(self.pki / "ca.pem", self.pki / f"{stem}.pem", self.pki / f"{stem}-key.pem")
+
+    def enable_auth(self, nodes: Iterable[str] = (), *, prefix: str = DEFAULT_PREFIX) -> None:
+        """Turn etcd's auth on with the mesh's roles (admin/roles.py): root, the operator, and ``nodes`` under
+        ``prefix``. Blocking; run from a thread of its own, so that it works with or without a running loop."""
+
+        async def set_up() -> None:
+            store = EtcdStore(self.endpoint, tls=self.client_tls())
+            try:
+                await roles.set_up(EtcdAuth(store), KeySchema(prefix), nodes)
+            finally:
+                await store.close()
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, set_up()).result()
 
     def _tls_context(self) -> ssl.SSLContext:
         """A client context with the PKI's admin certificate (etcd asks every client for one)."""

@@ -1,0 +1,81 @@
+"""``warren-mesh enroll``: this node's etcd certificate from the enroller, its key made here and kept here."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from warren_mesh import pki
+from warren_mesh.enroller import PATH
+
+CERT, KEY, CA = "node.pem", "node-key.pem", "ca.pem"
+
+
+class EnrolmentError(RuntimeError):
+    """The enroller refused, or could not be reached; the message says which and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Enrolment:
+    node: str
+    cert: Path
+    key: Path
+    ca: Path
+
+
+def enroll(
+    url: str,
+    *,
+    ca_file: Path,
+    token_file: Path,
+    directory: Path,
+    node_name: str | None = None,
+    renew_within_days: int = pki.RENEW_WITHIN_DAYS,
+) -> Enrolment | None:
+    """Ask for a certificate unless the one in ``directory`` is valid for more than ``renew_within_days``
+    (then None). The key in ``directory`` is made once (0600) and only its public half is sent."""
+    cert, key_path, ca = directory / CERT, directory / KEY, directory / CA
+    if (
+        cert.exists()
+        and key_path.exists()
+        and pki.credential_problem(cert, key_path) is None
+        and not pki.expires_within(cert, renew_within_days)
+    ):
+        return None
+    key = pki.node_key(key_path)
+    try:
+        token = token_file.read_text().strip()
+    except OSError as exc:
+        raise EnrolmentError(f"cannot read the service-account token {token_file}: {exc.strerror}") from None
+    if not url.startswith("https://"):
+        raise EnrolmentError(f"--enroller {url} is not an https:// URL")
+    target = url.rstrip("/") + PATH
+    if node_name is not None:
+        target += "?" + urllib.parse.urlencode({"node": node_name})
+    request = urllib.request.Request(  # noqa: S310 (https only, checked above)
+        target,
+        data=pki.certificate_request(key),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/pkcs10"},
+        method="POST",
+    )
+    context = ssl.create_default_context(cafile=str(ca_file))
+    try:
+        with urllib.request.urlopen(request, context=context, timeout=30) as answer:  # noqa: S310 (https only)
+            body = json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            reason = json.loads(exc.read()).get("error", "")
+        except ValueError:
+            reason = exc.reason
+        raise EnrolmentError(f"the enroller refused ({exc.code}): {reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise EnrolmentError(f"the enroller at {url} cannot be reached: {exc}") from None
+    directory.mkdir(parents=True, exist_ok=True)
+    cert.write_text(body["certificate"])
+    ca.write_text(body["ca"])
+    return Enrolment(str(body["node"]), cert, key_path, ca)
