@@ -97,10 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     certs_node = certs_commands.add_parser("node", help="a client certificate for one node (CN node-NAME)")
     certs_node.add_argument("name")
+    certs_enroller = certs_commands.add_parser("enroller", help="the enroller's HTTPS server certificate")
+    certs_enroller.add_argument(
+        "--name", action="append", required=True, help="a DNS name or IP address agents reach it at (repeat)"
+    )
     certs_renew = certs_commands.add_parser("renew", help="renew a node's certificate if it expires soon")
     certs_renew.add_argument("name")
     certs_renew.add_argument("--within-days", type=int, default=pki.RENEW_WITHIN_DAYS)
-    for sub in (certs_init, certs_node, certs_renew):
+    for sub in (certs_init, certs_node, certs_enroller, certs_renew):
         sub.add_argument("--dir", required=True, type=Path, help="the PKI directory (keys are written 0600)")
 
     etcd_auth = commands.add_parser(
@@ -285,6 +289,8 @@ def _certs(args: argparse.Namespace) -> int:
     elif args.certs_command == "node":
         validate_name(args.name)
         written = {args.name: pki.issue_node(directory, args.name)}
+    elif args.certs_command == "enroller":
+        written = {"enroller": pki.issue(directory, "enroller", pki.ENROLLER_USER, server_names=args.name)}
     else:
         validate_name(args.name)
         renewed = pki.renew_node(directory, args.name, within_days=args.within_days)

@@ -8,7 +8,8 @@ node's certificate is renewed (same name, new key) when it is about to expire. L
     etcd.pem  etcd-key.pem              etcd's server certificate, for the given names and addresses
     admin.pem  admin-key.pem            CN root: everything (etcdctl, warren-mesh status, the lab)
     operator.pem  operator-key.pem      CN warren-mesh-operator
-    node-NAME.pem  node-NAME-key.pem    CN node-NAME: one node
+    node-NAME.pem  node-NAME-key.pem    CN node-NAME: one node (or made on the node: warren-mesh enroll)
+    enroller.pem  enroller-key.pem      the enroller's HTTPS certificate (warren-mesh certs enroller)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 CA_NAME = "warren-mesh CA"
 ADMIN_USER = "root"  # etcd's built-in superuser: auth needs it, and the admin certificate logs in as it
 OPERATOR_USER = "warren-mesh-operator"
+ENROLLER_USER = "warren-mesh-enroller"  # its server certificate's name; it acts in etcd as root (admin.pem)
 CA_DAYS = 3650
 LEAF_DAYS = 365
 RENEW_WITHIN_DAYS = 30

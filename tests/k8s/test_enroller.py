@@ -64,7 +64,7 @@ def enroller(cluster: Cluster, tmp_path: Path) -> Iterator[tuple[str, Path, str]
     """A TLS etcd with auth on, the objects above, and `warren-mesh enroller` as its own service account."""
     directory = tmp_path / "pki"
     pki.init(directory, ["127.0.0.1"])
-    pki.issue(directory, "enroller", "warren-mesh-enroller", server_names=["127.0.0.1"])
+    pki.issue(directory, "enroller", pki.ENROLLER_USER, server_names=["127.0.0.1"])
     cluster.kubectl("apply", "-f", "-", input=OBJECTS)
     port = free_port()
     with EtcdServer(pki=directory) as etcd:

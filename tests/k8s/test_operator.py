@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -130,6 +132,54 @@ def test_manifests_pass_server_side_validation(cluster: Cluster) -> None:
     assert "statefulset" not in cluster.kubectl("apply", "-k", str(ROOT / "deploy/external-etcd"), "--dry-run=server")
 
 
+def test_the_documented_certificates_and_secrets_are_what_the_manifests_mount(cluster: Cluster, tmp_path: Path) -> None:
+    """deploy/README.md's commands, run as written (in a scratch directory, against the test API server): each
+    Secret the manifests mount exists with the files they name, and no Secret holds a key it does not need."""
+    readme = (ROOT / "deploy" / "README.md").read_text()
+    block = readme.split("<!-- secrets:", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    made = ["configmap/warren-mesh-ca"]
+    try:
+        for line in block.strip().splitlines():
+            program, *args = shlex.split(line)
+            if program == "warren-mesh":
+                subprocess.run([sys.executable, "-m", "warren_mesh.cli", *args], cwd=tmp_path, check=True)
+                continue
+            result = subprocess.run(
+                ["kubectl", f"--kubeconfig={cluster.kubeconfig}", *args],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            assert result.returncode == 0 or "AlreadyExists" in result.stderr, result.stderr
+            if "secret" in args:
+                made.append(f"secret/{args[args.index('generic') + 1]}")
+        secrets = {
+            name.split("/")[1]: set(json.loads(cluster.kubectl("get", name, "-n", "warren-mesh", "-o", "json"))["data"])
+            for name in made
+        }
+        assert secrets["warren-mesh-ca"] == {"ca.pem"}
+        assert secrets["warren-mesh-etcd-tls"] == {"ca.pem", "etcd.pem", "etcd-key.pem"}
+        assert secrets["warren-mesh-operator-etcd"] == {"ca.pem", "operator.pem", "operator-key.pem"}
+        enroller = secrets["warren-mesh-enroller"]
+        assert enroller == {"ca.pem", "ca-key.pem", "admin.pem", "admin-key.pem", "enroller.pem", "enroller-key.pem"}
+        manifests = "".join(
+            (ROOT / "deploy" / "base" / f).read_text()
+            for f in ("etcd.yaml", "operator.yaml", "enroller.yaml", "agent.yaml")
+        )
+        for name in secrets:
+            assert name in manifests, f"{name} is made but mounted nowhere"
+        for path in (
+            "/etc/etcd/tls/etcd.pem",
+            "/etc/warren-mesh/etcd/operator.pem",
+            "/etc/warren-mesh/pki/enroller.pem",
+        ):
+            assert path in manifests
+    finally:
+        for name in made:
+            cluster.kubectl("delete", name, "-n", "warren-mesh", "--ignore-not-found", check=False)
+
+
 def test_service_accounts_can_do_what_they_need_and_no_more(cluster: Cluster) -> None:
     def can(who: str, *what: str) -> bool:
         answer = cluster.kubectl("auth", "can-i", *what, f"--as=system:serviceaccount:warren-mesh:{who}", check=False)
@@ -161,6 +211,22 @@ def test_service_accounts_can_do_what_they_need_and_no_more(cluster: Cluster) ->
     # The agent talks to etcd only.
     for what in [("get", "meshes.mesh.warren.io"), ("list", "nodes"), ("get", "secrets", "-A"), ("get", "pods")]:
         assert not can("warren-mesh-agent", *what), what
+    # The enroller reviews tokens and reads the agent pods and the nodes they name; nothing else.
+    for what in [
+        ("create", "tokenreviews.authentication.k8s.io"),
+        ("get", "pods", "-n", "warren-mesh"),
+        ("get", "nodes"),
+    ]:
+        assert can("warren-mesh-enroller", *what), what
+    for what in [
+        ("get", "pods", "-n", "default"),
+        ("list", "pods", "-n", "warren-mesh"),
+        ("get", "secrets", "-n", "warren-mesh"),
+        ("create", "serviceaccounts/token", "-n", "warren-mesh"),
+        ("patch", "nodes"),
+        ("get", "meshes.mesh.warren.io"),
+    ]:
+        assert not can("warren-mesh-enroller", *what), what
 
 
 def test_kubectl_edits_reach_every_agent(
