@@ -11,6 +11,7 @@ import pytest
 from hypothesis import settings
 
 from helpers import AgentProcess
+from warren_mesh import pki
 from warren_mesh.lab.etcd_server import EtcdServer
 from warren_mesh.store import runtime
 
@@ -44,12 +45,17 @@ def agent_process(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
     made: list[AgentProcess] = []
 
     def make(
-        etcd_endpoint: str, prefix: str, name: str, *, port: int, ttl: int = 3, extra: tuple[str, ...] = ()
+        etcd: EtcdServer, prefix: str, name: str, *, port: int, ttl: int = 3, extra: tuple[str, ...] = ()
     ) -> AgentProcess:
+        """Agent ``name`` of ``etcd``; with its own node certificate and role where etcd has auth on."""
+        stem = "admin"
+        if etcd.pki is not None:
+            etcd.authorize_node(name, prefix=prefix)
+            stem = pki.node_user(name)
         args = [
             "agent",
             "--backend=memory",
-            f"--etcd-endpoints={etcd_endpoint}",
+            *etcd.client_flags(stem),
             f"--prefix={prefix}",
             f"--node-name={name}",
             f"--endpoint=192.0.2.1:{port}",

@@ -45,9 +45,10 @@ class Cluster:
 class OperatorProcess:
     """`warren-mesh operator` as a real process, logged in as the operator's service account."""
 
-    def __init__(self, cluster: Cluster, etcd_endpoint: str, log_path: Path) -> None:
+    def __init__(self, cluster: Cluster, etcd_flags: list[str], log_path: Path) -> None:
+        """``etcd_flags``: ``--etcd-endpoints`` and the operator's credentials (EtcdServer.client_flags)."""
         self.cluster = cluster
-        self.etcd_endpoint = etcd_endpoint
+        self.etcd_flags = etcd_flags
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -57,7 +58,7 @@ class OperatorProcess:
             self.process = subprocess.Popen(
                 [
                     *OPERATOR_COMMAND,
-                    f"--etcd-endpoints={self.etcd_endpoint}",
+                    *self.etcd_flags,
                     f"--health-address=127.0.0.1:{free_port()}",
                 ],
                 stdout=log,

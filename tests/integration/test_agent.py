@@ -53,7 +53,7 @@ def test_a_killed_agent_leaves_every_peer_within_ttl_plus_one_second(
     async def scenario(mesh: Mesh) -> None:
         for i in range(3):
             mesh.start(f"n{i}")
-        victim = agent_process(shared_etcd.endpoint, prefix, "victim", port=free_port(), ttl=ttl)
+        victim = agent_process(shared_etcd, prefix, "victim", port=free_port(), ttl=ttl)
         victim.start()
         await mesh.converged({"n0", "n1", "n2", "victim"}, timeout=30)
         killed_at = time.monotonic()
@@ -73,7 +73,7 @@ def test_a_restarted_agent_keeps_key_and_address_and_does_not_flap_others(
         mesh.start("n0")
         mesh.start("n1")
         port = free_port()
-        proc = agent_process(shared_etcd.endpoint, prefix, "phoenix", port=port, ttl=5)
+        proc = agent_process(shared_etcd, prefix, "phoenix", port=port, ttl=5)
         proc.start()
         await mesh.converged({"n0", "n1", "phoenix"}, timeout=30)
         before = mesh.agents["n0"].view.nodes["phoenix"].record

@@ -1,5 +1,6 @@
-"""A real kube-apiserver (hack/k8s-up) with the CRDs and RBAC applied, a mesh etcd, and the operator running as
-its own service account: what every operator test starts from."""
+"""A real kube-apiserver (hack/k8s-up) with the CRDs and RBAC applied, a mesh etcd (TLS and per-node roles, as
+deploy/ runs it), and the operator running as its own service account and etcd user: what every operator test
+starts from."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from k8s_cluster import ROOT, Cluster, OperatorProcess
+from warren_mesh import pki
 from warren_mesh.lab.etcd_server import EtcdServer
 
 
@@ -34,14 +36,17 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 @pytest.fixture
-def mesh_etcd() -> Iterator[EtcdServer]:
-    with EtcdServer() as server:
+def mesh_etcd(tmp_path: Path) -> Iterator[EtcdServer]:
+    """The mesh's etcd as deploy/ runs it: TLS, client certificates, auth on with the mesh's roles."""
+    pki.init(tmp_path / "pki", ["127.0.0.1"])
+    with EtcdServer(pki=tmp_path / "pki") as server:
+        server.enable_auth()
         yield server
 
 
 @pytest.fixture
 def operator(cluster: Cluster, mesh_etcd: EtcdServer, tmp_path: Path) -> Iterator[OperatorProcess]:
-    process = OperatorProcess(cluster, mesh_etcd.endpoint, tmp_path / "operator.log")
+    process = OperatorProcess(cluster, mesh_etcd.client_flags("operator"), tmp_path / "operator.log")
     process.start()
     try:
         yield process

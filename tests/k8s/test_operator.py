@@ -59,8 +59,8 @@ class Agents:
     """Agents on memory devices, each running on one event loop in a thread of its own, so the test can read
     their devices (plain attributes) while they run."""
 
-    def __init__(self, etcd_endpoint: str, key_dir: Path) -> None:
-        self.etcd_endpoint = etcd_endpoint
+    def __init__(self, etcd: EtcdServer, key_dir: Path) -> None:
+        self.etcd = etcd
         self.key_dir = key_dir
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -71,7 +71,12 @@ class Agents:
 
     def start(self, name: str) -> None:
         settings = AgentSettings.simulated(
-            etcd_endpoint=self.etcd_endpoint, prefix=PREFIX, name=name, key_dir=self.key_dir, port=free_port()
+            etcd_endpoint=self.etcd.endpoint,
+            prefix=PREFIX,
+            name=name,
+            key_dir=self.key_dir,
+            port=free_port(),
+            tls=self.etcd.authorize_node(name, prefix=PREFIX),
         )
         backend = MemoryBackend(interface_name="wg-" + name)
         self.backends[name] = backend
@@ -97,16 +102,18 @@ class Agents:
 
 @pytest.fixture
 def agents(mesh_etcd: EtcdServer, tmp_path: Path) -> Iterator[Agents]:
-    made = Agents(mesh_etcd.endpoint, tmp_path)
+    made = Agents(mesh_etcd, tmp_path)
     try:
         yield made
     finally:
         made.close()
 
 
-def etcd_value(endpoint: str, key: str) -> bytes | None:
+def etcd_value(etcd: EtcdServer, key: str) -> bytes | None:
+    """``key``'s value, read as the admin."""
+
     async def read() -> bytes | None:
-        store = EtcdStore(endpoint)
+        store = EtcdStore(etcd.endpoint, tls=etcd.client_tls())
         try:
             kv = await store.get(key)
             return None if kv is None else kv.value
@@ -233,7 +240,7 @@ def test_kubectl_edits_reach_every_agent(
     cluster: Cluster, mesh_etcd: EtcdServer, operator: OperatorProcess, agents: Agents
 ) -> None:
     cluster.kubectl("apply", "-f", "-", input=MESH)
-    config = wait_for(lambda: etcd_value(mesh_etcd.endpoint, SCHEMA.config), 20, "the config in etcd", operator.log)
+    config = wait_for(lambda: etcd_value(mesh_etcd, SCHEMA.config), 20, "the config in etcd", operator.log)
     assert json.loads(config)["mtu"] == 1400 and json.loads(config)["lease_ttl_seconds"] == 3
     for name in ("node-a", "node-b", "node-c"):
         agents.start(name)
@@ -262,7 +269,7 @@ def test_kubectl_edits_reach_every_agent(
     assert condition(cluster.get("meshpeer", "laptop"))["reason"] == "Accepted"
     cluster.kubectl("delete", "meshpeer", "laptop", "--timeout=30s")
     wait_for(lambda: all(PEER_KEY not in b.peers for b in agents.backends.values()), 20, "the MeshPeer gone")
-    assert etcd_value(mesh_etcd.endpoint, SCHEMA.peer("laptop")) is None
+    assert etcd_value(mesh_etcd, SCHEMA.peer("laptop")) is None
     time.sleep(PASS_INTERVAL + 1)  # a full pass of the mesh loop later, it has not come back (no flapping)
     for backend in agents.backends.values():
         touched = [op.action for op in backend.operations if op.target == PEER_KEY]
@@ -273,7 +280,7 @@ def test_invalid_edits_are_refused_or_reported_and_change_nothing(
     cluster: Cluster, mesh_etcd: EtcdServer, operator: OperatorProcess
 ) -> None:
     cluster.kubectl("apply", "-f", "-", input=MESH)
-    before = wait_for(lambda: etcd_value(mesh_etcd.endpoint, SCHEMA.config), 20, "the config", operator.log)
+    before = wait_for(lambda: etcd_value(mesh_etcd, SCHEMA.config), 20, "the config", operator.log)
 
     # What the schema can say, the API server refuses.
     for patch, complaint in (
@@ -299,21 +306,21 @@ def test_invalid_edits_are_refused_or_reported_and_change_nothing(
         operator.log,
     )
     assert refused["status"] == "False" and "host bits" in refused["message"]
-    assert etcd_value(mesh_etcd.endpoint, SCHEMA.config) == before
+    assert etcd_value(mesh_etcd, SCHEMA.config) == before
 
     # A second Mesh on the same prefix would overwrite the first one's config: refused, nothing written.
     cluster.kubectl("patch", "wmesh", "default", "--type=merge", "-p", '{"spec":{"overlayCIDR":"10.96.0.0/16"}}')
     second = MESH.replace("name: default", "name: second").replace("mtu: 1400", "mtu: 1300")
     cluster.kubectl("apply", "-f", "-", input=second)
     wait_for(lambda: condition(cluster.get("wmesh", "second")).get("reason") == "PrefixTaken", 20, "PrefixTaken")
-    assert etcd_value(mesh_etcd.endpoint, SCHEMA.config) == before
+    assert etcd_value(mesh_etcd, SCHEMA.config) == before
 
 
 def test_an_overlay_change_that_would_leave_nodes_out_is_refused_and_widening_is_not(
     cluster: Cluster, mesh_etcd: EtcdServer, operator: OperatorProcess, agents: Agents
 ) -> None:
     cluster.kubectl("apply", "-f", "-", input=MESH)
-    before = wait_for(lambda: etcd_value(mesh_etcd.endpoint, SCHEMA.config), 20, "the config", operator.log)
+    before = wait_for(lambda: etcd_value(mesh_etcd, SCHEMA.config), 20, "the config", operator.log)
     agents.start("a")
     agents.start("b")
     wait_for(lambda: all(len(b.peers) == 1 for b in agents.backends.values()), 20, "the mesh of a and b")
@@ -332,7 +339,7 @@ def test_an_overlay_change_that_would_leave_nodes_out_is_refused_and_widening_is
     )
     assert refused["status"] == "False" and "2 registered node(s) (a, b)" in refused["message"], refused
     time.sleep(PASS_INTERVAL + 1)
-    assert etcd_value(mesh_etcd.endpoint, SCHEMA.config) == before
+    assert etcd_value(mesh_etcd, SCHEMA.config) == before
     assert {n: b.interface.address if b.interface else None for n, b in agents.backends.items()} == addresses
     assert all(len(b.peers) == 1 for b in agents.backends.values())
 
@@ -354,8 +361,8 @@ def test_meshnodes_follow_registrations_and_deleted_nodes_are_revoked(
     agent_process: Any,
 ) -> None:
     cluster.kubectl("apply", "-f", "-", input=MESH)
-    wait_for(lambda: etcd_value(mesh_etcd.endpoint, SCHEMA.config), 20, "the config", operator.log)
-    victim: AgentProcess = agent_process(mesh_etcd.endpoint, PREFIX, "victim", port=free_port(), ttl=3)
+    wait_for(lambda: etcd_value(mesh_etcd, SCHEMA.config), 20, "the config", operator.log)
+    victim: AgentProcess = agent_process(mesh_etcd, PREFIX, "victim", port=free_port(), ttl=3)
     victim.start()
     wait_for(lambda: cluster.get("meshnode", "victim"), 20, "MeshNode victim", operator.log)
     victim.process.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
@@ -363,14 +370,14 @@ def test_meshnodes_follow_registrations_and_deleted_nodes_are_revoked(
 
     # A Kubernetes Node deleted: its registration is revoked at once, long before its 30 s lease would expire.
     cluster.kubectl("apply", "-f", "-", input="apiVersion: v1\nkind: Node\nmetadata:\n  name: frozen\n")
-    frozen: AgentProcess = agent_process(mesh_etcd.endpoint, PREFIX, "frozen", port=free_port(), ttl=30)
+    frozen: AgentProcess = agent_process(mesh_etcd, PREFIX, "frozen", port=free_port(), ttl=30)
     frozen.start()
-    wait_for(lambda: etcd_value(mesh_etcd.endpoint, SCHEMA.node("frozen")), 20, "frozen's registration")
+    wait_for(lambda: etcd_value(mesh_etcd, SCHEMA.node("frozen")), 20, "frozen's registration")
     assert frozen.process is not None
     frozen.process.send_signal(signal.SIGSTOP)  # alive but silent: no re-register
     try:
         cluster.kubectl("delete", "node", "frozen")
-        wait_for(lambda: etcd_value(mesh_etcd.endpoint, SCHEMA.node("frozen")) is None, 10, "revocation", operator.log)
+        wait_for(lambda: etcd_value(mesh_etcd, SCHEMA.node("frozen")) is None, 10, "revocation", operator.log)
         wait_for(lambda: cluster.get("meshnode", "frozen") is None, 10, "MeshNode frozen gone")
     finally:
         frozen.process.send_signal(signal.SIGCONT)
@@ -380,18 +387,16 @@ def test_operator_catches_up_after_its_own_and_etcds_restart(
     cluster: Cluster, mesh_etcd: EtcdServer, operator: OperatorProcess
 ) -> None:
     cluster.kubectl("apply", "-f", "-", input=MESH)
-    wait_for(lambda: etcd_value(mesh_etcd.endpoint, SCHEMA.config), 20, "the config", operator.log)
+    wait_for(lambda: etcd_value(mesh_etcd, SCHEMA.config), 20, "the config", operator.log)
 
     # Operator down: edits made meanwhile are applied when it is back.
     operator.kill()
     cluster.kubectl("apply", "-f", "-", input=PEER)
     cluster.kubectl("patch", "wmesh", "default", "--type=merge", "-p", '{"spec":{"mtu":1300}}')
     operator.start()
+    wait_for(lambda: etcd_value(mesh_etcd, SCHEMA.peer("laptop")), 30, "the peer after a restart", operator.log)
     wait_for(
-        lambda: etcd_value(mesh_etcd.endpoint, SCHEMA.peer("laptop")), 30, "the peer after a restart", operator.log
-    )
-    wait_for(
-        lambda: json.loads(etcd_value(mesh_etcd.endpoint, SCHEMA.config) or b"{}").get("mtu") == 1300,
+        lambda: json.loads(etcd_value(mesh_etcd, SCHEMA.config) or b"{}").get("mtu") == 1300,
         30,
         "the MTU after a restart",
     )
@@ -402,7 +407,7 @@ def test_operator_catches_up_after_its_own_and_etcds_restart(
     subprocess.run(["sleep", "2"], check=True)
     mesh_etcd.start()
     wait_for(
-        lambda: json.loads(etcd_value(mesh_etcd.endpoint, SCHEMA.config) or b"{}").get("mtu") == 1280,
+        lambda: json.loads(etcd_value(mesh_etcd, SCHEMA.config) or b"{}").get("mtu") == 1280,
         40,
         "the MTU after etcd came back",
         operator.log,

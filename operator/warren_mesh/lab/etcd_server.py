@@ -22,11 +22,12 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
 
 from pyroute2 import netns
 
+from warren_mesh import pki
 from warren_mesh.admin import roles
 from warren_mesh.etcd_tls import EtcdTls
 from warren_mesh.process import in_netns
@@ -176,19 +177,40 @@ class EtcdServer:
         assert self.pki is not None, "a plain etcd has no client certificates"
         return EtcdTls(self.pki / "ca.pem", self.pki / f"{stem}.pem", self.pki / f"{stem}-key.pem")
 
+    def client_flags(self, stem: str = "admin") -> list[str]:
+        """``--etcd-endpoints`` and, with TLS, the three ``--etcd-*-file`` flags of ``stem``'s credentials."""
+        flags = [f"--etcd-endpoints={self.endpoint}"]
+        if self.pki is not None:
+            tls = self.client_tls(stem)
+            flags += [f"--etcd-ca-file={tls.ca_file}", f"--etcd-cert-file={tls.cert_file}"]
+            flags.append(f"--etcd-key-file={tls.key_file}")
+        return flags
+
     def enable_auth(self, nodes: Iterable[str] = (), *, prefix: str = DEFAULT_PREFIX) -> None:
         """Turn etcd's auth on with the mesh's roles (admin/roles.py): root, the operator, and ``nodes`` under
-        ``prefix``. Blocking; run from a thread of its own, so that it works with or without a running loop."""
+        ``prefix``. Blocking; works with or without a running event loop."""
+        self._as_admin(lambda auth: roles.set_up(auth, KeySchema(prefix), nodes))
 
-        async def set_up() -> None:
+    def authorize_node(self, name: str, *, prefix: str = DEFAULT_PREFIX) -> EtcdTls:
+        """A certificate for node ``name`` (made once) whose user may write that node's keys under ``prefix``;
+        its credentials. Roles add up: one node name may be given several prefixes (tests keep apart by prefix)."""
+        assert self.pki is not None, "a plain etcd has no users"
+        if not (self.pki / f"{pki.node_user(name)}.pem").exists():
+            pki.issue_node(self.pki, name)
+        self._as_admin(lambda auth: roles.add_node(auth, KeySchema(prefix), name))
+        return self.client_tls(pki.node_user(name))
+
+    def _as_admin(self, action: Callable[[EtcdAuth], Awaitable[None]]) -> None:
+        async def run() -> None:
             store = EtcdStore(self.endpoint, tls=self.client_tls())
             try:
-                await roles.set_up(EtcdAuth(store), KeySchema(prefix), nodes)
+                await action(EtcdAuth(store))
             finally:
                 await store.close()
 
+        # In a thread of its own: callers may be inside an event loop (a test's scenario) or not.
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            pool.submit(asyncio.run, set_up()).result()
+            pool.submit(asyncio.run, run()).result()
 
     def _tls_context(self) -> ssl.SSLContext:
         """A client context with the PKI's admin certificate (etcd asks every client for one)."""

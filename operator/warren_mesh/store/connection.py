@@ -66,6 +66,15 @@ _CHANNEL_OPTIONS: Final = (
 )
 
 
+# etcd's answer when its auth store changed between receiving a request and applying it (ErrAuthOldRevision).
+_AUTH_OLD_REVISION: Final = "revision of auth store is old"
+_AUTH_RETRIES: Final = 10
+
+
+class _AuthStoreMoved(Exception):
+    pass
+
+
 def prefix_range_end(prefix: bytes) -> bytes:
     """The smallest key greater than every key starting with ``prefix`` (etcd's range convention)."""
     end = bytearray(prefix)
@@ -201,6 +210,17 @@ class EtcdConnection:
         task.add_done_callback(self._closing.discard)
 
     async def call(self, stub: str, method: str, request: Any) -> Any:
+        for _ in range(_AUTH_RETRIES):
+            try:
+                return await self._call_once(stub, method, request)
+            except _AuthStoreMoved:
+                # etcd checked our permissions against its users and roles of a moment ago, and they changed since
+                # (another node was given its role): it refused the request without applying it, so asking again is
+                # safe. With per-node roles this happens whenever a node enrols while we write.
+                continue
+        raise StoreUnavailable(f"etcd's users and roles kept changing under {method}; retried {_AUTH_RETRIES} times")
+
+    async def _call_once(self, stub: str, method: str, request: Any) -> Any:
         conn = self.connection()
         try:
             response = await getattr(getattr(conn, stub), method)(request, timeout=self.call_timeout)
@@ -216,6 +236,8 @@ class EtcdConnection:
                 raise StoreUnavailable(
                     f"etcd at {conn.endpoint.target} is unavailable: {hint or f'{exc.code().name}: {details}'}"
                 ) from None
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT and _AUTH_OLD_REVISION in (exc.details() or ""):
+                raise _AuthStoreMoved from None
             message = f"etcd refused {method}: {exc.code().name}: {exc.details()}"
             if exc.code() == grpc.StatusCode.NOT_FOUND and "lease not found" in (exc.details() or ""):
                 raise LeaseNotFound(message) from None
