@@ -6,14 +6,43 @@ from collections.abc import Callable
 from pathlib import Path
 
 from helpers import run, wait_until
+from warren_mesh.agent.app import Agent
+from warren_mesh.etcd_tls import EtcdTls
+from warren_mesh.lab.etcd_server import EtcdServer
 from warren_mesh.lab.simulated import SimulatedAgents
 
 
 class Mesh(SimulatedAgents):
     """In-process agents sharing one event loop (lab/simulated.py), with what tests ask of them."""
 
-    def __init__(self, endpoint: str, prefix: str, key_dir: Path, ttl: int = 3) -> None:
-        super().__init__(endpoint, prefix, key_dir, ttl=ttl, interface="wgtest")
+    def __init__(self, etcd: EtcdServer | str, prefix: str, key_dir: Path, ttl: int = 3) -> None:
+        """``etcd``: a server of the tests' (each agent then gets its own node certificate and role where it has
+        auth on), or plain endpoint URLs."""
+        self.etcd = etcd if isinstance(etcd, EtcdServer) else None
+        super().__init__(
+            etcd.endpoint if isinstance(etcd, EtcdServer) else etcd, prefix, key_dir, ttl=ttl, interface="wgtest"
+        )
+
+    def start(
+        self,
+        name: str,
+        *,
+        port: int | None = None,
+        metrics_address: str | None = None,
+        resync_interval: float = 30.0,
+        etcd_endpoint: str | None = None,
+        tls: EtcdTls | None = None,
+    ) -> Agent:
+        if tls is None and self.etcd is not None and self.etcd.pki is not None:
+            tls = self.etcd.authorize_node(name, prefix=self.prefix)
+        return super().start(
+            name,
+            port=port,
+            metrics_address=metrics_address,
+            resync_interval=resync_interval,
+            etcd_endpoint=etcd_endpoint,
+            tls=tls,
+        )
 
     def ended(self) -> dict[str, str]:
         """Agents whose run() ended on its own (an agent only ends when told to stop): name -> why."""
@@ -37,9 +66,11 @@ class Mesh(SimulatedAgents):
         )
 
 
-def in_mesh(endpoint: str, prefix: str, key_dir: Path, scenario: Callable[[Mesh], object], ttl: int = 3) -> None:
+def in_mesh(
+    etcd: EtcdServer | str, prefix: str, key_dir: Path, scenario: Callable[[Mesh], object], ttl: int = 3
+) -> None:
     async def main() -> None:
-        mesh = Mesh(endpoint, prefix, key_dir, ttl)
+        mesh = Mesh(etcd, prefix, key_dir, ttl)
         try:
             await scenario(mesh)  # type: ignore[misc]
         finally:

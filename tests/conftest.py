@@ -22,9 +22,14 @@ _prefixes = itertools.count()
 
 
 @pytest.fixture(scope="session")
-def shared_etcd() -> Iterator[EtcdServer]:
-    """One etcd for the session; tests keep apart by prefix. Tests that stop or compact etcd use `etcd`."""
-    with EtcdServer() as server:
+def shared_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    """One etcd for the session, as users run it: TLS, client certificates, and etcd's auth with the mesh's roles
+    (each agent a node certificate whose role may write only its own keys, under its test's prefix). Tests keep
+    apart by prefix. Tests that stop, pause or compact etcd use `etcd`, a plain one of their own."""
+    directory = tmp_path_factory.mktemp("pki")
+    pki.init(directory, ["127.0.0.1"])
+    with EtcdServer(pki=directory) as server:
+        server.enable_auth()
         yield server
 
 

@@ -20,7 +20,6 @@ from warren_mesh.keys import NodeKey, load_or_create
 from warren_mesh.lab.etcd_server import EtcdServer, free_port
 from warren_mesh.model import MeshConfig, encode_json
 from warren_mesh.schema import KeySchema
-from warren_mesh.store.etcd import EtcdStore
 
 
 def test_agents_converge_to_the_full_mesh(shared_etcd: EtcdServer, prefix: str, tmp_path: Path) -> None:
@@ -42,7 +41,7 @@ def test_agents_converge_to_the_full_mesh(shared_etcd: EtcdServer, prefix: str, 
         await mesh.converged()
         assert mesh.ttl is not None and time.monotonic() - started < mesh.ttl
 
-    in_mesh(shared_etcd.endpoint, prefix, tmp_path, scenario)
+    in_mesh(shared_etcd, prefix, tmp_path, scenario)
 
 
 def test_a_killed_agent_leaves_every_peer_within_ttl_plus_one_second(
@@ -63,7 +62,7 @@ def test_a_killed_agent_leaves_every_peer_within_ttl_plus_one_second(
         assert gone_after <= ttl + 1, f"victim lingered {gone_after:.2f} s (TTL {ttl} s)"
         await mesh.converged()
 
-    in_mesh(shared_etcd.endpoint, prefix, tmp_path, scenario, ttl=ttl)
+    in_mesh(shared_etcd, prefix, tmp_path, scenario, ttl=ttl)
 
 
 def test_a_restarted_agent_keeps_key_and_address_and_does_not_flap_others(
@@ -98,7 +97,7 @@ def test_a_restarted_agent_keeps_key_and_address_and_does_not_flap_others(
         assert flaps == [], f"a restart with the same key and address changed nothing on peers, got {flaps}"
         assert proc.terminate() == 0
 
-    in_mesh(shared_etcd.endpoint, prefix, tmp_path, scenario)
+    in_mesh(shared_etcd, prefix, tmp_path, scenario)
 
 
 def test_a_join_touches_only_the_new_peer(shared_etcd: EtcdServer, prefix: str, tmp_path: Path) -> None:
@@ -119,7 +118,7 @@ def test_a_join_touches_only_the_new_peer(shared_etcd: EtcdServer, prefix: str, 
             await agent.reconciler.reconcile_once()
         assert {n: len(mesh.device(n).operations) for n in mesh.agents} == marks
 
-    in_mesh(shared_etcd.endpoint, prefix, tmp_path, scenario)
+    in_mesh(shared_etcd, prefix, tmp_path, scenario)
 
 
 def test_the_periodic_resync_repairs_a_drifted_device_while_the_mesh_keeps_changing(
@@ -135,7 +134,7 @@ def test_the_periodic_resync_repairs_a_drifted_device_while_the_mesh_keeps_chang
         other_key = mesh.agents["other"].key.public_key
         device = mesh.device("watched")
         device.remove_peer(device.peers[other_key])  # someone ran `wg set ... remove` by hand
-        writer = EtcdStore(mesh.endpoint)
+        writer = shared_etcd.admin_store()
         busy_until = time.monotonic() + 8
         try:
             # Keys of a newer schema under the mesh's root: every one is a watch event and a pass, none a change.
@@ -149,7 +148,7 @@ def test_the_periodic_resync_repairs_a_drifted_device_while_the_mesh_keeps_chang
         assert other_key in device.peers, "the resync never ran"
         assert watched.reconciler is not None and watched.reconciler.passes > 5
 
-    in_mesh(shared_etcd.endpoint, prefix, tmp_path, scenario)
+    in_mesh(shared_etcd, prefix, tmp_path, scenario)
 
 
 def _node_doc(name: str, key: str, address: str, **changes: object) -> dict[str, object]:
@@ -176,7 +175,7 @@ def test_bad_records_are_rejected_alone(shared_etcd: EtcdServer, prefix: str, tm
         await mesh.converged()
         n1 = mesh.agents["n0"].view.nodes["n1"].record
         n1_revision = mesh.agents["n0"].view.nodes["n1"].mod_revision
-        writer = EtcdStore(shared_etcd.endpoint)
+        writer = shared_etcd.admin_store()
         key = NodeKey.generate().public_key
         bad = {
             "not-json": (b"{oops", "invalid_json"),
@@ -219,7 +218,7 @@ def test_bad_records_are_rejected_alone(shared_etcd: EtcdServer, prefix: str, tm
         assert all(task_ok for task_ok in (a.healthy() for a in mesh.agents.values()))
         await writer.close()
 
-    in_mesh(shared_etcd.endpoint, prefix, tmp_path, scenario)
+    in_mesh(shared_etcd, prefix, tmp_path, scenario)
 
 
 def test_etcd_outage_keeps_peers_and_catches_up(etcd: EtcdServer, prefix: str, tmp_path: Path) -> None:
@@ -235,7 +234,7 @@ def test_etcd_outage_keeps_peers_and_catches_up(etcd: EtcdServer, prefix: str, t
         assert all(mesh.peer_names(n) == {"n0", "n1", "n2"} - {n} for n in mesh.agents), "peers kept while etcd away"
         await asyncio.to_thread(etcd.start)
         # A change made right after the outage reaches everyone.
-        writer = EtcdStore(etcd.endpoint)
+        writer = etcd.admin_store()
         await writer.put(schema.config, encode_json(MeshConfig(mtu=1300).to_json()))
         await wait_until(
             lambda: all((d := mesh.device(n).interface) is not None and d.mtu == 1300 for n in mesh.agents),
@@ -246,7 +245,7 @@ def test_etcd_outage_keeps_peers_and_catches_up(etcd: EtcdServer, prefix: str, t
         await writer.close()
         await mesh.converged()
 
-    in_mesh(etcd.endpoint, prefix, tmp_path, scenario)
+    in_mesh(etcd, prefix, tmp_path, scenario)
 
 
 def test_a_lost_lease_is_re_registered(etcd: EtcdServer, prefix: str, tmp_path: Path) -> None:
@@ -257,13 +256,13 @@ def test_a_lost_lease_is_re_registered(etcd: EtcdServer, prefix: str, tmp_path: 
         registrar = mesh.agents["n1"].registrar
         assert registrar is not None and registrar.current is not None
         # Someone (an operator, a compaction of leases after a long outage) revokes n1's lease.
-        writer = EtcdStore(etcd.endpoint)
+        writer = etcd.admin_store()
         await writer.revoke_lease(registrar.current.lease_id)
         await wait_until(lambda: mesh.metric("n1", "warren_mesh_registrations_total") == 2, 10, "re-registration")
         await mesh.converged()
         await writer.close()
 
-    in_mesh(etcd.endpoint, prefix, tmp_path, scenario)
+    in_mesh(etcd, prefix, tmp_path, scenario)
 
 
 def test_a_lease_that_expires_while_registering_is_retried(etcd: EtcdServer, prefix: str, tmp_path: Path) -> None:
@@ -290,7 +289,7 @@ def test_a_lease_that_expires_while_registering_is_retried(etcd: EtcdServer, pre
             return lease
 
         store.grant_lease = grant_then_stall  # type: ignore[method-assign]
-        writer = EtcdStore(etcd.endpoint)
+        writer = etcd.admin_store()
         await writer.revoke_lease(registrar.current.lease_id)
         await wait_until(lambda: mesh.metric("n1", "warren_mesh_registrations_total") == 2, 15, "re-registration")
         # One lease was lost; the registration that failed after it is retried, not counted as another.
@@ -298,7 +297,7 @@ def test_a_lease_that_expires_while_registering_is_retried(etcd: EtcdServer, pre
         await mesh.converged()
         await writer.close()
 
-    in_mesh(etcd.endpoint, prefix, tmp_path, scenario)
+    in_mesh(etcd, prefix, tmp_path, scenario)
 
 
 def test_metrics_and_health_endpoint(shared_etcd: EtcdServer, prefix: str, tmp_path: Path) -> None:
@@ -339,14 +338,14 @@ def test_metrics_and_health_endpoint(shared_etcd: EtcdServer, prefix: str, tmp_p
         )
         assert lint.returncode == 0, lint.stdout + lint.stderr
 
-    in_mesh(shared_etcd.endpoint, prefix, tmp_path, scenario)
+    in_mesh(shared_etcd, prefix, tmp_path, scenario)
 
 
 def test_name_taken_by_another_key_is_a_clear_error(shared_etcd: EtcdServer, prefix: str, tmp_path: Path) -> None:
     schema = KeySchema(prefix)
 
     async def occupy() -> None:
-        writer = EtcdStore(shared_etcd.endpoint)
+        writer = shared_etcd.admin_store()
         await writer.put(
             schema.node("taken"), encode_json(_node_doc("taken", NodeKey.generate().public_key, "10.96.9.9"))
         )
@@ -362,7 +361,7 @@ def test_name_taken_by_another_key_is_a_clear_error(shared_etcd: EtcdServer, pre
             "agent",
             "--backend=memory",
             "--node-name=taken",
-            f"--etcd-endpoints={shared_etcd.endpoint}",
+            *shared_etcd.client_flags(),
             f"--prefix={prefix}",
             "--endpoint=192.0.2.1:1",
             f"--key-file={key_file}",
@@ -412,7 +411,7 @@ def test_status_command(shared_etcd: EtcdServer, prefix: str, tmp_path: Path) ->
             "-m",
             "warren_mesh.cli",
             "status",
-            f"--etcd-endpoints={shared_etcd.endpoint}",
+            *shared_etcd.client_flags(),
             f"--prefix={prefix}",
         ]
         out = await asyncio.to_thread(
@@ -435,4 +434,4 @@ def test_status_command(shared_etcd: EtcdServer, prefix: str, tmp_path: Path) ->
             "LEFT",
         ]
 
-    in_mesh(shared_etcd.endpoint, prefix, tmp_path, scenario)
+    in_mesh(shared_etcd, prefix, tmp_path, scenario)

@@ -13,7 +13,7 @@ from warren_mesh.lab.etcd_server import EtcdServer
 BENCH = Path(__file__).resolve().parents[2] / "hack" / "bench.py"
 
 
-def test_bench_smoke(shared_etcd: EtcdServer) -> None:
+def test_bench_smoke(etcd: EtcdServer) -> None:
     result = subprocess.run(
         [
             sys.executable,
@@ -39,7 +39,7 @@ def test_bench_smoke(shared_etcd: EtcdServer) -> None:
             "--churn",
             "4",
             "--etcd-endpoints",
-            shared_etcd.endpoint,
+            etcd.endpoint,
         ],
         capture_output=True,
         text=True,
@@ -68,3 +68,13 @@ def test_bench_smoke(shared_etcd: EtcdServer) -> None:
     assert cost["records"] == 20 and cost["cpu_ms_per_event"] > 0 and cost["rss_mb"] > 0
     scrape = lines["scrape"]
     assert scrape["peers"] == 20 and scrape["memory_scrape_p50_ms"] > 0 and scrape["memory_exposition_kb"] > 0
+
+
+def test_bench_with_etcd_auth_smoke() -> None:
+    """The join scenario on etcd with TLS and per-node roles (its own etcd): what docs/benchmarks.md compares."""
+    args = [sys.executable, str(BENCH), "--scenario", "join", "--nodes", "3", "--joins", "2", "--puts", "5"]
+    result = subprocess.run([*args, "--etcd-auth"], capture_output=True, text=True, timeout=180, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (join,) = map(json.loads, result.stdout.splitlines())
+    assert join["scenario"] == "join" and join["etcd_auth"] is True and join["floor_p99_ms"] > 0
+    assert join["samples"] == 3 + 4 and 0 < join["p50_ms"] <= join["p99_ms"]

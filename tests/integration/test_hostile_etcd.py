@@ -20,7 +20,6 @@ from warren_mesh.keys import NodeKey
 from warren_mesh.lab.etcd_server import EtcdServer
 from warren_mesh.model import MeshConfig, encode_json
 from warren_mesh.schema import KeySchema
-from warren_mesh.store.etcd import EtcdStore
 
 NAMES = ("n0", "n1", "n2")
 
@@ -91,7 +90,7 @@ def test_hostile_records_through_etcd_are_contained(shared_etcd: EtcdServer, pre
         for name in NAMES:
             mesh.start(name)
         await mesh.converged()
-        writer = EtcdStore(shared_etcd.endpoint)
+        writer = shared_etcd.admin_store()
         try:
             for key, (value, _) in hostile.items():
                 await writer.put(key, value)
@@ -160,4 +159,4 @@ def test_hostile_records_through_etcd_are_contained(shared_etcd: EtcdServer, pre
         finally:
             await writer.close()
 
-    in_mesh(shared_etcd.endpoint, prefix, tmp_path, scenario)
+    in_mesh(shared_etcd, prefix, tmp_path, scenario)

@@ -13,7 +13,6 @@ from agents import Mesh, in_mesh
 from helpers import wait_until
 from warren_mesh.lab.etcd_server import EtcdServer
 from warren_mesh.schema import KeySchema
-from warren_mesh.store.etcd import EtcdStore
 
 
 def _migrate(etcd: EtcdServer, prefix: str) -> subprocess.CompletedProcess[str]:
@@ -23,7 +22,7 @@ def _migrate(etcd: EtcdServer, prefix: str) -> subprocess.CompletedProcess[str]:
             "-m",
             "warren_mesh.cli",
             "migrate-claims",
-            f"--etcd-endpoints={etcd.endpoint}",
+            *etcd.client_flags(),
             f"--prefix={prefix}",
         ],
         capture_output=True,
@@ -39,7 +38,7 @@ def test_an_old_mesh_is_migrated_without_losing_any_nodes_address(
     schema = KeySchema(prefix)
 
     async def scenario(mesh: Mesh) -> None:
-        admin = EtcdStore(shared_etcd.endpoint)
+        admin = shared_etcd.admin_store()
         try:
             # The old mesh: a, b and a node gone for good hold addresses; c (a new agent) raced b for its address
             # and lost (its claim is younger than b's reservation); one reservation is garbage.
@@ -81,4 +80,4 @@ def test_an_old_mesh_is_migrated_without_losing_any_nodes_address(
         finally:
             await admin.close()
 
-    in_mesh(shared_etcd.endpoint, prefix, tmp_path, scenario)
+    in_mesh(shared_etcd, prefix, tmp_path, scenario)

@@ -44,9 +44,9 @@ def _first_choice(name: str, size: int) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") % size
 
 
-def with_store(endpoint: str, scenario: Callable[[EtcdStore], Awaitable[None]]) -> None:
+def with_store(etcd: EtcdServer, scenario: Callable[[EtcdStore], Awaitable[None]]) -> None:
     async def wrapped() -> None:
-        store = EtcdStore(endpoint)
+        store = etcd.admin_store()
         try:
             await scenario(store)
         finally:
@@ -76,7 +76,7 @@ def test_a_first_start_claims_and_publishes_in_one_revision(shared_etcd: EtcdSer
         assert moved.create_revision == record.create_revision
         assert await store.lease_time_left(registration.lease_id) == -1  # the old lease was let go
 
-    with_store(shared_etcd.endpoint, scenario)
+    with_store(shared_etcd, scenario)
 
 
 def test_an_address_taken_after_listing_moves_on_to_the_next(shared_etcd: EtcdServer, prefix: str) -> None:
@@ -107,7 +107,7 @@ def test_an_address_taken_after_listing_moves_on_to_the_next(shared_etcd: EtcdSe
             await registrar(store, schema, "third", NodeKey.generate()).register(config)
         assert await store.get(schema.node("third")) is None  # nothing published without an address
 
-    with_store(shared_etcd.endpoint, scenario)
+    with_store(shared_etcd, scenario)
 
 
 def test_a_record_whose_claim_was_lost_is_claimed_again_and_taken_over(shared_etcd: EtcdServer, prefix: str) -> None:
@@ -123,7 +123,7 @@ def test_a_record_whose_claim_was_lost_is_claimed_again_and_taken_over(shared_et
         assert record is not None and record.lease == after.lease_id
         assert after.record.overlay_ip == before.record.overlay_ip  # the name hashes to the same first choice
 
-    with_store(shared_etcd.endpoint, scenario)
+    with_store(shared_etcd, scenario)
 
 
 def test_the_lease_is_kept_alive_from_its_grant_while_registration_is_slow(
@@ -139,7 +139,7 @@ def test_the_lease_is_kept_alive_from_its_grant_while_registration_is_slow(
             return await super().create_all(items)
 
     async def scenario() -> None:
-        store = SlowStore(shared_etcd.endpoint)
+        store = SlowStore(shared_etcd.endpoint, tls=shared_etcd.client_tls())
         try:
             slow = registrar(store, schema, name="slow", key=NodeKey.generate(), lease_ttl=2)
             registration = await slow.register(MeshConfig())

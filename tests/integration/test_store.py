@@ -33,7 +33,7 @@ def test_endpoint_parsing() -> None:
 
 def test_create_replace_and_delete_are_conditional(shared_etcd: EtcdServer, prefix: str) -> None:
     async def scenario() -> None:
-        store = EtcdStore(shared_etcd.endpoint)
+        store = shared_etcd.admin_store()
         key = f"{prefix}/k"
         assert await store.create(key, b"one") is None
         held = await store.create(key, b"two")
@@ -51,7 +51,7 @@ def test_create_replace_and_delete_are_conditional(shared_etcd: EtcdServer, pref
 
 def test_a_held_lease_lives_and_a_lost_one_is_reported(shared_etcd: EtcdServer, prefix: str) -> None:
     async def scenario() -> None:
-        store = EtcdStore(shared_etcd.endpoint)
+        store = shared_etcd.admin_store()
         lease = await store.grant_lease(2)
         await store.put(f"{prefix}/leased", b"x", lease=lease)
         renewals = 0
@@ -168,7 +168,7 @@ async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
 
 def test_observe_lists_then_watches(shared_etcd: EtcdServer, prefix: str) -> None:
     async def scenario() -> None:
-        store = EtcdStore(shared_etcd.endpoint)
+        store = shared_etcd.admin_store()
         await store.put(f"{prefix}/a", b"1")
         async with collecting(store.observe(f"{prefix}/")) as results:
             await _until(lambda: bool(results))
@@ -265,7 +265,9 @@ def test_fails_over_to_the_next_endpoint(shared_etcd: EtcdServer, prefix: str) -
     async def scenario() -> None:
         dead = f"http://127.0.0.1:{free_port()}"
         health: list[bool] = []
-        store = EtcdStore([dead, shared_etcd.endpoint], call_timeout=2.0, on_health=health.append)
+        store = EtcdStore(
+            [dead, shared_etcd.endpoint], tls=shared_etcd.client_tls(), call_timeout=2.0, on_health=health.append
+        )
         with pytest.raises(StoreUnavailable):
             await store.put(f"{prefix}/x", b"1")
         await store.put(f"{prefix}/x", b"1")  # the second endpoint
@@ -281,7 +283,7 @@ def test_processes_started_while_grpc_is_busy_survive_the_fork(shared_etcd: Etcd
     about one fork in fifteen while calls were in flight: the agent starting wireguard-go, the lab starting agents."""
 
     async def scenario() -> None:
-        store = EtcdStore(shared_etcd.endpoint)
+        store = shared_etcd.admin_store()
         await store.put(f"{prefix}/k", b"v")
         done = asyncio.Event()
 

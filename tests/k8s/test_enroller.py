@@ -69,7 +69,6 @@ def enroller(cluster: Cluster, tmp_path: Path) -> Iterator[tuple[str, Path, str]
     port = free_port()
     with EtcdServer(pki=directory) as etcd:
         etcd.enable_auth()
-        admin = etcd.client_tls()
         log = (tmp_path / "enroller.log").open("wb")
         process = subprocess.Popen(
             [
@@ -77,10 +76,7 @@ def enroller(cluster: Cluster, tmp_path: Path) -> Iterator[tuple[str, Path, str]
                 "-m",
                 "warren_mesh.cli",
                 "enroller",
-                f"--etcd-endpoints={etcd.endpoint}",
-                f"--etcd-ca-file={admin.ca_file}",
-                f"--etcd-cert-file={admin.cert_file}",
-                f"--etcd-key-file={admin.key_file}",
+                *etcd.client_flags(),
                 f"--listen-address=127.0.0.1:{port}",
                 f"--pki-dir={directory}",
                 f"--tls-cert-file={directory / 'enroller.pem'}",

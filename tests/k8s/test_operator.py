@@ -25,7 +25,6 @@ from warren_mesh.keys import NodeKey
 from warren_mesh.lab.etcd_server import EtcdServer, free_port
 from warren_mesh.schema import KeySchema
 from warren_mesh.settings import AgentSettings
-from warren_mesh.store.etcd import EtcdStore
 from warren_mesh.wireguard.memory import MemoryBackend
 
 PREFIX = "/warren/mesh"
@@ -113,7 +112,7 @@ def etcd_value(etcd: EtcdServer, key: str) -> bytes | None:
     """``key``'s value, read as the admin."""
 
     async def read() -> bytes | None:
-        store = EtcdStore(etcd.endpoint, tls=etcd.client_tls())
+        store = etcd.admin_store()
         try:
             kv = await store.get(key)
             return None if kv is None else kv.value

@@ -172,16 +172,22 @@ class EtcdServer:
         except ValueError:
             return False
 
-    def client_tls(self, stem: str = "admin") -> EtcdTls:
-        """The credentials ``stem.pem``/``stem-key.pem`` of this server's PKI (the admin's by default)."""
-        assert self.pki is not None, "a plain etcd has no client certificates"
+    def client_tls(self, stem: str = "admin") -> EtcdTls | None:
+        """The credentials ``stem.pem``/``stem-key.pem`` of this server's PKI (the admin's by default); None for
+        a plain etcd."""
+        if self.pki is None:
+            return None
         return EtcdTls(self.pki / "ca.pem", self.pki / f"{stem}.pem", self.pki / f"{stem}-key.pem")
+
+    def admin_store(self, *, call_timeout: float = 5.0) -> EtcdStore:
+        """A client of this etcd acting as the admin (etcd's root, when it speaks TLS)."""
+        return EtcdStore(self.endpoint, tls=self.client_tls(), call_timeout=call_timeout)
 
     def client_flags(self, stem: str = "admin") -> list[str]:
         """``--etcd-endpoints`` and, with TLS, the three ``--etcd-*-file`` flags of ``stem``'s credentials."""
         flags = [f"--etcd-endpoints={self.endpoint}"]
-        if self.pki is not None:
-            tls = self.client_tls(stem)
+        tls = self.client_tls(stem)
+        if tls is not None:
             flags += [f"--etcd-ca-file={tls.ca_file}", f"--etcd-cert-file={tls.cert_file}"]
             flags.append(f"--etcd-key-file={tls.key_file}")
         return flags
@@ -198,11 +204,13 @@ class EtcdServer:
         if not (self.pki / f"{pki.node_user(name)}.pem").exists():
             pki.issue_node(self.pki, name)
         self._as_admin(lambda auth: roles.add_node(auth, KeySchema(prefix), name))
-        return self.client_tls(pki.node_user(name))
+        tls = self.client_tls(pki.node_user(name))
+        assert tls is not None
+        return tls
 
     def _as_admin(self, action: Callable[[EtcdAuth], Awaitable[None]]) -> None:
         async def run() -> None:
-            store = EtcdStore(self.endpoint, tls=self.client_tls())
+            store = self.admin_store()
             try:
                 await action(EtcdAuth(store))
             finally:
