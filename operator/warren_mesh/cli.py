@@ -23,7 +23,7 @@ from warren_mesh.admin.migration import migrate_reservations
 from warren_mesh.agent.app import Agent
 from warren_mesh.agent.registrar import AddressSpaceExhausted, RegistrationConflict
 from warren_mesh.agent.underlay import UnderlayError
-from warren_mesh.enroller.client import EnrolmentError, enroll
+from warren_mesh.enroller.client import EnrolmentError, enroll, keep_enrolled
 from warren_mesh.enroller.identity import AgentIdentity
 from warren_mesh.keys import KeyFileError
 from warren_mesh.lab.demo import run_demo
@@ -141,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(enroll, "--dir", "/var/lib/warren-mesh/etcd", "where node.pem, node-key.pem (0600) and ca.pem go")
     add_flag(enroll, "--node-name", None, "the node this pod runs on: refused if the API server says otherwise")
     enroll.add_argument("--renew-within-days", type=int, default=pki.RENEW_WITHIN_DAYS)
+    enroll.add_argument(
+        "--watch", action="store_true", help="keep running: renew when due (a sidecar next to the agent)"
+    )
+    enroll.add_argument("--check-interval", type=float, default=3600.0, help="seconds between looks with --watch")
 
     migrate = commands.add_parser(
         "migrate-claims", help="move ipam/ reservations to node-owned claims (before etcd's auth is turned on)"
@@ -356,6 +360,16 @@ def _enroll(args: argparse.Namespace) -> int:
         raise SettingsError("--enroller and --enroller-ca-file are required")
     if args.node_name:
         validate_name(args.node_name)
+    if args.watch:
+        keep_enrolled(
+            args.enroller,
+            ca_file=Path(args.enroller_ca_file),
+            token_file=Path(args.token_file),
+            directory=Path(args.dir),
+            node_name=args.node_name or None,
+            renew_within_days=args.renew_within_days,
+            check_interval=max(1.0, args.check_interval),
+        )
     done = enroll(
         args.enroller,
         ca_file=Path(args.enroller_ca_file),

@@ -14,6 +14,17 @@ class EtcdTls:
     cert_file: Path | None  # None (with key_file): no client certificate
     key_file: Path | None
 
+    def stamp(self) -> tuple[tuple[int, int], ...]:
+        """(modification time, size) of each file: changes when a file is replaced (a renewed certificate)."""
+        stamps = []
+        for path in (self.ca_file, self.cert_file, self.key_file):
+            try:
+                info = path.stat() if path is not None else None
+            except OSError:
+                info = None
+            stamps.append((info.st_mtime_ns, info.st_size) if info is not None else (0, 0))
+        return tuple(stamps)
+
     def read(self) -> tuple[bytes | None, bytes | None, bytes | None]:
         """(CA, key, certificate chain) as bytes, as gRPC takes them; OSError names a file that cannot be read."""
 

@@ -218,6 +218,11 @@ def issue_node(directory: Path, name: str) -> Credential:
     return issue(directory, node_user(name), node_user(name))
 
 
+def not_after(cert_path: Path) -> datetime.datetime:
+    """When the certificate at ``cert_path`` expires."""
+    return x509.load_pem_x509_certificate(cert_path.read_bytes()).not_valid_after_utc
+
+
 def expires_within(cert_path: Path, days: int) -> bool:
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     return cert.not_valid_after_utc - _now() < datetime.timedelta(days=days)

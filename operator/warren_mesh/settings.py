@@ -87,6 +87,9 @@ class StoreSettings:
     etcd_endpoints: tuple[str, ...]
     schema: KeySchema
     tls: EtcdTls | None = None
+    # How often a long-running client looks for renewed certificate files (the agent: `warren-mesh enroll --watch`
+    # or `certs renew` replaces them while it runs).
+    tls_reload_interval: float = 60.0
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> StoreSettings:

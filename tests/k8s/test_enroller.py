@@ -206,3 +206,34 @@ def test_a_pods_token_gets_a_certificate_for_its_own_node_only(
     assert renewed.returncode == 0, renewed.stderr
     after = x509.load_pem_x509_certificate(cert.read_bytes())
     assert after.serial_number != before.serial_number and after.public_key() == before.public_key()
+
+    # The sidecar: `enroll --watch` keeps renewing when due (here: always, every second), a whole file each time.
+    token_file = tmp_path / "a" / "token"
+    sidecar = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "warren_mesh.cli",
+            "enroll",
+            "--watch",
+            "--check-interval=1",
+            "--renew-within-days=400",
+            f"--enroller={url}",
+            f"--enroller-ca-file={directory / 'ca.pem'}",
+            f"--token-file={token_file}",
+            f"--dir={tmp_path / 'a' / 'etcd'}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        serials = {after.serial_number}
+        deadline = time.monotonic() + 20
+        while len(serials) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            serials.add(x509.load_pem_x509_certificate(cert.read_bytes()).serial_number)
+        assert len(serials) >= 3, "the sidecar did not renew twice"
+        assert sidecar.poll() is None, "enroll --watch ended"
+    finally:
+        sidecar.terminate()
+        sidecar.wait(10)

@@ -14,10 +14,12 @@ import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 from prometheus_client import CollectorRegistry
 
+from warren_mesh import pki
 from warren_mesh.agent.device_thread import DeviceThread
 from warren_mesh.agent.observer import MeshObserver
 from warren_mesh.agent.reconciler import Reconciler
@@ -209,6 +211,8 @@ class Agent:
         tasks.append(loop.create_task(self.reconciler.run(), name="reconcile"))
         tasks.append(loop.create_task(registrar.keep_alive(lambda: self.view.config), name="keepalive"))
         tasks.append(loop.create_task(self._watch_device(), name="device-watchdog"))
+        if settings.store.tls is not None and settings.store.tls.cert_file is not None:
+            tasks.append(loop.create_task(self._watch_certificate(settings.store.tls.cert_file), name="certificate"))
         if settings.metrics.traffic_sample_interval > 0:
             interval = settings.metrics.traffic_sample_interval
             tasks.append(loop.create_task(self._sample_traffic(interval), name="traffic"))
@@ -223,6 +227,17 @@ class Agent:
                     self.reconciler.notify(verify=True)  # a new data plane: configure it from scratch
             except BackendError as exc:
                 log.error("the WireGuard device is down and could not be restarted (retrying): %s", exc)
+
+    async def _watch_certificate(self, cert_file: Path) -> None:
+        """Use a renewed etcd client certificate as soon as it is on disk (`warren-mesh enroll --watch` or `certs
+        renew` replace it), and say when the one in use expires. An agent keeps its connection to etcd for months:
+        without this it would notice an expired certificate only when it reconnects, and then fail to."""
+        interval = self.settings.store.tls_reload_interval
+        while True:
+            self.store.reload_tls()
+            with contextlib.suppress(OSError, ValueError):
+                self.metrics.etcd_certificate_expiry.set(pki.not_after(cert_file).timestamp())
+            await asyncio.sleep(interval)
 
     async def _sample_traffic(self, interval: float) -> None:
         """Feed the throughput window with the device's byte counters (the gauges average over it)."""

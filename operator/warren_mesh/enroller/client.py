@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import ssl
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from warren_mesh import pki
 from warren_mesh.enroller import PATH
+
+log = logging.getLogger(__name__)
 
 CERT, KEY, CA = "node.pem", "node-key.pem", "ca.pem"
 
@@ -76,6 +82,47 @@ def enroll(
     except (urllib.error.URLError, OSError) as exc:
         raise EnrolmentError(f"the enroller at {url} cannot be reached: {exc}") from None
     directory.mkdir(parents=True, exist_ok=True)
-    cert.write_text(body["certificate"])
-    ca.write_text(body["ca"])
+    _replace(ca, body["ca"])
+    _replace(cert, body["certificate"])  # last: a running agent reloads when the certificate changes
     return Enrolment(str(body["node"]), cert, key_path, ca)
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all (an agent may read it at any moment)."""
+    partial = path.with_name(path.name + ".new")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def keep_enrolled(
+    url: str,
+    *,
+    ca_file: Path,
+    token_file: Path,
+    directory: Path,
+    node_name: str | None,
+    renew_within_days: int,
+    check_interval: float,
+) -> NoReturn:
+    """Forever: renew when due (the agent picks the new certificate up by itself), look again every
+    ``check_interval`` seconds; failures are retried sooner, with backoff, and never end the loop."""
+    retry = 5.0
+    while True:
+        try:
+            done = enroll(
+                url,
+                ca_file=ca_file,
+                token_file=token_file,
+                directory=directory,
+                node_name=node_name,
+                renew_within_days=renew_within_days,
+            )
+        except EnrolmentError as exc:
+            delay = min(retry, check_interval)
+            log.warning("%s (next try in %.0f s)", exc, delay)
+            retry = min(retry * 2, 600.0)
+        else:
+            retry, delay = 5.0, check_interval
+            if done is not None:
+                log.info("renewed %s for %s", done.cert, pki.node_user(done.node))
+        time.sleep(delay)

@@ -21,8 +21,8 @@ import tempfile
 import threading
 import time
 import urllib.request
-from pathlib import Path
 from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
 from types import TracebackType
 
 from pyroute2 import netns

@@ -89,6 +89,11 @@ class AgentMetrics:
             "1 when etcd answered the last request that needs its quorum (a key-value call, a lease refresh), else 0.",
             registry=registry,
         )
+        self.etcd_certificate_expiry = Gauge(
+            "warren_mesh_etcd_client_certificate_expiry_timestamp_seconds",
+            "When the client certificate this agent uses for etcd expires (Unix time); absent without one.",
+            registry=registry,
+        )
         self.lease_keepalive_failures = Counter(
             "warren_mesh_lease_keepalive_failures",
             "Lease keepalives that failed (etcd away or the lease lost).",

@@ -21,6 +21,7 @@ runtime.prepare()  # before gRPC and protobuf are first imported (below)
 import grpc  # noqa: E402
 from etcd3.etcdrpc import rpc_pb2, rpc_pb2_grpc  # noqa: E402
 
+from warren_mesh import pki  # noqa: E402
 from warren_mesh.etcd_tls import EtcdTls  # noqa: E402
 from warren_mesh.netaddr import EtcdEndpoint, parse_endpoints  # noqa: E402
 from warren_mesh.store.base import LeaseNotFound, StoreError, StoreUnavailable  # noqa: E402
@@ -161,12 +162,12 @@ class EtcdConnection:
         on_health: Callable[[bool], None] | None = None,
     ) -> None:
         self._endpoints = parse_endpoints(endpoints)
+        self._tls = tls
         self._credentials = None
+        self._tls_stamp: tuple[tuple[int, int], ...] = ()
         if tls is not None:
-            ca, key, chain = tls.read()  # once: files are read at start, as etcd's own client does
-            self._credentials = grpc.ssl_channel_credentials(
-                root_certificates=ca, private_key=key, certificate_chain=chain
-            )
+            self._tls_stamp = tls.stamp()
+            self._credentials = _credentials(tls)
         self._index = 0
         self._conn: _Connection | None = None
         self.call_timeout = call_timeout
@@ -180,6 +181,36 @@ class EtcdConnection:
     @property
     def endpoint(self) -> str:
         return self._endpoints[self._index].target
+
+    def reload_tls(self) -> bool:
+        """Read the TLS files again if they changed on disk (a renewed certificate). Calls from now on go over a
+        new connection with them; calls in flight on the old one end and are retried, as after a failover (the
+        watch resumes from its revision, the lease is held again). Whether the credentials changed. Files that do
+        not make a usable credential (half written, not matching) are left for the next look."""
+        tls = self._tls
+        if tls is None or tls.stamp() == self._tls_stamp:
+            return False
+        stamp = tls.stamp()
+        problem = pki.credential_problem(tls.cert_file, tls.key_file) if tls.cert_file and tls.key_file else None
+        if problem is not None:
+            log.warning("not using the changed etcd client certificate (yet): %s", problem)
+            return False
+        try:
+            credentials = _credentials(tls)
+        except OSError as exc:
+            log.warning("not using the changed etcd client certificate (yet): %s", exc)
+            return False
+        self._credentials, self._tls_stamp = credentials, stamp
+        old, self._conn = self._conn, None
+        if old is not None:
+            self._close_later(old)
+        log.info("etcd client certificate %s reloaded; reconnecting with it", tls.cert_file)
+        return True
+
+    def _close_later(self, conn: _Connection) -> None:
+        task = asyncio.get_running_loop().create_task(conn.channel.close(grace=None))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def connection(self) -> _Connection:
         if self._conn is None:
@@ -205,9 +236,7 @@ class EtcdConnection:
         self._conn = None
         self._index = (self._index + 1) % len(self._endpoints)
         log.warning("etcd at %s failed (%s); trying %s next", conn.endpoint.target, error, self.endpoint)
-        task = asyncio.get_running_loop().create_task(conn.channel.close(grace=None))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        self._close_later(conn)
 
     async def call(self, stub: str, method: str, request: Any) -> Any:
         for _ in range(_AUTH_RETRIES):
@@ -254,6 +283,11 @@ class EtcdConnection:
         for task in list(self._closing):
             with contextlib.suppress(Exception):
                 await task
+
+
+def _credentials(tls: EtcdTls) -> grpc.ChannelCredentials:
+    ca, key, chain = tls.read()
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=chain)
 
 
 def tls_hint(details: str, *, secure: bool) -> str | None:

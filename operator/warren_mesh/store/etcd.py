@@ -43,6 +43,10 @@ class EtcdStore:
     def endpoint(self) -> str:
         return self._connection.endpoint
 
+    def reload_tls(self) -> bool:
+        """See ``EtcdConnection.reload_tls``."""
+        return self._connection.reload_tls()
+
     @property
     def connection(self) -> EtcdConnection:
         """For the store's sibling modules (store/etcd_auth.py)."""
