@@ -6,8 +6,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from helpers import run, wait_until
-from warren_mesh.agent.app import Agent
-from warren_mesh.etcd_tls import EtcdTls
 from warren_mesh.lab.etcd_server import EtcdServer
 from warren_mesh.lab.simulated import SimulatedAgents
 
@@ -18,31 +16,12 @@ class Mesh(SimulatedAgents):
     def __init__(self, etcd: EtcdServer | str, prefix: str, key_dir: Path, ttl: int = 3) -> None:
         """``etcd``: a server of the tests' (each agent then gets its own node certificate and role where it has
         auth on), or plain endpoint URLs."""
-        self.etcd = etcd if isinstance(etcd, EtcdServer) else None
-        super().__init__(
-            etcd.endpoint if isinstance(etcd, EtcdServer) else etcd, prefix, key_dir, ttl=ttl, interface="wgtest"
-        )
-
-    def start(
-        self,
-        name: str,
-        *,
-        port: int | None = None,
-        metrics_address: str | None = None,
-        resync_interval: float = 30.0,
-        etcd_endpoint: str | None = None,
-        tls: EtcdTls | None = None,
-    ) -> Agent:
-        if tls is None and self.etcd is not None and self.etcd.pki is not None:
-            tls = self.etcd.authorize_node(name, prefix=self.prefix)
-        return super().start(
-            name,
-            port=port,
-            metrics_address=metrics_address,
-            resync_interval=resync_interval,
-            etcd_endpoint=etcd_endpoint,
-            tls=tls,
-        )
+        credentials = None
+        if isinstance(etcd, EtcdServer) and etcd.pki is not None:
+            server = etcd
+            credentials = lambda name: server.authorize_node(name, prefix=prefix)  # noqa: E731
+        endpoint = etcd.endpoint if isinstance(etcd, EtcdServer) else etcd
+        super().__init__(endpoint, prefix, key_dir, ttl=ttl, interface="wgtest", credentials=credentials)
 
     def ended(self) -> dict[str, str]:
         """Agents whose run() ended on its own (an agent only ends when told to stop): name -> why."""

@@ -23,7 +23,7 @@ from warren_mesh.admin.migration import migrate_reservations
 from warren_mesh.agent.app import Agent
 from warren_mesh.agent.registrar import AddressSpaceExhausted, RegistrationConflict
 from warren_mesh.agent.underlay import UnderlayError
-from warren_mesh.enroller.client import EnrolmentError, enroll, keep_enrolled
+from warren_mesh.enroller.client import EnrolmentError, EnrolmentRequest, enroll, keep_enrolled
 from warren_mesh.enroller.identity import AgentIdentity
 from warren_mesh.keys import KeyFileError
 from warren_mesh.lab.demo import run_demo
@@ -360,17 +360,7 @@ def _enroll(args: argparse.Namespace) -> int:
         raise SettingsError("--enroller and --enroller-ca-file are required")
     if args.node_name:
         validate_name(args.node_name)
-    if args.watch:
-        keep_enrolled(
-            args.enroller,
-            ca_file=Path(args.enroller_ca_file),
-            token_file=Path(args.token_file),
-            directory=Path(args.dir),
-            node_name=args.node_name or None,
-            renew_within_days=args.renew_within_days,
-            check_interval=max(1.0, args.check_interval),
-        )
-    done = enroll(
+    request = EnrolmentRequest(
         args.enroller,
         ca_file=Path(args.enroller_ca_file),
         token_file=Path(args.token_file),
@@ -378,6 +368,9 @@ def _enroll(args: argparse.Namespace) -> int:
         node_name=args.node_name or None,
         renew_within_days=args.renew_within_days,
     )
+    if args.watch:
+        keep_enrolled(request, check_interval=max(1.0, args.check_interval))
+    done = enroll(request)
     if done is None:
         print(f"{Path(args.dir) / 'node.pem'} is valid for more than {args.renew_within_days} days: kept")
     else:

@@ -34,44 +34,49 @@ class Enrolment:
     ca: Path
 
 
-def enroll(
-    url: str,
-    *,
-    ca_file: Path,
-    token_file: Path,
-    directory: Path,
-    node_name: str | None = None,
-    renew_within_days: int = pki.RENEW_WITHIN_DAYS,
-) -> Enrolment | None:
-    """Ask for a certificate unless the one in ``directory`` is valid for more than ``renew_within_days``
-    (then None). The key in ``directory`` is made once (0600) and only its public half is sent."""
+@dataclass(frozen=True, slots=True)
+class EnrolmentRequest:
+    """Where the enroller is and what to show it; where the credential goes; when to renew it."""
+
+    url: str
+    ca_file: Path  # the mesh CA, which signed the enroller's certificate
+    token_file: Path  # the pod's projected service-account token
+    directory: Path  # node.pem, node-key.pem (0600), ca.pem
+    node_name: str | None = None  # the node this pod runs on, as the pod believes (refused if not so)
+    renew_within_days: int = pki.RENEW_WITHIN_DAYS
+
+
+def enroll(request: EnrolmentRequest) -> Enrolment | None:
+    """Ask for a certificate unless the one in the directory is valid for more than ``renew_within_days`` (then
+    None). The key is made once (0600) and only its public half is sent."""
+    url, directory = request.url, request.directory
     cert, key_path, ca = directory / CERT, directory / KEY, directory / CA
     if (
         cert.exists()
         and key_path.exists()
         and pki.credential_problem(cert, key_path) is None
-        and not pki.expires_within(cert, renew_within_days)
+        and not pki.expires_within(cert, request.renew_within_days)
     ):
         return None
     key = pki.node_key(key_path)
     try:
-        token = token_file.read_text().strip()
+        token = request.token_file.read_text().strip()
     except OSError as exc:
-        raise EnrolmentError(f"cannot read the service-account token {token_file}: {exc.strerror}") from None
+        raise EnrolmentError(f"cannot read the service-account token {request.token_file}: {exc.strerror}") from None
     if not url.startswith("https://"):
         raise EnrolmentError(f"--enroller {url} is not an https:// URL")
     target = url.rstrip("/") + PATH
-    if node_name is not None:
-        target += "?" + urllib.parse.urlencode({"node": node_name})
-    request = urllib.request.Request(  # noqa: S310 (https only, checked above)
+    if request.node_name is not None:
+        target += "?" + urllib.parse.urlencode({"node": request.node_name})
+    http_request = urllib.request.Request(  # noqa: S310 (https only, checked above)
         target,
         data=pki.certificate_request(key),
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/pkcs10"},
         method="POST",
     )
-    context = ssl.create_default_context(cafile=str(ca_file))
+    context = ssl.create_default_context(cafile=str(request.ca_file))
     try:
-        with urllib.request.urlopen(request, context=context, timeout=30) as answer:  # noqa: S310 (https only)
+        with urllib.request.urlopen(http_request, context=context, timeout=30) as answer:  # noqa: S310 (https only)
             body = json.loads(answer.read())
     except urllib.error.HTTPError as exc:
         try:
@@ -94,29 +99,13 @@ def _replace(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
-def keep_enrolled(
-    url: str,
-    *,
-    ca_file: Path,
-    token_file: Path,
-    directory: Path,
-    node_name: str | None,
-    renew_within_days: int,
-    check_interval: float,
-) -> NoReturn:
+def keep_enrolled(request: EnrolmentRequest, *, check_interval: float) -> NoReturn:
     """Forever: renew when due (the agent picks the new certificate up by itself), look again every
     ``check_interval`` seconds; failures are retried sooner, with backoff, and never end the loop."""
     retry = 5.0
     while True:
         try:
-            done = enroll(
-                url,
-                ca_file=ca_file,
-                token_file=token_file,
-                directory=directory,
-                node_name=node_name,
-                renew_within_days=renew_within_days,
-            )
+            done = enroll(request)
         except EnrolmentError as exc:
             delay = min(retry, check_interval)
             log.warning("%s (next try in %.0f s)", exc, delay)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -19,8 +20,19 @@ from warren_mesh.wireguard.memory import MemoryBackend
 class SimulatedAgents:
     """Agents started and stopped one by one; ``died`` says which ended without being told to, and why."""
 
-    def __init__(self, endpoint: str, prefix: str, key_dir: Path, *, ttl: int | None, interface: str) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        prefix: str,
+        key_dir: Path,
+        *,
+        ttl: int | None,
+        interface: str,
+        credentials: Callable[[str], EtcdTls | None] | None = None,
+    ) -> None:
+        """``credentials``: each agent's etcd credentials by name, when start() is not given them."""
         self.endpoint, self.prefix, self.key_dir, self.ttl, self.interface = endpoint, prefix, key_dir, ttl, interface
+        self._credentials = credentials
         self.agents: dict[str, Agent] = {}
         self.died: dict[str, str] = {}
         self._stops: dict[str, asyncio.Event] = {}
@@ -41,6 +53,8 @@ class SimulatedAgents:
         if port is None:
             self._ports += 1
             port = self._ports
+        if tls is None and self._credentials is not None:
+            tls = self._credentials(name)
         settings = AgentSettings.simulated(
             etcd_endpoint=etcd_endpoint or self.endpoint,
             prefix=self.prefix,
