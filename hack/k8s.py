@@ -7,8 +7,8 @@
 
 There is no kubelet or controller manager: objects are stored and validated, RBAC is enforced, pods never run
 (validate workloads with `kubectl apply --dry-run=server`). Authentication is by static tokens: an admin, and the
-operator's, the agent's and the enroller's service accounts (kubeconfig-operator, -agent, -enroller in STATE_DIR), so tests can act
-with exactly the permissions the manifests in deploy/ grant.
+operator's, the agent's and the enroller's service accounts (kubeconfig-operator, -agent, -enroller in
+STATE_DIR), so tests can act with exactly the permissions the manifests in deploy/ grant.
 """
 
 from __future__ import annotations
