@@ -25,6 +25,7 @@ LOCAL = LocalNode(
     protected=(ipaddress.ip_network(UNDERLAY), ipaddress.ip_network(ETCD)),
 )
 HONEST = {f"h{i}": (NodeKey.generate().public_key, f"10.96.0.{10 + i}", f"192.168.240.{10 + i}") for i in range(3)}
+HONEST_SUBNETS = {f"h{i}": f"10.244.{i}.0/24" for i in range(3)}  # each honest node's pod subnet
 ATTACKER_KEY = NodeKey.generate().public_key
 
 
@@ -50,8 +51,8 @@ def peer_doc(name: str, **changes: object) -> dict[str, object]:
 
 
 class Mesh:
-    """A view holding three honest nodes (each with its claim on its address), fed hostile records one revision at
-    a time."""
+    """A view holding three honest nodes (each with its claims on its address and its pod subnet), fed hostile
+    records one revision at a time."""
 
     def __init__(self) -> None:
         self.rejections: list[Rejection] = []
@@ -60,8 +61,11 @@ class Mesh:
         self.created: dict[str, int] = {}
         items = []
         for name, (key, address, endpoint) in HONEST.items():
+            subnet = HONEST_SUBNETS[name]
             items.append(self._kv(SCHEMA.claim(name, address), b""))
-            items.append(self._kv(SCHEMA.node(name), encode_json(node_doc(name, key, address, f"{endpoint}:51820"))))
+            items.append(self._kv(SCHEMA.claim(name, subnet, "pods"), b""))
+            doc = node_doc(name, key, address, f"{endpoint}:51820", allowed_ips=[subnet])
+            items.append(self._kv(SCHEMA.node(name), encode_json(doc)))
         self.view.apply(Snapshot(tuple(items), self.revision))
 
     def _kv(self, key: str, value: bytes) -> KeyValue:
@@ -89,6 +93,11 @@ class Mesh:
         for name, (key, address, _) in HONEST.items():
             assert topology.names.get(key) == name, f"{name} lost its place: {topology.conflicts}"
             assert f"{address}/32" in topology.peers[key].allowed_ips
+            # Every network its record names, its pod subnet included, and nobody else has any of them.
+            claimed = set(self.view.nodes[name].record.routes.text)
+            assert claimed <= set(topology.peers[key].allowed_ips), f"{name} lost a network: {topology.conflicts}"
+            for other, spec in topology.peers.items():
+                assert other == key or not claimed & set(spec.allowed_ips), f"{name}'s networks routed elsewhere"
         assert_safe(topology)
 
 

@@ -26,10 +26,11 @@ from warren_mesh.agent.underlay import UnderlayError
 from warren_mesh.enroller.client import EnrolmentError, EnrolmentRequest, enroll, keep_enrolled
 from warren_mesh.enroller.identity import AgentIdentity
 from warren_mesh.keys import KeyFileError
+from warren_mesh.lab.cni_runtime import CniError
 from warren_mesh.lab.demo import run_demo
 from warren_mesh.lab.etcd_server import EtcdServerError
 from warren_mesh.lab.lab import Lab, LabError, require_root
-from warren_mesh.lab.report import render_lab_table, status_json
+from warren_mesh.lab.report import pods_json, render_lab_table, render_pods_table, status_json
 from warren_mesh.netaddr import parse_listen_address
 from warren_mesh.settings import (
     AgentSettings,
@@ -59,6 +60,7 @@ _USER_ERRORS = (
     StoreError,
     EtcdServerError,
     LabError,
+    CniError,
     BackendError,
     PermissionError,
     EnrolmentError,
@@ -162,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--lease-ttl", type=int, default=5, help="seconds a dead node lingers (default 5)")
     up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the full mesh")
     up.add_argument("--no-tls", action="store_true", help="plain http to etcd, no certificates (TLS is the default)")
+    up.add_argument("--pods", type=int, default=1, help="pods per node, on the mesh's CNI network (default 1)")
     lab_env = lab_commands.add_parser(
         "env", help='export lines pointing commands at the lab\'s etcd: eval "$(warren-mesh lab env)"'
     )
@@ -171,7 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
     lab_exec = lab_commands.add_parser("exec", help="run a command inside a node: lab exec node-1 -- ping ...")
     lab_exec.add_argument("node")
     lab_exec.add_argument("cmd", nargs=argparse.REMAINDER)
-    lab_commands.add_parser("ping", help="ping every node's overlay address from every other node")
+    lab_commands.add_parser("ping", help="ping every node's overlay address, and every pod, from every other node")
+    lab_pod = lab_commands.add_parser("pod", help="pods: network namespaces on a node's CNI network")
+    pod_commands = lab_pod.add_subparsers(dest="pod_command", required=True, metavar="POD_COMMAND")
+    for verb, text in (("add", "start a pod on a node"), ("del", "remove a pod")):
+        pod_command = pod_commands.add_parser(verb, help=text)
+        pod_command.add_argument("node")
+        pod_command.add_argument("pod")
+    pod_list = pod_commands.add_parser("list", help="name, node, netns and IP of every pod")
+    pod_list.add_argument("--output", choices=("table", "json"), default="table")
+    pod_exec = pod_commands.add_parser("exec", help="run a command in a pod: lab pod exec node-1 pod-1 -- ping ...")
+    pod_exec.add_argument("node")
+    pod_exec.add_argument("pod")
+    pod_exec.add_argument("cmd", nargs=argparse.REMAINDER)
     lab_commands.add_parser("down", help="remove everything the lab made")
     return parser
 
@@ -236,12 +251,15 @@ def _lab(args: argparse.Namespace) -> int:
             lease_ttl=args.lease_ttl,
             tls=not args.no_tls,
             timeout=args.timeout,
+            pods=args.pods,
             progress=lambda line: print(line, flush=True),
         )
         print(f"full mesh of {len(status)} nodes, every pair handshaken, in {time.monotonic() - started:.1f} s\n")
         print(render_lab_table(status))
+        if args.pods:
+            print(f"\n{render_pods_table(lab.pods())}")
         print(
-            "\nnext: `warren-mesh lab ping`, `warren-mesh lab exec node-1 -- wg show`, "
+            "\nnext: `warren-mesh lab ping`, `warren-mesh lab exec node-1 -- wg show`, `warren-mesh lab pod list`, "
             '`eval "$(warren-mesh lab env)"; warren-mesh status`, `warren-mesh lab down`'
         )
         return 0
@@ -262,15 +280,39 @@ def _lab(args: argparse.Namespace) -> int:
             raise SettingsError("lab exec needs a command: warren-mesh lab exec node-1 -- ping 10.96.0.2")
         argv = lab.exec_argv(args.node, command)
         os.execvp(argv[0], argv)  # noqa: S606 (replacing ourselves with the user's command is the point)
+    if args.lab_command == "pod":
+        return _lab_pod(lab, args)
     if args.lab_command == "ping":
-        results = lab.ping_all()
-        for source, target, ok in results:
-            print(f"{source} -> {target}: {'ok' if ok else 'FAILED'}")
-        failed = sum(1 for *_, ok in results if not ok)
-        print(f"{len(results) - failed}/{len(results)} overlay pings answered")
+        failed = 0
+        for what, results in (("overlay", lab.ping_all()), ("pod-to-pod", lab.ping_pods())):
+            for source, target, ok in results:
+                print(f"{source} -> {target}: {'ok' if ok else 'FAILED'}")
+            failed += sum(1 for *_, ok in results if not ok)
+            print(f"{sum(1 for *_, ok in results if ok)}/{len(results)} {what} pings answered")
         return 0 if failed == 0 else 1
     removed = lab.down()
     print("\n".join(f"removed {item}" for item in removed) or "nothing to remove")
+    return 0
+
+
+def _lab_pod(lab: Lab, args: argparse.Namespace) -> int:
+    if args.pod_command == "add":
+        pod = lab.add_pod(args.node, args.pod)
+        print(f"{pod.name} on {pod.node}: {pod.ip} (netns {pod.netns})")
+    elif args.pod_command == "del":
+        lab.delete_pod(args.node, args.pod)
+        print(f"removed {args.pod} from {args.node}")
+    elif args.pod_command == "list":
+        pods = lab.pods()
+        print(pods_json(pods) if args.output == "json" else render_pods_table(pods))
+    else:
+        command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+        if not command:
+            raise SettingsError(
+                "lab pod exec needs a command: warren-mesh lab pod exec node-1 pod-1 -- ping 10.244.1.2"
+            )
+        argv = lab.pod_exec_argv(args.node, args.pod, command)
+        os.execvp(argv[0], argv)  # noqa: S606 (replacing ourselves with the user's command is the point)
     return 0
 
 

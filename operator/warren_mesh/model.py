@@ -41,6 +41,8 @@ from warren_mesh.validation import (
 
 DEFAULT_OVERLAY_CIDR: Final = "10.96.0.0/16"
 DEFAULT_POD_CIDR: Final = "10.244.0.0/16"
+# Each node's pod subnet: a /24 of an IPv4 pod network (254 pods), a /64 of an IPv6 one, unless the config says.
+DEFAULT_NODE_SUBNET_PREFIX: Final = {4: 24, 6: 64}
 DEFAULT_LISTEN_PORT: Final = 51820
 DEFAULT_PERSISTENT_KEEPALIVE: Final = 25
 DEFAULT_LEASE_TTL: Final = 10
@@ -61,14 +63,21 @@ class MeshConfig:
     mtu: int | None = None  # None means auto: the underlay MTU minus WireGuard's overhead
     persistent_keepalive: int = DEFAULT_PERSISTENT_KEEPALIVE  # seconds; 0 turns it off
     lease_ttl_seconds: int = DEFAULT_LEASE_TTL
-    # The only network besides its overlay address that a node record may route to itself (its pods').
+    # The only network besides its overlay address that a node record may route to itself: its pods' subnet, one
+    # of the pod network's subnets of length node_subnet_prefix, which the node claims (claims/<node>/pods/).
     pod_cidr: IPNetwork = field(default_factory=lambda: ipaddress.ip_network(DEFAULT_POD_CIDR))
+    node_subnet_prefix: int = DEFAULT_NODE_SUBNET_PREFIX[4]
+
+    def node_subnets(self) -> int:
+        """How many node subnets the pod network holds."""
+        return 1 << (self.node_subnet_prefix - self.pod_cidr.prefixlen)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "schema": SCHEMA_VERSION,
             "overlay_cidr": str(self.overlay_cidr),
             "pod_cidr": str(self.pod_cidr),
+            "node_subnet_prefix": self.node_subnet_prefix,
             "listen_port": self.listen_port,
             "mtu": "auto" if self.mtu is None else self.mtu,
             "persistent_keepalive": self.persistent_keepalive,
@@ -89,7 +98,21 @@ class MeshConfig:
         mtu = parse_mtu(doc.get("mtu", "auto"))
         keepalive = int_in(doc, "persistent_keepalive", default.persistent_keepalive, 0, 65535)
         ttl = int_in(doc, "lease_ttl_seconds", default.lease_ttl_seconds, MIN_LEASE_TTL, 3600)
-        return cls(cidr, port, mtu, keepalive, ttl, pods)
+        subnet = int_in(doc, "node_subnet_prefix", DEFAULT_NODE_SUBNET_PREFIX[pods.version], 1, pods.max_prefixlen)
+        problem = node_subnet_problem(pods, subnet)
+        if problem is not None:
+            raise RecordError(REASON_INVALID_CIDR, problem)
+        return cls(cidr, port, mtu, keepalive, ttl, pods, subnet)
+
+
+def node_subnet_problem(pod_cidr: IPNetwork, prefix: int) -> str | None:
+    """Why nodes cannot each get a /``prefix`` of ``pod_cidr``, or None: room for at least two subnets, each with
+    room for a gateway and pods (at least 4 addresses)."""
+    if prefix <= pod_cidr.prefixlen:
+        return f"node_subnet_prefix {prefix} must be longer than the pod network's /{pod_cidr.prefixlen}"
+    if prefix > pod_cidr.max_prefixlen - 2:
+        return f"node_subnet_prefix {prefix} leaves no room for pods (at most /{pod_cidr.max_prefixlen - 2})"
+    return None
 
 
 @dataclass(frozen=True, slots=True)

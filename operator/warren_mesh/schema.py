@@ -12,9 +12,9 @@ from typing import Final, Literal, NamedTuple
 DEFAULT_PREFIX: Final = "/warren/mesh"
 
 KeyKind = Literal["config", "node", "claim", "ipam", "peer"]
-# What a node claims under its own claims/ directory (the pod network issue adds "pods").
-ClaimKind = Literal["overlay"]
-CLAIM_KINDS: Final[frozenset[str]] = frozenset({"overlay"})
+# What a node claims under its own claims/ directory: its overlay address, its pod subnet.
+ClaimKind = Literal["overlay", "pods"]
+CLAIM_KINDS: Final[frozenset[str]] = frozenset({"overlay", "pods"})
 
 
 class ClaimKey(NamedTuple):
@@ -52,7 +52,14 @@ class KeySchema:
         return f"{self.claims}{node}/"
 
     def claim(self, node: str, address: str, kind: ClaimKind = "overlay") -> str:
-        return f"{self.claims_of(node)}{kind}/{address}"
+        """``node``'s claim on an overlay address, or (``kind="pods"``) on a pod subnet such as 10.244.3.0/24."""
+        return f"{self.claims_of(node)}{kind}/{address.replace('/', '-') if kind == 'pods' else address}"
+
+    @staticmethod
+    def claim_subject(kind: str, value: str) -> str:
+        """What a claim key's last segment claims, as the records name it: an address, or a subnet with its '/'
+        (a key segment cannot hold one: 10.244.3.0-24 is 10.244.3.0/24)."""
+        return value.replace("-", "/") if kind == "pods" else value
 
     @property
     def ipam(self) -> str:

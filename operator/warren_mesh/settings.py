@@ -7,6 +7,7 @@ a traceback from deep inside the agent.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import socket
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Final, Literal, cast
 from warren_mesh.admission import endpoint_problem
 from warren_mesh.etcd_tls import EtcdTls
 from warren_mesh.model import MIN_LEASE_TTL
-from warren_mesh.netaddr import parse_endpoints, parse_listen_address
+from warren_mesh.netaddr import IPNetwork, parse_endpoints, parse_listen_address
 from warren_mesh.pki import credential_problem
 from warren_mesh.schema import DEFAULT_PREFIX, KeySchema
 from warren_mesh.validation import RecordError, split_host_port, validate_name, validate_port
@@ -109,6 +110,7 @@ class RegistrationSettings:
     endpoint_host: str | None  # None: the address of the default route's interface
     endpoint_port: int | None  # None: the mesh's listen port
     lease_ttl: int | None  # None: the mesh config's
+    pod_subnet: IPNetwork | None = None  # None: claim a free one of the pod network
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +123,14 @@ class DeviceSettings:
     fwmark: int = 0
     resync_interval: float = 30.0  # seconds between full comparisons with the device
     cleanup_on_exit: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PodSettings:
+    """Where this node's pods are told about the mesh (its CNI network config); None: nowhere."""
+
+    cni_conf_dir: Path | None = None
+    cni_ipam_dir: str | None = None  # host-local's state directory (None: its default, /var/lib/cni/networks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +148,7 @@ class AgentSettings:
     registration: RegistrationSettings
     device: DeviceSettings
     metrics: MetricsSettings
+    pods: PodSettings = PodSettings()  # the simulated agents of tests and benchmarks have no pods
 
     @property
     def node_name(self) -> str:
@@ -186,6 +197,9 @@ class AgentSettings:
         add_flag(parser, "--metrics-address", "0.0.0.0:9587", "HOST:PORT of /metrics and /healthz ('' to disable)")
         add_flag(parser, "--resync-interval", "30", "seconds between full comparisons with the device")
         add_flag(parser, "--fwmark", "0", "firewall mark on WireGuard's UDP packets (0: none), decimal or 0x hex")
+        add_flag(parser, "--pod-subnet", None, "this node's pod subnet, pinned (default: claim a free one)")
+        add_flag(parser, "--cni-conf-dir", "/etc/cni/net.d", "where the CNI network config for pods goes ('': none)")
+        add_flag(parser, "--cni-ipam-dir", None, "host-local IPAM's state directory (default: the plugin's own)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> AgentSettings:
@@ -226,9 +240,15 @@ class AgentSettings:
             fwmark = -1
         if not 0 <= fwmark <= 0xFFFFFFFF:
             raise SettingsError(f"--fwmark {args.fwmark!r} is not a 32-bit number (decimal or 0x hex)")
+        pod_subnet = None
+        if args.pod_subnet:
+            try:
+                pod_subnet = ipaddress.ip_network(args.pod_subnet)
+            except ValueError as exc:
+                raise SettingsError(f"--pod-subnet {args.pod_subnet!r} is not a network in CIDR form: {exc}") from None
         return cls(
             store=store,
-            registration=RegistrationSettings(name, host, port, ttl),
+            registration=RegistrationSettings(name, host, port, ttl, pod_subnet),
             device=DeviceSettings(
                 interface=args.interface,
                 backend=cast(BackendName, args.backend),
@@ -238,6 +258,7 @@ class AgentSettings:
                 cleanup_on_exit=bool(getattr(args, "cleanup_on_exit", False)),
             ),
             metrics=MetricsSettings(metrics),
+            pods=PodSettings(Path(args.cni_conf_dir) if args.cni_conf_dir else None, args.cni_ipam_dir or None),
         )
 
 

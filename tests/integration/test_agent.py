@@ -108,9 +108,15 @@ def test_a_join_touches_only_the_new_peer(shared_etcd: EtcdServer, prefix: str, 
         marks = {n: len(mesh.device(n).operations) for n in mesh.agents}
         newcomer = mesh.start("new")
         await mesh.converged()
+        registration = newcomer.registrar.current if newcomer.registrar else None
+        assert registration is not None and len(registration.record.allowed_ips) == 1
+        subnet = str(registration.record.allowed_ips[0])  # its pod subnet: routed to the device, after the peer
         for name, mark in marks.items():
             ops = list(mesh.device(name).operations)[mark:]
-            assert [(op.action, op.target) for op in ops] == [("set_peer", newcomer.key.public_key)], name
+            assert [(op.action, op.target) for op in ops] == [
+                ("set_peer", newcomer.key.public_key),
+                ("add_route", subnet),
+            ], name
         # Periodic resyncs with nothing to do change nothing.
         marks = {n: len(mesh.device(n).operations) for n in mesh.agents}
         for agent in mesh.agents.values():

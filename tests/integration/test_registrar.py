@@ -7,16 +7,18 @@ import asyncio
 import hashlib
 import ipaddress
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from helpers import run
+from agents import Mesh, in_mesh
+from helpers import run, wait_until
 from warren_mesh.agent.registrar import AddressSpaceExhausted, Registrar
 from warren_mesh.keys import NodeKey
 from warren_mesh.lab.etcd_server import EtcdServer
 from warren_mesh.metrics.instruments import AgentMetrics
-from warren_mesh.model import MeshConfig, NodeRecord
+from warren_mesh.model import MeshConfig, NodeRecord, encode_json
 from warren_mesh.schema import KeySchema
 from warren_mesh.settings import RegistrationSettings
 from warren_mesh.store.etcd import EtcdStore
@@ -99,7 +101,7 @@ def test_an_address_taken_after_listing_moves_on_to_the_next(shared_etcd: EtcdSe
         store.list_prefix = listed_before_first_claimed  # type: ignore[method-assign]
         registration = await mine.register(config)
         # n1 claimed first's address (it listed before), saw the older claim, withdrew, and claimed the other.
-        held = await store.list_prefix(schema.claims_of("n1"))
+        held = await store.list_prefix(f"{schema.claims_of('n1')}overlay/")
         assert [kv.key for kv in held.items] == [schema.claim("n1", str(registration.record.overlay_ip))]
         taken = {first.record.overlay_ip, registration.record.overlay_ip}
         assert taken == {ipaddress.ip_address("10.9.0.1"), ipaddress.ip_address("10.9.0.2")}
@@ -153,3 +155,48 @@ def test_the_lease_is_kept_alive_from_its_grant_while_registration_is_slow(
             await store.close()
 
     run(scenario())
+
+
+def test_fifty_agents_booted_at_once_get_fifty_distinct_pod_subnets(
+    shared_etcd: EtcdServer, prefix: str, tmp_path: Path
+) -> None:
+    async def scenario(mesh: Mesh) -> None:
+        for i in range(50):
+            mesh.start(f"n{i}")
+        await wait_until(lambda: all(a.registrar and a.registrar.current for a in mesh.agents.values()), 60, "50")
+        records = [a.registrar.current.record for a in mesh.agents.values() if a.registrar and a.registrar.current]
+        subnets = [r.allowed_ips for r in records]
+        pods = ipaddress.ip_network("10.244.0.0/16")
+        assert all(len(s) == 1 and s[0].prefixlen == 24 and s[0].overlaps(pods) for s in subnets)
+        assert len({s[0] for s in subnets}) == 50, "two nodes share a pod subnet"
+        assert len({r.overlay_ip for r in records}) == 50
+        await mesh.converged(timeout=60)
+
+    in_mesh(shared_etcd, prefix, tmp_path, scenario)
+
+
+def test_a_full_pod_network_leaves_the_last_node_without_pods_and_says_so(
+    shared_etcd: EtcdServer, prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    schema = KeySchema(prefix)
+    config = MeshConfig(pod_cidr=ipaddress.ip_network("10.250.0.0/22"))  # four /24s
+
+    async def scenario(mesh: Mesh) -> None:
+        admin = shared_etcd.admin_store()
+        await admin.put(schema.config, encode_json(config.to_json()))
+        await admin.close()
+        for i in range(5):
+            mesh.start(f"n{i}")
+        await mesh.converged(timeout=30)  # the fifth joins the mesh all the same
+        subnets = {
+            n: a.registrar.current.record.allowed_ips
+            for n, a in mesh.agents.items()
+            if a.registrar and a.registrar.current
+        }
+        without = [n for n, s in subnets.items() if not s]
+        assert len(without) == 1 and len({s for s in subnets.values() if s}) == 4
+        assert mesh.metric(without[0], "warren_mesh_pod_subnet_missing") == 1
+        assert all(mesh.metric(n, "warren_mesh_pod_subnet_missing") == 0 for n in subnets if n not in without)
+        assert f"no pod subnet for {without[0]}: every /24 of the pod network 10.250.0.0/22 is claimed" in caplog.text
+
+    in_mesh(shared_etcd, prefix, tmp_path, scenario)

@@ -29,9 +29,11 @@ HONEST_KEYS = [key for key, _, _ in HONEST.values()]
 HONEST_ADDRESSES = [address for _, address, _ in HONEST.values()]
 # Values close to valid ones, so mutations reach past the first check: addresses, networks, endpoints, keys.
 ADDRESSES = [*HONEST_ADDRESSES, "10.96.0.1", "10.96.0.50", "10.96.0.0", "10.96.255.255", "10.97.0.1", "fd00::5"]
+SUBNETS = ["10.244.0.0/24", "10.244.1.0/24", "10.244.7.0/24", "10.244.7.0/25", "10.244.0.0/16", "10.245.0.0/24"]
 NETWORKS = [
     *(f"{a}/32" for a in ADDRESSES[:5]),
     "10.244.1.0/24",
+    "10.244.7.0/24",
     "10.244.0.0/16",
     "10.244.1.0/25",
     "192.168.240.0/24",
@@ -135,10 +137,12 @@ def attacks(draw: st.DrawFn) -> tuple[str, str, bytes | None]:
         # Claims under the attacker's own names (all its credential may write), on any address, honest ones too
         # (younger than theirs); and claim keys of every malformed shape.
         address = draw(st.sampled_from(ADDRESSES))
+        subnet = draw(st.sampled_from(SUBNETS))
         key = draw(
             st.sampled_from(
                 [
                     SCHEMA.claim(name, address),
+                    SCHEMA.claim(name, subnet, "pods"),  # honest nodes' subnets too (younger than theirs)
                     f"{SCHEMA.claims_of(name)}overlay/not-an-address",
                     f"{SCHEMA.claims_of(name)}pods/{address}",
                     f"{SCHEMA.claims_of(name)}overlay/{address}/extra",

@@ -200,18 +200,43 @@ def test_an_external_peer_routes_a_remote_site_and_its_own_overlay_address() -> 
 
 
 @pytest.mark.parametrize(
-    ("networks", "reason"),
+    ("networks", "claimed_by", "reason"),
     [
-        (["10.244.7.0/24"], None),  # its pod network: fine
-        (["10.96.0.99/32"], "network_not_owned"),  # another overlay address
-        (["10.97.0.0/24"], "network_not_owned"),  # outside the pod network
-        (["10.244.0.0/16"], None),  # the whole pod network, first come: taken (and later ones overlap it)
+        (["10.244.7.0/24"], "x", None),  # a pod subnet it claims: fine
+        (["10.244.7.0/24"], None, "network_not_owned"),  # one nobody claimed
+        (["10.244.7.0/24"], "h1", "address_taken"),  # another node's subnet
+        (["10.244.7.0/25"], "x", "network_not_owned"),  # not a node subnet (/24 by default)
+        (["10.244.0.0/16"], "x", "network_not_owned"),  # the whole pod network
+        (["10.96.0.99/32"], None, "network_not_owned"),  # another overlay address
+        (["10.97.0.0/24"], None, "network_not_owned"),  # outside the pod network
+        (["0.0.0.0/0"], None, "forbidden_network"),
     ],
 )
-def test_nodes_may_claim_their_address_and_pod_networks_only(networks: list[str], reason: str | None) -> None:
+def test_nodes_may_claim_their_address_and_their_claimed_pod_subnet_only(
+    networks: list[str], claimed_by: str | None, reason: str | None
+) -> None:
     mesh = Mesh()
+    if claimed_by is not None:
+        mesh.put(SCHEMA.claim(claimed_by, networks[0], "pods"), b"")
     mesh.put(SCHEMA.node("x"), node_doc("x", ATTACKER_KEY, "10.96.0.98", "192.0.2.9:1", allowed_ips=networks))
     assert mesh.reasons() == ({reason} if reason else set())
+    if reason is None:
+        assert networks[0] in mesh.topology().peers[ATTACKER_KEY].allowed_ips
+    else:
+        assert ATTACKER_KEY not in mesh.topology().peers
+    mesh.assert_honest_intact()
+
+
+def test_a_younger_claim_on_a_nodes_pod_subnet_takes_nothing_from_it() -> None:
+    mesh = Mesh()
+    key, _, _ = HONEST["h1"]
+    assert "10.244.1.0/24" in mesh.topology().peers[key].allowed_ips
+    mesh.put(SCHEMA.claim("x", "10.244.1.0/24", "pods"), b"")  # younger
+    mesh.put(SCHEMA.node("x"), node_doc("x", ATTACKER_KEY, "10.96.0.98", "192.0.2.9:1", allowed_ips=["10.244.1.0/24"]))
+    topology = mesh.topology()
+    assert "10.244.1.0/24" in topology.peers[key].allowed_ips and ATTACKER_KEY not in topology.peers
+    assert mesh.reasons() == {"address_taken"}
+    mesh.assert_honest_intact()
 
 
 def test_a_node_record_with_more_networks_than_any_node_has_is_too_large() -> None:
@@ -460,8 +485,11 @@ def test_malformed_claims_are_rejected_alone_and_keep_the_holder() -> None:
     mesh.put(f"{SCHEMA.claims_of('a0')}overlay/not-an-address", b"")
     mesh.put(f"{SCHEMA.claims}Not_A_Name/overlay/{address}", b"")
     mesh.put(f"{SCHEMA.claims}a0", b"")
-    mesh.put(f"{SCHEMA.claims_of('a0')}pods/10.244.0.0-24", b"")  # a kind of a later version: ignored
-    assert [r.reason for r in mesh.rejections] == ["invalid_field", "invalid_key", "invalid_key", "invalid_key"]
+    mesh.put(f"{SCHEMA.claims_of('a0')}pods/10.244.0.1-24", b"")  # host bits set
+    mesh.put(f"{SCHEMA.claims_of('a0')}pods/10.244.0.0_24", b"")
+    mesh.put(f"{SCHEMA.claims_of('a0')}later/10.244.0.0-24", b"")  # a kind of a later version: ignored
+    reasons = [r.reason for r in mesh.rejections]
+    assert reasons == ["invalid_field", "invalid_key", "invalid_key", "invalid_key", "invalid_key", "invalid_key"]
     assert mesh.view.reservations[address].owner == "h2"
     mesh.assert_honest_intact()
 

@@ -89,6 +89,7 @@ def test_topology_excludes_self_and_builds_peers() -> None:
             (
                 kv(SCHEMA.node("local"), record("local", "10.96.0.1"), 2),
                 kv(SCHEMA.node("a"), record("a", "10.96.0.2", extra=("10.244.0.0/24",)), 3),
+                kv(SCHEMA.claim("a", "10.244.0.0/24", "pods"), b"", 3),
             ),
             3,
         )
@@ -106,10 +107,12 @@ def test_conflicts_resolve_by_create_revision() -> None:
         Snapshot(
             (
                 kv(SCHEMA.node("a"), record("a", "10.96.0.2", extra=("10.244.1.0/24",)), 10),
+                kv(SCHEMA.claim("a", "10.244.1.0/24", "pods"), b"", 10),
                 # b reuses a's key but registered later: left out
                 kv(SCHEMA.node("b"), record("b", "10.96.0.3", key=KEYS["a"]), 11),
-                # c claims part of a's pod network: left out (it would steal a's traffic)
-                kv(SCHEMA.node("c"), record("c", "10.96.0.4", extra=("10.244.1.0/25",)), 12),
+                # c claims a's pod subnet too, later: left out (it would steal a's traffic)
+                kv(SCHEMA.node("c"), record("c", "10.96.0.4", extra=("10.244.1.0/24",)), 12),
+                kv(SCHEMA.claim("c", "10.244.1.0/24", "pods"), b"", 12),
                 # d claims an address reserved for someone else
                 kv(SCHEMA.node("d"), record("d", "10.96.0.5"), 13),
                 kv(SCHEMA.claim("somebody-else", "10.96.0.5"), b"", 4),
@@ -121,7 +124,7 @@ def test_conflicts_resolve_by_create_revision() -> None:
     assert set(topo.peers) == {KEYS["a"]}
     assert {(c.name, c.reason) for c in topo.conflicts} == {
         ("b", "duplicate_public_key"),
-        ("c", "overlapping_allowed_ips"),
+        ("c", "address_taken"),
         ("d", "address_taken"),
     }
 
@@ -198,7 +201,8 @@ def test_roamed_endpoint_is_left_alone() -> None:
 
 def test_routes_are_planned_like_peers() -> None:
     view = MeshView(SCHEMA)
-    view.apply(Snapshot((kv(SCHEMA.node("a"), record("a", "10.96.0.2", extra=("10.244.1.0/24",)), 3),), 3))
+    a_claims = kv(SCHEMA.claim("a", "10.244.1.0/24", "pods"), b"", 3)
+    view.apply(Snapshot((kv(SCHEMA.node("a"), record("a", "10.96.0.2", extra=("10.244.1.0/24",)), 3), a_claims), 3))
     desired = topology_of(view)
     # The /32 of a's overlay address is reached through the interface's own /16: only the pod network is routed.
     fresh = plan_changes(desired, DeviceState(LOCAL.public_key, desired.interface), local_public_key=LOCAL.public_key)
@@ -215,7 +219,8 @@ def test_routes_are_planned_like_peers() -> None:
 
 def test_a_delta_removes_the_route_of_a_network_a_peer_gave_up() -> None:
     view = MeshView(SCHEMA)
-    view.apply(Snapshot((kv(SCHEMA.node("a"), record("a", "10.96.0.2", extra=("10.244.1.0/24",)), 3),), 3))
+    a_claims = kv(SCHEMA.claim("a", "10.244.1.0/24", "pods"), b"", 3)
+    view.apply(Snapshot((kv(SCHEMA.node("a"), record("a", "10.96.0.2", extra=("10.244.1.0/24",)), 3), a_claims), 3))
     before = topology_of(view)
     view.apply(Events((Event("put", kv(SCHEMA.node("a"), record("a", "10.96.0.2"), 4, create=3)),), 4))
     after = topology_of(view)

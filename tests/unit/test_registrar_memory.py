@@ -154,14 +154,19 @@ def test_a_deleted_claim_is_written_back_by_its_holder() -> None:
     async def body(store: MemoryStore) -> None:
         r = registrar(store)
         registration = await r.register(MeshConfig())
-        key = SCHEMA.claim("n1", str(registration.record.overlay_ip))
-        assert r.reservation_key == key
-        before = await store.get(key)
-        await r.restore_reservation(b"anything")  # what a claim holds says nothing: nothing to do
-        assert await store.get(key) == before
-        await store.delete(key)
-        await r.restore_reservation(None)
-        assert (await store.get(key)) is not None
+        record = registration.record
+        address_key = SCHEMA.claim("n1", str(record.overlay_ip))
+        subnet_key = SCHEMA.claim("n1", str(record.allowed_ips[0]), "pods")
+        assert r.reservation_keys == (address_key, subnet_key)
+        before = await store.get(address_key)
+        await r.restore_reservation(address_key, b"anything")  # what a claim holds says nothing: nothing to do
+        assert await store.get(address_key) == before
+        for key in (address_key, subnet_key):
+            await store.delete(key)
+            await r.restore_reservation(key, None)
+            assert (await store.get(key)) is not None
+        await r.restore_reservation(SCHEMA.claim("n2", "10.96.0.9"), None)  # not ours: nothing to do
+        assert await store.get(SCHEMA.claim("n2", "10.96.0.9")) is None
         await r.deregister()
 
     scenario(body)

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from warren_mesh import pki
 from warren_mesh.agent.device_thread import DeviceThread
 from warren_mesh.agent.observer import MeshObserver
+from warren_mesh.agent.pod_network import PodNetwork
 from warren_mesh.agent.reconciler import Reconciler
 from warren_mesh.agent.registrar import Registrar
 from warren_mesh.agent.underlay import (
@@ -86,6 +87,7 @@ class Agent:
         self.key = key if key is not None else self._load_key()
         self.reconciler: Reconciler | None = None
         self.registrar: Registrar | None = None
+        self.pod_network: PodNetwork | None = None
         self.traffic = TrafficWindow()
 
     @property
@@ -154,6 +156,9 @@ class Agent:
                     async with asyncio.timeout(5):
                         await self.registrar.deregister()
             await self.device_thread.run(lambda: self.backend.close(remove_device=settings.device.cleanup_on_exit))
+            pods = self.pod_network
+            if pods is not None and settings.device.cleanup_on_exit:
+                await self.device_thread.run(pods.remove)
             self.device_thread.shutdown()
             await self.store.close()
             if server is not None:
@@ -186,17 +191,25 @@ class Agent:
         )
         registration = await self._until_etcd(stop, lambda: registrar.register(config))
         self.registrar = registrar
+        subnets = registration.record.allowed_ips
+        if subnets and not self.backend.simulated:  # a simulated device has no pods
+            self.pod_network = PodNetwork(settings.pods, subnet=subnets[0], interface=self.backend.interface_name)
         self.reconciler = Reconciler(
             settings.device,
             view=self.view,
             backend=self.backend,
             local=LocalNode(
-                settings.node_name, self.key.public_key, registration.record.overlay_ip, protected=protected
+                settings.node_name,
+                self.key.public_key,
+                registration.record.overlay_ip,
+                allowed_ips=registration.record.allowed_ips,
+                protected=protected,
             ),
             key=self.key,
             metrics=self.metrics,
             underlay_mtu=underlay_mtu,
             device_thread=self.device_thread,
+            pod_network=self.pod_network,
         )
         loop = asyncio.get_running_loop()
         observer = MeshObserver(

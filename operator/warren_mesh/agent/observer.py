@@ -48,10 +48,7 @@ class MeshObserver:
             if isinstance(result, Events):
                 metrics.watch_events.inc(len(result.events))
             mentioned, own_value = _value_after(result, self._node_key)
-            reservation_key = registrar.reservation_key
-            reserved, reservation_value = (
-                _value_after(result, reservation_key) if reservation_key is not None else (False, None)
-            )
+            claims = [(key, *_value_after(result, key)) for key in registrar.reservation_keys]
             first = not view.synced
             view.apply(result)
             self._reconciler.notify()
@@ -62,8 +59,9 @@ class MeshObserver:
                 gc.freeze()
             if mentioned:
                 await registrar.restore(own_value)
-            if reserved:
-                await registrar.restore_reservation(reservation_value)
+            for key, mentioned_claim, claim_value in claims:
+                if mentioned_claim:
+                    await registrar.restore_reservation(key, claim_value)
             if view.config != config:
                 try:
                     await registrar.republish(view.config)

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 from warren_mesh.agent.device_thread import DeviceThread
+from warren_mesh.agent.pod_network import PodNetwork
 from warren_mesh.device import InterfaceSpec, PeerSpec
 from warren_mesh.keys import NodeKey
 from warren_mesh.mesh.claims import Conflict, LocalNode
@@ -50,8 +51,11 @@ class Reconciler:
         metrics: AgentMetrics,
         underlay_mtu: int,
         device_thread: DeviceThread,
+        pod_network: PodNetwork | None = None,
     ) -> None:
+        """``pod_network``: this node's pods' CNI network and forwarding, kept in place by every full pass."""
         self._device_thread = device_thread
+        self._pod_network = pod_network
         self._view = view
         self._backend = backend
         self._key = key
@@ -172,6 +176,10 @@ class Reconciler:
         )
         names = {**self._applied_names, **desired.names}
         ok = await self._device_thread.run(lambda: self._apply(plan, names))
+        pods = self._pod_network
+        if pods is not None:
+            mtu = desired.interface.mtu
+            ok = await self._device_thread.run(lambda: pods.ensure(self._view.config, mtu)) and ok
         self._applied_interface = desired.interface
         self._applied_peers = dict(desired.peers)
         self._applied_names = dict(desired.names)

@@ -17,7 +17,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from warren_mesh.admission import usable_host_range
 from warren_mesh.keys import NodeKey
@@ -32,6 +32,20 @@ from warren_mesh.validation import Endpoint, RecordError, decode_json
 from warren_mesh.watch import Snapshot
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Holdings:
+    address: IPAddress | None = None
+    subnet: IPNetwork | None = None
+    taken_addresses: set[int] = field(default_factory=set)
+    taken_subnets: set[str] = field(default_factory=set)
+
+
+def _fits(config: MeshConfig, subnet: IPNetwork) -> bool:
+    """Whether ``subnet`` is one of the pod network's node subnets."""
+    pods = config.pod_cidr
+    return subnet.version == pods.version and subnet.prefixlen == config.node_subnet_prefix and subnet.subnet_of(pods)  # type: ignore[arg-type]
 
 
 class RegistrationConflict(RuntimeError):
@@ -67,7 +81,8 @@ class Registrar:
         self._key = key
         self._endpoint_host = endpoint_host
         self._endpoint_port = settings.endpoint_port  # None: follow the mesh's listen port
-        self._lease_ttl = settings.lease_ttl  # None: the mesh config's TTL
+        self._lease_ttl = settings.lease_ttl  # None: the mesh config's
+        self._pod_subnet = settings.pod_subnet  # None: claim one TTL
         self._metrics = metrics
         self.current: Registration | None = None
         self._published = b""  # the exact value of our record in etcd, to notice when someone changes it
@@ -84,41 +99,75 @@ class Registrar:
         view.apply(Snapshot(claims.items + legacy.items, max(claims.revision, legacy.revision)))
         return view
 
-    async def _held_address(self, cidr: IPNetwork) -> tuple[IPAddress | None, set[int]]:
-        """The address we hold in ``cidr`` (None if none) and every address someone else holds. Our claims that
-        lost to an older one are withdrawn; an address we hold only through a reservation of the old schema gets a
-        claim of ours (so a migrated mesh keeps every node's address)."""
+    async def _holdings(self, config: MeshConfig) -> _Holdings:
+        """What we hold (an overlay address in the mesh network, a pod subnet of the mesh's size in the pod
+        network) and what others hold. Our claims that lost to an older one are withdrawn; an address we hold only
+        through a reservation of the old schema gets a claim of ours (so a migrated mesh keeps every address)."""
         view = await self._claims()
-        held: IPAddress | None = None
-        taken: set[int] = set()
-        for address, holder in view.reservations.items():
-            ip = parse_ip(address)
+        holdings = _Holdings()
+        for subject, holder in view.reservations.items():
+            subnet = "/" in subject
             if holder.owner != self._name:
-                taken.add(int(ip))
-                for claim in view.claims_on(address):
-                    if claim.key == self._schema.claim(self._name, address):
-                        log.warning("withdrawing the claim of %s on %s: %s holds it", self._name, ip, holder.owner)
-                        await self._store.delete(claim.key)
-            elif ip in cidr and (held is None or int(ip) < int(held)):
-                held = ip
-        if held is not None:
-            await self._store.create(self._schema.claim(self._name, str(held)), b"")  # no-op once it is there
-        return held, taken
+                (
+                    holdings.taken_subnets.add(subject)
+                    if subnet
+                    else holdings.taken_addresses.add(int(parse_ip(subject)))
+                )
+                own = self._schema.claim(self._name, subject, "pods" if subnet else "overlay")
+                if any(claim.key == own for claim in view.claims_on(subject)):
+                    log.warning("withdrawing the claim of %s on %s: %s holds it", self._name, subject, holder.owner)
+                    await self._store.delete(own)
+            elif subnet:
+                network = ipaddress.ip_network(subject)
+                lower = holdings.subnet is None or int(network.network_address) < int(holdings.subnet.network_address)
+                if _fits(config, network) and lower:
+                    holdings.subnet = network
+            else:
+                ip = parse_ip(subject)
+                if ip in config.overlay_cidr and (holdings.address is None or int(ip) < int(holdings.address)):
+                    holdings.address = ip
+        if holdings.address is not None:
+            await self._store.create(self._schema.claim(self._name, str(holdings.address)), b"")  # no-op if there
+        return holdings
+
+    def _start(self, count: int) -> int:
+        # Start where the name hashes to: nodes joining at once rarely race for the same address or subnet, and a
+        # node whose claims were lost tends to get its old ones back.
+        return int.from_bytes(hashlib.sha256(self._name.encode()).digest()[:8], "big") % count
 
     def _candidates(self, cidr: IPNetwork, taken: set[int]) -> Iterator[IPAddress]:
         first, last = usable_host_range(cidr)
         size = last - first + 1
-        # Start where the name hashes to: nodes joining at once rarely race for the same address, and a node
-        # whose reservation was lost tends to get its old address back.
-        start = int.from_bytes(hashlib.sha256(self._name.encode()).digest()[:8], "big") % size
+        start = self._start(size)
         for step in range(size):
             candidate = first + (start + step) % size
             if candidate not in taken:
                 yield ipaddress.ip_address(candidate)
 
+    def _subnet_candidates(self, config: MeshConfig, taken: set[str]) -> Iterator[IPNetwork]:
+        pods, prefix = config.pod_cidr, config.node_subnet_prefix
+        count, size = config.node_subnets(), 1 << (pods.max_prefixlen - prefix)
+        start = self._start(count)
+        for step in range(count):
+            subnet = ipaddress.ip_network(f"{pods.network_address + (start + step) % count * size}/{prefix}")
+            if str(subnet) not in taken:
+                yield subnet
+
+    def _pinned_subnet(self, config: MeshConfig, holdings: _Holdings) -> IPNetwork:
+        """The subnet given by --pod-subnet, if this mesh can give it to us."""
+        pinned = self._pod_subnet
+        assert pinned is not None
+        if not _fits(config, pinned):
+            raise RegistrationConflict(
+                f"--pod-subnet {pinned} is not a /{config.node_subnet_prefix} of the pod network {config.pod_cidr}"
+            )
+        if str(pinned) in holdings.taken_subnets:
+            raise RegistrationConflict(f"--pod-subnet {pinned} is claimed by another node")
+        return pinned
+
     # --- registration -----------------------------------------------------------------------------------------
 
-    def _record(self, config: MeshConfig, overlay_ip: IPAddress) -> NodeRecord:
+    def _record(self, config: MeshConfig, overlay_ip: IPAddress, subnet: IPNetwork | None) -> NodeRecord:
         port = config.listen_port if self._endpoint_port is None else self._endpoint_port
         return NodeRecord(
             name=self._name,
@@ -126,16 +175,20 @@ class Registrar:
             endpoint=Endpoint(self._endpoint_host, port),
             overlay_ip=overlay_ip,
             listen_port=config.listen_port,
+            allowed_ips=() if subnet is None else (subnet,),
             published_at=time.time(),
         )
 
-    async def register(self, config: MeshConfig, overlay_ip: IPAddress | None = None) -> Registration:
-        """Publish our record on a fresh lease, at ``overlay_ip`` or else at the address we hold, reserving one
-        the first time (stable across restarts); take over a record of ours left by a previous run."""
+    async def register(self, config: MeshConfig, held: NodeRecord | None = None) -> Registration:
+        """Publish our record on a fresh lease: with the address and pod subnet of ``held`` (our record before
+        the lease was lost), or else those we hold, claiming them the first time (stable across restarts); take
+        over a record of ours left by a previous run."""
         ttl = self._lease_ttl if self._lease_ttl is not None else config.lease_ttl_seconds
-        taken: set[int] = set()
-        if overlay_ip is None:
-            overlay_ip, taken = await self._held_address(config.overlay_cidr)
+        holdings = None
+        if held is None:
+            holdings = await self._holdings(config)
+            if self._pod_subnet is not None:
+                holdings.subnet = self._pinned_subnet(config, holdings)
         lease_id = await self._store.grant_lease(ttl)
         # Held from this moment, not from when the record is written: with a thousand nodes starting at once,
         # registering took several seconds, and a lease refreshed only after that expired before its first refresh.
@@ -144,10 +197,12 @@ class Registrar:
         # convergence lag is the mesh's reaction time, not our own registration round trips.
         key = self._schema.node(self._name)
         try:
-            if overlay_ip is None:
-                record = await self._reserve_and_publish(config, taken, lease_id)
+            if holdings is not None:
+                record = await self._claim_and_publish(config, holdings, lease_id)
             else:
-                record = await self._publish(self._record(config, overlay_ip), lease_id)
+                assert held is not None
+                subnet = held.allowed_ips[0] if held.allowed_ips else None
+                record = await self._publish(self._record(config, held.overlay_ip, subnet), lease_id)
         except LeaseNotFound:
             # The new lease ran out before the record was written: etcd or this agent stalled for longer than the
             # TTL. Nothing is wrong with the registration itself, so callers retry it like an unreachable etcd.
@@ -164,52 +219,85 @@ class Registrar:
         self._published = encode_json(record.to_json())
         self._metrics.registrations.inc()
         log.info(
-            "registered %s as %s at %s (lease %x, ttl %d s)",
+            "registered %s as %s, pods %s, at %s (lease %x, ttl %d s)",
             self._name,
             record.overlay_ip,
+            ", ".join(str(n) for n in record.allowed_ips) or "none",
             record.endpoint,
             lease_id,
             ttl,
         )
         return self.current
 
-    async def _reserve_and_publish(self, config: MeshConfig, taken: set[int], lease_id: int) -> NodeRecord:
-        """Claim a free address and publish our record at it. The usual first start writes both in one
-        transaction: one revision, so a cluster booting at once costs every watcher one event per node, not two.
-        Claims of other nodes made since we listed are older than ours and win: we check, and move on if so."""
+    async def _claim_and_publish(self, config: MeshConfig, holdings: _Holdings, lease_id: int) -> NodeRecord:
+        """Claim a free address and pod subnet (unless held already) and publish our record with them. The usual
+        first start writes the claims and the record in one transaction: one revision, so a cluster booting at
+        once costs every watcher one event per node. Claims of other nodes made since we listed are older than
+        ours and win: we check, and move on to the next candidate if so."""
+        addresses = self._candidates(config.overlay_cidr, holdings.taken_addresses)
+        subnets = self._subnet_candidates(config, holdings.taken_subnets)
+        ip = holdings.address or next(addresses, None)
+        subnet = holdings.subnet or next(subnets, None)
         published: NodeRecord | None = None
-        for ip in self._candidates(config.overlay_cidr, taken):
-            record = self._record(config, ip)
-            claim_key = self._schema.claim(self._name, str(ip))
+        while True:
+            if ip is None:
+                raise AddressSpaceExhausted(
+                    f"every address in the mesh network {config.overlay_cidr} is claimed; widen overlayCIDR"
+                )
+            record = self._record(config, ip, subnet)
+            claims = [(self._schema.claim(self._name, str(ip)), b"", 0)]
+            if subnet is not None:
+                claims.append((self._schema.claim(self._name, str(subnet), "pods"), b"", 0))
             if published is None:
-                holders = await self._store.create_all(
-                    [(claim_key, b"", 0), (self._schema.node(self._name), encode_json(record.to_json()), lease_id)]
-                )
-                if holders is None:
+                node = (self._schema.node(self._name), encode_json(record.to_json()), lease_id)
+                if await self._store.create_all([*claims, node]) is None:
                     published = record
-                elif holders[0] is None:
-                    # A record of ours is there already (a previous run whose claim is gone): claim alone, then
-                    # take the record over.
-                    await self._store.create(claim_key, b"")
-            else:
-                await self._store.create(claim_key, b"")
-            holder = (await self._claims()).reservations.get(str(ip))
-            if holder is None or holder.owner != self._name:
-                log.info(
-                    "%s claimed %s first; %s tries the next address",
-                    holder.owner if holder else "nobody",
-                    ip,
-                    self._name,
-                )
-                await self._store.delete(claim_key)
-                continue
-            log.info("claimed overlay address %s for %s", ip, self._name)
-            if published is not None and published.overlay_ip == ip:
-                return published
-            return await self._publish(record, lease_id)
-        raise AddressSpaceExhausted(
-            f"every address in the mesh network {config.overlay_cidr} is claimed; widen overlayCIDR"
-        )
+            if published is not record:
+                # Claims of ours may be there (held already, or a previous try), or a record of a previous run
+                # whose claims are gone: claim each on its own, then take the record over.
+                for key, value, _ in claims:
+                    await self._store.create(key, value)
+            holders = (await self._claims()).reservations
+            lost = False
+            for subject, kind in ((str(ip), "overlay"), (str(subnet) if subnet else None, "pods")):
+                if subject is None:
+                    continue
+                holder = holders.get(subject)
+                if holder is None or holder.owner != self._name:
+                    lost = True
+                    log.info(
+                        "%s claimed %s first; %s tries the next", holder.owner if holder else "?", subject, self._name
+                    )
+                    await self._store.delete(self._schema.claim(self._name, subject, kind))  # type: ignore[arg-type]
+                    if kind == "overlay":
+                        ip = next(addresses, None)
+                    elif self._pod_subnet is not None:
+                        raise RegistrationConflict(
+                            f"--pod-subnet {subnet} is claimed by {holder.owner if holder else '?'}"
+                        )
+                    else:
+                        subnet = next(subnets, None)
+            if not lost:
+                break
+        if subnet is None:
+            self._metrics.pod_subnet_missing.set(1)
+            log.error(
+                "no pod subnet for %s: every /%d of the pod network %s is claimed (%d); pods on this node get no "
+                "network until one is freed or podCIDR is widened",
+                self._name,
+                config.node_subnet_prefix,
+                config.pod_cidr,
+                config.node_subnets(),
+            )
+        else:
+            self._metrics.pod_subnet_missing.set(0)
+        log.info("claimed overlay address %s and pod subnet %s for %s", ip, subnet, self._name)
+        if published is not None and (published.overlay_ip, published.allowed_ips) == (
+            record.overlay_ip,
+            record.allowed_ips,
+        ):
+            return published
+        return await self._publish(record, lease_id)
 
     async def _publish(self, record: NodeRecord, lease_id: int) -> NodeRecord:
         """Write ``record`` on ``lease_id``, taking over a record of ours from a previous run without a gap."""
@@ -248,7 +336,8 @@ class Registrar:
         current = self.current
         if current is None:
             return
-        record = self._record(config, current.record.overlay_ip)
+        subnet = current.record.allowed_ips[0] if current.record.allowed_ips else None
+        record = self._record(config, current.record.overlay_ip, subnet)
         if (record.listen_port, record.endpoint) == (current.record.listen_port, current.record.endpoint):
             return
         value = encode_json(record.to_json())
@@ -274,18 +363,20 @@ class Registrar:
             log.warning("could not restore the record of %s: %s", self._name, exc)
 
     @property
-    def reservation_key(self) -> str | None:
-        """The key of our claim on the address we hold, once registered."""
+    def reservation_keys(self) -> tuple[str, ...]:
+        """The keys of our claims (our address, our pod subnet), once registered."""
         current = self.current
-        return None if current is None else self._schema.claim(self._name, str(current.record.overlay_ip))
+        if current is None:
+            return ()
+        record = current.record
+        subnets = tuple(self._schema.claim(self._name, str(n), "pods") for n in record.allowed_ips)
+        return (self._schema.claim(self._name, str(record.overlay_ip)), *subnets)
 
-    async def restore_reservation(self, value: bytes | None) -> None:
-        """Claim our address again if someone deleted our claim. Every agent keeps our record as long as it is
-        older than a newer claim, but a node that claims the address as well would win it: the address is ours as
-        long as we live, so we say so again at once. (What a claim's key holds is all it says: its value is
-        ignored.)"""
-        key = self.reservation_key
-        if key is None or value is not None:
+    async def restore_reservation(self, key: str, value: bytes | None) -> None:
+        """Claim again what is ours if someone deleted our claim ``key``. Every agent keeps our record as long as it
+        is older than a newer claim, but a node that claims the same as well would win it: it is ours as long as we
+        live, so we say so again at once. (What a claim's key holds is all it says: its value is ignored.)"""
+        if key not in self.reservation_keys or value is not None:
             return
         log.warning("the claim %s of %s was deleted by someone else; claiming again", key, self._name)
         try:
@@ -330,7 +421,7 @@ class Registrar:
             backoff.reset()
             while True:
                 try:
-                    await self.register(config(), current.record.overlay_ip)
+                    await self.register(config(), current.record)
                     break
                 except StoreError as exc:
                     delay = backoff.delay()

@@ -30,10 +30,11 @@ from pathlib import Path
 from pyroute2 import IPRoute
 
 from warren_mesh import pki
-from warren_mesh.lab import netns
+from warren_mesh.host import cni
+from warren_mesh.lab import cni_runtime, netns
 from warren_mesh.lab.access import LabAccess
 from warren_mesh.lab.etcd_server import EtcdServer
-from warren_mesh.lab.report import LabNode, lagging_report, log_tail
+from warren_mesh.lab.report import LabNode, LabPod, lagging_report, log_tail
 from warren_mesh.process import alive, connect_in_netns, in_netns, wait_exit
 from warren_mesh.wireguard import link, uapi
 
@@ -72,6 +73,13 @@ class Lab:
     @staticmethod
     def node_name(index: int) -> str:
         return f"node-{index}"
+
+    def cni_dir(self, index: int) -> Path:
+        """Where node ``index``'s agent writes its CNI network config (a real node's /etc/cni/net.d)."""
+        return self.state_dir / "cni" / self.node_name(index)
+
+    def pod_netns(self, index: int, pod: str) -> str:
+        return f"{self.prefix}-n{index}-{pod}"
 
     @staticmethod
     def underlay_ip(index: int) -> str:
@@ -130,8 +138,10 @@ class Lab:
         resync_interval: int = 30,
         tls: bool = True,
         timeout: float = 60.0,
+        pods: int = 0,
         progress: Callable[[str], None] | None = None,
     ) -> list[LabNode]:
+        """``pods``: pods to start on each node once the mesh is up (``pod-1``, ...)."""
         require_root()
         if self.is_up():
             raise LabError(f"a lab named {self.prefix} is already up; `warren-mesh lab down` first")
@@ -164,6 +174,10 @@ class Lab:
                 self.add_node(index)
                 say(f"started {self.node_name(index)} in namespace {self.node_netns(index)}")
             self.wait_for_mesh(timeout=timeout, progress=say)
+            for index in range(1, nodes + 1):
+                for number in range(1, pods + 1):
+                    pod = self.add_pod(self.node_name(index), f"pod-{number}")
+                    say(f"started pod {pod.name} on {pod.node} at {pod.ip}")
         except BaseException:
             self.down()
             raise
@@ -200,6 +214,8 @@ class Lab:
             f"--lease-ttl={state['lease_ttl']}",
             f"--resync-interval={state.get('resync_interval', 30)}",
             f"--metrics-address=0.0.0.0:{METRICS_PORT}",
+            f"--cni-conf-dir={self.cni_dir(index)}",
+            f"--cni-ipam-dir={self.state_dir / 'cni-ipam' / self.node_name(index)}",
         ]
         with (self.state_dir / f"{self.node_name(index)}.log").open("ab") as out:
             process = subprocess.Popen(
@@ -385,6 +401,84 @@ class Lab:
                 ok = address is not None and self.ping(source, address)
                 results.append((self.node_name(source), self.node_name(target), ok))
         return results
+
+    # --- pods -----------------------------------------------------------------------------------------------
+
+    def add_pod(self, node: str, pod: str, *, timeout: float = 30.0) -> LabPod:
+        """A pod on ``node``: a network namespace attached to the node's CNI network by the standard plugins, with
+        the conflist its agent wrote, as a container runtime does."""
+        index = self._index_of(node)
+        if not pod or not pod.replace("-", "").isalnum() or len(pod) > 20:
+            raise LabError(f"pod name {pod!r}: letters, digits and '-', at most 20")
+        state = self._load()
+        pods = state.setdefault("pods", {})
+        assert isinstance(pods, dict)
+        if pod in pods.get(self.node_name(index), {}):
+            raise LabError(f"{node} has a pod {pod} already")
+        conflist_path = self.cni_dir(index) / cni.CONFLIST_NAME
+        deadline = time.monotonic() + timeout
+        while not conflist_path.exists():
+            if time.monotonic() > deadline:
+                raise LabError(f"{node}'s agent wrote no CNI network config ({conflist_path}) in {timeout:.0f} s")
+            time.sleep(0.1)
+        conflist = json.loads(conflist_path.read_text())
+        attachment = cni_runtime.Attachment(self.node_netns(index), self.pod_netns(index, pod), f"{node}-{pod}")
+        netns.create(attachment.pod_netns)
+        try:
+            result = cni_runtime.add(conflist, attachment)
+        except BaseException:
+            netns.remove(attachment.pod_netns)
+            raise
+        ip = str(result["ips"][0]["address"]).split("/", 1)[0]
+        pods.setdefault(self.node_name(index), {})[pod] = {"netns": attachment.pod_netns, "ip": ip, "result": result}
+        self._save(state)
+        return LabPod(pod, self.node_name(index), attachment.pod_netns, ip)
+
+    def delete_pod(self, node: str, pod: str) -> None:
+        index = self._index_of(node)
+        state = self._load()
+        pods = state.get("pods", {})
+        assert isinstance(pods, dict)
+        entry = pods.get(self.node_name(index), {}).pop(pod, None)
+        if entry is None:
+            raise LabError(f"{node} has no pod {pod}")
+        conflist_path = self.cni_dir(index) / cni.CONFLIST_NAME
+        attachment = cni_runtime.Attachment(self.node_netns(index), entry["netns"], f"{self.node_name(index)}-{pod}")
+        try:
+            if conflist_path.exists():
+                cni_runtime.delete(json.loads(conflist_path.read_text()), entry["result"], attachment)
+        finally:
+            netns.remove(entry["netns"])
+            self._save(state)
+
+    def pods(self) -> list[LabPod]:
+        pods = self._load().get("pods", {})
+        assert isinstance(pods, dict)
+        return [
+            LabPod(name, node, entry["netns"], entry["ip"])
+            for node, on_node in sorted(pods.items())
+            for name, entry in sorted(on_node.items())
+        ]
+
+    def pod_exec_argv(self, node: str, pod: str, command: list[str]) -> list[str]:
+        for known in self.pods():
+            if known.name == pod and node in (known.node, str(self._index_of(node))):
+                return ["ip", "netns", "exec", known.netns, *command]
+        raise LabError(f"{node} has no pod {pod}")
+
+    def pod_ping(self, source: LabPod, address: str) -> bool:
+        argv = self.pod_exec_argv(source.node, source.name, ["ping", "-c", "1", "-W", "2", address])
+        return subprocess.run(argv, capture_output=True, check=False).returncode == 0
+
+    def ping_pods(self) -> list[tuple[str, str, bool]]:
+        """Ping every pod from every pod on another node."""
+        pods = self.pods()
+        return [
+            (f"{a.node}/{a.name}", f"{b.node}/{b.name}", self.pod_ping(a, b.ip))
+            for a in pods
+            for b in pods
+            if a.node != b.node
+        ]
 
     # --- down -------------------------------------------------------------------------------------------------
 

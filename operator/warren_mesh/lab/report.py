@@ -22,6 +22,26 @@ class LabNode:
     agent_ready: bool  # its /healthz says so: the device was configured from a complete view of the mesh
 
 
+@dataclass(frozen=True, slots=True)
+class LabPod:
+    """One lab pod as `lab pod list` shows it: a network namespace on a node's CNI network."""
+
+    name: str
+    node: str
+    netns: str
+    ip: str
+
+
+def pods_json(pods: list[LabPod]) -> str:
+    return json.dumps([asdict(p) for p in pods], indent=2)
+
+
+def render_pods_table(pods: list[LabPod]) -> str:
+    rows = [("POD", "NODE", "NETNS", "IP"), *((p.name, p.node, p.netns, p.ip) for p in pods)]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
 def status_json(status: list[LabNode]) -> str:
     return json.dumps([asdict(s) for s in status], indent=2)
 

@@ -40,6 +40,11 @@ class LocalNode:
     # very deletion that would repair it).
     protected: tuple[IPNetwork, ...] = ()
 
+    @property
+    def subnet_texts(self) -> tuple[str, ...]:
+        """Its pod subnets as records name them."""
+        return tuple(str(n) for n in self.allowed_ips)
+
 
 @dataclass(frozen=True, slots=True)
 class Conflict:
@@ -91,11 +96,12 @@ class ClaimRules:
         )
         self._protected = tuple((n.version, int(n.network_address), int(n.broadcast_address)) for n in local.protected)
 
-    def overlay_claims(self, record: NodeRecord | ExternalPeer) -> tuple[str, ...]:
-        """The single addresses inside the overlay network that ``record`` claims (reservations decide who holds
-        them): a node's own address, a peer's host routes."""
+    def held_claims(self, record: NodeRecord | ExternalPeer) -> tuple[str, ...]:
+        """What ``record`` takes that claims decide who holds: a node's own overlay address and its pod subnets
+        (with their /prefix), a peer's single addresses inside the overlay network."""
         if isinstance(record, NodeRecord):
-            return (record.overlay_text,)
+            own_route = f"{record.overlay_text}/{record.overlay_ip.max_prefixlen}"
+            return (record.overlay_text, *(text for text in record.routes.text if text != own_route))
         overlay_version, overlay_start, overlay_end = self._mesh_ranges[0]
         return tuple(
             text.split("/", 1)[0]
@@ -118,7 +124,7 @@ class ClaimRules:
                     f"{name}'s address {record.overlay_ip} is not a usable address of the mesh network "
                     f"{config.overlay_cidr}",
                 )
-            for text, (version, _, start, end) in zip(record.routes.text, record.routes.ranges, strict=True):
+            for text, (version, prefixlen, start, end) in zip(record.routes.text, record.routes.ranges, strict=True):
                 if start == end == own and version == overlay_version:
                     continue  # its own overlay address (the decoder keeps allowed_ips off it)
                 if version != config.pod_cidr.version or start < pods_start or end > pods_end:
@@ -127,6 +133,19 @@ class ClaimRules:
                         REASON_NETWORK_NOT_OWNED,
                         f"{name} claims {text}: a node may claim its overlay address and networks inside the pod "
                         f"network {config.pod_cidr}, nothing else",
+                    )
+                if prefixlen != config.node_subnet_prefix:
+                    return Conflict(
+                        name,
+                        REASON_NETWORK_NOT_OWNED,
+                        f"{name} claims {text}: a node's pod network is one /{config.node_subnet_prefix} of "
+                        f"{config.pod_cidr} that it claims",
+                    )
+                if self.view is not None and text not in self.view.reservations:
+                    return Conflict(
+                        name,
+                        REASON_NETWORK_NOT_OWNED,
+                        f"{name} claims {text}, a pod subnet nobody claimed (claims/{name}/pods/)",
                     )
             endpoint = record.endpoint.host
             endpoint_value = int(endpoint)
@@ -150,8 +169,8 @@ class ClaimRules:
                         f"{name} claims {text}: inside the mesh's own networks an external peer may claim single "
                         "usable overlay addresses only",
                     )
-        for address in self.overlay_claims(record):
-            problem = self._reservation_problem(name, address, claimed_at)
+        for subject in self.held_claims(record):
+            problem = self._reservation_problem(name, subject, claimed_at)
             if problem is not None:
                 return problem
         for text, (version, _, start, end) in zip(record.routes.text, record.routes.ranges, strict=True):
@@ -164,25 +183,26 @@ class ClaimRules:
                     )
         return None
 
-    def _reservation_problem(self, name: str, address: str, claimed_at: int) -> Conflict | None:
+    def _reservation_problem(self, name: str, subject: str, claimed_at: int) -> Conflict | None:
+        """``subject``: an overlay address, or a pod subnet with its /prefix."""
         view = self.view
-        reservation: Reservation | None = view.reservations.get(address) if view is not None else None
+        reservation: Reservation | None = view.reservations.get(subject) if view is not None else None
         if view is None or reservation is None or reservation.owner == name:
             return None
         local = self._local
         if reservation.owner == local.name:  # this node claims what its agent knows it holds, whatever etcd shows
-            holder_claims = address == str(local.overlay_ip)
+            holder_claims = subject == str(local.overlay_ip) or subject in local.subnet_texts
         else:
-            holder_claims = _holder_claims(view, reservation.owner, address)
+            holder_claims = _holder_claims(view, reservation.owner, subject)
         if reservation.create_revision < claimed_at or holder_claims:
-            return Conflict(name, REASON_ADDRESS_TAKEN, f"{name} claims {address}, reserved for {reservation.owner}")
+            return Conflict(name, REASON_ADDRESS_TAKEN, f"{name} claims {subject}, claimed by {reservation.owner}")
         return None
 
 
-def _holder_claims(view: MeshView, holder: str, address: str) -> bool:
-    """Whether the holder of a reservation claims the reserved address itself (as a node or an external peer)."""
+def _holder_claims(view: MeshView, holder: str, subject: str) -> bool:
+    """Whether the holder of a claim takes what it claimed itself (as a node or an external peer)."""
     node = view.nodes.get(holder)
-    if node is not None and node.record.overlay_text == address:
+    if node is not None and (node.record.overlay_text == subject or subject in node.record.routes.text):
         return True
     peer = view.peers.get(holder)
-    return peer is not None and any(text.split("/", 1)[0] == address for text in peer.record.routes.text)
+    return peer is not None and any(text.split("/", 1)[0] == subject for text in peer.record.routes.text)

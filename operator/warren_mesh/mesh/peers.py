@@ -14,6 +14,7 @@ outside it.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -94,9 +95,10 @@ class MeshView:
         self._config_revision = 0
         self.nodes: dict[str, Entry[NodeRecord]] = {}
         self.peers: dict[str, Entry[ExternalPeer]] = {}
-        self.reservations: dict[str, Reservation] = {}  # overlay address -> its oldest claim (who holds it)
-        # overlay address -> claim key -> claim: node-owned claims/<node>/overlay/<address>, and the ipam/<address>
-        # reservations of meshes not migrated yet (docs/etcd-keys.md).
+        # What claims are on (an overlay address, or a pod subnet with its /prefix) -> its oldest claim: who holds it.
+        self.reservations: dict[str, Reservation] = {}
+        # subject -> claim key -> claim: node-owned claims/<node>/overlay/<address> and claims/<node>/pods/<subnet>,
+        # and the ipam/<address> reservations of meshes not migrated yet (docs/etcd-keys.md).
         self._claims: dict[str, dict[str, Reservation]] = {}
         self.revision = 0
         self.synced = False  # a complete snapshot has been seen; until then nothing may be removed
@@ -188,7 +190,7 @@ class MeshView:
             case ("claim", name):
                 claim = self._schema.split_claim(name)
                 if claim is not None:
-                    self._drop_claim(claim.value, key)
+                    self._drop_claim(self._schema.claim_subject(claim.kind, claim.value), key)
             case ("ipam", address):
                 self._drop_claim(address, key)
             case ("config", _):
@@ -268,11 +270,19 @@ class MeshView:
         _check_key_name(claim.node)
         if claim.kind not in CLAIM_KINDS:
             return  # a kind of a newer version: not ours to judge
+        subject = self._schema.claim_subject(claim.kind, claim.value)
         try:
-            parse_ip(claim.value)
+            if claim.kind == "pods":
+                # Only a subnet's one spelling: the records name it so (str of the network), and claims on one
+                # subnet must meet under one subject.
+                if str(ipaddress.ip_network(subject)) != subject:
+                    raise ValueError(subject)
+            else:
+                parse_ip(subject)
         except ValueError:
-            raise RecordError(REASON_INVALID_KEY, f"claim {printable(name)} does not name an address") from None
-        self._add_claim(claim.value, Reservation(kv.create_revision, kv.key, claim.node))
+            what = "a subnet (ADDRESS-PREFIXLEN)" if claim.kind == "pods" else "an address"
+            raise RecordError(REASON_INVALID_KEY, f"claim {printable(name)} does not name {what}") from None
+        self._add_claim(subject, Reservation(kv.create_revision, kv.key, claim.node))
 
     def _put_legacy_reservation(self, address: str, kv: KeyValue) -> None:
         try:
@@ -358,6 +368,7 @@ def _left_out_by(config: MeshConfig, record: NodeRecord) -> bool:
         record.overlay_ip.version != overlay.version
         or not first <= int(record.overlay_ip) <= last
         or any(n.version != pods.version or not n.subnet_of(pods) for n in record.allowed_ips)  # type: ignore[arg-type]
+        or any(n.prefixlen != config.node_subnet_prefix for n in record.allowed_ips)
         or any(endpoint.version == n.version and endpoint in n for n in (overlay, pods))
     )
 

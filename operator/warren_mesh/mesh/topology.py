@@ -126,10 +126,10 @@ class TopologyBuilder:
             # an address has every other record on that address settled again.
             settled = self._settled.get(candidate)
             if settled is not None:
-                addresses.update(self._rules.overlay_claims(settled.entry.record))
+                addresses.update(self._rules.held_claims(settled.entry.record))
             entry = _entry(view, candidate)
             if entry is not None:
-                addresses.update(self._rules.overlay_claims(entry.record))
+                addresses.update(self._rules.held_claims(entry.record))
         for address in addresses:
             for other in self._by_address.get(address, ()):
                 touched[other] = True
@@ -200,7 +200,7 @@ class TopologyBuilder:
         del self._settled[candidate]
         del self._order[bisect.bisect_left(self._order, settled.position)]
         record = settled.entry.record
-        for address in self._rules.overlay_claims(record):
+        for address in self._rules.held_claims(record):
             holders = self._by_address[address]
             holders.discard(candidate)
             if not holders:
@@ -229,7 +229,7 @@ class TopologyBuilder:
         problem: Conflict | None,
     ) -> None:
         record = entry.record
-        for address in self._rules.overlay_claims(record):
+        for address in self._rules.held_claims(record):
             self._by_address.setdefault(address, set()).add(candidate)
         bisect.insort(self._order, position)
         if problem is not None:

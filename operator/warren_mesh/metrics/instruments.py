@@ -89,6 +89,11 @@ class AgentMetrics:
             "1 when etcd answered the last request that needs its quorum (a key-value call, a lease refresh), else 0.",
             registry=registry,
         )
+        self.pod_subnet_missing = Gauge(
+            "warren_mesh_pod_subnet_missing",
+            "1 when this node registered without a pod subnet (every subnet of the pod network is claimed), else 0.",
+            registry=registry,
+        )
         self.etcd_certificate_expiry = Gauge(
             "warren_mesh_etcd_client_certificate_expiry_timestamp_seconds",
             "When the client certificate this agent uses for etcd expires (Unix time); absent without one.",

@@ -1,0 +1,56 @@
+"""This node's pods on the mesh: the CNI network for its pod subnet, and the forwarding and masquerade they need.
+
+Kept as it should be by every full reconcile pass (the first, every resync, the pass after a failure), so a
+deleted conflist, a forwarding switch turned off or a rule removed from our nftables table is back within one
+resync. Runs on the device thread, beside the device changes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from warren_mesh.host import cni, forwarding
+from warren_mesh.model import MeshConfig
+from warren_mesh.netaddr import IPNetwork
+from warren_mesh.settings import PodSettings
+
+log = logging.getLogger(__name__)
+
+
+class PodNetwork:
+    def __init__(self, settings: PodSettings, *, subnet: IPNetwork, interface: str) -> None:
+        self._settings = settings
+        self._subnet = subnet
+        self._interface = interface
+
+    def ensure(self, config: MeshConfig, mtu: int) -> bool:
+        """Bring the conflist and the forwarding in line with ``config`` and the device's ``mtu``; whether all of
+        it is in place (failures are logged and retried by the next pass)."""
+        ok = True
+        directory = self._settings.cni_conf_dir
+        if directory is not None:
+            try:
+                config_file = cni.conflist(self._subnet, mtu=mtu, ipam_data_dir=self._settings.cni_ipam_dir)
+                if cni.write_conflist(directory, config_file):
+                    log.info("wrote %s: pods on %s, MTU %d", directory / cni.CONFLIST_NAME, self._subnet, mtu)
+            except OSError as exc:
+                log.error("cannot write the CNI network config in %s (retrying): %s", directory, exc)
+                ok = False
+        routing = forwarding.PodRouting(self._subnet, config.pod_cidr, config.overlay_cidr, self._interface)
+        try:
+            changed = forwarding.ensure(routing)
+        except forwarding.ForwardingError as exc:
+            log.error("cannot route for this node's pods (retrying): %s", exc)
+            return False
+        if changed:
+            log.info("pod forwarding set: %s", ", ".join(changed))
+        return ok
+
+    def remove(self) -> None:
+        """On --cleanup-on-exit: our nftables table and conflist go (forwarding stays on: others may need it)."""
+        try:
+            forwarding.remove()
+        except forwarding.ForwardingError as exc:
+            log.warning("could not remove the nftables table: %s", exc)
+        if self._settings.cni_conf_dir is not None:
+            cni.remove_conflist(self._settings.cni_conf_dir)

@@ -1,0 +1,113 @@
+"""The node as a router for its pods: IP forwarding on, loose reverse-path filtering on the WireGuard device, and
+one nftables table of ours that masquerades pod traffic leaving the cluster.
+
+Traffic between pods (the pod network) and to the mesh (the overlay network) keeps its source address: only
+traffic from this node's pod subnet to anywhere else is masqueraded. The table is replaced whole and atomically
+(one ``nft -f`` transaction) whenever what is there differs from what should be, which a resync checks through the
+rules' comments: each carries a digest of the whole desired table, so a deleted, changed or stale rule is seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from warren_mesh.netaddr import IPNetwork
+
+TABLE: Final = "warren-mesh"
+PROC_SYS: Final = Path("/proc/sys/net")
+
+
+class ForwardingError(RuntimeError):
+    """The node could not be made to forward for its pods; the message says what failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class PodRouting:
+    """What this node's pods need of it."""
+
+    subnet: IPNetwork  # this node's pod subnet
+    pod_cidr: IPNetwork
+    overlay_cidr: IPNetwork
+    interface: str  # the WireGuard device
+
+    def _rule(self) -> str:
+        family = "ip" if self.subnet.version == 4 else "ip6"
+        return f"{family} saddr {self.subnet} {family} daddr != {{ {self.pod_cidr}, {self.overlay_cidr} }} masquerade"
+
+    def digest(self) -> str:
+        """Names this exact table: carried in its rule's comment, so a resync sees whether it is still there."""
+        return hashlib.sha256(self._rule().encode()).hexdigest()[:16]
+
+    def ruleset(self) -> str:
+        """The whole table, as ``nft -f`` takes it (deleting the old one in the same transaction)."""
+        return (
+            f"table inet {TABLE}\n"
+            f"delete table inet {TABLE}\n"
+            f"table inet {TABLE} {{\n"
+            f"  chain postrouting {{\n"
+            f"    type nat hook postrouting priority srcnat; policy accept;\n"
+            f'    {self._rule()} comment "{TABLE} {self.digest()}"\n'
+            f"  }}\n"
+            f"}}\n"
+        )
+
+
+def ensure(routing: PodRouting, *, nft: str = "nft") -> list[str]:
+    """Make the node forward for its pods; what had to change (empty when everything was in place)."""
+    changed = []
+    for path, value in (
+        (PROC_SYS / ("ipv4/ip_forward" if routing.subnet.version == 4 else "ipv6/conf/all/forwarding"), "1"),
+        # Loose: a reply from a remote pod arrives through the tunnel, where strict mode checks it too narrowly
+        # once policy routing is involved; loose still drops sources this node cannot reach at all.
+        (PROC_SYS / f"ipv4/conf/{routing.interface}/rp_filter", "2"),
+    ):
+        try:
+            if path.read_text().strip() != value:
+                path.write_text(value)
+                changed.append(f"{path.relative_to(PROC_SYS)}={value}")
+        except OSError as exc:
+            raise ForwardingError(f"cannot set {path}: {exc.strerror}") from None
+    if _table_digests(nft) != [routing.digest()]:
+        _run([nft, "-f", "-"], routing.ruleset())
+        changed.append(f"nftables table inet {TABLE}")
+    return changed
+
+
+def remove(*, nft: str = "nft") -> None:
+    """Delete our table (IP forwarding is left as it is: other software may rely on it)."""
+    if _table_digests(nft) is not None:
+        _run([nft, "delete", "table", "inet", TABLE], None)
+
+
+def _table_digests(nft: str) -> list[str] | None:
+    """The digests in our table's rule comments, in order; None when there is no table."""
+    try:
+        done = subprocess.run([nft, "-j", "list", "table", "inet", TABLE], capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise ForwardingError(f"{nft} is not installed (Debian: apt-get install nftables)") from None
+    if done.returncode != 0:
+        if "No such file or directory" in done.stderr or "does not exist" in done.stderr:
+            return None
+        raise ForwardingError(f"nft list table inet {TABLE} failed: {done.stderr.strip()}")
+    digests = []
+    for item in json.loads(done.stdout).get("nftables", []):
+        comment = item.get("rule", {}).get("comment", "") if isinstance(item, dict) else ""
+        if comment.startswith(f"{TABLE} "):
+            digests.append(comment.split(" ", 1)[1])
+        elif "rule" in item:
+            digests.append("")  # a rule of someone else's in our table: replace the table
+    return digests
+
+
+def _run(argv: list[str], stdin: str | None) -> None:
+    try:
+        done = subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise ForwardingError(f"{argv[0]} is not installed (Debian: apt-get install nftables)") from None
+    if done.returncode != 0:
+        raise ForwardingError(f"{' '.join(argv[:3])} failed: {done.stderr.strip()}")
