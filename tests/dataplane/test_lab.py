@@ -22,6 +22,7 @@ from pyroute2 import IPRoute
 
 from warren_mesh.keys import NodeKey
 from warren_mesh.lab.lab import ETCD_PORT, HUB_ADDRESS, METRICS_PORT, SUBNET, Lab
+from warren_mesh.lab.report import LabPod
 from warren_mesh.process import connect_in_netns, in_netns
 from warren_mesh.wireguard.choice import kernel_wireguard_available
 
@@ -320,3 +321,116 @@ def test_no_node_can_write_another_nodes_keys_the_config_or_the_peers(lab: Lab) 
     assert result["unchanged"], "a refused write changed the mesh"
     assert all(node.agent_running for node in lab.status())
     assert all(ok for *_, ok in lab.ping_all())
+
+
+# Runs inside a pod: accept connections on a port and answer each with the address it came from.
+ECHO_SOURCE = r"""
+import socket, sys
+server = socket.create_server(("0.0.0.0", int(sys.argv[1])))
+while True:
+    conn, (address, _) = server.accept()
+    conn.sendall(address.encode())
+    conn.close()
+"""
+ASK = (
+    "import socket, sys; print(socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5).recv(64).decode())"
+)
+
+
+def _seen_source(lab: Lab, pod: LabPod, address: str, port: int) -> str:
+    argv = lab.pod_exec_argv(pod.node, pod.name, [sys.executable, "-c", ASK, address, str(port)])
+    return subprocess.run(argv, capture_output=True, text=True, timeout=20, check=True).stdout.strip()
+
+
+def test_pods_on_different_nodes_talk_through_the_tunnel_with_their_own_addresses(lab: Lab) -> None:
+    lab.up(3, backend="userspace", lease_ttl=TTL, resync_interval=2, timeout=120, pods=1)
+    pods = lab.pods()
+    assert len(pods) == 3 and len({p.ip.rsplit(".", 1)[0] for p in pods}) == 3, f"one subnet per node: {pods}"
+    servers = [
+        subprocess.Popen(lab.pod_exec_argv(p.node, p.name, [sys.executable, "-c", ECHO_SOURCE, "7000"])) for p in pods
+    ]
+    hub = subprocess.Popen(
+        [sys.executable, "-c", ECHO_SOURCE, "7001"],
+        preexec_fn=in_netns(lab.hub),  # noqa: PLW1509 (one setns call)
+    )
+    try:
+        time.sleep(0.5)
+        sniffer = subprocess.Popen(
+            [sys.executable, "-c", SNIFFER, f"{lab.prefix}v1h", "5"],
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=in_netns(lab.hub),  # noqa: PLW1509 (one setns call)
+        )
+        time.sleep(0.5)
+        # Every pod reaches every pod on the other nodes, which sees the sender's own address (no NAT inside).
+        for source in pods:
+            for target in pods:
+                if source.node != target.node:
+                    assert _seen_source(lab, source, target.ip, 7000) == source.ip, (source, target)
+        assert all(ok for *_, ok in lab.ping_pods())
+        out, _ = sniffer.communicate(timeout=30)
+        frames = json.loads(out)
+        assert [f for f in frames if f[0] == 17 and 51820 in (f[1], f[2])], "the pods' traffic crossed as WireGuard"
+        in_clear = [f for f in frames if f[0] == 1 or 7000 in (f[1], f[2])]
+        assert not in_clear, f"pod traffic crossed the underlay in the clear: {in_clear}"
+
+        # Leaving the cluster, a pod's traffic is masqueraded behind its node's underlay address.
+        assert _seen_source(lab, pods[0], HUB_ADDRESS, 7001) == lab.underlay_ip(1)
+
+        # Full-size TCP between pods on different nodes: the bridge's MTU is the tunnel's, no black hole.
+        a, b = pods[0], pods[1]
+        iperf_server = subprocess.Popen(lab.pod_exec_argv(b.node, b.name, ["iperf3", "-s", "-1", "-B", b.ip]))
+        time.sleep(0.5)
+        client = subprocess.run(
+            lab.pod_exec_argv(a.node, a.name, ["iperf3", "-c", b.ip, "-t", "2", "-J"]),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        iperf_server.wait(10)
+        assert client.returncode == 0, client.stdout[-2000:] + client.stderr
+        received = json.loads(client.stdout)["end"]["sum_received"]["bytes"]
+        assert received > 1_000_000, received
+    finally:
+        for process in [*servers, hub]:
+            process.kill()
+            process.wait()
+
+
+def test_a_node_keeps_its_pod_subnet_and_repairs_its_pod_network(lab: Lab) -> None:
+    lab.up(2, backend="userspace", lease_ttl=TTL, resync_interval=2, timeout=120, pods=1)
+    before = {p.node: p.ip for p in lab.pods()}
+    conflist = lab.cni_dir(1) / "10-warren-mesh.conflist"
+    written = conflist.read_text()
+    # Restarted (crash and start), the agent claims nothing new: same subnet, same conflist; pods keep working.
+    lab.kill_agent(1, signal.SIGKILL)
+    lab.start_agent(1)
+    lab.wait_for_agent(1, timeout=STARTUP)
+    lab.wait_for_mesh(timeout=30)
+    assert conflist.read_text() == written
+    assert all(ok for *_, ok in lab.ping_pods())
+    # What someone removes by hand is back within a resync: the route to the other node's pods, our nft table,
+    # forwarding, the conflist.
+    other = next(r for r in _mesh_routes(lab, 1))
+    for command in (
+        ["ip", "route", "del", other],
+        ["nft", "delete", "table", "inet", "warren-mesh"],
+        ["sysctl", "-q", "-w", "net.ipv4.ip_forward=0"],
+    ):
+        subprocess.run(["ip", "netns", "exec", lab.node_netns(1), *command], check=True)
+    conflist.unlink()
+    wait_for(lambda: conflist.exists() and all(ok for *_, ok in lab.ping_pods()), 10, "the pod network repaired")
+    assert _mesh_routes(lab, 1) == {other}
+    tables = subprocess.run(
+        ["ip", "netns", "exec", lab.node_netns(1), "nft", "list", "tables"], capture_output=True, text=True, check=True
+    )
+    assert "warren-mesh" in tables.stdout
+    # A third node joins with a subnet of its own, and the pods already there keep their addresses.
+    lab.add_node(3)
+    lab.wait_for_agent(3, timeout=STARTUP)
+    lab.wait_for_mesh(timeout=30)
+    newcomer = lab.add_pod("node-3", "pod-1")
+    assert newcomer.ip.rsplit(".", 1)[0] not in {ip.rsplit(".", 1)[0] for ip in before.values()}
+    assert {p.node: p.ip for p in lab.pods() if p.node != "node-3"} == before
+    assert all(ok for *_, ok in lab.ping_pods())
