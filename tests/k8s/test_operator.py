@@ -108,6 +108,17 @@ def agents(mesh_etcd: EtcdServer, tmp_path: Path) -> Iterator[Agents]:
         made.close()
 
 
+def etcd_keys(etcd: EtcdServer, prefix: str) -> list[str]:
+    async def read() -> list[str]:
+        store = etcd.admin_store()
+        try:
+            return [kv.key for kv in (await store.list_prefix(prefix)).items]
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
+
+
 def etcd_value(etcd: EtcdServer, key: str) -> bytes | None:
     """``key``'s value, read as the admin."""
 
@@ -287,6 +298,8 @@ def test_invalid_edits_are_refused_or_reported_and_change_nothing(
         ('{"spec":{"leaseTTLSeconds":1}}', "spec.leaseTTLSeconds"),
         ('{"spec":{"mtu":"jumbo"}}', "spec.mtu"),
         ('{"spec":{"overlayCIDR":"10.96.0.0/40"}}', "spec.overlayCIDR"),
+        ('{"spec":{"podCIDR":"pods"}}', "spec.podCIDR"),
+        ('{"spec":{"nodeSubnetPrefixLength":0}}', "spec.nodeSubnetPrefixLength"),
     ):
         out = cluster.kubectl("patch", "wmesh", "default", "--type=merge", "-p", patch, check=False)
         assert complaint in out and "Invalid value" in out, out
@@ -306,6 +319,23 @@ def test_invalid_edits_are_refused_or_reported_and_change_nothing(
     )
     assert refused["status"] == "False" and "host bits" in refused["message"]
     assert etcd_value(mesh_etcd, SCHEMA.config) == before
+    # The pod network: overlapping the overlay, or no room for two node subnets.
+    for spec, complaint in (
+        ('{"overlayCIDR":"10.96.0.0/16","podCIDR":"10.96.128.0/17"}', "podCIDR 10.96.128.0/17 overlaps overlayCIDR"),
+        ('{"overlayCIDR":"10.96.0.0/16","podCIDR":"10.244.0.0/24","nodeSubnetPrefixLength":24}', "must be longer"),
+    ):
+        cluster.kubectl("patch", "wmesh", "default", "--type=merge", "-p", f'{{"spec":{spec}}}')
+        wait_for(
+            lambda complaint=complaint: complaint in condition(cluster.get("wmesh", "default")).get("message", ""),
+            20,
+            complaint,
+            operator.log,
+        )
+        assert etcd_value(mesh_etcd, SCHEMA.config) == before
+    cluster.kubectl(
+        "patch", "wmesh", "default", "--type=json", "-p", '[{"op":"remove","path":"/spec/nodeSubnetPrefixLength"}]'
+    )
+    cluster.kubectl("patch", "wmesh", "default", "--type=merge", "-p", '{"spec":{"podCIDR":"10.244.0.0/16"}}')
 
     # A second Mesh on the same prefix would overwrite the first one's config: refused, nothing written.
     cluster.kubectl("patch", "wmesh", "default", "--type=merge", "-p", '{"spec":{"overlayCIDR":"10.96.0.0/16"}}')
@@ -372,11 +402,13 @@ def test_meshnodes_follow_registrations_and_deleted_nodes_are_revoked(
     frozen: AgentProcess = agent_process(mesh_etcd, PREFIX, "frozen", port=free_port(), ttl=30)
     frozen.start()
     wait_for(lambda: etcd_value(mesh_etcd, SCHEMA.node("frozen")), 20, "frozen's registration")
+    assert len(etcd_keys(mesh_etcd, SCHEMA.claims_of("frozen"))) == 2  # its overlay address and its pod subnet
     assert frozen.process is not None
     frozen.process.send_signal(signal.SIGSTOP)  # alive but silent: no re-register
     try:
         cluster.kubectl("delete", "node", "frozen")
         wait_for(lambda: etcd_value(mesh_etcd, SCHEMA.node("frozen")) is None, 10, "revocation", operator.log)
+        wait_for(lambda: not etcd_keys(mesh_etcd, SCHEMA.claims_of("frozen")), 10, "its claims freed", operator.log)
         wait_for(lambda: cluster.get("meshnode", "frozen") is None, 10, "MeshNode frozen gone")
     finally:
         frozen.process.send_signal(signal.SIGCONT)

@@ -213,14 +213,16 @@ async def meshpeer_deleted(name: str, uid: str, spec: kopf.Spec, **kwargs: Any) 
 
 @kopf.on.event("", "v1", "nodes")
 async def node_event(type: str, name: str, **kwargs: Any) -> None:
-    """A deleted Node's registration is revoked in every mesh, so peers drop it now rather than after its lease
-    (the machine is gone; if its agent still runs, it registers again)."""
+    """A deleted Node's registration is revoked in every mesh, so peers drop it now rather than after its lease,
+    and its claims (overlay address, pod subnet) are freed for other nodes (the machine is gone; if its agent still
+    runs, it registers and claims again)."""
     if type != "DELETED":
         return
     store, _kube = OPERATOR.clients()
     for claim in _claims(kwargs["mesh_claims"]):
         try:
-            key = KeySchema(claim.prefix).node(name)
+            schema = KeySchema(claim.prefix)
+            key = schema.node(name)
         except ValueError:
             continue  # a Mesh with an invalid prefix never had registrations
         for attempt in range(5):
@@ -231,6 +233,9 @@ async def node_event(type: str, name: str, **kwargs: Any) -> None:
                         await store.revoke_lease(kv.lease)
                     await store.delete_if(key, mod_revision=kv.mod_revision)
                     log.info("node %s was deleted from Kubernetes: revoked its registration %s", name, key)
+                freed = await store.delete_prefix(schema.claims_of(name))
+                if freed:
+                    log.info("node %s was deleted from Kubernetes: freed its %d claim(s)", name, freed)
                 break
             except StoreError as exc:
                 log.warning("could not revoke %s (attempt %d): %s", key, attempt + 1, exc)

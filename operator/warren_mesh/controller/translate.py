@@ -41,6 +41,8 @@ def mesh_config(spec: Mapping[str, Any]) -> MeshConfig:
     doc: dict[str, Any] = {"schema": SCHEMA_VERSION}
     for field, key in (
         ("overlayCIDR", "overlay_cidr"),
+        ("podCIDR", "pod_cidr"),
+        ("nodeSubnetPrefixLength", "node_subnet_prefix"),
         ("listenPort", "listen_port"),
         ("mtu", "mtu"),
         ("persistentKeepalive", "persistent_keepalive"),
@@ -51,7 +53,14 @@ def mesh_config(spec: Mapping[str, Any]) -> MeshConfig:
     try:
         config = MeshConfig.from_json(doc)
     except RecordError as exc:
-        raise SpecError("InvalidSpec", str(exc).replace("overlay_cidr", "overlayCIDR")) from None
+        message = str(exc)
+        for field, key in (
+            ("overlayCIDR", "overlay_cidr"),
+            ("podCIDR", "pod_cidr"),
+            ("nodeSubnetPrefixLength", "node_subnet_prefix"),
+        ):
+            message = message.replace(key, field)
+        raise SpecError("InvalidSpec", message) from None
     return config  # written back through to_json(): an MTU given as text ("1400") reaches etcd as a number
 
 
