@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from warren_mesh.netaddr import IPNetwork
+
+log = logging.getLogger(__name__)
 
 TABLE: Final = "warren-mesh"
 PROC_SYS: Final = Path("/proc/sys/net")
@@ -60,22 +63,34 @@ class PodRouting:
 def ensure(routing: PodRouting, *, nft: str = "nft") -> list[str]:
     """Make the node forward for its pods; what had to change (empty when everything was in place)."""
     changed = []
-    for path, value in (
-        (PROC_SYS / ("ipv4/ip_forward" if routing.subnet.version == 4 else "ipv6/conf/all/forwarding"), "1"),
-        # Loose: a reply from a remote pod arrives through the tunnel, where strict mode checks it too narrowly
-        # once policy routing is involved; loose still drops sources this node cannot reach at all.
-        (PROC_SYS / f"ipv4/conf/{routing.interface}/rp_filter", "2"),
-    ):
-        try:
-            if path.read_text().strip() != value:
-                path.write_text(value)
-                changed.append(f"{path.relative_to(PROC_SYS)}={value}")
-        except OSError as exc:
-            raise ForwardingError(f"cannot set {path}: {exc.strerror}") from None
+    forward = PROC_SYS / ("ipv4/ip_forward" if routing.subnet.version == 4 else "ipv6/conf/all/forwarding")
+    try:
+        if _set(forward, "1"):
+            changed.append(f"{forward.relative_to(PROC_SYS)}=1")
+    except OSError as exc:
+        # In a container /proc/sys is read-only: deploy/ sets this in a privileged init container instead.
+        raise ForwardingError(f"cannot turn on IP forwarding ({forward}): {exc.strerror}") from None
+    # Loose reverse-path filtering on the tunnel: a reply from a remote pod arrives through it, and strict mode
+    # judges it too narrowly once policy routing (--fwmark) is involved; loose still drops sources this node cannot
+    # reach at all. Not essential (the default route covers most), so a read-only /proc only costs a warning.
+    rp_filter = PROC_SYS / f"ipv4/conf/{routing.interface}/rp_filter"
+    try:
+        if _set(rp_filter, "2"):
+            changed.append(f"{rp_filter.relative_to(PROC_SYS)}=2")
+    except OSError as exc:
+        log.warning("cannot set %s to loose (2): %s", rp_filter, exc.strerror)
     if _table_digests(nft) != [routing.digest()]:
         _run([nft, "-f", "-"], routing.ruleset())
         changed.append(f"nftables table inet {TABLE}")
     return changed
+
+
+def _set(path: Path, value: str) -> bool:
+    """Write ``value`` to a sysctl file unless it holds it; whether it was written."""
+    if path.read_text().strip() == value:
+        return False
+    path.write_text(value)
+    return True
 
 
 def remove(*, nft: str = "nft") -> None:
