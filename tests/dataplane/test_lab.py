@@ -342,8 +342,21 @@ def _seen_source(lab: Lab, pod: LabPod, address: str, port: int) -> str:
     return subprocess.run(argv, capture_output=True, text=True, timeout=20, check=True).stdout.strip()
 
 
-def test_pods_on_different_nodes_talk_through_the_tunnel_with_their_own_addresses(lab: Lab) -> None:
-    lab.up(3, backend="userspace", lease_ttl=TTL, resync_interval=2, timeout=120, pods=1)
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "userspace",
+        pytest.param(
+            "kernel",
+            marks=pytest.mark.skipif(
+                not KERNEL_WIREGUARD,
+                reason=f"{KERNEL_WHY}: the kernel scenario runs inside the QEMU VM (test_kernel_vm.py)",
+            ),
+        ),
+    ],
+)
+def test_pods_on_different_nodes_talk_through_the_tunnel_with_their_own_addresses(lab: Lab, backend: str) -> None:
+    lab.up(3, backend=backend, lease_ttl=TTL, resync_interval=2, timeout=120, pods=1)
     pods = lab.pods()
     assert len(pods) == 3 and len({p.ip.rsplit(".", 1)[0] for p in pods}) == 3, f"one subnet per node: {pods}"
     servers = [

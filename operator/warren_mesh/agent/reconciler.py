@@ -178,8 +178,11 @@ class Reconciler:
         ok = await self._device_thread.run(lambda: self._apply(plan, names))
         pods = self._pod_network
         if pods is not None:
+            # Not part of ``ok``: a failure here (no nftables, a read-only /proc) is logged and counted, and the
+            # next resync tries again; retrying every second would only repeat the same error.
             mtu = desired.interface.mtu
-            ok = await self._device_thread.run(lambda: pods.ensure(self._view.config, mtu)) and ok
+            if not await self._device_thread.run(lambda: pods.ensure(self._view.config, mtu)):
+                self._metrics.apply_errors.inc()
         self._applied_interface = desired.interface
         self._applied_peers = dict(desired.peers)
         self._applied_names = dict(desired.names)

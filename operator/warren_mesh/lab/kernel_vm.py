@@ -29,7 +29,21 @@ import time
 from pathlib import Path
 
 CACHE = Path("/var/cache/warren-mesh-vm")
-WANTED_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "wireguard", "veth", "bridge")
+# nf_tables, nft_chain_nat and nft_masq: the masquerade table a node keeps for its pods (host/forwarding.py).
+# crc32c_generic first: libcrc32c (which they need) asks the crypto API for crc32c when it loads, a soft
+# dependency modules.dep does not list.
+WANTED_MODULES = (
+    "virtio_pci",
+    "9pnet_virtio",
+    "9p",
+    "wireguard",
+    "veth",
+    "bridge",
+    "crc32c_generic",
+    "nf_tables",
+    "nft_chain_nat",
+    "nft_masq",
+)
 EXIT_MARKER = "WARREN_VM_EXIT="  # printed by INIT with the command's exit code
 
 INIT = """#!/bin/busybox sh
