@@ -7,7 +7,9 @@
 Scenarios (one JSON line each, latencies in milliseconds):
   floor  N watchers on the etcd3 client alone (no agent logic): put -> watch callback latency.
   join   N agents (real agent code, memory backend) settled; M more join one at a time; latency from the joining
-         node's publish time to each other agent's device change for it.
+         node's publish time to each other agent's device change for it. As root also, in --pod-rounds fresh
+         userspace labs, a third node joining two: its publish time until each other node's pod reaches a pod on
+         it (pod_reachable_p50_ms, pod_reachable_p99_ms; pod_started_ms: until its pod was attached).
   leave  graceful leaves (lease revoked): time to removal on every other agent (graceful_*_ms); one crash (an
          agent process SIGKILLed, its lease runs out): time until every agent removed it (detect_s, and
          detect_minus_ttl_s against the lease TTL).
@@ -61,6 +63,7 @@ from warren_mesh.device import InterfaceSpec, PeerSpec
 from warren_mesh.keys import NodeKey, load_or_create
 from warren_mesh.lab import netns as lab_netns
 from warren_mesh.lab.etcd_server import EtcdServer, free_port
+from warren_mesh.lab.lab import Lab
 from warren_mesh.metrics.peer_collector import PeerCollector, TrafficWindow
 from warren_mesh.model import NodeRecord, encode_json
 from warren_mesh.netaddr import parse_endpoints
@@ -154,6 +157,55 @@ async def scenario_join(endpoint: str, nodes: int, joins: int, workers: int, lea
         "full_rebuilds": rebuilds,
         **percentiles(latencies),
     }
+
+
+def pod_reachability(rounds: int) -> dict[str, float]:
+    """In the userspace lab (root): a third node joins a 2-node lab with a pod per node; from the joining agent's
+    record being published (its ``published_at``) until the pod on each other node gets an answer from a pod on the
+    new node. ``rounds`` fresh labs; the new node's pod is started as soon as its agent wrote its CNI config."""
+    samples: list[float] = []
+    started: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="warren-bench-lab-") as tmp:
+        lab = Lab(prefix="wmbench", state_dir=Path(tmp) / "lab")
+        try:
+            for _ in range(rounds):
+                lab.down()
+                lab.up(2, backend="userspace", lease_ttl=3, timeout=120, pods=1)
+                lab.add_node(3)
+                lab.wait_for_agent(3, timeout=60)
+                pod = lab.add_pod("node-3", "pod-1")
+                published = _published_at(lab, "node-3")
+                started.append((time.time() - published) * 1000)
+                waiting = {p for p in lab.pods() if p.node != "node-3"}
+                while waiting:
+                    for source in list(waiting):
+                        argv = lab.pod_exec_argv(source.node, source.name, ["ping", "-c", "1", "-W", "0.2", pod.ip])
+                        if subprocess.run(argv, capture_output=True, check=False).returncode == 0:
+                            samples.append((time.time() - published) * 1000)
+                            waiting.discard(source)
+                    if waiting and time.time() - published > 60:
+                        raise BenchError(f"pods {waiting} never reached {pod}")
+        finally:
+            lab.down()
+    return {
+        "pod_reachable_p50_ms": round(statistics.median(samples), 1),
+        "pod_reachable_p99_ms": round(percentiles(samples)["p99_ms"], 1),
+        "pod_started_ms": round(statistics.median(started), 1),
+        "pod_samples": len(samples),
+    }
+
+
+def _published_at(lab: Lab, node: str) -> float:
+    """The node record's own publish time, read from the lab's etcd inside its hub namespace."""
+    argv = [
+        "ip",
+        "netns",
+        "exec",
+        lab.hub,
+        *lab.access().etcdctl("get", f"/warren/mesh/v1/nodes/{node}", "--print-value-only"),
+    ]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, env={**os.environ, "ETCDCTL_API": "3"})
+    return float(json.loads(out.stdout)["published_at"])
 
 
 async def scenario_leave(endpoint: str, nodes: int, leaves: int, ttl: int, workers: int) -> dict[str, Any]:
@@ -500,6 +552,9 @@ def main() -> int:
     parser.add_argument("--churn", type=int, default=20, help="random joins/leaves in the churn scenario")
     parser.add_argument("--peers", type=int, default=1000, help="device peers of the scrape scenario")
     parser.add_argument("--scrapes", type=int, default=20, help="scrapes timed in the scrape scenario")
+    parser.add_argument(
+        "--pod-rounds", type=int, default=5, help="join, as root: labs timed for pod reachability (0: none)"
+    )
     parser.add_argument("--etcd-endpoints", default=None, help="use this etcd instead of starting one")
     parser.add_argument(
         "--etcd-auth",
@@ -573,7 +628,10 @@ async def _enable_auth(endpoint: str, pki_dir: Path) -> None:
 def _run(scenario: str, endpoint: str, args: argparse.Namespace) -> dict[str, Any]:
     workers = args.workers
     if scenario == "join":
-        return asyncio.run(scenario_join(endpoint, args.nodes, args.joins, workers, args.lease_ttl))
+        result = asyncio.run(scenario_join(endpoint, args.nodes, args.joins, workers, args.lease_ttl))
+        if os.geteuid() == 0 and args.pod_rounds > 0:  # the lab drives netlink with an event loop of its own
+            result.update(pod_reachability(args.pod_rounds))
+        return result
     if scenario == "leave":
         return asyncio.run(scenario_leave(endpoint, args.nodes, args.leaves, args.ttl, workers))
     if scenario == "storm":

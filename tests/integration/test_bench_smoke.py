@@ -38,6 +38,8 @@ def test_bench_smoke(etcd: EtcdServer) -> None:
             "2",
             "--churn",
             "4",
+            "--pod-rounds",
+            "1",
             "--etcd-endpoints",
             etcd.endpoint,
         ],
@@ -54,6 +56,8 @@ def test_bench_smoke(etcd: EtcdServer) -> None:
     assert join["samples"] == 3 + 4  # each join is seen by every agent already there
     assert 0 < floor["p50_ms"] <= floor["p99_ms"] <= floor["max_ms"]
     assert 0 < join["p50_ms"] <= join["p99_ms"] and join["floor_p99_ms"] == floor["p99_ms"]
+    if os.geteuid() == 0:  # a third node joins a userspace lab: its pod is reached from the others' pods
+        assert join["pod_samples"] == 2 and 0 < join["pod_reachable_p50_ms"] <= join["pod_reachable_p99_ms"]
     assert 0 < leave["graceful_p50_ms"] <= leave["graceful_max_ms"]
     assert leave["ttl_s"] == 2 and leave["detect_s"] >= 1.0  # a crash is noticed through the lease, not earlier
     assert cold["records"] == 20 and cold["ready_s"] > 0
@@ -72,7 +76,7 @@ def test_bench_smoke(etcd: EtcdServer) -> None:
 
 def test_bench_with_etcd_auth_smoke() -> None:
     """The join scenario on etcd with TLS and per-node roles (its own etcd): what docs/benchmarks.md compares."""
-    args = [sys.executable, str(BENCH), "--scenario", "join", "--nodes", "3", "--joins", "2", "--puts", "5"]
+    args = [sys.executable, str(BENCH), "--scenario", "join", "--nodes", "3", "--joins", "2", "--pod-rounds", "0"]
     result = subprocess.run([*args, "--etcd-auth"], capture_output=True, text=True, timeout=180, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     (join,) = map(json.loads, result.stdout.splitlines())
