@@ -26,9 +26,12 @@ from warren_mesh.watch import Events, Snapshot
 SCHEMA = KeySchema("/m")
 
 
-def registrar(store: Store, name: str = "n1", key: NodeKey | None = None, ttl: int = 10) -> Registrar:
+def registrar(
+    store: Store, name: str = "n1", key: NodeKey | None = None, ttl: int = 10, pod_subnet: str | None = None
+) -> Registrar:
+    pinned = ipaddress.ip_network(pod_subnet) if pod_subnet else None
     return Registrar(
-        RegistrationSettings(name, "192.0.2.1", 51820, ttl),
+        RegistrationSettings(name, "192.0.2.1", 51820, ttl, pinned),
         store=store,
         schema=SCHEMA,
         key=key or NodeKey.generate(),
@@ -177,5 +180,25 @@ def test_an_unreachable_store_is_an_error_callers_retry() -> None:
         await store.set_available(False)
         with pytest.raises(StoreUnavailable):
             await registrar(store).register(MeshConfig())
+
+    scenario(body)
+
+
+def test_a_pinned_pod_subnet_is_claimed_if_the_mesh_can_give_it() -> None:
+    async def body(store: MemoryStore) -> None:
+        key = NodeKey.generate()
+        first = await registrar(store, "a", key, pod_subnet="10.244.77.0/24").register(MeshConfig())
+        assert [str(n) for n in first.record.allowed_ips] == ["10.244.77.0/24"]
+        assert await store.get(SCHEMA.claim("a", "10.244.77.0/24", "pods")) is not None
+        again = await registrar(store, "a", key, pod_subnet="10.244.77.0/24").register(MeshConfig())  # a restart
+        assert again.record.allowed_ips == first.record.allowed_ips
+        for pinned, complaint in (
+            ("10.244.77.0/24", "claimed by another node"),  # a's
+            ("10.244.78.0/25", "is not a /24 of the pod network 10.244.0.0/16"),
+            ("10.245.0.0/24", "is not a /24 of the pod network 10.244.0.0/16"),
+        ):
+            with pytest.raises(RegistrationConflict, match=complaint):
+                await registrar(store, "b", pod_subnet=pinned).register(MeshConfig())
+        assert await store.get(SCHEMA.node("b")) is None  # nothing published for a refused pin
 
     scenario(body)
