@@ -1,0 +1,93 @@
+"""The node side of the pod network in a network namespace of the test's own: forwarding, the nftables table and
+the CNI conflist are set once, left alone when in place, repaired when changed, and removed on cleanup."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from warren_mesh.lab import netns
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="namespaces and nftables need root")
+
+# Runs inside the namespace: one call of the agent's own code, printing what it changed.
+ENSURE = r"""
+import ipaddress, json, logging, sys
+logging.basicConfig(level=logging.INFO)
+from pathlib import Path
+from warren_mesh.agent.pod_network import PodNetwork
+from warren_mesh.host import forwarding
+from warren_mesh.model import MeshConfig
+from warren_mesh.settings import PodSettings
+network = PodNetwork(PodSettings(Path(sys.argv[2])), subnet=ipaddress.ip_network("10.244.9.0/24"), interface="wgpod")
+if sys.argv[1] == "ensure":
+    ok = network.ensure(MeshConfig(), 1420)
+    print(json.dumps({"ok": ok}))
+else:
+    network.remove()
+"""
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[str]:
+    name = f"wtpod{os.getpid() % 100000}"
+    netns.create(name)
+    try:
+        subprocess.run(
+            ["ip", "netns", "exec", name, "ip", "link", "add", "wgpod", "type", "veth", "peer", "name", "wgpodp"],
+            check=True,
+        )
+        yield name
+    finally:
+        netns.remove(name)
+
+
+def _in(node: str, *command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", "netns", "exec", node, *command], capture_output=True, text=True, check=False)
+
+
+def _agent(node: str, action: str, cni_dir: Path) -> subprocess.CompletedProcess[str]:
+    done = _in(node, sys.executable, "-c", ENSURE, action, str(cni_dir))
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_forwarding_masquerade_and_conflist_are_kept_and_removed(node: str, tmp_path: Path) -> None:
+    cni_dir = tmp_path / "net.d"
+    _in(node, "sysctl", "-q", "-w", "net.ipv4.ip_forward=0")
+    first = _agent(node, "ensure", cni_dir)
+    assert json.loads(first.stdout) == {"ok": True}
+    assert "wrote" in first.stderr and "pod forwarding set" in first.stderr
+    assert _in(node, "sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "1"
+    assert _in(node, "sysctl", "-n", "net.ipv4.conf.wgpod.rp_filter").stdout.strip() == "2"
+    ruleset = _in(node, "nft", "list", "table", "inet", "warren-mesh").stdout
+    assert "ip saddr 10.244.9.0/24 ip daddr != { 10.96.0.0/16, 10.244.0.0/16 } masquerade" in ruleset
+    conflist = json.loads((cni_dir / "10-warren-mesh.conflist").read_text())
+    bridge = conflist["plugins"][0]
+    assert bridge["mtu"] == 1420 and bridge["ipam"]["ranges"] == [
+        [{"subnet": "10.244.9.0/24", "gateway": "10.244.9.1"}]
+    ]
+    stamp = (cni_dir / "10-warren-mesh.conflist").stat().st_mtime_ns
+
+    # In place: nothing is written again.
+    again = _agent(node, "ensure", cni_dir)
+    assert "wrote" not in again.stderr and "pod forwarding set" not in again.stderr
+    assert (cni_dir / "10-warren-mesh.conflist").stat().st_mtime_ns == stamp
+
+    # A rule of someone else's in our table, or ours removed: the table is made again, as it should be.
+    _in(node, "nft", "add", "rule", "inet", "warren-mesh", "postrouting", "counter")
+    repaired = _agent(node, "ensure", cni_dir)
+    assert "nftables table inet warren-mesh" in repaired.stderr
+    assert "counter" not in _in(node, "nft", "list", "table", "inet", "warren-mesh").stdout
+
+    # --cleanup-on-exit: the table and the conflist go; forwarding stays (others may rely on it).
+    _agent(node, "remove", cni_dir)
+    assert _in(node, "nft", "list", "table", "inet", "warren-mesh").returncode != 0
+    assert not (cni_dir / "10-warren-mesh.conflist").exists()
+    assert _in(node, "sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "1"
