@@ -92,6 +92,8 @@ def up(state: Path) -> Path:
                 f"--service-account-signing-key-file={state / 'sa.key'}",
                 "--service-cluster-ip-range=10.0.0.0/24",
                 "--enable-priority-and-fairness=false",
+                # As kubeadm and managed clusters run it: a CNI DaemonSet needs one privileged init container.
+                "--allow-privileged=true",
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
