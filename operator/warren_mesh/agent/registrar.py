@@ -25,7 +25,7 @@ from warren_mesh.mesh.peers import MeshView
 from warren_mesh.metrics.instruments import AgentMetrics
 from warren_mesh.model import MeshConfig, NodeRecord, encode_json
 from warren_mesh.netaddr import IPAddress, IPNetwork, parse_ip
-from warren_mesh.schema import KeySchema
+from warren_mesh.schema import ClaimKind, KeySchema
 from warren_mesh.settings import RegistrationSettings
 from warren_mesh.store.base import Backoff, LeaseNotFound, Store, StoreError, StoreUnavailable, lease_refresh_interval
 from warren_mesh.validation import Endpoint, RecordError, decode_json
@@ -259,7 +259,11 @@ class Registrar:
                     await self._store.create(key, value)
             holders = (await self._claims()).reservations
             lost = False
-            for subject, kind in ((str(ip), "overlay"), (str(subnet) if subnet else None, "pods")):
+            claimed: list[tuple[str | None, ClaimKind]] = [
+                (str(ip), "overlay"),
+                (str(subnet) if subnet else None, "pods"),
+            ]
+            for subject, kind in claimed:
                 if subject is None:
                     continue
                 holder = holders.get(subject)
@@ -268,7 +272,7 @@ class Registrar:
                     log.info(
                         "%s claimed %s first; %s tries the next", holder.owner if holder else "?", subject, self._name
                     )
-                    await self._store.delete(self._schema.claim(self._name, subject, kind))  # type: ignore[arg-type]
+                    await self._store.delete(self._schema.claim(self._name, subject, kind))
                     if kind == "overlay":
                         ip = next(addresses, None)
                     elif self._pod_subnet is not None:
