@@ -46,6 +46,7 @@ from warren_mesh.store.etcd import EtcdStore
 from warren_mesh.validation import RecordError, decode_json
 from warren_mesh.wireguard.backend import Backend, BackendError
 from warren_mesh.wireguard.choice import create_backend
+from warren_mesh.wireguard.userspace import OFFLOAD_RELEASE, lacks_offloads
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +129,21 @@ class Agent:
         if settings.metrics.address:
             server = MetricsServer(settings.metrics.address, self.metrics.registry, self.healthy)
             server.start()
+        version = await self.device_thread.run(lambda: self.backend.version)
+        if version:
+            log.info("data plane: %s %s", self.backend.name, version)
+        if self.backend.name == "userspace" and lacks_offloads(version.removeprefix("wireguard-go ")):
+            log.warning(
+                "%s predates the TUN offloads of %s: expect about a third of the throughput (Debian: install "
+                "wireguard-go from bookworm-backports, as hack/setup does)",
+                version,
+                OFFLOAD_RELEASE,
+            )
         self.metrics.info.info(
             {
                 "node_name": settings.node_name,  # not "node": scrape configs set that label (see deploy/monitoring)
                 "backend": self.backend.name,
+                "version": version,
                 "interface": self.backend.interface_name,
                 "public_key": self.key.public_key,
             }

@@ -30,6 +30,12 @@ class Backend(Protocol):
         """Whether the device exists only in this process (no link on the host: no underlay, MTU or traffic)."""
         ...
 
+    @property
+    def version(self) -> str:
+        """What moves the packets, and its version: ``wireguard-go 0.0.20230223``, ``kernel module 1.0.0``; empty
+        for a simulated device."""
+        ...
+
     def read(self) -> DeviceState:
         """The device as it is now; a device that does not exist yet reads as empty (no interface)."""
         ...

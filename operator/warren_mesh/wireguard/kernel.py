@@ -9,6 +9,7 @@ see ~90 peers of a large device).
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 from typing import Any
 
 from pyroute2 import IPRoute, WireGuard
@@ -77,6 +78,13 @@ class KernelBackend:
     @property
     def simulated(self) -> bool:
         return False
+
+    @property
+    def version(self) -> str:
+        try:
+            return f"kernel module {Path('/sys/module/wireguard/version').read_text().strip()}"
+        except OSError:
+            return "kernel module"
 
     @property
     def interface_name(self) -> str:

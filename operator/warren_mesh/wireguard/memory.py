@@ -40,6 +40,10 @@ class MemoryBackend:
     def simulated(self) -> bool:
         return True
 
+    @property
+    def version(self) -> str:
+        return ""
+
     def read(self) -> DeviceState:
         return DeviceState(self.public_key, self.interface, dict(self.peers), routes=frozenset(self.routes))
 
