@@ -27,7 +27,7 @@ from warren_mesh.device import InterfaceSpec, PeerSpec
 from warren_mesh.keys import NodeKey
 from warren_mesh.mesh.claims import Conflict, LocalNode
 from warren_mesh.mesh.peers import MeshView
-from warren_mesh.mesh.plan import Plan, plan_changes, plan_delta
+from warren_mesh.mesh.plan import PeerChange, Plan, plan_changes, plan_delta
 from warren_mesh.mesh.topology import Topology, TopologyBuilder
 from warren_mesh.metrics.instruments import AgentMetrics
 from warren_mesh.settings import DeviceSettings
@@ -205,14 +205,28 @@ class Reconciler:
                 self._attempt(change.action, self._backend.remove_peer, change.spec, applied)
         for network in plan.routes_to_remove:
             self._attempt("remove_route", self._backend.remove_route, network, applied)
-        for change in plan.changes:
-            if change.action != "remove":
+        upserts = [change for change in plan.changes if change.action != "remove"]
+        # One device transaction for several (a cold start's thousand peers); peer by peer if that fails.
+        if len(upserts) < 2 or not self._set_all(upserts, applied):
+            for change in upserts:
                 self._attempt(change.action, self._backend.set_peer, change.spec, applied)
         for network in plan.routes_to_add:
             self._attempt("add_route", self._backend.add_route, network, applied)
         for kind, count in applied.items():
             self._metrics.applied_by_kind[kind].inc(count)
         return applied.total() == plan.size
+
+    def _set_all(self, upserts: list[PeerChange], applied: Counter[str]) -> bool:
+        """All peers in one go; False (nothing counted) if the device refused, to go peer by peer instead: one bad
+        peer must not hold up the others."""
+        try:
+            self._backend.set_peers([change.spec for change in upserts])
+        except BackendError as exc:
+            log.warning("setting %d peers at once failed (%s); setting them one by one", len(upserts), exc)
+            return False
+        for change in upserts:
+            applied[change.action] += 1
+        return True
 
     def _attempt(self, kind: str, operation: Callable[[_A], None], argument: _A, applied: Counter[str]) -> None:
         try:

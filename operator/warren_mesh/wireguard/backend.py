@@ -6,6 +6,7 @@ Methods are synchronous and small on purpose. Each maps to one netlink request (
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from warren_mesh.device import DeviceState, InterfaceSpec, PeerSpec
@@ -48,6 +49,11 @@ class Backend(Protocol):
 
     def set_peer(self, spec: PeerSpec) -> None:
         """Add the peer, or update it in place (its session survives). Routes are changes of their own."""
+        ...
+
+    def set_peers(self, specs: Sequence[PeerSpec]) -> None:
+        """``set_peer`` for each, in as few device transactions as the backend can (all or nothing where it can
+        say so: on an error the caller goes peer by peer)."""
         ...
 
     def remove_peer(self, spec: PeerSpec) -> None:

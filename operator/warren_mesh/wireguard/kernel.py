@@ -9,6 +9,7 @@ see ~90 peers of a large device).
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +161,10 @@ class KernelBackend:
             endpoint = Endpoint.parse(spec.endpoint)
             peer["endpoint_addr"], peer["endpoint_port"] = str(endpoint.host), endpoint.port
         self._set(f"set peer {spec.public_key[:10]}", peer=peer)
+
+    def set_peers(self, specs: Sequence[PeerSpec]) -> None:
+        for spec in specs:  # one netlink request each: pyroute2 sets one peer per call
+            self.set_peer(spec)
 
     def remove_peer(self, spec: PeerSpec) -> None:
         self._set(f"remove peer {spec.public_key[:10]}", peer={"public_key": spec.public_key, "remove": True})

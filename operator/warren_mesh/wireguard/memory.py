@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from warren_mesh.device import DeviceState, InterfaceSpec, PeerSpec
@@ -58,6 +59,10 @@ class MemoryBackend:
     def set_peer(self, spec: PeerSpec) -> None:
         self.peers[spec.public_key] = spec
         self._log("set_peer", spec.public_key)
+
+    def set_peers(self, specs: Sequence[PeerSpec]) -> None:
+        for spec in specs:
+            self.set_peer(spec)
 
     def remove_peer(self, spec: PeerSpec) -> None:
         self.peers.pop(spec.public_key, None)

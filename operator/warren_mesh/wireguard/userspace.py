@@ -17,6 +17,7 @@ import socket
 import struct
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -191,6 +192,13 @@ class UserspaceBackend:
     def set_peer(self, spec: PeerSpec) -> None:
         self._link.refuse_unroutable(spec.allowed_ips)
         self._set(uapi.peer_lines(spec), f"set peer {spec.public_key[:10]}")
+
+    def set_peers(self, specs: Sequence[PeerSpec]) -> None:
+        """One UAPI transaction for all of them: wireguard-go takes ~0.4 ms per connection and transaction, which
+        was most of a cold start with a thousand peers."""
+        for spec in specs:
+            self._link.refuse_unroutable(spec.allowed_ips)
+        self._set([line for spec in specs for line in uapi.peer_lines(spec)], f"set {len(specs)} peers")
 
     def remove_peer(self, spec: PeerSpec) -> None:
         self._set(uapi.remove_peer_lines(spec.public_key), f"remove peer {spec.public_key[:10]}")
