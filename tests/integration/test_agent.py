@@ -9,17 +9,23 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from agents import Mesh, in_mesh
 from helpers import AgentProcess, run, wait_until
+from warren_mesh.agent.app import Agent
+from warren_mesh.device import PeerSpec
 from warren_mesh.keys import NodeKey, load_or_create
 from warren_mesh.lab.etcd_server import EtcdServer, free_port
 from warren_mesh.model import MeshConfig, encode_json
 from warren_mesh.schema import KeySchema
+from warren_mesh.settings import AgentSettings
+from warren_mesh.wireguard.backend import BackendError
+from warren_mesh.wireguard.memory import MemoryBackend
 
 
 def test_agents_converge_to_the_full_mesh(shared_etcd: EtcdServer, prefix: str, tmp_path: Path) -> None:
@@ -439,5 +445,40 @@ def test_status_command(shared_etcd: EtcdServer, prefix: str, tmp_path: Path) ->
             "LEASE",
             "LEFT",
         ]
+
+    in_mesh(shared_etcd, prefix, tmp_path, scenario)
+
+
+class _RefusesPeersTogether(MemoryBackend):
+    def set_peers(self, specs: Sequence[PeerSpec]) -> None:
+        raise BackendError(f"refusing {len(specs)} peers at once")
+
+
+def test_peers_are_set_one_by_one_when_the_device_refuses_them_together(
+    shared_etcd: EtcdServer, prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario(mesh: Mesh) -> None:
+        for i in range(3):
+            mesh.start(f"n{i}")
+        await mesh.converged()
+        settings = AgentSettings.simulated(
+            etcd_endpoint=shared_etcd.endpoint,
+            prefix=prefix,
+            name="picky",
+            key_dir=tmp_path,
+            port=29999,
+            tls=shared_etcd.authorize_node("picky", prefix=prefix),
+        )
+        backend = _RefusesPeersTogether(interface_name="wgpicky")
+        agent = Agent(settings, backend=backend, registry=CollectorRegistry())
+        stop = asyncio.Event()
+        running = asyncio.create_task(agent.run(stop))
+        try:
+            await wait_until(lambda: len(backend.peers) == 3, 15, "picky to have its three peers, one by one")
+            assert [op.action for op in backend.operations].count("set_peer") == 3
+            assert "setting 3 peers at once failed (refusing 3 peers at once); setting them one by one" in caplog.text
+        finally:
+            stop.set()
+            await running
 
     in_mesh(shared_etcd, prefix, tmp_path, scenario)
