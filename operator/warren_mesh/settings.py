@@ -136,7 +136,7 @@ class PodSettings:
 @dataclass(frozen=True, slots=True)
 class MetricsSettings:
     address: str | None  # HOST:PORT of /metrics and /healthz; None: no HTTP endpoint
-    # Seconds between device readings for the bits-per-second gauges (0: none; a memory device has no traffic).
+    # Seconds between device readings for the throughput gauges (0: none; a memory device has no traffic).
     traffic_sample_interval: float = 2.0
 
 

@@ -49,8 +49,9 @@ class MeshStatus:
 
 
 def read_agent_traffic(metrics_url: str, timeout: float = 2.0) -> dict[str, tuple[float, float]]:
-    """Per-peer throughput from an agent's /metrics (its averaged bits-per-second gauges); raises OSError or
-    ValueError when the agent cannot be read."""
+    """Per-peer throughput from an agent's /metrics, in bits per second (its averaged gauges are in bytes per
+    second, Prometheus' base unit; people read links in bits); raises OSError or ValueError when the agent cannot
+    be read."""
     if not metrics_url.startswith(("http://", "https://")):
         raise ValueError(f"--agent-metrics {metrics_url!r} is not an http(s) URL")
     with urllib.request.urlopen(metrics_url, timeout=timeout) as response:  # noqa: S310 (scheme checked above)
@@ -59,12 +60,12 @@ def read_agent_traffic(metrics_url: str, timeout: float = 2.0) -> dict[str, tupl
     transmit: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         target = {
-            "warren_mesh_peer_receive_bits_per_second": receive,
-            "warren_mesh_peer_transmit_bits_per_second": transmit,
+            "warren_mesh_peer_receive_bytes_per_second": receive,
+            "warren_mesh_peer_transmit_bytes_per_second": transmit,
         }.get(family.name)
         if target is not None:
             for sample in family.samples:
-                target[sample.labels["public_key"]] = sample.value
+                target[sample.labels["public_key"]] = sample.value * 8
     return {key: (receive[key], transmit.get(key, 0.0)) for key in receive}
 
 

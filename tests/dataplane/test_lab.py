@@ -91,21 +91,20 @@ def wait_for(condition: object, timeout: float, what: str) -> float:
 
 
 KERNEL_WIREGUARD, KERNEL_WHY = kernel_wireguard_available() if os.geteuid() == 0 else (False, "not root")
-
-
-@pytest.mark.parametrize(
-    "backend",
-    [
-        "userspace",
-        pytest.param(
-            "kernel",
-            marks=pytest.mark.skipif(
-                not KERNEL_WIREGUARD,
-                reason=f"{KERNEL_WHY}: the kernel scenario runs inside the QEMU VM (test_kernel_vm.py)",
-            ),
+# Scenarios run on both data planes: wireguard-go here, kernel WireGuard inside the QEMU VM (its -k kernel).
+BACKENDS = [
+    "userspace",
+    pytest.param(
+        "kernel",
+        marks=pytest.mark.skipif(
+            not KERNEL_WIREGUARD,
+            reason=f"{KERNEL_WHY}: the kernel scenario runs inside the QEMU VM (test_kernel_vm.py)",
         ),
-    ],
-)
+    ),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_mesh_end_to_end(lab: Lab, backend: str) -> None:
     status = lab.up(3, backend=backend, lease_ttl=TTL, timeout=120)
     assert [s.peers for s in status] == [2, 2, 2] and all(s.handshaken == 2 for s in status)
@@ -342,19 +341,7 @@ def _seen_source(lab: Lab, pod: LabPod, address: str, port: int) -> str:
     return subprocess.run(argv, capture_output=True, text=True, timeout=20, check=True).stdout.strip()
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        "userspace",
-        pytest.param(
-            "kernel",
-            marks=pytest.mark.skipif(
-                not KERNEL_WIREGUARD,
-                reason=f"{KERNEL_WHY}: the kernel scenario runs inside the QEMU VM (test_kernel_vm.py)",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_pods_on_different_nodes_talk_through_the_tunnel_with_their_own_addresses(lab: Lab, backend: str) -> None:
     lab.up(3, backend=backend, lease_ttl=TTL, resync_interval=2, timeout=120, pods=1)
     pods = lab.pods()

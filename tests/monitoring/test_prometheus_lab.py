@@ -133,9 +133,15 @@ def test_prometheus_sees_the_lab_through_dashboard_and_alerts(lab: Lab, promethe
         "Prometheus to scrape all three agents",
     )
 
-    # What the agents expose passes Prometheus' own linter.
-    status, body = http_get(lab.underlay_ip(1), METRICS_PORT, "/metrics", netns=lab.hub)
-    assert status == 200
+    # What the agents expose passes Prometheus' own linter, once every family has samples (the throughput gauges
+    # appear when the first sampling window has filled: linting before that once missed their unit).
+    def scrape() -> bytes:
+        status, body = http_get(lab.underlay_ip(1), METRICS_PORT, "/metrics", netns=lab.hub)
+        assert status == 200
+        return body
+
+    wait_for(lambda: b"warren_mesh_peer_receive_bytes_per_second{" in scrape(), 30, "the throughput gauges")
+    body = scrape()
     lint = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, check=False)
     assert lint.returncode == 0, lint.stdout.decode() + lint.stderr.decode()
 
@@ -168,7 +174,7 @@ def test_prometheus_sees_the_lab_through_dashboard_and_alerts(lab: Lab, promethe
     rx_rate = only_value(
         prometheus.query(f"8 * rate(warren_mesh_peer_receive_bytes_total{{{sel_rx}}}[{window}s])", at), "rx"
     )
-    gauge = only_value(prometheus.query(f"warren_mesh_peer_transmit_bits_per_second{{{sel_tx}}}", at), "gauge")
+    gauge = only_value(prometheus.query(f"8 * warren_mesh_peer_transmit_bytes_per_second{{{sel_tx}}}", at), "gauge")
     mbit = [round(v / 1e6, 1) for v in (sent_bps, tx_rate, rx_rate, gauge)]
     print(f"Mbit/s: iperf3 {mbit[0]}, rate() tx {mbit[1]} rx {mbit[2]}, gauge {mbit[3]}")
     for what, measured in (("transmit rate", tx_rate), ("receive rate", rx_rate), ("transmit gauge", gauge)):

@@ -22,8 +22,8 @@ def test_window_averages_over_its_span_and_survives_a_counter_reset() -> None:
     window.add(2.0, {A: PeerStats(1000, 500)})
     window.add(4.0, {A: PeerStats(2000, 1000), B: PeerStats(1000, 0)})  # B's counters went down: restarted
     rates = window.rates()
-    assert rates[A] == (2000 * 8 / 4, 1000 * 8 / 4)
-    assert rates[B] == (1000 * 8 / 4, 0.0)
+    assert rates[A] == (2000 / 4, 1000 / 4)  # bytes per second
+    assert rates[B] == (1000 / 4, 0.0)
 
 
 def test_window_forgets_samples_older_than_the_window() -> None:
@@ -32,7 +32,7 @@ def test_window_forgets_samples_older_than_the_window() -> None:
     for t in range(1, 21):
         window.add(float(t), {A: PeerStats(t * 100, 0)})
     # The oldest kept sample is the last one at or before t=15: the average covers exactly the window.
-    assert window.rates()[A] == (500 * 8 / 5, 0.0)
+    assert window.rates()[A] == (500 / 5, 0.0)
 
 
 def test_collector_reads_the_device_at_every_scrape() -> None:

@@ -1,7 +1,7 @@
 """Per-peer traffic metrics, read from the WireGuard device when Prometheus scrapes.
 
 The counters come straight from the device at scrape time (nothing is cached between scrapes, so a scrape always
-shows what the device says now, and a removed peer's series simply stop). The bits-per-second gauges are the one
+shows what the device says now, and a removed peer's series simply stop). The bytes-per-second gauges are the one
 exception: a rate needs two readings, so the agent feeds a short sliding window of device readings
 (``TrafficWindow``) and the gauges report the average over it. Dashboards should use ``rate()`` on the counters;
 the gauges are for a glance at /metrics or ``warren-mesh status`` without a Prometheus.
@@ -45,8 +45,9 @@ class TrafficWindow:
                 self._samples.popleft()
 
     def rates(self) -> dict[str, tuple[float, float]]:
-        """Public key -> (receive, transmit) in bits per second, averaged over the window; peers seen in both the
-        oldest and newest sample only. A counter that went down (peer re-added, daemon restarted) counts from 0."""
+        """Public key -> (receive, transmit) in bytes per second (Prometheus' base unit), averaged over the
+        window; peers seen in both the oldest and newest sample only. A counter that went down (peer re-added,
+        daemon restarted) counts from 0."""
         with self._lock:
             if len(self._samples) < 2:
                 return {}
@@ -62,8 +63,8 @@ class TrafficWindow:
             rx = now.receive_bytes - then.receive_bytes
             tx = now.transmit_bytes - then.transmit_bytes
             rates[key] = (
-                (rx if rx >= 0 else now.receive_bytes) * 8 / elapsed,
-                (tx if tx >= 0 else now.transmit_bytes) * 8 / elapsed,
+                (rx if rx >= 0 else now.receive_bytes) / elapsed,
+                (tx if tx >= 0 else now.transmit_bytes) / elapsed,
             )
         return rates
 
@@ -149,12 +150,12 @@ class _Families(NamedTuple):
                 "warren_mesh_peer", "The peer as configured on the device: endpoint and allowed IPs.", labels=labels
             ),
             receive_bps=GaugeMetricFamily(
-                "warren_mesh_peer_receive_bits_per_second",
+                "warren_mesh_peer_receive_bytes_per_second",
                 "Receive throughput from the peer, averaged over the agent's short window (use rate() for graphs).",
                 labels=labels,
             ),
             transmit_bps=GaugeMetricFamily(
-                "warren_mesh_peer_transmit_bits_per_second",
+                "warren_mesh_peer_transmit_bytes_per_second",
                 "Transmit throughput to the peer, averaged over the agent's short window (use rate() for graphs).",
                 labels=labels,
             ),
