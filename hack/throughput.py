@@ -1,15 +1,19 @@
 #!/usr/bin/env python3
 """Data-plane throughput in one run: native underlay, a hand-configured wireguard-go tunnel, and the lab's mesh.
 
-    sudo .venv/bin/python hack/throughput.py [--seconds 5] [--rounds 3]
+    sudo .venv/bin/python hack/throughput.py [--seconds 5] [--rounds 3] [--link-rate 1gbit]
 
-Prints one JSON line: native_gbps, manual_wg_gbps, mesh_gbps, mesh_vs_manual, tunnel_vs_native (plus the
-per-round figures and the machine). All three cross the same path (two lab namespaces joined
-by the lab's bridge): native over the underlay addresses, the hand-made tunnel on its own port and subnet, and the
-mesh's tunnel. They are measured back to back with iperf3 (one TCP stream), each round interleaved so that machine
-noise hits them alike; the median of the rounds is reported. The point of
-mesh_vs_manual is that the control plane costs the data plane nothing: the mesh's tunnel is the same
-wireguard-go, configured by the agent instead of by hand.
+Prints one JSON line: native_gbps, manual_wg_gbps, mesh_gbps, pod_gbps (iperf3 between a pod on each node, through
+the CNI bridge and the tunnel), mesh_vs_manual, tunnel_vs_native, pod_vs_tunnel, link_rate, ceiling_ratio (the
+most any tunnel can carry relative to native on this link, from the MTUs), tunnel_vs_ceiling,
+wireguard_go_version (plus the per-round figures and the machine). ``--link-rate`` shapes the underlay (tbf on both
+ends of both nodes' veth pairs, for native and tunnel alike), as a physical link of that rate would.
+
+All of them cross the same path (two lab namespaces joined by the lab's bridge): native over the underlay
+addresses, the hand-made tunnel on its own port and subnet, the mesh's tunnel, and the pods over the mesh. They
+are measured back to back with iperf3 (one TCP stream), each round interleaved so that machine noise hits them
+alike; the median of the rounds is reported. The point of mesh_vs_manual is that the control plane costs the data
+plane nothing: the mesh's tunnel is the same wireguard-go, configured by the agent instead of by hand.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "operator"))
 from warren_mesh.keys import NodeKey
 from warren_mesh.lab.lab import Lab
 from warren_mesh.wireguard.uapi import SOCKET_DIR
+from warren_mesh.wireguard.userspace import find_wireguard_go, wireguard_go_version
 
 TAG = f"wtp{os.getpid() % 10000}"
 MANUAL_PORT = 51900
@@ -94,38 +99,84 @@ def setup_manual(lab: Lab) -> str:
     return "10.98.0.2"
 
 
+def ceiling_ratio(underlay_mtu: int, tunnel_mtu: int) -> float:
+    """The most a tunnel can carry relative to native on a link counted by the frame (tbf sees the 14-byte Ethernet
+    header): a native TCP segment carries underlay_mtu - 40 bytes in underlay_mtu + 14; a tunnel one carries
+    tunnel_mtu - 40 in tunnel_mtu + 60 (WireGuard over IPv4 and UDP) + 14. 1500/1420: 0.958."""
+    native = (underlay_mtu - 40) / (underlay_mtu + 14)
+    tunnel = (tunnel_mtu - 40) / (tunnel_mtu + 60 + 14)
+    return tunnel / native
+
+
+def shape(lab: Lab, rate: str) -> None:
+    """A link of ``rate`` between each node and the hub: tbf on both ends of its veth pair."""
+    for index in (1, 2):
+        for ns, dev in ((lab.node_netns(index), f"{lab.prefix}v{index}n"), (lab.hub, f"{lab.prefix}v{index}h")):
+            sh(
+                ns,
+                "tc",
+                "qdisc",
+                "replace",
+                "dev",
+                dev,
+                "root",
+                "tbf",
+                "rate",
+                rate,
+                "burst",
+                "256kb",
+                "latency",
+                "50ms",
+            )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each iperf3 run")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
+    parser.add_argument("--link-rate", default=None, help="shape the underlay to this rate (tc's units: 1gbit, ...)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("throughput.py creates network namespaces: run it as root")
     lab = Lab(prefix=TAG[:3] + "m" + TAG[3:], state_dir=Path(tempfile.mkdtemp(prefix="warren-tp-")))
-    rounds: dict[str, list[float]] = {"native": [], "manual_wg": [], "mesh": []}
+    rounds: dict[str, list[float]] = {"native": [], "manual_wg": [], "mesh": [], "pod": []}
     try:
-        status = lab.up(2, backend="userspace", timeout=60)
+        status = lab.up(2, backend="userspace", timeout=60, pods=1)
         mesh_target = status[1].overlay_ip
         assert mesh_target is not None
         manual_target = setup_manual(lab)
+        if args.link_rate:
+            shape(lab, args.link_rate)
         client, server = lab.node_netns(1), lab.node_netns(2)
+        pods = {pod.node: pod for pod in lab.pods()}
+        tunnel_mtu = int(sh(client, "cat", f"/sys/class/net/{lab.interface(1)}/mtu").stdout)
+        underlay_mtu = int(sh(client, "cat", f"/sys/class/net/{lab.prefix}v1n/mtu").stdout)
         for _ in range(args.rounds):
             rounds["native"].append(measure(server, client, lab.underlay_ip(2), args.seconds))
             rounds["manual_wg"].append(measure(server, client, manual_target, args.seconds))
             rounds["mesh"].append(measure(server, client, mesh_target, args.seconds))
+            rounds["pod"].append(measure(pods["node-2"].netns, pods["node-1"].netns, pods["node-2"].ip, args.seconds))
     finally:
         lab.down()  # removes the namespaces, and with them the hand-made tunnel's daemons
         for sock in SOCKET_DIR.glob(f"{TAG}*.sock"):
             sock.unlink(missing_ok=True)
-    native, manual, mesh = (statistics.median(rounds[k]) for k in ("native", "manual_wg", "mesh"))
+    native, manual, mesh, pod = (statistics.median(rounds[k]) for k in ("native", "manual_wg", "mesh", "pod"))
+    ceiling = ceiling_ratio(underlay_mtu, tunnel_mtu)
     print(
         json.dumps(
             {
                 "native_gbps": round(native, 3),
                 "manual_wg_gbps": round(manual, 3),
                 "mesh_gbps": round(mesh, 3),
+                "pod_gbps": round(pod, 3),
                 "mesh_vs_manual": round(mesh / manual, 3),
                 "tunnel_vs_native": round(mesh / native, 3),
+                "pod_vs_tunnel": round(pod / mesh, 3),
+                "link_rate": args.link_rate or "unlimited",
+                "ceiling_ratio": round(ceiling, 3),
+                "tunnel_vs_ceiling": round(mesh / native / ceiling, 3),
+                "wireguard_go_version": wireguard_go_version(find_wireguard_go()),
+                "mtu": {"underlay": underlay_mtu, "tunnel": tunnel_mtu},
                 "rounds": {k: [round(v, 3) for v in vs] for k, vs in rounds.items()},
                 "seconds_per_run": args.seconds,
                 "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},

@@ -28,6 +28,8 @@ def test_throughput_smoke() -> None:
         check=True,
     )
     result = json.loads(run.stdout.strip().splitlines()[-1])
-    for key in ("native_gbps", "manual_wg_gbps", "mesh_gbps", "mesh_vs_manual", "tunnel_vs_native"):
+    for key in ("native_gbps", "manual_wg_gbps", "mesh_gbps", "pod_gbps", "mesh_vs_manual", "tunnel_vs_native"):
         assert result[key] > 0, key
     assert result["native_gbps"] > result["mesh_gbps"]
+    assert result["ceiling_ratio"] == 0.958 and result["mtu"] == {"underlay": 1500, "tunnel": 1420}
+    assert result["link_rate"] == "unlimited" and result["wireguard_go_version"].startswith("0.0.")
