@@ -13,9 +13,11 @@ from prometheus_client import CollectorRegistry
 from helpers import run
 from warren_mesh.agent.registrar import AddressSpaceExhausted, Registrar, RegistrationConflict
 from warren_mesh.keys import NodeKey
+from warren_mesh.mesh.claims import LocalNode
 from warren_mesh.mesh.peers import MeshView
+from warren_mesh.mesh.topology import build_topology
 from warren_mesh.metrics.instruments import AgentMetrics
-from warren_mesh.model import MeshConfig, NodeRecord
+from warren_mesh.model import MeshConfig, NodeRecord, encode_json
 from warren_mesh.schema import KeySchema
 from warren_mesh.settings import RegistrationSettings
 from warren_mesh.store.base import Store, StoreUnavailable
@@ -200,5 +202,29 @@ def test_a_pinned_pod_subnet_is_claimed_if_the_mesh_can_give_it() -> None:
             with pytest.raises(RegistrationConflict, match=complaint):
                 await registrar(store, "b", pod_subnet=pinned).register(MeshConfig())
         assert await store.get(SCHEMA.node("b")) is None  # nothing published for a refused pin
+
+    scenario(body)
+
+
+def test_an_ipv6_pod_network_gives_each_node_a_64() -> None:
+    async def body(store: MemoryStore) -> None:
+        config = MeshConfig(pod_cidr=ipaddress.ip_network("fd00:244::/48"), node_subnet_prefix=64)
+        await store.put(SCHEMA.config, encode_json(config.to_json()))
+        assert MeshConfig.from_json(decode_json(encode_json(config.to_json()))) == config
+        first = await registrar(store, "a").register(config)
+        second = await registrar(store, "b").register(config)
+        subnets = [r.record.allowed_ips[0] for r in (first, second)]
+        assert all(s.prefixlen == 64 and s.version == 6 and s.overlaps(config.pod_cidr) for s in subnets)
+        assert subnets[0] != subnets[1]
+        view = MeshView(SCHEMA)
+        view.apply(await store.list_prefix(SCHEMA.root))
+        assert {view.reservations[str(s)].owner for s in subnets} == {"a", "b"}
+        # Every agent routes b's /64 to b: its record is accepted whole.
+        topology = build_topology(
+            local=LocalNode("a", NodeKey.generate().public_key, first.record.overlay_ip, allowed_ips=(subnets[0],)),
+            view=view,
+            underlay_mtu=1500,
+        )
+        assert str(subnets[1]) in next(iter(topology.peers.values())).allowed_ips and not topology.conflicts
 
     scenario(body)
