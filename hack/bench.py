@@ -55,9 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "operator"))
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from agent_pool import AgentPool, BenchError, credentials, etcd3_client, wait_until
+from agent_pool import AgentPool, BenchError, etcd3_client, wait_until
 from warren_mesh import pki
-from warren_mesh.admin import roles
 from warren_mesh.agent.app import Agent
 from warren_mesh.device import InterfaceSpec, PeerSpec
 from warren_mesh.keys import NodeKey, load_or_create
@@ -70,7 +69,6 @@ from warren_mesh.netaddr import parse_endpoints
 from warren_mesh.schema import KeySchema
 from warren_mesh.settings import AgentSettings
 from warren_mesh.store.etcd import EtcdStore
-from warren_mesh.store.etcd_auth import EtcdAuth
 from warren_mesh.validation import Endpoint
 from warren_mesh.wireguard import uapi
 from warren_mesh.wireguard.backend import Backend
@@ -588,7 +586,8 @@ def main() -> int:
         server.start()
         endpoint = server.endpoint
         if PKI_DIR is not None:
-            asyncio.run(_enable_auth(endpoint, PKI_DIR))
+            # Root and the operator, auth on; each simulated node is given its role as it starts (AgentPool).
+            server.enable_auth(prefix="/bench")
     else:
         endpoint = args.etcd_endpoints.split(",")[0]
     try:
@@ -614,15 +613,6 @@ def main() -> int:
         if pki_tmp is not None:
             pki_tmp.cleanup()
     return 0
-
-
-async def _enable_auth(endpoint: str, pki_dir: Path) -> None:
-    """Root and the operator, auth on; each simulated node is given its role as it starts (AgentPool)."""
-    admin = EtcdStore(endpoint, tls=credentials(pki_dir, "admin"))
-    try:
-        await roles.set_up(EtcdAuth(admin), KeySchema("/bench"), [])
-    finally:
-        await admin.close()
 
 
 def _run(scenario: str, endpoint: str, args: argparse.Namespace) -> dict[str, Any]:

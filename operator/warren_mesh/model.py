@@ -72,6 +72,13 @@ class MeshConfig:
         """How many node subnets the pod network holds."""
         return 1 << (self.node_subnet_prefix - self.pod_cidr.prefixlen)
 
+    def is_node_subnet(self, network: IPNetwork) -> bool:
+        """Whether ``network`` is one of the pod network's node subnets (the right family, length and place)."""
+        pods = self.pod_cidr
+        if network.version != pods.version or network.prefixlen != self.node_subnet_prefix:
+            return False
+        return network.subnet_of(pods)  # type: ignore[arg-type]
+
     def to_json(self) -> dict[str, Any]:
         return {
             "schema": SCHEMA_VERSION,

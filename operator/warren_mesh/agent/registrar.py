@@ -42,12 +42,6 @@ class _Holdings:
     taken_subnets: set[str] = field(default_factory=set)
 
 
-def _fits(config: MeshConfig, subnet: IPNetwork) -> bool:
-    """Whether ``subnet`` is one of the pod network's node subnets."""
-    pods = config.pod_cidr
-    return subnet.version == pods.version and subnet.prefixlen == config.node_subnet_prefix and subnet.subnet_of(pods)  # type: ignore[arg-type]
-
-
 class RegistrationConflict(RuntimeError):
     """Our node name is held by a record we must not overwrite."""
 
@@ -120,7 +114,7 @@ class Registrar:
             elif subnet:
                 network = ipaddress.ip_network(subject)
                 lower = holdings.subnet is None or int(network.network_address) < int(holdings.subnet.network_address)
-                if _fits(config, network) and lower:
+                if config.is_node_subnet(network) and lower:
                     holdings.subnet = network
             else:
                 ip = parse_ip(subject)
@@ -157,7 +151,7 @@ class Registrar:
         """The subnet given by --pod-subnet, if this mesh can give it to us."""
         pinned = self._pod_subnet
         assert pinned is not None
-        if not _fits(config, pinned):
+        if not config.is_node_subnet(pinned):
             raise RegistrationConflict(
                 f"--pod-subnet {pinned} is not a /{config.node_subnet_prefix} of the pod network {config.pod_cidr}"
             )

@@ -467,7 +467,7 @@ class Lab:
         raise LabError(f"{node} has no pod {pod}")
 
     def pod_ping(self, source: LabPod, address: str) -> bool:
-        argv = self.pod_exec_argv(source.node, source.name, ["ping", "-c", "1", "-W", "2", address])
+        argv = ["ip", "netns", "exec", source.netns, "ping", "-c", "1", "-W", "2", address]
         return subprocess.run(argv, capture_output=True, check=False).returncode == 0
 
     def ping_pods(self) -> list[tuple[str, str, bool]]:

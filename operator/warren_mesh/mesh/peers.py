@@ -367,8 +367,7 @@ def _left_out_by(config: MeshConfig, record: NodeRecord) -> bool:
     return (
         record.overlay_ip.version != overlay.version
         or not first <= int(record.overlay_ip) <= last
-        or any(n.version != pods.version or not n.subnet_of(pods) for n in record.allowed_ips)  # type: ignore[arg-type]
-        or any(n.prefixlen != config.node_subnet_prefix for n in record.allowed_ips)
+        or not all(config.is_node_subnet(n) for n in record.allowed_ips)
         or any(endpoint.version == n.version and endpoint in n for n in (overlay, pods))
     )
 

@@ -188,9 +188,11 @@ class EtcdConnection:
         watch resumes from its revision, the lease is held again). Whether the credentials changed. Files that do
         not make a usable credential (half written, not matching) are left for the next look."""
         tls = self._tls
-        if tls is None or tls.stamp() == self._tls_stamp:
+        if tls is None:
             return False
         stamp = tls.stamp()
+        if stamp == self._tls_stamp:
+            return False
         problem = pki.credential_problem(tls.cert_file, tls.key_file) if tls.cert_file and tls.key_file else None
         if problem is not None:
             log.warning("not using the changed etcd client certificate (yet): %s", problem)
