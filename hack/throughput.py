@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Data-plane throughput in one run: native underlay, a hand-configured wireguard-go tunnel, and the lab's mesh.
 
-    sudo .venv/bin/python hack/throughput.py [--seconds 5] [--rounds 3] [--link-rate 1gbit]
+    sudo .venv/bin/python hack/throughput.py [--seconds 5] [--rounds 3] [--link-rate 1gbit] [--wireguard-go PATH ...]
 
 Prints one JSON line: native_gbps, manual_wg_gbps, mesh_gbps, pod_gbps (iperf3 between a pod on each node, through
 the CNI bridge and the tunnel), mesh_vs_manual, tunnel_vs_native, pod_vs_tunnel, link_rate, ceiling_ratio (the
@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "operator"))
 
@@ -67,15 +68,16 @@ def measure(server_ns: str, client_ns: str, address: str, seconds: float) -> flo
         server.wait()
 
 
-def setup_manual(lab: Lab) -> str:
+def setup_manual(lab: Lab, binary: str, mtu: int) -> str:
     """A second wireguard-go tunnel between the lab's node-1 and node-2, configured by hand (ip and wg, as a user
-    would) on its own port and subnet: it crosses exactly the underlay the mesh crosses. Returns node-2's address."""
+    would) with the same binary and MTU as the mesh's, on its own port and subnet: it crosses exactly the underlay
+    the mesh crosses. Returns node-2's address."""
     keys = NodeKey.generate(), NodeKey.generate()
     env = dict(os.environ, WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD="1")
     with tempfile.TemporaryDirectory() as tmp:
         for i, index in enumerate((1, 2)):
             ns, iface, other = lab.node_netns(index), f"{TAG}w{i}", (2, 1)[i]
-            subprocess.run(["ip", "netns", "exec", ns, "wireguard-go", iface], env=env, check=True, capture_output=True)
+            subprocess.run(["ip", "netns", "exec", ns, binary, iface], env=env, check=True, capture_output=True)
             key_file = Path(tmp) / f"k{i}"
             key_file.write_text(keys[i].private_base64())
             sh(
@@ -95,7 +97,7 @@ def setup_manual(lab: Lab) -> str:
                 f"10.98.0.{other}/32",
             )
             sh(ns, "ip", "address", "add", f"10.98.0.{index}/24", "dev", iface)
-            sh(ns, "ip", "link", "set", iface, "mtu", "1420", "up")
+            sh(ns, "ip", "link", "set", iface, "mtu", str(mtu), "up")
     return "10.98.0.2"
 
 
@@ -108,49 +110,22 @@ def ceiling_ratio(underlay_mtu: int, tunnel_mtu: int) -> float:
     return tunnel / native
 
 
-def shape(lab: Lab, rate: str) -> None:
-    """A link of ``rate`` between each node and the hub: tbf on both ends of its veth pair."""
-    for index in (1, 2):
-        for ns, dev in ((lab.node_netns(index), f"{lab.prefix}v{index}n"), (lab.hub, f"{lab.prefix}v{index}h")):
-            sh(
-                ns,
-                "tc",
-                "qdisc",
-                "replace",
-                "dev",
-                dev,
-                "root",
-                "tbf",
-                "rate",
-                rate,
-                "burst",
-                "256kb",
-                "latency",
-                "50ms",
-            )
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=5.0, help="length of each iperf3 run")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
-    parser.add_argument("--link-rate", default=None, help="shape the underlay to this rate (tc's units: 1gbit, ...)")
-    args = parser.parse_args()
-    if os.geteuid() != 0:
-        raise SystemExit("throughput.py creates network namespaces: run it as root")
+def run_with(binary: str, args: argparse.Namespace) -> dict[str, Any]:
+    """A two-node lab whose agents run ``binary``: every path measured ``args.rounds`` times, interleaved."""
     lab = Lab(prefix=TAG[:3] + "m" + TAG[3:], state_dir=Path(tempfile.mkdtemp(prefix="warren-tp-")))
     rounds: dict[str, list[float]] = {"native": [], "manual_wg": [], "mesh": [], "pod": []}
     try:
-        status = lab.up(2, backend="userspace", timeout=60, pods=1)
+        status = lab.up(2, backend="userspace", timeout=60, pods=1, wireguard_go=binary)
         mesh_target = status[1].overlay_ip
         assert mesh_target is not None
-        manual_target = setup_manual(lab)
-        if args.link_rate:
-            shape(lab, args.link_rate)
         client, server = lab.node_netns(1), lab.node_netns(2)
-        pods = {pod.node: pod for pod in lab.pods()}
         tunnel_mtu = int(sh(client, "cat", f"/sys/class/net/{lab.interface(1)}/mtu").stdout)
         underlay_mtu = int(sh(client, "cat", f"/sys/class/net/{lab.prefix}v1n/mtu").stdout)
+        manual_target = setup_manual(lab, binary, tunnel_mtu)
+        if args.link_rate:
+            for index in (1, 2):
+                lab.set_underlay(index, rate=args.link_rate)
+        pods = {pod.node: pod for pod in lab.pods()}
         for _ in range(args.rounds):
             rounds["native"].append(measure(server, client, lab.underlay_ip(2), args.seconds))
             rounds["manual_wg"].append(measure(server, client, manual_target, args.seconds))
@@ -162,27 +137,56 @@ def main() -> int:
             sock.unlink(missing_ok=True)
     native, manual, mesh, pod = (statistics.median(rounds[k]) for k in ("native", "manual_wg", "mesh", "pod"))
     ceiling = ceiling_ratio(underlay_mtu, tunnel_mtu)
-    print(
-        json.dumps(
-            {
-                "native_gbps": round(native, 3),
-                "manual_wg_gbps": round(manual, 3),
-                "mesh_gbps": round(mesh, 3),
-                "pod_gbps": round(pod, 3),
-                "mesh_vs_manual": round(mesh / manual, 3),
-                "tunnel_vs_native": round(mesh / native, 3),
-                "pod_vs_tunnel": round(pod / mesh, 3),
-                "link_rate": args.link_rate or "unlimited",
-                "ceiling_ratio": round(ceiling, 3),
-                "tunnel_vs_ceiling": round(mesh / native / ceiling, 3),
-                "wireguard_go_version": wireguard_go_version(find_wireguard_go()),
-                "mtu": {"underlay": underlay_mtu, "tunnel": tunnel_mtu},
-                "rounds": {k: [round(v, 3) for v in vs] for k, vs in rounds.items()},
-                "seconds_per_run": args.seconds,
-                "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
-            }
-        )
+    return {
+        "native_gbps": round(native, 3),
+        "manual_wg_gbps": round(manual, 3),
+        "mesh_gbps": round(mesh, 3),
+        "pod_gbps": round(pod, 3),
+        "mesh_vs_manual": round(mesh / manual, 3),
+        "tunnel_vs_native": round(mesh / native, 3),
+        "pod_vs_tunnel": round(pod / mesh, 3),
+        "link_rate": args.link_rate or "unlimited",
+        "ceiling_ratio": round(ceiling, 3),
+        "tunnel_vs_ceiling": round(mesh / native / ceiling, 3),
+        "wireguard_go_version": wireguard_go_version(binary),
+        "wireguard_go": binary,
+        "mtu": {"underlay": underlay_mtu, "tunnel": tunnel_mtu},
+        "rounds": {k: [round(v, 3) for v in vs] for k, vs in rounds.items()},
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each iperf3 run")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
+    parser.add_argument("--link-rate", default=None, help="shape the underlay to this rate (tc's units: 1gbit, ...)")
+    parser.add_argument(
+        "--wireguard-go",
+        action="append",
+        metavar="PATH",
+        help="the wireguard-go binary of the mesh and the hand-made tunnel (default: the one on PATH); give it again "
+        "to measure other binaries in the same run (reported under 'others', and the first's mesh against each "
+        "under 'mesh_vs')",
     )
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("throughput.py creates network namespaces: run it as root")
+    binaries = args.wireguard_go or [find_wireguard_go()]
+    for binary in binaries:
+        if not os.access(binary, os.X_OK):
+            raise SystemExit(f"--wireguard-go {binary}: not an executable file")
+    runs = [run_with(binary, args) for binary in binaries]
+    result = dict(runs[0])
+    if len(runs) > 1:
+        # The first binary's mesh against each other's, measured in this run on the same machine.
+        result["mesh_vs"] = {
+            run["wireguard_go_version"] or run["wireguard_go"]: round(runs[0]["mesh_gbps"] / run["mesh_gbps"], 3)
+            for run in runs[1:]
+        }
+        result["others"] = runs[1:]
+    result["seconds_per_run"] = args.seconds
+    result["machine"] = {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()}
+    print(json.dumps(result))
     return 0
 
 

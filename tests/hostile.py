@@ -83,7 +83,7 @@ class Mesh:
         self.view.apply(Events((Event("delete", KeyValue(key, b"", 0, self.revision)),), self.revision))
 
     def topology(self) -> Topology:
-        return build_topology(local=LOCAL, view=self.view, underlay_mtu=1500)
+        return build_topology(local=LOCAL, view=self.view, auto_mtu=1420)
 
     def reasons(self) -> set[str]:
         return {r.reason for r in self.rejections} | {c.reason for c in self.topology().conflicts}

@@ -165,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the full mesh")
     up.add_argument("--no-tls", action="store_true", help="plain http to etcd, no certificates (TLS is the default)")
     up.add_argument("--pods", type=int, default=1, help="pods per node, on the mesh's CNI network (default 1)")
+    up.add_argument("--wireguard-go", help="wireguard-go binary of the userspace backend (default: from PATH)")
     lab_env = lab_commands.add_parser(
         "env", help='export lines pointing commands at the lab\'s etcd: eval "$(warren-mesh lab env)"'
     )
@@ -252,6 +253,7 @@ def _lab(args: argparse.Namespace) -> int:
             tls=not args.no_tls,
             timeout=args.timeout,
             pods=args.pods,
+            wireguard_go=args.wireguard_go,
             progress=lambda line: print(line, flush=True),
         )
         print(f"full mesh of {len(status)} nodes, every pair handshaken, in {time.monotonic() - started:.1f} s\n")

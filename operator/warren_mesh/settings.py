@@ -123,12 +123,17 @@ class DeviceSettings:
     fwmark: int = 0
     resync_interval: float = 30.0  # seconds between full comparisons with the device
     cleanup_on_exit: bool = False
+    wireguard_go: str | None = None  # the wireguard-go binary of the userspace backend (None: from PATH)
 
 
 @dataclass(frozen=True, slots=True)
 class PodSettings:
-    """Where this node's pods are told about the mesh (its CNI network config); None: nowhere."""
+    """This node's pods: whether it routes for them (IP forwarding, the nftables table) and where they are told
+    about the mesh (its CNI network config; None: nowhere)."""
 
+    # Off for the simulated agents of tests and benchmarks: they share the host's network stack, which they
+    # must not turn into a router.
+    route: bool = False
     cni_conf_dir: Path | None = None
     cni_ipam_dir: str | None = None  # host-local's state directory (None: its default, /var/lib/cni/networks)
 
@@ -192,6 +197,7 @@ class AgentSettings:
         )
         add_flag(parser, "--interface", "wg-mesh", "WireGuard interface name")
         add_flag(parser, "--backend", "auto", "auto, kernel, userspace or memory")
+        add_flag(parser, "--wireguard-go", None, "wireguard-go binary for the userspace backend (default: from PATH)")
         add_flag(parser, "--key-file", DEFAULT_KEY_FILE, "private key file, created (0600) if absent")
         add_flag(parser, "--lease-ttl", None, "lease TTL in seconds (overrides the mesh config; default 10)")
         add_flag(parser, "--metrics-address", "0.0.0.0:9587", "HOST:PORT of /metrics and /healthz ('' to disable)")
@@ -226,6 +232,9 @@ class AgentSettings:
             raise SettingsError(f"--interface {args.interface!r} is not a Linux interface name (1-15 characters)")
         if args.backend not in BACKENDS:
             raise SettingsError(f"--backend {args.backend!r} is not one of {', '.join(BACKENDS)}")
+        wireguard_go = args.wireguard_go or None
+        if wireguard_go is not None and not os.access(wireguard_go, os.X_OK):
+            raise SettingsError(f"--wireguard-go {wireguard_go!r} is not an executable file")
         ttl = _int_flag("--lease-ttl", args.lease_ttl, low=MIN_LEASE_TTL) if args.lease_ttl else None
         metrics = args.metrics_address or None
         if metrics is not None:
@@ -256,9 +265,14 @@ class AgentSettings:
                 fwmark=fwmark,
                 resync_interval=float(resync),
                 cleanup_on_exit=bool(getattr(args, "cleanup_on_exit", False)),
+                wireguard_go=wireguard_go,
             ),
             metrics=MetricsSettings(metrics),
-            pods=PodSettings(Path(args.cni_conf_dir) if args.cni_conf_dir else None, args.cni_ipam_dir or None),
+            pods=PodSettings(
+                route=True,
+                cni_conf_dir=Path(args.cni_conf_dir) if args.cni_conf_dir else None,
+                cni_ipam_dir=args.cni_ipam_dir or None,
+            ),
         )
 
 

@@ -23,6 +23,7 @@ from pyroute2 import IPRoute
 from warren_mesh.keys import NodeKey
 from warren_mesh.lab.lab import ETCD_PORT, HUB_ADDRESS, METRICS_PORT, SUBNET, Lab
 from warren_mesh.lab.report import LabPod
+from warren_mesh.model import MeshConfig
 from warren_mesh.process import connect_in_netns, in_netns
 from warren_mesh.wireguard.choice import kernel_wireguard_available
 
@@ -433,4 +434,111 @@ def test_a_node_keeps_its_pod_subnet_and_repairs_its_pod_network(lab: Lab) -> No
     newcomer = lab.add_pod("node-3", "pod-1")
     assert newcomer.ip.rsplit(".", 1)[0] not in {ip.rsplit(".", 1)[0] for ip in before.values()}
     assert {p.node: p.ip for p in lab.pods() if p.node != "node-3"} == before
+    assert all(ok for *_, ok in lab.ping_pods())
+
+
+# Runs inside a namespace: count IPv4 fragments (more-fragments flag or an offset) seen on one interface.
+FRAGMENT_COUNTER = r"""
+import socket, sys, time
+iface, seconds = sys.argv[1], float(sys.argv[2])
+# ETH_P_ALL: a bridge port's frames reach only the taps that take every protocol.
+sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+sock.bind((iface, 0))
+sock.settimeout(0.2)
+fragments, packets, end = 0, 0, time.monotonic() + seconds
+while time.monotonic() < end:
+    try:
+        frame = sock.recv(65535)
+    except TimeoutError:
+        continue
+    if frame[12:14] != b"\x08\x00":
+        continue
+    packets += 1
+    flags_offset = int.from_bytes(frame[20:22], "big")
+    fragments += bool(flags_offset & 0x3FFF)  # MF, or a fragment offset
+print(fragments, packets)
+"""
+
+
+def _pod_throughput(lab: Lab, source: LabPod, target: LabPod, seconds: float = 2.0) -> float:
+    """Bits per second of one full-size TCP stream from ``source`` to ``target`` (iperf3), failing on a black hole."""
+    server = subprocess.Popen(
+        lab.pod_exec_argv(target.node, target.name, ["iperf3", "-s", "-1", "-B", target.ip]),
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(0.5)
+        client = subprocess.run(
+            lab.pod_exec_argv(source.node, source.name, ["iperf3", "-c", target.ip, "-t", str(seconds), "-J"]),
+            capture_output=True,
+            text=True,
+            timeout=seconds + 30,
+            check=False,
+        )
+        assert client.returncode == 0, f"{source.name}@{source.node} -> {target.ip}: {client.stdout[-1500:]}"
+        return float(json.loads(client.stdout)["end"]["sum_received"]["bits_per_second"])
+    finally:
+        server.kill()
+        server.wait()
+
+
+def _mtu(lab: Lab, netns: str, interface: str) -> int:
+    argv = ["ip", "netns", "exec", netns, "cat", f"/sys/class/net/{interface}/mtu"]
+    return int(subprocess.run(argv, capture_output=True, check=False).stdout or 0)
+
+
+def _conflist_mtu(lab: Lab, index: int) -> int:
+    return int(json.loads((lab.cni_dir(index) / "10-warren-mesh.conflist").read_text())["plugins"][0]["mtu"])
+
+
+def test_the_mtu_follows_the_underlay_and_the_mesh_to_the_device_and_new_pods(lab: Lab) -> None:
+    """mtu: auto is the underlay's MTU less WireGuard's 60 bytes over IPv4, also when the underlay's MTU changes
+    under running agents; an MTU set in the mesh reaches the devices, the CNI config and the pods made after it."""
+    lab.up(2, backend="userspace", lease_ttl=TTL, resync_interval=2, timeout=120, pods=1)
+    nodes = (1, 2)
+    # A link of fixed speed, so that both measurements are bound by the link (as on real nodes), not the CPU.
+    for index in nodes:
+        lab.set_underlay(index, rate="400mbit")
+    assert [_mtu(lab, lab.node_netns(i), lab.interface(i)) for i in nodes] == [1440, 1440]
+    assert [_conflist_mtu(lab, i) for i in nodes] == [1440, 1440]
+    first = {p.node: p for p in lab.pods()}
+    at_1500 = _pod_throughput(lab, first["node-1"], first["node-2"])
+
+    for index in nodes:
+        lab.set_underlay(index, mtu=1400)
+    wait_for(
+        lambda: [_mtu(lab, lab.node_netns(i), lab.interface(i)) for i in nodes] == [1340, 1340]
+        and [_conflist_mtu(lab, i) for i in nodes] == [1340, 1340],
+        15,
+        "the devices and the CNI configs to follow the underlay's MTU of 1400",
+    )
+    second = {node: lab.add_pod(node, "pod-2") for node in ("node-1", "node-2")}
+    assert _mtu(lab, second["node-1"].netns, "eth0") == 1340
+    counter = subprocess.Popen(
+        [sys.executable, "-c", FRAGMENT_COUNTER, f"{lab.prefix}v1h", "4"],
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=in_netns(lab.hub),  # noqa: PLW1509 (one setns call)
+    )
+    time.sleep(0.3)
+    at_1400 = _pod_throughput(lab, second["node-1"], second["node-2"])
+    fragments, packets = map(int, counter.communicate(timeout=30)[0].split())
+    print(f"pod to pod over a 400 Mbit/s link: {at_1500 / 1e6:.0f} Mbit/s at MTU 1500, {at_1400 / 1e6:.0f} at 1400")
+    assert packets > 1000 and fragments == 0, f"{fragments} of {packets} packets on the underlay were fragments"
+    assert at_1400 >= 0.9 * at_1500, (at_1400, at_1500)
+    # Pods made before the change keep their larger MTU: the MSS clamp keeps their connections whole.
+    assert _pod_throughput(lab, first["node-1"], first["node-2"], seconds=1.0) >= 0.5 * at_1500
+
+    # An MTU set in the mesh wins over auto: the devices, the CNI configs and the next pods take it.
+    config = MeshConfig(mtu=1300).to_json()
+    _etcdctl(lab, "put", "/warren/mesh/v1/config", value=json.dumps(config).encode())
+    wait_for(
+        lambda: [_mtu(lab, lab.node_netns(i), lab.interface(i)) for i in nodes] == [1300, 1300]
+        and [_conflist_mtu(lab, i) for i in nodes] == [1300, 1300],
+        15,
+        "the devices and the CNI configs to take the mesh's MTU",
+    )
+    third = lab.add_pod("node-2", "pod-3")
+    assert _mtu(lab, third.netns, "eth0") == 1300
+    assert _pod_throughput(lab, second["node-1"], third, seconds=1.0) > 0
     assert all(ok for *_, ok in lab.ping_pods())

@@ -25,7 +25,8 @@ from warren_mesh.agent.pod_network import PodNetwork
 from warren_mesh.host import forwarding
 from warren_mesh.model import MeshConfig
 from warren_mesh.settings import PodSettings
-network = PodNetwork(PodSettings(Path(sys.argv[2])), subnet=ipaddress.ip_network("10.244.9.0/24"), interface="wgpod")
+settings = PodSettings(route=True, cni_conf_dir=Path(sys.argv[2]))
+network = PodNetwork(settings, subnet=ipaddress.ip_network("10.244.9.0/24"), interface="wgpod")
 if sys.argv[1] == "ensure":
     ok = network.ensure(MeshConfig(), 1420)
     print(json.dumps({"ok": ok}))
@@ -68,6 +69,8 @@ def test_forwarding_masquerade_and_conflist_are_kept_and_removed(node: str, tmp_
     assert _in(node, "sysctl", "-n", "net.ipv4.conf.wgpod.rp_filter").stdout.strip() == "2"
     ruleset = _in(node, "nft", "list", "table", "inet", "warren-mesh").stdout
     assert "ip saddr 10.244.9.0/24 ip daddr != { 10.96.0.0/16, 10.244.0.0/16 } masquerade" in ruleset
+    # Connections through the tunnel never carry an MSS larger than its MTU allows (pods made before an MTU change).
+    assert 'oifname "wgpod" tcp flags syn / syn,rst tcp option maxseg size set rt mtu' in ruleset
     conflist = json.loads((cni_dir / "10-warren-mesh.conflist").read_text())
     bridge = conflist["plugins"][0]
     assert bridge["mtu"] == 1420 and bridge["ipam"]["ranges"] == [

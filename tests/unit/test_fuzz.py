@@ -202,7 +202,7 @@ def test_no_attack_costs_an_honest_node_its_place_or_routes_anything_dangerous(
     writes: list[tuple[str, str, bytes | None]],
 ) -> None:
     mesh = Mesh()
-    builder = TopologyBuilder(LOCAL, underlay_mtu=1500)
+    builder = TopologyBuilder(LOCAL, auto_mtu=1420)
     builder.update(mesh.view, mesh.view.take_changes())
     for _, key, value in writes:
         if value is None:

@@ -180,7 +180,7 @@ def test_a_node_listing_its_own_overlay_address_again_is_refused() -> None:
     # Found by the fuzz test in CI: the address was claimed twice by the fold and released twice (a KeyError that
     # would have ended the reconciler). This is the sequence it found, through the agent's incremental fold.
     mesh = Mesh()
-    builder = TopologyBuilder(LOCAL, underlay_mtu=1500)
+    builder = TopologyBuilder(LOCAL, auto_mtu=1420)
     builder.update(mesh.view, mesh.view.take_changes())
     doc = node_doc("a0", ATTACKER_KEY, "10.96.0.50", "192.0.2.9:51820", allowed_ips=["10.96.0.50/32"])
     mesh.put(SCHEMA.node("a0"), doc)

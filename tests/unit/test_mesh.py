@@ -39,7 +39,7 @@ def kv(key: str, value: bytes, revision: int, create: int | None = None) -> KeyV
 
 
 def topology_of(view: MeshView) -> Topology:
-    return build_topology(local=LOCAL, view=view, underlay_mtu=1500)
+    return build_topology(local=LOCAL, view=view, auto_mtu=1420)
 
 
 def test_snapshot_then_events_build_the_same_view() -> None:

@@ -223,7 +223,7 @@ def test_an_ipv6_pod_network_gives_each_node_a_64() -> None:
         topology = build_topology(
             local=LocalNode("a", NodeKey.generate().public_key, first.record.overlay_ip, allowed_ips=(subnets[0],)),
             view=view,
-            underlay_mtu=1500,
+            auto_mtu=1420,
         )
         assert str(subnets[1]) in next(iter(topology.peers.values())).allowed_ips and not topology.conflicts
 

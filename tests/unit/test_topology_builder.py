@@ -13,7 +13,7 @@ from warren_mesh.mesh.claims import LocalNode
 from warren_mesh.mesh.peers import MeshView
 from warren_mesh.mesh.plan import Plan, desired_routes, plan_changes, plan_delta
 from warren_mesh.mesh.topology import Topology, TopologyBuilder, build_topology
-from warren_mesh.model import ExternalPeer, MeshConfig, NodeRecord, encode_json
+from warren_mesh.model import ExternalPeer, MeshConfig, NodeRecord, auto_mtu, encode_json
 from warren_mesh.schema import KeySchema
 from warren_mesh.validation import Endpoint
 from warren_mesh.watch import Event, Events, KeyValue, Snapshot
@@ -102,7 +102,7 @@ def test_incremental_fold_equals_a_fold_from_scratch(seed: int) -> None:
     etcd = _Etcd()
     view = MeshView(SCHEMA)
     view.apply(Snapshot((), etcd.revision))
-    builder = TopologyBuilder(LOCAL, underlay_mtu=1500)
+    builder = TopologyBuilder(LOCAL, auto_mtu=1420)
     builder.update(view, view.take_changes())
     previous = builder.topology()
     for step in range(300):
@@ -115,7 +115,7 @@ def test_incremental_fold_equals_a_fold_from_scratch(seed: int) -> None:
             view.apply(Events(tuple(events), etcd.revision))
         affected = builder.update(view, view.take_changes())
         current = builder.topology()
-        expected = build_topology(local=LOCAL, view=view, underlay_mtu=1500)
+        expected = build_topology(local=LOCAL, view=view, auto_mtu=1420)
         assert current == expected, f"seed {seed}, step {step}"
         if affected is not None:
             # The delta plan must reach exactly the device a full comparison reaches.
@@ -149,7 +149,7 @@ def test_a_join_at_the_end_is_settled_without_folding_again() -> None:
     etcd = _Etcd()
     view = MeshView(SCHEMA)
     view.apply(Snapshot((), etcd.revision))
-    builder = TopologyBuilder(LOCAL, underlay_mtu=1500)
+    builder = TopologyBuilder(LOCAL, auto_mtu=1420)
     builder.update(view, view.take_changes())
     for i in range(2, 8):
         name = f"n{i}"
@@ -169,3 +169,24 @@ def test_a_join_at_the_end_is_settled_without_folding_again() -> None:
     view.apply(Events((leave,), etcd.revision))
     assert builder.update(view, view.take_changes()) == {KEYS[4]}
     assert builder.rebuilds == 1
+
+
+def test_auto_mtu_is_the_underlay_less_wireguards_overhead_for_its_family() -> None:
+    assert auto_mtu(1500, 4) == 1440 and auto_mtu(1500, 6) == 1420
+    assert auto_mtu(9001, 4) == 8941 and auto_mtu(1400, 4) == 1340
+
+
+def test_the_device_mtu_follows_the_underlay_unless_the_mesh_sets_one() -> None:
+    builder = TopologyBuilder(LOCAL, auto_mtu=1440)
+    view = MeshView(SCHEMA)
+    view.apply(Snapshot(items=(), revision=1))
+    builder.rebuild(view)
+    assert builder.topology().interface.mtu == 1440
+    assert builder.set_auto_mtu(1340) and builder.topology().interface.mtu == 1340
+    assert not builder.set_auto_mtu(1340)
+    config = MeshConfig(mtu=1300)
+    view.apply(Events((Event("put", KeyValue(SCHEMA.config, encode_json(config.to_json()), 2, 2)),), revision=2))
+    builder.update(view, view.take_changes())
+    assert builder.topology().interface.mtu == 1300
+    # Set by the mesh, the MTU no longer follows the underlay (but auto would, from where the underlay is now).
+    assert not builder.set_auto_mtu(8941) and builder.topology().interface.mtu == 1300

@@ -38,7 +38,7 @@ from warren_mesh.mesh.peers import MeshView, Rejection
 from warren_mesh.metrics.http import MetricsServer
 from warren_mesh.metrics.instruments import AgentMetrics
 from warren_mesh.metrics.peer_collector import PeerCollector, TrafficWindow
-from warren_mesh.model import MeshConfig
+from warren_mesh.model import MeshConfig, auto_mtu
 from warren_mesh.netaddr import IPAddress, IPNetwork, parse_endpoints
 from warren_mesh.settings import AgentSettings
 from warren_mesh.store.base import Backoff, StoreUnavailable
@@ -75,7 +75,9 @@ class Agent:
         self.settings = settings
         self._backend: Backend | None = backend
         device = settings.device
-        self._device_factory = device_factory or (lambda: create_backend(device.backend, device.interface))
+        self._device_factory = device_factory or (
+            lambda: create_backend(device.backend, device.interface, wireguard_go=device.wireguard_go)
+        )
         # Real devices are driven from one worker thread (see device_thread); the memory device inline.
         self.device_thread = DeviceThread(
             inline=backend.simulated if backend is not None else device.backend == "memory"
@@ -184,10 +186,7 @@ class Agent:
         else:
             endpoint_host = await asyncio.to_thread(default_route_address)
             log.info("endpoint address %s (default route's interface)", endpoint_host)
-        if self.backend.simulated:
-            underlay_mtu = DEFAULT_MTU
-        else:
-            underlay_mtu = await asyncio.to_thread(mtu_of_address, endpoint_host)
+        underlay_mtu = await self._underlay_mtu(endpoint_host)
         protected = await asyncio.to_thread(self._protected_networks, endpoint_host)
         log.info("never routed into the tunnel: %s", ", ".join(str(n) for n in protected))
 
@@ -204,7 +203,7 @@ class Agent:
         registration = await self._until_etcd(stop, lambda: registrar.register(config))
         self.registrar = registrar
         subnets = registration.record.allowed_ips
-        if subnets and not self.backend.simulated:  # a simulated device has no pods
+        if subnets and settings.pods.route and not self.backend.simulated:  # a simulated device has no pods
             self.pod_network = PodNetwork(settings.pods, subnet=subnets[0], interface=self.backend.interface_name)
         self.reconciler = Reconciler(
             settings.device,
@@ -219,7 +218,7 @@ class Agent:
             ),
             key=self.key,
             metrics=self.metrics,
-            underlay_mtu=underlay_mtu,
+            auto_mtu=auto_mtu(underlay_mtu, endpoint_host.version),
             device_thread=self.device_thread,
             pod_network=self.pod_network,
         )
@@ -236,6 +235,8 @@ class Agent:
         tasks.append(loop.create_task(self.reconciler.run(), name="reconcile"))
         tasks.append(loop.create_task(registrar.keep_alive(lambda: self.view.config), name="keepalive"))
         tasks.append(loop.create_task(self._watch_device(), name="device-watchdog"))
+        if not self.backend.simulated:
+            tasks.append(loop.create_task(self._follow_underlay_mtu(endpoint_host, underlay_mtu), name="underlay-mtu"))
         if settings.store.tls is not None and settings.store.tls.cert_file is not None:
             tasks.append(loop.create_task(self._watch_certificate(settings.store.tls.cert_file), name="certificate"))
         if settings.metrics.traffic_sample_interval > 0:
@@ -252,6 +253,33 @@ class Agent:
                     self.reconciler.notify(verify=True)  # a new data plane: configure it from scratch
             except BackendError as exc:
                 log.error("the WireGuard device is down and could not be restarted (retrying): %s", exc)
+
+    async def _underlay_mtu(self, endpoint_host: IPAddress) -> int:
+        if self.backend.simulated:  # its address is on no interface of this host
+            return DEFAULT_MTU
+        return await asyncio.to_thread(mtu_of_address, endpoint_host)
+
+    async def _follow_underlay_mtu(self, endpoint_host: IPAddress, underlay_mtu: int) -> None:
+        """Keep ``mtu: auto`` true when the underlay's MTU changes under a running agent (a cloud moving to jumbo
+        frames, an operator lowering it for a VPN): a device MTU larger than the underlay allows has every
+        full-size packet fragmented, or dropped where fragments are."""
+        assert self.reconciler is not None
+        while True:
+            await asyncio.sleep(self.settings.device.resync_interval)
+            try:
+                now = await self._underlay_mtu(endpoint_host)
+            except OSError as exc:
+                log.warning("cannot read the underlay's MTU (keeping %d): %s", underlay_mtu, exc)
+                continue
+            if now != underlay_mtu:
+                follows = self.reconciler.set_auto_mtu(auto_mtu(now, endpoint_host.version))
+                log.warning(
+                    "the underlay's MTU changed from %d to %d%s",
+                    underlay_mtu,
+                    now,
+                    "; the WireGuard device and new pods follow" if follows else " (the mesh sets its own MTU)",
+                )
+                underlay_mtu = now
 
     async def _watch_certificate(self, cert_file: Path) -> None:
         """Use a renewed etcd client certificate as soon as it is on disk (`warren-mesh enroll --watch` or `certs

@@ -49,7 +49,7 @@ class Reconciler:
         local: LocalNode,
         key: NodeKey,
         metrics: AgentMetrics,
-        underlay_mtu: int,
+        auto_mtu: int,
         device_thread: DeviceThread,
         pod_network: PodNetwork | None = None,
     ) -> None:
@@ -60,7 +60,7 @@ class Reconciler:
         self._backend = backend
         self._key = key
         self._metrics = metrics
-        self._builder = TopologyBuilder(local, underlay_mtu=underlay_mtu, fwmark=settings.fwmark)
+        self._builder = TopologyBuilder(local, auto_mtu=auto_mtu, fwmark=settings.fwmark)
         self._resync_interval = settings.resync_interval
         self._dirty = asyncio.Event()
         self._resync_timer: asyncio.TimerHandle | None = None
@@ -81,6 +81,14 @@ class Reconciler:
     def rebuilds(self) -> int:
         """How often the topology was folded from scratch rather than updated (benchmarks read it)."""
         return self._builder.rebuilds
+
+    def set_auto_mtu(self, auto_mtu: int) -> bool:
+        """The underlay's MTU changed (``model.auto_mtu`` of it): with ``mtu: auto`` the device, and so the pods'
+        CNI config, follow in the next pass. Whether the device's MTU changes."""
+        if not self._builder.set_auto_mtu(auto_mtu):
+            return False
+        self.notify(verify=True)
+        return True
 
     def notify(self, *, verify: bool = False) -> None:
         """The view changed (or, with ``verify``, the device may have): run a pass once the current one ends."""

@@ -1,5 +1,6 @@
 """The node as a router for its pods: IP forwarding on, loose reverse-path filtering on the WireGuard device, and
-one nftables table of ours that masquerades pod traffic leaving the cluster.
+one nftables table of ours that masquerades pod traffic leaving the cluster and clamps the MSS of TCP connections
+through the tunnel to its MTU.
 
 Traffic between pods (the pod network) and to the mesh (the overlay network) keeps its source address: only
 traffic from this node's pod subnet to anywhere else is masqueraded. The table is replaced whole and atomically
@@ -22,6 +23,7 @@ from warren_mesh.netaddr import IPNetwork
 log = logging.getLogger(__name__)
 
 TABLE: Final = "warren-mesh"
+RULES: Final = 2  # in our table: the MSS clamp and the masquerade
 PROC_SYS: Final = Path("/proc/sys/net")
 
 
@@ -38,23 +40,35 @@ class PodRouting:
     overlay_cidr: IPNetwork
     interface: str  # the WireGuard device
 
-    def _rule(self) -> str:
+    def _masquerade(self) -> str:
         family = "ip" if self.subnet.version == 4 else "ip6"
         return f"{family} saddr {self.subnet} {family} daddr != {{ {self.pod_cidr}, {self.overlay_cidr} }} masquerade"
 
+    def _clamp(self) -> str:
+        # A pod made while the device's MTU was larger (the underlay's MTU or the mesh's changed since) still has
+        # that MTU: its connections through the tunnel would rely on ICMP "fragmentation needed" reaching it, which
+        # firewalls drop. Clamping the MSS of connections that leave through the tunnel to the route's MTU keeps
+        # them working without it, in both directions (the SYN and the SYN-ACK each leave through some tunnel).
+        return f'oifname "{self.interface}" tcp flags syn / syn,rst tcp option maxseg size set rt mtu'
+
     def digest(self) -> str:
-        """Names this exact table: carried in its rule's comment, so a resync sees whether it is still there."""
-        return hashlib.sha256(self._rule().encode()).hexdigest()[:16]
+        """Names this exact table: carried in its rules' comments, so a resync sees whether it is still there."""
+        return hashlib.sha256(f"{self._masquerade()}\n{self._clamp()}".encode()).hexdigest()[:16]
 
     def ruleset(self) -> str:
         """The whole table, as ``nft -f`` takes it (deleting the old one in the same transaction)."""
+        comment = f'comment "{TABLE} {self.digest()}"'
         return (
             f"table inet {TABLE}\n"
             f"delete table inet {TABLE}\n"
             f"table inet {TABLE} {{\n"
+            f"  chain forward {{\n"
+            f"    type filter hook forward priority mangle; policy accept;\n"
+            f"    {self._clamp()} {comment}\n"
+            f"  }}\n"
             f"  chain postrouting {{\n"
             f"    type nat hook postrouting priority srcnat; policy accept;\n"
-            f'    {self._rule()} comment "{TABLE} {self.digest()}"\n'
+            f"    {self._masquerade()} {comment}\n"
             f"  }}\n"
             f"}}\n"
         )
@@ -79,7 +93,7 @@ def ensure(routing: PodRouting, *, nft: str = "nft") -> list[str]:
             changed.append(f"{rp_filter.relative_to(PROC_SYS)}=2")
     except OSError as exc:
         log.warning("cannot set %s to loose (2): %s", rp_filter, exc.strerror)
-    if _table_digests(nft) != [routing.digest()]:
+    if _table_digests(nft) != [routing.digest()] * RULES:
         _run([nft, "-f", "-"], routing.ruleset())
         changed.append(f"nftables table inet {TABLE}")
     return changed

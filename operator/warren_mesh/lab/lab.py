@@ -139,16 +139,24 @@ class Lab:
         tls: bool = True,
         timeout: float = 60.0,
         pods: int = 0,
+        wireguard_go: str | None = None,
         progress: Callable[[str], None] | None = None,
     ) -> list[LabNode]:
-        """``pods``: pods to start on each node once the mesh is up (``pod-1``, ...)."""
+        """``pods``: pods to start on each node once the mesh is up (``pod-1``, ...); ``wireguard_go``: the binary
+        the userspace backend runs (None: the one on PATH)."""
         require_root()
         if self.is_up():
             raise LabError(f"a lab named {self.prefix} is already up; `warren-mesh lab down` first")
         self.down()  # leftovers of a crashed `up`
         say = progress or (lambda _: None)
         try:
-            state = {"nodes": {}, "backend": backend, "lease_ttl": lease_ttl, "resync_interval": resync_interval}
+            state = {
+                "nodes": {},
+                "backend": backend,
+                "lease_ttl": lease_ttl,
+                "resync_interval": resync_interval,
+                "wireguard_go": wireguard_go or "",
+            }
             self._save({**state, "tls": tls})
             if tls:  # a PKI of the lab's own: etcd's certificate for the hub's address, admin and node certificates
                 pki.init(self.pki_dir, [HUB_ADDRESS])
@@ -216,6 +224,7 @@ class Lab:
             f"--metrics-address=0.0.0.0:{METRICS_PORT}",
             f"--cni-conf-dir={self.cni_dir(index)}",
             f"--cni-ipam-dir={self.state_dir / 'cni-ipam' / self.node_name(index)}",
+            f"--wireguard-go={state.get('wireguard_go', '')}",
         ]
         with (self.state_dir / f"{self.node_name(index)}.log").open("ab") as out:
             process = subprocess.Popen(
@@ -231,6 +240,22 @@ class Lab:
         nodes[str(index)] = process.pid
         self._save(state)
         return process.pid
+
+    def set_underlay(self, index: int, *, mtu: int | None = None, rate: str | None = None) -> None:
+        """Make node ``index``'s link to the hub what a physical one might be: its ``mtu`` on both ends, and
+        ``rate`` (tc's units: ``1gbit``) enforced by tbf on both ends, as a link of that speed would."""
+        ends = ((self.node_netns(index), f"{self.prefix}v{index}n"), (self.hub, f"{self.prefix}v{index}h"))
+        for ns, dev in ends:
+            with IPRoute(netns=ns) as ipr:
+                if mtu is not None:
+                    ipr.link("set", index=ipr.link_lookup(ifname=dev)[0], mtu=mtu)
+            if rate is not None:
+                tbf = ["tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate]
+                subprocess.run(
+                    ["ip", "netns", "exec", ns, *tbf, "burst", "256kb", "latency", "50ms"],
+                    capture_output=True,
+                    check=True,
+                )
 
     def _admin(self, *command: str) -> None:
         """Run a `warren-mesh` command as the admin inside the hub's namespace, where etcd listens."""

@@ -17,6 +17,7 @@ again, so the result is always exactly what a fold from scratch gives (the tests
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -24,7 +25,7 @@ from typing import Final
 from warren_mesh.device import InterfaceSpec, PeerSpec
 from warren_mesh.mesh.claims import ClaimRules, Conflict, LocalNode, NetworkClaims
 from warren_mesh.mesh.peers import Changes, Entry, MeshView
-from warren_mesh.model import WIREGUARD_OVERHEAD, ExternalPeer, MeshConfig, NodeRecord
+from warren_mesh.model import ExternalPeer, MeshConfig, NodeRecord
 from warren_mesh.routes import Routes
 from warren_mesh.validation import (
     REASON_ADDRESS_OUTSIDE_CIDR,
@@ -60,16 +61,18 @@ class _Settled:
     conflict: Conflict | None
 
 
-def device_mtu(config: MeshConfig, underlay_mtu: int) -> int:
-    return config.mtu if config.mtu is not None else underlay_mtu - WIREGUARD_OVERHEAD
+def device_mtu(config: MeshConfig, auto_mtu: int) -> int:
+    """The mesh's MTU, or for ``mtu: auto`` what this node's underlay allows (``model.auto_mtu``)."""
+    return config.mtu if config.mtu is not None else auto_mtu
 
 
 class TopologyBuilder:
     """The fold over one view, kept between changes (see the module's docstring)."""
 
-    def __init__(self, local: LocalNode, *, underlay_mtu: int, fwmark: int = 0) -> None:
+    def __init__(self, local: LocalNode, *, auto_mtu: int, fwmark: int = 0) -> None:
+        """``auto_mtu``: the device's MTU when the mesh says ``auto`` (``model.auto_mtu`` of the underlay)."""
         self._local = local
-        self._underlay_mtu = underlay_mtu
+        self._auto_mtu = auto_mtu
         self._fwmark = fwmark
         self._reset(MeshConfig(), None)
         self.rebuilds = 0  # folds from scratch; tests and benchmarks read it
@@ -84,7 +87,7 @@ class TopologyBuilder:
         self._interface = InterfaceSpec(
             address=f"{self._local.overlay_ip}/{config.overlay_cidr.prefixlen}",
             listen_port=config.listen_port,
-            mtu=device_mtu(config, self._underlay_mtu),
+            mtu=device_mtu(config, self._auto_mtu),
             fwmark=self._fwmark,
         )
         self._claims = NetworkClaims()
@@ -175,6 +178,17 @@ class TopologyBuilder:
             return ()
         ordered = sorted(self._conflicts.values(), key=lambda s: s.position)
         return tuple(s.conflict for s in ordered if s.conflict is not None)
+
+    def set_auto_mtu(self, auto_mtu: int) -> bool:
+        """The underlay's MTU changed: the device's MTU follows if the mesh says ``auto``. Whether it changed."""
+        if auto_mtu == self._auto_mtu:
+            return False
+        self._auto_mtu = auto_mtu
+        mtu = device_mtu(self._config, auto_mtu)
+        if mtu == self._interface.mtu:
+            return False
+        self._interface = dataclasses.replace(self._interface, mtu=mtu)
+        return True
 
     def topology(self) -> Topology:
         """The fold's result, as values that later updates do not change."""
@@ -286,11 +300,11 @@ def build_topology(
     *,
     local: LocalNode,
     view: MeshView,
-    underlay_mtu: int,
+    auto_mtu: int,
     fwmark: int = 0,
 ) -> Topology:
     """The desired device for ``local``, folded from scratch (``status`` and tests; the agent keeps a builder)."""
-    builder = TopologyBuilder(local, underlay_mtu=underlay_mtu, fwmark=fwmark)
+    builder = TopologyBuilder(local, auto_mtu=auto_mtu, fwmark=fwmark)
     builder.rebuild(view)
     return builder.topology()
 

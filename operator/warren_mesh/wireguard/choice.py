@@ -28,11 +28,12 @@ def kernel_wireguard_available() -> tuple[bool, str]:
     return True, "the kernel created a WireGuard link"
 
 
-def create_backend(kind: str, interface: str) -> Backend:
+def create_backend(kind: str, interface: str, *, wireguard_go: str | None = None) -> Backend:
+    """``wireguard_go``: the userspace backend's binary (None: the one on PATH)."""
     if kind == "memory":
         return MemoryBackend(interface_name=interface)
     if kind == "userspace":
-        return UserspaceBackend(interface)
+        return UserspaceBackend(interface, binary=wireguard_go)
     if kind == "kernel":
         return KernelBackend(interface)
     available, why = kernel_wireguard_available()
@@ -40,4 +41,4 @@ def create_backend(kind: str, interface: str) -> Backend:
         log.info("backend auto: %s; using kernel WireGuard", why)
         return KernelBackend(interface)
     log.info("backend auto: %s; using wireguard-go (userspace)", why)
-    return UserspaceBackend(interface)
+    return UserspaceBackend(interface, binary=wireguard_go)

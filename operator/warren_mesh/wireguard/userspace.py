@@ -61,9 +61,13 @@ def find_wireguard_go() -> str:
 
 
 class UserspaceBackend:
-    def __init__(self, interface: str, *, netns: str | None = None, log_dir: Path | None = None) -> None:
-        """``netns``: drive a device in that network namespace instead of the current one (tests, the lab)."""
+    def __init__(
+        self, interface: str, *, netns: str | None = None, log_dir: Path | None = None, binary: str | None = None
+    ) -> None:
+        """``netns``: drive a device in that network namespace instead of the current one (tests, the lab).
+        ``binary``: the wireguard-go to start (None: the one on PATH)."""
         self._interface = interface
+        self._binary = binary or find_wireguard_go()
         self._netns = netns
         self._socket = uapi.socket_path(interface)
         self._log_dir = log_dir
@@ -83,7 +87,7 @@ class UserspaceBackend:
 
     @property
     def version(self) -> str:
-        return f"wireguard-go {wireguard_go_version(find_wireguard_go())}".rstrip()
+        return f"wireguard-go {wireguard_go_version(self._binary)}".rstrip()
 
     @property
     def interface_name(self) -> str:
@@ -133,7 +137,7 @@ class UserspaceBackend:
             # group, and wireguard-go then moved ~20 % less traffic than the same daemon started from a shell
             # (measured with hack/throughput.py: mesh_vs_manual 0.79 with a session of its own).
             process = subprocess.Popen(
-                [find_wireguard_go(), "-f", self._interface],
+                [self._binary, "-f", self._interface],
                 stdout=out,
                 stderr=out,
                 env=env,
