@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 import os
 import signal
@@ -17,8 +18,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from warren_mesh import __version__, pki
-from warren_mesh.admin import roles
+from warren_mesh import __version__, pki, showconf
+from warren_mesh.admin import peers, roles
 from warren_mesh.admin.migration import migrate_reservations
 from warren_mesh.agent.app import Agent
 from warren_mesh.agent.registrar import AddressSpaceExhausted, RegistrationConflict
@@ -26,6 +27,7 @@ from warren_mesh.agent.underlay import UnderlayError
 from warren_mesh.enroller.client import EnrolmentError, EnrolmentRequest, enroll, keep_enrolled
 from warren_mesh.enroller.identity import AgentIdentity
 from warren_mesh.keys import KeyFileError
+from warren_mesh.keys import load as load_key
 from warren_mesh.lab.cni_runtime import CniError
 from warren_mesh.lab.demo import run_demo
 from warren_mesh.lab.etcd_server import EtcdServerError
@@ -51,6 +53,8 @@ log = logging.getLogger("warren_mesh")
 
 _USER_ERRORS = (
     SettingsError,
+    showconf.ShowconfError,
+    peers.PeerError,
     RecordError,  # a name given on the command line that is no node name
     pki.PkiError,
     KeyFileError,
@@ -148,6 +152,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     enroll.add_argument("--check-interval", type=float, default=3600.0, help="seconds between looks with --watch")
 
+    showconf = commands.add_parser("showconf", help="WireGuard configurations computed from etcd")
+    showconf_commands = showconf.add_subparsers(dest="showconf_command", required=True, metavar="WHAT")
+    showconf_peer = showconf_commands.add_parser("peer", help="a wg-quick file for an external member (a laptop)")
+    showconf_peer.add_argument("name")
+    showconf_peer.add_argument("--private-key-file", help="the member's private key, put into the file")
+    showconf_peer.add_argument("--dns", action="append", default=[], help="a DNS server for the file (repeatable)")
+    showconf_node = showconf_commands.add_parser("node", help="what a node's device should hold (cf. wg showconf)")
+    showconf_node.add_argument("name")
+    for showconf_parser in (showconf_peer, showconf_node):
+        add_store_flags(showconf_parser)
+        showconf_parser.add_argument("--output", choices=("conf", "json"), default="conf")
+    peer = commands.add_parser("peer", help="external members of a mesh without Kubernetes (else: MeshPeer)")
+    peer_commands = peer.add_subparsers(dest="peer_command", required=True, metavar="PEER_COMMAND")
+    peer_add = peer_commands.add_parser(
+        "add", help="a member with a new key and a free mesh address; prints its wg-quick file (with the key)"
+    )
+    peer_add.add_argument("name")
+    peer_add.add_argument(
+        "--allowed-ip", action="append", default=[], help="a network behind the member, routed to it (repeatable)"
+    )
+    peer_add.add_argument("--keepalive", type=int, default=None, help="its persistent keepalive (default: the mesh's)")
+    peer_add.add_argument("--dns", action="append", default=[], help="a DNS server for the file (repeatable)")
+    peer_remove = peer_commands.add_parser("remove", help="remove a member: every node drops it at once")
+    peer_remove.add_argument("name")
+    for peer_parser in (peer_add, peer_remove):
+        add_store_flags(peer_parser)
+
     migrate = commands.add_parser(
         "migrate-claims", help="move ipam/ reservations to node-owned claims (before etcd's auth is turned on)"
     )
@@ -224,6 +255,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_enroller(StoreSettings.from_args(args), args))
         if args.command == "enroll":
             return _enroll(args)
+        if args.command == "showconf":
+            return asyncio.run(_showconf(StoreSettings.from_args(args), args))
+        if args.command == "peer":
+            return asyncio.run(_peer(StoreSettings.from_args(args), args))
         if args.command == "migrate-claims":
             return asyncio.run(_migrate_claims(StoreSettings.from_args(args)))
     except _USER_ERRORS as exc:
@@ -419,6 +454,49 @@ def _enroll(args: argparse.Namespace) -> int:
         print(f"{Path(args.dir) / 'node.pem'} is valid for more than {args.renew_within_days} days: kept")
     else:
         print(f"wrote {done.cert} for {pki.node_user(done.node)} (key {done.key} stays on this node)")
+    return 0
+
+
+async def _showconf(settings: StoreSettings, args: argparse.Namespace) -> int:
+    key = None
+    if args.showconf_command == "peer" and args.private_key_file:
+        key = load_key(Path(args.private_key_file))
+    store = EtcdStore(settings.etcd_endpoints, tls=settings.tls, call_timeout=3.0)
+    try:
+        view = await showconf.read_view(store, settings.schema)
+    finally:
+        await store.close()
+    if args.showconf_command == "peer":
+        member = showconf.for_peer(view, args.name, private_key=key, dns=args.dns)
+    else:
+        member = showconf.for_node(view, args.name)
+    print(member.render_json() if args.output == "json" else member.render(), end="\n" if args.output == "json" else "")
+    return 0
+
+
+async def _peer(settings: StoreSettings, args: argparse.Namespace) -> int:
+    store = EtcdStore(settings.etcd_endpoints, tls=settings.tls, call_timeout=5.0)
+    try:
+        if args.peer_command == "remove":
+            await peers.remove(store, settings.schema, args.name)
+            print(f"removed peer {args.name}", file=sys.stderr)
+            return 0
+        allowed = []
+        for text in args.allowed_ip:
+            try:
+                allowed.append(ipaddress.ip_network(text))
+            except ValueError as exc:
+                raise SettingsError(f"--allowed-ip {text!r} is not a network in CIDR form: {exc}") from None
+        if args.keepalive is not None and not 0 <= args.keepalive <= 65535:
+            raise SettingsError(f"--keepalive {args.keepalive} is not 0-65535 seconds")
+        key, address = await peers.add(
+            store, settings.schema, args.name, allowed_ips=allowed, persistent_keepalive=args.keepalive
+        )
+        view = await showconf.read_view(store, settings.schema)
+    finally:
+        await store.close()
+    print(f"added peer {args.name} at {address}; its private key is only in the file below", file=sys.stderr)
+    print(showconf.for_peer(view, args.name, private_key=key, dns=args.dns).render(), end="")
     return 0
 
 

@@ -76,6 +76,14 @@ def load_or_create(path: Path) -> tuple[NodeKey, bool]:
     return key, True
 
 
+def load(path: Path) -> NodeKey:
+    """The key in ``path`` (which must be private to its owner); KeyFileError says what is wrong with it."""
+    try:
+        return _load(path)
+    except FileNotFoundError:
+        raise KeyFileError(f"key file {path} does not exist") from None
+
+
 def _load(path: Path) -> NodeKey:
     mode = path.stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):

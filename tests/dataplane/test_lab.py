@@ -21,10 +21,12 @@ import pytest
 from pyroute2 import IPRoute
 
 from warren_mesh.keys import NodeKey
+from warren_mesh.lab import netns
 from warren_mesh.lab.lab import ETCD_PORT, HUB_ADDRESS, METRICS_PORT, SUBNET, Lab
 from warren_mesh.lab.report import LabPod
 from warren_mesh.model import MeshConfig
 from warren_mesh.process import connect_in_netns, in_netns
+from warren_mesh.wireguard import uapi
 from warren_mesh.wireguard.choice import kernel_wireguard_available
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
@@ -507,8 +509,10 @@ def test_the_mtu_follows_the_underlay_and_the_mesh_to_the_device_and_new_pods(la
     for index in nodes:
         lab.set_underlay(index, mtu=1400)
     wait_for(
-        lambda: [_mtu(lab, lab.node_netns(i), lab.interface(i)) for i in nodes] == [1340, 1340]
-        and [_conflist_mtu(lab, i) for i in nodes] == [1340, 1340],
+        lambda: (
+            [_mtu(lab, lab.node_netns(i), lab.interface(i)) for i in nodes] == [1340, 1340]
+            and [_conflist_mtu(lab, i) for i in nodes] == [1340, 1340]
+        ),
         15,
         "the devices and the CNI configs to follow the underlay's MTU of 1400",
     )
@@ -533,8 +537,10 @@ def test_the_mtu_follows_the_underlay_and_the_mesh_to_the_device_and_new_pods(la
     config = MeshConfig(mtu=1300).to_json()
     _etcdctl(lab, "put", "/warren/mesh/v1/config", value=json.dumps(config).encode())
     wait_for(
-        lambda: [_mtu(lab, lab.node_netns(i), lab.interface(i)) for i in nodes] == [1300, 1300]
-        and [_conflist_mtu(lab, i) for i in nodes] == [1300, 1300],
+        lambda: (
+            [_mtu(lab, lab.node_netns(i), lab.interface(i)) for i in nodes] == [1300, 1300]
+            and [_conflist_mtu(lab, i) for i in nodes] == [1300, 1300]
+        ),
         15,
         "the devices and the CNI configs to take the mesh's MTU",
     )
@@ -542,3 +548,62 @@ def test_the_mtu_follows_the_underlay_and_the_mesh_to_the_device_and_new_pods(la
     assert _mtu(lab, third.netns, "eth0") == 1300
     assert _pod_throughput(lab, second["node-1"], third, seconds=1.0) > 0
     assert all(ok for *_, ok in lab.ping_pods())
+
+
+def _cli_in_hub(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
+    """warren-mesh as the admin, from the hub's namespace (where etcd listens)."""
+    return subprocess.run(
+        ["ip", "netns", "exec", lab.hub, sys.executable, "-m", "warren_mesh.cli", *args],
+        env={**os.environ, **lab.access().env()},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_an_external_member_joins_with_the_file_wg_quick_takes(lab: Lab, tmp_path: Path) -> None:
+    """A laptop on the hub's network, outside the mesh, brings up the file `peer add` printed with Debian's
+    wg-quick (the official tool; the WireGuard apps import the same file) and reaches a node and a pod."""
+    lab.up(2, backend="userspace", lease_ttl=TTL, resync_interval=2, timeout=120, pods=1)
+    added = _cli_in_hub(lab, "peer", "add", "laptop")
+    assert added.returncode == 0, added.stderr
+    interface = f"{lab.prefix}lap"  # wg-quick names the interface after the file
+    conf = tmp_path / f"{interface}.conf"
+    conf.write_text(added.stdout)
+    conf.chmod(0o600)
+    stripped = subprocess.run(["wg-quick", "strip", str(conf)], capture_output=True, text=True, check=False)
+    assert stripped.returncode == 0 and "PrivateKey" in stripped.stdout and "Address" not in stripped.stdout
+    laptop = f"{lab.prefix}-laptop"
+    netns.create(laptop)
+    try:
+        netns.veth(f"{lab.prefix}lapv", f"{lab.prefix}laph", ns=laptop, peer_ns=lab.hub)
+        netns.attach(f"{lab.prefix}laph", lab.bridge, ns=lab.hub)
+        netns.address(f"{lab.prefix}lapv", f"{SUBNET.network_address + 200}/{SUBNET.prefixlen}", ns=laptop)
+        up = subprocess.run(
+            ["ip", "netns", "exec", laptop, "wg-quick", "up", str(conf)],
+            # No kernel module here: wg-quick starts wireguard-go itself, as on macOS.
+            env={**os.environ, "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert up.returncode == 0, up.stderr
+        node_address = lab.status()[0].overlay_ip
+        pod = lab.pods()[0]
+        for target in (str(node_address), pod.ip):
+            ping = ["ip", "netns", "exec", laptop, "ping", "-c", "1", "-W", "2", target]
+            wait_for(
+                lambda ping=ping: subprocess.run(ping, capture_output=True, check=False).returncode == 0,
+                15,
+                f"the laptop to reach {target} through the mesh",
+            )
+        # What the nodes hold for it is what showconf says they should.
+        shown = json.loads(_cli_in_hub(lab, "showconf", "node", "node-1", "--output", "json").stdout)
+        device = lab.device(1)
+        assert {p["public_key"] for p in shown["peers"]} == set(device)
+    finally:
+        subprocess.run(["ip", "netns", "exec", laptop, "wg-quick", "down", str(conf)], capture_output=True, check=False)
+        netns.remove(laptop)
+        Path(f"/var/run/wireguard/{interface}.name").unlink(missing_ok=True)
+        uapi.socket_path(interface).unlink(missing_ok=True)

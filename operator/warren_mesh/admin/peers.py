@@ -1,0 +1,111 @@
+"""``warren-mesh peer add|remove``: external members for meshes without Kubernetes (where a MeshPeer would do).
+
+``add`` gives the peer an address of the mesh network the way a node gets one: a claim under
+``claims/<name>/overlay/`` (so no node takes it), checked to be the oldest after writing, then the peer record. Its
+key pair is made here; the private key goes only into the configuration printed for the user, never into etcd.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Sequence
+
+from warren_mesh.admission import usable_host_range
+from warren_mesh.keys import NodeKey
+from warren_mesh.mesh.peers import MeshView
+from warren_mesh.model import ExternalPeer, encode_json
+from warren_mesh.netaddr import IPAddress, IPNetwork
+from warren_mesh.schema import KeySchema
+from warren_mesh.store.base import Store
+from warren_mesh.validation import RecordError, validate_name
+
+log = logging.getLogger(__name__)
+
+_ATTEMPTS = 20  # addresses tried when nodes keep claiming the one we chose
+
+
+class PeerError(RuntimeError):
+    """The peer cannot be added or removed as asked; the message says why."""
+
+
+async def _view(store: Store, schema: KeySchema) -> MeshView:
+    view = MeshView(schema)
+    view.apply(await store.list_prefix(schema.root))
+    return view
+
+
+def _taken(view: MeshView) -> tuple[set[int], list[IPNetwork]]:
+    """What of the mesh network is taken: addresses held (claims) or used by nodes, and peers' routes."""
+    held = {int(ipaddress.ip_address(s)) for s in view.reservations if "/" not in s}
+    held.update(int(entry.record.overlay_ip) for entry in view.nodes.values())
+    routed = [network for entry in view.peers.values() for network in entry.record.allowed_ips]
+    return held, routed
+
+
+def _free_address(view: MeshView, skip: set[int]) -> IPAddress:
+    """A free address, from the top of the mesh network down: nodes start where their names hash to, so the top
+    is as likely free as anywhere, and members stay easy to tell apart from nodes."""
+    first, last = usable_host_range(view.config.overlay_cidr)
+    held, routed = _taken(view)
+    for candidate in range(last, first - 1, -1):
+        address = ipaddress.ip_address(candidate)
+        if candidate not in held and candidate not in skip and not any(address in n for n in routed):
+            return address
+    raise PeerError(f"every address of the mesh network {view.config.overlay_cidr} is taken")
+
+
+async def add(
+    store: Store,
+    schema: KeySchema,
+    name: str,
+    *,
+    allowed_ips: Sequence[IPNetwork] = (),
+    persistent_keepalive: int | None = None,
+) -> tuple[NodeKey, IPAddress]:
+    """Write peer ``name`` with a new key and a free address of the mesh network; its key and the address."""
+    try:
+        validate_name(name)
+    except RecordError as exc:
+        raise PeerError(f"peer name: {exc}") from None
+    view = await _view(store, schema)
+    if name in view.peers or await store.get(schema.peer(name)) is not None:
+        raise PeerError(f"peer {name!r} exists already (warren-mesh peer remove {name} first)")
+    if name in view.nodes or any(r.owner == name for r in view.reservations.values()):
+        raise PeerError(f"{name!r} is a node of the mesh; choose another name for the peer")
+    key = NodeKey.generate()
+    tried: set[int] = set()
+    for _ in range(_ATTEMPTS):
+        address = _free_address(view, tried)
+        tried.add(int(address))
+        network = ipaddress.ip_network(f"{address}/{address.max_prefixlen}")
+        record = ExternalPeer(name, key.public_key, (network, *allowed_ips), None, persistent_keepalive)
+        claim = schema.claim(name, str(address))
+        if await store.create_all([(claim, b"", 0)]) is not None:
+            continue
+        # A node may have claimed the address since we listed: the oldest claim holds it, on every node.
+        view = await _view(store, schema)
+        holder = view.reservations.get(str(address))
+        if holder is None or holder.owner != name:
+            await store.delete(claim)
+            log.info("%s took %s meanwhile; trying another address", holder.owner if holder else "?", address)
+            continue
+        if await store.create(schema.peer(name), encode_json(record.to_json())) is not None:
+            await store.delete(claim)
+            raise PeerError(f"peer {name!r} was added by someone else meanwhile")
+        return key, address
+    raise PeerError(f"no address of {view.config.overlay_cidr} stayed free in {_ATTEMPTS} tries; try again")
+
+
+async def remove(store: Store, schema: KeySchema, name: str) -> None:
+    """Delete peer ``name``'s record and its claims: every node drops it at once."""
+    try:
+        validate_name(name)
+    except RecordError as exc:
+        raise PeerError(f"peer name: {exc}") from None
+    view = await _view(store, schema)
+    if name in view.nodes:
+        raise PeerError(f"{name!r} is a node, not a peer")
+    if not await store.delete(schema.peer(name)):
+        raise PeerError(f"no peer {name!r} in the mesh")
+    await store.delete_prefix(schema.claims_of(name))

@@ -1,0 +1,200 @@
+"""``warren-mesh showconf``: WireGuard configurations computed from etcd alone, by the topology code the agents run.
+
+``peer NAME`` is a wg-quick file for an external member (a laptop, a macOS or Windows machine running the official
+WireGuard app): its address in the mesh and one ``[Peer]`` per node, with what that node routes (its overlay
+address and pod subnet). ``node NAME`` is what a node's WireGuard device should hold, to compare with
+``wg showconf`` on that node. Both fold the mesh exactly as an agent does (``mesh.topology``), so a record an agent
+would leave out is left out here too, and said so.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from warren_mesh.device import PeerSpec
+from warren_mesh.keys import NodeKey
+from warren_mesh.mesh.claims import LocalNode
+from warren_mesh.mesh.peers import MeshView
+from warren_mesh.mesh.topology import Topology, build_topology
+from warren_mesh.model import ExternalPeer
+from warren_mesh.netaddr import IPAddress
+from warren_mesh.schema import KeySchema
+from warren_mesh.store.base import Store
+
+# Where a node's MTU depends on its underlay (mtu: auto), the file says nothing and wg-quick picks its own.
+_UNKNOWN_MTU = 0
+
+
+class ShowconfError(RuntimeError):
+    """What was asked for is not in the mesh, or not usable as asked; the message says which."""
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A WireGuard configuration as a wg-quick file holds it."""
+
+    addresses: tuple[str, ...]  # with their prefix, as wg-quick's Address takes them
+    peers: tuple[PeerSpec, ...]
+    names: dict[str, str]  # public key -> node name
+    left_out: tuple[str, ...]  # "name: why", records the agents leave out
+    private_key: str | None = None  # base64; None: the file says where it goes
+    public_key: str = ""
+    listen_port: int | None = None
+    mtu: int = _UNKNOWN_MTU
+    dns: tuple[str, ...] = ()
+
+    def render(self) -> str:
+        lines = ["[Interface]"]
+        if self.private_key is not None:
+            lines.append(f"PrivateKey = {self.private_key}")
+        else:
+            lines.append(f"# PrivateKey = the private key of {self.public_key} (never stored in the mesh)")
+        if self.addresses:
+            lines.append(f"Address = {', '.join(self.addresses)}")
+        if self.listen_port is not None:
+            lines.append(f"ListenPort = {self.listen_port}")
+        if self.mtu != _UNKNOWN_MTU:
+            lines.append(f"MTU = {self.mtu}")
+        if self.dns:
+            lines.append(f"DNS = {', '.join(self.dns)}")
+        lines.extend(f"# left out, as every agent leaves it out: {why}" for why in self.left_out)
+        for spec in self.peers:
+            lines.append("")
+            lines.append(f"# {self.names.get(spec.public_key, '?')}")
+            lines.append("[Peer]")
+            lines.append(f"PublicKey = {spec.public_key}")
+            if spec.endpoint:
+                lines.append(f"Endpoint = {spec.endpoint}")
+            lines.append(f"AllowedIPs = {', '.join(spec.allowed_ips)}")
+            if spec.persistent_keepalive:
+                lines.append(f"PersistentKeepalive = {spec.persistent_keepalive}")
+        return "\n".join(lines) + "\n"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "interface": {
+                "public_key": self.public_key,
+                "addresses": list(self.addresses),
+                "listen_port": self.listen_port,
+                "mtu": self.mtu or None,
+                "dns": list(self.dns),
+                "private_key_included": self.private_key is not None,
+            },
+            "peers": [
+                {
+                    "name": self.names.get(spec.public_key, ""),
+                    "public_key": spec.public_key,
+                    "endpoint": spec.endpoint,
+                    "allowed_ips": list(spec.allowed_ips),
+                    "persistent_keepalive": spec.persistent_keepalive,
+                }
+                for spec in self.peers
+            ],
+            "left_out": list(self.left_out),
+        }
+
+    def render_json(self) -> str:
+        return json.dumps(self.to_json(), indent=2)
+
+
+async def read_view(store: Store, schema: KeySchema) -> MeshView:
+    view = MeshView(schema)
+    view.apply(await store.list_prefix(schema.root))
+    return view
+
+
+def overlay_addresses(view: MeshView, peer: ExternalPeer) -> tuple[IPAddress, ...]:
+    """The peer's own addresses in the mesh network: the single addresses of its allowed IPs inside it."""
+    overlay = view.config.overlay_cidr
+    return tuple(
+        network.network_address
+        for network in peer.allowed_ips
+        if network.version == overlay.version
+        and network.prefixlen == network.max_prefixlen
+        and network.network_address in overlay
+    )
+
+
+def _fold(view: MeshView, local: LocalNode) -> Topology:
+    # The MTU is not the topology's to decide for a machine whose underlay we cannot see: see render().
+    return build_topology(local=local, view=view, auto_mtu=_UNKNOWN_MTU)
+
+
+def _left_out(topology: Topology, skip: str) -> tuple[str, ...]:
+    return tuple(f"{c.name}: {c.message}" for c in topology.conflicts if c.name != skip)
+
+
+def for_peer(view: MeshView, name: str, *, private_key: NodeKey | None = None, dns: Sequence[str] = ()) -> Member:
+    """The wg-quick file of external peer ``name``: one ``[Peer]`` per node the agents accept."""
+    entry = view.peers.get(name)
+    if entry is None:
+        raise ShowconfError(f"no external peer {name!r} in the mesh (warren-mesh peer add {name}, or a MeshPeer)")
+    peer = entry.record
+    if private_key is not None and private_key.public_key != peer.public_key:
+        raise ShowconfError(f"the private key given is not {name}'s (its public key is {peer.public_key})")
+    addresses = overlay_addresses(view, peer)
+    if not addresses:
+        raise ShowconfError(
+            f"peer {name} has no address of its own in the mesh network {view.config.overlay_cidr}: give it one "
+            "(a single address in allowedIPs) to make it a member"
+        )
+    local = LocalNode(name, peer.public_key, addresses[0])
+    topology = _fold(view, local)
+    # Only nodes: another external peer is not a router of the mesh, and usually has no endpoint to dial.
+    nodes = set(view.nodes)
+    keepalive = view.config.persistent_keepalive if peer.persistent_keepalive is None else peer.persistent_keepalive
+    peers = tuple(
+        _with_keepalive(spec, keepalive)
+        for spec in sorted(topology.peers.values(), key=lambda s: topology.names[s.public_key])
+        if topology.names[spec.public_key] in nodes
+    )
+    return Member(
+        addresses=tuple(f"{a}/{a.max_prefixlen}" for a in addresses),
+        peers=peers,
+        names=dict(topology.names),
+        left_out=_left_out(topology, name),
+        private_key=private_key.private_base64() if private_key is not None else None,
+        public_key=peer.public_key,
+        mtu=view.config.mtu or _UNKNOWN_MTU,
+        dns=tuple(dns),
+    )
+
+
+def _with_keepalive(spec: PeerSpec, keepalive: int) -> PeerSpec:
+    """A member behind NAT (a laptop) keeps its mapping open itself: the nodes cannot dial it."""
+    return PeerSpec(spec.public_key, spec.endpoint, spec.allowed_ips, keepalive)
+
+
+def for_node(view: MeshView, name: str) -> Member:
+    """What node ``name``'s WireGuard device should hold, as its agent computes it (public parts only)."""
+    entry = view.nodes.get(name)
+    if entry is None:
+        raise ShowconfError(f"no node {name!r} is registered in the mesh")
+    record = entry.record
+    endpoint = record.endpoint.host
+    local = LocalNode(
+        name,
+        record.public_key,
+        record.overlay_ip,
+        allowed_ips=record.allowed_ips,
+        # Its agent also protects its underlay subnet and etcd's addresses, which etcd does not hold.
+        protected=(ipaddress.ip_network(f"{endpoint}/{endpoint.max_prefixlen}"),),
+    )
+    topology = _fold(view, local)
+    return Member(
+        addresses=(topology.interface.address,),
+        peers=tuple(sorted(topology.peers.values(), key=lambda s: topology.names[s.public_key])),
+        names=dict(topology.names),
+        left_out=_left_out(topology, name),
+        public_key=record.public_key,
+        listen_port=record.listen_port,
+        mtu=view.config.mtu or _UNKNOWN_MTU,
+    )
+
+
+def peer_names(view: MeshView) -> Iterable[str]:
+    return sorted(view.peers)
