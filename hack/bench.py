@@ -286,6 +286,10 @@ async def scenario_coldstart(endpoint: str, records: int) -> dict[str, Any]:
                     await pool.stop("cold")  # leaves exactly the records for the next agent
                     ready = await _coldstart_userspace(endpoint, pool.prefix, records, Path(tmp))
                     result["userspace_ready_s"] = round(ready, 3)
+                    result["userspace_set_peers_s"] = {
+                        f"keepalive_{keepalive}": round(await asyncio.to_thread(_set_peers_cost, records, keepalive), 3)
+                        for keepalive in (25, 0)
+                    }
             finally:
                 await store.revoke_lease(lease)
                 await store.close()
@@ -330,6 +334,32 @@ async def _coldstart_userspace(endpoint: str, prefix: str, records: int, key_dir
     finally:
         await asyncio.to_thread(lab_netns.remove, ns)  # also ends a wireguard-go the agent could not stop
         uapi.socket_path(interface).unlink(missing_ok=True)
+
+
+def _set_peers_cost(peers: int, keepalive: int) -> float:
+    """Seconds wireguard-go takes for the first pass's one UAPI transaction of ``peers`` peers. With a persistent
+    keepalive it also starts a handshake with every peer inside that call, which is most of the cost: the split
+    says how much of userspace_ready_s is the daemon's own work."""
+    ns, interface = f"wbuapi{os.getpid()}", f"wbu{os.getpid()}"
+    specs = [
+        PeerSpec(
+            NodeKey.generate().public_key, f"192.0.2.1:{30000 + i}", (f"10.97.{i // 250}.{i % 250 + 1}/32",), keepalive
+        )
+        for i in range(peers)
+    ]
+    lab_netns.create(ns)
+    try:
+        backend = UserspaceBackend(interface, netns=ns)
+        try:
+            backend.set_private_key(NodeKey.generate())
+            backend.configure_interface(InterfaceSpec("10.97.255.254/16", 51820, 1420))
+            started = time.perf_counter()
+            backend.set_peers(specs)
+            return time.perf_counter() - started
+        finally:
+            backend.close(remove_device=True)
+    finally:
+        lab_netns.remove(ns)
 
 
 def _record(schema: KeySchema, i: int) -> tuple[str, bytes]:
