@@ -23,6 +23,10 @@ Scenarios (one JSON line each, latencies in milliseconds):
   cost   one agent process, --records nodes joining one by one: CPU ms per applied event, RSS MB per 1000 peers.
   scrape one /metrics scrape of an agent whose device has --peers peers (memory device; also wireguard-go in a
          namespace of its own when root): wall and CPU milliseconds per scrape, exposition size.
+  rotate (root; not in "all") a userspace lab of N nodes, every pair exchanging --probe-rate datagrams a second;
+         every node rotates its WireGuard key in turn (warren-mesh rotate-key): the worst pair's loss
+         (worst_pair_loss, worst_pair_lost_ms) and longest gap (max_gap_ms), and the changes peers of nodes not
+         rotating saw (untouched_changes, should be 0).
 
 The agents are packed into --workers processes (default: one per core; hack/agent_pool.py), each running its
 share on one event loop, so per-event figures include the other agents' work: on a 2-core machine the honest
@@ -63,6 +67,7 @@ from warren_mesh.keys import NodeKey, load_or_create
 from warren_mesh.lab import netns as lab_netns
 from warren_mesh.lab.etcd_server import EtcdServer, free_port
 from warren_mesh.lab.lab import Lab
+from warren_mesh.lab.probe import Probe
 from warren_mesh.metrics.peer_collector import PeerCollector, TrafficWindow
 from warren_mesh.model import NodeRecord, encode_json
 from warren_mesh.netaddr import parse_endpoints
@@ -190,6 +195,73 @@ def pod_reachability(rounds: int) -> dict[str, float]:
         "pod_reachable_p99_ms": round(percentiles(samples)["p99_ms"], 1),
         "pod_started_ms": round(statistics.median(started), 1),
         "pod_samples": len(samples),
+    }
+
+
+def scenario_rotate(nodes: int, rate: float) -> dict[str, Any]:
+    """Every node of a userspace lab rotates its key, one after another, while every pair exchanges ``rate``
+    datagrams a second (lab/probe.py). Reports the worst pair's loss and longest gap, and how many peers of nodes
+    not rotating changed (endpoint, allowed IPs, keepalive) during each rotation: there should be none."""
+    per_rotation = 6.0  # seconds allowed for each (announce, 2 s grace, switch, publish, peers moved)
+    seconds = 2.0 + nodes * per_rotation
+    with tempfile.TemporaryDirectory(prefix="warren-bench-rotate-") as tmp:
+        lab = Lab(prefix=f"wbr{os.getpid() % 10000}", state_dir=Path(tmp) / "lab")
+        try:
+            lab.up(nodes, backend="userspace", lease_ttl=10, timeout=60 + 10 * nodes)
+            status = lab.status()
+            probe = Probe({n.name: (n.netns, str(n.overlay_ip)) for n in status}, rate=rate, seconds=seconds)
+            probe.start()
+            try:
+                time.sleep(2.0)  # the probes' start (they listen a second before sending), then a second of traffic
+                untouched_changes, durations = 0, []
+                for index in range(1, nodes + 1):
+                    before = {i: lab.peer_config(i) for i in range(1, nodes + 1) if i != index}
+                    old = lab.public_key(index)
+                    started = time.monotonic()
+                    lab.rotate_key(lab.node_name(index))
+                    deadline = started + per_rotation * 3
+
+                    def moved(index: int = index, old: str = old) -> bool:
+                        new = lab.public_key(index)
+                        if new in ("", old):
+                            return False
+                        configs = [lab.peer_config(i) for i in range(1, nodes + 1) if i != index]
+                        return all(new in c and old not in c for c in configs)
+
+                    while not moved():
+                        if time.monotonic() > deadline:
+                            raise BenchError(f"node-{index}'s rotation did not reach every peer in time")
+                        time.sleep(0.05)
+                    durations.append(time.monotonic() - started)
+                    new = lab.public_key(index)
+                    for i, config in before.items():
+                        after = lab.peer_config(i)
+                        for key in set(config) | set(after):
+                            if key not in (old, new) and config.get(key) != after.get(key):
+                                untouched_changes += 1
+                    time.sleep(max(0.0, per_rotation - (time.monotonic() - started)))
+                pairs = probe.results()
+            finally:
+                probe.stop()
+        finally:
+            lab.down()
+    worst = max(pairs.items(), key=lambda item: item[1][0])
+    longest = max(pairs.items(), key=lambda item: item[1][1])
+    return {
+        "scenario": "rotate",
+        "nodes": nodes,
+        "rate": rate,
+        "rotations": len(durations),
+        "max_gap_ms": longest[1][1],
+        "max_gap_pair": "->".join(longest[0]),
+        "worst_pair_loss": worst[1][0],
+        "worst_pair_lost_ms": round(worst[1][0] * seconds * 1000, 1),
+        "worst_loss_pair": "->".join(worst[0]),
+        "pairs": len(pairs),
+        "untouched_changes": untouched_changes,
+        "rotation_s_p50": round(statistics.median(durations), 2),
+        "rotation_s_max": round(max(durations), 2),
+        "probe_seconds": seconds,
     }
 
 
@@ -568,7 +640,7 @@ def main() -> int:
     parser.add_argument(
         "--scenario",
         action="append",
-        choices=("floor", "join", "leave", "storm", "coldstart", "churn", "cost", "scrape", "all"),
+        choices=("floor", "join", "leave", "storm", "coldstart", "churn", "cost", "scrape", "rotate", "all"),
         default=[],
     )
     parser.add_argument("--nodes", type=int, default=10)
@@ -578,6 +650,9 @@ def main() -> int:
     parser.add_argument("--ttl", type=int, default=3, help="lease TTL of the leave scenario's crash")
     parser.add_argument("--records", type=int, default=None, help="records for coldstart (default: --nodes)")
     parser.add_argument("--churn", type=int, default=20, help="random joins/leaves in the churn scenario")
+    parser.add_argument(
+        "--probe-rate", type=float, default=200.0, help="datagrams a second per pair in the rotate scenario"
+    )
     parser.add_argument("--peers", type=int, default=1000, help="device peers of the scrape scenario")
     parser.add_argument("--scrapes", type=int, default=20, help="scrapes timed in the scrape scenario")
     parser.add_argument(
@@ -662,6 +737,10 @@ def _run(scenario: str, endpoint: str, args: argparse.Namespace) -> dict[str, An
         return asyncio.run(scenario_cost(endpoint, args.records or 1000))
     if scenario == "scrape":
         return scenario_scrape(args.peers, args.scrapes)
+    if scenario == "rotate":
+        if os.geteuid() != 0:
+            raise BenchError("the rotate scenario runs a userspace lab: run it as root")
+        return scenario_rotate(args.nodes, args.probe_rate)
     return asyncio.run(scenario_coldstart(endpoint, args.records or args.nodes))
 
 

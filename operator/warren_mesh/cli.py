@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import dataclasses
 import ipaddress
+import json
 import logging
 import os
 import signal
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from warren_mesh import __version__, pki, showconf
+from warren_mesh import graph as graph_module
 from warren_mesh.admin import peers, roles
 from warren_mesh.admin.migration import migrate_reservations
 from warren_mesh.agent.app import Agent
@@ -33,6 +35,7 @@ from warren_mesh.lab.demo import run_demo
 from warren_mesh.lab.etcd_server import EtcdServerError
 from warren_mesh.lab.lab import Lab, LabError, require_root
 from warren_mesh.lab.report import pods_json, render_lab_table, render_pods_table, status_json
+from warren_mesh.metrics.reading import read_agent_metrics
 from warren_mesh.netaddr import parse_listen_address
 from warren_mesh.settings import (
     AgentSettings,
@@ -54,6 +57,7 @@ log = logging.getLogger("warren_mesh")
 _USER_ERRORS = (
     SettingsError,
     showconf.ShowconfError,
+    graph_module.GraphError,
     peers.PeerError,
     RecordError,  # a name given on the command line that is no node name
     pki.PkiError,
@@ -163,6 +167,27 @@ def build_parser() -> argparse.ArgumentParser:
     for showconf_parser in (showconf_peer, showconf_node):
         add_store_flags(showconf_parser)
         showconf_parser.add_argument("--output", choices=("conf", "json"), default="conf")
+    rotate = commands.add_parser(
+        "rotate-key", help="ask a node's agent for a new WireGuard key (it moves its peers over without a gap)"
+    )
+    rotate.add_argument("--node", required=True, help="the node; only its agent acts on the request")
+    add_store_flags(rotate)
+    graph = commands.add_parser("graph", help="the mesh as a picture: Graphviz DOT, or svg/png through Graphviz")
+    add_store_flags(graph)
+    graph.add_argument(
+        "--agent-metrics",
+        action="append",
+        help="an agent's /metrics URL, for handshake ages and throughput on its edges (repeatable; default: this "
+        "node's agent, http://127.0.0.1:9587/metrics, if it answers)",
+    )
+    graph.add_argument("--format", choices=graph_module.FORMATS, default="dot")
+    graph.add_argument("--output", help="the file to write (default: standard output)")
+    graph.add_argument(
+        "--stale-after",
+        type=float,
+        default=graph_module.DEFAULT_STALE_AFTER,
+        help="seconds without a handshake after which an edge is stale (red; default 180, WireGuard's own limit)",
+    )
     peer = commands.add_parser("peer", help="external members of a mesh without Kubernetes (else: MeshPeer)")
     peer_commands = peer.add_subparsers(dest="peer_command", required=True, metavar="PEER_COMMAND")
     peer_add = peer_commands.add_parser(
@@ -219,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     pod_exec.add_argument("node")
     pod_exec.add_argument("pod")
     pod_exec.add_argument("cmd", nargs=argparse.REMAINDER)
+    lab_graph = lab_commands.add_parser("graph", help="warren-mesh graph of the lab, with every agent's metrics")
+    lab_graph.add_argument("--format", choices=graph_module.FORMATS, default="dot")
+    lab_graph.add_argument("--output", help="the file to write (default: standard output)")
     lab_commands.add_parser("down", help="remove everything the lab made")
     return parser
 
@@ -257,6 +285,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _enroll(args)
         if args.command == "showconf":
             return asyncio.run(_showconf(StoreSettings.from_args(args), args))
+        if args.command == "rotate-key":
+            return asyncio.run(_rotate_key(StoreSettings.from_args(args), args.node))
+        if args.command == "graph":
+            return asyncio.run(_graph(StoreSettings.from_args(args), args))
         if args.command == "peer":
             return asyncio.run(_peer(StoreSettings.from_args(args), args))
         if args.command == "migrate-claims":
@@ -319,6 +351,13 @@ def _lab(args: argparse.Namespace) -> int:
         os.execvp(argv[0], argv)  # noqa: S606 (replacing ourselves with the user's command is the point)
     if args.lab_command == "pod":
         return _lab_pod(lab, args)
+    if args.lab_command == "graph":
+        picture = lab.graph(fmt=args.format)
+        if args.output:
+            Path(args.output).write_bytes(picture)
+        else:
+            sys.stdout.buffer.write(picture)
+        return 0
     if args.lab_command == "ping":
         failed = 0
         for what, results in (("overlay", lab.ping_all()), ("pod-to-pod", lab.ping_pods())):
@@ -359,6 +398,7 @@ async def _agent(settings: AgentSettings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     agent = Agent(settings)
+    loop.add_signal_handler(signal.SIGHUP, agent.request_key_rotation)
     await agent.run(stop)
     log.info("agent stopped")
     return 0
@@ -471,6 +511,43 @@ async def _showconf(settings: StoreSettings, args: argparse.Namespace) -> int:
     else:
         member = showconf.for_node(view, args.name)
     print(member.render_json() if args.output == "json" else member.render(), end="\n" if args.output == "json" else "")
+    return 0
+
+
+async def _rotate_key(settings: StoreSettings, node: str) -> int:
+    validate_name(node)
+    store = EtcdStore(settings.etcd_endpoints, tls=settings.tls, call_timeout=5.0)
+    try:
+        schema = settings.schema
+        if await store.get(schema.node(node)) is None:
+            raise SettingsError(f"no node {node!r} is registered in the mesh")
+        await store.put(schema.key_rotation(node), json.dumps({"requested_at": time.time()}).encode())
+    finally:
+        await store.close()
+    print(f"asked {node} for a new key; `warren-mesh status` shows it once published", file=sys.stderr)
+    return 0
+
+
+async def _graph(settings: StoreSettings, args: argparse.Namespace) -> int:
+    urls = args.agent_metrics or ["http://127.0.0.1:9587/metrics"]
+    store = EtcdStore(settings.etcd_endpoints, tls=settings.tls, call_timeout=3.0)
+    try:
+        view = await showconf.read_view(store, settings.schema)
+    finally:
+        await store.close()
+    readings = []
+    for url in urls:
+        try:
+            readings.append(await asyncio.to_thread(read_agent_metrics, url))
+        except (OSError, ValueError) as exc:
+            # The default (a local agent) is often not there; one the user named is worth a word.
+            log.log(logging.WARNING if args.agent_metrics else logging.DEBUG, "no edges from %s: %s", url, exc)
+    dot = graph_module.render_dot(view, readings, now=time.time(), stale_after=args.stale_after)
+    picture = graph_module.draw(dot, args.format)
+    if args.output:
+        await asyncio.to_thread(Path(args.output).write_bytes, picture)
+    else:
+        sys.stdout.buffer.write(picture)
     return 0
 
 

@@ -101,3 +101,58 @@ def _load(path: Path) -> NodeKey:
             "fix or move it away to create a new identity"
         )
     return NodeKey.from_private_bytes(raw)
+
+
+# --- key rotation (docs/key-rotation.md) ----------------------------------------------------------------------
+
+
+def pending_path(path: Path) -> Path:
+    """Where the key a rotation switches to waits until it is installed."""
+    return path.with_name(path.name + ".next")
+
+
+def write_pending(path: Path, key: NodeKey) -> None:
+    """Keep ``key`` beside the key file (0600) while peers are told about it."""
+    pending = pending_path(path)
+    pending.unlink(missing_ok=True)
+    fd = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(key.private_base64() + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def install_pending(path: Path) -> NodeKey:
+    """Make the pending key the key file's, atomically, and overwrite the old key's bytes on disk: after this
+    the old private key exists nowhere on this node (the device is switched next)."""
+    pending = pending_path(path)
+    key = _load(pending)
+    if not path.exists():  # an identity that never had a file (tests' simulated nodes)
+        os.rename(pending, path)
+        return key
+    with open(path, "r+b") as old:  # the old inode, still open once the rename has unlinked it
+        size = os.fstat(old.fileno()).st_size
+        os.rename(pending, path)
+        _fsync_directory(path.parent)
+        old.write(b"\0" * size)
+        old.flush()
+        os.fsync(old.fileno())
+    return key
+
+
+def discard_pending(path: Path) -> bool:
+    """At start: a rotation that stopped before installing its key is abandoned (the old key is still in use
+    everywhere); whether there was one."""
+    pending = pending_path(path)
+    if not pending.exists():
+        return False
+    pending.unlink()
+    return True
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

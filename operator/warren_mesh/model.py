@@ -77,6 +77,7 @@ class MeshConfig:
     # of the pod network's subnets of length node_subnet_prefix, which the node claims (claims/<node>/pods/).
     pod_cidr: IPNetwork = field(default_factory=lambda: ipaddress.ip_network(DEFAULT_POD_CIDR))
     node_subnet_prefix: int = DEFAULT_NODE_SUBNET_PREFIX[4]
+    key_rotation_interval_hours: int = 0  # every node makes a new WireGuard key this often; 0: never
 
     def node_subnets(self) -> int:
         """How many node subnets the pod network holds."""
@@ -99,6 +100,7 @@ class MeshConfig:
             "mtu": "auto" if self.mtu is None else self.mtu,
             "persistent_keepalive": self.persistent_keepalive,
             "lease_ttl_seconds": self.lease_ttl_seconds,
+            "key_rotation_interval_hours": self.key_rotation_interval_hours,
         }
 
     @classmethod
@@ -119,7 +121,8 @@ class MeshConfig:
         problem = node_subnet_problem(pods, subnet)
         if problem is not None:
             raise RecordError(REASON_INVALID_CIDR, problem)
-        return cls(cidr, port, mtu, keepalive, ttl, pods, subnet)
+        rotation = int_in(doc, "key_rotation_interval_hours", 0, 0, 24 * 366)
+        return cls(cidr, port, mtu, keepalive, ttl, pods, subnet, rotation)
 
 
 def node_subnet_problem(pod_cidr: IPNetwork, prefix: int) -> str | None:
@@ -143,6 +146,9 @@ class NodeRecord:
     listen_port: int
     allowed_ips: tuple[IPNetwork, ...] = ()  # networks routed to this node besides its overlay address
     published_at: float = 0.0  # the publisher's wall clock, so convergence lag can be measured
+    # The key this node will switch to next (key rotation): peers add it beforehand, with no allowed IPs, so that
+    # the node's first handshake with its new key finds them ready (docs/key-rotation.md).
+    next_public_key: str | None = None
     routes: Routes = field(init=False, repr=False, compare=False)  # overlay address + allowed_ips, derived
     overlay_text: str = field(init=False, repr=False, compare=False)
     endpoint_text: str = field(init=False, repr=False, compare=False)  # str(endpoint), made once per record
@@ -163,7 +169,12 @@ class NodeRecord:
             "allowed_ips": [str(n) for n in self.allowed_ips],
             "listen_port": self.listen_port,
             "published_at": self.published_at,
-        }
+        } | ({"next_public_key": self.next_public_key} if self.next_public_key is not None else {})
+
+    @property
+    def public_keys(self) -> tuple[str, ...]:
+        """The keys this node's peers configure: its key, and the one it announced it switches to next."""
+        return (self.public_key,) if self.next_public_key is None else (self.public_key, self.next_public_key)
 
     @classmethod
     def from_json(cls, data: object, *, key_name: str) -> NodeRecord:
@@ -193,7 +204,12 @@ class NodeRecord:
         published_at = doc.get("published_at", 0.0)
         if type(published_at) not in (int, float) or not math.isfinite(published_at) or published_at < 0:
             raise RecordError(REASON_INVALID_FIELD, "published_at is not a finite, positive number")
-        return cls(name, public_key, endpoint, overlay_ip, listen_port, allowed, float(published_at))
+        next_public_key = None
+        if doc.get("next_public_key") is not None:
+            next_public_key = validate_public_key(doc.get("next_public_key"))
+            if next_public_key == public_key:
+                raise RecordError(REASON_INVALID_FIELD, "next_public_key is the key in use")
+        return cls(name, public_key, endpoint, overlay_ip, listen_port, allowed, float(published_at), next_public_key)
 
 
 @dataclass(frozen=True, slots=True)

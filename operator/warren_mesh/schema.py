@@ -43,6 +43,10 @@ class KeySchema:
     def nodes(self) -> str:
         return f"{self.root}nodes/"
 
+    def key_rotation(self, node: str) -> str:
+        """A request (from `warren-mesh rotate-key`) that ``node`` make a new WireGuard key; only it acts on it."""
+        return f"{self.root}rotate/{node}"
+
     @property
     def claims(self) -> str:
         return f"{self.root}claims/"

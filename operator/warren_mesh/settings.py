@@ -124,6 +124,7 @@ class DeviceSettings:
     resync_interval: float = 30.0  # seconds between full comparisons with the device
     cleanup_on_exit: bool = False
     wireguard_go: str | None = None  # the wireguard-go binary of the userspace backend (None: from PATH)
+    rotate_key_every: float | None = None  # seconds between key rotations (None: as the mesh config says)
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +198,12 @@ class AgentSettings:
         )
         add_flag(parser, "--interface", "wg-mesh", "WireGuard interface name")
         add_flag(parser, "--backend", "auto", "auto, kernel, userspace or memory")
+        add_flag(
+            parser,
+            "--rotate-key-every",
+            None,
+            "make a new WireGuard key this often, e.g. 24h or 30m (default: the mesh's keyRotationIntervalHours)",
+        )
         add_flag(parser, "--wireguard-go", None, "wireguard-go binary for the userspace backend (default: from PATH)")
         add_flag(parser, "--key-file", DEFAULT_KEY_FILE, "private key file, created (0600) if absent")
         add_flag(parser, "--lease-ttl", None, "lease TTL in seconds (overrides the mesh config; default 10)")
@@ -236,6 +243,7 @@ class AgentSettings:
         if wireguard_go is not None and not os.access(wireguard_go, os.X_OK):
             raise SettingsError(f"--wireguard-go {wireguard_go!r} is not an executable file")
         ttl = _int_flag("--lease-ttl", args.lease_ttl, low=MIN_LEASE_TTL) if args.lease_ttl else None
+        rotate_every = parse_duration("--rotate-key-every", args.rotate_key_every) if args.rotate_key_every else None
         metrics = args.metrics_address or None
         if metrics is not None:
             try:
@@ -266,6 +274,7 @@ class AgentSettings:
                 resync_interval=float(resync),
                 cleanup_on_exit=bool(getattr(args, "cleanup_on_exit", False)),
                 wireguard_go=wireguard_go,
+                rotate_key_every=rotate_every,
             ),
             metrics=MetricsSettings(metrics),
             pods=PodSettings(
@@ -297,6 +306,17 @@ class OperatorSettings:
                 raise SettingsError(f"--health-address: {exc}") from None
         endpoints = etcd_endpoints_flag(args.etcd_endpoints)
         return cls(endpoints, health, etcd_tls_flags(args, endpoints))
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(flag: str, value: str) -> float:
+    """``90s``, ``30m``, ``24h``, ``7d``: at least a minute (a key rotation takes seconds)."""
+    number, unit = value[:-1], value[-1:]
+    if unit not in _DURATION_UNITS or not number.isdigit() or int(number) * _DURATION_UNITS[unit] < 60:
+        raise SettingsError(f"{flag} {value!r} is not a duration of at least a minute (90s, 30m, 24h, 7d)")
+    return float(int(number) * _DURATION_UNITS[unit])
 
 
 def _int_flag(flag: str, value: str, *, low: int) -> int:

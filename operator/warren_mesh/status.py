@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from warren_mesh.mesh.peers import MeshView, Rejection
+from warren_mesh.metrics.reading import read_agent_metrics
 from warren_mesh.schema import KeySchema
 from warren_mesh.store.base import Store
 
@@ -54,19 +52,12 @@ def read_agent_traffic(metrics_url: str, timeout: float = 2.0) -> dict[str, tupl
     be read."""
     if not metrics_url.startswith(("http://", "https://")):
         raise ValueError(f"--agent-metrics {metrics_url!r} is not an http(s) URL")
-    with urllib.request.urlopen(metrics_url, timeout=timeout) as response:  # noqa: S310 (scheme checked above)
-        text = response.read().decode()
-    receive: dict[str, float] = {}
-    transmit: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        target = {
-            "warren_mesh_peer_receive_bytes_per_second": receive,
-            "warren_mesh_peer_transmit_bytes_per_second": transmit,
-        }.get(family.name)
-        if target is not None:
-            for sample in family.samples:
-                target[sample.labels["public_key"]] = sample.value * 8
-    return {key: (receive[key], transmit.get(key, 0.0)) for key in receive}
+    reading = read_agent_metrics(metrics_url, timeout)
+    return {
+        key: (peer.receive_bytes_per_second * 8, (peer.transmit_bytes_per_second or 0.0) * 8)
+        for key, peer in reading.peers.items()
+        if peer.receive_bytes_per_second is not None
+    }
 
 
 async def read_status(store: Store, schema: KeySchema) -> MeshStatus:

@@ -23,6 +23,7 @@ from pyroute2 import IPRoute
 from warren_mesh.keys import NodeKey
 from warren_mesh.lab import netns
 from warren_mesh.lab.lab import ETCD_PORT, HUB_ADDRESS, METRICS_PORT, SUBNET, Lab
+from warren_mesh.lab.probe import Probe
 from warren_mesh.lab.report import LabPod
 from warren_mesh.model import MeshConfig
 from warren_mesh.process import connect_in_netns, in_netns
@@ -607,3 +608,84 @@ def test_an_external_member_joins_with_the_file_wg_quick_takes(lab: Lab, tmp_pat
         netns.remove(laptop)
         Path(f"/var/run/wireguard/{interface}.name").unlink(missing_ok=True)
         uapi.socket_path(interface).unlink(missing_ok=True)
+
+
+def _edge(dot: str, a: str, b: str) -> str:
+    return next(line for line in dot.splitlines() if f'"{a}" -- "{b}"' in line or f'"{b}" -- "{a}"' in line)
+
+
+def test_the_graph_shows_every_edge_and_a_dead_nodes_edges_turn_stale(lab: Lab) -> None:
+    lab.up(3, backend="userspace", lease_ttl=TTL, resync_interval=2, timeout=120)
+    wait_for(lambda: "darkgreen" in lab.graph().decode(), 20, "the agents' throughput windows to have samples")
+    dot = lab.graph().decode()
+    assert all(
+        "darkgreen" in _edge(dot, a, b) for a, b in (("node-1", "node-2"), ("node-1", "node-3"), ("node-2", "node-3"))
+    )
+    svg = lab.graph(fmt="svg")
+    assert b"<svg" in svg and b"node&#45;3" in svg  # Graphviz took the DOT (and escapes the dash)
+
+    # node-3's WireGuard dies (a firewall drops it; its agent keeps its lease, so it stays in the mesh). node-1
+    # and node-2 start new sessions (their wireguard-go restarted); with node-3 none can be made.
+    subprocess.run(
+        ["ip", "netns", "exec", lab.node_netns(3), "nft", "-f", "-"],
+        input="table inet dead {\n chain in {\n  type filter hook input priority 0;\n  udp dport 51820 drop\n }\n}\n",
+        text=True,
+        check=True,
+    )
+    for index in (1, 2):
+        subprocess.run(["pkill", "-f", f"wireguard-go -f {lab.interface(index)}$"], check=True)
+    wait_for(
+        lambda: "darkgreen" in _edge(lab.graph(stale_after=60).decode(), "node-1", "node-2"),
+        30,
+        "node-1 and node-2 to handshake again",
+    )
+    dot = lab.graph(stale_after=60).decode()
+    assert "red" in _edge(dot, "node-1", "node-3") and "red" in _edge(dot, "node-2", "node-3"), dot
+    assert "node-1: no handshake" in _edge(dot, "node-1", "node-3")
+    assert "darkgreen" in _edge(dot, "node-1", "node-2")
+
+
+def test_a_node_rotates_its_key_while_traffic_flows(lab: Lab) -> None:
+    """docs/key-rotation.md: node-2 gets a new key on request while every pair exchanges 200 datagrams a second;
+    no pair loses more than half a second of them, node-1 and node-3 see no change between them, and the old
+    private key is gone from node-2's disk."""
+    lab.up(3, backend="userspace", lease_ttl=TTL, resync_interval=2, timeout=120)
+    key_file = lab.state_dir / "node-2.key"
+    old_private, old_public = key_file.read_text(), lab.public_key(2)
+    keys = {i: lab.public_key(i) for i in (1, 3)}
+    between_1_and_3 = (lab.device(1)[keys[3]][2], lab.device(3)[keys[1]][2])
+    nodes = {n.name: (n.netns, str(n.overlay_ip)) for n in lab.status()}
+    probe = Probe(nodes, rate=200, seconds=8)
+    probe.start()
+    try:
+        time.sleep(3)  # the probes' start, and two seconds of traffic before
+        lab.rotate_key("node-2")
+        wait_for(lambda: lab.public_key(2) != old_public, 15, "node-2's device to take its new key")
+        new_public = lab.public_key(2)
+        wait_for(
+            lambda: all(new_public in lab.device(i) and old_public not in lab.device(i) for i in (1, 3)),
+            10,
+            "node-1 and node-3 to move to node-2's new key",
+        )
+        pairs = probe.results()
+    finally:
+        probe.stop()
+    print("rotation, per directed pair (loss, longest gap ms):", pairs)
+    for (source, target), (loss, gap) in pairs.items():
+        assert gap <= 500 and loss * 8 <= 0.5, (source, target, loss, gap)
+        if "node-2" not in (source, target):
+            assert loss == 0 and gap < 200, (source, target, loss, gap)
+    # Untouched: node-1 and node-3 kept their session with each other.
+    assert (lab.device(1)[keys[3]][2], lab.device(3)[keys[1]][2]) == between_1_and_3
+    # The key file holds the new key only; the old one is nowhere on disk next to it.
+    assert key_file.read_text() != old_private and not (lab.state_dir / "node-2.key.next").exists()
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    metrics = _metrics(lab, 2)
+    assert "warren_mesh_key_rotations_total 1.0" in metrics and new_public in metrics
+    # A request acted on is not acted on again (the agent restarted, the request still in etcd).
+    lab.kill_agent(2, signal.SIGTERM)
+    lab.start_agent(2)
+    lab.wait_for_agent(2, timeout=STARTUP)
+    time.sleep(3)
+    assert lab.public_key(2) == new_public
+    assert all(ok for *_, ok in lab.ping_all())

@@ -84,6 +84,8 @@ FIELDS = [
     "pod_cidr",
     "mtu",
     "lease_ttl_seconds",
+    "next_public_key",
+    "key_rotation_interval_hours",
 ]
 
 _json_leaves: st.SearchStrategy[Any] = (

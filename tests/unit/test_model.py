@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from warren_mesh.keys import NodeKey
 from warren_mesh.model import ExternalPeer, MeshConfig, NodeRecord, encode_json
 from warren_mesh.netaddr import parse_ip
 from warren_mesh.routes import Routes
@@ -84,6 +85,30 @@ def test_mesh_config_defaults_and_validation() -> None:
     for bad in ({"mtu": 100}, {"listen_port": 70000}, {"lease_ttl_seconds": 1}, {"overlay_cidr": "10.0.0.0/31"}):
         with pytest.raises(RecordError):
             MeshConfig.from_json({"schema": 1, **bad})
+
+
+def test_key_rotation_fields() -> None:
+    config = MeshConfig.from_json({"schema": 1, "key_rotation_interval_hours": 24})
+    assert config.key_rotation_interval_hours == 24 and MeshConfig.from_json(config.to_json()) == config
+    for bad in (-1, 10**6, "24", 1.5):
+        with pytest.raises(RecordError):
+            MeshConfig.from_json({"schema": 1, "key_rotation_interval_hours": bad})
+    other = NodeKey.generate().public_key
+    doc = {
+        "schema": 1,
+        "name": "a",
+        "public_key": KEY,
+        "endpoint": "192.0.2.1:51820",
+        "overlay_ip": "10.96.0.2",
+        "listen_port": 51820,
+        "next_public_key": other,
+    }
+    record = NodeRecord.from_json(doc, key_name="a")
+    assert record.public_keys == (KEY, other) and NodeRecord.from_json(record.to_json(), key_name="a") == record
+    for bad_key in (KEY, "not a key", 7):
+        with pytest.raises(RecordError):
+            NodeRecord.from_json({**doc, "next_public_key": bad_key}, key_name="a")
+    assert "next_public_key" not in NodeRecord.from_json({**doc, "next_public_key": None}, key_name="a").to_json()
 
 
 def test_external_peer_needs_allowed_ips() -> None:

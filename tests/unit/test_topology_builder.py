@@ -28,9 +28,13 @@ NETWORKS = ["10.200.0.0/24", "10.200.0.0/16", "10.244.1.0/24", "10.244.0.0/16", 
 
 
 def _node_value(rng: random.Random, name: str) -> bytes:
+    public_key = rng.choice(KEYS)
+    # Now and then a node in the middle of a key rotation: its next key announced (colliding as keys do here).
+    next_key = rng.choice([None, None, None, *KEYS])
     record = NodeRecord(
         name=name,
-        public_key=rng.choice(KEYS),
+        public_key=public_key,
+        next_public_key=None if next_key == public_key else next_key,
         endpoint=Endpoint(ipaddress.ip_address("192.0.2.1"), rng.choice([51820, 51821])),
         overlay_ip=ipaddress.ip_address(rng.choice(ADDRESSES)),
         listen_port=51820,

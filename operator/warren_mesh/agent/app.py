@@ -19,8 +19,9 @@ from typing import TypeVar
 
 from prometheus_client import CollectorRegistry
 
-from warren_mesh import pki
+from warren_mesh import keys, pki
 from warren_mesh.agent.device_thread import DeviceThread
+from warren_mesh.agent.key_rotation import KeyRotation
 from warren_mesh.agent.observer import MeshObserver
 from warren_mesh.agent.pod_network import PodNetwork
 from warren_mesh.agent.reconciler import Reconciler
@@ -41,7 +42,7 @@ from warren_mesh.metrics.peer_collector import PeerCollector, TrafficWindow
 from warren_mesh.model import MeshConfig, auto_mtu
 from warren_mesh.netaddr import IPAddress, IPNetwork, parse_endpoints
 from warren_mesh.settings import AgentSettings
-from warren_mesh.store.base import Backoff, StoreUnavailable
+from warren_mesh.store.base import Backoff, StoreError, StoreUnavailable
 from warren_mesh.store.etcd import EtcdStore
 from warren_mesh.validation import RecordError, decode_json
 from warren_mesh.wireguard.backend import Backend, BackendError
@@ -88,6 +89,9 @@ class Agent:
             settings.store.etcd_endpoints, tls=settings.store.tls, on_health=self.metrics.etcd_up.set
         )
         self.key = key if key is not None else self._load_key()
+        self.key_rotation: KeyRotation | None = None
+        self._version = ""  # the data plane's, as it says (wireguard-go's release)
+        self._rotation_requested = asyncio.Event()
         self.reconciler: Reconciler | None = None
         self.registrar: Registrar | None = None
         self.pod_network: PodNetwork | None = None
@@ -100,6 +104,8 @@ class Agent:
         return self._backend
 
     def _load_key(self) -> NodeKey:
+        if keys.discard_pending(self.settings.device.key_file):
+            log.warning("a key rotation had not installed its key when the agent stopped: it starts again later")
         key, created = load_or_create(self.settings.device.key_file)
         log.info(
             "%s key %s (public %s)",
@@ -111,6 +117,35 @@ class Agent:
 
     def _count_rejection(self, rejection: Rejection) -> None:
         self.metrics.rejected_records.labels(rejection.reason).inc()
+
+    def _rotation_request(self, value: bytes) -> None:
+        """``{"requested_at": <Unix time>}`` under rotate/<this node> (written by `warren-mesh rotate-key`)."""
+        try:
+            doc = decode_json(value)
+            requested_at = doc.get("requested_at") if isinstance(doc, dict) else None
+            if type(requested_at) not in (int, float):
+                raise RecordError("invalid_field", "requested_at is not a number")
+        except RecordError as exc:
+            log.warning("ignoring the key rotation request for %s: %s", self.settings.node_name, exc)
+            return
+        self.request_key_rotation(float(requested_at))  # type: ignore[arg-type]
+
+    def _info(self) -> dict[str, str]:
+        return {
+            "node_name": self.settings.node_name,  # not "node": scrape configs set that label (deploy/monitoring)
+            "backend": self.backend.name,
+            "version": self._version,
+            "interface": self.backend.interface_name,
+            "public_key": self.key.public_key,
+        }
+
+    def request_key_rotation(self, requested_at: float | None = None) -> None:
+        """Rotate the WireGuard key soon (SIGHUP, `warren-mesh rotate-key`): a request made at ``requested_at``
+        counts only if the key in use is older (so a request acted on is not acted on again after a restart)."""
+        rotation = self.key_rotation
+        if requested_at is not None and rotation is not None and requested_at <= rotation.key_created_at():
+            return
+        self._rotation_requested.set()
 
     def healthy(self) -> bool:
         """Ready once the device has been configured from a complete view of the mesh."""
@@ -141,15 +176,8 @@ class Agent:
                 version,
                 OFFLOAD_RELEASE,
             )
-        self.metrics.info.info(
-            {
-                "node_name": settings.node_name,  # not "node": scrape configs set that label (see deploy/monitoring)
-                "backend": self.backend.name,
-                "version": version,
-                "interface": self.backend.interface_name,
-                "public_key": self.key.public_key,
-            }
-        )
+        self._version = version
+        self.metrics.info.info(self._info())
         tasks: list[asyncio.Task[None]] = []
         try:
             await self._start(stop, tasks)
@@ -230,11 +258,17 @@ class Agent:
             registrar=registrar,
             metrics=self.metrics,
             node_key=schema.node(settings.node_name),
+            rotation_key=schema.key_rotation(settings.node_name),
+            on_rotation_request=self._rotation_request,
         )
         tasks.append(loop.create_task(observer.run(), name="observe"))
         tasks.append(loop.create_task(self.reconciler.run(), name="reconcile"))
         tasks.append(loop.create_task(registrar.keep_alive(lambda: self.view.config), name="keepalive"))
         tasks.append(loop.create_task(self._watch_device(), name="device-watchdog"))
+        self.key_rotation = KeyRotation(
+            key_file=settings.device.key_file, registrar=registrar, reconciler=self.reconciler, metrics=self.metrics
+        )
+        tasks.append(loop.create_task(self._rotate_keys(self.key_rotation), name="key-rotation"))
         if not self.backend.simulated:
             tasks.append(loop.create_task(self._follow_underlay_mtu(endpoint_host, underlay_mtu), name="underlay-mtu"))
         if settings.store.tls is not None and settings.store.tls.cert_file is not None:
@@ -253,6 +287,35 @@ class Agent:
                     self.reconciler.notify(verify=True)  # a new data plane: configure it from scratch
             except BackendError as exc:
                 log.error("the WireGuard device is down and could not be restarted (retrying): %s", exc)
+
+    async def _rotate_keys(self, rotation: KeyRotation) -> None:
+        """Rotate the key when asked, and when it is older than the interval (--rotate-key-every, else the mesh's
+        keyRotationIntervalHours)."""
+        while True:
+            interval = self.settings.device.rotate_key_every
+            if interval is None and self.view.config.key_rotation_interval_hours:
+                interval = self.view.config.key_rotation_interval_hours * 3600.0
+            why = "asked"
+            try:
+                if interval is None:
+                    # The config may set an interval later: look again now and then.
+                    await asyncio.wait_for(self._rotation_requested.wait(), timeout=60.0)
+                else:
+                    due = rotation.key_created_at() + interval - time.time()
+                    why = "interval"
+                    await asyncio.wait_for(self._rotation_requested.wait(), timeout=max(0.0, due))
+                    why = "asked"
+            except TimeoutError:
+                if interval is None:
+                    continue
+            self._rotation_requested.clear()
+            try:
+                self.key = await rotation.rotate(why)
+            except (StoreError, BackendError, OSError) as exc:
+                log.error("key rotation failed (the old key stays in use; trying again in a minute): %s", exc)
+                await asyncio.sleep(60.0)
+                continue
+            self.metrics.info.info(self._info())
 
     async def _underlay_mtu(self, endpoint_host: IPAddress) -> int:
         if self.backend.simulated:  # its address is on no interface of this host

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import Callable
 
 from warren_mesh.agent.reconciler import Reconciler
 from warren_mesh.agent.registrar import Registrar
@@ -30,6 +31,8 @@ class MeshObserver:
         registrar: Registrar,
         metrics: AgentMetrics,
         node_key: str,
+        rotation_key: str = "",
+        on_rotation_request: Callable[[bytes], None] | None = None,
     ) -> None:
         self._store = store
         self._view = view
@@ -37,6 +40,8 @@ class MeshObserver:
         self._registrar = registrar
         self._metrics = metrics
         self._node_key = node_key  # where this node's own record lives
+        self._rotation_key = rotation_key  # where `warren-mesh rotate-key` asks this node for a new key
+        self._on_rotation_request = on_rotation_request
 
     async def run(self) -> None:
         """Forever (the watch resumes by itself after any failure of etcd's)."""
@@ -48,6 +53,10 @@ class MeshObserver:
             if isinstance(result, Events):
                 metrics.watch_events.inc(len(result.events))
             mentioned, own_value = _value_after(result, self._node_key)
+            if self._on_rotation_request is not None:
+                asked, request = _value_after(result, self._rotation_key)
+                if asked and request is not None:
+                    self._on_rotation_request(request)
             claims = [(key, *_value_after(result, key)) for key in registrar.reservation_keys]
             first = not view.synced
             view.apply(result)

@@ -14,6 +14,7 @@ a data-plane restart read the whole device and compare everything (``verify``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -70,6 +71,7 @@ class Reconciler:
         self._applied_peers: dict[str, PeerSpec] = {}
         self._applied_names: dict[str, str] = {}
         self._conflicts: set[tuple[str, str]] = set()
+        self._pass_lock = asyncio.Lock()  # a pass and a key switch never interleave
         self.passes = 0  # completed passes on a synced view; tests and health read it
 
     def peer_names(self) -> Mapping[str, str]:
@@ -89,6 +91,16 @@ class Reconciler:
             return False
         self.notify(verify=True)
         return True
+
+    async def switch_key(self, key: NodeKey) -> bool:
+        """Key rotation: the device takes ``key`` now, in a full pass (nothing else changes: peers keep their
+        sessions' receive keys, and this node's next packet to each starts a handshake with the new key). Whether
+        the pass applied everything."""
+        async with self._pass_lock:
+            self._key = key
+            self._builder.set_local(dataclasses.replace(self._builder.local, public_key=key.public_key), self._view)
+            self._verify_next = True
+            return await self._reconcile()
 
     def notify(self, *, verify: bool = False) -> None:
         """The view changed (or, with ``verify``, the device may have): run a pass once the current one ends."""
@@ -127,6 +139,10 @@ class Reconciler:
         The desired state is computed here on the event loop, where the view lives; reading and changing the
         device happen on the device thread.
         """
+        async with self._pass_lock:
+            return await self._reconcile()
+
+    async def _reconcile(self) -> bool:
         started = time.perf_counter()
         view = self._view
         builder = self._builder
@@ -206,13 +222,9 @@ class Reconciler:
             self._attempt("private_key", self._backend.set_private_key, self._key, applied)
         if plan.interface is not None:
             self._attempt("interface", self._backend.configure_interface, plan.interface, applied)
-        # Peers leave before their routes, and routes come after their peers: traffic is routed into the device
-        # only while a peer is there to take it.
-        for change in plan.changes:
-            if change.action == "remove":
-                self._attempt(change.action, self._backend.remove_peer, change.spec, applied)
-        for network in plan.routes_to_remove:
-            self._attempt("remove_route", self._backend.remove_route, network, applied)
+        # Routes come after their peers and leave after them: traffic is routed into the device only while a peer
+        # is there to take it. Peers are set before others leave: allowed IPs moving from a leaving peer to another
+        # (a node's new key, docs/key-rotation.md) always have one of them to go to.
         upserts = [change for change in plan.changes if change.action != "remove"]
         # One device transaction for several (a cold start's thousand peers); peer by peer if that fails.
         if len(upserts) < 2 or not self._set_all(upserts, applied):
@@ -220,6 +232,11 @@ class Reconciler:
                 self._attempt(change.action, self._backend.set_peer, change.spec, applied)
         for network in plan.routes_to_add:
             self._attempt("add_route", self._backend.add_route, network, applied)
+        for change in plan.changes:
+            if change.action == "remove":
+                self._attempt(change.action, self._backend.remove_peer, change.spec, applied)
+        for network in plan.routes_to_remove:
+            self._attempt("remove_route", self._backend.remove_route, network, applied)
         for kind, count in applied.items():
             self._metrics.applied_by_kind[kind].inc(count)
         return applied.total() == plan.size

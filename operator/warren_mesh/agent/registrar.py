@@ -73,6 +73,7 @@ class Registrar:
         self._schema = schema
         self._name = settings.node_name
         self._key = key
+        self._next_key: str | None = None  # announced during a key rotation
         self._endpoint_host = endpoint_host
         self._endpoint_port = settings.endpoint_port  # None: follow the mesh's listen port
         self._lease_ttl = settings.lease_ttl  # None: the mesh config's
@@ -171,6 +172,7 @@ class Registrar:
             listen_port=config.listen_port,
             allowed_ips=() if subnet is None else (subnet,),
             published_at=time.time(),
+            next_public_key=self._next_key,
         )
 
     async def register(self, config: MeshConfig, held: NodeRecord | None = None) -> Registration:
@@ -322,7 +324,8 @@ class Registrar:
             raise RegistrationConflict(
                 f"{where} holds a record this agent cannot read ({exc}); remove it with `etcdctl del {where}`"
             ) from None
-        if theirs.public_key != self._key.public_key:
+        # Ours also when it names our key as the next one: a run that stopped in the middle of a key rotation.
+        if self._key.public_key not in theirs.public_keys:
             raise RegistrationConflict(
                 f"node name {self._name!r} is registered with another public key ({theirs.public_key[:10]}…). "
                 "If this node's key file was replaced, the old record expires with its lease shortly; "
@@ -343,6 +346,31 @@ class Registrar:
         self.current = replace(current, record=record)
         self._published = value
         log.info("republished %s with listen port %d", self._name, record.listen_port)
+
+    async def announce_key(self, public_key: str) -> None:
+        """Tell peers the key we switch to next (key rotation): they add it before we use it."""
+        self._next_key = public_key
+        await self._publish_current("announced the next key")
+
+    async def switch_key(self, key: NodeKey) -> None:
+        """We use ``key`` now (the device has it): publish it as our key, the announcement done."""
+        self._key, self._next_key = key, None
+        await self._publish_current("switched to the new key")
+
+    async def _publish_current(self, what: str) -> None:
+        current = self._registration()
+        record = self._record_like(current.record)
+        value = encode_json(record.to_json())
+        await self._store.put(self._schema.node(self._name), value, lease=current.lease_id)
+        self.current = replace(current, record=record)
+        self._published = value
+        log.info("%s: %s (key %s…)", self._name, what, record.public_key[:10])
+
+    def _record_like(self, record: NodeRecord) -> NodeRecord:
+        """``record`` with our current key, announcement and time."""
+        return replace(
+            record, public_key=self._key.public_key, next_public_key=self._next_key, published_at=time.time()
+        )
 
     async def restore(self, value: bytes | None) -> None:
         """Publish our record again if someone else changed or deleted it while our lease is alive."""

@@ -47,6 +47,7 @@ def mesh_config(spec: Mapping[str, Any]) -> MeshConfig:
         ("mtu", "mtu"),
         ("persistentKeepalive", "persistent_keepalive"),
         ("leaseTTLSeconds", "lease_ttl_seconds"),
+        ("keyRotationIntervalHours", "key_rotation_interval_hours"),
     ):
         if field in spec:
             doc[key] = spec[field]
@@ -58,6 +59,7 @@ def mesh_config(spec: Mapping[str, Any]) -> MeshConfig:
             ("overlayCIDR", "overlay_cidr"),
             ("podCIDR", "pod_cidr"),
             ("nodeSubnetPrefixLength", "node_subnet_prefix"),
+            ("keyRotationIntervalHours", "key_rotation_interval_hours"),
         ):
             message = message.replace(key, field)
         raise SpecError("InvalidSpec", message) from None

@@ -257,18 +257,26 @@ class Lab:
                     check=True,
                 )
 
-    def _admin(self, *command: str) -> None:
-        """Run a `warren-mesh` command as the admin inside the hub's namespace, where etcd listens."""
+    def _admin(self, *command: str) -> bytes:
+        """Run a `warren-mesh` command as the admin inside the hub's namespace, where etcd listens; its output."""
         argv = [sys.executable, "-m", "warren_mesh.cli", "--log-level=warning", *command, *self.access().flags()]
         done = subprocess.run(
             argv,
             capture_output=True,
-            text=True,
             preexec_fn=in_netns(self.hub),
             check=False,
         )
         if done.returncode != 0:
-            raise LabError(f"`warren-mesh {' '.join(command)}` failed: {done.stderr.strip() or done.stdout.strip()}")
+            why = (done.stderr.strip() or done.stdout.strip()).decode(errors="replace")
+            raise LabError(f"`warren-mesh {' '.join(command)}` failed: {why}")
+        return done.stdout
+
+    def graph(self, *, fmt: str = "dot", stale_after: float | None = None) -> bytes:
+        """`warren-mesh graph` of the lab, with every node's agent's metrics (reached over the underlay)."""
+        flags = [f"--agent-metrics=http://{self.underlay_ip(i)}:{METRICS_PORT}/metrics" for i in self.nodes()]
+        if stale_after is not None:
+            flags.append(f"--stale-after={stale_after}")
+        return self._admin("graph", f"--format={fmt}", *flags)
 
     def kill_agent(self, index: int, sig: int = signal.SIGKILL) -> None:
         """Stop one agent (SIGKILL: a crash; its wireguard-go keeps running, as on a real node)."""
@@ -368,6 +376,28 @@ class Lab:
             if len(fields) >= 8:
                 peers[fields[0]] = (int(fields[5]), int(fields[6]), float(fields[4]))
         return peers
+
+    def _wg(self, index: int, *args: str) -> str:
+        argv = ["ip", "netns", "exec", self.node_netns(index), "wg", "show", self.interface(index), *args]
+        result = subprocess.run(argv, capture_output=True, text=True, check=False)
+        return result.stdout if result.returncode == 0 else ""
+
+    def public_key(self, index: int) -> str:
+        """Node ``index``'s device's public key; empty if unreadable."""
+        return self._wg(index, "public-key").strip()
+
+    def peer_config(self, index: int) -> dict[str, tuple[str, str, str]]:
+        """Node ``index``'s peers as configured (not as used): public key -> (endpoint, allowed IPs, keepalive)."""
+        peers = {}
+        for line in self._wg(index, "dump").splitlines()[1:]:
+            fields = line.split("\t")
+            if len(fields) >= 8:
+                peers[fields[0]] = (fields[2], fields[3], fields[7])
+        return peers
+
+    def rotate_key(self, node: str) -> None:
+        """`warren-mesh rotate-key --node NODE`, as the admin."""
+        self._admin("rotate-key", f"--node={node}")
 
     def status(self) -> list[LabNode]:
         result = []

@@ -59,6 +59,13 @@ class _Settled:
     position: _Position
     spec: PeerSpec | None
     conflict: Conflict | None
+    announced: PeerSpec | None = None  # a rotating node's next key: a peer with no allowed IPs yet
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The public keys whose peers this record gave the device."""
+        keys = () if self.spec is None else (self.spec.public_key,)
+        return keys if self.announced is None else (*keys, self.announced.public_key)
 
 
 def device_mtu(config: MeshConfig, auto_mtu: int) -> int:
@@ -144,8 +151,7 @@ class TopologyBuilder:
             if settled is not None:
                 if entry is settled.entry and not again:
                     continue
-                if settled.spec is not None:
-                    affected.add(settled.spec.public_key)
+                affected.update(settled.keys)
                 if not self._unsettle(candidate, settled):
                     self.rebuild(view)
                     return None
@@ -156,9 +162,7 @@ class TopologyBuilder:
             if not self._arrive(candidate, entry, position):
                 self.rebuild(view)
                 return None
-            spec = self._settled[candidate].spec
-            if spec is not None:
-                affected.add(spec.public_key)
+            affected.update(self._settled[candidate].keys)
         return affected
 
     @property
@@ -178,6 +182,15 @@ class TopologyBuilder:
             return ()
         ordered = sorted(self._conflicts.values(), key=lambda s: s.position)
         return tuple(s.conflict for s in ordered if s.conflict is not None)
+
+    def set_local(self, local: LocalNode, view: MeshView) -> None:
+        """This node's identity changed (a new key): fold again around it."""
+        self._local = local
+        self.rebuild(view)
+
+    @property
+    def local(self) -> LocalNode:
+        return self._local
 
     def set_auto_mtu(self, auto_mtu: int) -> bool:
         """The underlay's MTU changed: the device's MTU follows if the mesh says ``auto``. Whether it changed."""
@@ -224,9 +237,10 @@ class TopologyBuilder:
             return True
         for version, prefixlen, first, _ in record.routes.ranges:
             self._claims.remove(version, prefixlen, first)
-        del self._holders[record.public_key]
-        del self._specs[record.public_key]
-        del self._names[record.public_key]
+        for key in settled.keys:
+            del self._holders[key]
+            del self._specs[key]
+            del self._names[key]
         if candidate[0] == "node":
             self.nodes_taken -= 1
         # What it held is free now: a record after it that was left out for colliding may be taken now.
@@ -253,10 +267,18 @@ class TopologyBuilder:
         for version, prefixlen, first, _ in record.routes.ranges:
             self._claims.add(version, prefixlen, first, name)
         spec = self._spec(record)
-        self._holders[record.public_key] = candidate
-        self._specs[record.public_key] = spec
-        self._names[record.public_key] = name
-        self._settled[candidate] = _Settled(entry, position, spec, None)
+        announced = None
+        if isinstance(record, NodeRecord) and record.next_public_key is not None:
+            # No allowed IPs (they stay with the key in use until the node switches) and no keepalive (nothing
+            # answers that key until then).
+            announced = PeerSpec(record.next_public_key, spec.endpoint, (), 0)
+        settled = _Settled(entry, position, spec, None, announced)
+        for peer in (spec, announced):
+            if peer is not None:
+                self._holders[peer.public_key] = candidate
+                self._specs[peer.public_key] = peer
+                self._names[peer.public_key] = name
+        self._settled[candidate] = settled
         if candidate[0] == "node":
             self.nodes_taken += 1
 
@@ -284,10 +306,11 @@ class TopologyBuilder:
         problem = self._rules.problem(name, entry.record, entry.create_revision)
         if problem is not None:
             return problem
-        holder = self._holders.get(record.public_key)
-        if holder is not None:
-            holder_name = self._local.name if holder == _LOCAL else holder[1]
-            return Conflict(name, REASON_DUPLICATE_PUBLIC_KEY, f"{name} uses the public key of {holder_name}")
+        for key in record.public_keys if isinstance(record, NodeRecord) else (record.public_key,):
+            holder = self._holders.get(key)
+            if holder is not None:
+                holder_name = self._local.name if holder == _LOCAL else holder[1]
+                return Conflict(name, REASON_DUPLICATE_PUBLIC_KEY, f"{name} uses the public key of {holder_name}")
         routes = record.routes
         for text, (version, _, first, last) in zip(routes.text, routes.ranges, strict=True):
             owner = self._claims.owner_of_overlap(version, first, last)

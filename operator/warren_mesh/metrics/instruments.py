@@ -104,6 +104,11 @@ class AgentMetrics:
             "Lease keepalives that failed (etcd away or the lease lost).",
             registry=registry,
         )
+        self.key_rotations = Counter(
+            "warren_mesh_key_rotations",
+            "Times this node switched to a new WireGuard key (docs/key-rotation.md).",
+            registry=registry,
+        )
         self.registrations = Counter(
             "warren_mesh_registrations",
             "Times this agent (re-)registered its node record.",

@@ -1,0 +1,139 @@
+"""``warren-mesh graph``: a picture of the mesh in Graphviz's DOT, from etcd and (where reachable) agents' metrics.
+
+Nodes are boxes with their overlay address and pod subnet, external peers ellipses. Every pair of nodes is an
+edge (the mesh is full); every external peer is joined to every node. An edge that an agent's metrics cover is
+labelled with the handshake's age and the throughput as that agent sees it, and drawn red when it is stale: no
+handshake yet, or none for longer than ``stale_after`` (180 s by default: WireGuard renews a session every two
+minutes while anything flows, and the persistent keepalive keeps something flowing, so a live pair never gets
+that old; after 180 s WireGuard itself refuses to use the session). Edges no agent reported on are grey.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from warren_mesh.mesh.peers import MeshView
+from warren_mesh.metrics.reading import AgentReading, PeerReading
+
+DEFAULT_STALE_AFTER = 180.0
+NEWLINE = "\\n"  # a line break inside a DOT label
+FORMATS = ("dot", "svg", "png")
+
+
+class GraphError(RuntimeError):
+    """The picture could not be drawn (Graphviz missing or failing); the message says what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Seen:
+    observer: str
+    reading: PeerReading
+
+
+def _quote(text: str) -> str:
+    """A DOT string. What goes in is names (DNS names), addresses and figures; a backslash is DOT's own
+    (``\\n``, a line break), so only quotes are escaped."""
+    return '"' + text.replace('"', '\\"') + '"'
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.0f} h"
+
+
+def _rate(bytes_per_second: float | None) -> str:
+    if bytes_per_second is None:
+        return "-"
+    bits = bytes_per_second * 8
+    for unit, scale in (("Gbit/s", 1e9), ("Mbit/s", 1e6), ("kbit/s", 1e3)):
+        if bits >= scale:
+            return f"{bits / scale:.1f} {unit}"
+    return f"{bits:.0f} bit/s"
+
+
+def is_stale(reading: PeerReading, now: float, stale_after: float) -> bool:
+    return reading.last_handshake <= 0 or now - reading.last_handshake > stale_after
+
+
+def render_dot(
+    view: MeshView,
+    readings: Sequence[AgentReading],
+    *,
+    now: float,
+    stale_after: float = DEFAULT_STALE_AFTER,
+) -> str:
+    """The mesh in DOT. ``readings``: what agents' metrics said (each about its own peers)."""
+    keys = {entry.record.public_key: name for name, entry in view.nodes.items()}
+    keys.update({entry.record.public_key: name for name, entry in view.peers.items()})
+    seen: dict[frozenset[str], list[_Seen]] = {}
+    for reading in readings:
+        if reading.node not in view.nodes:
+            continue  # an agent of another mesh, or one that left
+        for key, peer in reading.peers.items():
+            other = keys.get(key)
+            if other is not None and other != reading.node:
+                seen.setdefault(frozenset((reading.node, other)), []).append(_Seen(reading.node, peer))
+
+    title = f"mesh {view.config.overlay_cidr}, pods {view.config.pod_cidr}, etcd revision {view.revision}"
+    lines = [
+        "graph mesh {",
+        f'  graph [overlap=false, splines=true, fontname="sans-serif", label={_quote(title)}];',
+        '  node [fontname="sans-serif", fontsize=10];',
+        '  edge [fontname="sans-serif", fontsize=8];',
+    ]
+    for name, entry in sorted(view.nodes.items()):
+        record = entry.record
+        label = NEWLINE.join([name, str(record.overlay_ip), *(str(n) for n in record.allowed_ips)])
+        lines.append(f"  {_quote(name)} [shape=box, label={_quote(label)}];")
+    for name, external in sorted(view.peers.items()):
+        label = NEWLINE.join([name, *(str(n) for n in external.record.allowed_ips)])
+        lines.append(f"  {_quote(name)} [shape=ellipse, style=dashed, label={_quote(label)}];")
+    nodes = sorted(view.nodes)
+    pairs = [(a, b) for i, a in enumerate(nodes) for b in nodes[i + 1 :]]
+    pairs += [(member, node) for member in sorted(view.peers) for node in nodes]
+    for a, b in pairs:
+        attributes = _edge_attributes(seen.get(frozenset((a, b)), []), now, stale_after)
+        lines.append(f"  {_quote(a)} -- {_quote(b)}{attributes};")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _edge_attributes(seen: list[_Seen], now: float, stale_after: float) -> str:
+    if not seen:
+        return " [color=grey, style=dotted]"
+    parts = []
+    stale = False
+    for item in sorted(seen, key=lambda s: s.observer):
+        reading = item.reading
+        stale = stale or is_stale(reading, now, stale_after)
+        handshake = (
+            "no handshake" if reading.last_handshake <= 0 else f"handshake {_age(now - reading.last_handshake)} ago"
+        )
+        parts.append(
+            f"{item.observer}: {handshake}, in {_rate(reading.receive_bytes_per_second)}, "
+            f"out {_rate(reading.transmit_bytes_per_second)}"
+        )
+    color = "red" if stale else "darkgreen"
+    return f" [color={color}, penwidth={2 if stale else 1}, label={_quote(NEWLINE.join(parts))}]"
+
+
+def draw(dot: str, fmt: str, *, dot_binary: str = "dot") -> bytes:
+    """``dot`` rendered by Graphviz as ``fmt`` (svg, png); DOT itself is returned as is."""
+    if fmt == "dot":
+        return dot.encode()
+    if fmt not in FORMATS:
+        raise GraphError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+    try:
+        done = subprocess.run([dot_binary, f"-T{fmt}"], input=dot.encode(), capture_output=True, check=False)
+    except FileNotFoundError:
+        raise GraphError(
+            "Graphviz is not installed (Debian: apt-get install graphviz); --format dot needs none"
+        ) from None
+    if done.returncode != 0:
+        raise GraphError(f"dot -T{fmt} failed: {done.stderr.decode(errors='replace').strip()}")
+    return done.stdout
