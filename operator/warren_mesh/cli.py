@@ -222,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-tls", action="store_true", help="plain http to etcd, no certificates (TLS is the default)")
     up.add_argument("--pods", type=int, default=1, help="pods per node, on the mesh's CNI network (default 1)")
     up.add_argument("--wireguard-go", help="wireguard-go binary of the userspace backend (default: from PATH)")
+    up.add_argument(
+        "--nat", default="", help="nodes behind a NAT of their own, comma-separated (node-2,node-3): see docs/nat.md"
+    )
     lab_env = lab_commands.add_parser(
         "env", help='export lines pointing commands at the lab\'s etcd: eval "$(warren-mesh lab env)"'
     )
@@ -321,6 +324,7 @@ def _lab(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             pods=args.pods,
             wireguard_go=args.wireguard_go,
+            nat=[n for n in args.nat.split(",") if n],
             progress=lambda line: print(line, flush=True),
         )
         print(f"full mesh of {len(status)} nodes, every pair handshaken, in {time.monotonic() - started:.1f} s\n")

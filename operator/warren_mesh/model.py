@@ -149,6 +149,9 @@ class NodeRecord:
     # The key this node will switch to next (key rotation): peers add it beforehand, with no allowed IPs, so that
     # the node's first handshake with its new key finds them ready (docs/key-rotation.md).
     next_public_key: str | None = None
+    # Where this node's WireGuard saw peers whose packets came from elsewhere than their records say (behind NAT):
+    # peer name -> endpoint. A node behind NAT learns its public endpoint from these (docs/nat.md).
+    observed_endpoints: tuple[tuple[str, Endpoint], ...] = ()
     routes: Routes = field(init=False, repr=False, compare=False)  # overlay address + allowed_ips, derived
     overlay_text: str = field(init=False, repr=False, compare=False)
     endpoint_text: str = field(init=False, repr=False, compare=False)  # str(endpoint), made once per record
@@ -169,7 +172,14 @@ class NodeRecord:
             "allowed_ips": [str(n) for n in self.allowed_ips],
             "listen_port": self.listen_port,
             "published_at": self.published_at,
-        } | ({"next_public_key": self.next_public_key} if self.next_public_key is not None else {})
+        } | (
+            ({"next_public_key": self.next_public_key} if self.next_public_key is not None else {})
+            | (
+                {"observed_endpoints": {name: str(ep) for name, ep in self.observed_endpoints}}
+                if self.observed_endpoints
+                else {}
+            )
+        )
 
     @property
     def public_keys(self) -> tuple[str, ...]:
@@ -209,7 +219,26 @@ class NodeRecord:
             next_public_key = validate_public_key(doc.get("next_public_key"))
             if next_public_key == public_key:
                 raise RecordError(REASON_INVALID_FIELD, "next_public_key is the key in use")
-        return cls(name, public_key, endpoint, overlay_ip, listen_port, allowed, float(published_at), next_public_key)
+        observed = _observed_endpoints(doc.get("observed_endpoints"))
+        return cls(
+            name, public_key, endpoint, overlay_ip, listen_port, allowed, float(published_at), next_public_key, observed
+        )
+
+
+MAX_OBSERVED_ENDPOINTS: Final = 256
+
+
+def _observed_endpoints(value: object) -> tuple[tuple[str, Endpoint], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or len(value) > MAX_OBSERVED_ENDPOINTS:
+        raise RecordError(
+            REASON_INVALID_FIELD, f"observed_endpoints is not an object of at most {MAX_OBSERVED_ENDPOINTS} entries"
+        )
+    observed = []
+    for name, text in value.items():
+        observed.append((validate_name(name), Endpoint.parse(text)))
+    return tuple(sorted(observed, key=lambda item: item[0]))
 
 
 @dataclass(frozen=True, slots=True)

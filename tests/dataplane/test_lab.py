@@ -689,3 +689,35 @@ def test_a_node_rotates_its_key_while_traffic_flows(lab: Lab) -> None:
     time.sleep(3)
     assert lab.public_key(2) == new_public
     assert all(ok for *_, ok in lab.ping_all())
+
+
+def _endpoint_of(lab: Lab, index: int, public_key: str) -> str:
+    argv = ["ip", "netns", "exec", lab.node_netns(index), "wg", "show", lab.interface(index), "endpoints"]
+    lines = subprocess.run(argv, capture_output=True, text=True, check=False).stdout.splitlines()
+    return next((line.split("\t")[1] for line in lines if line.startswith(public_key)), "")
+
+
+def test_nodes_behind_nat_are_found_where_their_peers_see_them(lab: Lab) -> None:
+    """docs/nat.md: node-2 and node-3 each behind a NAT of their own (port kept, nothing unsolicited let in),
+    knowing only their private addresses: every pair handshakes and pings, the two behind NAT through what node-1
+    saw of them; a NAT that forgets its mappings and picks another port heals in seconds; so does a restart."""
+    lab.up(3, backend="userspace", lease_ttl=TTL, resync_interval=2, timeout=120, pods=1, nat=["node-2", "node-3"])
+    assert all(ok for *_, ok in lab.ping_all()) and all(ok for *_, ok in lab.ping_pods())
+    keys = {i: lab.public_key(i) for i in (1, 2, 3)}
+    # Between the two behind NAT, each dials the other's NAT: the endpoint node-1 saw, now in their records.
+    assert _endpoint_of(lab, 2, keys[3]) == f"{lab.underlay_ip(3)}:51820"
+    assert _endpoint_of(lab, 3, keys[2]) == f"{lab.underlay_ip(2)}:51820"
+    # node-2's NAT forgets everything and maps it to another port from now on.
+    lab.rebind_nat(2, 40002)
+    took = wait_for(lambda: all(ok for *_, ok in lab.ping_all()), 30, "the mesh to find node-2 behind its new port")
+    print(f"healed from a NAT rebinding in {took:.1f} s")
+    assert _endpoint_of(lab, 1, keys[2]) == _endpoint_of(lab, 3, keys[2]) == f"{lab.underlay_ip(2)}:40002"
+    # A restarted agent keeps the endpoint it learnt (its record says it): no gap for its peers.
+    lab.kill_agent(2, signal.SIGKILL)
+    lab.start_agent(2)
+    lab.wait_for_agent(2, timeout=STARTUP)
+    for _ in range(6):
+        assert all(ok for *_, ok in lab.ping_all())
+        time.sleep(0.5)
+    assert _endpoint_of(lab, 3, keys[2]) == f"{lab.underlay_ip(2)}:40002"
+    assert all(ok for *_, ok in lab.ping_pods())

@@ -34,6 +34,7 @@ from warren_mesh.agent.underlay import (
     subnets_of_address,
 )
 from warren_mesh.keys import NodeKey, load_or_create
+from warren_mesh.mesh import endpoints
 from warren_mesh.mesh.claims import LocalNode
 from warren_mesh.mesh.peers import MeshView, Rejection
 from warren_mesh.metrics.http import MetricsServer
@@ -53,6 +54,9 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 _DEVICE_CHECK_INTERVAL = 1.0
+# Seconds between looks at where peers' packets come from (a NAT mapping that changed is found this fast, once the
+# node behind it has sent something: its persistent keepalive bounds that).
+_ENDPOINT_CHECK_INTERVAL = 2.0
 _SCRAPE_DEVICE_TIMEOUT = 5.0  # a scrape waits this long for the device thread, then reports the device down
 
 
@@ -271,6 +275,8 @@ class Agent:
         tasks.append(loop.create_task(self._rotate_keys(self.key_rotation), name="key-rotation"))
         if not self.backend.simulated:
             tasks.append(loop.create_task(self._follow_underlay_mtu(endpoint_host, underlay_mtu), name="underlay-mtu"))
+            pinned = settings.registration.endpoint_host is not None
+            tasks.append(loop.create_task(self._follow_endpoints(registrar, pinned=pinned), name="endpoints"))
         if settings.store.tls is not None and settings.store.tls.cert_file is not None:
             tasks.append(loop.create_task(self._watch_certificate(settings.store.tls.cert_file), name="certificate"))
         if settings.metrics.traffic_sample_interval > 0:
@@ -316,6 +322,26 @@ class Agent:
                 await asyncio.sleep(60.0)
                 continue
             self.metrics.info.info(self._info())
+
+    async def _follow_endpoints(self, registrar: Registrar, *, pinned: bool) -> None:
+        """Publish where this node sees peers whose packets come from elsewhere than their records say, and, unless
+        --endpoint pins ours, take as ours the endpoint peers see us at (behind NAT; docs/nat.md)."""
+        assert self.reconciler is not None
+        name = self.settings.node_name
+        while True:
+            await asyncio.sleep(_ENDPOINT_CHECK_INTERVAL)
+            try:
+                device = await self.device_thread.run(self.backend.read)
+            except BackendError:
+                continue  # the watchdog reports and repairs a dead device
+            observed = endpoints.observed_elsewhere(device, self.reconciler.peer_names(), self.view, now=time.time())
+            public = None if pinned else endpoints.public_endpoint(self.view, name)
+            try:
+                await registrar.set_observed(observed)
+                if public is not None:
+                    await registrar.set_public_endpoint(public)
+            except StoreError as exc:
+                log.warning("could not publish observed endpoints (retrying): %s", exc)
 
     async def _underlay_mtu(self, endpoint_host: IPAddress) -> int:
         if self.backend.simulated:  # its address is on no interface of this host

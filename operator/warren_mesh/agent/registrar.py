@@ -74,7 +74,11 @@ class Registrar:
         self._name = settings.node_name
         self._key = key
         self._next_key: str | None = None  # announced during a key rotation
+        # Behind NAT: the endpoint peers see us at, learnt from their observations (None: endpoint_host's).
+        self.public_endpoint: Endpoint | None = None
+        self._observed: tuple[tuple[str, Endpoint], ...] = ()  # peers we see elsewhere than their records say
         self._endpoint_host = endpoint_host
+        self._endpoint_pinned = settings.endpoint_host is not None  # --endpoint: never another
         self._endpoint_port = settings.endpoint_port  # None: follow the mesh's listen port
         self._lease_ttl = settings.lease_ttl  # None: the mesh config's
         self._pod_subnet = settings.pod_subnet  # None: claim one TTL
@@ -167,12 +171,13 @@ class Registrar:
         return NodeRecord(
             name=self._name,
             public_key=self._key.public_key,
-            endpoint=Endpoint(self._endpoint_host, port),
+            endpoint=self.public_endpoint or Endpoint(self._endpoint_host, port),
             overlay_ip=overlay_ip,
             listen_port=config.listen_port,
             allowed_ips=() if subnet is None else (subnet,),
             published_at=time.time(),
             next_public_key=self._next_key,
+            observed_endpoints=self._observed,
         )
 
     async def register(self, config: MeshConfig, held: NodeRecord | None = None) -> Registration:
@@ -304,7 +309,12 @@ class Registrar:
         key = self._schema.node(self._name)
         existing = await self._store.create(key, encode_json(record.to_json()), lease=lease_id)
         while existing is not None:
-            self._check_ours(existing.value)
+            previous = self._check_ours(existing.value)
+            if not self._endpoint_pinned and previous.endpoint != record.endpoint and self.public_endpoint is None:
+                # Our record says where peers reach us, learnt before a restart (behind NAT): the address this run
+                # found would send them to a private one until they told us again (docs/nat.md).
+                self.public_endpoint = previous.endpoint
+                record = replace(record, endpoint=previous.endpoint)
             # Our own record from before a restart, still on the old lease: move it to the new lease without
             # a gap (peers see an update, not a delete and re-add), then let the old lease go.
             existing_lease = existing.lease
@@ -316,7 +326,7 @@ class Registrar:
                 await self._store.revoke_lease(existing_lease)
         return record
 
-    def _check_ours(self, raw: bytes) -> None:
+    def _check_ours(self, raw: bytes) -> NodeRecord:
         where = self._schema.node(self._name)
         try:
             theirs = NodeRecord.from_json(decode_json(raw), key_name=self._name)
@@ -331,6 +341,7 @@ class Registrar:
                 "If this node's key file was replaced, the old record expires with its lease shortly; "
                 "otherwise give this node another --node-name."
             )
+        return theirs
 
     async def republish(self, config: MeshConfig) -> None:
         """Publish again on the same lease when the mesh config changed what our record says (listen port)."""
@@ -358,7 +369,9 @@ class Registrar:
         await self._publish_current("switched to the new key")
 
     async def _publish_current(self, what: str) -> None:
-        current = self._registration()
+        current = self.current
+        if current is None:
+            return  # between leases, or stopping: the next registration publishes all of it
         record = self._record_like(current.record)
         value = encode_json(record.to_json())
         await self._store.put(self._schema.node(self._name), value, lease=current.lease_id)
@@ -366,10 +379,27 @@ class Registrar:
         self._published = value
         log.info("%s: %s (key %s…)", self._name, what, record.public_key[:10])
 
+    async def set_observed(self, observed: tuple[tuple[str, Endpoint], ...]) -> None:
+        """Publish where we see peers whose packets come from elsewhere than their records say (docs/nat.md)."""
+        if observed != self._observed:
+            self._observed = observed
+            await self._publish_current(f"observed {len(observed)} peer(s) elsewhere than their records say")
+
+    async def set_public_endpoint(self, endpoint: Endpoint) -> None:
+        """Peers see us at ``endpoint`` (we are behind NAT): publish it as ours."""
+        if endpoint != self.public_endpoint:
+            self.public_endpoint = endpoint
+            await self._publish_current(f"peers see this node at {endpoint}: publishing that endpoint")
+
     def _record_like(self, record: NodeRecord) -> NodeRecord:
-        """``record`` with our current key, announcement and time."""
+        """``record`` with our current key, announcement, endpoint, observations and time."""
         return replace(
-            record, public_key=self._key.public_key, next_public_key=self._next_key, published_at=time.time()
+            record,
+            public_key=self._key.public_key,
+            next_public_key=self._next_key,
+            endpoint=self.public_endpoint or record.endpoint,
+            observed_endpoints=self._observed,
+            published_at=time.time(),
         )
 
     async def restore(self, value: bytes | None) -> None:

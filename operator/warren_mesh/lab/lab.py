@@ -24,7 +24,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -39,6 +39,7 @@ from warren_mesh.process import alive, connect_in_netns, in_netns, wait_exit
 from warren_mesh.wireguard import link, uapi
 
 SUBNET = ipaddress.ip_network("192.168.240.0/24")
+NAT_SUBNET = "10.231.{index}.0/24"  # behind node i's NAT: the NAT .1, the node .2
 HUB_ADDRESS = "192.168.240.1"
 ETCD_PORT = 2379
 METRICS_PORT = 9587
@@ -140,10 +141,12 @@ class Lab:
         timeout: float = 60.0,
         pods: int = 0,
         wireguard_go: str | None = None,
+        nat: Iterable[str] = (),
         progress: Callable[[str], None] | None = None,
     ) -> list[LabNode]:
         """``pods``: pods to start on each node once the mesh is up (``pod-1``, ...); ``wireguard_go``: the binary
-        the userspace backend runs (None: the one on PATH)."""
+        the userspace backend runs (None: the one on PATH); ``nat``: nodes (node-2, ...) put behind a NAT of their
+        own, which keeps ports and lets nothing unsolicited in."""
         require_root()
         if self.is_up():
             raise LabError(f"a lab named {self.prefix} is already up; `warren-mesh lab down` first")
@@ -156,6 +159,7 @@ class Lab:
                 "lease_ttl": lease_ttl,
                 "resync_interval": resync_interval,
                 "wireguard_go": wireguard_go or "",
+                "nat": sorted(self._index_of_name(node, nodes) for node in nat),
             }
             self._save({**state, "tls": tls})
             if tls:  # a PKI of the lab's own: etcd's certificate for the hub's address, admin and node certificates
@@ -195,15 +199,79 @@ class Lab:
         ns = self.node_netns(index)
         netns.create(ns)
         node_side, hub_side = f"{self.prefix}v{index}n", f"{self.prefix}v{index}h"
-        netns.veth(node_side, hub_side, ns=ns, peer_ns=self.hub)
-        netns.attach(hub_side, self.bridge, ns=self.hub)
-        netns.address(node_side, f"{self.underlay_ip(index)}/{SUBNET.prefixlen}", ns=ns)
+        if index in self.behind_nat():
+            # The node's link goes to a NAT of its own, whose outside is on the bridge with the node's usual address.
+            nat = self.nat_netns(index)
+            netns.create(nat)
+            outside, inside = f"{self.prefix}v{index}o", f"{self.prefix}v{index}i"
+            netns.veth(outside, hub_side, ns=nat, peer_ns=self.hub)
+            netns.attach(hub_side, self.bridge, ns=self.hub)
+            netns.address(outside, f"{self.underlay_ip(index)}/{SUBNET.prefixlen}", ns=nat)
+            netns.veth(node_side, inside, ns=ns, peer_ns=nat)
+            private = ipaddress.ip_network(NAT_SUBNET.format(index=index))
+            netns.address(inside, f"{private.network_address + 1}/{private.prefixlen}", ns=nat)
+            netns.address(node_side, f"{private.network_address + 2}/{private.prefixlen}", ns=ns)
+            self._nat_rules(index)
+            gateway = str(private.network_address + 1)
+        else:
+            netns.veth(node_side, hub_side, ns=ns, peer_ns=self.hub)
+            netns.attach(hub_side, self.bridge, ns=self.hub)
+            netns.address(node_side, f"{self.underlay_ip(index)}/{SUBNET.prefixlen}", ns=ns)
+            gateway = HUB_ADDRESS
         if self.tls and not (self.pki_dir / f"{pki.node_user(self.node_name(index))}.pem").exists():
             pki.issue_node(self.pki_dir, self.node_name(index))
             self._admin("etcd-auth", "add-node", self.node_name(index))
         with IPRoute(netns=ns) as ipr:
-            ipr.route("add", dst="0.0.0.0/0", gateway=HUB_ADDRESS)
+            ipr.route("add", dst="0.0.0.0/0", gateway=gateway)
         self.start_agent(index)
+
+    # --- NAT --------------------------------------------------------------------------------------------------
+
+    def nat_netns(self, index: int) -> str:
+        return f"{self.prefix}-nat{index}"
+
+    def behind_nat(self) -> set[int]:
+        """The nodes behind a NAT of their own (``up(nat=...)``)."""
+        nat = self._load().get("nat", [])
+        return {int(i) for i in nat} if isinstance(nat, list) else set()
+
+    def _nat_rules(self, index: int, port: int | None = None) -> None:
+        """A home router: outgoing connections masqueraded behind its address (keeping the port, unless ``port``
+        says which), nothing unsolicited let in. Dropping what is unsolicited before conntrack confirms it also
+        keeps the NAT from taking a port for it (which would make it give the node's next packets another)."""
+        outside, inside = f"{self.prefix}v{index}o", f"{self.prefix}v{index}i"
+        # A port asked for applies to UDP (WireGuard); etcd's TCP connection keeps the usual masquerade.
+        masquerade = (
+            "masquerade" if port is None else f'meta l4proto udp masquerade to :{port}; oifname "{outside}" masquerade'
+        )
+        ruleset = (
+            "table ip lab-nat\n"
+            "delete table ip lab-nat\n"
+            "table ip lab-nat {\n"
+            f'  chain postrouting {{ type nat hook postrouting priority srcnat; oifname "{outside}" {masquerade}; }}\n'
+            "  chain input { type filter hook input priority 0; policy drop; ct state established,related accept; }\n"
+            "  chain forward {\n"
+            "    type filter hook forward priority 0; policy drop;\n"
+            "    ct state established,related accept;\n"
+            f'    iifname "{inside}" oifname "{outside}" accept;\n'
+            "  }\n"
+            "}\n"
+        )
+        ns = self.nat_netns(index)
+        subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"], check=True)
+        done = subprocess.run(
+            ["ip", "netns", "exec", ns, "nft", "-f", "-"], input=ruleset, capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            raise LabError(f"the NAT of node-{index} could not be set up: {done.stderr.strip()}")
+
+    def rebind_nat(self, index: int, port: int) -> None:
+        """Node ``index``'s NAT forgets its mappings and maps the node's traffic to ``port`` from now on (a home
+        router restarted, a carrier-grade NAT that timed out): its peers see it at a new endpoint."""
+        self._nat_rules(index, port)
+        subprocess.run(
+            ["ip", "netns", "exec", self.nat_netns(index), "conntrack", "-F"], capture_output=True, check=True
+        )
 
     def start_agent(self, index: int) -> int:
         state = self._load()
@@ -429,6 +497,14 @@ class Lab:
     def exec_argv(self, node: str, command: list[str]) -> list[str]:
         index = self._index_of(node)
         return ["ip", "netns", "exec", self.node_netns(index), *command]
+
+    @staticmethod
+    def _index_of_name(node: str, nodes: int) -> int:
+        """``node-3`` (or ``3``) of a lab of ``nodes`` nodes, before they exist."""
+        number = node.removeprefix("node-")
+        if not number.isdigit() or not 1 <= int(number) <= nodes:
+            raise LabError(f"--nat {node!r}: not one of node-1 .. node-{nodes}")
+        return int(number)
 
     def _index_of(self, node: str) -> int:
         for index in self.nodes():
