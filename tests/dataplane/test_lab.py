@@ -494,6 +494,15 @@ def _conflist_mtu(lab: Lab, index: int) -> int:
     return int(json.loads((lab.cni_dir(index) / "10-warren-mesh.conflist").read_text())["plugins"][0]["mtu"])
 
 
+def _wait_for_mtu(lab: Lab, nodes: tuple[int, ...], mtu: int, what: str) -> None:
+    """Until every node's WireGuard device and CNI config have ``mtu``."""
+    wait_for(
+        lambda: all(_mtu(lab, lab.node_netns(i), lab.interface(i)) == mtu == _conflist_mtu(lab, i) for i in nodes),
+        15,
+        what,
+    )
+
+
 def test_the_mtu_follows_the_underlay_and_the_mesh_to_the_device_and_new_pods(lab: Lab) -> None:
     """mtu: auto is the underlay's MTU less WireGuard's 60 bytes over IPv4, also when the underlay's MTU changes
     under running agents; an MTU set in the mesh reaches the devices, the CNI config and the pods made after it."""
@@ -509,14 +518,7 @@ def test_the_mtu_follows_the_underlay_and_the_mesh_to_the_device_and_new_pods(la
 
     for index in nodes:
         lab.set_underlay(index, mtu=1400)
-    wait_for(
-        lambda: (
-            [_mtu(lab, lab.node_netns(i), lab.interface(i)) for i in nodes] == [1340, 1340]
-            and [_conflist_mtu(lab, i) for i in nodes] == [1340, 1340]
-        ),
-        15,
-        "the devices and the CNI configs to follow the underlay's MTU of 1400",
-    )
+    _wait_for_mtu(lab, nodes, 1340, "the devices and the CNI configs to follow the underlay's MTU of 1400")
     second = {node: lab.add_pod(node, "pod-2") for node in ("node-1", "node-2")}
     assert _mtu(lab, second["node-1"].netns, "eth0") == 1340
     counter = subprocess.Popen(
@@ -537,14 +539,7 @@ def test_the_mtu_follows_the_underlay_and_the_mesh_to_the_device_and_new_pods(la
     # An MTU set in the mesh wins over auto: the devices, the CNI configs and the next pods take it.
     config = MeshConfig(mtu=1300).to_json()
     _etcdctl(lab, "put", "/warren/mesh/v1/config", value=json.dumps(config).encode())
-    wait_for(
-        lambda: (
-            [_mtu(lab, lab.node_netns(i), lab.interface(i)) for i in nodes] == [1300, 1300]
-            and [_conflist_mtu(lab, i) for i in nodes] == [1300, 1300]
-        ),
-        15,
-        "the devices and the CNI configs to take the mesh's MTU",
-    )
+    _wait_for_mtu(lab, nodes, 1300, "the devices and the CNI configs to take the mesh's MTU")
     third = lab.add_pod("node-2", "pod-3")
     assert _mtu(lab, third.netns, "eth0") == 1300
     assert _pod_throughput(lab, second["node-1"], third, seconds=1.0) > 0

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from warren_mesh.lab.etcd_server import EtcdServer
 
 BENCH = Path(__file__).resolve().parents[2] / "hack" / "bench.py"
@@ -82,3 +84,15 @@ def test_bench_with_etcd_auth_smoke() -> None:
     (join,) = map(json.loads, result.stdout.splitlines())
     assert join["scenario"] == "join" and join["etcd_auth"] is True and join["floor_p99_ms"] > 0
     assert join["samples"] == 3 + 4 and 0 < join["p50_ms"] <= join["p99_ms"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the rotate scenario runs a userspace lab (root)")
+def test_bench_rotate_smoke() -> None:
+    """Every node of a 3-node lab rotates its key under probe traffic (docs/key-rotation.md's measurement, small).
+    Only the shape and what must hold whatever the machine: every rotation done, nobody else touched."""
+    args = [sys.executable, str(BENCH), "--scenario", "rotate", "--nodes", "3", "--probe-rate", "100"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (rotate,) = map(json.loads, result.stdout.splitlines())
+    assert rotate["scenario"] == "rotate" and rotate["rotations"] == 3 and rotate["pairs"] == 6
+    assert rotate["untouched_changes"] == 0 and rotate["max_gap_ms"] > 0 and 0 <= rotate["worst_pair_loss"] < 1
