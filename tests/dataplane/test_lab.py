@@ -684,6 +684,10 @@ def test_a_node_rotates_its_key_while_traffic_flows(lab: Lab) -> None:
     time.sleep(3)
     assert lab.public_key(2) == new_public
     assert all(ok for *_, ok in lab.ping_all())
+    # SIGHUP: another key, at once.
+    lab.signal_agent(2, signal.SIGHUP)
+    wait_for(lambda: lab.public_key(2) not in ("", new_public), 15, "node-2 to rotate on SIGHUP")
+    wait_for(lambda: all(ok for *_, ok in lab.ping_all()), 10, "the mesh to carry on with node-2's third key")
 
 
 def _endpoint_of(lab: Lab, index: int, public_key: str) -> str:

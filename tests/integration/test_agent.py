@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import subprocess
 import sys
 import time
@@ -480,5 +481,42 @@ def test_peers_are_set_one_by_one_when_the_device_refuses_them_together(
         finally:
             stop.set()
             await running
+
+    in_mesh(shared_etcd, prefix, tmp_path, scenario)
+
+
+def test_keys_rotate_when_the_meshs_interval_says_and_peers_follow(
+    shared_etcd: EtcdServer, prefix: str, tmp_path: Path
+) -> None:
+    """keyRotationIntervalHours: a node whose key is older than the interval makes a new one; its peers move to it
+    (docs/key-rotation.md); a node whose key is young does nothing."""
+    schema = KeySchema(prefix)
+
+    async def scenario(mesh: Mesh) -> None:
+        admin = shared_etcd.admin_store()
+        try:
+            mesh.start("a")
+            mesh.start("b")
+            await mesh.converged()
+            a, b = mesh.agents["a"], mesh.agents["b"]
+            old, b_key = a.key.public_key, b.key.public_key
+            two_hours_ago = time.time() - 7200
+            os.utime(a.settings.device.key_file, (two_hours_ago, two_hours_ago))
+            config = MeshConfig(key_rotation_interval_hours=1).to_json()
+            await admin.put(schema.config, json.dumps(config).encode())
+            await wait_until(
+                lambda: (
+                    a.key.public_key != old
+                    and a.key.public_key in b.backend.read().peers
+                    and old not in b.backend.read().peers
+                ),
+                30,
+                "a to rotate its key and b to follow",
+            )
+            assert a.backend.read().public_key == a.key.public_key
+            assert a.settings.device.key_file.read_text().strip() == a.key.private_base64()
+            assert b.key.public_key == b_key  # b's key is young
+        finally:
+            await admin.close()
 
     in_mesh(shared_etcd, prefix, tmp_path, scenario)

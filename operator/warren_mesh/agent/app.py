@@ -57,6 +57,7 @@ _DEVICE_CHECK_INTERVAL = 1.0
 # Seconds between looks at where peers' packets come from (a NAT mapping that changed is found this fast, once the
 # node behind it has sent something: its persistent keepalive bounds that).
 _ENDPOINT_CHECK_INTERVAL = 2.0
+_ROTATION_CHECK_INTERVAL = 5.0  # seconds between looks at whether the mesh's config asks for key rotation
 _SCRAPE_DEVICE_TIMEOUT = 5.0  # a scrape waits this long for the device thread, then reports the device down
 
 
@@ -305,7 +306,7 @@ class Agent:
             try:
                 if interval is None:
                     # The config may set an interval later: look again now and then.
-                    await asyncio.wait_for(self._rotation_requested.wait(), timeout=60.0)
+                    await asyncio.wait_for(self._rotation_requested.wait(), timeout=_ROTATION_CHECK_INTERVAL)
                 else:
                     due = rotation.key_created_at() + interval - time.time()
                     why = "interval"

@@ -354,6 +354,13 @@ class Lab:
                 os.kill(pid, sig)
             wait_exit(pid, 10)
 
+    def signal_agent(self, index: int, sig: int) -> None:
+        """Send node ``index``'s agent a signal it handles (SIGHUP: rotate the key now)."""
+        pid = self._agent_pid(index)
+        if pid is None:
+            raise LabError(f"node-{index} has no agent running")
+        os.kill(pid, sig)
+
     def _agent_pid(self, index: int) -> int | None:
         nodes = self._load()["nodes"]
         assert isinstance(nodes, dict)
