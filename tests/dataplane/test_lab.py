@@ -640,17 +640,20 @@ def test_the_graph_shows_every_edge_and_a_dead_nodes_edges_turn_stale(lab: Lab) 
     assert "darkgreen" in _edge(dot, "node-1", "node-2")
 
 
-def test_a_node_rotates_its_key_while_traffic_flows(lab: Lab) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_node_rotates_its_key_while_traffic_flows(lab: Lab, backend: str) -> None:
     """docs/key-rotation.md: node-2 gets a new key on request while every pair exchanges 200 datagrams a second;
     no pair loses more than half a second of them, node-1 and node-3 see no change between them, and the old
-    private key is gone from node-2's disk."""
-    lab.up(3, backend="userspace", lease_ttl=TTL, resync_interval=2, timeout=120)
+    private key is gone from node-2's disk. On kernel WireGuard (in the TCG VM, tens of times slower) the probe is
+    gentler and the bound is 2 s: what the design must rule out is WireGuard's 5 s handshake retry."""
+    lab.up(3, backend=backend, lease_ttl=TTL, resync_interval=2, timeout=120)
+    rate, longest = (200, 500) if backend == "userspace" else (20, 2000)
     key_file = lab.state_dir / "node-2.key"
     old_private, old_public = key_file.read_text(), lab.public_key(2)
     keys = {i: lab.public_key(i) for i in (1, 3)}
     between_1_and_3 = (lab.device(1)[keys[3]][2], lab.device(3)[keys[1]][2])
     nodes = {n.name: (n.netns, str(n.overlay_ip)) for n in lab.status()}
-    probe = Probe(nodes, rate=200, seconds=8)
+    probe = Probe(nodes, rate=rate, seconds=8)
     probe.start()
     try:
         time.sleep(3)  # the probes' start, and two seconds of traffic before
@@ -667,9 +670,9 @@ def test_a_node_rotates_its_key_while_traffic_flows(lab: Lab) -> None:
         probe.stop()
     print("rotation, per directed pair (loss, longest gap ms):", pairs)
     for (source, target), (loss, gap) in pairs.items():
-        assert gap <= 500 and loss * 8 <= 0.5, (source, target, loss, gap)
+        assert gap <= longest and loss * 8 <= longest / 1000, (source, target, loss, gap)
         if "node-2" not in (source, target):
-            assert loss == 0 and gap < 200, (source, target, loss, gap)
+            assert loss == 0 and gap < longest * 0.4, (source, target, loss, gap)
     # Untouched: node-1 and node-3 kept their session with each other.
     assert (lab.device(1)[keys[3]][2], lab.device(3)[keys[1]][2]) == between_1_and_3
     # The key file holds the new key only; the old one is nowhere on disk next to it.
