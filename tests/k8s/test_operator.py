@@ -40,6 +40,7 @@ spec:
   overlayCIDR: 10.96.0.0/16
   mtu: 1400
   leaseTTLSeconds: 3
+  keyRotationIntervalHours: 720
 """
 
 PEER = f"""
@@ -252,6 +253,7 @@ def test_kubectl_edits_reach_every_agent(
     cluster.kubectl("apply", "-f", "-", input=MESH)
     config = wait_for(lambda: etcd_value(mesh_etcd, SCHEMA.config), 20, "the config in etcd", operator.log)
     assert json.loads(config)["mtu"] == 1400 and json.loads(config)["lease_ttl_seconds"] == 3
+    assert json.loads(config)["key_rotation_interval_hours"] == 720  # the nodes' keys are new: none rotates
     for name in ("node-a", "node-b", "node-c"):
         agents.start(name)
     wait_for(lambda: agents.mtus() == {1400}, 20, "every agent on MTU 1400")
