@@ -64,11 +64,17 @@ class KeyRotation:
         """Move this node to a new key, as the module's docstring says; the new key."""
         started = time.monotonic()
         key = NodeKey.generate()
-        await asyncio.to_thread(keys.write_pending, self._key_file, key)
-        log.info("key rotation (%s): announcing %s…", why, key.public_key[:10])
-        await self._registrar.announce_key(key.public_key)
-        await asyncio.sleep(self._grace)
-        await asyncio.to_thread(keys.install_pending, self._key_file)
+        try:
+            await asyncio.to_thread(keys.write_pending, self._key_file, key)
+            log.info("key rotation (%s): announcing %s…", why, key.public_key[:10])
+            await self._registrar.announce_key(key.public_key)
+            await asyncio.sleep(self._grace)
+            await asyncio.to_thread(keys.install_pending, self._key_file)
+        except BaseException:
+            # Nothing switched: the old key stays in use; peers drop the announced one with our next publish.
+            self._registrar.withdraw_announcement()
+            await asyncio.to_thread(keys.discard_pending, self._key_file)
+            raise
         if not await self._reconciler.switch_key(key):
             # The device refused something: the next passes retry it (the key is the node's from now on).
             log.warning("key rotation: the device did not take everything at once; the next pass retries")

@@ -363,6 +363,10 @@ class Registrar:
         self._next_key = public_key
         await self._publish_current("announced the next key")
 
+    def withdraw_announcement(self) -> None:
+        """A rotation that did not happen: our next record announces nothing."""
+        self._next_key = None
+
     async def switch_key(self, key: NodeKey) -> None:
         """We use ``key`` now (the device has it): publish it as our key, the announcement done."""
         self._key, self._next_key = key, None
