@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from warren_mesh.mesh.peers import MeshView
 from warren_mesh.metrics.reading import AgentReading, PeerReading
+from warren_mesh.status import format_rate
 
 DEFAULT_STALE_AFTER = 180.0
 NEWLINE = "\\n"  # a line break inside a DOT label
@@ -47,13 +48,7 @@ def _age(seconds: float) -> str:
 
 
 def _rate(bytes_per_second: float | None) -> str:
-    if bytes_per_second is None:
-        return "-"
-    bits = bytes_per_second * 8
-    for unit, scale in (("Gbit/s", 1e9), ("Mbit/s", 1e6), ("kbit/s", 1e3)):
-        if bits >= scale:
-            return f"{bits / scale:.1f} {unit}"
-    return f"{bits:.0f} bit/s"
+    return "-" if bytes_per_second is None else format_rate(bytes_per_second * 8)
 
 
 def is_stale(reading: PeerReading, now: float, stale_after: float) -> bool:

@@ -81,7 +81,8 @@ async def read_status(store: Store, schema: KeySchema) -> MeshStatus:
     return MeshStatus(nodes, tuple(rejected), view.revision)
 
 
-def _rate(bits_per_second: float) -> str:
+def format_rate(bits_per_second: float) -> str:
+    """A link's rate as people read it: 1.2 Gbit/s, 340.0 Mbit/s, 12 bit/s."""
     for unit, scale in (("Gbit/s", 1e9), ("Mbit/s", 1e6), ("kbit/s", 1e3)):
         if bits_per_second >= scale:
             return f"{bits_per_second / scale:.1f} {unit}"
@@ -97,7 +98,7 @@ def render_table(status: MeshStatus) -> str:
         row: tuple[str, ...] = (n.name, n.overlay_ip, n.endpoint, n.public_key[:10] + "…", f"{n.lease_seconds_left}s")
         if status.traffic:
             rates = status.traffic.get(n.public_key)
-            row = (*row, *((_rate(rates[0]), _rate(rates[1])) if rates is not None else ("-", "-")))
+            row = (*row, *((format_rate(rates[0]), format_rate(rates[1])) if rates is not None else ("-", "-")))
         rows.append(row)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]

@@ -439,14 +439,8 @@ class Lab:
     def device(self, index: int) -> dict[str, tuple[int, int, float]]:
         """Node ``index``'s WireGuard peers as public key -> (rx bytes, tx bytes, last handshake), read with
         `wg show dump` inside its namespace: the same for kernel and userspace devices. Empty if unreadable."""
-        result = subprocess.run(
-            ["ip", "netns", "exec", self.node_netns(index), "wg", "show", self.interface(index), "dump"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
         peers: dict[str, tuple[int, int, float]] = {}
-        for line in result.stdout.splitlines()[1:] if result.returncode == 0 else []:
+        for line in self._wg(index, "dump").splitlines()[1:]:
             fields = line.split("\t")
             if len(fields) >= 8:
                 peers[fields[0]] = (int(fields[5]), int(fields[6]), float(fields[4]))
