@@ -651,7 +651,9 @@ def test_a_node_rotates_its_key_while_traffic_flows(lab: Lab, backend: str) -> N
     key_file = lab.state_dir / "node-2.key"
     old_private, old_public = key_file.read_text(), lab.public_key(2)
     keys = {i: lab.public_key(i) for i in (1, 3)}
-    between_1_and_3 = (lab.device(1)[keys[3]][2], lab.device(3)[keys[1]][2])
+    # What node-1 and node-3 hold for each other. (Not their handshake times: a lab's first handshakes can still be
+    # settling, two initiations crossing and one retried 5 s later, which is WireGuard's business, not ours.)
+    between_1_and_3 = (lab.peer_config(1)[keys[3]], lab.peer_config(3)[keys[1]])
     nodes = {n.name: (n.netns, str(n.overlay_ip)) for n in lab.status()}
     probe = Probe(nodes, rate=rate, seconds=8)
     probe.start()
@@ -673,8 +675,8 @@ def test_a_node_rotates_its_key_while_traffic_flows(lab: Lab, backend: str) -> N
         assert gap <= longest and loss * 8 <= longest / 1000, (source, target, loss, gap)
         if "node-2" not in (source, target):
             assert loss == 0 and gap < longest * 0.4, (source, target, loss, gap)
-    # Untouched: node-1 and node-3 kept their session with each other.
-    assert (lab.device(1)[keys[3]][2], lab.device(3)[keys[1]][2]) == between_1_and_3
+    # Untouched: nothing changed between node-1 and node-3 (and above: not one datagram lost between them).
+    assert (lab.peer_config(1)[keys[3]], lab.peer_config(3)[keys[1]]) == between_1_and_3
     # The key file holds the new key only; the old one is nowhere on disk next to it.
     assert key_file.read_text() != old_private and not (lab.state_dir / "node-2.key.next").exists()
     assert key_file.stat().st_mode & 0o777 == 0o600
