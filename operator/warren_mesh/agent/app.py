@@ -148,8 +148,12 @@ class Agent:
         """Rotate the WireGuard key soon (SIGHUP, `warren-mesh rotate-key`): a request made at ``requested_at``
         counts only if the key in use is older (so a request acted on is not acted on again after a restart)."""
         rotation = self.key_rotation
-        if requested_at is not None and rotation is not None and requested_at <= rotation.key_created_at():
-            return
+        if requested_at is not None and rotation is not None:
+            try:
+                if requested_at <= rotation.key_created_at():
+                    return
+            except OSError:
+                pass  # no key file to date the key by: the request stands
         self._rotation_requested.set()
 
     def healthy(self) -> bool:
@@ -302,19 +306,20 @@ class Agent:
             interval = self.settings.device.rotate_key_every
             if interval is None and self.view.config.key_rotation_interval_hours:
                 interval = self.view.config.key_rotation_interval_hours * 3600.0
-            why = "asked"
-            try:
-                if interval is None:
-                    # The config may set an interval later: look again now and then.
-                    await asyncio.wait_for(self._rotation_requested.wait(), timeout=_ROTATION_CHECK_INTERVAL)
-                else:
+            due = None
+            if interval is not None:
+                with contextlib.suppress(OSError):  # no key file (an identity given in code): never due
                     due = rotation.key_created_at() + interval - time.time()
-                    why = "interval"
-                    await asyncio.wait_for(self._rotation_requested.wait(), timeout=max(0.0, due))
-                    why = "asked"
-            except TimeoutError:
-                if interval is None:
+            if due is not None and due <= 0:
+                why = "interval"
+            else:
+                # Looked at again every few seconds: the mesh's interval may change, and the key come due.
+                wait = _ROTATION_CHECK_INTERVAL if due is None else min(due, _ROTATION_CHECK_INTERVAL)
+                try:
+                    await asyncio.wait_for(self._rotation_requested.wait(), timeout=wait)
+                except TimeoutError:
                     continue
+                why = "asked"
             self._rotation_requested.clear()
             try:
                 self.key = await rotation.rotate(why)
