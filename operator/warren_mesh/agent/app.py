@@ -33,6 +33,7 @@ from warren_mesh.agent.underlay import (
     mtu_of_address,
     subnets_of_address,
 )
+from warren_mesh.device import DeviceState
 from warren_mesh.keys import NodeKey, load_or_create
 from warren_mesh.mesh import endpoints
 from warren_mesh.mesh.claims import LocalNode
@@ -56,7 +57,7 @@ _T = TypeVar("_T")
 _DEVICE_CHECK_INTERVAL = 1.0
 # Seconds between looks at where peers' packets come from (a NAT mapping that changed is found this fast, once the
 # node behind it has sent something: its persistent keepalive bounds that).
-_ENDPOINT_CHECK_INTERVAL = 2.0
+_ENDPOINT_CHECK_INTERVAL = 2.0  # when the throughput window samples nothing (else: as often as it samples)
 _ROTATION_CHECK_INTERVAL = 5.0  # seconds between looks at whether the mesh's config asks for key rotation
 _SCRAPE_DEVICE_TIMEOUT = 5.0  # a scrape waits this long for the device thread, then reports the device down
 
@@ -280,13 +281,13 @@ class Agent:
         tasks.append(loop.create_task(self._rotate_keys(self.key_rotation), name="key-rotation"))
         if not self.backend.simulated:
             tasks.append(loop.create_task(self._follow_underlay_mtu(endpoint_host, underlay_mtu), name="underlay-mtu"))
-            pinned = settings.registration.endpoint_host is not None
-            tasks.append(loop.create_task(self._follow_endpoints(registrar, pinned=pinned), name="endpoints"))
         if settings.store.tls is not None and settings.store.tls.cert_file is not None:
             tasks.append(loop.create_task(self._watch_certificate(settings.store.tls.cert_file), name="certificate"))
-        if settings.metrics.traffic_sample_interval > 0:
-            interval = settings.metrics.traffic_sample_interval
-            tasks.append(loop.create_task(self._sample_traffic(interval), name="traffic"))
+        # A simulated device has no endpoints of its own to see peers at.
+        endpoints_of = None if self.backend.simulated else registrar
+        if settings.metrics.traffic_sample_interval > 0 or endpoints_of is not None:
+            pinned = settings.registration.endpoint_host is not None
+            tasks.append(loop.create_task(self._watch_peers(endpoints_of, pinned=pinned), name="peers"))
 
     async def _watch_device(self) -> None:
         """Notice a dead data plane (wireguard-go crashed) within a second and configure the new one."""
@@ -329,25 +330,18 @@ class Agent:
                 continue
             self.metrics.info.info(self._info())
 
-    async def _follow_endpoints(self, registrar: Registrar, *, pinned: bool) -> None:
+    async def _publish_endpoints(self, registrar: Registrar, device: DeviceState, *, pinned: bool) -> None:
         """Publish where this node sees peers whose packets come from elsewhere than their records say, and, unless
         --endpoint pins ours, take as ours the endpoint peers see us at (behind NAT; docs/nat.md)."""
         assert self.reconciler is not None
-        name = self.settings.node_name
-        while True:
-            await asyncio.sleep(_ENDPOINT_CHECK_INTERVAL)
-            try:
-                device = await self.device_thread.run(self.backend.read)
-            except BackendError:
-                continue  # the watchdog reports and repairs a dead device
-            observed = endpoints.observed_elsewhere(device, self.reconciler.peer_names(), self.view, now=time.time())
-            public = None if pinned else endpoints.public_endpoint(self.view, name)
-            try:
-                await registrar.set_observed(observed)
-                if public is not None:
-                    await registrar.set_public_endpoint(public)
-            except StoreError as exc:
-                log.warning("could not publish observed endpoints (retrying): %s", exc)
+        observed = endpoints.observed_elsewhere(device, self.reconciler.peer_names(), self.view, now=time.time())
+        public = None if pinned else endpoints.public_endpoint(self.view, self.settings.node_name)
+        try:
+            await registrar.set_observed(observed)
+            if public is not None:
+                await registrar.set_public_endpoint(public)
+        except StoreError as exc:
+            log.warning("could not publish observed endpoints (retrying): %s", exc)
 
     async def _underlay_mtu(self, endpoint_host: IPAddress) -> int:
         if self.backend.simulated:  # its address is on no interface of this host
@@ -387,15 +381,21 @@ class Agent:
                 self.metrics.etcd_certificate_expiry.set(pki.not_after(cert_file).timestamp())
             await asyncio.sleep(interval)
 
-    async def _sample_traffic(self, interval: float) -> None:
-        """Feed the throughput window with the device's byte counters (the gauges average over it)."""
+    async def _watch_peers(self, registrar: Registrar | None, *, pinned: bool) -> None:
+        """One reading of the device every few seconds serves both: the throughput window (the gauges average over
+        it) and, given ``registrar``, the endpoints peers are seen at."""
+        sample_traffic = self.settings.metrics.traffic_sample_interval > 0
+        interval = self.settings.metrics.traffic_sample_interval if sample_traffic else _ENDPOINT_CHECK_INTERVAL
         while True:
             try:
                 device = await self.device_thread.run(self.backend.read)
             except BackendError:
                 pass  # the watchdog reports and repairs a dead device; the window just misses a sample
             else:
-                self.traffic.add(time.monotonic(), device.stats)
+                if sample_traffic:
+                    self.traffic.add(time.monotonic(), device.stats)
+                if registrar is not None:
+                    await self._publish_endpoints(registrar, device, pinned=pinned)
             await asyncio.sleep(interval)
 
     def _protected_networks(self, endpoint_host: IPAddress) -> tuple[IPNetwork, ...]:
