@@ -45,7 +45,7 @@ from warren_mesh.settings import (
     add_flag,
     add_store_flags,
 )
-from warren_mesh.status import read_agent_traffic, read_status, render_json, render_table
+from warren_mesh.status import read_agent_traffic, read_status, read_view, render_json, render_table
 from warren_mesh.store.base import StoreError
 from warren_mesh.store.etcd import EtcdStore
 from warren_mesh.store.etcd_auth import EtcdAuth
@@ -356,11 +356,7 @@ def _lab(args: argparse.Namespace) -> int:
     if args.lab_command == "pod":
         return _lab_pod(lab, args)
     if args.lab_command == "graph":
-        picture = lab.graph(fmt=args.format)
-        if args.output:
-            Path(args.output).write_bytes(picture)
-        else:
-            sys.stdout.buffer.write(picture)
+        _write_picture(lab.graph(fmt=args.format), args.output)
         return 0
     if args.lab_command == "ping":
         failed = 0
@@ -507,7 +503,7 @@ async def _showconf(settings: StoreSettings, args: argparse.Namespace) -> int:
         key = load_key(Path(args.private_key_file))
     store = EtcdStore(settings.etcd_endpoints, tls=settings.tls, call_timeout=3.0)
     try:
-        view = await showconf.read_view(store, settings.schema)
+        view = await read_view(store, settings.schema)
     finally:
         await store.close()
     if args.showconf_command == "peer":
@@ -536,7 +532,7 @@ async def _graph(settings: StoreSettings, args: argparse.Namespace) -> int:
     urls = args.agent_metrics or ["http://127.0.0.1:9587/metrics"]
     store = EtcdStore(settings.etcd_endpoints, tls=settings.tls, call_timeout=3.0)
     try:
-        view = await showconf.read_view(store, settings.schema)
+        view = await read_view(store, settings.schema)
     finally:
         await store.close()
     readings = []
@@ -547,12 +543,16 @@ async def _graph(settings: StoreSettings, args: argparse.Namespace) -> int:
             # The default (a local agent) is often not there; one the user named is worth a word.
             log.log(logging.WARNING if args.agent_metrics else logging.DEBUG, "no edges from %s: %s", url, exc)
     dot = graph_module.render_dot(view, readings, now=time.time(), stale_after=args.stale_after)
-    picture = graph_module.draw(dot, args.format)
-    if args.output:
-        await asyncio.to_thread(Path(args.output).write_bytes, picture)
+    await asyncio.to_thread(_write_picture, graph_module.draw(dot, args.format), args.output)
+    return 0
+
+
+def _write_picture(picture: bytes, output: str | None) -> None:
+    """`graph`'s output: into ``output``, or (None) to standard output, as bytes (a PNG is not text)."""
+    if output:
+        Path(output).write_bytes(picture)
     else:
         sys.stdout.buffer.write(picture)
-    return 0
 
 
 async def _peer(settings: StoreSettings, args: argparse.Namespace) -> int:
@@ -573,7 +573,7 @@ async def _peer(settings: StoreSettings, args: argparse.Namespace) -> int:
         key, address = await peers.add(
             store, settings.schema, args.name, allowed_ips=allowed, persistent_keepalive=args.keepalive
         )
-        view = await showconf.read_view(store, settings.schema)
+        view = await read_view(store, settings.schema)
     finally:
         await store.close()
     print(f"added peer {args.name} at {address}; its private key is only in the file below", file=sys.stderr)

@@ -66,14 +66,19 @@ def load_or_create(path: Path) -> tuple[NodeKey, bool]:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     # O_EXCL: two agents racing on one file must not both write; the loser reads the winner's key.
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        _write_new(path, key)
     except FileExistsError:
         return _load(path), False
+    return key, True
+
+
+def _write_new(path: Path, key: NodeKey) -> None:
+    """``key`` into a new file (0600, on disk before this returns); FileExistsError if ``path`` exists."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as out:
         out.write(key.private_base64() + "\n")
         out.flush()
         os.fsync(out.fileno())
-    return key, True
 
 
 def load(path: Path) -> NodeKey:
@@ -115,11 +120,7 @@ def write_pending(path: Path, key: NodeKey) -> None:
     """Keep ``key`` beside the key file (0600) while peers are told about it."""
     pending = pending_path(path)
     pending.unlink(missing_ok=True)
-    fd = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(key.private_base64() + "\n")
-        out.flush()
-        os.fsync(out.fileno())
+    _write_new(pending, key)
 
 
 def install_pending(path: Path) -> NodeKey:

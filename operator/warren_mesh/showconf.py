@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,8 +22,6 @@ from warren_mesh.mesh.peers import MeshView
 from warren_mesh.mesh.topology import Topology, build_topology
 from warren_mesh.model import ExternalPeer
 from warren_mesh.netaddr import IPAddress
-from warren_mesh.schema import KeySchema
-from warren_mesh.store.base import Store
 
 # Where a node's MTU depends on its underlay (mtu: auto), the file says nothing and wg-quick picks its own.
 _UNKNOWN_MTU = 0
@@ -99,12 +97,6 @@ class Member:
 
     def render_json(self) -> str:
         return json.dumps(self.to_json(), indent=2)
-
-
-async def read_view(store: Store, schema: KeySchema) -> MeshView:
-    view = MeshView(schema)
-    view.apply(await store.list_prefix(schema.root))
-    return view
 
 
 def overlay_addresses(view: MeshView, peer: ExternalPeer) -> tuple[IPAddress, ...]:
@@ -194,7 +186,3 @@ def for_node(view: MeshView, name: str) -> Member:
         listen_port=record.listen_port,
         mtu=view.config.mtu or _UNKNOWN_MTU,
     )
-
-
-def peer_names(view: MeshView) -> Iterable[str]:
-    return sorted(view.peers)

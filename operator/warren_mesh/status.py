@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,10 +60,18 @@ def read_agent_traffic(metrics_url: str, timeout: float = 2.0) -> dict[str, tupl
     }
 
 
+async def read_view(
+    store: Store, schema: KeySchema, *, on_reject: Callable[[Rejection], None] | None = None
+) -> MeshView:
+    """The mesh as etcd holds it now, judged by the agents' rules (`status`, `showconf`, `graph`, `peer`)."""
+    view = MeshView(schema, on_reject=on_reject)
+    view.apply(await store.list_prefix(schema.root))
+    return view
+
+
 async def read_status(store: Store, schema: KeySchema) -> MeshStatus:
     rejected: list[Rejection] = []
-    view = MeshView(schema, on_reject=rejected.append)
-    view.apply(await store.list_prefix(schema.root))
+    view = await read_view(store, schema, on_reject=rejected.append)
     leases = sorted({entry.lease for entry in view.nodes.values() if entry.lease})
     left = dict(zip(leases, await asyncio.gather(*(store.lease_time_left(lease) for lease in leases)), strict=True))
     nodes = tuple(

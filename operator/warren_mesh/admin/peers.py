@@ -17,6 +17,7 @@ from warren_mesh.mesh.peers import MeshView
 from warren_mesh.model import ExternalPeer, encode_json
 from warren_mesh.netaddr import IPAddress, IPNetwork
 from warren_mesh.schema import KeySchema
+from warren_mesh.status import read_view
 from warren_mesh.store.base import Store
 from warren_mesh.validation import RecordError, validate_name
 
@@ -27,12 +28,6 @@ _ATTEMPTS = 20  # addresses tried when nodes keep claiming the one we chose
 
 class PeerError(RuntimeError):
     """The peer cannot be added or removed as asked; the message says why."""
-
-
-async def _view(store: Store, schema: KeySchema) -> MeshView:
-    view = MeshView(schema)
-    view.apply(await store.list_prefix(schema.root))
-    return view
 
 
 def _taken(view: MeshView) -> tuple[set[int], list[IPNetwork]]:
@@ -68,7 +63,7 @@ async def add(
         validate_name(name)
     except RecordError as exc:
         raise PeerError(f"peer name: {exc}") from None
-    view = await _view(store, schema)
+    view = await read_view(store, schema)
     if name in view.peers or await store.get(schema.peer(name)) is not None:
         raise PeerError(f"peer {name!r} exists already (warren-mesh peer remove {name} first)")
     if name in view.nodes or any(r.owner == name for r in view.reservations.values()):
@@ -84,7 +79,7 @@ async def add(
         if await store.create_all([(claim, b"", 0)]) is not None:
             continue
         # A node may have claimed the address since we listed: the oldest claim holds it, on every node.
-        view = await _view(store, schema)
+        view = await read_view(store, schema)
         holder = view.reservations.get(str(address))
         if holder is None or holder.owner != name:
             await store.delete(claim)
@@ -103,7 +98,7 @@ async def remove(store: Store, schema: KeySchema, name: str) -> None:
         validate_name(name)
     except RecordError as exc:
         raise PeerError(f"peer name: {exc}") from None
-    view = await _view(store, schema)
+    view = await read_view(store, schema)
     if name in view.nodes:
         raise PeerError(f"{name!r} is a node, not a peer")
     if not await store.delete(schema.peer(name)):
