@@ -35,7 +35,9 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 TTL = 3
 STARTUP = 120  # for an agent process to be ready: ~0.3 s here, ~20 s in the TCG VM (imports read files over 9p)
 
-# Runs inside a namespace: capture IPv4 frames on one interface for a while, print (protocol, sport, dport).
+# Runs inside a namespace: capture IPv4 frames on one interface for a while, print for each (protocol, sport, dport,
+# 1 if it is a fragment: the more-fragments flag or an offset). ETH_P_ALL: a bridge port's frames reach only the
+# taps that take every protocol.
 SNIFFER = r"""
 import json, socket, struct, sys, time
 iface, seconds = sys.argv[1], float(sys.argv[2])
@@ -51,11 +53,28 @@ while time.monotonic() < end:
     if frame[12:14] != b"\x08\x00":  # IPv4 only (IPv6 here is neighbour discovery, no payload)
         continue
     ip = frame[14:]
-    proto, ihl = ip[9], (ip[0] & 0x0F) * 4
-    ports = struct.unpack("!HH", ip[ihl:ihl + 4]) if proto in (6, 17) else (0, 0)
-    seen.append([proto, *ports])
+    proto, ihl, offset = ip[9], (ip[0] & 0x0F) * 4, int.from_bytes(ip[6:8], "big")
+    first = not offset & 0x1FFF  # only a first fragment (or a whole packet) starts with the ports
+    ports = struct.unpack("!HH", ip[ihl:ihl + 4]) if proto in (6, 17) and first else (0, 0)
+    seen.append([proto, *ports, int(bool(offset & 0x3FFF))])
 print(json.dumps(seen))
 """
+
+
+def _sniff_underlay(lab: Lab, seconds: float) -> subprocess.Popen[str]:
+    """SNIFFER on node-1's link, from the hub's side, for ``seconds``."""
+    return subprocess.Popen(
+        [sys.executable, "-c", SNIFFER, f"{lab.prefix}v1h", str(seconds)],
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=in_netns(lab.hub),  # noqa: PLW1509 (one setns call)
+    )
+
+
+def _captured(sniffer: subprocess.Popen[str]) -> list[list[int]]:
+    out, _ = sniffer.communicate(timeout=30)
+    frames: list[list[int]] = json.loads(out)
+    return frames
 
 
 @pytest.fixture
@@ -114,18 +133,12 @@ def test_mesh_end_to_end(lab: Lab, backend: str) -> None:
     assert [s.peers for s in status] == [2, 2, 2] and all(s.handshaken == 2 for s in status)
 
     # Every pair pings over the overlay, and what crosses the underlay is only WireGuard's UDP.
-    sniffer = subprocess.Popen(
-        [sys.executable, "-c", SNIFFER, f"{lab.prefix}v1h", "4"],
-        stdout=subprocess.PIPE,
-        text=True,
-        preexec_fn=in_netns(lab.hub),  # noqa: PLW1509 (one setns call)
-    )
+    sniffer = _sniff_underlay(lab, 4)
     time.sleep(0.5)
     rx_before, tx_before = transferred(lab, 1)
     results = lab.ping_all()
     assert all(ok for *_, ok in results), results
-    out, _ = sniffer.communicate(timeout=30)
-    frames = json.loads(out)
+    frames = _captured(sniffer)
     wireguard = [f for f in frames if f[0] == 17 and 51820 in (f[1], f[2])]
     control = [f for f in frames if f[0] == 6 and ETCD_PORT in (f[1], f[2])]  # the agent talking to etcd
     assert wireguard, "the capture saw node-1's WireGuard traffic"
@@ -359,12 +372,7 @@ def test_pods_on_different_nodes_talk_through_the_tunnel_with_their_own_addresse
     )
     try:
         time.sleep(0.5)
-        sniffer = subprocess.Popen(
-            [sys.executable, "-c", SNIFFER, f"{lab.prefix}v1h", "5"],
-            stdout=subprocess.PIPE,
-            text=True,
-            preexec_fn=in_netns(lab.hub),  # noqa: PLW1509 (one setns call)
-        )
+        sniffer = _sniff_underlay(lab, 5)
         time.sleep(0.5)
         # Every pod reaches every pod on the other nodes, which sees the sender's own address (no NAT inside).
         for source in pods:
@@ -372,8 +380,7 @@ def test_pods_on_different_nodes_talk_through_the_tunnel_with_their_own_addresse
                 if source.node != target.node:
                     assert _seen_source(lab, source, target.ip, 7000) == source.ip, (source, target)
         assert all(ok for *_, ok in lab.ping_pods())
-        out, _ = sniffer.communicate(timeout=30)
-        frames = json.loads(out)
+        frames = _captured(sniffer)
         assert [f for f in frames if f[0] == 17 and 51820 in (f[1], f[2])], "the pods' traffic crossed as WireGuard"
         in_clear = [f for f in frames if f[0] == 1 or 7000 in (f[1], f[2])]
         assert not in_clear, f"pod traffic crossed the underlay in the clear: {in_clear}"
@@ -440,29 +447,6 @@ def test_a_node_keeps_its_pod_subnet_and_repairs_its_pod_network(lab: Lab) -> No
     assert all(ok for *_, ok in lab.ping_pods())
 
 
-# Runs inside a namespace: count IPv4 fragments (more-fragments flag or an offset) seen on one interface.
-FRAGMENT_COUNTER = r"""
-import socket, sys, time
-iface, seconds = sys.argv[1], float(sys.argv[2])
-# ETH_P_ALL: a bridge port's frames reach only the taps that take every protocol.
-sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
-sock.bind((iface, 0))
-sock.settimeout(0.2)
-fragments, packets, end = 0, 0, time.monotonic() + seconds
-while time.monotonic() < end:
-    try:
-        frame = sock.recv(65535)
-    except TimeoutError:
-        continue
-    if frame[12:14] != b"\x08\x00":
-        continue
-    packets += 1
-    flags_offset = int.from_bytes(frame[20:22], "big")
-    fragments += bool(flags_offset & 0x3FFF)  # MF, or a fragment offset
-print(fragments, packets)
-"""
-
-
 def _pod_throughput(lab: Lab, source: LabPod, target: LabPod, seconds: float = 2.0) -> float:
     """Bits per second of one full-size TCP stream from ``source`` to ``target`` (iperf3), failing on a black hole."""
     server = subprocess.Popen(
@@ -521,15 +505,11 @@ def test_the_mtu_follows_the_underlay_and_the_mesh_to_the_device_and_new_pods(la
     _wait_for_mtu(lab, nodes, 1340, "the devices and the CNI configs to follow the underlay's MTU of 1400")
     second = {node: lab.add_pod(node, "pod-2") for node in ("node-1", "node-2")}
     assert _mtu(lab, second["node-1"].netns, "eth0") == 1340
-    counter = subprocess.Popen(
-        [sys.executable, "-c", FRAGMENT_COUNTER, f"{lab.prefix}v1h", "4"],
-        stdout=subprocess.PIPE,
-        text=True,
-        preexec_fn=in_netns(lab.hub),  # noqa: PLW1509 (one setns call)
-    )
+    sniffer = _sniff_underlay(lab, 4)
     time.sleep(0.3)
     at_1400 = _pod_throughput(lab, second["node-1"], second["node-2"])
-    fragments, packets = map(int, counter.communicate(timeout=30)[0].split())
+    frames = _captured(sniffer)
+    fragments, packets = sum(f[3] for f in frames), len(frames)
     print(f"pod to pod over a 400 Mbit/s link: {at_1500 / 1e6:.0f} Mbit/s at MTU 1500, {at_1400 / 1e6:.0f} at 1400")
     assert packets > 1000 and fragments == 0, f"{fragments} of {packets} packets on the underlay were fragments"
     assert at_1400 >= 0.9 * at_1500, (at_1400, at_1500)
