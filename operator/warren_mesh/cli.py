@@ -14,7 +14,9 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,6 +52,7 @@ from warren_mesh.store.base import StoreError
 from warren_mesh.store.etcd import EtcdStore
 from warren_mesh.store.etcd_auth import EtcdAuth
 from warren_mesh.validation import RecordError, validate_name
+from warren_mesh.wireguard import runner
 from warren_mesh.wireguard.backend import BackendError
 
 log = logging.getLogger("warren_mesh")
@@ -84,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     agent = commands.add_parser("agent", help="run the node agent")
     AgentSettings.add_arguments(agent)
     agent.add_argument("--cleanup-on-exit", action="store_true", help="remove the WireGuard device on exit")
+
+    wireguard_go = commands.add_parser(
+        "wireguard-go",
+        help="run the node's wireguard-go for an agent with --wireguard-go-runner external (idle where the kernel "
+        "has WireGuard)",
+    )
+    add_flag(wireguard_go, "--interface", "wg-mesh", "WireGuard interface name (the agent's)")
+    add_flag(wireguard_go, "--backend", "auto", "auto (the kernel's WireGuard if it has it) or userspace")
+    add_flag(wireguard_go, "--wireguard-go", None, "wireguard-go binary (default: from PATH)")
 
     status = commands.add_parser("status", help="show the mesh as registered in etcd")
     add_store_flags(status)
@@ -267,6 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "agent":
             return asyncio.run(_agent(AgentSettings.from_args(args)))
+        if args.command == "wireguard-go":
+            return _wireguard_go(args)
         if args.command == "status":
             return asyncio.run(_status(StoreSettings.from_args(args), args.output, args.agent_metrics))
         if args.command == "operator":
@@ -488,6 +502,9 @@ def _enroll(args: argparse.Namespace) -> int:
         renew_within_days=args.renew_within_days,
     )
     if args.watch:
+        # In a container this is process 1, which the kernel spares from signals it has no handler for: without
+        # one, every pod stop would wait out its whole grace period before the kill.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         keep_enrolled(request, check_interval=max(1.0, args.check_interval))
     done = enroll(request)
     if done is None:
@@ -592,6 +609,18 @@ async def _migrate_claims(settings: StoreSettings) -> int:
     return 1 if report.changed else 0
 
 
+def _wireguard_go(args: argparse.Namespace) -> int:
+    if args.backend not in ("auto", "userspace"):
+        raise SettingsError(f"--backend {args.backend!r} is not auto or userspace")
+    if not args.interface or len(args.interface) > 15 or "/" in args.interface:
+        raise SettingsError(f"--interface {args.interface!r} is not a Linux interface name (1-15 characters)")
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    runner.run(args.interface, args.backend, args.wireguard_go or None, stop)
+    return 0
+
+
 async def _operator(settings: OperatorSettings) -> int:
     import kopf  # noqa: PLC0415 (only the operator loads kopf and its handlers; agents never do)
 
@@ -603,6 +632,9 @@ async def _operator(settings: OperatorSettings) -> int:
     if settings.health_address is not None:
         host, port = settings.health_address
         liveness = f"http://{host}:{port}/healthz"
+    # kopf names itself after the login user unless told otherwise, and the Deployment runs us as a uid with no
+    # passwd entry (getpass fails there): the pod's name is the identity (POD_ID, kopf's own convention).
+    os.environ.setdefault("POD_ID", f"{socket.gethostname()}/{os.getpid()}")
     await kopf.operator(clusterwide=True, standalone=True, liveness_endpoint=liveness)
     return 0
 

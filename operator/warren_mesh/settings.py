@@ -28,6 +28,8 @@ DEFAULT_ETCD: Final = "http://127.0.0.1:2379"
 DEFAULT_KEY_FILE: Final = "/var/lib/warren-mesh/private.key"
 SIMULATED_ENDPOINT_HOST: Final = "192.0.2.1"
 
+MAX_RESTART_GRACE: Final = 3600
+
 
 class SettingsError(ValueError):
     """A flag or environment value is wrong; the message names it and says what would be right."""
@@ -111,6 +113,7 @@ class RegistrationSettings:
     endpoint_port: int | None  # None: the mesh's listen port
     lease_ttl: int | None  # None: the mesh config's
     pod_subnet: IPNetwork | None = None  # None: claim a free one of the pod network
+    restart_grace: int = 0  # seconds a stopped agent's node stays for its replacement (0: it leaves at once)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +127,7 @@ class DeviceSettings:
     resync_interval: float = 30.0  # seconds between full comparisons with the device
     cleanup_on_exit: bool = False
     wireguard_go: str | None = None  # the wireguard-go binary of the userspace backend (None: from PATH)
+    start_wireguard_go: bool = True  # False: `warren-mesh wireguard-go` runs it and the agent adopts it
     rotate_key_every: float | None = None  # seconds between key rotations (None: as the mesh config says)
 
 
@@ -205,8 +209,22 @@ class AgentSettings:
             "make a new WireGuard key this often, e.g. 24h or 30m (default: the mesh's keyRotationIntervalHours)",
         )
         add_flag(parser, "--wireguard-go", None, "wireguard-go binary for the userspace backend (default: from PATH)")
+        add_flag(
+            parser,
+            "--wireguard-go-runner",
+            "agent",
+            "who runs wireguard-go for the userspace backend: agent, or external (`warren-mesh wireguard-go` runs it, "
+            "e.g. in a pod of its own, so that restarting the agent never stops it; the agent adopts it)",
+        )
         add_flag(parser, "--key-file", DEFAULT_KEY_FILE, "private key file, created (0600) if absent")
         add_flag(parser, "--lease-ttl", None, "lease TTL in seconds (overrides the mesh config; default 10)")
+        add_flag(
+            parser,
+            "--restart-grace",
+            "0",
+            "seconds this node stays in the mesh after the agent stops, for the agent that replaces it (a pod "
+            "restart: its peers keep routing to it); 0: it leaves the mesh at once",
+        )
         add_flag(parser, "--metrics-address", "0.0.0.0:9587", "HOST:PORT of /metrics and /healthz ('' to disable)")
         add_flag(parser, "--resync-interval", "30", "seconds between full comparisons with the device")
         add_flag(parser, "--fwmark", "0", "firewall mark on WireGuard's UDP packets (0: none), decimal or 0x hex")
@@ -242,7 +260,12 @@ class AgentSettings:
         wireguard_go = args.wireguard_go or None
         if wireguard_go is not None and not os.access(wireguard_go, os.X_OK):
             raise SettingsError(f"--wireguard-go {wireguard_go!r} is not an executable file")
+        if args.wireguard_go_runner not in ("agent", "external"):
+            raise SettingsError(f"--wireguard-go-runner {args.wireguard_go_runner!r} is not agent or external")
         ttl = _int_flag("--lease-ttl", args.lease_ttl, low=MIN_LEASE_TTL) if args.lease_ttl else None
+        restart_grace = _int_flag("--restart-grace", args.restart_grace, low=0)
+        if restart_grace and not MIN_LEASE_TTL <= restart_grace <= MAX_RESTART_GRACE:
+            raise SettingsError(f"--restart-grace {restart_grace} is not 0 or {MIN_LEASE_TTL}-{MAX_RESTART_GRACE} s")
         rotate_every = parse_duration("--rotate-key-every", args.rotate_key_every) if args.rotate_key_every else None
         metrics = args.metrics_address or None
         if metrics is not None:
@@ -265,7 +288,7 @@ class AgentSettings:
                 raise SettingsError(f"--pod-subnet {args.pod_subnet!r} is not a network in CIDR form: {exc}") from None
         return cls(
             store=store,
-            registration=RegistrationSettings(name, host, port, ttl, pod_subnet),
+            registration=RegistrationSettings(name, host, port, ttl, pod_subnet, restart_grace),
             device=DeviceSettings(
                 interface=args.interface,
                 backend=cast(BackendName, args.backend),
@@ -274,6 +297,7 @@ class AgentSettings:
                 resync_interval=float(resync),
                 cleanup_on_exit=bool(getattr(args, "cleanup_on_exit", False)),
                 wireguard_go=wireguard_go,
+                start_wireguard_go=args.wireguard_go_runner == "agent",
                 rotate_key_every=rotate_every,
             ),
             metrics=MetricsSettings(metrics),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -14,6 +15,7 @@ from pyroute2 import IPRoute
 from warren_mesh.device import InterfaceSpec, PeerSpec
 from warren_mesh.keys import NodeKey
 from warren_mesh.lab import netns
+from warren_mesh.wireguard import userspace
 from warren_mesh.wireguard.backend import BackendError
 from warren_mesh.wireguard.uapi import SOCKET_DIR
 from warren_mesh.wireguard.userspace import UserspaceBackend, lacks_offloads
@@ -162,3 +164,71 @@ def test_the_device_never_takes_a_route_it_does_not_own_or_a_special_range(pair:
         assert backend.read().routes == {"10.244.2.0/24"}
     finally:
         backend.close(remove_device=True)
+
+
+def test_a_daemon_run_by_warren_mesh_wireguard_go_is_adopted_and_outlives_the_agent(
+    pair: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kubernetes' layout (deploy/base/agent.yaml): `warren-mesh wireguard-go` runs the daemon in a pod of its own;
+    agents only adopt it, so one stopping leaves traffic flowing, and a daemon its runner restarted is configured
+    again from scratch."""
+    ns_a, ns_b = pair
+    tag = ns_a[:-1]
+    interface = f"{tag}w0"
+    runner = subprocess.Popen(
+        ["ip", "netns", "exec", ns_a, sys.executable, "-m", "warren_mesh.cli", "wireguard-go"],
+        env=dict(os.environ, WARREN_MESH_INTERFACE=interface, WARREN_MESH_BACKEND="userspace"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    keys = NodeKey.generate(), NodeKey.generate()
+    other = UserspaceBackend(f"{tag}w1", netns=ns_b)
+    agents: list[UserspaceBackend] = []
+
+    def configure(backend: UserspaceBackend) -> None:
+        backend.set_private_key(keys[0])
+        backend.configure_interface(InterfaceSpec("10.99.0.1/24", 51820, 1420))
+        backend.set_peer(PeerSpec(keys[1].public_key, "192.168.251.2:51820", ("10.99.0.2/32",), 0))
+
+    try:
+        other.set_private_key(keys[1])
+        other.configure_interface(InterfaceSpec("10.99.0.2/24", 51820, 1420))
+        other.set_peer(PeerSpec(keys[0].public_key, "192.168.251.1:51820", ("10.99.0.1/32",), 0))
+        agents.append(UserspaceBackend(interface, netns=ns_a, start_daemon=False))  # waits for the runner's daemon
+        configure(agents[0])
+        assert ping(ns_b, "10.99.0.1")
+        daemon = agents[0].daemon_pid()
+        agents.pop().close(remove_device=False)  # the agent's pod stops
+        assert ping(ns_b, "10.99.0.1"), "traffic stopped with the agent"
+
+        agents.append(UserspaceBackend(interface, netns=ns_a, start_daemon=False))  # its replacement adopts it
+        assert agents[0].daemon_pid() == daemon and agents[0].check() is False
+        assert agents[0].read().public_key == keys[0].public_key
+
+        assert daemon is not None
+        os.kill(daemon, 9)  # the daemon dies: its runner starts another, which the agent configures from scratch
+        deadline = time.monotonic() + 10
+        while not agents[0].check():
+            assert time.monotonic() < deadline, "the runner did not restart wireguard-go"
+            time.sleep(0.2)
+        assert agents[0].daemon_pid() not in (None, daemon) and agents[0].read().peers == {}
+        configure(agents[0])
+        # From a: b still holds the old daemon's session, which only a's new handshake replaces at once.
+        assert ping(ns_a, "10.99.0.2")
+
+        runner.terminate()  # the runner owns the data plane: stopping it removes the device
+        assert runner.wait(10) == 0, runner.stderr.read() if runner.stderr else ""
+        with IPRoute(netns=ns_a) as ipr:
+            assert not ipr.link_lookup(ifname=interface)
+        assert not (SOCKET_DIR / f"{interface}.sock").exists()
+        monkeypatch.setattr(userspace, "_ADOPT_TIMEOUT", 0.5)
+        with pytest.raises(BackendError, match="warren-mesh wireguard-go"):
+            UserspaceBackend(interface, netns=ns_a, start_daemon=False)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+        for backend in (*agents, other):
+            backend.close(remove_device=True)
+    assert not any(p.name.startswith(tag) for p in SOCKET_DIR.glob("*.sock"))

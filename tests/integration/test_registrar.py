@@ -81,6 +81,43 @@ def test_a_first_start_claims_and_publishes_in_one_revision(shared_etcd: EtcdSer
     with_store(shared_etcd, scenario)
 
 
+def test_a_stop_with_a_restart_grace_leaves_the_record_for_the_next_run(shared_etcd: EtcdServer, prefix: str) -> None:
+    """A pod restart (--restart-grace): the record outlives the stopped agent on a lease nobody renews, and the
+    next run takes it over without a delete (peers never drop the node); without a next run it expires."""
+    schema = KeySchema(prefix)
+
+    async def scenario(store: EtcdStore) -> None:
+        first = registrar(store, schema, lease_ttl=5)
+        registration = await first.register(MeshConfig())
+        before = await store.get(schema.node("n1"))
+        assert before is not None
+        await first.hand_over(20)
+        kept = await store.get(schema.node("n1"))
+        assert kept is not None and kept.create_revision == before.create_revision  # never deleted
+        assert kept.lease not in (0, registration.lease_id)
+        assert 15 <= await store.lease_time_left(kept.lease) <= 20
+        assert await store.lease_time_left(registration.lease_id) == -1  # the renewed lease is let go
+
+        second = await registrar(store, schema, lease_ttl=5).register(MeshConfig())
+        taken = await store.get(schema.node("n1"))
+        assert taken is not None and taken.lease == second.lease_id
+        assert taken.create_revision == before.create_revision
+        assert second.record.overlay_ip == registration.record.overlay_ip
+        assert await store.lease_time_left(kept.lease) == -1
+
+        # No next run: the grace is all the node gets.
+        other = registrar(store, schema, "n2", NodeKey.generate(), lease_ttl=5)
+        await other.register(MeshConfig())
+        await other.hand_over(2)
+        assert await store.get(schema.node("n2")) is not None
+        deadline = asyncio.get_running_loop().time() + 10
+        while await store.get(schema.node("n2")) is not None:
+            assert asyncio.get_running_loop().time() < deadline, "the handed-over record never expired"
+            await asyncio.sleep(0.2)
+
+    with_store(shared_etcd, scenario)
+
+
 def test_an_address_taken_after_listing_moves_on_to_the_next(shared_etcd: EtcdServer, prefix: str) -> None:
     schema = KeySchema(prefix)
     config = MeshConfig(overlay_cidr=ipaddress.ip_network("10.9.0.0/30"))  # two usable addresses: .1 and .2

@@ -33,3 +33,15 @@ def test_wireguard_go_must_be_an_executable(tmp_path: Path) -> None:
     for bad in (plain, tmp_path / "missing"):
         with pytest.raises(SettingsError, match="not an executable"):
             _agent(f"--wireguard-go={bad}")
+
+
+def test_who_runs_wireguard_go_and_the_restart_grace_are_checked() -> None:
+    assert _agent().device.start_wireguard_go and _agent("--wireguard-go-runner=agent").device.start_wireguard_go
+    assert not _agent("--wireguard-go-runner=external").device.start_wireguard_go
+    with pytest.raises(SettingsError, match="not agent or external"):
+        _agent("--wireguard-go-runner=pod")
+    assert _agent().registration.restart_grace == 0  # outside Kubernetes a stopped agent leaves at once
+    assert _agent("--restart-grace=60").registration.restart_grace == 60
+    for bad in ("1", "3601", "-5", "1m"):
+        with pytest.raises(SettingsError, match="--restart-grace"):
+            _agent(f"--restart-grace={bad}")

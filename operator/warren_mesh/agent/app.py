@@ -3,7 +3,8 @@
 Start-up waits for etcd as long as it takes (the device, if it exists from a previous run, keeps carrying
 traffic meanwhile). Once running, losing etcd changes nothing on the device: the watch and the keepalive retry
 in the background and the mesh catches up when etcd is back. A graceful stop revokes the lease so peers drop
-this node at once, and leaves the device in place unless asked to remove it.
+this node at once (or, with --restart-grace, leaves the record for the agent that replaces this one: a pod
+restart), and leaves the device in place unless asked to remove it.
 """
 
 from __future__ import annotations
@@ -83,7 +84,12 @@ class Agent:
         self._backend: Backend | None = backend
         device = settings.device
         self._device_factory = device_factory or (
-            lambda: create_backend(device.backend, device.interface, wireguard_go=device.wireguard_go)
+            lambda: create_backend(
+                device.backend,
+                device.interface,
+                wireguard_go=device.wireguard_go,
+                start_wireguard_go=device.start_wireguard_go,
+            )
         )
         # Real devices are driven from one worker thread (see device_thread); the memory device inline.
         self.device_thread = DeviceThread(
@@ -204,9 +210,13 @@ class Agent:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             if self.registrar is not None:
+                grace = settings.registration.restart_grace
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(5):
-                        await self.registrar.deregister()
+                        if grace:
+                            await self.registrar.hand_over(grace)
+                        else:
+                            await self.registrar.deregister()
             await self.device_thread.run(lambda: self.backend.close(remove_device=settings.device.cleanup_on_exit))
             pods = self.pod_network
             if pods is not None and settings.device.cleanup_on_exit:

@@ -503,6 +503,30 @@ class Registrar:
             await self._revoke_quietly(current.lease_id)
             log.info("revoked lease of %s; peers drop it now", self._name)
 
+    async def hand_over(self, grace: int) -> None:
+        """Leave our record to the agent that replaces this one: it moves onto a lease of ``grace`` seconds that
+        nobody renews, so peers keep this node (and its traffic flows) while the next run starts, which takes the
+        record over without a gap (``_publish``). If no run comes, the record expires after ``grace`` s."""
+        current, self.current = self.current, None
+        if self._holder is not None:
+            self._holder.cancel()
+            self._holder = None
+        if current is None:
+            return
+        key = self._schema.node(self._name)
+        lease_id = await self._store.grant_lease(grace)
+        existing = await self._store.get(key)
+        conflict = existing
+        if existing is not None and existing.lease == current.lease_id:
+            conflict = await self._store.replace(
+                key, existing.value, mod_revision=existing.mod_revision, lease=lease_id
+            )
+        if conflict is None:
+            log.info("%s stays in the mesh for %d s for the agent that replaces this one", self._name, grace)
+        else:  # not ours to hand over any more (taken over, or gone): leave as deregister would
+            await self._revoke_quietly(lease_id)
+        await self._revoke_quietly(current.lease_id)
+
     async def _revoke_quietly(self, lease_id: int) -> None:
         try:
             await self._store.revoke_lease(lease_id)

@@ -28,12 +28,15 @@ def kernel_wireguard_available() -> tuple[bool, str]:
     return True, "the kernel created a WireGuard link"
 
 
-def create_backend(kind: str, interface: str, *, wireguard_go: str | None = None) -> Backend:
-    """``wireguard_go``: the userspace backend's binary (None: the one on PATH)."""
+def create_backend(
+    kind: str, interface: str, *, wireguard_go: str | None = None, start_wireguard_go: bool = True
+) -> Backend:
+    """``wireguard_go``: the userspace backend's binary (None: the one on PATH); ``start_wireguard_go``: False where
+    `warren-mesh wireguard-go` runs it (the userspace backend then adopts the daemon only)."""
     if kind == "memory":
         return MemoryBackend(interface_name=interface)
     if kind == "userspace":
-        return UserspaceBackend(interface, binary=wireguard_go)
+        return UserspaceBackend(interface, binary=wireguard_go, start_daemon=start_wireguard_go)
     if kind == "kernel":
         return KernelBackend(interface)
     available, why = kernel_wireguard_available()
@@ -41,4 +44,4 @@ def create_backend(kind: str, interface: str, *, wireguard_go: str | None = None
         log.info("backend auto: %s; using kernel WireGuard", why)
         return KernelBackend(interface)
     log.info("backend auto: %s; using wireguard-go (userspace)", why)
-    return UserspaceBackend(interface, binary=wireguard_go)
+    return UserspaceBackend(interface, binary=wireguard_go, start_daemon=start_wireguard_go)

@@ -3,6 +3,11 @@
 The daemon outlives the agent on purpose (traffic keeps flowing while the agent restarts); a new agent adopts the
 running daemon through its socket. If the daemon dies, ``check()`` starts a new one and reports the device lost,
 and the next reconcile pass configures it again from scratch.
+
+Where the agent cannot outlive-proof a child (in Kubernetes, a container's processes all die with it), another
+process runs the daemon (``warren-mesh wireguard-go``, a pod of its own) and the backend only adopts it
+(``start_daemon=False``): it waits for the daemon's socket, never starts or kills one, and a daemon that comes back
+empty (restarted by its runner) is reported lost the same way.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from warren_mesh.wireguard.backend import BackendError
 log = logging.getLogger(__name__)
 
 _START_TIMEOUT = 5.0
+_ADOPT_TIMEOUT = 30.0  # how long a new agent waits for a daemon run by someone else
 
 
 # The first release with the TUN offloads (segmentation, checksums) of 2023: about 3x the throughput of older ones.
@@ -62,11 +68,19 @@ def find_wireguard_go() -> str:
 
 class UserspaceBackend:
     def __init__(
-        self, interface: str, *, netns: str | None = None, log_dir: Path | None = None, binary: str | None = None
+        self,
+        interface: str,
+        *,
+        netns: str | None = None,
+        log_dir: Path | None = None,
+        binary: str | None = None,
+        start_daemon: bool = True,
     ) -> None:
         """``netns``: drive a device in that network namespace instead of the current one (tests, the lab).
-        ``binary``: the wireguard-go to start (None: the one on PATH)."""
+        ``binary``: the wireguard-go to start (None: the one on PATH). ``start_daemon``: False where another process
+        runs the daemon (``warren-mesh wireguard-go``): adopt it only."""
         self._interface = interface
+        self._start_daemon = start_daemon
         self._binary = binary or find_wireguard_go()
         self._netns = netns
         self._socket = uapi.socket_path(interface)
@@ -121,6 +135,8 @@ class UserspaceBackend:
         """
         if self._alive():
             return False
+        if not self._start_daemon:
+            return self._await_daemon(_ADOPT_TIMEOUT)
         wedged = self.daemon_pid()
         if wedged is not None:  # the socket accepts but the daemon does not answer: replace it
             with contextlib.suppress(ProcessLookupError):
@@ -157,8 +173,28 @@ class UserspaceBackend:
         process.wait()
         raise BackendError(f"wireguard-go for {self._interface} did not open {self._socket} in {_START_TIMEOUT} s")
 
+    def _await_daemon(self, timeout: float) -> bool:
+        """Wait for the daemon someone else runs; True once it serves the socket."""
+        deadline = time.monotonic() + timeout
+        while not self._alive():
+            if time.monotonic() > deadline:
+                raise BackendError(
+                    f"no wireguard-go serves {self._interface} ({self._socket}); it is run by `warren-mesh "
+                    "wireguard-go` (in Kubernetes the node's warren-mesh-wireguard pod), which is not running"
+                )
+            time.sleep(0.1)
+        log.info("adopted the wireguard-go serving %s", self._interface)
+        return True
+
     def check(self) -> bool:
         """Restart a dead daemon; True when it had to (the device is empty and must be configured again)."""
+        if not self._start_daemon:
+            # Its runner restarts it; a daemon without a key is a new one (ours always has a key once configured).
+            try:
+                return uapi.get(self._socket, timeout=1.0).private_key is None
+            except (uapi.UapiError, OSError):
+                self._await_daemon(1.0)
+                return True
         self._children = [child for child in self._children if child.poll() is None]  # reap the dead
         if self.ensure_running():
             log.warning("wireguard-go for %s had died; restarted it", self._interface)
