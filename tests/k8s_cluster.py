@@ -25,17 +25,25 @@ class Cluster:
     def kubeconfig(self) -> Path:
         return self.state / "kubeconfig"
 
-    def kubectl(self, *args: str, input: str | None = None, check: bool = True, as_: str = "admin") -> str:
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True, as_: str = "admin", cwd: Path | None = None
+    ) -> str:
         config = self.kubeconfig if as_ == "admin" else self.state / f"kubeconfig-{as_}"
         result = subprocess.run(
-            ["kubectl", f"--kubeconfig={config}", *args], input=input, capture_output=True, text=True, check=False
+            ["kubectl", f"--kubeconfig={config}", *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=cwd,
         )
         if check and result.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
         return result.stdout + result.stderr if not check else result.stdout
 
-    def get(self, kind: str, name: str | None = None) -> Any:
-        out = self.kubectl("get", kind, *([name] if name else []), "-o", "json", check=False)
+    def get(self, kind: str, name: str | None = None, *, namespace: str | None = None) -> Any:
+        where = [f"--namespace={namespace}"] if namespace else []
+        out = self.kubectl("get", kind, *([name] if name else []), *where, "-o", "json", check=False)
         try:
             return json.loads(out)
         except ValueError:

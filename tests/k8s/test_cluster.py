@@ -1,0 +1,339 @@
+"""deploy/ on a real cluster: three kubelet nodes with containerd (hack/k8s-up --nodes 3), the project's image built
+from deploy/Containerfile, `kubectl apply -k deploy/` for real, ordinary pods on the warren-mesh network.
+
+The tests run in order on one cluster (each builds on the state the one before left): install, pods talking across
+nodes through WireGuard only, a rollout of the agents without losing a ping, a node's machine dying and its Node
+being deleted, and `kubectl delete -k deploy/` leaving only what deploy/README.md says stays. Opt-in marker
+``cluster`` (`./hack/test -m "not cluster"` skips them); CI runs them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from k8s_cluster import ROOT, Cluster, wait_for
+
+pytestmark = [
+    pytest.mark.cluster,
+    # The first test also starts the cluster: on a fresh machine that builds the images (debootstrap, buildah).
+    pytest.mark.timeout(1800),
+    pytest.mark.skipif(os.geteuid() != 0, reason="kubelets, containerd and namespaces need root"),
+]
+
+NODES = 3
+K8S = [sys.executable, str(ROOT / "hack" / "k8s.py")]
+PROBE_IMAGE = "warren-mesh-probe:test"
+POD_CIDR = ipaddress.ip_network("10.244.0.0/16")  # the Mesh's default podCIDR (deploy/examples/mesh.yaml keeps it)
+NAMESPACE = "warren-mesh"
+TRANSFER_BYTES = 20_000_000
+
+# Runs on the host: for ``seconds``, every IPv4 frame on one underlay port as [src, dst, protocol, sport, dport,
+# length]. ETH_P_ALL: a bridge port's frames reach only the taps that take every protocol.
+SNIFFER = r"""
+import json, socket, struct, sys, time
+iface, seconds = sys.argv[1], float(sys.argv[2])
+sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+sock.bind((iface, 0))
+sock.settimeout(0.2)
+seen, end = [], time.monotonic() + seconds
+while time.monotonic() < end:
+    try:
+        frame = sock.recv(65535)
+    except TimeoutError:
+        continue
+    if frame[12:14] != b"\x08\x00":
+        continue
+    ip = frame[14:]
+    proto, ihl = ip[9], (ip[0] & 0x0F) * 4
+    ports = struct.unpack("!HH", ip[ihl:ihl + 4]) if proto in (6, 17) else (0, 0)
+    seen.append([socket.inet_ntoa(ip[12:16]), socket.inet_ntoa(ip[16:20]), proto, *ports, len(frame)])
+print(json.dumps(seen))
+"""
+
+# Runs in a probe pod: receive (server) or send (client) TRANSFER_BYTES over one TCP connection.
+TCP_SERVER = (
+    "import socket\n"
+    "connection, _ = socket.create_server(('0.0.0.0', 5201)).accept()\n"
+    "total = 0\n"
+    "while chunk := connection.recv(65536): total += len(chunk)\n"
+    "print(total)"
+)
+TCP_CLIENT = (
+    "import socket, sys\n"
+    "connection = socket.create_connection((sys.argv[1], 5201))\n"
+    "connection.sendall(b'x' * int(sys.argv[2]))\n"
+    "connection.close()"
+)
+
+
+# Runs in a probe pod: end its pings with SIGINT, so that each prints its summary (the image has no pkill).
+STOP_PING = (
+    "import os, signal\n"
+    "for p in filter(str.isdigit, os.listdir('/proc')):\n"
+    "    if open(f'/proc/{p}/comm').read().strip() == 'ping': os.kill(int(p), signal.SIGINT)"
+)
+
+
+def _k8s(state: Path, *args: str, timeout: float = 1800) -> str:
+    done = subprocess.run([*K8S, *args, str(state)], capture_output=True, text=True, check=False, timeout=timeout)
+    assert done.returncode == 0, f"hack/k8s.py {' '.join(args)} failed:\n{done.stdout[-2000:]}{done.stderr[-4000:]}"
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    state = tmp_path_factory.mktemp("cluster")
+    try:
+        _k8s(state, "up", f"--nodes={NODES}")
+        _k8s(state, "load-image", f"--containerfile={ROOT / 'tests/k8s/probe.Containerfile'}", f"--tag={PROBE_IMAGE}")
+        yield Cluster(state)
+    finally:
+        subprocess.run([*K8S, "down", str(state)], capture_output=True, check=False, timeout=300)
+    leftovers = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
+    assert "wmk-" not in leftovers
+
+
+def _readme_secrets(cluster: Cluster, workdir: Path) -> None:
+    """deploy/README.md's certificate and Secret commands, as a user runs them."""
+    readme = (ROOT / "deploy" / "README.md").read_text()
+    block = readme.split("<!-- secrets:", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    for line in block.strip().splitlines():
+        program, *args = shlex.split(line)
+        if program == "warren-mesh":
+            command = [sys.executable, "-m", "warren_mesh.cli", *args]
+            subprocess.run(command, cwd=workdir, check=True, capture_output=True)
+        else:
+            assert program == "kubectl"
+            cluster.kubectl(*args, cwd=workdir)  # the files it names are the ones just made there
+
+
+def _ready(cluster: Cluster, kind: str, name: str) -> bool:
+    obj = cluster.get(kind, name, namespace=NAMESPACE)
+    if not obj:
+        return False
+    status = obj.get("status", {})
+    if kind == "daemonset":
+        return bool(status.get("numberReady") == status.get("desiredNumberScheduled") == NODES)
+    return bool(status.get("readyReplicas") == obj["spec"].get("replicas", 1))
+
+
+def _not_ready_nodes(cluster: Cluster) -> list[str]:
+    return [
+        item["metadata"]["name"]
+        for item in (cluster.get("nodes") or {}).get("items", [])
+        if not any(c["type"] == "Ready" and c["status"] == "True" for c in item["status"]["conditions"])
+    ]
+
+
+def _nodes(cluster: Cluster) -> dict[str, dict[str, Any]]:
+    return {item["metadata"]["name"]: item["spec"] for item in (cluster.get("meshnodes") or {}).get("items", [])}
+
+
+def _probe(cluster: Cluster, name: str, node: str) -> str:
+    """An ordinary pod (pod network, no privileges) on ``node``; its address."""
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "nodeName": node,
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{"name": "probe", "image": PROBE_IMAGE, "command": ["sleep", "infinity"]}],
+        },
+    }
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(pod))
+    wait_for(lambda: (cluster.get("pod", name) or {}).get("status", {}).get("phase") == "Running", 120, f"{name}")
+    address: str = cluster.get("pod", name)["status"]["podIP"]
+    return address
+
+
+def _exec(cluster: Cluster, pod: str, *command: str) -> str:
+    return cluster.kubectl("exec", "-n", "default", pod, "--", *command)
+
+
+def test_the_manifests_install_for_real(cluster: Cluster, tmp_path: Path) -> None:
+    _readme_secrets(cluster, tmp_path)
+    cluster.kubectl("apply", "-k", str(ROOT / "deploy"))
+    cluster.kubectl("apply", "-f", str(ROOT / "deploy" / "examples" / "mesh.yaml"))
+    for kind, name in (
+        ("daemonset", "warren-mesh-agent"),
+        ("daemonset", "warren-mesh-wireguard"),
+        ("statefulset", "warren-mesh-etcd"),
+        ("deployment", "warren-mesh-enroller"),
+        ("deployment", "warren-mesh-operator"),
+    ):
+        wait_for(lambda kind=kind, name=name: _ready(cluster, kind, name), 300, f"{kind} {name} ready")
+    wait_for(lambda: len(_nodes(cluster)) == NODES, 60, "every node in `kubectl get meshnodes`")
+    mesh = cluster.get("meshes", "default")
+    wait_for(
+        lambda: (cluster.get("meshes", "default") or {}).get("status", {}).get("readyNodes") == NODES,
+        60,
+        "the Mesh's status to count every node ready",
+    )
+    assert mesh is not None
+    # Ready once the kubelet sees the CNI network the agent wrote (it looks every few seconds).
+    wait_for(lambda: not _not_ready_nodes(cluster), 60, "every node Ready (the agents' CNI network in place)")
+    print(cluster.kubectl("get", "nodes,pods", "-A", "-o", "wide"))
+    print(cluster.kubectl("get", "wmesh,meshnodes"))
+
+
+def test_pods_on_two_nodes_reach_each_other_through_wireguard_only(cluster: Cluster) -> None:
+    a, b = _probe(cluster, "probe-1", "node-1"), _probe(cluster, "probe-2", "node-2")
+    subnets = {name: [ipaddress.ip_network(n) for n in spec["allowedIPs"]] for name, spec in _nodes(cluster).items()}
+    assert any(ipaddress.ip_address(a) in net and net.subnet_of(POD_CIDR) for net in subnets["node-1"])  # type: ignore[arg-type]
+    assert any(ipaddress.ip_address(b) in net and net.subnet_of(POD_CIDR) for net in subnets["node-2"])  # type: ignore[arg-type]
+    out = _exec(cluster, "probe-1", "ping", "-c", "3", "-i", "0.2", b)
+    assert " 0% packet loss" in out, out
+    print(out)
+
+    sniffer = subprocess.Popen([sys.executable, "-c", SNIFFER, "wmk1", "12"], stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        ["kubectl", f"--kubeconfig={cluster.kubeconfig}", "exec", "probe-2", "--", "python3", "-c", TCP_SERVER],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1.5)
+        _exec(cluster, "probe-1", "python3", "-c", TCP_CLIENT, b, str(TRANSFER_BYTES))
+        received, _ = server.communicate(timeout=60)
+    finally:
+        server.kill()
+    assert int(received.strip()) == TRANSFER_BYTES
+    frames: list[list[Any]] = json.loads(sniffer.communicate(timeout=30)[0])
+    in_clear = [f for f in frames if any(ipaddress.ip_address(ip) in POD_CIDR for ip in f[:2])]
+    assert not in_clear, f"pod traffic on the underlay in the clear: {in_clear[:5]}"
+    tunnel = sum(f[5] for f in frames if f[2] == 17 and {f[3], f[4]} == {51820} and f[0] == "10.213.0.11")
+    assert tunnel >= TRANSFER_BYTES, f"{tunnel} bytes of WireGuard from node-1 for {TRANSFER_BYTES} bytes sent"
+
+
+def test_a_rollout_of_the_agents_loses_no_ping(cluster: Cluster) -> None:
+    before = _nodes(cluster)
+    b = cluster.get("pod", "probe-2")["status"]["podIP"]
+    ping = subprocess.Popen(
+        ["kubectl", f"--kubeconfig={cluster.kubeconfig}", "exec", "probe-1", "--", "ping", "-i", "0.2", "-w", "600", b],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(2)
+        cluster.kubectl("-n", NAMESPACE, "rollout", "restart", "daemonset/warren-mesh-agent")
+        cluster.kubectl("-n", NAMESPACE, "rollout", "status", "daemonset/warren-mesh-agent", "--timeout=300s")
+        time.sleep(3)
+    finally:
+        _exec(cluster, "probe-1", "python3", "-c", STOP_PING)
+    out, _ = ping.communicate(timeout=30)
+    summary = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+    assert summary is not None, out
+    sent, received = int(summary[1]), int(summary[2])
+    print(f"during the rollout: {sent} pings sent, {received} answered")
+    assert sent > 50 and received == sent, out[-600:]
+    after = _nodes(cluster)
+    assert {n: (s["publicKey"], s["allowedIPs"]) for n, s in after.items()} == {
+        n: (s["publicKey"], s["allowedIPs"]) for n, s in before.items()
+    }
+
+
+# Runs in an agent container, with that node's own etcd credential (it may read the whole mesh): the claims of the
+# node named in argv[1], one per line.
+LIST_CLAIMS = """
+import asyncio, os, sys
+from pathlib import Path
+from warren_mesh.etcd_tls import EtcdTls
+from warren_mesh.schema import KeySchema
+from warren_mesh.store.etcd import EtcdStore
+
+async def main():
+    tls = EtcdTls(*(Path(os.environ[f"WARREN_MESH_ETCD_{what}_FILE"]) for what in ("CA", "CERT", "KEY")))
+    store = EtcdStore(os.environ["WARREN_MESH_ETCD_ENDPOINTS"].split(","), tls=tls)
+    try:
+        listed = await store.list_prefix(KeySchema(sys.argv[2]).claims_of(sys.argv[1]))
+    finally:
+        await store.close()
+    print("\\n".join(kv.key for kv in listed.items))
+
+asyncio.run(main())
+"""
+
+
+def _claims_of(cluster: Cluster, node: str, *, seen_from: str) -> list[str]:
+    agent = next(
+        item["metadata"]["name"]
+        for item in cluster.get("pods", namespace=NAMESPACE)["items"]
+        if item["metadata"]["name"].startswith("warren-mesh-agent-") and item["spec"]["nodeName"] == seen_from
+    )
+    prefix = cluster.get("meshes", "default")["spec"]["etcdPrefix"]
+    out = cluster.kubectl(
+        "exec", "-n", NAMESPACE, agent, "-c", "agent", "--", "python3", "-c", LIST_CLAIMS, node, prefix
+    )
+    return out.split()
+
+
+def test_a_dead_nodes_registration_and_subnet_go_with_its_node_object(cluster: Cluster) -> None:
+    assert _claims_of(cluster, "node-3", seen_from="node-1"), "node-3 claimed nothing?"
+    b = cluster.get("pod", "probe-2")["status"]["podIP"]
+    _k8s(cluster.state, "power-off", "--node=node-3")
+    cluster.kubectl("delete", "node", "node-3")
+    wait_for(lambda: "node-3" not in _nodes(cluster), 30, "node-3 to leave `kubectl get meshnodes`")
+    wait_for(lambda: not _claims_of(cluster, "node-3", seen_from="node-1"), 30, "node-3's claims to be freed")
+    wait_for(
+        lambda: (cluster.get("meshes", "default") or {}).get("status", {}).get("nodes") == NODES - 1,
+        30,
+        "the Mesh's status to count the nodes left",
+    )
+    out = _exec(cluster, "probe-1", "ping", "-c", "5", "-i", "0.2", b)
+    assert " 0% packet loss" in out, out
+
+
+def test_delete_k_leaves_only_what_the_readme_says_stays(cluster: Cluster) -> None:
+    for pod in ("probe-1", "probe-2"):
+        cluster.kubectl("delete", "pod", pod, "--wait=true")
+    # The Mesh first, while its operator runs (its finalizer cleans etcd), as deploy/README.md says.
+    cluster.kubectl("delete", "-f", str(ROOT / "deploy" / "examples" / "mesh.yaml"), "--timeout=60s")
+    cluster.kubectl("delete", "-k", str(ROOT / "deploy"), "--timeout=180s")
+    wait_for(lambda: cluster.get("namespace", NAMESPACE) is None, 120, "the namespace warren-mesh to be gone")
+    assert "mesh.warren.io" not in cluster.kubectl("get", "crds")
+    for index in range(1, NODES):  # node-3's machine is gone
+        home = cluster.state / "nodes" / f"node-{index}"
+        holder = int((home / "holder.pid").read_text())
+        inside = ["nsenter", f"--target={holder}", "--mount", "--net", "--"]
+        links = subprocess.run([*inside, "ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
+        assert "wg-mesh" not in links
+        sockets = os.listdir(home / "fs" / "run" / "wireguard")
+        assert not sockets, f"node-{index}: {sockets} left in /run/wireguard"
+        ours = [
+            pid
+            for pid in _node_processes(index)
+            if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith((b"warren-mesh", b"wireguard-go"))
+        ]
+        assert not ours, f"node-{index}: processes of ours left: {ours}"
+        # What deploy/README.md says stays ("After kubectl delete -k"): the node's keys, the CNI config and plugins.
+        state_files = sorted(str(p.relative_to(home / "fs")) for p in (home / "fs" / "var/lib/warren-mesh").rglob("*"))
+        assert "var/lib/warren-mesh/private.key" in state_files
+        assert set(os.listdir(home / "fs" / "etc/cni/net.d")) <= {"10-warren-mesh.conflist"}
+        tables = subprocess.run([*inside, "nft", "list", "tables"], capture_output=True, text=True, check=True).stdout
+        assert set(tables.split("\n")) - {"", "table inet warren-mesh"} <= _kube_proxy_tables(tables), tables
+
+
+def _node_processes(index: int) -> list[int]:
+    base = Path(f"/sys/fs/cgroup/pids/warren-mesh-k8s/node-{index}")
+    found: list[int] = []
+    for directory, _, _ in os.walk(base):
+        found.extend(int(line) for line in (Path(directory) / "cgroup.procs").read_text().split())
+    return [pid for pid in found if Path(f"/proc/{pid}").exists()]
+
+
+def _kube_proxy_tables(listing: str) -> set[str]:
+    """kube-proxy's and the kubelet's own iptables (nft backend) tables: the node's, not ours."""
+    return {line for line in listing.split("\n") if line.startswith(("table ip ", "table ip6 "))}
