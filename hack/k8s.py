@@ -148,7 +148,8 @@ def _up(state: Path, nodes: int, binaries: Path, pids: dict[str, int | None]) ->
     server = f"https://{address}:{port}"
     deadline = time.monotonic() + 90
     while not _ready(server, certs / "apiserver.crt", tokens["admin"]):
-        if not _alive(pids["kube-apiserver"]) or time.monotonic() > deadline:
+        apiserver = pids["kube-apiserver"]
+        if apiserver is None or not k8s_nodes.alive(apiserver) or time.monotonic() > deadline:
             tail = (state / "kube-apiserver.log").read_text(errors="replace")[-3000:]
             raise SystemExit(f"k8s-up: kube-apiserver did not become ready:\n{tail}")
         time.sleep(0.3)
@@ -316,18 +317,6 @@ def _daemon(state: Path, name: str, argv: list[str]) -> int:
             start_new_session=True,  # outlives this command, like a real control plane; k8s-down stops it
         )
     return process.pid
-
-
-def _alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 def down(state: Path) -> None:

@@ -131,7 +131,10 @@ def cgroup_pids(name: str) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (reaping it first if it is a child of ours that ended)."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
@@ -143,7 +146,7 @@ def kill_cgroup(name: str, timeout: float = 20.0) -> None:
     """Kill every process in the cgroup until none is left (containerd may start a shim while we kill)."""
     deadline = time.monotonic() + timeout
     while True:
-        living = [pid for pid in cgroup_pids(name) if _alive(pid)]
+        living = [pid for pid in cgroup_pids(name) if alive(pid)]
         if not living:
             return
         if time.monotonic() > deadline:
@@ -151,9 +154,6 @@ def kill_cgroup(name: str, timeout: float = 20.0) -> None:
         for pid in living:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        for pid in living:  # our own children (the node's launcher): reap them
-            with contextlib.suppress(ChildProcessError, OSError):
-                os.waitpid(pid, os.WNOHANG)
         time.sleep(0.1)
 
 
@@ -333,7 +333,7 @@ class Node:
 
     def running(self, what: str) -> bool:
         pid = self.pid(what)
-        return pid is not None and _alive(pid)
+        return pid is not None and alive(pid)
 
     def log_tail(self, what: str, size: int = 3000) -> str:
         """The end of a daemon's log; for a Go daemon that died, its error lines (not the goroutine dump)."""
@@ -410,11 +410,6 @@ class Node:
     def remove(self) -> None:
         """Everything the node started, its namespaces, link and files."""
         kill_cgroup(self.name)
-        for what in ("holder", "containerd", "kubelet", "kube-proxy"):
-            pid = self.pid(what)
-            if pid is not None:
-                with contextlib.suppress(ChildProcessError, OSError):
-                    os.waitpid(pid, os.WNOHANG)
         remove_cgroup(self.name)
         _run("ip", "netns", "del", self.netns, check=False)
         _run("ip", "link", "del", f"wmk{self.index}", check=False)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute
 
+from underlay import captured, sniff
 from warren_mesh.keys import NodeKey
 from warren_mesh.lab import netns
 from warren_mesh.lab.lab import ETCD_PORT, HUB_ADDRESS, METRICS_PORT, SUBNET, Lab
@@ -35,46 +36,10 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 TTL = 3
 STARTUP = 120  # for an agent process to be ready: ~0.3 s here, ~20 s in the TCG VM (imports read files over 9p)
 
-# Runs inside a namespace: capture IPv4 frames on one interface for a while, print for each (protocol, sport, dport,
-# 1 if it is a fragment: the more-fragments flag or an offset). ETH_P_ALL: a bridge port's frames reach only the
-# taps that take every protocol.
-SNIFFER = r"""
-import json, socket, struct, sys, time
-iface, seconds = sys.argv[1], float(sys.argv[2])
-sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))  # ETH_P_ALL
-sock.bind((iface, 0))
-sock.settimeout(0.2)
-seen, end = [], time.monotonic() + seconds
-while time.monotonic() < end:
-    try:
-        frame = sock.recv(65535)
-    except TimeoutError:
-        continue
-    if frame[12:14] != b"\x08\x00":  # IPv4 only (IPv6 here is neighbour discovery, no payload)
-        continue
-    ip = frame[14:]
-    proto, ihl, offset = ip[9], (ip[0] & 0x0F) * 4, int.from_bytes(ip[6:8], "big")
-    first = not offset & 0x1FFF  # only a first fragment (or a whole packet) starts with the ports
-    ports = struct.unpack("!HH", ip[ihl:ihl + 4]) if proto in (6, 17) and first else (0, 0)
-    seen.append([proto, *ports, int(bool(offset & 0x3FFF))])
-print(json.dumps(seen))
-"""
-
 
 def _sniff_underlay(lab: Lab, seconds: float) -> subprocess.Popen[str]:
-    """SNIFFER on node-1's link, from the hub's side, for ``seconds``."""
-    return subprocess.Popen(
-        [sys.executable, "-c", SNIFFER, f"{lab.prefix}v1h", str(seconds)],
-        stdout=subprocess.PIPE,
-        text=True,
-        preexec_fn=in_netns(lab.hub),  # noqa: PLW1509 (one setns call)
-    )
-
-
-def _captured(sniffer: subprocess.Popen[str]) -> list[list[int]]:
-    out, _ = sniffer.communicate(timeout=30)
-    frames: list[list[int]] = json.loads(out)
-    return frames
+    """What crosses node-1's link, from the hub's side, for ``seconds``."""
+    return sniff(f"{lab.prefix}v1h", seconds, preexec_fn=in_netns(lab.hub))
 
 
 @pytest.fixture
@@ -138,7 +103,7 @@ def test_mesh_end_to_end(lab: Lab, backend: str) -> None:
     rx_before, tx_before = transferred(lab, 1)
     results = lab.ping_all()
     assert all(ok for *_, ok in results), results
-    frames = _captured(sniffer)
+    frames = captured(sniffer)
     wireguard = [f for f in frames if f[0] == 17 and 51820 in (f[1], f[2])]
     control = [f for f in frames if f[0] == 6 and ETCD_PORT in (f[1], f[2])]  # the agent talking to etcd
     assert wireguard, "the capture saw node-1's WireGuard traffic"
@@ -380,7 +345,7 @@ def test_pods_on_different_nodes_talk_through_the_tunnel_with_their_own_addresse
                 if source.node != target.node:
                     assert _seen_source(lab, source, target.ip, 7000) == source.ip, (source, target)
         assert all(ok for *_, ok in lab.ping_pods())
-        frames = _captured(sniffer)
+        frames = captured(sniffer)
         assert [f for f in frames if f[0] == 17 and 51820 in (f[1], f[2])], "the pods' traffic crossed as WireGuard"
         in_clear = [f for f in frames if f[0] == 1 or 7000 in (f[1], f[2])]
         assert not in_clear, f"pod traffic crossed the underlay in the clear: {in_clear}"
@@ -508,7 +473,7 @@ def test_the_mtu_follows_the_underlay_and_the_mesh_to_the_device_and_new_pods(la
     sniffer = _sniff_underlay(lab, 4)
     time.sleep(0.3)
     at_1400 = _pod_throughput(lab, second["node-1"], second["node-2"])
-    frames = _captured(sniffer)
+    frames = captured(sniffer)
     fragments, packets = sum(f[3] for f in frames), len(frames)
     print(f"pod to pod over a 400 Mbit/s link: {at_1500 / 1e6:.0f} Mbit/s at MTU 1500, {at_1400 / 1e6:.0f} at 1400")
     assert packets > 1000 and fragments == 0, f"{fragments} of {packets} packets on the underlay were fragments"

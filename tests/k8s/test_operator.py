@@ -398,6 +398,8 @@ def test_meshnodes_follow_registrations_and_deleted_nodes_are_revoked(
     wait_for(lambda: cluster.get("meshnode", "victim"), 20, "MeshNode victim", operator.log)
     victim.process.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
     wait_for(lambda: cluster.get("meshnode", "victim") is None, 3 + 10, "MeshNode victim gone after its lease")
+    # Not a Kubernetes node: it keeps its address and subnet for when it comes back.
+    assert len(etcd_keys(mesh_etcd, SCHEMA.claims_of("victim"))) == 2
 
     # A Kubernetes Node deleted: its registration is revoked at once, long before its 30 s lease would expire.
     cluster.kubectl("apply", "-f", "-", input="apiVersion: v1\nkind: Node\nmetadata:\n  name: frozen\n")
@@ -414,6 +416,33 @@ def test_meshnodes_follow_registrations_and_deleted_nodes_are_revoked(
         wait_for(lambda: cluster.get("meshnode", "frozen") is None, 10, "MeshNode frozen gone")
     finally:
         frozen.process.send_signal(signal.SIGCONT)
+
+
+def test_a_node_deleted_while_no_operator_ran_has_its_claims_freed(
+    cluster: Cluster,
+    mesh_etcd: EtcdServer,
+    operator: OperatorProcess,
+    agent_process: Any,
+) -> None:
+    """The operator may run on the very node that dies: a Node deleted meanwhile is caught up when the operator
+    runs again (the MeshNode remembers that its node was a Kubernetes Node)."""
+    cluster.kubectl("apply", "-f", "-", input=MESH)
+    wait_for(lambda: etcd_value(mesh_etcd, SCHEMA.config), 20, "the config", operator.log)
+    cluster.kubectl("apply", "-f", "-", input="apiVersion: v1\nkind: Node\nmetadata:\n  name: lost\n")
+    lost: AgentProcess = agent_process(mesh_etcd, PREFIX, "lost", port=free_port(), ttl=3)
+    lost.start()
+    wait_for(lambda: cluster.get("meshnode", "lost"), 20, "MeshNode lost", operator.log)
+    assert cluster.get("meshnode", "lost")["metadata"]["labels"]["mesh.warren.io/kubernetes-node"] == "true"
+    assert len(etcd_keys(mesh_etcd, SCHEMA.claims_of("lost"))) == 2
+    operator.stop()
+    assert lost.process is not None
+    lost.process.send_signal(signal.SIGKILL)  # the machine dies, and the operator with it
+    lost.process.wait()
+    cluster.kubectl("delete", "node", "lost")
+    wait_for(lambda: etcd_value(mesh_etcd, SCHEMA.node("lost")) is None, 3 + 5, "lost's lease to expire")
+    operator.start()
+    wait_for(lambda: not etcd_keys(mesh_etcd, SCHEMA.claims_of("lost")), 20, "its claims freed", operator.log)
+    wait_for(lambda: cluster.get("meshnode", "lost") is None, 10, "MeshNode lost gone")
 
 
 def test_operator_catches_up_after_its_own_and_etcds_restart(

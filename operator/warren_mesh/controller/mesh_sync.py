@@ -18,6 +18,7 @@ from typing import Any
 
 from warren_mesh.controller.kube import Kube, KubeError
 from warren_mesh.controller.translate import (
+    KUBERNETES_NODE_LABEL,
     MESH_LABEL,
     MeshClaim,
     SpecError,
@@ -189,7 +190,8 @@ class MeshSync:
             status = {"leaseSecondsLeft": left.get(entry.lease, -1), "lastSeen": seen}
             obj = existing.get(object_name)
             if obj is None:
-                await self._kube.create("meshnodes", mesh_node_body(self.name, entry, status))
+                is_node = await self._kube.get_core(f"nodes/{node}") is not None
+                await self._kube.create("meshnodes", mesh_node_body(self.name, entry, status, kubernetes_node=is_node))
                 await self._kube.patch("meshnodes", object_name, {"status": status}, status=True)
             else:
                 if obj.get("spec") != mesh_node_spec(self.name, entry.record):
@@ -198,12 +200,26 @@ class MeshSync:
                     await self._kube.patch("meshnodes", object_name, {"status": status}, status=True)
         wanted = {mesh_node_name(self.name, node) for node in entries}
         for object_name in existing.keys() - wanted:
+            await self._release_deleted_node(existing[object_name], view.schema)
             await self._kube.delete("meshnodes", object_name)
             log.info("mesh %s: node %s left the mesh", self.name, object_name)
         if refresh:
             self._lease_refreshed = loop.time()
         ready = sum(1 for e in entries.values() if not e.lease or left.get(e.lease, -1) > 0)
         return len(entries), ready
+
+    async def _release_deleted_node(self, mesh_node: Mapping[str, Any], schema: KeySchema) -> None:
+        """A Kubernetes node that left the mesh and whose Node object is gone: its machine is gone, so its claims
+        (overlay address, pod subnet) are freed. The Node watch does this at once; this catches a Node deleted while
+        no operator ran (it may have run on that very node)."""
+        if mesh_node.get("metadata", {}).get("labels", {}).get(KUBERNETES_NODE_LABEL) != "true":
+            return  # not a Kubernetes node (a node outside the cluster): it keeps its claims while it is away
+        node = mesh_node.get("spec", {}).get("nodeName")
+        if not node or await self._kube.get_core(f"nodes/{node}") is not None:
+            return
+        freed = await self._store.delete_prefix(schema.claims_of(node))
+        if freed:
+            log.info("mesh %s: node %s is gone from Kubernetes: freed its %d claim(s)", self.name, node, freed)
 
     # --- helpers ----------------------------------------------------------------------------------------------
 

@@ -19,6 +19,9 @@ from warren_mesh.validation import SCHEMA_VERSION, RecordError
 
 DEFAULT_MESH = "default"
 MESH_LABEL = "mesh.warren.io/mesh"
+# On a MeshNode whose node was a Kubernetes Node when it joined: when that Node is gone and so is the registration,
+# the node's claims are freed (also when the Node was deleted while no operator ran to see it go).
+KUBERNETES_NODE_LABEL = "mesh.warren.io/kubernetes-node"
 
 
 class SpecError(Exception):
@@ -113,14 +116,16 @@ def mesh_node_spec(mesh: str, record: NodeRecord) -> dict[str, Any]:
     }
 
 
-def mesh_node_body(mesh: str, entry: Entry[NodeRecord], status: Mapping[str, Any]) -> dict[str, Any]:
+def mesh_node_body(
+    mesh: str, entry: Entry[NodeRecord], status: Mapping[str, Any], *, kubernetes_node: bool
+) -> dict[str, Any]:
+    labels = {MESH_LABEL: mesh, "app.kubernetes.io/managed-by": "warren-mesh-operator"}
+    if kubernetes_node:
+        labels[KUBERNETES_NODE_LABEL] = "true"
     return {
         "apiVersion": "mesh.warren.io/v1alpha1",
         "kind": "MeshNode",
-        "metadata": {
-            "name": mesh_node_name(mesh, entry.record.name),
-            "labels": {MESH_LABEL: mesh, "app.kubernetes.io/managed-by": "warren-mesh-operator"},
-        },
+        "metadata": {"name": mesh_node_name(mesh, entry.record.name), "labels": labels},
         "spec": mesh_node_spec(mesh, entry.record),
         "status": dict(status),
     }

@@ -1,0 +1,59 @@
+"""What crosses an underlay link, captured by a small sniffer process (the lab's tests and the real cluster's)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import NamedTuple
+
+# Captures IPv4 frames on one interface for a while and prints them as JSON lists in Frame's order. ETH_P_ALL: a
+# bridge port's frames reach only the taps that take every protocol.
+SNIFFER = r"""
+import json, socket, struct, sys, time
+iface, seconds = sys.argv[1], float(sys.argv[2])
+sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))  # ETH_P_ALL
+sock.bind((iface, 0))
+sock.settimeout(0.2)
+seen, end = [], time.monotonic() + seconds
+while time.monotonic() < end:
+    try:
+        frame = sock.recv(65535)
+    except TimeoutError:
+        continue
+    if frame[12:14] != b"\x08\x00":  # IPv4 only (IPv6 here is neighbour discovery, no payload)
+        continue
+    ip = frame[14:]
+    proto, ihl, offset = ip[9], (ip[0] & 0x0F) * 4, int.from_bytes(ip[6:8], "big")
+    first = not offset & 0x1FFF  # only a first fragment (or a whole packet) starts with the ports
+    ports = struct.unpack("!HH", ip[ihl:ihl + 4]) if proto in (6, 17) and first else (0, 0)
+    addresses = [socket.inet_ntoa(ip[12:16]), socket.inet_ntoa(ip[16:20])]
+    seen.append([proto, *ports, int(bool(offset & 0x3FFF)), *addresses, len(frame)])
+print(json.dumps(seen))
+"""
+
+
+class Frame(NamedTuple):
+    protocol: int
+    sport: int  # 0 unless TCP or UDP (and for a fragment after the first)
+    dport: int
+    fragment: int  # 1 if it is a fragment: the more-fragments flag or an offset
+    source: str
+    destination: str
+    length: int  # of the whole Ethernet frame
+
+
+def sniff(interface: str, seconds: float, *, preexec_fn: Callable[[], None] | None = None) -> subprocess.Popen[str]:
+    """Start capturing on ``interface`` for ``seconds`` (``preexec_fn``: enter the namespace it is in)."""
+    return subprocess.Popen(
+        [sys.executable, "-c", SNIFFER, interface, str(seconds)],
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=preexec_fn,  # noqa: PLW1509 (a setns call at most)
+    )
+
+
+def captured(sniffer: subprocess.Popen[str]) -> list[Frame]:
+    out, _ = sniffer.communicate(timeout=30)
+    return [Frame(*frame) for frame in json.loads(out)]
