@@ -338,9 +338,10 @@ def down(state: Path) -> None:
     if nodes:
         k8s_nodes.underlay_down()
         k8s_nodes.restore_sysctls(state / "sysctls.json")
+        shutil.rmtree(k8s_images.RUNROOT, ignore_errors=True)
         for mountpoint in reversed(saved.get("mountpoints", [])):
-            with contextlib.suppress(OSError):  # only what k8s-up made, and only while empty
-                os.removedirs(mountpoint)
+            with contextlib.suppress(OSError):  # only the directories k8s-up made, and only while empty
+                os.rmdir(mountpoint)
     shutil.rmtree(state, ignore_errors=True)
 
 

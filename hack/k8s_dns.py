@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 CLUSTER_DOMAIN = "cluster.local"
 
@@ -62,26 +63,24 @@ def main() -> int:
     hosts = home / "hosts"
     hosts.write_text("")
     os.chmod(home, 0o755)
-    dnsmasq = subprocess.Popen(
-        [
-            "dnsmasq",
-            "--keep-in-foreground",
-            "--conf-file=/dev/null",
-            "--no-resolv",
-            "--no-hosts",
-            f"--addn-hosts={hosts}",
-            f"--listen-address={listen}",
-            "--bind-interfaces",
-            "--except-interface=lo",
-            f"--local=/{CLUSTER_DOMAIN}/",
-            "--local-ttl=1",
-            "--user=root",
-            "--pid-file=",
-            "--log-facility=-",
-        ],
-        stdout=(home / "dnsmasq.log").open("ab"),
-        stderr=subprocess.STDOUT,
-    )
+    argv = [
+        "dnsmasq",
+        "--keep-in-foreground",
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+        f"--addn-hosts={hosts}",
+        f"--listen-address={listen}",
+        "--bind-interfaces",
+        "--except-interface=lo",
+        f"--local=/{CLUSTER_DOMAIN}/",
+        "--local-ttl=1",
+        "--user=root",
+        "--pid-file=",
+        "--log-facility=-",
+    ]
+    log = (home / "dnsmasq.log").open("ab")
+    dnsmasq = _start(argv, log, listen)
 
     def stop(*_: object) -> None:
         dnsmasq.terminate()
@@ -92,7 +91,10 @@ def main() -> int:
     context = ssl.create_default_context(cafile=ca_file)
     token = Path(token_file).read_text().strip()
     written: list[tuple[str, str]] | None = None
-    while dnsmasq.poll() is None:
+    while True:
+        if dnsmasq.poll() is not None:  # a DNS server that died is started again, with the records written
+            print(f"k8s-dns: dnsmasq exited ({dnsmasq.returncode}); starting it again", file=sys.stderr, flush=True)
+            dnsmasq = _start(argv, log, listen)
         current: list[tuple[str, str]] | None
         try:
             current = records(
@@ -105,11 +107,27 @@ def main() -> int:
             scratch = hosts.with_suffix(".new")
             scratch.write_text("".join(f"{address} {name}\n" for address, name in current))
             scratch.replace(hosts)
-            dnsmasq.send_signal(signal.SIGHUP)
+            dnsmasq.send_signal(signal.SIGHUP)  # re-read the hosts file
             written = current
         time.sleep(1)
-    print(f"k8s-dns: dnsmasq exited ({dnsmasq.returncode})", file=sys.stderr, flush=True)
-    return 1
+
+
+def _start(argv: list[str], log: IO[bytes], listen: str) -> subprocess.Popen[bytes]:
+    """dnsmasq, once it answers: a SIGHUP before it has its handlers in place would end it."""
+    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    # A query for the root's NS record: any answer (even a refusal) means it is listening with its handlers set.
+    query = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x01"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and process.poll() is None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.settimeout(0.2)
+            try:
+                probe.sendto(query, (listen, 53))
+                if probe.recv(512)[:2] == query[:2]:
+                    return process
+            except OSError:
+                pass
+    raise SystemExit(f"k8s-dns: dnsmasq did not answer on {listen}:53 (exit {process.poll()})")
 
 
 if __name__ == "__main__":

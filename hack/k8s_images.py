@@ -25,6 +25,7 @@ CACHE = Path(os.environ.get("WARREN_MESH_K8S_CACHE", "/var/cache/warren-mesh-k8s
 BASE_IMAGE = "docker.io/library/debian:bookworm-slim"
 PAUSE_IMAGE = "k8s.gcr.io/pause:3.2"
 PROJECT_IMAGE = "docker.io/library/warren-mesh:0.1.0"  # what `image: warren-mesh:0.1.0` means to a kubelet
+RUNROOT = Path("/run/warren-mesh-k8s-buildah")  # buildah's locks while it builds; k8s-down removes it
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 BUILD_CA = "/run/warren-mesh-build-ca.crt"
 
@@ -33,35 +34,27 @@ class ImageError(RuntimeError):
     pass
 
 
-def _buildah(*args: str, capture: bool = True) -> str:
+def _run_buildah(*args: str) -> subprocess.CompletedProcess[str]:
+    """buildah on our own storage under the cache (never the machine's)."""
     argv = [
         "buildah",
         f"--root={CACHE / 'storage'}",
-        "--runroot=/run/warren-mesh-k8s-buildah",
+        f"--runroot={RUNROOT}",
         "--storage-driver=vfs",  # works on any file system, also where overlay-on-overlay does not
         *args,
     ]
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    return subprocess.run(argv, capture_output=True, text=True, check=False)
+
+
+def _buildah(*args: str) -> str:
+    done = _run_buildah(*args)
     if done.returncode != 0:
         raise ImageError(f"buildah {' '.join(args[:2])} failed:\n{(done.stdout + done.stderr)[-3000:]}")
-    return done.stdout.strip() if capture else ""
+    return done.stdout.strip()
 
 
 def _exists(name: str) -> bool:
-    done = subprocess.run(
-        [
-            "buildah",
-            f"--root={CACHE / 'storage'}",
-            "--runroot=/run/warren-mesh-k8s-buildah",
-            "--storage-driver=vfs",
-            "inspect",
-            "--type=image",
-            name,
-        ],
-        capture_output=True,
-        check=False,
-    )
-    return done.returncode == 0
+    return _run_buildah("inspect", "--type=image", name).returncode == 0
 
 
 def _image_id(name: str) -> str:
@@ -140,18 +133,7 @@ def project_archive(containerfile: Path = ROOT / "deploy" / "Containerfile", tag
 
 def prune() -> None:
     """Drop the intermediate images of earlier builds (the layer cache keeps what the next build can reuse)."""
-    subprocess.run(
-        [
-            "buildah",
-            f"--root={CACHE / 'storage'}",
-            "--runroot=/run/warren-mesh-k8s-buildah",
-            "--storage-driver=vfs",
-            "rmi",
-            "--prune",
-        ],
-        capture_output=True,
-        check=False,
-    )
+    _run_buildah("rmi", "--prune")
 
 
 def qualified(name: str) -> str:

@@ -266,9 +266,10 @@ class Node:
         for target in NODE_PATHS:
             source = self.home / "fs" / target.lstrip("/")
             source.mkdir(parents=True, exist_ok=True)
-            if not Path(target).exists():
-                Path(target).mkdir(parents=True)
-                created_mountpoints.append(target)
+            missing = [d for d in (Path(target), *Path(target).parents) if not d.exists()]
+            for directory in reversed(missing):  # made top-down, recorded so k8s-down removes exactly these
+                directory.mkdir()
+                created_mountpoints.append(str(directory))
             binds.append(f"{source} {target}\n")
         make_cgroup(self.name)
         holder = subprocess.Popen(

@@ -101,6 +101,6 @@ def wait_for(condition: Any, timeout: float, what: str, log: Any = None) -> Any:
         if value:
             return value
         if time.monotonic() > deadline:
-            extra = f"\n--- operator log ---\n{log()}" if log is not None else ""
+            extra = f"\n--- what there is to see ---\n{log()}" if log is not None else ""
             raise AssertionError(f"timed out after {timeout} s waiting for {what}{extra}")
         time.sleep(0.2)

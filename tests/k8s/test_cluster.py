@@ -111,6 +111,21 @@ def _ready(cluster: Cluster, kind: str, name: str) -> bool:
     return bool(status.get("readyReplicas") == obj["spec"].get("replicas", 1))
 
 
+def _diagnosis(cluster: Cluster) -> str:
+    """What a user would look at when an install hangs: every pod, the events, the last log lines of our pods."""
+    parts = [cluster.kubectl("get", "pods", "-A", "-o", "wide", check=False)]
+    parts.append(cluster.kubectl("get", "events", "-A", "--sort-by=.lastTimestamp", check=False)[-4000:])
+    for item in (cluster.get("pods", namespace=NAMESPACE) or {}).get("items", []):
+        for status in item.get("status", {}).get("initContainerStatuses", []) + item.get("status", {}).get(
+            "containerStatuses", []
+        ):
+            if not status.get("ready"):
+                name = item["metadata"]["name"]
+                log = cluster.kubectl("logs", "-n", NAMESPACE, name, "-c", status["name"], "--tail=15", check=False)
+                parts.append(f"--- {name}/{status['name']} ---\n{log}")
+    return "\n".join(parts)
+
+
 def _not_ready_nodes(cluster: Cluster) -> list[str]:
     return [
         item["metadata"]["name"]
@@ -156,7 +171,12 @@ def test_the_manifests_install_for_real(cluster: Cluster, tmp_path: Path) -> Non
         ("deployment", "warren-mesh-enroller"),
         ("deployment", "warren-mesh-operator"),
     ):
-        wait_for(lambda kind=kind, name=name: _ready(cluster, kind, name), 300, f"{kind} {name} ready")
+        wait_for(
+            lambda kind=kind, name=name: _ready(cluster, kind, name),
+            300,
+            f"{kind} {name} ready",
+            lambda: _diagnosis(cluster),
+        )
     wait_for(lambda: len(_nodes(cluster)) == NODES, 60, "every node in `kubectl get meshnodes`")
     mesh = cluster.get("meshes", "default")
     wait_for(
