@@ -26,16 +26,9 @@ class PodNetwork:
     def ensure(self, config: MeshConfig, mtu: int) -> bool:
         """Bring the conflist and the forwarding in line with ``config`` and the device's ``mtu``; whether all of
         it is in place (failures are logged and retried by the next pass)."""
-        ok = True
-        directory = self._settings.cni_conf_dir
-        if directory is not None:
-            try:
-                config_file = cni.conflist(self._subnet, mtu=mtu, ipam_data_dir=self._settings.cni_ipam_dir)
-                if cni.write_conflist(directory, config_file):
-                    log.info("wrote %s: pods on %s, MTU %d", directory / cni.CONFLIST_NAME, self._subnet, mtu)
-            except OSError as exc:
-                log.error("cannot write the CNI network config in %s (retrying): %s", directory, exc)
-                ok = False
+        # Forwarding first: the conflist tells the container runtime that pods may start here, and a pod that
+        # started before our masquerade rule existed would keep un-NATed connections (conntrack) out of the node,
+        # its own address on the underlay, for as long as they last.
         routing = forwarding.PodRouting(self._subnet, config.pod_cidr, config.overlay_cidr, self._interface)
         try:
             changed = forwarding.ensure(routing)
@@ -44,7 +37,16 @@ class PodNetwork:
             return False
         if changed:
             log.info("pod forwarding set: %s", ", ".join(changed))
-        return ok
+        directory = self._settings.cni_conf_dir
+        if directory is not None:
+            try:
+                config_file = cni.conflist(self._subnet, mtu=mtu, ipam_data_dir=self._settings.cni_ipam_dir)
+                if cni.write_conflist(directory, config_file):
+                    log.info("wrote %s: pods on %s, MTU %d", directory / cni.CONFLIST_NAME, self._subnet, mtu)
+            except OSError as exc:
+                log.error("cannot write the CNI network config in %s (retrying): %s", directory, exc)
+                return False
+        return True
 
     def remove(self) -> None:
         """On --cleanup-on-exit: our nftables table and conflist go (forwarding stays on: others may need it)."""
