@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -48,6 +49,14 @@ class Cluster:
             return json.loads(out)
         except ValueError:
             return None
+
+
+def readme_secret_commands() -> list[list[str]]:
+    """deploy/README.md's certificate and Secret commands (the block after ``<!-- secrets:``), each split as a shell
+    would: what a user runs before ``kubectl apply -k deploy/``."""
+    readme = (ROOT / "deploy" / "README.md").read_text()
+    block = readme.split("<!-- secrets:", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    return [shlex.split(line) for line in block.strip().splitlines()]
 
 
 class OperatorProcess:

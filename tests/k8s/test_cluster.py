@@ -13,7 +13,6 @@ import ipaddress
 import json
 import os
 import re
-import shlex
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from k8s_cluster import ROOT, Cluster, wait_for
+from k8s_cluster import ROOT, Cluster, readme_secret_commands, wait_for
 from underlay import captured, sniff
 
 pytestmark = [
@@ -90,10 +89,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 def _readme_secrets(cluster: Cluster, workdir: Path) -> None:
     """deploy/README.md's certificate and Secret commands, as a user runs them."""
-    readme = (ROOT / "deploy" / "README.md").read_text()
-    block = readme.split("<!-- secrets:", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
-    for line in block.strip().splitlines():
-        program, *args = shlex.split(line)
+    for program, *args in readme_secret_commands():
         if program == "warren-mesh":
             command = [sys.executable, "-m", "warren_mesh.cli", *args]
             subprocess.run(command, cwd=workdir, check=True, capture_output=True)

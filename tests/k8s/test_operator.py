@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shlex
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from typing import Any
 import pytest
 
 from helpers import AgentProcess
-from k8s_cluster import ROOT, Cluster, OperatorProcess, wait_for
+from k8s_cluster import ROOT, Cluster, OperatorProcess, readme_secret_commands, wait_for
 from warren_mesh.agent.app import Agent
 from warren_mesh.controller.mesh_sync import PASS_INTERVAL
 from warren_mesh.keys import NodeKey
@@ -153,12 +152,9 @@ def test_manifests_pass_server_side_validation(cluster: Cluster) -> None:
 def test_the_documented_certificates_and_secrets_are_what_the_manifests_mount(cluster: Cluster, tmp_path: Path) -> None:
     """deploy/README.md's commands, run as written (in a scratch directory, against the test API server): each
     Secret the manifests mount exists with the files they name, and no Secret holds a key it does not need."""
-    readme = (ROOT / "deploy" / "README.md").read_text()
-    block = readme.split("<!-- secrets:", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
     made = ["configmap/warren-mesh-ca"]
     try:
-        for line in block.strip().splitlines():
-            program, *args = shlex.split(line)
+        for program, *args in readme_secret_commands():
             if program == "warren-mesh":
                 subprocess.run([sys.executable, "-m", "warren_mesh.cli", *args], cwd=tmp_path, check=True)
                 continue
