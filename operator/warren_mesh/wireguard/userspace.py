@@ -161,14 +161,16 @@ class UserspaceBackend:
                 preexec_fn=in_netns(self._netns),  # noqa: PLW1509 (one setns call)
             )
         deadline = time.monotonic() + _START_TIMEOUT
+        pause = 0.001  # it serves its socket ~10 ms after the fork: look often at first (a cold start waits for it)
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise BackendError(f"wireguard-go for {self._interface} exited at start (exit {process.returncode})")
-            if self._alive():
+            if self._socket.exists() and self._alive():
                 log.info("started wireguard-go for %s (pid %d)", self._interface, process.pid)
                 self._children.append(process)
                 return True
-            time.sleep(0.02)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
         process.kill()
         process.wait()
         raise BackendError(f"wireguard-go for {self._interface} did not open {self._socket} in {_START_TIMEOUT} s")
