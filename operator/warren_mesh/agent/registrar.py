@@ -352,11 +352,7 @@ class Registrar:
         record = self._record(config, current.record.overlay_ip, subnet)
         if (record.listen_port, record.endpoint) == (current.record.listen_port, current.record.endpoint):
             return
-        value = encode_json(record.to_json())
-        await self._store.put(self._schema.node(self._name), value, lease=current.lease_id)
-        self.current = replace(current, record=record)
-        self._published = value
-        log.info("republished %s with listen port %d", self._name, record.listen_port)
+        await self._put_current(record, f"republished with listen port {record.listen_port}")
 
     async def announce_key(self, public_key: str) -> None:
         """Tell peers the key we switch to next (key rotation): they add it before we use it."""
@@ -376,7 +372,12 @@ class Registrar:
         current = self.current
         if current is None:
             return  # between leases, or stopping: the next registration publishes all of it
-        record = self._record_like(current.record)
+        await self._put_current(self._record_like(current.record), what)
+
+    async def _put_current(self, record: NodeRecord, what: str) -> None:
+        """Write ``record`` as ours on the lease we hold now."""
+        current = self.current
+        assert current is not None  # callers return early between leases
         value = encode_json(record.to_json())
         await self._store.put(self._schema.node(self._name), value, lease=current.lease_id)
         self.current = replace(current, record=record)
