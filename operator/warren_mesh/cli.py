@@ -159,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flag(enroll, "--enroller", None, "https:// URL of the enroller")
     add_flag(enroll, "--enroller-ca-file", None, "the mesh CA, which signed the enroller's certificate")
+    add_flag(
+        enroll,
+        "--enroller-address",
+        None,
+        "connect to this address instead of resolving --enroller's host (its Service's ClusterIP, there before "
+        "cluster DNS is); the certificate is still checked for that host name",
+    )
     add_flag(enroll, "--token-file", "/var/run/secrets/warren-mesh/token", "the pod's projected token")
     add_flag(enroll, "--dir", "/var/lib/warren-mesh/etcd", "where node.pem, node-key.pem (0600) and ca.pem go")
     add_flag(enroll, "--node-name", None, "the node this pod runs on: refused if the API server says otherwise")
@@ -500,6 +507,7 @@ def _enroll(args: argparse.Namespace) -> int:
         directory=Path(args.dir),
         node_name=args.node_name or None,
         renew_within_days=args.renew_within_days,
+        address=args.enroller_address or None,
     )
     if args.watch:
         # In a container this is process 1, which the kernel spares from signals it has no handler for: without

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from warren_mesh.store.etcd import EtcdStore
 
 NAMESPACE = "warren-mesh"
 SCHEMA = KeySchema()
+ENROLLER_NAME = "warren-mesh-enroller.warren-mesh.svc"  # the name deploy/README.md gives its certificate
 OBJECTS = f"""
 apiVersion: v1
 kind: Node
@@ -64,7 +66,7 @@ def enroller(cluster: Cluster, tmp_path: Path) -> Iterator[tuple[str, Path, str]
     """A TLS etcd with auth on, the objects above, and `warren-mesh enroller` as its own service account."""
     directory = tmp_path / "pki"
     pki.init(directory, ["127.0.0.1"])
-    pki.issue(directory, "enroller", pki.ENROLLER_USER, server_names=["127.0.0.1"])
+    pki.issue(directory, "enroller", pki.ENROLLER_USER, server_names=["127.0.0.1", ENROLLER_NAME])
     cluster.kubectl("apply", "-f", "-", input=OBJECTS)
     port = free_port()
     with EtcdServer(pki=directory) as etcd:
@@ -157,6 +159,24 @@ def test_a_pods_token_gets_a_certificate_for_its_own_node_only(
     cert, key = tmp_path / "a" / "etcd" / "node.pem", tmp_path / "a" / "etcd" / "node-key.pem"
     assert _common_name(cert) == "node-enroll-a"
     assert key.stat().st_mode & 0o777 == 0o600 and "PRIVATE KEY" not in own.stdout + own.stderr
+
+    # Reached at an address (deploy/'s agents use the enroller Service's ClusterIP, there before cluster DNS is): the
+    # certificate is still checked for the URL's host name, and one it does not carry is refused.
+    token_a = _token(cluster, "warren-mesh-agent", pod="agent-a")
+    port = urllib.parse.urlsplit(url).port
+    named = f"https://{ENROLLER_NAME}:{port}"
+    at_address = _enroll(named, directory, token_a, tmp_path / "named", "--enroller-address=127.0.0.1")
+    assert at_address.returncode == 0, at_address.stderr
+    assert _common_name(tmp_path / "named" / "etcd" / "node.pem") == "node-enroll-a"
+    wrong = _enroll(
+        f"https://elsewhere.example:{port}", directory, token_a, tmp_path / "wrong", "--enroller-address=127.0.0.1"
+    )
+    assert wrong.returncode == 1 and "is not trusted" in wrong.stderr and "elsewhere.example" in wrong.stderr, wrong
+    assert wrong.stderr.count("\n") == 1 and not (tmp_path / "wrong" / "etcd" / "node.pem").exists()
+    # A pod made before the Service: the kubelet left the reference as it was.
+    unexpanded = "--enroller-address=$(WARREN_MESH_ENROLLER_SERVICE_HOST)"
+    early = _enroll(named, directory, token_a, tmp_path / "early", unexpanded)
+    assert early.returncode == 1 and "was not expanded: no such Service (yet)" in early.stderr, early.stderr
 
     # The same pod's token, asking for another node: refused, nothing written.
     other = _enroll(

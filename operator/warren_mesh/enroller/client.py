@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import http.client
 import json
 import logging
 import os
+import socket
 import ssl
 import time
 import urllib.error
@@ -44,6 +47,37 @@ class EnrolmentRequest:
     directory: Path  # node.pem, node-key.pem (0600), ca.pem
     node_name: str | None = None  # the node this pod runs on, as the pod believes (refused if not so)
     renew_within_days: int = pki.RENEW_WITHIN_DAYS
+    # Where to connect instead of resolving the URL's host (its Service's ClusterIP: there before cluster DNS is);
+    # the certificate is still checked for the URL's host name. None: the URL's host.
+    address: str | None = None
+
+
+class _AddressedHTTPSConnection(http.client.HTTPSConnection):
+    """HTTPS to the URL's host name at another address: curl's --connect-to."""
+
+    def __init__(self, host: str, *, address: str, tls: ssl.SSLContext, timeout: float | None = None) -> None:
+        super().__init__(host, timeout=timeout, context=tls)
+        self._address, self._tls = address, tls
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self._tls.wrap_socket(sock, server_hostname=self.host)
+
+
+class _AddressedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, address: str, tls: ssl.SSLContext) -> None:
+        super().__init__(context=tls)
+        self._connection = functools.partial(_AddressedHTTPSConnection, address=address, tls=tls)
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(self._connection, req)
+
+
+def _open(request: urllib.request.Request, tls: ssl.SSLContext, address: str | None) -> http.client.HTTPResponse:
+    if address is None:
+        answer: http.client.HTTPResponse = urllib.request.urlopen(request, context=tls, timeout=30)  # noqa: S310
+        return answer
+    return urllib.request.build_opener(_AddressedHTTPSHandler(address, tls)).open(request, timeout=30)  # type: ignore[no-any-return]
 
 
 def enroll(request: EnrolmentRequest) -> Enrolment | None:
@@ -65,6 +99,9 @@ def enroll(request: EnrolmentRequest) -> Enrolment | None:
         raise EnrolmentError(f"cannot read the service-account token {request.token_file}: {exc.strerror}") from None
     if not url.startswith("https://"):
         raise EnrolmentError(f"--enroller {url} is not an https:// URL")
+    if request.address is not None and request.address.startswith("$("):
+        # The kubelet leaves a reference to a Service's variables as it is if the Service was made after the pod.
+        raise EnrolmentError(f"--enroller-address {request.address} was not expanded: no such Service (yet)")
     target = url.rstrip("/") + PATH
     if request.node_name is not None:
         target += "?" + urllib.parse.urlencode({"node": request.node_name})
@@ -76,7 +113,7 @@ def enroll(request: EnrolmentRequest) -> Enrolment | None:
     )
     context = ssl.create_default_context(cafile=str(request.ca_file))
     try:
-        with urllib.request.urlopen(http_request, context=context, timeout=30) as answer:  # noqa: S310 (https only)
+        with _open(http_request, context, request.address) as answer:
             body = json.loads(answer.read())
     except urllib.error.HTTPError as exc:
         try:
@@ -85,6 +122,9 @@ def enroll(request: EnrolmentRequest) -> Enrolment | None:
             reason = exc.reason
         raise EnrolmentError(f"the enroller refused ({exc.code}): {reason}") from None
     except (urllib.error.URLError, OSError) as exc:
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            raise EnrolmentError(f"the enroller at {url} is not trusted: {reason.verify_message}") from None
         raise EnrolmentError(f"the enroller at {url} cannot be reached: {exc}") from None
     directory.mkdir(parents=True, exist_ok=True)
     _replace(ca, body["ca"])
