@@ -305,6 +305,17 @@ def test_no_node_can_write_another_nodes_keys_the_config_or_the_peers(lab: Lab) 
 
 
 # Runs inside a pod: accept connections on a port and answer each with the address it came from.
+POD_CIDR_PREFIX = str(MeshConfig().pod_cidr.network_address).rsplit(".", 2)[0]  # "10.244" of the lab's /16
+# Three datagrams to argv[1]:argv[2]; a refusal (ICMP unreachable) is not an error here.
+SEND_UDP = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(3):
+    try:
+        s.sendto(b"stray", (sys.argv[1], int(sys.argv[2])))
+    except OSError:
+        pass
+"""
 ECHO_SOURCE = r"""
 import socket, sys
 server = socket.create_server(("0.0.0.0", int(sys.argv[1])))
@@ -345,6 +356,13 @@ def test_pods_on_different_nodes_talk_through_the_tunnel_with_their_own_addresse
                 if source.node != target.node:
                     assert _seen_source(lab, source, target.ip, 7000) == source.ip, (source, target)
         assert all(ok for *_, ok in lab.ping_pods())
+        # An address of the pod network that no node holds goes into the tunnel and no further: the pod network is
+        # routed whole (per-node routes let it out by the default route, in the clear).
+        taken = {p.ip.rsplit(".", 1)[0] for p in pods}
+        stray = next(f"{POD_CIDR_PREFIX}.{i}.9" for i in range(255, 0, -1) if f"{POD_CIDR_PREFIX}.{i}" not in taken)
+        send = [sys.executable, "-c", SEND_UDP, stray, "7000"]
+        subprocess.run(lab.pod_exec_argv(pods[0].node, pods[0].name, send), check=True, timeout=30)
+        assert _mesh_routes(lab, 1) == {str(MeshConfig().pod_cidr)}, "the pod network is one route"
         frames = captured(sniffer)
         assert [f for f in frames if f[0] == 17 and 51820 in (f[1], f[2])], "the pods' traffic crossed as WireGuard"
         in_clear = [f for f in frames if f[0] == 1 or 7000 in (f[1], f[2])]

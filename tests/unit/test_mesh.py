@@ -9,7 +9,7 @@ from warren_mesh.device import DeviceState, InterfaceSpec, PeerSpec
 from warren_mesh.keys import NodeKey
 from warren_mesh.mesh.claims import LocalNode
 from warren_mesh.mesh.peers import MeshView, Rejection
-from warren_mesh.mesh.plan import plan_changes, plan_delta
+from warren_mesh.mesh.plan import desired_routes, plan_changes, plan_delta
 from warren_mesh.mesh.topology import Topology, build_topology
 from warren_mesh.model import MeshConfig, NodeRecord, encode_json
 from warren_mesh.schema import KeySchema
@@ -154,7 +154,9 @@ def test_a_record_claiming_our_address_or_outside_the_cidr_is_left_out() -> None
 
 
 def _device(topo: Topology, peers: dict[str, PeerSpec] | None = None) -> DeviceState:
-    return DeviceState(LOCAL.public_key, topo.interface, dict(topo.peers) if peers is None else peers)
+    """The device as configured for ``topo`` (routes included), with ``peers`` instead of its peers if given."""
+    peers = dict(topo.peers) if peers is None else peers
+    return DeviceState(LOCAL.public_key, topo.interface, peers, routes=frozenset(desired_routes(topo)))
 
 
 def test_plan_touches_only_what_differs() -> None:
@@ -202,19 +204,47 @@ def test_roamed_endpoint_is_left_alone() -> None:
 def test_routes_are_planned_like_peers() -> None:
     view = MeshView(SCHEMA)
     a_claims = kv(SCHEMA.claim("a", "10.244.1.0/24", "pods"), b"", 3)
-    view.apply(Snapshot((kv(SCHEMA.node("a"), record("a", "10.96.0.2", extra=("10.244.1.0/24",)), 3), a_claims), 3))
+    site = {"schema": 1, "name": "site", "public_key": KEYS["d"], "allowed_ips": ["172.30.0.0/16"]}
+    view.apply(
+        Snapshot(
+            (
+                kv(SCHEMA.node("a"), record("a", "10.96.0.2", extra=("10.244.1.0/24",)), 3),
+                a_claims,
+                kv(SCHEMA.peer("site"), json.dumps(site).encode(), 4),
+            ),
+            4,
+        )
+    )
     desired = topology_of(view)
-    # The /32 of a's overlay address is reached through the interface's own /16: only the pod network is routed.
+    # a's overlay /32 is reached through the interface's own /16, its pod subnet through the pod network's one
+    # route; the site's network, outside both, gets a route of its own.
+    assert desired.aggregates == ("10.244.0.0/16",)
     fresh = plan_changes(desired, DeviceState(LOCAL.public_key, desired.interface), local_public_key=LOCAL.public_key)
-    assert fresh.routes_to_add == ("10.244.1.0/24",) and fresh.routes_to_remove == ()
+    assert fresh.routes_to_add == ("10.244.0.0/16", "172.30.0.0/16") and fresh.routes_to_remove == ()
     # A mesh route deleted by hand is added again; a stale one goes; nothing else is touched.
-    drifted = DeviceState(LOCAL.public_key, desired.interface, dict(desired.peers), routes=frozenset({"10.244.9.0/24"}))
+    drifted = DeviceState(
+        LOCAL.public_key, desired.interface, dict(desired.peers), routes=frozenset({"10.244.0.0/16", "10.244.9.0/24"})
+    )
     plan = plan_changes(desired, drifted, local_public_key=LOCAL.public_key, previous=desired)
-    assert (plan.routes_to_add, plan.routes_to_remove, plan.changes) == (("10.244.1.0/24",), ("10.244.9.0/24",), ())
-    assert "add route 10.244.1.0/24" in plan.explain() and plan.size == 2
+    assert (plan.routes_to_add, plan.routes_to_remove, plan.changes) == (("172.30.0.0/16",), ("10.244.9.0/24",), ())
+    assert "add route 172.30.0.0/16" in plan.explain() and plan.size == 2
     # Before the first complete view, nothing is removed: routes as peers.
     early = plan_changes(desired, drifted, local_public_key=LOCAL.public_key, remove_unknown=False)
     assert early.routes_to_remove == ()
+
+
+def test_a_pod_network_over_the_underlay_or_etcd_is_routed_subnet_by_subnet() -> None:
+    """One route for the whole pod network would take this node's way to etcd or its peers into the tunnel."""
+    view = MeshView(SCHEMA)
+    a_claims = kv(SCHEMA.claim("a", "10.244.1.0/24", "pods"), b"", 3)
+    view.apply(Snapshot((kv(SCHEMA.node("a"), record("a", "10.96.0.2", extra=("10.244.1.0/24",)), 3), a_claims), 3))
+    etcd_inside = LocalNode(
+        LOCAL.name, LOCAL.public_key, LOCAL.overlay_ip, protected=(ipaddress.ip_network("10.244.200.5/32"),)
+    )
+    desired = build_topology(local=etcd_inside, view=view, auto_mtu=1420)
+    assert desired.aggregates == ()
+    fresh = plan_changes(desired, DeviceState(LOCAL.public_key, desired.interface), local_public_key=LOCAL.public_key)
+    assert fresh.routes_to_add == ("10.244.1.0/24",)
 
 
 def test_a_delta_removes_the_route_of_a_network_a_peer_gave_up() -> None:
@@ -225,6 +255,13 @@ def test_a_delta_removes_the_route_of_a_network_a_peer_gave_up() -> None:
     view.apply(Events((Event("put", kv(SCHEMA.node("a"), record("a", "10.96.0.2"), 4, create=3)),), 4))
     after = topology_of(view)
     key = KEYS["a"]
+    # Routed subnet by subnet (no aggregate route: e.g. the pod network covers etcd's address), the route goes.
     delta = plan_delta(before.peers, after.peers, {key}, interface_address=after.interface.address)
     assert delta.routes_to_remove == ("10.244.1.0/24",) and delta.routes_to_add == ()
     assert [(c.action, c.public_key) for c in delta.changes] == [("update", key)]
+    # Under the pod network's one route, the subnet never had a route of its own: only the peer changes.
+    covered = plan_delta(
+        before.peers, after.peers, {key}, interface_address=after.interface.address, aggregates=after.aggregates
+    )
+    assert covered.routes_to_remove == () and covered.routes_to_add == ()
+    assert [(c.action, c.public_key) for c in covered.changes] == [("update", key)]

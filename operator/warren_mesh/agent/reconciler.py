@@ -68,6 +68,7 @@ class Reconciler:
         self._verify_next = True  # the next pass reads the device and compares everything
         # What the device was last given (kept up to date change by change, never copied on the common path).
         self._applied_interface: InterfaceSpec | None = None
+        self._applied_aggregates: tuple[str, ...] = ()
         self._applied_peers: dict[str, PeerSpec] = {}
         self._applied_names: dict[str, str] = {}
         self._conflicts: set[tuple[str, str]] = set()
@@ -158,7 +159,11 @@ class Reconciler:
         else:
             assert self._applied_interface is not None  # verify is False only after a full comparison
             plan = plan_delta(
-                self._applied_peers, builder.peers, affected, interface_address=self._applied_interface.address
+                self._applied_peers,
+                builder.peers,
+                affected,
+                interface_address=self._applied_interface.address,
+                aggregates=self._applied_aggregates,
             )
             names = {k: n for k in affected if (n := builder.names.get(k) or self._applied_names.get(k))}
             ok = await self._device_thread.run(lambda: self._apply(plan, names))
@@ -187,7 +192,9 @@ class Reconciler:
         desired = self._builder.topology()
         previous = None
         if self._applied_interface is not None:
-            previous = Topology(self._applied_interface, self._applied_peers, self._applied_names)
+            previous = Topology(
+                self._applied_interface, self._applied_peers, self._applied_names, aggregates=self._applied_aggregates
+            )
         try:
             device = await self._device_thread.run(self._backend.read)
         except BackendError as exc:
@@ -208,6 +215,7 @@ class Reconciler:
             if not await self._device_thread.run(lambda: pods.ensure(self._view.config, mtu)):
                 self._metrics.apply_errors.inc()
         self._applied_interface = desired.interface
+        self._applied_aggregates = desired.aggregates
         self._applied_peers = dict(desired.peers)
         self._applied_names = dict(desired.names)
         return ok

@@ -8,11 +8,12 @@ does not strip it bare before its first snapshot arrives.
 WireGuard updates a peer's endpoint itself when the peer roams (NAT rebinding). An endpoint that differs from
 what we last asked for is therefore roaming, not drift, and is left alone unless the record itself changed.
 
-Routes are part of the plan: every network of a peer's allowed IPs that the interface's own prefix does not
-already reach is routed to the device, compared with the routes the mesh owns there (protocol 158) like peers
-are, and a route deleted by hand comes back with the next full comparison. Removals come first, additions last:
-a route appears only once its peer can take the traffic. A network that moves from one peer to another in one
-plan stays routed throughout (the fold never gives one network to two peers, so a route has exactly one peer).
+Routes are part of the plan: every network of a peer's allowed IPs that neither the interface's own prefix nor the
+pod network's one route (``Topology.aggregates``) already reaches is routed to the device, compared with the routes
+the mesh owns there (protocol 158) like peers are, and a route deleted by hand comes back with the next full
+comparison. Removals come first, additions last: a route appears only once its peer can take the traffic. A network
+that moves from one peer to another in one plan stays routed throughout (the fold never gives one network to two
+peers, so a route has exactly one peer).
 
 ``plan_changes`` compares with the device as read; ``plan_delta`` compares the topology last applied with the
 new one for the peers a change touched, without reading the device (a full read costs O(peers) in netlink or
@@ -82,16 +83,17 @@ class Plan:
         return "\n".join(lines) if lines else "no changes"
 
 
-def routed(interface_address: str | None, networks: Iterable[str]) -> set[str]:
-    """The networks that need a route of their own: those the interface's own prefix (its connected route, e.g.
-    the overlay /16 for peers' /32 addresses) does not already reach."""
-    if interface_address is None:
-        return set(networks)
-    version, first, last = _span(interface_address)
+def routed(interface_address: str | None, networks: Iterable[str], aggregates: Iterable[str] = ()) -> set[str]:
+    """The networks that need a route of their own: those that neither the interface's own prefix (its connected
+    route, e.g. the overlay /16 for peers' /32 addresses) nor an aggregate route (the pod network, for nodes'
+    subnets) already reaches."""
+    covering = [_span(network) for network in aggregates]
+    if interface_address is not None:
+        covering.append(_span(interface_address))
     result = set()
     for text in networks:
         net_version, net_first, net_last = _span(text)
-        if not (net_version == version and first <= net_first and net_last <= last):
+        if not any(net_version == v and first <= net_first and net_last <= last for v, first, last in covering):
             result.add(text)
     return result
 
@@ -113,7 +115,8 @@ def _span(text: str) -> tuple[int, int, int]:
 
 
 def desired_routes(desired: Topology) -> set[str]:
-    return routed(desired.interface.address, (n for spec in desired.peers.values() for n in spec.allowed_ips))
+    networks = (n for spec in desired.peers.values() for n in spec.allowed_ips)
+    return routed(desired.interface.address, networks, desired.aggregates) | set(desired.aggregates)
 
 
 def plan_changes(
@@ -160,10 +163,12 @@ def plan_delta(
     public_keys: Iterable[str],
     *,
     interface_address: str | None,
+    aggregates: Iterable[str] = (),
 ) -> Plan:
     """The peer and route changes for ``public_keys`` from the peers last applied to the desired ones, the device
-    being as it was left (the interface is never part of a delta: a config change makes the caller compare
-    everything). Each network is one peer's, so the routes that change are those of the peers that changed."""
+    being as it was left (the interface and the aggregate routes are never part of a delta: a config change makes
+    the caller compare everything). Each network is one peer's, so the routes that change are those of the peers
+    that changed."""
     removals: list[PeerChange] = []
     changes: list[PeerChange] = []
     routes_before: set[str] = set()
@@ -184,8 +189,8 @@ def plan_delta(
             changes.append(PeerChange("add", key, want, _describe(want)))
         else:
             changes.append(PeerChange("update", key, want, _difference(before, want)))
-    before_routed = routed(interface_address, routes_before - routes_after)
-    after_routed = routed(interface_address, routes_after - routes_before)
+    before_routed = routed(interface_address, routes_before - routes_after, aggregates)
+    after_routed = routed(interface_address, routes_after - routes_before, aggregates)
     return Plan(None, False, (*removals, *changes), tuple(sorted(before_routed)), tuple(sorted(after_routed)))
 
 
