@@ -16,6 +16,9 @@ from warren_mesh.lab.etcd_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 OPERATOR_COMMAND = (sys.executable, "-m", "warren_mesh.cli", "operator")
+# Debian 13's kubectl (1.32), which hack/setup unpacks and links into the venv: the suite never depends on a kubectl
+# that a machine happens to carry (Debian 12's 1.20 has no `create token`, and its kustomize cannot build deploy/).
+KUBECTL = str(Path(sys.executable).parent / "kubectl")
 
 
 @dataclass
@@ -26,29 +29,44 @@ class Cluster:
     def kubeconfig(self) -> Path:
         return self.state / "kubeconfig"
 
-    def kubectl(
-        self, *args: str, input: str | None = None, check: bool = True, as_: str = "admin", cwd: Path | None = None
-    ) -> str:
+    def run_kubectl(
+        self, *args: str, input: str | None = None, as_: str = "admin", cwd: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
         config = self.kubeconfig if as_ == "admin" else self.state / f"kubeconfig-{as_}"
-        result = subprocess.run(
-            ["kubectl", f"--kubeconfig={config}", *args],
+        return subprocess.run(
+            [KUBECTL, f"--kubeconfig={config}", *args],
             input=input,
             capture_output=True,
             text=True,
             check=False,
             cwd=cwd,
         )
+
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True, as_: str = "admin", cwd: Path | None = None
+    ) -> str:
+        result = self.run_kubectl(*args, input=input, as_=as_, cwd=cwd)
         if check and result.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
         return result.stdout + result.stderr if not check else result.stdout
 
     def get(self, kind: str, name: str | None = None, *, namespace: str | None = None) -> Any:
+        """The object (or the list, without ``name``) as JSON; None only when the API server says NotFound.
+
+        Any other failure (an API server that does not answer, a kind it does not know, output that is not JSON)
+        raises: an absence check ("the node is gone") must not pass because the question could not be asked.
+        """
         where = [f"--namespace={namespace}"] if namespace else []
-        out = self.kubectl("get", kind, *([name] if name else []), *where, "-o", "json", check=False)
+        argv = ["get", kind, *([name] if name else []), *where, "-o", "json"]
+        result = self.run_kubectl(*argv)
+        if result.returncode != 0:
+            if name is not None and "(NotFound)" in result.stderr:
+                return None
+            raise AssertionError(f"kubectl {' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}")
         try:
-            return json.loads(out)
-        except ValueError:
-            return None
+            return json.loads(result.stdout)
+        except ValueError as exc:
+            raise AssertionError(f"kubectl {' '.join(argv)} printed no JSON ({exc}): {result.stdout[:300]!r}") from exc
 
 
 def readme_secret_commands() -> list[list[str]]:
