@@ -45,6 +45,7 @@ import k8s_nodes
 from warren_mesh.lab.etcd_server import EtcdServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+KUBECTL = str(ROOT / ".venv" / "bin" / "kubectl")  # Debian 13's, linked there by hack/setup
 DEFAULT_STATE = Path(os.environ.get("WARREN_MESH_K8S_DIR", f"/tmp/warren-mesh-k8s-{os.getuid()}"))
 NAMESPACE = "warren-mesh"
 SERVICE_CIDR = "10.0.0.0/24"
@@ -66,6 +67,8 @@ def build() -> Path:
 
 def up(state: Path, nodes: int = 0) -> Path:
     """The API server alone (nodes=0), or a whole cluster of ``nodes`` nodes on this machine."""
+    if nodes:
+        k8s_nodes.require_cgroup_v1()
     binaries = build()
     if (state / "state.json").exists():
         down(state)
@@ -291,7 +294,7 @@ def _persistent_volumes(state: Path, nodes: int) -> None:
 
 def _kubectl(state: Path, *args: str, input: str | None = None) -> str:
     done = subprocess.run(
-        ["kubectl", f"--kubeconfig={state / 'kubeconfig'}", *args],
+        [KUBECTL, f"--kubeconfig={state / 'kubeconfig'}", *args],
         input=input,
         capture_output=True,
         text=True,
@@ -409,7 +412,10 @@ def main() -> int:
     parser.add_argument("--node", help="power-off: the node whose machine dies (e.g. node-3)")
     args = parser.parse_intermixed_args()
     if args.command == "up":
-        print(up(args.state_dir.resolve(), args.nodes))
+        try:
+            print(up(args.state_dir.resolve(), args.nodes))
+        except k8s_nodes.NodeError as exc:
+            raise SystemExit(f"k8s-up: {exc}") from None
     elif args.command == "power-off":
         if not args.node:
             parser.error("power-off needs --node")

@@ -23,7 +23,8 @@ from typing import Any
 
 import pytest
 
-from k8s_cluster import ROOT, Cluster, readme_secret_commands, wait_for
+import k8s_nodes
+from k8s_cluster import KUBECTL, ROOT, Cluster, readme_secret_commands, wait_for
 from underlay import captured, sniff
 
 pytestmark = [
@@ -221,7 +222,7 @@ def test_pods_on_two_nodes_reach_each_other_through_wireguard_only(cluster: Clus
     sent_before = _sent_through_wireguard(index, to=LAYOUT["b"])
     sniffer = sniff(f"wmk{index}", 12)  # probe-1's node's underlay link, from the host's side
     server = subprocess.Popen(
-        ["kubectl", f"--kubeconfig={cluster.kubeconfig}", "exec", "probe-2", "--", "python3", "-c", TCP_SERVER],
+        [KUBECTL, f"--kubeconfig={cluster.kubeconfig}", "exec", "probe-2", "--", "python3", "-c", TCP_SERVER],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -259,7 +260,7 @@ def test_a_rollout_of_the_agents_loses_no_ping(cluster: Cluster) -> None:
     before = _nodes(cluster)
     b = cluster.get("pod", "probe-2")["status"]["podIP"]
     ping = subprocess.Popen(
-        ["kubectl", f"--kubeconfig={cluster.kubeconfig}", "exec", "probe-1", "--", "ping", "-i", "0.2", "-w", "600", b],
+        [KUBECTL, f"--kubeconfig={cluster.kubeconfig}", "exec", "probe-1", "--", "ping", "-i", "0.2", "-w", "600", b],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -380,13 +381,16 @@ def _ours(pid: int) -> bool:
 
 
 def _node_processes(node: str) -> list[int]:
-    base = Path(f"/sys/fs/cgroup/pids/warren-mesh-k8s/{node}")
-    found: list[int] = []
-    for directory, _, _ in os.walk(base):
-        found.extend(int(line) for line in (Path(directory) / "cgroup.procs").read_text().split())
-    return [pid for pid in found if Path(f"/proc/{pid}").exists()]
+    base = k8s_nodes.cgroup_dir(node)
+    # The node's cgroup is there until k8s-down: if it were not, an empty list would prove nothing.
+    assert base.is_dir(), f"{base} is missing: the node's processes cannot be listed"
+    return [pid for pid in k8s_nodes.cgroup_pids(node) if Path(f"/proc/{pid}").exists()]
+
+
+# What kube-proxy (iptables mode) and the kubelet make through iptables' nft backend: the node's, not ours.
+_KUBE_PROXY_TABLES = {f"table {family} {table}" for family in ("ip", "ip6") for table in ("filter", "nat", "mangle")}
 
 
 def _kube_proxy_tables(listing: str) -> set[str]:
-    """kube-proxy's and the kubelet's own iptables (nft backend) tables: the node's, not ours."""
-    return {line for line in listing.split("\n") if line.startswith(("table ip ", "table ip6 "))}
+    """The tables of ``listing`` that kube-proxy and the kubelet own; any other table left is someone's leftover."""
+    return {line for line in listing.split("\n") if line in _KUBE_PROXY_TABLES}

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from helpers import AgentProcess
-from k8s_cluster import ROOT, Cluster, OperatorProcess, readme_secret_commands, wait_for
+from k8s_cluster import KUBECTL, ROOT, Cluster, OperatorProcess, readme_secret_commands, wait_for
 from warren_mesh.agent.app import Agent
 from warren_mesh.controller.mesh_sync import PASS_INTERVAL
 from warren_mesh.keys import NodeKey
@@ -159,7 +159,7 @@ def test_the_documented_certificates_and_secrets_are_what_the_manifests_mount(cl
                 subprocess.run([sys.executable, "-m", "warren_mesh.cli", *args], cwd=tmp_path, check=True)
                 continue
             result = subprocess.run(
-                ["kubectl", f"--kubeconfig={cluster.kubeconfig}", *args],
+                [KUBECTL, f"--kubeconfig={cluster.kubeconfig}", *args],
                 cwd=tmp_path,
                 capture_output=True,
                 text=True,
