@@ -12,10 +12,8 @@ import pytest
 
 from warren_mesh.device import InterfaceSpec, PeerSpec
 from warren_mesh.keys import NodeKey
-from warren_mesh.wireguard.choice import kernel_wireguard_available
 
-AVAILABLE, WHY = kernel_wireguard_available() if os.geteuid() == 0 else (False, "not root")
-pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"{WHY}: runs inside the QEMU VM (test_kernel_vm.py)")
+pytestmark = pytest.mark.kernel_wireguard
 
 PEERS = 300
 

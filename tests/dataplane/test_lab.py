@@ -29,7 +29,6 @@ from warren_mesh.lab.report import LabPod
 from warren_mesh.model import MeshConfig
 from warren_mesh.process import connect_in_netns, in_netns
 from warren_mesh.wireguard import uapi
-from warren_mesh.wireguard.choice import kernel_wireguard_available
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 
@@ -48,7 +47,7 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
     try:
         yield lab
     finally:
-        lab.down()
+        lab.down(keep_logs=tmp_path / "logs")
     assert (
         not [n for n in os.listdir("/var/run/netns") if n.startswith(lab.prefix)]
         if os.path.isdir("/var/run/netns")
@@ -78,18 +77,8 @@ def wait_for(condition: object, timeout: float, what: str) -> float:
     return time.monotonic() - started
 
 
-KERNEL_WIREGUARD, KERNEL_WHY = kernel_wireguard_available() if os.geteuid() == 0 else (False, "not root")
 # Scenarios run on both data planes: wireguard-go here, kernel WireGuard inside the QEMU VM (its -k kernel).
-BACKENDS = [
-    "userspace",
-    pytest.param(
-        "kernel",
-        marks=pytest.mark.skipif(
-            not KERNEL_WIREGUARD,
-            reason=f"{KERNEL_WHY}: the kernel scenario runs inside the QEMU VM (test_kernel_vm.py)",
-        ),
-    ),
-]
+BACKENDS = ["userspace", pytest.param("kernel", marks=pytest.mark.kernel_wireguard)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
