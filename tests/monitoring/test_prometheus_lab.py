@@ -48,7 +48,7 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
         lab.up(3, backend="userspace", lease_ttl=TTL)
         yield lab
     finally:
-        lab.down()
+        lab.down(keep_logs=tmp_path / "logs")
 
 
 @pytest.fixture

@@ -5,13 +5,18 @@ whose own kernel has no WireGuard module.
 
 (hack/kernel_vm.py runs ``main`` of this module; the tests call ``prepare`` and ``run_in_vm``.)
 
-The VM boots Debian's stock kernel (`apt-get download` of the package `linux-image-amd64` depends on, unpacked
-with dpkg -x; cached in /var/cache/warren-mesh-vm, outside the repository) with a tiny busybox initramfs that loads
-WireGuard, veth, bridge and 9p, mounts the host's root read-only over virtio-9p, puts a tmpfs on /run (also the
-scratch space: TMPDIR), and
-chroots into it: the command runs with this very checkout, venv and Debian packages. Its output comes back over
-the serial console; the exit code is carried by a marker line. KVM does not work on these machines, so the VM
-runs under TCG emulation (boot to shell takes ~5 s).
+The VM boots Debian 12's stock kernel, pinned (KERNEL_PACKAGE: `apt-get download`, unpacked with dpkg -x; cached in
+/var/cache/warren-mesh-vm, outside the repository) with a tiny busybox initramfs that loads WireGuard, veth, bridge
+and 9p, mounts the host's root read-only over virtio-9p, puts a tmpfs on /run (also the scratch space: TMPDIR),
+and chroots into it: the command runs with this very checkout, venv and Debian packages. Its output comes back
+over the serial console (also written to a file as it comes, console-PID.log in the cache, to watch a long run);
+the exit code is carried by a marker line. KVM does not work on these machines, so the VM runs under TCG emulation
+(boot to shell takes ~5 s).
+
+Under TCG every Python process is what costs: a process's imports are thousands of file lookups, each a 9p round
+trip through the emulated virtio device. The host's root is mounted with ``cache=loose`` (the mount is read-only
+and the VM's only view of it), so lookups after the first are answered from the guest's own caches: 20,000
+os.stat() calls 17-66 s -> 0.9 s, `import warren_mesh.cli` 16-20 s -> 7.5 s (measured in this VM, 2026-12-06).
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 for module in $(cat /modules.order); do insmod "/modules/$module" || echo "insmod $module failed"; done
 mkdir -p /host
-mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 host /host || echo "9p mount failed"
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose host /host || echo "9p mount failed"
 mount -t tmpfs tmpfs /host/run
 mount -t proc proc /host/proc
 mount -t sysfs sys /host/sys
@@ -73,18 +78,35 @@ def _run(*command: str) -> str:
     return subprocess.run(command, capture_output=True, text=True, check=True).stdout
 
 
-def kernel_package() -> str:
-    """The versioned kernel package Debian's `linux-image-amd64` depends on (e.g. linux-image-6.1.0-56-amd64)."""
-    for line in _run("apt-cache", "depends", "linux-image-amd64").splitlines():
-        match = re.search(r"Depends: (linux-image-[0-9][^ ]*)", line)
-        if match:
-            return match.group(1)
-    raise VMError("apt-cache knows no linux-image-amd64 (run apt-get update)")
+# The kernel the VM boots, pinned: every machine tests the same kernel, and a new Debian kernel is a change of
+# this line that CI checks, not something a refreshed apt list brings in unseen (the -56 -> -57 move of 2026-12
+# did exactly that). `apt-cache depends linux-image-amd64` names Debian 12's current one; WARREN_MESH_VM_KERNEL
+# (a package name, e.g. linux-image-6.1.0-56-amd64) boots another for a comparison.
+KERNEL_PACKAGE = "linux-image-6.1.0-57-amd64"
+KERNEL_VERSION = "6.1.192-3"
 
 
-def prepare() -> tuple[Path, Path]:
-    """Download and unpack the kernel once; build the initramfs. Returns (vmlinuz, initramfs)."""
-    package = kernel_package()
+def _download(package: str, version: str | None) -> Path:
+    """The package's .deb in CACHE; apt's lists are refreshed once if they do not know it."""
+    wanted = f"{package}={version}" if version else package
+    for attempt in (1, 2):
+        done = subprocess.run(["apt-get", "download", wanted], cwd=CACHE, capture_output=True, text=True, check=False)
+        if done.returncode == 0:
+            return next(CACHE.glob(f"{package}_*.deb"))
+        if attempt == 1:
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, check=False)
+    why = (done.stderr.strip().splitlines() or ["no reason given"])[-1]
+    raise VMError(
+        f"Debian's kernel package {wanted} cannot be downloaded ({why}): if the mirror no longer has it, pin the one "
+        "`apt-cache depends linux-image-amd64` names in KERNEL_PACKAGE/KERNEL_VERSION (lab/kernel_vm.py)"
+    )
+
+
+def prepare(package: str | None = None) -> tuple[Path, Path]:
+    """Download and unpack the kernel once (cached, so a later run needs no mirror); build the initramfs.
+    Returns (vmlinuz, initramfs). Raises VMError, saying why, when the kernel cannot be had."""
+    chosen = package or os.environ.get("WARREN_MESH_VM_KERNEL")
+    package, pin = (chosen, None) if chosen else (KERNEL_PACKAGE, KERNEL_VERSION)
     version = package.removeprefix("linux-image-")
     root = CACHE / package
     vmlinuz = root / "boot" / f"vmlinuz-{version}"
@@ -92,12 +114,18 @@ def prepare() -> tuple[Path, Path]:
         CACHE.mkdir(parents=True, exist_ok=True)
         for old in CACHE.glob("*.deb"):
             old.unlink()
-        subprocess.run(["apt-get", "download", package], cwd=CACHE, check=True, capture_output=True)
-        deb = next(CACHE.glob(f"{package}_*.deb"))
+        deb = _download(package, pin)
         shutil.rmtree(root, ignore_errors=True)
-        subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
-        subprocess.run(["depmod", "-b", str(root), version], check=True)
-        deb.unlink()
+        try:
+            subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True, capture_output=True)
+            subprocess.run(["depmod", "-b", str(root), version], check=True, capture_output=True)
+        except subprocess.CalledProcessError as exc:
+            shutil.rmtree(root, ignore_errors=True)
+            raise VMError(f"{deb.name} could not be unpacked: {exc.stderr.decode(errors='replace').strip()}") from exc
+        finally:
+            deb.unlink()
+        if not vmlinuz.exists():
+            raise VMError(f"{deb.name} has no {vmlinuz.relative_to(root)}")
     initramfs = CACHE / f"initramfs-{version}.gz"
     initramfs.write_bytes(_initramfs(root / "lib" / "modules" / version))
     return vmlinuz, initramfs
@@ -204,9 +232,20 @@ def run_in_vm(
         "-append",
         "console=ttyS0 panic=-1 quiet loglevel=3",
     ]
+    # The console goes to a file as it comes, so a run that hangs can be watched (tail -f) and its end read.
+    console = CACHE / f"console-{os.getpid()}.log"
     started = time.monotonic()
-    process = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=timeout, check=False)
-    output = process.stdout + process.stderr
+    try:
+        with console.open("wb") as out:
+            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        output = console.read_bytes().decode(errors="replace")
+    finally:
+        console.unlink(missing_ok=True)
     match = re.search(rf"{EXIT_MARKER}(\d+)", output)
     if match is None:
         raise VMError(

@@ -614,8 +614,9 @@ class Lab:
 
     # --- down -------------------------------------------------------------------------------------------------
 
-    def down(self) -> list[str]:
-        """Remove everything this lab made: agents, namespaces (with wireguard-go and etcd), sockets, state."""
+    def down(self, *, keep_logs: Path | None = None) -> list[str]:
+        """Remove everything this lab made: agents, namespaces (with wireguard-go and etcd), sockets, state.
+        ``keep_logs``: first move the agents' and etcd's logs there (a test keeps what explains its failure)."""
         removed: list[str] = []
         for index in self.nodes():
             pid = self._agent_pid(index)
@@ -638,6 +639,10 @@ class Lab:
                 if name.startswith(f"{self.prefix}v"):
                     ipr.link("del", index=link_msg["index"])
                     removed.append(f"link {name}")
+        if keep_logs is not None and self.state_dir.exists():
+            keep_logs.mkdir(parents=True, exist_ok=True)
+            for log in [*self.state_dir.glob("*.log"), *self.state_dir.glob("etcd/*.log")]:
+                shutil.move(log, keep_logs / log.name)
         if self.state_dir.exists():
             shutil.rmtree(self.state_dir, ignore_errors=True)
             removed.append(f"state {self.state_dir}")
