@@ -46,7 +46,6 @@ import dataclasses
 import ipaddress
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -61,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "operator"))
 
 from prometheus_client import CollectorRegistry, generate_latest
 
+import results
 from agent_pool import AgentPool, BenchError, etcd3_client, wait_until
 from warren_mesh import pki
 from warren_mesh.agent.app import Agent
@@ -100,10 +100,6 @@ def percentiles(samples: list[float]) -> dict[str, float]:
 
 # The run's PKI when etcd speaks TLS with auth on (--etcd-auth), else None.
 PKI_DIR: Path | None = None
-
-
-def machine() -> dict[str, Any]:
-    return {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()}
 
 
 async def scenario_floor(endpoint: str, nodes: int, puts: int, workers: int) -> dict[str, Any]:
@@ -683,6 +679,12 @@ def main() -> int:
     parser.add_argument(
         "--workers", type=int, default=os.cpu_count() or 1, help="processes the simulated agents are spread over"
     )
+    parser.add_argument(
+        "--results",
+        default=str(results.DEFAULT_DIR),
+        help="directory for this run's results file (command, machine, every line; hack/bench_report.py makes "
+        "docs/benchmarks.md's tables from them); '' for none",
+    )
     args = parser.parse_args()
     chosen = args.scenario or ["all"]
     if "all" in chosen:
@@ -716,8 +718,10 @@ def main() -> int:
                 continue
             result = _run(scenario, endpoint, args)
             if scenario == "join" and floor is not None:
+                if floor["p99_ms"] <= 0:  # a floor of nothing measured nothing: no ratio to report against it
+                    raise BenchError(f"the floor's p99 is {floor['p99_ms']} ms: its watchers saw no events")
                 result["floor_p99_ms"] = floor["p99_ms"]
-                result["p99_vs_floor"] = round(result["p99_ms"] / max(floor["p99_ms"], 1e-9), 2)
+                result["p99_vs_floor"] = round(result["p99_ms"] / floor["p99_ms"], 2)
             _emit(result)
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
@@ -727,6 +731,8 @@ def main() -> int:
             server.close()
         if pki_tmp is not None:
             pki_tmp.cleanup()
+    if args.results:
+        print(f"bench: results in {results.save('bench', EMITTED, Path(args.results))}", file=sys.stderr)
     return 0
 
 
@@ -754,8 +760,12 @@ def _run(scenario: str, endpoint: str, args: argparse.Namespace) -> dict[str, An
     return asyncio.run(scenario_coldstart(endpoint, args.records or args.nodes))
 
 
+EMITTED: list[dict[str, Any]] = []  # this run's lines, for its results file
+
+
 def _emit(result: dict[str, Any]) -> None:
-    result["machine"] = machine()
+    result["machine"] = results.machine()
+    EMITTED.append(result)
     print(json.dumps(result), flush=True)
 
 

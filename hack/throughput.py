@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "operator"))
 
+import results
 from warren_mesh.keys import NodeKey
 from warren_mesh.lab.lab import Lab
 from warren_mesh.wireguard.uapi import SOCKET_DIR
@@ -168,6 +168,11 @@ def main() -> int:
         "to measure other binaries in the same run (reported under 'others', and the first's mesh against each "
         "under 'mesh_vs')",
     )
+    parser.add_argument(
+        "--results",
+        default=str(results.DEFAULT_DIR),
+        help="directory for this run's results file (hack/bench_report.py makes docs' tables from them); '' for none",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("throughput.py creates network namespaces: run it as root")
@@ -185,8 +190,10 @@ def main() -> int:
         }
         result["others"] = runs[1:]
     result["seconds_per_run"] = args.seconds
-    result["machine"] = {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()}
+    result["machine"] = results.machine()
     print(json.dumps(result))
+    if args.results:
+        print(f"throughput: results in {results.save('throughput', [result], Path(args.results))}", file=sys.stderr)
     return 0
 
 

@@ -20,7 +20,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "hack" / "throughput.py"
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="throughput.py creates network namespaces (root)")
 
 
-def test_throughput_smoke() -> None:
+def test_throughput_smoke(tmp_path: Path) -> None:
     """The installed wireguard-go and Debian 12's (which hack/setup unpacks) side by side, as docs/benchmarks.md's
     table is made. Only that the figures are there and sane: speed is the benchmark's to report, not a test's."""
     bookworm = subprocess.run(
@@ -36,6 +36,7 @@ def test_throughput_smoke() -> None:
             "--rounds",
             "1",
             *("--wireguard-go", installed, "--wireguard-go", bookworm),
+            *("--results", str(tmp_path)),
         ],
         capture_output=True,
         text=True,
@@ -52,3 +53,8 @@ def test_throughput_smoke() -> None:
     (old,) = result["others"]
     assert old["wireguard_go_version"] == "0.0.20220316" and old["mesh_gbps"] > 0
     assert set(result["mesh_vs"]) == {"0.0.20220316"}
+    # The run's results file: the command and the machine with the line it printed (docs/ is made from these).
+    (saved,) = tmp_path.glob("*-throughput.json")
+    document = json.loads(saved.read_text())
+    assert document["results"] == [result] and "--rounds 1" in document["command"]
+    assert document["machine"]["wireguard_go"] == "0.0.20230223" and document["machine"]["cpus"] == os.cpu_count()

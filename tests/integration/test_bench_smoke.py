@@ -15,7 +15,7 @@ from warren_mesh.lab.etcd_server import EtcdServer
 BENCH = Path(__file__).resolve().parents[2] / "hack" / "bench.py"
 
 
-def test_bench_smoke(etcd: EtcdServer) -> None:
+def test_bench_smoke(etcd: EtcdServer, tmp_path: Path) -> None:
     result = subprocess.run(
         [
             sys.executable,
@@ -44,6 +44,8 @@ def test_bench_smoke(etcd: EtcdServer) -> None:
             "1",
             "--etcd-endpoints",
             etcd.endpoint,
+            "--results",
+            str(tmp_path),
         ],
         capture_output=True,
         text=True,
@@ -51,7 +53,13 @@ def test_bench_smoke(etcd: EtcdServer) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = {line["scenario"]: line for line in map(json.loads, result.stdout.splitlines())}
+    printed = [json.loads(line) for line in result.stdout.splitlines()]
+    lines = {line["scenario"]: line for line in printed}
+    # The run's results file holds every line it printed, the command and the machine (docs/ is made from these).
+    (saved,) = tmp_path.glob("*-bench.json")
+    document = json.loads(saved.read_text())
+    assert document["results"] == printed and document["command"].startswith("hack/bench.py --scenario all")
+    assert document["machine"]["etcd"] and document["machine"]["cpus"] == os.cpu_count()
     assert list(lines) == ["floor", "join", "leave", "storm", "coldstart", "churn", "cost", "scrape"]
     floor, join, leave, cold = lines["floor"], lines["join"], lines["leave"], lines["coldstart"]
     assert floor["samples"] == 3 * 5
@@ -65,9 +73,12 @@ def test_bench_smoke(etcd: EtcdServer) -> None:
     assert cold["records"] == 20 and cold["ready_s"] > 0
     if os.geteuid() == 0:  # also a real agent on wireguard-go, its device in a namespace of its own
         assert cold["userspace_ready_s"] > 0
-    assert lines["storm"]["nodes"] == 3 and lines["storm"]["converged_s"] > 0
-    assert lines["storm"]["worst_loop_lag_s"] >= 0
-    assert lines["storm"]["passes_per_agent"] > 0 and lines["storm"]["reregistrations"] >= 0
+    storm = lines["storm"]
+    assert storm["nodes"] == 3 and storm["converged_s"] > 0 and storm["passes_per_agent"] >= 1
+    # Three agents on an idle etcd: none may lose its lease (re-register) or its watch, and none may wait for its
+    # turn as long as its lease lives (a lag that long is an agent that would have lost it).
+    assert storm["reregistrations"] == 0 and storm["watch_restarts"] == 0, storm
+    assert 0 <= storm["worst_loop_lag_s"] < storm["lease_ttl_s"], storm
     churn = lines["churn"]
     assert churn["operations"] == 4 and churn["final_state_matches"] is True and churn["untouched_changes"] == 0
     cost = lines["cost"]
@@ -78,7 +89,20 @@ def test_bench_smoke(etcd: EtcdServer) -> None:
 
 def test_bench_with_etcd_auth_smoke() -> None:
     """The join scenario on etcd with TLS and per-node roles (its own etcd): what docs/benchmarks.md compares."""
-    args = [sys.executable, str(BENCH), "--scenario", "join", "--nodes", "3", "--joins", "2", "--pod-rounds", "0"]
+    args = [
+        sys.executable,
+        str(BENCH),
+        "--scenario",
+        "join",
+        "--nodes",
+        "3",
+        "--joins",
+        "2",
+        "--pod-rounds",
+        "0",
+        "--results",
+        "",
+    ]
     result = subprocess.run([*args, "--etcd-auth"], capture_output=True, text=True, timeout=180, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     (join,) = map(json.loads, result.stdout.splitlines())
@@ -90,9 +114,12 @@ def test_bench_with_etcd_auth_smoke() -> None:
 def test_bench_rotate_smoke() -> None:
     """Every node of a 3-node lab rotates its key under probe traffic (docs/key-rotation.md's measurement, small).
     Only the shape and what must hold whatever the machine: every rotation done, nobody else touched."""
-    args = [sys.executable, str(BENCH), "--scenario", "rotate", "--nodes", "3", "--probe-rate", "100"]
+    args = [sys.executable, str(BENCH), "--scenario", "rotate", "--nodes", "3", "--probe-rate", "100", "--results", ""]
     result = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     (rotate,) = map(json.loads, result.stdout.splitlines())
     assert rotate["scenario"] == "rotate" and rotate["rotations"] == 3 and rotate["pairs"] == 6
-    assert rotate["untouched_changes"] == 0 and rotate["max_gap_ms"] > 0 and 0 <= rotate["worst_pair_loss"] < 1
+    assert rotate["untouched_changes"] == 0 and rotate["max_gap_ms"] > 0
+    # A rotation that fell back on WireGuard's own recovery (a handshake retried after 5 s) shows a gap of 5 s or
+    # more and loses about a tenth of a pair's datagrams over this run; the design loses next to none.
+    assert rotate["max_gap_ms"] < 5000 and rotate["worst_pair_loss"] < 0.05, rotate

@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""Make docs/benchmarks.md's tables from the results files in docs/results (hack/results.py).
+
+    .venv/bin/python hack/bench_report.py           rewrite every generated table in docs/benchmarks.md
+    .venv/bin/python hack/bench_report.py --check   exit 1 if a table differs from what the files give (the tests)
+
+A generated table sits between ``<!-- results: NAME -->`` and ``<!-- /results -->``; NAME says which (``control``:
+the newest bench run of each scenario; ``dataplane``: every throughput run). Each row names its results file, and
+the file has the command and the machine: every figure in a table can be traced to the run that measured it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import results
+
+DOC = results.ROOT / "docs" / "benchmarks.md"
+BLOCK = re.compile(r"(<!-- results: (\w+) -->\n)(.*?)(<!-- /results -->)", re.DOTALL)
+
+# scenario -> the keys shown for it, in order (the rest stay in the file)
+CONTROL_KEYS = {
+    "floor": ("nodes", "p50_ms", "p99_ms", "max_ms", "samples"),
+    "join": ("nodes", "etcd_auth", "p50_ms", "p99_ms", "floor_p99_ms", "p99_vs_floor", "pod_reachable_p99_ms"),
+    "leave": ("nodes", "graceful_p50_ms", "graceful_p99_ms", "ttl_s", "detect_minus_ttl_s"),
+    "storm": ("nodes", "lease_ttl_s", "converged_s", "worst_loop_lag_s", "reregistrations", "watch_restarts"),
+    "coldstart": ("records", "ready_s", "userspace_ready_s", "userspace_daemon_start_s"),
+    "churn": ("nodes", "operations", "converged_s", "final_state_matches", "untouched_changes"),
+    "cost": ("records", "cpu_ms_per_event", "rss_mb_per_1000_peers", "rss_mb"),
+    "scrape": ("peers", "memory_scrape_p50_ms", "userspace_scrape_p50_ms", "memory_exposition_kb"),
+    "rotate": ("nodes", "rate", "rotations", "max_gap_ms", "worst_pair_loss", "untouched_changes"),
+}
+DATAPLANE_KEYS = (
+    "native_gbps",
+    "manual_wg_gbps",
+    "mesh_gbps",
+    "pod_gbps",
+    "tunnel_vs_native",
+    "tunnel_vs_ceiling",
+    "pod_vs_tunnel",
+    "mesh_vs_manual",
+)
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def _source(path: Path, document: dict[str, Any]) -> str:
+    machine = document["machine"]
+    return f"[{path.stem}](results/{path.name}) ({machine['cpus']} CPUs, etcd {machine.get('etcd') or '?'})"
+
+
+def control_table(files: list[tuple[Path, dict[str, Any]]]) -> str:
+    """The newest line of each scenario (and each node count: a scale run does not hide the N=100 one)."""
+    newest: dict[tuple[str, Any, Any], tuple[Path, dict[str, Any], dict[str, Any]]] = {}
+    for path, document in files:
+        if document["tool"] != "bench":
+            continue
+        for line in document["results"]:
+            size = line.get("nodes", line.get("records", line.get("peers")))
+            newest[(line["scenario"], size, line.get("etcd_auth"))] = (path, document, line)
+    rows = ["| scenario | figures | run |", "| --- | --- | --- |"]
+    order = list(CONTROL_KEYS)
+    for key in sorted(newest, key=lambda k: (order.index(k[0]) if k[0] in order else 99, str(k[1]), str(k[2]))):
+        path, document, line = newest[key]
+        shown = CONTROL_KEYS.get(line["scenario"], ())
+        figures = ", ".join(f"{name} {_cell(line.get(name))}" for name in shown if name in line)
+        rows.append(f"| {line['scenario']} | {figures} | {_source(path, document)} |")
+    return "\n".join(rows) + "\n"
+
+
+def dataplane_table(files: list[tuple[Path, dict[str, Any]]]) -> str:
+    """Every throughput run, each wireguard-go binary of it on a row of its own (the first is the mesh's)."""
+    rows = [
+        "| link | wireguard-go | " + " | ".join(DATAPLANE_KEYS) + " | run |",
+        "| --- | --- | " + " | ".join("---" for _ in DATAPLANE_KEYS) + " | --- |",
+    ]
+    for path, document in files:
+        if document["tool"] != "throughput":
+            continue
+        for result in document["results"]:
+            for run in [result, *result.get("others", [])]:
+                figures = " | ".join(_cell(run.get(key)) for key in DATAPLANE_KEYS)
+                rows.append(
+                    f"| {result['link_rate']} | {run['wireguard_go_version']} | {figures} | {_source(path, document)} |"
+                )
+    return "\n".join(rows) + "\n"
+
+
+TABLES: dict[str, Callable[[list[tuple[Path, dict[str, Any]]]], str]] = {
+    "control": control_table,
+    "dataplane": dataplane_table,
+}
+
+
+def render(text: str, files: list[tuple[Path, dict[str, Any]]]) -> str:
+    def table(match: re.Match[str]) -> str:
+        name = match.group(2)
+        if name not in TABLES:
+            raise SystemExit(f"bench_report: docs/benchmarks.md names a table {name!r}; known: {', '.join(TABLES)}")
+        return match.group(1) + TABLES[name](files) + match.group(4)
+
+    return BLOCK.sub(table, text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="only say whether docs/benchmarks.md is up to date")
+    args = parser.parse_args()
+    text = DOC.read_text()
+    made = render(text, results.load())
+    if args.check:
+        if made != text:
+            print("docs/benchmarks.md's tables differ from docs/results: run hack/bench_report.py", file=sys.stderr)
+            return 1
+        return 0
+    DOC.write_text(made)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
