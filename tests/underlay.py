@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
 from typing import NamedTuple
 
-# Captures IPv4 frames on one interface for a while and prints them as JSON lists in Frame's order. ETH_P_ALL: a
-# bridge port's frames reach only the taps that take every protocol.
+# Captures IPv4 frames on one interface for a while (or until SIGINT) and prints them as JSON lists in Frame's
+# order. ETH_P_ALL: a bridge port's frames reach only the taps that take every protocol. A large receive buffer,
+# so that a busy machine's scheduler does not make the Python loop miss a burst.
 SNIFFER = r"""
-import json, socket, struct, sys, time
+import json, signal, socket, struct, sys, time
 iface, seconds = sys.argv[1], float(sys.argv[2])
+stopped = []
+signal.signal(signal.SIGINT, lambda *_: stopped.append(True))  # stop(): what was seen so far
 sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))  # ETH_P_ALL
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, 32 << 20)
 sock.bind((iface, 0))
 sock.settimeout(0.2)
 seen, end = [], time.monotonic() + seconds
-while time.monotonic() < end:
+while time.monotonic() < end and not stopped:
     try:
         frame = sock.recv(65535)
     except TimeoutError:
@@ -54,6 +59,10 @@ def sniff(interface: str, seconds: float, *, preexec_fn: Callable[[], None] | No
     )
 
 
-def captured(sniffer: subprocess.Popen[str]) -> list[Frame]:
+def captured(sniffer: subprocess.Popen[str], *, stop: bool = False) -> list[Frame]:
+    """The frames the sniffer saw: after its time is up, or at once with ``stop`` (the traffic of interest is over,
+    however long it took on a busy machine)."""
+    if stop:
+        sniffer.send_signal(signal.SIGINT)
     out, _ = sniffer.communicate(timeout=30)
     return [Frame(*frame) for frame in json.loads(out)]

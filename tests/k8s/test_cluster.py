@@ -220,7 +220,9 @@ def test_pods_on_two_nodes_reach_each_other_through_wireguard_only(cluster: Clus
 
     index = int(LAYOUT["a"].removeprefix("node-"))
     sent_before = _sent_through_wireguard(index, to=LAYOUT["b"])
-    sniffer = sniff(f"wmk{index}", 12)  # probe-1's node's underlay link, from the host's side
+    # probe-1's node's underlay link, from the host's side, until the transfer is over (kubectl exec and the pods'
+    # Python start take seconds on a busy machine: a fixed window could end before the transfer does)
+    sniffer = sniff(f"wmk{index}", 180)
     server = subprocess.Popen(
         [KUBECTL, f"--kubeconfig={cluster.kubeconfig}", "exec", "probe-2", "--", "python3", "-c", TCP_SERVER],
         stdout=subprocess.PIPE,
@@ -238,7 +240,7 @@ def test_pods_on_two_nodes_reach_each_other_through_wireguard_only(cluster: Clus
     assert sent >= TRANSFER_BYTES, f"{sent} bytes through WireGuard to {LAYOUT['b']} for {TRANSFER_BYTES} sent"
     # ... and the underlay carried it as WireGuard: no frame with a pod's address. (The capture, a Python loop, may
     # miss frames on a busy machine; thousands in the clear could not all be missed.)
-    frames = captured(sniffer)
+    frames = captured(sniffer, stop=True)
     in_clear = [f for f in frames if any(ipaddress.ip_address(ip) in POD_CIDR for ip in (f.source, f.destination))]
     assert not in_clear, f"pod traffic on the underlay in the clear: {in_clear[:5]}"
     wireguard = sum(f.length for f in frames if f.protocol == 17 and {f.sport, f.dport} == {51820})
