@@ -53,7 +53,9 @@ def _cell(value: Any) -> str:
 
 def _source(path: Path, document: dict[str, Any]) -> str:
     machine = document["machine"]
-    return f"[{path.stem}](results/{path.name}) ({machine['cpus']} CPUs, etcd {machine.get('etcd') or '?'})"
+    # What the figures of each tool depend on besides the CPUs: etcd for the control plane, the kernel for the data.
+    extra = f"etcd {machine.get('etcd') or '?'}" if document["tool"] == "bench" else f"kernel {machine['kernel']}"
+    return f"[{path.stem}](results/{path.name}) ({machine['cpus']} CPUs, {extra})"
 
 
 def control_table(files: list[tuple[Path, dict[str, Any]]]) -> str:

@@ -145,7 +145,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         verdict = (
             "accepted (--allow-skips)" if config.getoption("--allow-skips") else "FAILED: a full run skips nothing"
         )
-        reporter.write_line(f"{verdict}: {len(_skipped)} tests skipped, not tested: {first}")
+        reporter.write_line(f"{verdict}: {len(_skipped)} skipped (not tested): {first}")
 
 
 # Property-based tests: a bounded run in CI, a long one on request (HYPOTHESIS_PROFILE=long; see docs/security.md).
