@@ -119,9 +119,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 _notes: list[str] = []
 _skipped: list[str] = []
+_tier_seconds: dict[str, float] = {}  # tests/<tier>/...: setup, call and teardown, for the run's summary
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    parts = report.nodeid.split("/")
+    tier = parts[1] if len(parts) > 2 else parts[0]
+    _tier_seconds[tier] = _tier_seconds.get(tier, 0.0) + report.duration
     if report.skipped and not hasattr(report, "wasxfail"):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         _skipped.append(f"{report.nodeid}: {reason.removeprefix('Skipped: ')}")
@@ -138,6 +142,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     if reporter is None:
         return
+    if _tier_seconds:
+        tiers = ", ".join(f"{tier} {seconds:.0f} s" for tier, seconds in sorted(_tier_seconds.items()))
+        reporter.write_line(f"time per tier: {tiers}")
     for note in _notes:
         reporter.write_line(note)
     if _skipped:
