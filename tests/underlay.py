@@ -18,7 +18,7 @@ iface, seconds = sys.argv[1], float(sys.argv[2])
 stopped = []
 signal.signal(signal.SIGINT, lambda *_: stopped.append(True))  # stop(): what was seen so far
 sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))  # ETH_P_ALL
-sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, 32 << 20)
+sock.setsockopt(socket.SOL_SOCKET, 33, 32 << 20)  # SO_RCVBUFFORCE (root may exceed rmem_max)
 sock.bind((iface, 0))
 sock.settimeout(0.2)
 seen, end = [], time.monotonic() + seconds
