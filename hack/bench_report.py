@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Make docs/benchmarks.md's tables from the results files in docs/results (hack/results.py).
+"""Make the benchmark tables of docs/ from the results files in docs/results (hack/results.py).
 
-    .venv/bin/python hack/bench_report.py           rewrite every generated table in docs/benchmarks.md
+    .venv/bin/python hack/bench_report.py           rewrite every generated table in DOCS
     .venv/bin/python hack/bench_report.py --check   exit 1 if a table differs from what the files give (the tests)
 
 A generated table sits between ``<!-- results: NAME -->`` and ``<!-- /results -->``; NAME says which (``control``:
-the newest bench run of each scenario; ``dataplane``: every throughput run). Each row names its results file, and
-the file has the command and the machine: every figure in a table can be traced to the run that measured it.
+the newest bench run of each scenario; ``dataplane``: every throughput run; a scenario's name, e.g. ``rotate``:
+the newest run of that scenario at each size). Each row names its results file, and the file has the command and
+the machine: every figure in a table can be traced to the run that measured it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import results
 
-DOC = results.ROOT / "docs" / "benchmarks.md"
+DOCS = (results.ROOT / "docs" / "benchmarks.md", results.ROOT / "docs" / "key-rotation.md")
 BLOCK = re.compile(r"(<!-- results: (\w+) -->\n)(.*?)(<!-- /results -->)", re.DOTALL)
 
 # scenario -> the keys shown for it, in order (the rest stay in the file)
@@ -33,7 +34,7 @@ CONTROL_KEYS = {
     "churn": ("nodes", "operations", "converged_s", "final_state_matches", "untouched_changes"),
     "cost": ("records", "cpu_ms_per_event", "rss_mb_per_1000_peers", "rss_mb"),
     "scrape": ("peers", "memory_scrape_p50_ms", "userspace_scrape_p50_ms", "memory_exposition_kb"),
-    "rotate": ("nodes", "rate", "rotations", "max_gap_ms", "worst_pair_loss", "untouched_changes"),
+    "rotate": ("nodes", "rate", "rotations", "max_gap_ms", "worst_pair_loss", "untouched_changes", "rotation_s_p50"),
 }
 DATAPLANE_KEYS = (
     "native_gbps",
@@ -58,13 +59,16 @@ def _source(path: Path, document: dict[str, Any]) -> str:
     return f"[{path.stem}](results/{path.name}) ({machine['cpus']} CPUs, {extra})"
 
 
-def control_table(files: list[tuple[Path, dict[str, Any]]]) -> str:
-    """The newest line of each scenario (and each node count: a scale run does not hide the N=100 one)."""
+def control_table(files: list[tuple[Path, dict[str, Any]]], only: str | None = None) -> str:
+    """The newest line of each scenario (and each node count: a scale run does not hide the N=100 one);
+    ``only``: of that scenario alone."""
     newest: dict[tuple[str, Any, Any], tuple[Path, dict[str, Any], dict[str, Any]]] = {}
     for path, document in files:
         if document["tool"] != "bench":
             continue
         for line in document["results"]:
+            if only is not None and line["scenario"] != only:
+                continue
             size = line.get("nodes", line.get("records", line.get("peers")))
             newest[(line["scenario"], size, line.get("etcd_auth"))] = (path, document, line)
     rows = ["| scenario | figures | run |", "| --- | --- | --- |"]
@@ -104,9 +108,12 @@ TABLES: dict[str, Callable[[list[tuple[Path, dict[str, Any]]]], str]] = {
 def render(text: str, files: list[tuple[Path, dict[str, Any]]]) -> str:
     def table(match: re.Match[str]) -> str:
         name = match.group(2)
-        if name not in TABLES:
-            raise SystemExit(f"bench_report: docs/benchmarks.md names a table {name!r}; known: {', '.join(TABLES)}")
-        return match.group(1) + TABLES[name](files) + match.group(4)
+        if name in TABLES:
+            return match.group(1) + TABLES[name](files) + match.group(4)
+        if name in CONTROL_KEYS:
+            return match.group(1) + control_table(files, only=name) + match.group(4)
+        known = ", ".join([*TABLES, *CONTROL_KEYS])
+        raise SystemExit(f"bench_report: a doc names a table {name!r}; known: {known}")
 
     return BLOCK.sub(table, text)
 
@@ -115,14 +122,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="only say whether docs/benchmarks.md is up to date")
     args = parser.parse_args()
-    text = DOC.read_text()
-    made = render(text, results.load())
-    if args.check:
+    files = results.load()
+    stale = []
+    for doc in DOCS:
+        text = doc.read_text()
+        made = render(text, files)
         if made != text:
-            print("docs/benchmarks.md's tables differ from docs/results: run hack/bench_report.py", file=sys.stderr)
-            return 1
-        return 0
-    DOC.write_text(made)
+            stale.append(doc.name)
+            if not args.check:
+                doc.write_text(made)
+    if args.check and stale:
+        print(f"the tables of {', '.join(stale)} differ from docs/results: run hack/bench_report.py", file=sys.stderr)
+        return 1
     return 0
 
 
