@@ -12,6 +12,7 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -53,10 +54,34 @@ def find_etcd() -> str:
     raise EtcdServerError("etcd is not installed; `apt-get install etcd-server` (./hack/test does it for you)")
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port free now on loopback, for a server about to listen on it. Taken below the kernel's ephemeral range:
+    a port the kernel handed out (bind to 0) is free again the moment it is closed, and the next outgoing
+    connection may take it as its source port before the server binds it ("address already in use", seen when a
+    3-member etcd started while other clients connected). Ports outside that range are never given to them."""
+    ephemeral = _ephemeral_range()
+    # 20000-29999: clear of the ports Kubernetes components and NodePorts use on a host (10250-10259, 30000+)
+    candidates = [port for port in range(20000, 30000) if port not in ephemeral and port not in _handed_out]
+    for port in random.sample(candidates, len(candidates)):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)  # not twice to this process's servers
+        return port
+    raise EtcdServerError("no free port on loopback below the ephemeral range")
 
 
 class EtcdServer:
