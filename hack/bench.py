@@ -63,13 +63,16 @@ from prometheus_client import CollectorRegistry, generate_latest
 import results
 from agent_pool import AgentPool, BenchError, etcd3_client, wait_until
 from warren_mesh import pki
-from warren_mesh.agent.app import Agent
+from warren_mesh.agent.app import Agent, AgentParts
+from warren_mesh.agent.parts import agent_store
 from warren_mesh.device import InterfaceSpec, PeerSpec
+from warren_mesh.host.node import NodeHost
 from warren_mesh.keys import NodeKey, load_or_create
 from warren_mesh.lab import netns as lab_netns
 from warren_mesh.lab.etcd_server import EtcdServer, free_port
 from warren_mesh.lab.lab import Lab
 from warren_mesh.lab.probe import Probe
+from warren_mesh.metrics.instruments import AgentMetrics
 from warren_mesh.metrics.peer_collector import PeerCollector, TrafficWindow
 from warren_mesh.model import NodeRecord, encode_json
 from warren_mesh.netaddr import parse_endpoints
@@ -391,7 +394,9 @@ async def _coldstart_userspace(endpoint: str, prefix: str, records: int, key_dir
             daemon_start.append(time.monotonic() - begun)
             return backend
 
-        agent = Agent(settings, device_factory=start_daemon, registry=CollectorRegistry())
+        metrics = AgentMetrics(CollectorRegistry())
+        parts = AgentParts(agent_store(settings.store, metrics), NodeHost(), metrics, make_device=start_daemon)
+        agent = Agent(settings, parts)
         stop = asyncio.Event()
         started = time.monotonic()
         run = asyncio.create_task(agent.run(stop))

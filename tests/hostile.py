@@ -7,12 +7,13 @@ import ipaddress
 
 from warren_mesh.admission import network_problem
 from warren_mesh.keys import NodeKey
+from warren_mesh.mesh.changes import ChangeLog, Changes, Rejection
 from warren_mesh.mesh.claims import LocalNode
-from warren_mesh.mesh.peers import MeshView, Rejection
+from warren_mesh.mesh.peers import MeshView
 from warren_mesh.mesh.topology import Topology, build_topology
 from warren_mesh.model import encode_json
 from warren_mesh.schema import KeySchema
-from warren_mesh.watch import Event, Events, KeyValue, Snapshot
+from warren_mesh.watch import Event, Events, KeyValue, Snapshot, WatchResult
 
 SCHEMA = KeySchema("/h")
 LOCAL_KEY = NodeKey.generate().public_key
@@ -56,7 +57,8 @@ class Mesh:
 
     def __init__(self) -> None:
         self.rejections: list[Rejection] = []
-        self.view = MeshView(SCHEMA, on_reject=self.rejections.append)
+        self.view = MeshView(SCHEMA)
+        self._changes = ChangeLog()  # what the view saw since take_changes()
         self.revision = 0
         self.created: dict[str, int] = {}
         items = []
@@ -66,7 +68,16 @@ class Mesh:
             items.append(self._kv(SCHEMA.claim(name, subnet, "pods"), b""))
             doc = node_doc(name, key, address, f"{endpoint}:51820", allowed_ips=[subnet])
             items.append(self._kv(SCHEMA.node(name), encode_json(doc)))
-        self.view.apply(Snapshot(tuple(items), self.revision))
+        self._apply(Snapshot(tuple(items), self.revision))
+
+    def _apply(self, result: WatchResult) -> None:
+        changes = self.view.apply(result)
+        self.rejections.extend(changes.rejections)
+        self._changes.add(changes)
+
+    def take_changes(self) -> Changes:
+        """What the view saw change since the last call (everything, on the first)."""
+        return self._changes.take()
 
     def _kv(self, key: str, value: bytes) -> KeyValue:
         self.revision += 1
@@ -75,12 +86,12 @@ class Mesh:
 
     def put(self, key: str, value: bytes | dict[str, object]) -> None:
         raw = encode_json(value) if isinstance(value, dict) else value
-        self.view.apply(Events((Event("put", self._kv(key, raw)),), self.revision))
+        self._apply(Events((Event("put", self._kv(key, raw)),), self.revision))
 
     def delete(self, key: str) -> None:
         self.revision += 1
         self.created.pop(key, None)
-        self.view.apply(Events((Event("delete", KeyValue(key, b"", 0, self.revision)),), self.revision))
+        self._apply(Events((Event("delete", KeyValue(key, b"", 0, self.revision)),), self.revision))
 
     def topology(self) -> Topology:
         return build_topology(local=LOCAL, view=self.view, auto_mtu=1420)

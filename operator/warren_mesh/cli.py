@@ -26,10 +26,10 @@ from warren_mesh import graph as graph_module
 from warren_mesh.admin import peers, roles
 from warren_mesh.admin.migration import migrate_reservations
 from warren_mesh.agent.app import Agent
-from warren_mesh.agent.registrar import AddressSpaceExhausted, RegistrationConflict
-from warren_mesh.agent.underlay import UnderlayError
+from warren_mesh.agent.parts import node_parts
 from warren_mesh.enroller.client import EnrolmentError, EnrolmentRequest, enroll, keep_enrolled
 from warren_mesh.enroller.identity import AgentIdentity
+from warren_mesh.host.underlay import UnderlayError
 from warren_mesh.keys import KeyFileError
 from warren_mesh.keys import load as load_key
 from warren_mesh.lab.cni_runtime import CniError
@@ -37,6 +37,7 @@ from warren_mesh.lab.demo import run_demo
 from warren_mesh.lab.etcd_server import EtcdServerError
 from warren_mesh.lab.lab import Lab, LabError, require_root
 from warren_mesh.lab.report import pods_json, render_lab_table, render_pods_table, status_json
+from warren_mesh.mesh.allocation import AddressSpaceExhausted, RegistrationConflict
 from warren_mesh.metrics.reading import read_agent_metrics
 from warren_mesh.netaddr import parse_listen_address
 from warren_mesh.settings import (
@@ -418,7 +419,7 @@ async def _agent(settings: AgentSettings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    agent = Agent(settings)
+    agent = Agent(settings, node_parts(settings))
     loop.add_signal_handler(signal.SIGHUP, agent.request_key_rotation)
     await agent.run(stop)
     log.info("agent stopped")

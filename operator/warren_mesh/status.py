@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from warren_mesh.mesh.peers import MeshView, Rejection
+from warren_mesh.mesh.changes import Rejection
+from warren_mesh.mesh.peers import MeshView
 from warren_mesh.metrics.reading import read_agent_metrics
 from warren_mesh.schema import KeySchema
 from warren_mesh.store.base import Store
@@ -60,18 +61,21 @@ def read_agent_traffic(metrics_url: str, timeout: float = 2.0) -> dict[str, tupl
     }
 
 
-async def read_view(
-    store: Store, schema: KeySchema, *, on_reject: Callable[[Rejection], None] | None = None
-) -> MeshView:
+async def read_view(store: Store, schema: KeySchema) -> MeshView:
     """The mesh as etcd holds it now, judged by the agents' rules (`status`, `showconf`, `graph`, `peer`)."""
-    view = MeshView(schema, on_reject=on_reject)
-    view.apply(await store.list_prefix(schema.root))
+    view, _ = await read_view_judged(store, schema)
     return view
 
 
+async def read_view_judged(store: Store, schema: KeySchema) -> tuple[MeshView, tuple[Rejection, ...]]:
+    """``read_view``, and the records it refused."""
+    view = MeshView(schema)
+    changes = view.apply(await store.list_prefix(schema.root))
+    return view, changes.rejections
+
+
 async def read_status(store: Store, schema: KeySchema) -> MeshStatus:
-    rejected: list[Rejection] = []
-    view = await read_view(store, schema, on_reject=rejected.append)
+    view, rejected = await read_view_judged(store, schema)
     leases = sorted({entry.lease for entry in view.nodes.values() if entry.lease})
     left = dict(zip(leases, await asyncio.gather(*(store.lease_time_left(lease) for lease in leases)), strict=True))
     nodes = tuple(
@@ -86,7 +90,7 @@ async def read_status(store: Store, schema: KeySchema) -> MeshStatus:
         )
         for name, entry in sorted(view.nodes.items())
     )
-    return MeshStatus(nodes, tuple(rejected), view.revision)
+    return MeshStatus(nodes, rejected, view.revision)
 
 
 def format_rate(bits_per_second: float) -> str:

@@ -21,7 +21,7 @@ ENSURE = r"""
 import ipaddress, json, logging, sys
 logging.basicConfig(level=logging.INFO)
 from pathlib import Path
-from warren_mesh.agent.pod_network import PodNetwork
+from warren_mesh.host.pod_network import PodNetwork
 from warren_mesh.host import forwarding
 from warren_mesh.model import MeshConfig
 from warren_mesh.settings import PodSettings

@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from agents import Mesh, in_mesh
 from helpers import AgentProcess, run, wait_until
@@ -22,6 +21,7 @@ from warren_mesh.agent.app import Agent
 from warren_mesh.device import PeerSpec
 from warren_mesh.keys import NodeKey, load_or_create
 from warren_mesh.lab.etcd_server import EtcdServer, free_port
+from warren_mesh.lab.simulated import simulated_parts
 from warren_mesh.model import MeshConfig, encode_json
 from warren_mesh.schema import KeySchema
 from warren_mesh.settings import AgentSettings
@@ -474,7 +474,7 @@ def test_peers_are_set_one_by_one_when_the_device_refuses_them_together(
             tls=shared_etcd.authorize_node("picky", prefix=prefix),
         )
         backend = _RefusesPeersTogether(interface_name="wgpicky")
-        agent = Agent(settings, backend=backend, registry=CollectorRegistry())
+        agent = Agent(settings, simulated_parts(settings, device=backend))
         stop = asyncio.Event()
         running = asyncio.create_task(agent.run(stop))
         try:

@@ -9,14 +9,12 @@ import datetime
 import time
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry
-
 from helpers import run, wait_until
 from warren_mesh import pki
 from warren_mesh.agent.app import Agent
 from warren_mesh.lab.etcd_server import EtcdServer
+from warren_mesh.lab.simulated import simulated_parts
 from warren_mesh.settings import AgentSettings
-from warren_mesh.wireguard.memory import MemoryBackend
 
 VALID_FOR = 12.0  # seconds left on the certificates the agents start with
 
@@ -33,7 +31,7 @@ def _agent(etcd: EtcdServer, name: str, prefix: str, key_dir: Path, *, reload_in
     settings = dataclasses.replace(
         settings, store=dataclasses.replace(settings.store, tls_reload_interval=reload_interval)
     )
-    return Agent(settings, backend=MemoryBackend(interface_name=f"wg{name}"), registry=CollectorRegistry())
+    return Agent(settings, simulated_parts(settings))
 
 
 def _sample(agent: Agent, metric: str) -> float:

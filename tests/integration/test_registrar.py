@@ -14,9 +14,11 @@ from prometheus_client import CollectorRegistry
 
 from agents import Mesh, in_mesh
 from helpers import run, wait_until
-from warren_mesh.agent.registrar import AddressSpaceExhausted, Registrar
+from warren_mesh.agent.identity import Identity
+from warren_mesh.agent.registrar import Registrar
 from warren_mesh.keys import NodeKey
 from warren_mesh.lab.etcd_server import EtcdServer
+from warren_mesh.mesh.allocation import AddressSpaceExhausted
 from warren_mesh.metrics.instruments import AgentMetrics
 from warren_mesh.model import MeshConfig, NodeRecord, encode_json
 from warren_mesh.schema import KeySchema
@@ -35,7 +37,7 @@ def registrar(
         RegistrationSettings(name, "192.0.2.1", 51820, lease_ttl),
         store=store,
         schema=schema,
-        key=key,
+        identity=Identity(key),
         endpoint_host=ipaddress.ip_address("192.0.2.1"),
         metrics=AgentMetrics(CollectorRegistry()),
     )

@@ -22,6 +22,7 @@ from warren_mesh.agent.app import Agent
 from warren_mesh.controller.mesh_sync import PASS_INTERVAL
 from warren_mesh.keys import NodeKey
 from warren_mesh.lab.etcd_server import EtcdServer, free_port
+from warren_mesh.lab.simulated import simulated_parts
 from warren_mesh.schema import KeySchema
 from warren_mesh.settings import AgentSettings
 from warren_mesh.wireguard.memory import MemoryBackend
@@ -83,7 +84,7 @@ class Agents:
         async def run() -> None:
             stop = asyncio.Event()
             self._stops[name] = stop
-            await Agent(settings, backend=backend).run(stop)
+            await Agent(settings, simulated_parts(settings, device=backend)).run(stop)
 
         self._runs.append(asyncio.run_coroutine_threadsafe(run(), self.loop))
 

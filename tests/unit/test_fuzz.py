@@ -205,13 +205,13 @@ def test_no_attack_costs_an_honest_node_its_place_or_routes_anything_dangerous(
 ) -> None:
     mesh = Mesh()
     builder = TopologyBuilder(LOCAL, auto_mtu=1420)
-    builder.update(mesh.view, mesh.view.take_changes())
+    builder.update(mesh.view, mesh.take_changes())
     for _, key, value in writes:
         if value is None:
             mesh.delete(key)
         else:
             mesh.put(key, value)
-        builder.update(mesh.view, mesh.view.take_changes())
+        builder.update(mesh.view, mesh.take_changes())
         assert builder.topology() == mesh.topology(), "the incremental fold differs from a fold from scratch"
         mesh.assert_honest_intact()
         assert_safe(builder.topology())

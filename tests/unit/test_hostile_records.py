@@ -181,12 +181,12 @@ def test_a_node_listing_its_own_overlay_address_again_is_refused() -> None:
     # would have ended the reconciler). This is the sequence it found, through the agent's incremental fold.
     mesh = Mesh()
     builder = TopologyBuilder(LOCAL, auto_mtu=1420)
-    builder.update(mesh.view, mesh.view.take_changes())
+    builder.update(mesh.view, mesh.take_changes())
     doc = node_doc("a0", ATTACKER_KEY, "10.96.0.50", "192.0.2.9:51820", allowed_ips=["10.96.0.50/32"])
     mesh.put(SCHEMA.node("a0"), doc)
-    builder.update(mesh.view, mesh.view.take_changes())
+    builder.update(mesh.view, mesh.take_changes())
     mesh.delete(SCHEMA.node("a0"))
-    builder.update(mesh.view, mesh.view.take_changes())
+    builder.update(mesh.view, mesh.take_changes())
     assert [r.reason for r in mesh.rejections] == ["invalid_cidr"]
     assert builder.topology() == mesh.topology()
     mesh.assert_honest_intact()

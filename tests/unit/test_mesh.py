@@ -7,8 +7,9 @@ import json
 
 from warren_mesh.device import DeviceState, InterfaceSpec, PeerSpec
 from warren_mesh.keys import NodeKey
+from warren_mesh.mesh.changes import Rejection
 from warren_mesh.mesh.claims import LocalNode
-from warren_mesh.mesh.peers import MeshView, Rejection
+from warren_mesh.mesh.peers import MeshView
 from warren_mesh.mesh.plan import desired_routes, plan_changes, plan_delta
 from warren_mesh.mesh.topology import Topology, build_topology
 from warren_mesh.model import MeshConfig, NodeRecord, encode_json
@@ -56,22 +57,22 @@ def test_snapshot_then_events_build_the_same_view() -> None:
 
 def test_bad_update_keeps_the_last_valid_record_and_reports_once() -> None:
     rejected: list[Rejection] = []
-    view = MeshView(SCHEMA, on_reject=rejected.append)
-    view.apply(Snapshot((kv(SCHEMA.node("a"), record("a", "10.96.0.2"), 5),), 5))
-    view.apply(Events((Event("put", kv(SCHEMA.node("a"), b"{broken", 6, create=5)),), 6))
+    view = MeshView(SCHEMA)
+    rejected += view.apply(Snapshot((kv(SCHEMA.node("a"), record("a", "10.96.0.2"), 5),), 5)).rejections
+    rejected += view.apply(Events((Event("put", kv(SCHEMA.node("a"), b"{broken", 6, create=5)),), 6)).rejections
     assert view.nodes["a"].record.overlay_ip == ipaddress.ip_address("10.96.0.2")
     # The same bad version seen again in a later snapshot is not reported twice.
-    view.apply(Snapshot((kv(SCHEMA.node("a"), b"{broken", 6, create=5),), 8))
+    rejected += view.apply(Snapshot((kv(SCHEMA.node("a"), b"{broken", 6, create=5),), 8)).rejections
     assert [r.reason for r in rejected] == ["invalid_json"]
     assert "a" in view.nodes
 
 
 def test_bad_config_keeps_the_previous_config() -> None:
-    rejected: list[Rejection] = []
-    view = MeshView(SCHEMA, on_reject=rejected.append)
+    view = MeshView(SCHEMA)
     good = encode_json(MeshConfig(mtu=1400).to_json())
     view.apply(Snapshot((kv(SCHEMA.config, good, 2),), 2))
-    view.apply(Events((Event("put", kv(SCHEMA.config, json.dumps({"schema": 1, "mtu": 5}).encode(), 3)),), 3))
+    bad = json.dumps({"schema": 1, "mtu": 5}).encode()
+    rejected = view.apply(Events((Event("put", kv(SCHEMA.config, bad, 3)),), 3)).rejections
     assert view.config.mtu == 1400
     assert [r.reason for r in rejected] == ["invalid_config"]
 
@@ -227,7 +228,7 @@ def test_routes_are_planned_like_peers() -> None:
     )
     plan = plan_changes(desired, drifted, local_public_key=LOCAL.public_key, previous=desired)
     assert (plan.routes_to_add, plan.routes_to_remove, plan.changes) == (("172.30.0.0/16",), ("10.244.9.0/24",), ())
-    assert "add route 172.30.0.0/16" in plan.explain() and plan.size == 2
+    assert "add route 172.30.0.0/16" in plan.explain() and len(plan.operations()) == 2
     # Before the first complete view, nothing is removed: routes as peers.
     early = plan_changes(desired, drifted, local_public_key=LOCAL.public_key, remove_unknown=False)
     assert early.routes_to_remove == ()

@@ -11,8 +11,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from helpers import run
-from warren_mesh.agent.registrar import AddressSpaceExhausted, Registrar, RegistrationConflict
+from warren_mesh.agent.identity import Identity
+from warren_mesh.agent.registrar import Registrar
 from warren_mesh.keys import NodeKey
+from warren_mesh.mesh.allocation import AddressSpaceExhausted, RegistrationConflict
 from warren_mesh.mesh.claims import LocalNode
 from warren_mesh.mesh.peers import MeshView
 from warren_mesh.mesh.topology import build_topology
@@ -36,7 +38,7 @@ def registrar(
         RegistrationSettings(name, "192.0.2.1", 51820, ttl, pinned),
         store=store,
         schema=SCHEMA,
-        key=key or NodeKey.generate(),
+        identity=Identity(key or NodeKey.generate()),
         endpoint_host=ipaddress.ip_address("192.0.2.1"),
         metrics=AgentMetrics(CollectorRegistry()),
     )
@@ -162,15 +164,15 @@ def test_a_deleted_claim_is_written_back_by_its_holder() -> None:
         record = registration.record
         address_key = SCHEMA.claim("n1", str(record.overlay_ip))
         subnet_key = SCHEMA.claim("n1", str(record.allowed_ips[0]), "pods")
-        assert r.reservation_keys == (address_key, subnet_key)
+        assert r.publication.claim_keys == (address_key, subnet_key)
         before = await store.get(address_key)
-        await r.restore_reservation(address_key, b"anything")  # what a claim holds says nothing: nothing to do
+        await r.publication.restore_claim(address_key, b"anything")  # what a claim holds says nothing: nothing to do
         assert await store.get(address_key) == before
         for key in (address_key, subnet_key):
             await store.delete(key)
-            await r.restore_reservation(key, None)
+            await r.publication.restore_claim(key, None)
             assert (await store.get(key)) is not None
-        await r.restore_reservation(SCHEMA.claim("n2", "10.96.0.9"), None)  # not ours: nothing to do
+        await r.publication.restore_claim(SCHEMA.claim("n2", "10.96.0.9"), None)  # not ours: nothing to do
         assert await store.get(SCHEMA.claim("n2", "10.96.0.9")) is None
         await r.deregister()
 

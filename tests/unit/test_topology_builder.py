@@ -105,19 +105,19 @@ def test_incremental_fold_equals_a_fold_from_scratch(seed: int) -> None:
     rng = random.Random(seed)
     etcd = _Etcd()
     view = MeshView(SCHEMA)
-    view.apply(Snapshot((), etcd.revision))
+    changes = view.apply(Snapshot((), etcd.revision))
     builder = TopologyBuilder(LOCAL, auto_mtu=1420)
-    builder.update(view, view.take_changes())
+    builder.update(view, changes)
     previous = builder.topology()
     for step in range(300):
         if rng.random() < 0.01:
-            view.apply(Snapshot(tuple(etcd.data.values()), etcd.revision))  # a re-list after a compaction
+            changes = view.apply(Snapshot(tuple(etcd.data.values()), etcd.revision))  # a re-list after a compaction
         else:
             events = [e for e in (_random_event(rng, etcd) for _ in range(rng.choice([1, 1, 1, 2, 4]))) if e]
             if not events:
                 continue
-            view.apply(Events(tuple(events), etcd.revision))
-        affected = builder.update(view, view.take_changes())
+            changes = view.apply(Events(tuple(events), etcd.revision))
+        affected = builder.update(view, changes)
         current = builder.topology()
         expected = build_topology(local=LOCAL, view=view, auto_mtu=1420)
         assert current == expected, f"seed {seed}, step {step}"
@@ -152,9 +152,9 @@ def _applied(before: Topology, plan: Plan) -> dict[str, PeerSpec]:
 def test_a_join_at_the_end_is_settled_without_folding_again() -> None:
     etcd = _Etcd()
     view = MeshView(SCHEMA)
-    view.apply(Snapshot((), etcd.revision))
+    changes = view.apply(Snapshot((), etcd.revision))
     builder = TopologyBuilder(LOCAL, auto_mtu=1420)
-    builder.update(view, view.take_changes())
+    builder.update(view, changes)
     for i in range(2, 8):
         name = f"n{i}"
         record = NodeRecord(
@@ -166,12 +166,13 @@ def test_a_join_at_the_end_is_settled_without_folding_again() -> None:
             published_at=1.0,
         )
         reservation = etcd.put(SCHEMA.claim(name, f"10.96.0.{i}"), b"")
-        view.apply(Events((reservation, etcd.put(SCHEMA.node(name), encode_json(record.to_json()))), etcd.revision))
-        assert builder.update(view, view.take_changes()) == {KEYS[i]}
+        changes = view.apply(
+            Events((reservation, etcd.put(SCHEMA.node(name), encode_json(record.to_json()))), etcd.revision)
+        )
+        assert builder.update(view, changes) == {KEYS[i]}
     leave = etcd.delete(SCHEMA.node("n4"))
     assert leave is not None
-    view.apply(Events((leave,), etcd.revision))
-    assert builder.update(view, view.take_changes()) == {KEYS[4]}
+    assert builder.update(view, view.apply(Events((leave,), etcd.revision))) == {KEYS[4]}
     assert builder.rebuilds == 1
 
 
@@ -189,8 +190,10 @@ def test_the_device_mtu_follows_the_underlay_unless_the_mesh_sets_one() -> None:
     assert builder.set_auto_mtu(1340) and builder.topology().interface.mtu == 1340
     assert not builder.set_auto_mtu(1340)
     config = MeshConfig(mtu=1300)
-    view.apply(Events((Event("put", KeyValue(SCHEMA.config, encode_json(config.to_json()), 2, 2)),), revision=2))
-    builder.update(view, view.take_changes())
+    changes = view.apply(
+        Events((Event("put", KeyValue(SCHEMA.config, encode_json(config.to_json()), 2, 2)),), revision=2)
+    )
+    builder.update(view, changes)
     assert builder.topology().interface.mtu == 1300
     # Set by the mesh, the MTU no longer follows the underlay (but auto would, from where the underlay is now).
     assert not builder.set_auto_mtu(8941) and builder.topology().interface.mtu == 1300

@@ -27,11 +27,12 @@ import time
 from pathlib import Path
 
 from warren_mesh import keys
+from warren_mesh.agent.publication import RecordPublisher
 from warren_mesh.agent.reconciler import Reconciler
-from warren_mesh.agent.registrar import Registrar
 from warren_mesh.keys import NodeKey
 from warren_mesh.metrics.instruments import AgentMetrics
 from warren_mesh.store.base import Backoff, StoreError
+from warren_mesh.validation import RecordError, decode_json
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +46,13 @@ class KeyRotation:
         self,
         *,
         key_file: Path,
-        registrar: Registrar,
+        publication: RecordPublisher,
         reconciler: Reconciler,
         metrics: AgentMetrics,
         grace: float = ANNOUNCE_GRACE,
     ) -> None:
         self._key_file = key_file
-        self._registrar = registrar
+        self._publication = publication
         self._reconciler = reconciler
         self._metrics = metrics
         self._grace = grace
@@ -67,12 +68,12 @@ class KeyRotation:
         try:
             await asyncio.to_thread(keys.write_pending, self._key_file, key)
             log.info("key rotation (%s): announcing %s…", why, key.public_key[:10])
-            await self._registrar.announce_key(key.public_key)
+            await self._publication.announce_key(key.public_key)
             await asyncio.sleep(self._grace)
             await asyncio.to_thread(keys.install_pending, self._key_file)
         except BaseException:
             # Nothing switched: the old key stays in use; peers drop the announced one with our next publish.
-            self._registrar.withdraw_announcement()
+            self._publication.withdraw_announcement()
             await asyncio.to_thread(keys.discard_pending, self._key_file)
             raise
         if not await self._reconciler.switch_key(key):
@@ -82,7 +83,7 @@ class KeyRotation:
         backoff = Backoff(initial=0.2, maximum=2.0)
         while True:
             try:
-                await self._registrar.switch_key(key)
+                await self._publication.publish_switched_key()
                 break
             except StoreError as exc:
                 log.warning("key rotation: publishing the new key failed (retrying): %s", exc)
@@ -90,3 +91,13 @@ class KeyRotation:
         self._metrics.key_rotations.inc()
         log.info("key rotation done in %.1f s: this node is %s… now", time.monotonic() - started, key.public_key[:10])
         return key
+
+
+def rotation_request(value: bytes) -> float:
+    """When a key rotation was asked for: ``{"requested_at": <Unix time>}`` under rotate/<node> (written by
+    `warren-mesh rotate-key`). RecordError if the value says no such thing."""
+    doc = decode_json(value)
+    requested_at = doc.get("requested_at") if isinstance(doc, dict) else None
+    if isinstance(requested_at, bool) or not isinstance(requested_at, int | float):
+        raise RecordError("invalid_field", "requested_at is not a number")
+    return float(requested_at)

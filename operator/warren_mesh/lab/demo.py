@@ -15,6 +15,7 @@ from typing import TextIO
 
 from warren_mesh.agent.app import Agent
 from warren_mesh.lab.etcd_server import EtcdServer
+from warren_mesh.lab.simulated import simulated_parts
 from warren_mesh.schema import DEFAULT_PREFIX, KeySchema
 from warren_mesh.settings import AgentSettings
 from warren_mesh.status import read_status, render_table
@@ -25,7 +26,7 @@ async def run_demo(nodes: int, out: TextIO, timeout: float = 30.0) -> bool:
     with tempfile.TemporaryDirectory(prefix="warren-demo-") as tmp, EtcdServer() as etcd:
         out.write(f"etcd {etcd.endpoint} (data in {etcd.data_dir}); starting {nodes} agents (memory backend)\n")
         agents = [
-            Agent(
+            _agent(
                 AgentSettings.simulated(
                     etcd_endpoint=etcd.endpoint,
                     prefix=DEFAULT_PREFIX,
@@ -34,7 +35,6 @@ async def run_demo(nodes: int, out: TextIO, timeout: float = 30.0) -> bool:
                     port=51820 + i,
                     interface=f"wgdemo{i}",
                 ),
-                backend=MemoryBackend(interface_name=f"wgdemo{i}"),
             )
             for i in range(1, nodes + 1)
         ]
@@ -56,6 +56,10 @@ async def run_demo(nodes: int, out: TextIO, timeout: float = 30.0) -> bool:
         finally:
             stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _agent(settings: AgentSettings) -> Agent:
+    return Agent(settings, simulated_parts(settings))
 
 
 async def _wait_for_mesh(agents: list[Agent], peers: int, timeout: float, tasks: list[asyncio.Task[None]]) -> bool:

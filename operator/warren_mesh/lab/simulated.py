@@ -11,10 +11,27 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from warren_mesh.agent.app import Agent
+from warren_mesh.agent.app import Agent, AgentParts
+from warren_mesh.agent.parts import agent_store
 from warren_mesh.etcd_tls import EtcdTls
+from warren_mesh.host.simulated import SimulatedHost
+from warren_mesh.metrics.instruments import AgentMetrics
 from warren_mesh.settings import AgentSettings
+from warren_mesh.wireguard.backend import Backend
 from warren_mesh.wireguard.memory import MemoryBackend
+
+
+def simulated_parts(
+    settings: AgentSettings, *, device: Backend | None = None, registry: CollectorRegistry | None = None
+) -> AgentParts:
+    """A simulated node's parts: a store of its own, the simulated host, ``device`` (else a memory device)."""
+    metrics = AgentMetrics(registry if registry is not None else CollectorRegistry())
+    return AgentParts(
+        agent_store(settings.store, metrics),
+        SimulatedHost(),
+        metrics,
+        device=device if device is not None else MemoryBackend(interface_name=settings.device.interface),
+    )
 
 
 class SimulatedAgents:
@@ -67,7 +84,7 @@ class SimulatedAgents:
             metrics_address=metrics_address,
             tls=tls,
         )
-        agent = Agent(settings, backend=MemoryBackend(interface_name=self.interface), registry=CollectorRegistry())
+        agent = Agent(settings, simulated_parts(settings))
         self.agents[name] = agent
         self._stops[name] = asyncio.Event()
         task = asyncio.get_running_loop().create_task(agent.run(self._stops[name]), name=f"agent-{name}")

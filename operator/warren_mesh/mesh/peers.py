@@ -17,11 +17,12 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from warren_mesh.admission import usable_host_range
+from warren_mesh.mesh.changes import Changes, Rejection
 from warren_mesh.model import ExternalPeer, MeshConfig, NodeRecord
 from warren_mesh.netaddr import parse_ip
 from warren_mesh.schema import CLAIM_KINDS, KeySchema
@@ -54,20 +55,6 @@ class Entry(Generic[_R]):
     lease: int
 
 
-@dataclass(frozen=True, slots=True)
-class Changes:
-    """What the view saw change since the last call to ``MeshView.take_changes()``.
-
-    ``everything`` is set when the change cannot be pinned to single records (a snapshot, a config change): the
-    consumer must then look at the whole view again.
-    """
-
-    everything: bool
-    nodes: frozenset[str] = frozenset()
-    peers: frozenset[str] = frozenset()
-    addresses: frozenset[str] = frozenset()  # addresses whose holder changed
-
-
 @dataclass(frozen=True, slots=True, order=True)
 class Reservation:
     """A claim on an overlay address: who made it, and since when. Of several claims on one address the oldest
@@ -78,19 +65,11 @@ class Reservation:
     owner: str
 
 
-@dataclass(frozen=True, slots=True)
-class Rejection:
-    key: str
-    reason: str
-    message: str
-
-
 class MeshView:
     """Config, node records, external peers and address claims under one key prefix."""
 
-    def __init__(self, schema: KeySchema, *, on_reject: Callable[[Rejection], None] | None = None) -> None:
+    def __init__(self, schema: KeySchema) -> None:
         self._schema = schema
-        self._on_reject = on_reject
         self.config = MeshConfig()
         self._config_revision = 0
         self.nodes: dict[str, Entry[NodeRecord]] = {}
@@ -102,10 +81,11 @@ class MeshView:
         self._claims: dict[str, dict[str, Reservation]] = {}
         self.revision = 0
         self.synced = False  # a complete snapshot has been seen; until then nothing may be removed
-        # node name -> publish time of records accepted since the last call to take_published()
-        self._published: dict[str, float] = {}
         self._rejected: dict[str, tuple[int, str]] = {}  # key -> (mod revision already reported, reason)
-        # Changed since take_changes(): lets the agent decide from the records an event touched, not all of them.
+        # What the batch being applied changed (returned by apply()): the agent decides from the records an event
+        # touched, not all of them. Everything, for the first batch.
+        self._published: dict[str, float] = {}  # node name -> publish time of the records accepted
+        self._rejections: list[Rejection] = []
         self._changed_everything = True
         self._changed_nodes: set[str] = set()
         self._changed_peers: set[str] = set()
@@ -113,29 +93,26 @@ class MeshView:
         # The stored config, when refused because it would leave out registered nodes: tried again as they leave.
         self._pending_config: tuple[KeyValue, MeshConfig] | None = None
 
-    def apply(self, result: WatchResult) -> None:
+    def apply(self, result: WatchResult) -> Changes:
+        """Fold one watch batch in; what it changed."""
         if isinstance(result, Snapshot):
             self._apply_snapshot(result)
         else:
             self._apply_events(result)
-
-    def take_published(self) -> dict[str, float]:
-        """Publish times of node records that arrived since the last call (for convergence lag)."""
-        published, self._published = self._published, {}
-        return published
-
-    def take_changes(self) -> Changes:
-        """What changed since the last call (everything, on the first call)."""
         changes = Changes(
             self._changed_everything,
             frozenset(self._changed_nodes),
             frozenset(self._changed_peers),
             frozenset(self._changed_addresses),
+            self._published,
+            tuple(self._rejections),
         )
         self._changed_everything = False
         self._changed_nodes.clear()
         self._changed_peers.clear()
         self._changed_addresses.clear()
+        self._published = {}
+        self._rejections.clear()
         return changes
 
     @property
@@ -337,8 +314,7 @@ class MeshView:
             message,
             exc_info=(type(trace), trace, trace.__traceback__) if trace is not None else None,
         )
-        if self._on_reject is not None:
-            self._on_reject(rejection)
+        self._rejections.append(rejection)
 
 
 def renumbering_refusal(config: MeshConfig, nodes: Mapping[str, Entry[NodeRecord]], current: MeshConfig) -> str | None:

@@ -33,6 +33,8 @@ from warren_mesh.device import DeviceState, InterfaceSpec, PeerSpec
 from warren_mesh.mesh.topology import Topology
 
 PeerAction = Literal["add", "update", "remove"]
+# What one device operation does; also how the agent counts what it applied (warren_mesh_applied_changes_total).
+OperationKind = Literal["private_key", "interface", "set_peers", "add_route", "remove", "remove_route"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +43,17 @@ class PeerChange:
     public_key: str
     spec: PeerSpec  # what to set; for a removal, what the device had (its routes go too)
     detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """One step of a plan: what it does, and to what (``interface`` for "interface", ``peers`` for "set_peers" and
+    "remove", ``network`` for the routes)."""
+
+    kind: OperationKind
+    interface: InterfaceSpec | None = None
+    peers: tuple[PeerChange, ...] = ()
+    network: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,10 +72,24 @@ class Plan:
     def route_changes(self) -> int:
         return len(self.routes_to_remove) + len(self.routes_to_add)
 
-    @property
-    def size(self) -> int:
-        """How many device operations carrying out the plan takes."""
-        return (self.interface is not None) + self.set_private_key + len(self.changes) + self.route_changes
+    def operations(self) -> tuple[Operation, ...]:
+        """The plan as device operations, in the order they must run. Routes come after their peers and leave after
+        them: traffic is routed into the device only while a peer is there to take it. Peers are set before others
+        leave: allowed IPs moving from a leaving peer to another (a node's new key, docs/key-rotation.md) always
+        have one of them to go to. All peers to set are one operation (one device transaction for a cold start's
+        thousand peers)."""
+        operations: list[Operation] = []
+        if self.set_private_key:
+            operations.append(Operation("private_key"))
+        if self.interface is not None:
+            operations.append(Operation("interface", interface=self.interface))
+        upserts = tuple(change for change in self.changes if change.action != "remove")
+        if upserts:
+            operations.append(Operation("set_peers", peers=upserts))
+        operations.extend(Operation("add_route", network=network) for network in self.routes_to_add)
+        operations.extend(Operation("remove", peers=(change,)) for change in self.changes if change.action == "remove")
+        operations.extend(Operation("remove_route", network=network) for network in self.routes_to_remove)
+        return tuple(operations)
 
     def explain(self, names: Mapping[str, str] | None = None) -> str:
         """One line per change, for the agent's log."""

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from typing import Final
 
 from warren_mesh.device import InterfaceSpec, PeerSpec
+from warren_mesh.mesh.changes import Changes
 from warren_mesh.mesh.claims import ClaimRules, Conflict, LocalNode, NetworkClaims
-from warren_mesh.mesh.peers import Changes, Entry, MeshView
+from warren_mesh.mesh.peers import Entry, MeshView
 from warren_mesh.model import ExternalPeer, MeshConfig, NodeRecord
 from warren_mesh.routes import Routes
 from warren_mesh.validation import (

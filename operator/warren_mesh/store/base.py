@@ -80,6 +80,10 @@ class Store(Protocol):
         when the history a resume needed is gone. ``on_restart`` is told why the watch started again."""
         ...
 
+    def reload_tls(self) -> bool:
+        """Use the client certificate on disk if it was renewed; whether it was (False where there is none)."""
+        ...
+
     async def close(self) -> None: ...
 
 

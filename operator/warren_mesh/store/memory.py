@@ -250,6 +250,9 @@ class MemoryStore:
                 if self.revision < next_revision:
                     await self._changed.wait()
 
+    def reload_tls(self) -> bool:
+        return False  # no certificates in memory
+
     async def close(self) -> None:
         with contextlib.suppress(RuntimeError):
             async with self._changed:

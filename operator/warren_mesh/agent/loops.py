@@ -1,0 +1,169 @@
+"""The agent's background loops besides the pipeline (observe -> decide/apply -> report) and the registrar's
+lease: each a task of its own, named by what it looks after. None of them ends but by failing or being cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from warren_mesh import pki
+from warren_mesh.agent.device_thread import DeviceThread
+from warren_mesh.agent.key_rotation import KeyRotation
+from warren_mesh.agent.publication import RecordPublisher
+from warren_mesh.agent.reconciler import Reconciler
+from warren_mesh.device import DeviceState
+from warren_mesh.host.node import Host
+from warren_mesh.keys import NodeKey
+from warren_mesh.mesh import endpoints
+from warren_mesh.mesh.peers import MeshView
+from warren_mesh.metrics.instruments import AgentMetrics
+from warren_mesh.metrics.peer_collector import TrafficWindow
+from warren_mesh.model import auto_mtu
+from warren_mesh.netaddr import IPAddress
+from warren_mesh.store.base import Store, StoreError
+from warren_mesh.wireguard.backend import Backend, BackendError
+
+log = logging.getLogger(__name__)
+
+DEVICE_CHECK_INTERVAL = 1.0
+# Seconds between looks at where peers' packets come from (a NAT mapping that changed is found this fast, once the
+# node behind it has sent something: its persistent keepalive bounds that).
+ENDPOINT_CHECK_INTERVAL = 2.0  # when the throughput window samples nothing (else: as often as it samples)
+ROTATION_CHECK_INTERVAL = 5.0  # seconds between looks at whether the mesh's config asks for key rotation
+
+
+async def watch_device(device_thread: DeviceThread, backend: Backend, reconciler: Reconciler) -> None:
+    """device-watchdog: notice a dead data plane (wireguard-go crashed) within a second and configure the new
+    one."""
+    while True:
+        await asyncio.sleep(DEVICE_CHECK_INTERVAL)
+        try:
+            if await device_thread.run(backend.check):
+                reconciler.notify(verify=True)  # a new data plane: configure it from scratch
+        except BackendError as exc:
+            log.error("the WireGuard device is down and could not be restarted (retrying): %s", exc)
+
+
+async def rotate_keys(
+    rotation: KeyRotation,
+    *,
+    requested: asyncio.Event,
+    every: float | None,
+    view: MeshView,
+    on_rotated: Callable[[NodeKey], None],
+) -> None:
+    """key-rotation: rotate the key when asked, and when it is older than ``every`` seconds (--rotate-key-every,
+    else the mesh's keyRotationIntervalHours)."""
+    while True:
+        interval = every
+        if interval is None and view.config.key_rotation_interval_hours:
+            interval = view.config.key_rotation_interval_hours * 3600.0
+        due = None
+        if interval is not None:
+            with contextlib.suppress(OSError):  # no key file (an identity given in code): never due
+                due = rotation.key_created_at() + interval - time.time()
+        if due is not None and due <= 0:
+            why = "interval"
+        else:
+            # Looked at again every few seconds: the mesh's interval may change, and the key come due.
+            wait = ROTATION_CHECK_INTERVAL if due is None else min(due, ROTATION_CHECK_INTERVAL)
+            try:
+                await asyncio.wait_for(requested.wait(), timeout=wait)
+            except TimeoutError:
+                continue
+            why = "asked"
+        requested.clear()
+        try:
+            key = await rotation.rotate(why)
+        except (StoreError, BackendError, OSError) as exc:
+            log.error("key rotation failed (the old key stays in use; trying again in a minute): %s", exc)
+            await asyncio.sleep(60.0)
+            continue
+        on_rotated(key)
+
+
+async def follow_underlay_mtu(
+    host: Host, endpoint_host: IPAddress, underlay_mtu: int, reconciler: Reconciler, *, interval: float
+) -> None:
+    """underlay-mtu: keep ``mtu: auto`` true when the underlay's MTU changes under a running agent (a cloud moving
+    to jumbo frames, an operator lowering it for a VPN): a device MTU larger than the underlay allows has every
+    full-size packet fragmented, or dropped where fragments are."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            now = await asyncio.to_thread(host.underlay_mtu, endpoint_host)
+        except OSError as exc:
+            log.warning("cannot read the underlay's MTU (keeping %d): %s", underlay_mtu, exc)
+            continue
+        if now != underlay_mtu:
+            follows = reconciler.set_auto_mtu(auto_mtu(now, endpoint_host.version))
+            log.warning(
+                "the underlay's MTU changed from %d to %d%s",
+                underlay_mtu,
+                now,
+                "; the WireGuard device and new pods follow" if follows else " (the mesh sets its own MTU)",
+            )
+            underlay_mtu = now
+
+
+async def reload_certificate(store: Store, cert_file: Path, metrics: AgentMetrics, *, interval: float) -> None:
+    """certificate: use a renewed etcd client certificate as soon as it is on disk (`warren-mesh enroll --watch`
+    or `certs renew` replace it), and say when the one in use expires. An agent keeps its connection to etcd for
+    months: without this it would notice an expired certificate only when it reconnects, and then fail to."""
+    while True:
+        store.reload_tls()
+        with contextlib.suppress(OSError, ValueError):
+            metrics.etcd_certificate_expiry.set(pki.not_after(cert_file).timestamp())
+        await asyncio.sleep(interval)
+
+
+async def watch_peers(
+    device_thread: DeviceThread,
+    backend: Backend,
+    *,
+    traffic: TrafficWindow | None,
+    interval: float,
+    endpoints_to: EndpointWatch | None,
+) -> None:
+    """peers: one reading of the device every few seconds serves both the throughput window (``traffic``: the
+    gauges average over it) and, given ``endpoints_to``, the endpoints peers are seen at."""
+    while True:
+        try:
+            device = await device_thread.run(backend.read)
+        except BackendError:
+            pass  # the watchdog reports and repairs a dead device; the window just misses a sample
+        else:
+            if traffic is not None:
+                traffic.add(time.monotonic(), device.stats)
+            if endpoints_to is not None:
+                await endpoints_to.publish(device)
+        await asyncio.sleep(interval)
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointWatch:
+    """Where the peers loop tells what it sees: this node's record, the names of the device's peers and the mesh;
+    ``pinned``: --endpoint fixes this node's own endpoint."""
+
+    publication: RecordPublisher
+    reconciler: Reconciler
+    view: MeshView
+    pinned: bool
+
+    async def publish(self, device: DeviceState) -> None:
+        """Publish where this node sees peers whose packets come from elsewhere than their records say, and,
+        unless pinned, take as ours the endpoint peers see us at (behind NAT; docs/nat.md)."""
+        observed = endpoints.observed_elsewhere(device, self.reconciler.peer_names(), self.view, now=time.time())
+        public = None if self.pinned else endpoints.public_endpoint(self.view, self.publication.name)
+        try:
+            await self.publication.set_observed(observed)
+            if public is not None:
+                await self.publication.set_public_endpoint(public)
+        except StoreError as exc:
+            log.warning("could not publish observed endpoints (retrying): %s", exc)

@@ -1,0 +1,230 @@
+"""Publication: this node's record as it should read now, written on the lease it holds, and kept so.
+
+The record says who we are (our key in use, and during a rotation the next one), where peers reach us (our
+endpoint, or behind NAT the one peers see us at), what we hold (overlay address, pod subnet) and where we see
+peers elsewhere than their records say. Whoever changes or deletes it or our claims while our lease is alive
+gets them written back at once. A record for our name that carries another public key belongs to someone else
+and is never overwritten.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+
+from warren_mesh.agent.identity import Identity
+from warren_mesh.mesh.allocation import RegistrationConflict
+from warren_mesh.model import MeshConfig, NodeRecord, encode_json
+from warren_mesh.netaddr import IPAddress, IPNetwork
+from warren_mesh.schema import KeySchema
+from warren_mesh.settings import RegistrationSettings
+from warren_mesh.store.base import Store, StoreError
+from warren_mesh.validation import Endpoint, RecordError, decode_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    record: NodeRecord
+    lease_id: int
+    ttl: int
+
+
+class RecordPublisher:
+    def __init__(
+        self,
+        settings: RegistrationSettings,
+        *,
+        store: Store,
+        schema: KeySchema,
+        identity: Identity,
+        endpoint_host: IPAddress,
+    ) -> None:
+        """``endpoint_host``: the settings' endpoint address, or the one found on this host when they name none."""
+        self._store = store
+        self._schema = schema
+        self._name = settings.node_name
+        self._identity = identity
+        self._next_key: str | None = None  # announced during a key rotation
+        # Behind NAT: the endpoint peers see us at, learnt from their observations (None: endpoint_host's).
+        self.public_endpoint: Endpoint | None = None
+        self._observed: tuple[tuple[str, Endpoint], ...] = ()  # peers we see elsewhere than their records say
+        self._endpoint_host = endpoint_host
+        self._endpoint_pinned = settings.endpoint_host is not None  # --endpoint: never another
+        self._endpoint_port = settings.endpoint_port  # None: follow the mesh's listen port
+        self.current: Registration | None = None
+        self._published = b""  # the exact value of our record in etcd, to notice when someone changes it
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def key(self) -> str:
+        """Where our record lives."""
+        return self._schema.node(self._name)
+
+    def record(self, config: MeshConfig, overlay_ip: IPAddress, subnet: IPNetwork | None) -> NodeRecord:
+        """Our record as it should read now, with ``overlay_ip`` and ``subnet``."""
+        port = config.listen_port if self._endpoint_port is None else self._endpoint_port
+        return NodeRecord(
+            name=self._name,
+            public_key=self._identity.public_key,
+            endpoint=self.public_endpoint or Endpoint(self._endpoint_host, port),
+            overlay_ip=overlay_ip,
+            listen_port=config.listen_port,
+            allowed_ips=() if subnet is None else (subnet,),
+            published_at=time.time(),
+            next_public_key=self._next_key,
+            observed_endpoints=self._observed,
+        )
+
+    def registered(self, registration: Registration) -> None:
+        """``registration`` is in etcd now (on a fresh lease)."""
+        self.current = registration
+        self._published = encode_json(registration.record.to_json())
+
+    def unregistered(self) -> Registration | None:
+        """We leave (or are between leases): the registration we had."""
+        current, self.current = self.current, None
+        return current
+
+    async def publish(self, record: NodeRecord, lease_id: int) -> NodeRecord:
+        """Write ``record`` on ``lease_id``, taking over a record of ours from a previous run without a gap."""
+        key = self.key
+        existing = await self._store.create(key, encode_json(record.to_json()), lease=lease_id)
+        while existing is not None:
+            previous = self._check_ours(existing.value)
+            if not self._endpoint_pinned and previous.endpoint != record.endpoint and self.public_endpoint is None:
+                # Our record says where peers reach us, learnt before a restart (behind NAT): the address this run
+                # found would send them to a private one until they told us again (docs/nat.md).
+                self.public_endpoint = previous.endpoint
+                record = replace(record, endpoint=previous.endpoint)
+            # Our own record from before a restart, still on the old lease: move it to the new lease without
+            # a gap (peers see an update, not a delete and re-add), then let the old lease go.
+            existing_lease = existing.lease
+            record = replace(record, published_at=time.time())
+            existing = await self._store.replace(
+                key, encode_json(record.to_json()), mod_revision=existing.mod_revision, lease=lease_id
+            )
+            if existing is None and existing_lease not in (0, lease_id):
+                await self._store.revoke_lease(existing_lease)
+        return record
+
+    def _check_ours(self, raw: bytes) -> NodeRecord:
+        where = self.key
+        try:
+            theirs = NodeRecord.from_json(decode_json(raw), key_name=self._name)
+        except RecordError as exc:
+            raise RegistrationConflict(
+                f"{where} holds a record this agent cannot read ({exc}); remove it with `etcdctl del {where}`"
+            ) from None
+        # Ours also when it names our key as the next one: a run that stopped in the middle of a key rotation.
+        if self._identity.public_key not in theirs.public_keys:
+            raise RegistrationConflict(
+                f"node name {self._name!r} is registered with another public key ({theirs.public_key[:10]}…). "
+                "If this node's key file was replaced, the old record expires with its lease shortly; "
+                "otherwise give this node another --node-name."
+            )
+        return theirs
+
+    async def republish(self, config: MeshConfig) -> None:
+        """Publish again on the same lease when the mesh config changed what our record says (listen port)."""
+        current = self.current
+        if current is None:
+            return
+        subnet = current.record.allowed_ips[0] if current.record.allowed_ips else None
+        record = self.record(config, current.record.overlay_ip, subnet)
+        if (record.listen_port, record.endpoint) == (current.record.listen_port, current.record.endpoint):
+            return
+        await self._put_current(record, f"republished with listen port {record.listen_port}")
+
+    async def announce_key(self, public_key: str) -> None:
+        """Tell peers the key we switch to next (key rotation): they add it before we use it."""
+        self._next_key = public_key
+        await self._publish_current("announced the next key")
+
+    def withdraw_announcement(self) -> None:
+        """A rotation that did not happen: our next record announces nothing."""
+        self._next_key = None
+
+    async def publish_switched_key(self) -> None:
+        """We use the identity's key now (the device has it): publish it as our key, the announcement done."""
+        self._next_key = None
+        await self._publish_current("switched to the new key")
+
+    async def set_observed(self, observed: tuple[tuple[str, Endpoint], ...]) -> None:
+        """Publish where we see peers whose packets come from elsewhere than their records say (docs/nat.md)."""
+        if observed != self._observed:
+            self._observed = observed
+            await self._publish_current(f"observed {len(observed)} peer(s) elsewhere than their records say")
+
+    async def set_public_endpoint(self, endpoint: Endpoint) -> None:
+        """Peers see us at ``endpoint`` (we are behind NAT): publish it as ours."""
+        if endpoint != self.public_endpoint:
+            self.public_endpoint = endpoint
+            await self._publish_current(f"peers see this node at {endpoint}: publishing that endpoint")
+
+    async def _publish_current(self, what: str) -> None:
+        current = self.current
+        if current is None:
+            return  # between leases, or stopping: the next registration publishes all of it
+        record = replace(
+            current.record,
+            public_key=self._identity.public_key,
+            next_public_key=self._next_key,
+            endpoint=self.public_endpoint or current.record.endpoint,
+            observed_endpoints=self._observed,
+            published_at=time.time(),
+        )
+        await self._put_current(record, what)
+
+    async def _put_current(self, record: NodeRecord, what: str) -> None:
+        """Write ``record`` as ours on the lease we hold now."""
+        current = self.current
+        assert current is not None  # callers return early between leases
+        value = encode_json(record.to_json())
+        await self._store.put(self.key, value, lease=current.lease_id)
+        self.current = replace(current, record=record)
+        self._published = value
+        log.info("%s: %s (key %s…)", self._name, what, record.public_key[:10])
+
+    async def restore(self, value: bytes | None) -> None:
+        """Publish our record again if someone else changed or deleted it while our lease is alive."""
+        current = self.current
+        if current is None or value == self._published:
+            return
+        log.warning(
+            "the record of %s was %s by someone else; publishing it again",
+            self._name,
+            "deleted" if value is None else "changed",
+        )
+        try:
+            await self._store.put(self.key, self._published, lease=current.lease_id)
+        except StoreError as exc:
+            # Most likely our lease is gone (that deleted the record); the keepalive registers us again.
+            log.warning("could not restore the record of %s: %s", self._name, exc)
+
+    @property
+    def claim_keys(self) -> tuple[str, ...]:
+        """The keys of our claims (our address, our pod subnet), once registered."""
+        current = self.current
+        if current is None:
+            return ()
+        record = current.record
+        subnets = tuple(self._schema.claim(self._name, str(n), "pods") for n in record.allowed_ips)
+        return (self._schema.claim(self._name, str(record.overlay_ip)), *subnets)
+
+    async def restore_claim(self, key: str, value: bytes | None) -> None:
+        """Claim again what is ours if someone deleted our claim ``key``. Every agent keeps our record as long as it
+        is older than a newer claim, but a node that claims the same as well would win it: it is ours as long as we
+        live, so we say so again at once. (What a claim's key holds is all it says: its value is ignored.)"""
+        if key not in self.claim_keys or value is not None:
+            return
+        log.warning("the claim %s of %s was deleted by someone else; claiming again", key, self._name)
+        try:
+            await self._store.create(key, b"")
+        except StoreError as exc:
+            log.warning("could not claim %s again (retried with the next change): %s", key, exc)

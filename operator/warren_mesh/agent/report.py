@@ -1,0 +1,75 @@
+"""Report: the agent's control-plane metrics and its log lines about the mesh, fed from the values the stages
+return (a batch observed, a pass done), never written from inside them."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from warren_mesh.mesh.changes import Changes
+from warren_mesh.mesh.claims import Conflict
+from warren_mesh.metrics.instruments import AgentMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class PassReport:
+    """What one decide-and-apply pass did."""
+
+    ok: bool  # every device operation succeeded
+    applied: Mapping[str, int]  # device changes by kind
+    failed: int  # device operations that failed (the pod network's upkeep included)
+    published: Mapping[str, float]  # node name -> publish time, of the records this pass folded in
+    peers: int  # peers the device should have
+    nodes: int  # nodes in the mesh as this node sees it (itself included)
+    conflicts: tuple[Conflict, ...]  # records left out
+    rejected: Mapping[str, int]  # keys whose current value is rejected, by reason
+    seconds: float  # how long the pass took
+
+
+class Reporter:
+    def __init__(self, metrics: AgentMetrics, *, local_name: str) -> None:
+        self._metrics = metrics
+        self._local_name = local_name
+        self._conflicts: set[tuple[str, str]] = set()  # reported already: each is logged when it starts
+
+    def observed(self, changes: Changes, events: int) -> None:
+        self._metrics.watch_events.inc(events)
+        for rejection in changes.rejections:
+            self._metrics.rejected_records.labels(rejection.reason).inc()
+
+    def watch_restarted(self, reason: str) -> None:
+        self._metrics.watch_restarts.labels(reason).inc()
+
+    def device_unreadable(self) -> None:
+        self._metrics.apply_errors.inc()
+
+    def pass_done(self, report: PassReport) -> None:
+        metrics = self._metrics
+        self._report_conflicts(report.conflicts)
+        for kind, count in report.applied.items():
+            metrics.applied_by_kind[kind].inc(count)
+        if report.failed:
+            metrics.apply_errors.inc(report.failed)
+        applied_at = time.time()
+        for name, published_at in report.published.items():
+            if name != self._local_name:
+                metrics.convergence_lag.observe(max(0.0, applied_at - published_at))
+        if report.ok:
+            metrics.peers.set(report.peers)
+        metrics.nodes.set(report.nodes)
+        metrics.report_invalid(dict(report.rejected))
+        metrics.reconcile_duration.observe(report.seconds)
+
+    def _report_conflicts(self, conflicts: tuple[Conflict, ...]) -> None:
+        current = {(c.name, c.reason) for c in conflicts}
+        self._metrics.report_conflicting(dict(Counter(reason for _, reason in current)))
+        for conflict in conflicts:
+            if (conflict.name, conflict.reason) not in self._conflicts:
+                log.warning("left out of the mesh: %s", conflict.message)
+                self._metrics.conflicts.labels(conflict.reason).inc()
+        self._conflicts = current

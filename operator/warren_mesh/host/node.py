@@ -1,0 +1,61 @@
+"""The machine an agent runs on, as the agent sees it: where its underlay is and what it allows, how it reaches
+etcd's hosts, and the network of its pods. ``Host`` is what the agent asks; ``NodeHost`` answers for this machine
+(netlink, the resolver, nftables and the CNI config directory); host/simulated.py for agents on memory devices
+sharing one machine."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+from warren_mesh.host import underlay
+from warren_mesh.host.pod_network import PodNetwork
+from warren_mesh.netaddr import IPAddress, IPNetwork
+from warren_mesh.settings import PodSettings
+
+
+class Host(Protocol):
+    # Whether the device's peers are seen at the addresses their packets really come from (so that this node
+    # can tell a peer behind NAT where it is seen, and learn where it is seen itself; docs/nat.md).
+    sees_peer_endpoints: bool
+
+    def endpoint_address(self) -> IPAddress:
+        """The address peers reach this node at when nothing says otherwise."""
+        ...
+
+    def underlay_mtu(self, address: IPAddress) -> int:
+        """The MTU of the interface holding ``address``."""
+        ...
+
+    def underlay_networks(self, address: IPAddress) -> tuple[IPNetwork, ...]:
+        """The networks on the interface holding ``address`` (never to be routed into the tunnel)."""
+        ...
+
+    def resolve(self, hosts: Iterable[str]) -> tuple[IPAddress, ...]:
+        """The addresses of ``hosts`` (etcd's; never to be routed into the tunnel either)."""
+        ...
+
+    def pod_network(self, settings: PodSettings, *, subnet: IPNetwork, interface: str) -> PodNetwork | None:
+        """This node's pods' network for ``subnet`` through ``interface`` (None: this host has no pods)."""
+        ...
+
+
+class NodeHost:
+    """This machine."""
+
+    sees_peer_endpoints = True
+
+    def endpoint_address(self) -> IPAddress:
+        return underlay.default_route_address()
+
+    def underlay_mtu(self, address: IPAddress) -> int:
+        return underlay.mtu_of_address(address)
+
+    def underlay_networks(self, address: IPAddress) -> tuple[IPNetwork, ...]:
+        return underlay.subnets_of_address(address)
+
+    def resolve(self, hosts: Iterable[str]) -> tuple[IPAddress, ...]:
+        return underlay.addresses_of_hosts(hosts)
+
+    def pod_network(self, settings: PodSettings, *, subnet: IPNetwork, interface: str) -> PodNetwork | None:
+        return PodNetwork(settings, subnet=subnet, interface=interface) if settings.route else None
