@@ -26,15 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "operator"))
 
 from prometheus_client import Counter
 
-from warren_mesh import pki
-from warren_mesh.admin import roles
 from warren_mesh.agent.app import Agent
-from warren_mesh.etcd_tls import EtcdTls
-from warren_mesh.lab.simulated import SimulatedAgents
-from warren_mesh.netaddr import parse_endpoints
-from warren_mesh.schema import KeySchema
+from warren_mesh.identity import pki
+from warren_mesh.identity.etcd_tls import EtcdTls
+from warren_mesh.store import roles
 from warren_mesh.store.etcd import EtcdStore
 from warren_mesh.store.etcd_auth import EtcdAuth
+from warren_mesh.testkit.simulated import SimulatedAgents
+from warren_mesh.values.keyspace import KeySchema
+from warren_mesh.values.netaddr import parse_endpoints
 from warren_mesh.wireguard.memory import MemoryBackend
 
 _POLL = 0.002  # seconds between checks of a condition inside a worker

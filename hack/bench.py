@@ -62,24 +62,24 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 import results
 from agent_pool import AgentPool, BenchError, etcd3_client, wait_until
-from warren_mesh import pki
 from warren_mesh.agent.app import Agent, AgentParts
 from warren_mesh.agent.parts import agent_store
-from warren_mesh.device import InterfaceSpec, PeerSpec
 from warren_mesh.host.node import NodeHost
-from warren_mesh.keys import NodeKey, load_or_create
+from warren_mesh.identity import pki
+from warren_mesh.identity.keys import NodeKey, load_or_create
 from warren_mesh.lab import netns as lab_netns
-from warren_mesh.lab.etcd_server import EtcdServer, free_port
 from warren_mesh.lab.lab import Lab
 from warren_mesh.lab.probe import Probe
 from warren_mesh.metrics.instruments import AgentMetrics
 from warren_mesh.metrics.peer_collector import PeerCollector, TrafficWindow
-from warren_mesh.model import NodeRecord, encode_json
-from warren_mesh.netaddr import parse_endpoints
-from warren_mesh.schema import KeySchema
 from warren_mesh.settings import AgentSettings
 from warren_mesh.store.etcd import EtcdStore
-from warren_mesh.validation import Endpoint
+from warren_mesh.testkit.etcd_server import EtcdServer, free_port
+from warren_mesh.trust.endpoint import Endpoint
+from warren_mesh.trust.records import NodeRecord, encode_json
+from warren_mesh.values.device import InterfaceSpec, PeerSpec
+from warren_mesh.values.keyspace import KeySchema
+from warren_mesh.values.netaddr import parse_endpoints
 from warren_mesh.wireguard import uapi
 from warren_mesh.wireguard.backend import Backend
 from warren_mesh.wireguard.memory import MemoryBackend

@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 import k8s_images
 import k8s_nodes
-from warren_mesh.lab.etcd_server import EtcdServer, free_port
+from warren_mesh.testkit.etcd_server import EtcdServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBECTL = str(ROOT / ".venv" / "bin" / "kubectl")  # Debian 13's, linked there by hack/setup

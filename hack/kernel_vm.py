@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Run a command inside a QEMU VM with kernel WireGuard, in this checkout: see warren_mesh.lab.kernel_vm.
+"""Run a command inside a QEMU VM with kernel WireGuard, in this checkout: see warren_mesh.testkit.kernel_vm.
 
 sudo .venv/bin/python hack/kernel_vm.py -- .venv/bin/python -m pytest tests/dataplane/test_lab.py -k kernel
 """
@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from warren_mesh.lab import kernel_vm
+from warren_mesh.testkit import kernel_vm
 
 if __name__ == "__main__":
     os.chdir(Path(__file__).resolve().parent.parent)

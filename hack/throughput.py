@@ -32,7 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "operator"))
 
 import results
-from warren_mesh.keys import NodeKey
+from warren_mesh.identity.keys import NodeKey
 from warren_mesh.lab.lab import Lab
 from warren_mesh.wireguard.uapi import SOCKET_DIR
 from warren_mesh.wireguard.userspace import find_wireguard_go, wireguard_go_version

@@ -6,12 +6,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from helpers import run, wait_until
-from warren_mesh.lab.etcd_server import EtcdServer
-from warren_mesh.lab.simulated import SimulatedAgents
+from warren_mesh.testkit.etcd_server import EtcdServer
+from warren_mesh.testkit.simulated import SimulatedAgents
 
 
 class Mesh(SimulatedAgents):
-    """In-process agents sharing one event loop (lab/simulated.py), with what tests ask of them."""
+    """In-process agents sharing one event loop (testkit/simulated.py), with what tests ask of them."""
 
     def __init__(self, etcd: EtcdServer | str, prefix: str, key_dir: Path, ttl: int = 3) -> None:
         """``etcd``: a server of the tests' (each agent then gets its own node certificate and role where it has

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import settings
 
 from helpers import AgentProcess
-from warren_mesh import pki
-from warren_mesh.lab.etcd_server import EtcdServer, EtcdServerError, find_etcd
+from warren_mesh.identity import pki
 from warren_mesh.store import runtime
+from warren_mesh.testkit.etcd_server import EtcdServer, EtcdServerError, find_etcd
 from warren_mesh.wireguard.choice import kernel_wireguard_available
 
 # Before any test imports gRPC (directly, or through a store or etcd3): the process-wide settings it reads once.

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import ipaddress
 
-from warren_mesh.admission import network_problem
-from warren_mesh.keys import NodeKey
+from warren_mesh.identity.keys import NodeKey
 from warren_mesh.mesh.changes import ChangeLog, Changes, Rejection
 from warren_mesh.mesh.claims import LocalNode
-from warren_mesh.mesh.peers import MeshView
 from warren_mesh.mesh.topology import Topology, build_topology
-from warren_mesh.model import encode_json
-from warren_mesh.schema import KeySchema
-from warren_mesh.watch import Event, Events, KeyValue, Snapshot, WatchResult
+from warren_mesh.mesh.view import MeshView
+from warren_mesh.trust.networks import network_problem
+from warren_mesh.trust.records import encode_json
+from warren_mesh.values.keyspace import KeySchema
+from warren_mesh.values.watch import Event, Events, KeyValue, Snapshot, WatchResult
 
 SCHEMA = KeySchema("/h")
 LOCAL_KEY = NodeKey.generate().public_key

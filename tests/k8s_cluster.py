@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from warren_mesh.lab.etcd_server import free_port
+from warren_mesh.testkit.etcd_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 OPERATOR_COMMAND = (sys.executable, "-m", "warren_mesh.cli", "operator")

@@ -21,25 +21,25 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from warren_mesh import __version__, pki, showconf
-from warren_mesh import graph as graph_module
-from warren_mesh.admin import peers, roles
+from warren_mesh import __version__
+from warren_mesh.admin import graph as graph_module
+from warren_mesh.admin import peers, showconf
 from warren_mesh.admin.migration import migrate_reservations
+from warren_mesh.admin.status import read_agent_traffic, read_status, read_view, render_json, render_table
 from warren_mesh.agent.app import Agent
 from warren_mesh.agent.parts import node_parts
 from warren_mesh.enroller.client import EnrolmentError, EnrolmentRequest, enroll, keep_enrolled
 from warren_mesh.enroller.identity import AgentIdentity
 from warren_mesh.host.underlay import UnderlayError
-from warren_mesh.keys import KeyFileError
-from warren_mesh.keys import load as load_key
+from warren_mesh.identity import pki
+from warren_mesh.identity.keys import KeyFileError
+from warren_mesh.identity.keys import load as load_key
 from warren_mesh.lab.cni_runtime import CniError
 from warren_mesh.lab.demo import run_demo
-from warren_mesh.lab.etcd_server import EtcdServerError
 from warren_mesh.lab.lab import Lab, LabError, require_root
 from warren_mesh.lab.report import pods_json, render_lab_table, render_pods_table, status_json
 from warren_mesh.mesh.allocation import AddressSpaceExhausted, RegistrationConflict
 from warren_mesh.metrics.reading import read_agent_metrics
-from warren_mesh.netaddr import parse_listen_address
 from warren_mesh.settings import (
     AgentSettings,
     OperatorSettings,
@@ -48,11 +48,14 @@ from warren_mesh.settings import (
     add_flag,
     add_store_flags,
 )
-from warren_mesh.status import read_agent_traffic, read_status, read_view, render_json, render_table
+from warren_mesh.store import roles
 from warren_mesh.store.base import StoreError
 from warren_mesh.store.etcd import EtcdStore
 from warren_mesh.store.etcd_auth import EtcdAuth
-from warren_mesh.validation import RecordError, validate_name
+from warren_mesh.testkit.etcd_server import EtcdServerError
+from warren_mesh.trust.fields import validate_name
+from warren_mesh.trust.reasons import RecordError
+from warren_mesh.values.netaddr import parse_listen_address
 from warren_mesh.wireguard import runner
 from warren_mesh.wireguard.backend import BackendError
 

@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal, cast
 
-from warren_mesh.admission import endpoint_problem
-from warren_mesh.etcd_tls import EtcdTls
-from warren_mesh.model import MIN_LEASE_TTL
-from warren_mesh.netaddr import IPNetwork, parse_endpoints, parse_listen_address
-from warren_mesh.pki import credential_problem
-from warren_mesh.schema import DEFAULT_PREFIX, KeySchema
-from warren_mesh.validation import RecordError, split_host_port, validate_name, validate_port
+from warren_mesh.identity.etcd_tls import EtcdTls
+from warren_mesh.identity.pki import credential_problem
+from warren_mesh.trust.fields import split_host_port, validate_name, validate_port
+from warren_mesh.trust.networks import endpoint_problem
+from warren_mesh.trust.reasons import RecordError
+from warren_mesh.trust.records import MIN_LEASE_TTL
+from warren_mesh.values.keyspace import DEFAULT_PREFIX, KeySchema
+from warren_mesh.values.netaddr import IPNetwork, parse_endpoints, parse_listen_address
 
 BackendName = Literal["auto", "kernel", "userspace", "memory"]
 BACKENDS: Final = ("auto", "kernel", "userspace", "memory")

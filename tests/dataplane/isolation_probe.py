@@ -14,11 +14,11 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from warren_mesh import pki
-from warren_mesh.etcd_tls import EtcdTls
-from warren_mesh.schema import KeySchema
+from warren_mesh.identity import pki
+from warren_mesh.identity.etcd_tls import EtcdTls
 from warren_mesh.store.base import StoreError
 from warren_mesh.store.etcd import EtcdStore
+from warren_mesh.values.keyspace import KeySchema
 
 
 def _store(endpoint: str, directory: Path, user: str) -> EtcdStore:

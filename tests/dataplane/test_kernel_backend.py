@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from warren_mesh.device import InterfaceSpec, PeerSpec
-from warren_mesh.keys import NodeKey
+from warren_mesh.identity.keys import NodeKey
+from warren_mesh.values.device import InterfaceSpec, PeerSpec
 
 pytestmark = pytest.mark.kernel_wireguard
 

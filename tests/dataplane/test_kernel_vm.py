@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from warren_mesh.lab import kernel_vm
+from warren_mesh.testkit import kernel_vm
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -21,13 +21,13 @@ import pytest
 from pyroute2 import IPRoute
 
 from underlay import captured, sniff
-from warren_mesh.keys import NodeKey
+from warren_mesh.identity.keys import NodeKey
 from warren_mesh.lab import netns
 from warren_mesh.lab.lab import ETCD_PORT, HUB_ADDRESS, METRICS_PORT, SUBNET, Lab
 from warren_mesh.lab.probe import Probe
 from warren_mesh.lab.report import LabPod
-from warren_mesh.model import MeshConfig
 from warren_mesh.process import connect_in_netns, in_netns
+from warren_mesh.trust.records import MeshConfig
 from warren_mesh.wireguard import uapi
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")

@@ -23,7 +23,7 @@ logging.basicConfig(level=logging.INFO)
 from pathlib import Path
 from warren_mesh.host.pod_network import PodNetwork
 from warren_mesh.host import forwarding
-from warren_mesh.model import MeshConfig
+from warren_mesh.trust.records import MeshConfig
 from warren_mesh.settings import PodSettings
 settings = PodSettings(route=True, cni_conf_dir=Path(sys.argv[2]))
 network = PodNetwork(settings, subnet=ipaddress.ip_network("10.244.9.0/24"), interface="wgpod")

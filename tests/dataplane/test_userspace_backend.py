@@ -12,9 +12,9 @@ from collections.abc import Iterator
 import pytest
 from pyroute2 import IPRoute
 
-from warren_mesh.device import InterfaceSpec, PeerSpec
-from warren_mesh.keys import NodeKey
+from warren_mesh.identity.keys import NodeKey
 from warren_mesh.lab import netns
+from warren_mesh.values.device import InterfaceSpec, PeerSpec
 from warren_mesh.wireguard import userspace
 from warren_mesh.wireguard.backend import BackendError
 from warren_mesh.wireguard.uapi import SOCKET_DIR

@@ -18,13 +18,13 @@ import pytest
 from agents import Mesh, in_mesh
 from helpers import AgentProcess, run, wait_until
 from warren_mesh.agent.app import Agent
-from warren_mesh.device import PeerSpec
-from warren_mesh.keys import NodeKey, load_or_create
-from warren_mesh.lab.etcd_server import EtcdServer, free_port
-from warren_mesh.lab.simulated import simulated_parts
-from warren_mesh.model import MeshConfig, encode_json
-from warren_mesh.schema import KeySchema
+from warren_mesh.identity.keys import NodeKey, load_or_create
 from warren_mesh.settings import AgentSettings
+from warren_mesh.testkit.etcd_server import EtcdServer, free_port
+from warren_mesh.testkit.simulated import simulated_parts
+from warren_mesh.trust.records import MeshConfig, encode_json
+from warren_mesh.values.device import PeerSpec
+from warren_mesh.values.keyspace import KeySchema
 from warren_mesh.wireguard.backend import BackendError
 from warren_mesh.wireguard.memory import MemoryBackend
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from warren_mesh.lab.etcd_server import EtcdServer
+from warren_mesh.testkit.etcd_server import EtcdServer
 
 BENCH = Path(__file__).resolve().parents[2] / "hack" / "bench.py"
 

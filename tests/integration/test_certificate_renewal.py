@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 
 from helpers import run, wait_until
-from warren_mesh import pki
 from warren_mesh.agent.app import Agent
-from warren_mesh.lab.etcd_server import EtcdServer
-from warren_mesh.lab.simulated import simulated_parts
+from warren_mesh.identity import pki
 from warren_mesh.settings import AgentSettings
+from warren_mesh.testkit.etcd_server import EtcdServer
+from warren_mesh.testkit.simulated import simulated_parts
 
 VALID_FOR = 12.0  # seconds left on the certificates the agents start with
 

@@ -1,4 +1,4 @@
-"""What etcd's own auth protects with the mesh's roles (admin/roles.py), and what it does not (docs/security.md).
+"""What etcd's own auth protects with the mesh's roles (store/roles.py), and what it does not (docs/security.md).
 Users are the common names of the client certificates. hack/test runs this file against both etcd versions the
 project supports: Debian 12's 3.4.23 and Debian 13's 3.5.16 (what Kubernetes 1.28+ runs).
 
@@ -17,17 +17,17 @@ from pathlib import Path
 import pytest
 
 from helpers import run
-from warren_mesh import pki
-from warren_mesh.lab.etcd_server import EtcdServer
+from warren_mesh.identity import pki
 from warren_mesh.store.base import StoreError
 from warren_mesh.store.etcd import EtcdStore
+from warren_mesh.testkit.etcd_server import EtcdServer
 
 PREFIX = "/auth"
 
 
 @pytest.fixture(scope="module")
 def auth_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EtcdServer, Path]]:
-    """etcd with TLS and the mesh's own roles (admin/roles.py) for nodes a and b under PREFIX."""
+    """etcd with TLS and the mesh's own roles (store/roles.py) for nodes a and b under PREFIX."""
     directory = tmp_path_factory.mktemp("pki")
     pki.init(directory, ["127.0.0.1"])
     with EtcdServer(pki=directory) as etcd:

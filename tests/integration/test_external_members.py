@@ -12,9 +12,9 @@ from pathlib import Path
 
 from agents import Mesh, in_mesh
 from helpers import wait_until
-from warren_mesh.keys import NodeKey
-from warren_mesh.lab.etcd_server import EtcdServer
-from warren_mesh.schema import KeySchema
+from warren_mesh.identity.keys import NodeKey
+from warren_mesh.testkit.etcd_server import EtcdServer
+from warren_mesh.values.keyspace import KeySchema
 
 
 def _cli(etcd: EtcdServer, prefix: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -16,16 +16,16 @@ from agents import Mesh, in_mesh
 from helpers import run, wait_until
 from warren_mesh.agent.identity import Identity
 from warren_mesh.agent.registrar import Registrar
-from warren_mesh.keys import NodeKey
-from warren_mesh.lab.etcd_server import EtcdServer
+from warren_mesh.identity.keys import NodeKey
 from warren_mesh.mesh.allocation import AddressSpaceExhausted
 from warren_mesh.metrics.instruments import AgentMetrics
-from warren_mesh.model import MeshConfig, NodeRecord, encode_json
-from warren_mesh.schema import KeySchema
 from warren_mesh.settings import RegistrationSettings
 from warren_mesh.store.etcd import EtcdStore
-from warren_mesh.validation import decode_json
-from warren_mesh.watch import KeyValue, Snapshot
+from warren_mesh.testkit.etcd_server import EtcdServer
+from warren_mesh.trust.decode import decode_json
+from warren_mesh.trust.records import MeshConfig, NodeRecord, encode_json
+from warren_mesh.values.keyspace import KeySchema
+from warren_mesh.values.watch import KeyValue, Snapshot
 
 KEY = NodeKey.generate()
 

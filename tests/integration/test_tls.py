@@ -14,9 +14,9 @@ import pytest
 
 from agents import Mesh
 from helpers import run
-from warren_mesh import pki
-from warren_mesh.etcd_tls import EtcdTls
-from warren_mesh.lab.etcd_server import EtcdServer
+from warren_mesh.identity import pki
+from warren_mesh.identity.etcd_tls import EtcdTls
+from warren_mesh.testkit.etcd_server import EtcdServer
 
 
 @pytest.fixture(scope="module")

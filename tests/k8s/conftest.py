@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from k8s_cluster import ROOT, Cluster, OperatorProcess
-from warren_mesh import pki
-from warren_mesh.lab.etcd_server import EtcdServer
+from warren_mesh.identity import pki
+from warren_mesh.testkit.etcd_server import EtcdServer
 
 
 @pytest.fixture(scope="session")

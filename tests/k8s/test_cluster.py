@@ -290,8 +290,8 @@ def test_a_rollout_of_the_agents_loses_no_ping(cluster: Cluster) -> None:
 LIST_CLAIMS = """
 import asyncio, os, sys
 from pathlib import Path
-from warren_mesh.etcd_tls import EtcdTls
-from warren_mesh.schema import KeySchema
+from warren_mesh.identity.etcd_tls import EtcdTls
+from warren_mesh.values.keyspace import KeySchema
 from warren_mesh.store.base import StoreError
 from warren_mesh.store.etcd import EtcdStore
 

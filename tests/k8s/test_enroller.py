@@ -19,12 +19,12 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from k8s_cluster import Cluster
-from warren_mesh import pki
-from warren_mesh.etcd_tls import EtcdTls
-from warren_mesh.lab.etcd_server import EtcdServer, free_port
-from warren_mesh.schema import KeySchema
+from warren_mesh.identity import pki
+from warren_mesh.identity.etcd_tls import EtcdTls
 from warren_mesh.store.base import StoreError
 from warren_mesh.store.etcd import EtcdStore
+from warren_mesh.testkit.etcd_server import EtcdServer, free_port
+from warren_mesh.values.keyspace import KeySchema
 
 NAMESPACE = "warren-mesh"
 SCHEMA = KeySchema()

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import ipaddress
 
-from warren_mesh.device import DeviceState, PeerSpec, PeerStats
-from warren_mesh.keys import NodeKey
+from warren_mesh.identity.keys import NodeKey
 from warren_mesh.mesh.endpoints import observed_elsewhere, public_endpoint
-from warren_mesh.mesh.peers import MeshView
-from warren_mesh.model import NodeRecord, encode_json
-from warren_mesh.schema import KeySchema
-from warren_mesh.validation import Endpoint
-from warren_mesh.watch import KeyValue, Snapshot
+from warren_mesh.mesh.view import MeshView
+from warren_mesh.trust.endpoint import Endpoint
+from warren_mesh.trust.records import NodeRecord, encode_json
+from warren_mesh.values.device import DeviceState, PeerSpec, PeerStats
+from warren_mesh.values.keyspace import KeySchema
+from warren_mesh.values.watch import KeyValue, Snapshot
 
 SCHEMA = KeySchema("/e")
 KEYS = {name: NodeKey.generate().public_key for name in ("a", "b", "c", "d")}

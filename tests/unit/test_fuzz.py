@@ -20,10 +20,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hostile import ATTACKER_KEY, HONEST, LOCAL, LOCAL_KEY, SCHEMA, Mesh, assert_safe, node_doc, peer_doc
-from warren_mesh.keys import NodeKey
+from warren_mesh.identity.keys import NodeKey
 from warren_mesh.mesh.topology import TopologyBuilder
-from warren_mesh.model import ExternalPeer, MeshConfig, NodeRecord
-from warren_mesh.validation import RecordError, decode_json
+from warren_mesh.trust.decode import decode_json
+from warren_mesh.trust.reasons import RecordError
+from warren_mesh.trust.records import ExternalPeer, MeshConfig, NodeRecord
 
 HONEST_KEYS = [key for key, _, _ in HONEST.values()]
 HONEST_ADDRESSES = [address for _, address, _ in HONEST.values()]

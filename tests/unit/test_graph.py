@@ -7,14 +7,14 @@ import subprocess
 
 import pytest
 
-from warren_mesh.graph import draw, render_dot
-from warren_mesh.keys import NodeKey
-from warren_mesh.mesh.peers import MeshView
+from warren_mesh.admin.graph import draw, render_dot
+from warren_mesh.identity.keys import NodeKey
+from warren_mesh.mesh.view import MeshView
 from warren_mesh.metrics.reading import AgentReading, PeerReading, parse_agent_metrics
-from warren_mesh.model import ExternalPeer, NodeRecord, encode_json
-from warren_mesh.schema import KeySchema
-from warren_mesh.validation import Endpoint
-from warren_mesh.watch import KeyValue, Snapshot
+from warren_mesh.trust.endpoint import Endpoint
+from warren_mesh.trust.records import ExternalPeer, NodeRecord, encode_json
+from warren_mesh.values.keyspace import KeySchema
+from warren_mesh.values.watch import KeyValue, Snapshot
 
 SCHEMA = KeySchema("/g")
 KEYS = {name: NodeKey.generate().public_key for name in ("a", "b", "c", "laptop")}

@@ -12,12 +12,13 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from hostile import ATTACKER_KEY, HONEST, LOCAL, LOCAL_KEY, SCHEMA, Mesh, node_doc, peer_doc
-from warren_mesh.keys import NodeKey
-from warren_mesh.mesh.peers import MeshView
+from warren_mesh.identity.keys import NodeKey
 from warren_mesh.mesh.topology import TopologyBuilder
-from warren_mesh.model import MeshConfig, encode_json
-from warren_mesh.validation import LOW_ORDER_POINTS, MAX_VALUE_BYTES, decode_json
-from warren_mesh.watch import KeyValue, Snapshot
+from warren_mesh.mesh.view import MeshView
+from warren_mesh.trust.decode import MAX_VALUE_BYTES, decode_json
+from warren_mesh.trust.fields import LOW_ORDER_POINTS
+from warren_mesh.trust.records import MeshConfig, encode_json
+from warren_mesh.values.watch import KeyValue, Snapshot
 
 
 def test_honest_mesh_is_whole() -> None:
@@ -95,7 +96,7 @@ def test_a_record_that_breaks_our_own_code_is_rejected_as_unexpected(monkeypatch
     def broken(*_: object, **__: object) -> object:
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr("warren_mesh.mesh.peers.ExternalPeer.from_json", broken)
+    monkeypatch.setattr("warren_mesh.mesh.view.ExternalPeer.from_json", broken)
     mesh.put(SCHEMA.peer("x"), peer_doc("x"))
     assert [r.reason for r in mesh.rejections] == ["unexpected_error"]
     mesh.assert_honest_intact()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from warren_mesh.keys import KeyFileError, NodeKey, load_or_create, public_key_of
+from warren_mesh.identity.keys import KeyFileError, NodeKey, load_or_create, public_key_of
 
 
 def test_key_is_created_private_and_reused(tmp_path: Path) -> None:

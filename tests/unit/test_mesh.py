@@ -5,17 +5,17 @@ from __future__ import annotations
 import ipaddress
 import json
 
-from warren_mesh.device import DeviceState, InterfaceSpec, PeerSpec
-from warren_mesh.keys import NodeKey
+from warren_mesh.identity.keys import NodeKey
 from warren_mesh.mesh.changes import Rejection
 from warren_mesh.mesh.claims import LocalNode
-from warren_mesh.mesh.peers import MeshView
 from warren_mesh.mesh.plan import desired_routes, plan_changes, plan_delta
 from warren_mesh.mesh.topology import Topology, build_topology
-from warren_mesh.model import MeshConfig, NodeRecord, encode_json
-from warren_mesh.schema import KeySchema
-from warren_mesh.validation import Endpoint
-from warren_mesh.watch import Event, Events, KeyValue, Snapshot
+from warren_mesh.mesh.view import MeshView
+from warren_mesh.trust.endpoint import Endpoint
+from warren_mesh.trust.records import MeshConfig, NodeRecord, encode_json
+from warren_mesh.values.device import DeviceState, InterfaceSpec, PeerSpec
+from warren_mesh.values.keyspace import KeySchema
+from warren_mesh.values.watch import Event, Events, KeyValue, Snapshot
 
 SCHEMA = KeySchema("/t")
 KEYS = {name: NodeKey.generate().public_key for name in ("local", "a", "b", "c", "d")}

@@ -8,11 +8,13 @@ import json
 
 import pytest
 
-from warren_mesh.keys import NodeKey
-from warren_mesh.model import ExternalPeer, MeshConfig, NodeRecord, encode_json
-from warren_mesh.netaddr import parse_ip
-from warren_mesh.routes import Routes
-from warren_mesh.validation import Endpoint, RecordError, decode_json
+from warren_mesh.identity.keys import NodeKey
+from warren_mesh.trust.decode import decode_json
+from warren_mesh.trust.endpoint import Endpoint
+from warren_mesh.trust.reasons import RecordError
+from warren_mesh.trust.records import ExternalPeer, MeshConfig, NodeRecord, encode_json
+from warren_mesh.values.netaddr import parse_ip
+from warren_mesh.values.routes import Routes
 
 KEY = base64.b64encode(bytes(range(32))).decode()
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
-from warren_mesh.device import DeviceState, PeerSpec, PeerStats
 from warren_mesh.metrics.peer_collector import PeerCollector, TrafficWindow
+from warren_mesh.values.device import DeviceState, PeerSpec, PeerStats
 
 A, B = "A" * 43 + "=", "B" * 43 + "="
 

@@ -11,7 +11,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from warren_mesh import pki
+from warren_mesh.identity import pki
 
 
 def _cert(path: Path) -> x509.Certificate:

@@ -13,19 +13,19 @@ from prometheus_client import CollectorRegistry
 from helpers import run
 from warren_mesh.agent.identity import Identity
 from warren_mesh.agent.registrar import Registrar
-from warren_mesh.keys import NodeKey
+from warren_mesh.identity.keys import NodeKey
 from warren_mesh.mesh.allocation import AddressSpaceExhausted, RegistrationConflict
 from warren_mesh.mesh.claims import LocalNode
-from warren_mesh.mesh.peers import MeshView
 from warren_mesh.mesh.topology import build_topology
+from warren_mesh.mesh.view import MeshView
 from warren_mesh.metrics.instruments import AgentMetrics
-from warren_mesh.model import MeshConfig, NodeRecord, encode_json
-from warren_mesh.schema import KeySchema
 from warren_mesh.settings import RegistrationSettings
 from warren_mesh.store.base import Store, StoreUnavailable
 from warren_mesh.store.memory import MemoryStore
-from warren_mesh.validation import decode_json
-from warren_mesh.watch import Events, Snapshot
+from warren_mesh.trust.decode import decode_json
+from warren_mesh.trust.records import MeshConfig, NodeRecord, encode_json
+from warren_mesh.values.keyspace import KeySchema
+from warren_mesh.values.watch import Events, Snapshot
 
 SCHEMA = KeySchema("/m")
 

@@ -7,16 +7,16 @@ import random
 
 import pytest
 
-from warren_mesh.device import DeviceState, PeerSpec
-from warren_mesh.keys import NodeKey
+from warren_mesh.identity.keys import NodeKey
 from warren_mesh.mesh.claims import LocalNode
-from warren_mesh.mesh.peers import MeshView
 from warren_mesh.mesh.plan import Plan, desired_routes, plan_changes, plan_delta
 from warren_mesh.mesh.topology import Topology, TopologyBuilder, build_topology
-from warren_mesh.model import ExternalPeer, MeshConfig, NodeRecord, auto_mtu, encode_json
-from warren_mesh.schema import KeySchema
-from warren_mesh.validation import Endpoint
-from warren_mesh.watch import Event, Events, KeyValue, Snapshot
+from warren_mesh.mesh.view import MeshView
+from warren_mesh.trust.endpoint import Endpoint
+from warren_mesh.trust.records import ExternalPeer, MeshConfig, NodeRecord, auto_mtu, encode_json
+from warren_mesh.values.device import DeviceState, PeerSpec
+from warren_mesh.values.keyspace import KeySchema
+from warren_mesh.values.watch import Event, Events, KeyValue, Snapshot
 
 SCHEMA = KeySchema("/t")
 KEYS = [NodeKey.generate().public_key for _ in range(10)]

@@ -12,7 +12,7 @@ os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
 from etcd3.etcdrpc import kv_pb2, rpc_pb2
 
 from warren_mesh.store.wire import WireError, decode_range_response, decode_watch_response
-from warren_mesh.watch import Event, KeyValue
+from warren_mesh.values.watch import Event, KeyValue
 
 
 def _random_kv(rng: random.Random) -> kv_pb2.KeyValue:

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from warren_mesh.mesh.peers import MeshView
-from warren_mesh.schema import KeySchema
+from warren_mesh.mesh.view import MeshView
 from warren_mesh.store.base import Store
-from warren_mesh.watch import KeyValue, Snapshot
+from warren_mesh.values.keyspace import KeySchema
+from warren_mesh.values.watch import KeyValue, Snapshot
 
 
 @dataclass(slots=True)

@@ -11,15 +11,16 @@ import ipaddress
 import logging
 from collections.abc import Sequence
 
-from warren_mesh.admission import usable_host_range
-from warren_mesh.keys import NodeKey
-from warren_mesh.mesh.peers import MeshView
-from warren_mesh.model import ExternalPeer, encode_json
-from warren_mesh.netaddr import IPAddress, IPNetwork
-from warren_mesh.schema import KeySchema
-from warren_mesh.status import read_view
+from warren_mesh.admin.status import read_view
+from warren_mesh.identity.keys import NodeKey
+from warren_mesh.mesh.view import MeshView
 from warren_mesh.store.base import Store
-from warren_mesh.validation import RecordError, validate_name
+from warren_mesh.trust.fields import validate_name
+from warren_mesh.trust.networks import usable_host_range
+from warren_mesh.trust.reasons import RecordError
+from warren_mesh.trust.records import ExternalPeer, encode_json
+from warren_mesh.values.keyspace import KeySchema
+from warren_mesh.values.netaddr import IPAddress, IPNetwork
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from warren_mesh import keys
 from warren_mesh.agent import loops
 from warren_mesh.agent.device_thread import DeviceThread
 from warren_mesh.agent.device_writer import DeviceWriter
@@ -31,18 +30,20 @@ from warren_mesh.agent.registrar import Registrar
 from warren_mesh.agent.report import Reporter
 from warren_mesh.host.node import Host
 from warren_mesh.host.pod_network import PodNetwork
-from warren_mesh.keys import NodeKey, load_or_create
+from warren_mesh.identity import keys
+from warren_mesh.identity.keys import NodeKey, load_or_create
 from warren_mesh.mesh.claims import LocalNode
 from warren_mesh.mesh.decision import Decider
-from warren_mesh.mesh.peers import MeshView
+from warren_mesh.mesh.view import MeshView
 from warren_mesh.metrics.http import MetricsServer
 from warren_mesh.metrics.instruments import AgentMetrics
 from warren_mesh.metrics.peer_collector import PeerCollector, TrafficWindow
-from warren_mesh.model import MeshConfig, auto_mtu
-from warren_mesh.netaddr import IPAddress, IPNetwork, parse_endpoints
 from warren_mesh.settings import AgentSettings
 from warren_mesh.store.base import Backoff, Store, StoreUnavailable
-from warren_mesh.validation import RecordError, decode_json
+from warren_mesh.trust.decode import decode_json
+from warren_mesh.trust.reasons import RecordError
+from warren_mesh.trust.records import MeshConfig, auto_mtu
+from warren_mesh.values.netaddr import IPAddress, IPNetwork, parse_endpoints
 from warren_mesh.wireguard.backend import Backend
 from warren_mesh.wireguard.userspace import OFFLOAD_RELEASE, lacks_offloads
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from warren_mesh.keys import NodeKey
+from warren_mesh.identity.keys import NodeKey
 
 
 class Identity:

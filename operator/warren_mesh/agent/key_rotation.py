@@ -26,13 +26,14 @@ import logging
 import time
 from pathlib import Path
 
-from warren_mesh import keys
 from warren_mesh.agent.publication import RecordPublisher
 from warren_mesh.agent.reconciler import Reconciler
-from warren_mesh.keys import NodeKey
+from warren_mesh.identity import keys
+from warren_mesh.identity.keys import NodeKey
 from warren_mesh.metrics.instruments import AgentMetrics
 from warren_mesh.store.base import Backoff, StoreError
-from warren_mesh.validation import RecordError, decode_json
+from warren_mesh.trust.decode import decode_json
+from warren_mesh.trust.reasons import RecordError
 
 log = logging.getLogger(__name__)
 

@@ -12,21 +12,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from warren_mesh import pki
 from warren_mesh.agent.device_thread import DeviceThread
 from warren_mesh.agent.key_rotation import KeyRotation
 from warren_mesh.agent.publication import RecordPublisher
 from warren_mesh.agent.reconciler import Reconciler
-from warren_mesh.device import DeviceState
 from warren_mesh.host.node import Host
-from warren_mesh.keys import NodeKey
+from warren_mesh.identity import pki
+from warren_mesh.identity.keys import NodeKey
 from warren_mesh.mesh import endpoints
-from warren_mesh.mesh.peers import MeshView
+from warren_mesh.mesh.view import MeshView
 from warren_mesh.metrics.instruments import AgentMetrics
 from warren_mesh.metrics.peer_collector import TrafficWindow
-from warren_mesh.model import auto_mtu
-from warren_mesh.netaddr import IPAddress
 from warren_mesh.store.base import Store, StoreError
+from warren_mesh.trust.records import auto_mtu
+from warren_mesh.values.device import DeviceState
+from warren_mesh.values.netaddr import IPAddress
 from warren_mesh.wireguard.backend import Backend, BackendError
 
 log = logging.getLogger(__name__)

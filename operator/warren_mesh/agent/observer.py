@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from warren_mesh.mesh.changes import Changes
-from warren_mesh.mesh.peers import MeshView
-from warren_mesh.model import MeshConfig
+from warren_mesh.mesh.view import MeshView
 from warren_mesh.store.base import Store
-from warren_mesh.watch import Events, Snapshot, WatchResult
+from warren_mesh.trust.records import MeshConfig
+from warren_mesh.values.watch import Events, Snapshot, WatchResult
 
 
 @dataclass(frozen=True, slots=True)

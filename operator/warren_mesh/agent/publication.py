@@ -15,12 +15,14 @@ from dataclasses import dataclass, replace
 
 from warren_mesh.agent.identity import Identity
 from warren_mesh.mesh.allocation import RegistrationConflict
-from warren_mesh.model import MeshConfig, NodeRecord, encode_json
-from warren_mesh.netaddr import IPAddress, IPNetwork
-from warren_mesh.schema import KeySchema
 from warren_mesh.settings import RegistrationSettings
 from warren_mesh.store.base import Store, StoreError
-from warren_mesh.validation import Endpoint, RecordError, decode_json
+from warren_mesh.trust.decode import decode_json
+from warren_mesh.trust.endpoint import Endpoint
+from warren_mesh.trust.reasons import RecordError
+from warren_mesh.trust.records import MeshConfig, NodeRecord, encode_json
+from warren_mesh.values.keyspace import KeySchema
+from warren_mesh.values.netaddr import IPAddress, IPNetwork
 
 log = logging.getLogger(__name__)
 

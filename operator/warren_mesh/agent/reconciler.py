@@ -24,11 +24,11 @@ from warren_mesh.agent.device_thread import DeviceThread
 from warren_mesh.agent.device_writer import DeviceWriter
 from warren_mesh.agent.identity import Identity
 from warren_mesh.agent.report import PassReport
-from warren_mesh.keys import NodeKey
+from warren_mesh.identity.keys import NodeKey
 from warren_mesh.mesh.changes import Changes
 from warren_mesh.mesh.decision import Decider
-from warren_mesh.mesh.peers import MeshView
-from warren_mesh.model import MeshConfig
+from warren_mesh.mesh.view import MeshView
+from warren_mesh.trust.records import MeshConfig
 from warren_mesh.wireguard.backend import Backend, BackendError
 
 log = logging.getLogger(__name__)

@@ -22,14 +22,14 @@ from warren_mesh.agent.observer import Observed
 from warren_mesh.agent.publication import RecordPublisher, Registration
 from warren_mesh.mesh import allocation
 from warren_mesh.mesh.allocation import AddressSpaceExhausted, Holdings, RegistrationConflict
-from warren_mesh.mesh.peers import MeshView
+from warren_mesh.mesh.view import MeshView
 from warren_mesh.metrics.instruments import AgentMetrics
-from warren_mesh.model import MeshConfig, NodeRecord, encode_json
-from warren_mesh.netaddr import IPAddress, IPNetwork
-from warren_mesh.schema import ClaimKind, KeySchema
 from warren_mesh.settings import RegistrationSettings
 from warren_mesh.store.base import Backoff, LeaseNotFound, Store, StoreError, StoreUnavailable
-from warren_mesh.watch import Snapshot
+from warren_mesh.trust.records import MeshConfig, NodeRecord, encode_json
+from warren_mesh.values.keyspace import ClaimKind, KeySchema
+from warren_mesh.values.netaddr import IPAddress, IPNetwork
+from warren_mesh.values.watch import Snapshot
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,6 @@ from typing import Any
 
 import kopf
 
-from warren_mesh.controller.kube import GROUP, VERSION, Kube
 from warren_mesh.controller.mesh_sync import MeshSync, delete_keys
 from warren_mesh.controller.translate import (
     DEFAULT_MESH,
@@ -27,10 +26,11 @@ from warren_mesh.controller.translate import (
     prefix_owner,
     ready_condition,
 )
-from warren_mesh.etcd_tls import EtcdTls
-from warren_mesh.schema import DEFAULT_PREFIX, KeySchema
+from warren_mesh.identity.etcd_tls import EtcdTls
+from warren_mesh.kube.client import GROUP, VERSION, Kube
 from warren_mesh.store.base import Store, StoreError
 from warren_mesh.store.etcd import EtcdStore  # the operator's start-up is the one place that picks a store
+from warren_mesh.values.keyspace import DEFAULT_PREFIX, KeySchema
 
 log = logging.getLogger(__name__)
 RETRY_DELAY = 3.0  # seconds before kopf retries a handler that could not reach etcd

@@ -16,7 +16,6 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from warren_mesh.controller.kube import Kube, KubeError
 from warren_mesh.controller.translate import (
     KUBERNETES_NODE_LABEL,
     MESH_LABEL,
@@ -32,10 +31,11 @@ from warren_mesh.controller.translate import (
     prefix_owner,
     ready_condition,
 )
-from warren_mesh.mesh.peers import MeshView, renumbering_refusal
-from warren_mesh.model import encode_json
-from warren_mesh.schema import KeySchema
+from warren_mesh.kube.client import Kube, KubeError
+from warren_mesh.mesh.view import MeshView, renumbering_refusal
 from warren_mesh.store.base import Store, StoreError
+from warren_mesh.trust.records import encode_json
+from warren_mesh.values.keyspace import KeySchema
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Kubernetes objects <-> mesh records, as pure functions: what the operator writes and why it refuses.
 
 The CRD schemas already refuse what a structural schema can express; these functions apply the agents' own rules
-(model.py) to the rest, so a spec the operator accepts is one every agent accepts, and a refused one is reported
+(trust/records.py) to the rest, so a spec the operator accepts is one every agent accepts, and a refused one is reported
 on the object and never written to etcd.
 """
 
@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from warren_mesh.mesh.peers import Entry
-from warren_mesh.model import ExternalPeer, MeshConfig, NodeRecord
-from warren_mesh.schema import DEFAULT_PREFIX, KeySchema
-from warren_mesh.validation import SCHEMA_VERSION, RecordError
+from warren_mesh.mesh.view import Entry
+from warren_mesh.trust.reasons import RecordError
+from warren_mesh.trust.records import ExternalPeer, MeshConfig, NodeRecord
+from warren_mesh.values.keyspace import DEFAULT_PREFIX, SCHEMA_VERSION, KeySchema
 
 DEFAULT_MESH = "default"
 MESH_LABEL = "mesh.warren.io/mesh"

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from warren_mesh import pki
 from warren_mesh.enroller import PATH
+from warren_mesh.identity import pki
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from warren_mesh.validation import RecordError, printable, validate_name
+from warren_mesh.trust.fields import validate_name
+from warren_mesh.trust.reasons import RecordError
+from warren_mesh.trust.text import printable
 
 POD_NAME = "authentication.kubernetes.io/pod-name"
 POD_UID = "authentication.kubernetes.io/pod-uid"

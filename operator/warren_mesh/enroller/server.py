@@ -16,15 +16,15 @@ from pathlib import Path
 
 from aiohttp import web
 
-from warren_mesh import pki
-from warren_mesh.admin import roles
-from warren_mesh.controller.kube import Kube, KubeError
 from warren_mesh.enroller import MAX_REQUEST_BYTES, PATH
 from warren_mesh.enroller.identity import AgentIdentity, KubeReader, Refused, node_of
-from warren_mesh.schema import KeySchema
+from warren_mesh.identity import pki
+from warren_mesh.kube.client import Kube, KubeError
+from warren_mesh.store import roles
 from warren_mesh.store.base import StoreError
 from warren_mesh.store.etcd import EtcdStore
 from warren_mesh.store.etcd_auth import EtcdAuth
+from warren_mesh.values.keyspace import KeySchema
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Final
 
-from warren_mesh.netaddr import IPNetwork
+from warren_mesh.values.netaddr import IPNetwork
 
 CONFLIST_NAME: Final = "10-warren-mesh.conflist"
 NETWORK_NAME: Final = "warren-mesh"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from warren_mesh.netaddr import IPNetwork
+from warren_mesh.values.netaddr import IPNetwork
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 
 from warren_mesh.host import cni, forwarding
-from warren_mesh.model import MeshConfig
-from warren_mesh.netaddr import IPNetwork
 from warren_mesh.settings import PodSettings
+from warren_mesh.trust.records import MeshConfig
+from warren_mesh.values.netaddr import IPNetwork
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ from collections.abc import Iterable
 
 from warren_mesh.host import underlay
 from warren_mesh.host.pod_network import PodNetwork
-from warren_mesh.netaddr import IPAddress, IPNetwork
 from warren_mesh.settings import PodSettings
+from warren_mesh.values.netaddr import IPAddress, IPNetwork
 
 
 class SimulatedHost:

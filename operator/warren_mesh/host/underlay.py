@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 from pyroute2 import IPRoute
 
-from warren_mesh.netaddr import IPAddress, IPNetwork, parse_ip
+from warren_mesh.values.netaddr import IPAddress, IPNetwork, parse_ip
 
 DEFAULT_MTU = 1500
 

@@ -7,7 +7,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from warren_mesh import pki
+from warren_mesh.identity import pki
 
 
 @dataclass(frozen=True, slots=True)

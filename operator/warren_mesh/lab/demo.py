@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from warren_mesh.admin.status import read_status, render_table
 from warren_mesh.agent.app import Agent
-from warren_mesh.lab.etcd_server import EtcdServer
-from warren_mesh.lab.simulated import simulated_parts
-from warren_mesh.schema import DEFAULT_PREFIX, KeySchema
 from warren_mesh.settings import AgentSettings
-from warren_mesh.status import read_status, render_table
+from warren_mesh.testkit.etcd_server import EtcdServer
+from warren_mesh.testkit.simulated import simulated_parts
+from warren_mesh.values.keyspace import DEFAULT_PREFIX, KeySchema
 from warren_mesh.wireguard.memory import MemoryBackend
 
 

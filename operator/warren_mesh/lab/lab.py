@@ -29,13 +29,13 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 
-from warren_mesh import pki
 from warren_mesh.host import cni
+from warren_mesh.identity import pki
 from warren_mesh.lab import cni_runtime, netns
 from warren_mesh.lab.access import LabAccess
-from warren_mesh.lab.etcd_server import EtcdServer
 from warren_mesh.lab.report import LabNode, LabPod, lagging_report, log_tail
 from warren_mesh.process import alive, connect_in_netns, in_netns, wait_exit
+from warren_mesh.testkit.etcd_server import EtcdServer
 from warren_mesh.wireguard import link, uapi
 
 SUBNET = ipaddress.ip_network("192.168.240.0/24")

@@ -12,11 +12,11 @@ import ipaddress
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from warren_mesh.admission import usable_host_range
-from warren_mesh.mesh.peers import MeshView
-from warren_mesh.model import MeshConfig
-from warren_mesh.netaddr import IPAddress, IPNetwork, parse_ip
-from warren_mesh.schema import ClaimKind, KeySchema
+from warren_mesh.mesh.view import MeshView
+from warren_mesh.trust.networks import usable_host_range
+from warren_mesh.trust.records import MeshConfig
+from warren_mesh.values.keyspace import ClaimKind, KeySchema
+from warren_mesh.values.netaddr import IPAddress, IPNetwork, parse_ip
 
 
 class RegistrationConflict(RuntimeError):

@@ -17,16 +17,16 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
-from warren_mesh.admission import usable_host_range
-from warren_mesh.mesh.peers import MeshView, Reservation
-from warren_mesh.model import ExternalPeer, MeshConfig, NodeRecord
-from warren_mesh.netaddr import IPAddress, IPNetwork
-from warren_mesh.validation import (
+from warren_mesh.mesh.view import MeshView, Reservation
+from warren_mesh.trust.networks import usable_host_range
+from warren_mesh.trust.reasons import (
     REASON_ADDRESS_OUTSIDE_CIDR,
     REASON_ADDRESS_TAKEN,
     REASON_NETWORK_NOT_OWNED,
     REASON_UNSAFE_ROUTE,
 )
+from warren_mesh.trust.records import ExternalPeer, MeshConfig, NodeRecord
+from warren_mesh.values.netaddr import IPAddress, IPNetwork
 
 
 @dataclass(frozen=True, slots=True)

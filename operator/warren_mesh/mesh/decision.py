@@ -13,12 +13,12 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from warren_mesh.device import DeviceState, InterfaceSpec, PeerSpec
 from warren_mesh.mesh.changes import ChangeLog, Changes
 from warren_mesh.mesh.claims import Conflict, LocalNode
-from warren_mesh.mesh.peers import MeshView
 from warren_mesh.mesh.plan import Plan, plan_changes, plan_delta
 from warren_mesh.mesh.topology import Topology, TopologyBuilder
+from warren_mesh.mesh.view import MeshView
+from warren_mesh.values.device import DeviceState, InterfaceSpec, PeerSpec
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,10 +15,11 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping
 
-from warren_mesh.device import DeviceState
-from warren_mesh.mesh.peers import MeshView
-from warren_mesh.model import MAX_OBSERVED_ENDPOINTS
-from warren_mesh.validation import Endpoint, RecordError
+from warren_mesh.mesh.view import MeshView
+from warren_mesh.trust.endpoint import Endpoint
+from warren_mesh.trust.reasons import RecordError
+from warren_mesh.trust.records import MAX_OBSERVED_ENDPOINTS
+from warren_mesh.values.device import DeviceState
 
 # A session older than this carries nothing (WireGuard's REJECT_AFTER_TIME): its endpoint is history.
 SESSION_LIFETIME = 180.0

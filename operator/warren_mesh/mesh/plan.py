@@ -29,8 +29,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from warren_mesh.device import DeviceState, InterfaceSpec, PeerSpec
 from warren_mesh.mesh.topology import Topology
+from warren_mesh.values.device import DeviceState, InterfaceSpec, PeerSpec
 
 PeerAction = Literal["add", "update", "remove"]
 # What one device operation does; also how the agent counts what it applied (warren_mesh_applied_changes_total).

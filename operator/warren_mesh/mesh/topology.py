@@ -4,7 +4,7 @@ Conflicts are settled the same way on every node, so the mesh stays symmetric: r
 their etcd create revision and a record that collides with one taken before it (same public key, allowed IPs
 overlapping another peer's) is left out, as is a record that claims what the mesh never gave it (mesh/claims.py).
 Overlaps matter because WireGuard routes by allowed IPs: a record that claims another node's address would
-otherwise silently take its traffic. The agent keeps a ``TopologyBuilder``; ``build_topology`` folds from scratch
+otherwise silently take its traffic. The decider (decision.py) keeps a ``TopologyBuilder``; ``build_topology`` folds from scratch
 (the tests compare the two).
 
 An agent sees one change at a time in a mesh of hundreds, so ``TopologyBuilder`` keeps the fold and updates it
@@ -22,13 +22,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from warren_mesh.device import InterfaceSpec, PeerSpec
 from warren_mesh.mesh.changes import Changes
 from warren_mesh.mesh.claims import ClaimRules, Conflict, LocalNode, NetworkClaims
-from warren_mesh.mesh.peers import Entry, MeshView
-from warren_mesh.model import ExternalPeer, MeshConfig, NodeRecord
-from warren_mesh.routes import Routes
-from warren_mesh.validation import (
+from warren_mesh.mesh.view import Entry, MeshView
+from warren_mesh.trust.reasons import (
     REASON_ADDRESS_OUTSIDE_CIDR,
     REASON_ADDRESS_TAKEN,
     REASON_DUPLICATE_PUBLIC_KEY,
@@ -36,6 +33,9 @@ from warren_mesh.validation import (
     REASON_OVERLAPPING_ALLOWED_IPS,
     REASON_UNSAFE_ROUTE,
 )
+from warren_mesh.trust.records import ExternalPeer, MeshConfig, NodeRecord
+from warren_mesh.values.device import InterfaceSpec, PeerSpec
+from warren_mesh.values.routes import Routes
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from warren_mesh.netaddr import parse_listen_address
+from warren_mesh.values.netaddr import parse_listen_address
 
 
 class MetricsServer:

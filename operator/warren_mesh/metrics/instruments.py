@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-from warren_mesh.validation import CONFLICT_REASONS, REJECTION_REASONS
+from warren_mesh.trust.reasons import CONFLICT_REASONS, REJECTION_REASONS
 
 APPLY_KINDS = ("add", "update", "remove", "interface", "private_key", "add_route", "remove_route")
 # Why the watch was resumed on a new stream (store/etcd.py: EtcdStore.observe).

@@ -19,7 +19,7 @@ from typing import NamedTuple
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from warren_mesh.device import DeviceState, PeerStats
+from warren_mesh.values.device import DeviceState, PeerStats
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from warren_mesh.watch import KeyValue, Snapshot, WatchResult
+from warren_mesh.values.watch import KeyValue, Snapshot, WatchResult
 
 
 class Store(Protocol):

@@ -21,12 +21,12 @@ runtime.prepare()  # before gRPC and protobuf are first imported (below)
 import grpc  # noqa: E402
 from etcd3.etcdrpc import rpc_pb2, rpc_pb2_grpc  # noqa: E402
 
-from warren_mesh import pki  # noqa: E402
-from warren_mesh.etcd_tls import EtcdTls  # noqa: E402
-from warren_mesh.netaddr import EtcdEndpoint, parse_endpoints  # noqa: E402
+from warren_mesh.identity import pki  # noqa: E402
+from warren_mesh.identity.etcd_tls import EtcdTls  # noqa: E402
 from warren_mesh.store.base import LeaseNotFound, StoreError, StoreUnavailable  # noqa: E402
 from warren_mesh.store.wire import decode_range_response, decode_watch_response  # noqa: E402
-from warren_mesh.watch import KeyValue  # noqa: E402
+from warren_mesh.values.netaddr import EtcdEndpoint, parse_endpoints  # noqa: E402
+from warren_mesh.values.watch import KeyValue  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -17,12 +17,12 @@ from typing import Any
 
 from etcd3.etcdrpc import rpc_pb2
 
-from warren_mesh.etcd_tls import EtcdTls
+from warren_mesh.identity.etcd_tls import EtcdTls
 from warren_mesh.store import leases, watcher
 from warren_mesh.store.base import LeaseNotFound, StoreError
 from warren_mesh.store.connection import EtcdConnection, kv_of, prefix_range_end, wire_key
 from warren_mesh.store.wire import RangeAnswer
-from warren_mesh.watch import KeyValue, Snapshot, WatchResult
+from warren_mesh.values.watch import KeyValue, Snapshot, WatchResult
 
 
 class EtcdStore:

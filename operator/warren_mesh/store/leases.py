@@ -11,13 +11,7 @@ import grpc
 from etcd3.etcdrpc import rpc_pb2
 
 from warren_mesh.store.base import StoreUnavailable, lease_refresh_interval
-from warren_mesh.store.connection import (
-    STREAM_FAILURES,
-    EtcdConnection,
-    cut_off_by_grpc,
-    failure_reason,
-    retrieve,
-)
+from warren_mesh.store.connection import STREAM_FAILURES, EtcdConnection, cut_off_by_grpc, failure_reason, retrieve
 
 
 async def hold_lease(

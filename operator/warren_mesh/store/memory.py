@@ -17,7 +17,7 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from warren_mesh.store.base import LeaseNotFound, StoreUnavailable
-from warren_mesh.watch import Event, Events, KeyValue, Snapshot, WatchResult
+from warren_mesh.values.watch import Event, Events, KeyValue, Snapshot, WatchResult
 
 
 @dataclass

@@ -26,7 +26,7 @@ from warren_mesh.store.connection import (
     wire_key,
 )
 from warren_mesh.store.wire import WatchAnswer
-from warren_mesh.watch import Events, Snapshot, WatchResult
+from warren_mesh.values.watch import Events, Snapshot, WatchResult
 
 log = logging.getLogger(__name__)
 

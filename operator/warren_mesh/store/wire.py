@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from warren_mesh.watch import Event, KeyValue
+from warren_mesh.values.watch import Event, KeyValue
 
 _VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
 _INT64_WRAP = 1 << 64

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from warren_mesh.device import DeviceState, InterfaceSpec, PeerSpec
-from warren_mesh.keys import NodeKey
+from warren_mesh.identity.keys import NodeKey
+from warren_mesh.values.device import DeviceState, InterfaceSpec, PeerSpec
 
 
 class BackendError(RuntimeError):

@@ -16,9 +16,9 @@ from typing import Any
 from pyroute2 import IPRoute, WireGuard
 from pyroute2.netlink.exceptions import NetlinkError
 
-from warren_mesh.device import DeviceState, InterfaceSpec, PeerSpec, PeerStats
-from warren_mesh.keys import NodeKey
-from warren_mesh.validation import Endpoint
+from warren_mesh.identity.keys import NodeKey
+from warren_mesh.trust.endpoint import Endpoint
+from warren_mesh.values.device import DeviceState, InterfaceSpec, PeerSpec, PeerStats
 from warren_mesh.wireguard import link
 from warren_mesh.wireguard.backend import BackendError
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from warren_mesh.admission import network_problem
+from warren_mesh.trust.networks import network_problem
 from warren_mesh.wireguard.backend import BackendError
 
 # Routing protocol id marking routes warren-mesh installed (any value above 4 not used by a routing daemon).

@@ -11,8 +11,8 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from warren_mesh.device import DeviceState, InterfaceSpec, PeerSpec
-from warren_mesh.keys import NodeKey
+from warren_mesh.identity.keys import NodeKey
+from warren_mesh.values.device import DeviceState, InterfaceSpec, PeerSpec
 
 
 @dataclass(frozen=True, slots=True)

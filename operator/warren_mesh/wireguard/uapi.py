@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from warren_mesh.device import PeerSpec, PeerStats
+from warren_mesh.values.device import PeerSpec, PeerStats
 
 SOCKET_DIR = Path("/var/run/wireguard")
 

@@ -27,9 +27,9 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 
-from warren_mesh.device import DeviceState, InterfaceSpec, PeerSpec
-from warren_mesh.keys import NodeKey, public_key_of
+from warren_mesh.identity.keys import NodeKey, public_key_of
 from warren_mesh.process import in_netns
+from warren_mesh.values.device import DeviceState, InterfaceSpec, PeerSpec
 from warren_mesh.wireguard import link, uapi
 from warren_mesh.wireguard.backend import BackendError
 

@@ -15,13 +15,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from warren_mesh.device import PeerSpec
-from warren_mesh.keys import NodeKey
+from warren_mesh.identity.keys import NodeKey
 from warren_mesh.mesh.claims import LocalNode
-from warren_mesh.mesh.peers import MeshView
 from warren_mesh.mesh.topology import Topology, build_topology
-from warren_mesh.model import ExternalPeer
-from warren_mesh.netaddr import IPAddress
+from warren_mesh.mesh.view import MeshView
+from warren_mesh.trust.records import ExternalPeer
+from warren_mesh.values.device import PeerSpec
+from warren_mesh.values.netaddr import IPAddress
 
 # Where a node's MTU depends on its underlay (mtu: auto), the file says nothing and wg-quick picks its own.
 _UNKNOWN_MTU = 0

@@ -13,8 +13,8 @@ from prometheus_client import CollectorRegistry
 
 from warren_mesh.agent.app import Agent, AgentParts
 from warren_mesh.agent.parts import agent_store
-from warren_mesh.etcd_tls import EtcdTls
 from warren_mesh.host.simulated import SimulatedHost
+from warren_mesh.identity.etcd_tls import EtcdTls
 from warren_mesh.metrics.instruments import AgentMetrics
 from warren_mesh.settings import AgentSettings
 from warren_mesh.wireguard.backend import Backend

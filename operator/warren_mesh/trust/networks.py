@@ -16,7 +16,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Final
 
-from warren_mesh.netaddr import IPAddress, IPNetwork
+from warren_mesh.values.netaddr import IPAddress, IPNetwork
 
 # Ranges that no WireGuard peer may be routed: this host's own (loopback, "this network"), the link (link-local,
 # cloud metadata at 169.254.169.254), multicast and broadcast, reserved and IPv4-mapped space.

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import Final, Literal, NamedTuple
 
 DEFAULT_PREFIX: Final = "/warren/mesh"
+# The version of the documents under this layout (every record says it; a reader refuses another).
+SCHEMA_VERSION: Final = 1
 
 KeyKind = Literal["config", "node", "claim", "ipam", "peer"]
 # What a node claims under its own claims/ directory: its overlay address, its pod subnet.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from warren_mesh.netaddr import IPAddress, IPNetwork
+from warren_mesh.values.netaddr import IPAddress, IPNetwork
 
 
 @dataclass(frozen=True, slots=True)

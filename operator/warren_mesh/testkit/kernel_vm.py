@@ -98,7 +98,7 @@ def _download(package: str, version: str | None) -> Path:
     why = (done.stderr.strip().splitlines() or ["no reason given"])[-1]
     raise VMError(
         f"Debian's kernel package {wanted} cannot be downloaded ({why}): if the mirror no longer has it, pin the one "
-        "`apt-cache depends linux-image-amd64` names in KERNEL_PACKAGE/KERNEL_VERSION (lab/kernel_vm.py)"
+        "`apt-cache depends linux-image-amd64` names in KERNEL_PACKAGE/KERNEL_VERSION (testkit/kernel_vm.py)"
     )
 
 

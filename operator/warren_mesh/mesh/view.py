@@ -21,24 +21,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from warren_mesh.admission import usable_host_range
 from warren_mesh.mesh.changes import Changes, Rejection
-from warren_mesh.model import ExternalPeer, MeshConfig, NodeRecord
-from warren_mesh.netaddr import parse_ip
-from warren_mesh.schema import CLAIM_KINDS, KeySchema
-from warren_mesh.validation import (
-    MAX_KEY_BYTES,
+from warren_mesh.trust.decode import MAX_KEY_BYTES, decode_json
+from warren_mesh.trust.fields import validate_name
+from warren_mesh.trust.networks import usable_host_range
+from warren_mesh.trust.reasons import (
     REASON_INVALID_CONFIG,
     REASON_INVALID_FIELD,
     REASON_INVALID_KEY,
     REASON_UNEXPECTED,
     RecordError,
-    decode_json,
-    one_line,
-    printable,
-    validate_name,
 )
-from warren_mesh.watch import Events, KeyValue, Snapshot, WatchResult
+from warren_mesh.trust.records import ExternalPeer, MeshConfig, NodeRecord
+from warren_mesh.trust.text import one_line, printable
+from warren_mesh.values.keyspace import CLAIM_KINDS, KeySchema
+from warren_mesh.values.netaddr import parse_ip
+from warren_mesh.values.watch import Events, KeyValue, Snapshot, WatchResult
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@
   node gone for good is a deletion of its claim.
 - The admin (etcd's ``root``, the admin certificate) does everything else: users, roles, migrations.
 
-Users are the common names of the certificates ``warren_mesh.pki`` issues. Setting up is idempotent: run it
+Users are the common names of the certificates ``warren_mesh.identity.pki`` issues. Setting up is idempotent: run it
 again to add nodes.
 """
 
@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from warren_mesh import pki
-from warren_mesh.schema import KeySchema
+from warren_mesh.identity import pki
 from warren_mesh.store.etcd_auth import EtcdAuth, Permission
+from warren_mesh.values.keyspace import KeySchema
 
 ROOT_ROLE = "root"
 

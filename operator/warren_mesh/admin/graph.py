@@ -14,9 +14,9 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from warren_mesh.mesh.peers import MeshView
+from warren_mesh.admin.status import format_rate
+from warren_mesh.mesh.view import MeshView
 from warren_mesh.metrics.reading import AgentReading, PeerReading
-from warren_mesh.status import format_rate
 
 DEFAULT_STALE_AFTER = 180.0
 NEWLINE = "\\n"  # a line break inside a DOT label

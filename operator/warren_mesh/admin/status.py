@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from warren_mesh.mesh.changes import Rejection
-from warren_mesh.mesh.peers import MeshView
+from warren_mesh.mesh.view import MeshView
 from warren_mesh.metrics.reading import read_agent_metrics
-from warren_mesh.schema import KeySchema
 from warren_mesh.store.base import Store
+from warren_mesh.values.keyspace import KeySchema
 
 
 @dataclass(frozen=True, slots=True)

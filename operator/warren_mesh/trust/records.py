@@ -4,8 +4,8 @@ Everything that crosses etcd is decoded here, once, into frozen values, and ever
 maps to one short ``reason`` (the label of ``warren_mesh_rejected_records_total``). Nothing here does I/O, so the
 agent, the operator, the CLI and the benchmarks share one definition of what a valid record is.
 
-Every byte read from etcd is hostile: ``validation`` holds the checks every field passes before it is used, and
-``admission`` what a record may claim.
+Every byte read from etcd is hostile: ``trust.decode`` and ``trust.fields`` hold the checks every field passes
+before it is used, and ``trust.networks`` what a record may claim.
 """
 
 from __future__ import annotations
@@ -16,28 +16,22 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from warren_mesh.admission import endpoint_problem
-from warren_mesh.netaddr import IPAddress, IPNetwork, parse_ip
-from warren_mesh.routes import Routes
-from warren_mesh.validation import (
-    REASON_INVALID_CIDR,
-    REASON_INVALID_FIELD,
-    REASON_NAME_MISMATCH,
-    SCHEMA_VERSION,
-    Endpoint,
-    RecordError,
-    check_schema,
-    int_in,
-    json_object,
-    optional_int,
+from warren_mesh.trust.decode import check_schema, int_in, json_object, optional_int
+from warren_mesh.trust.endpoint import Endpoint
+from warren_mesh.trust.fields import (
     parse_allowed_ips,
     parse_mtu,
     parse_overlay,
-    printable,
     validate_name,
     validate_port,
     validate_public_key,
 )
+from warren_mesh.trust.networks import endpoint_problem
+from warren_mesh.trust.reasons import REASON_INVALID_CIDR, REASON_INVALID_FIELD, REASON_NAME_MISMATCH, RecordError
+from warren_mesh.trust.text import printable
+from warren_mesh.values.keyspace import SCHEMA_VERSION
+from warren_mesh.values.netaddr import IPAddress, IPNetwork, parse_ip
+from warren_mesh.values.routes import Routes
 
 DEFAULT_OVERLAY_CIDR: Final = "10.96.0.0/16"
 DEFAULT_POD_CIDR: Final = "10.244.0.0/16"

@@ -28,13 +28,13 @@ from types import TracebackType
 
 from pyroute2 import netns
 
-from warren_mesh import pki
-from warren_mesh.admin import roles
-from warren_mesh.etcd_tls import EtcdTls
+from warren_mesh.identity import pki
+from warren_mesh.identity.etcd_tls import EtcdTls
 from warren_mesh.process import in_netns
-from warren_mesh.schema import DEFAULT_PREFIX, KeySchema
+from warren_mesh.store import roles
 from warren_mesh.store.etcd import EtcdStore
 from warren_mesh.store.etcd_auth import EtcdAuth
+from warren_mesh.values.keyspace import DEFAULT_PREFIX, KeySchema
 
 
 class EtcdServerError(RuntimeError):
@@ -109,7 +109,7 @@ class EtcdServer:
         self._outlive_parent = outlive_parent
         self._progress_interval = progress_interval
         self.name = name
-        # With a PKI directory (warren_mesh.pki): clients speak TLS and must show a certificate of its CA.
+        # With a PKI directory (warren_mesh.identity.pki): clients speak TLS and must show a certificate of its CA.
         self.pki = pki
         self.initial_cluster: str | None = None  # "name=peer-url,...": set by EtcdCluster; None: a cluster of one
         self._process: subprocess.Popen[bytes] | None = None
@@ -224,7 +224,7 @@ class EtcdServer:
         return flags
 
     def enable_auth(self, nodes: Iterable[str] = (), *, prefix: str = DEFAULT_PREFIX) -> None:
-        """Turn etcd's auth on with the mesh's roles (admin/roles.py): root, the operator, and ``nodes`` under
+        """Turn etcd's auth on with the mesh's roles (store/roles.py): root, the operator, and ``nodes`` under
         ``prefix``. Blocking; works with or without a running event loop."""
         self._as_admin(lambda auth: roles.set_up(auth, KeySchema(prefix), nodes))
 

@@ -1,0 +1,1 @@
+"""This node's identity: its WireGuard key, the mesh's certificates, the etcd client's TLS credentials."""

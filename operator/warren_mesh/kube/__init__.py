@@ -1,0 +1,1 @@
+"""One client of the Kubernetes API, for the operator and the enroller."""
