@@ -4,8 +4,8 @@ Conflicts are settled the same way on every node, so the mesh stays symmetric: r
 their etcd create revision and a record that collides with one taken before it (same public key, allowed IPs
 overlapping another peer's) is left out, as is a record that claims what the mesh never gave it (mesh/claims.py).
 Overlaps matter because WireGuard routes by allowed IPs: a record that claims another node's address would
-otherwise silently take its traffic. The decider (decision.py) keeps a ``TopologyBuilder``; ``build_topology`` folds from scratch
-(the tests compare the two).
+otherwise silently take its traffic. The decider (decision.py) keeps a ``TopologyBuilder``; ``build_topology``
+folds from scratch (the tests compare the two).
 
 An agent sees one change at a time in a mesh of hundreds, so ``TopologyBuilder`` keeps the fold and updates it
 for the records a change touched: a node joining comes last in create-revision order and is settled against
