@@ -23,7 +23,8 @@ from pyroute2 import IPRoute
 from underlay import captured, sniff
 from warren_mesh.identity.keys import NodeKey
 from warren_mesh.lab import netns
-from warren_mesh.lab.lab import ETCD_PORT, HUB_ADDRESS, METRICS_PORT, SUBNET, Lab
+from warren_mesh.lab.lab import Lab
+from warren_mesh.lab.layout import ETCD_PORT, HUB_ADDRESS, METRICS_PORT, SUBNET
 from warren_mesh.lab.probe import Probe
 from warren_mesh.lab.report import LabPod
 from warren_mesh.process import connect_in_netns, in_netns

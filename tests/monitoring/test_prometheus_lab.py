@@ -22,7 +22,8 @@ import pytest
 import yaml
 
 from prom_server import Prometheus, http_get
-from warren_mesh.lab.lab import METRICS_PORT, Lab
+from warren_mesh.lab.lab import Lab
+from warren_mesh.lab.layout import METRICS_PORT
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 

@@ -8,7 +8,8 @@ import os
 import time
 
 from warren_mesh.cli.admin import write_picture
-from warren_mesh.lab.lab import Lab, LabError, require_root
+from warren_mesh.lab.lab import Lab
+from warren_mesh.lab.layout import LabError, require_root
 from warren_mesh.lab.report import pods_json, render_lab_table, render_pods_table, status_json
 from warren_mesh.settings import (
     SettingsError,

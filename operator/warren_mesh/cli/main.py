@@ -19,7 +19,7 @@ from warren_mesh.identity import pki
 from warren_mesh.identity.keys import KeyFileError
 from warren_mesh.lab.cni_runtime import CniError
 from warren_mesh.lab.demo import run_demo
-from warren_mesh.lab.lab import LabError
+from warren_mesh.lab.layout import LabError
 from warren_mesh.mesh.allocation import AddressSpaceExhausted, RegistrationConflict
 from warren_mesh.settings import (
     AgentSettings,

@@ -1,0 +1,113 @@
+"""How a lab is laid out and remembered: the names and addresses every part derives from its prefix, and the
+state file that says which nodes it has.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+from pathlib import Path
+
+from warren_mesh.lab import netns
+from warren_mesh.lab.access import LabAccess
+
+SUBNET = ipaddress.ip_network("192.168.240.0/24")
+NAT_SUBNET = "10.231.{index}.0/24"  # behind node i's NAT: the NAT .1, the node .2
+HUB_ADDRESS = "192.168.240.1"
+ETCD_PORT = 2379
+METRICS_PORT = 9587
+
+
+class LabError(RuntimeError):
+    pass
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise LabError("the lab creates network namespaces and WireGuard devices: run it as root (sudo)")
+
+
+class LabLayout:
+    def __init__(self, prefix: str = "wmlab", state_dir: Path | None = None) -> None:
+        if not prefix.isalnum() or len(prefix) > 8:
+            raise LabError(f"lab prefix {prefix!r} must be at most 8 letters or digits")
+        self.prefix = prefix
+        self.state_dir = state_dir or Path("/run/warren-mesh-lab") / prefix
+        self.hub = f"{prefix}-hub"
+        self.bridge = f"{prefix}br"
+
+    def node_netns(self, index: int) -> str:
+        return f"{self.prefix}-node{index}"
+
+    def interface(self, index: int) -> str:
+        return f"{self.prefix}{index}"
+
+    @staticmethod
+    def node_name(index: int) -> str:
+        return f"node-{index}"
+
+    def cni_dir(self, index: int) -> Path:
+        """Where node ``index``'s agent writes its CNI network config (a real node's /etc/cni/net.d)."""
+        return self.state_dir / "cni" / self.node_name(index)
+
+    def pod_netns(self, index: int, pod: str) -> str:
+        return f"{self.prefix}-n{index}-{pod}"
+
+    @staticmethod
+    def underlay_ip(index: int) -> str:
+        return str(SUBNET.network_address + 10 + index)
+
+    @property
+    def tls(self) -> bool:
+        """Whether this lab's etcd speaks TLS and asks every client for a certificate (the default)."""
+        return bool(self._load().get("tls", False))
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.state_dir / "pki"
+
+    @property
+    def etcd_endpoint(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{HUB_ADDRESS}:{ETCD_PORT}"
+
+    def access(self) -> LabAccess:
+        """How a command reaches this lab's etcd: the endpoint and, with TLS, whose certificate."""
+        return LabAccess(self.etcd_endpoint, self.pki_dir if self.tls else None)
+
+    def _state_file(self) -> Path:
+        return self.state_dir / "state.json"
+
+    def _load(self) -> dict[str, object]:
+        try:
+            loaded = json.loads(self._state_file().read_text())
+        except (FileNotFoundError, ValueError):
+            return {"nodes": {}, "backend": "auto", "lease_ttl": 5}
+        assert isinstance(loaded, dict)
+        return loaded
+
+    def _save(self, state: dict[str, object]) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._state_file().write_text(json.dumps(state, indent=2))
+
+    def nodes(self) -> list[int]:
+        nodes = self._load()["nodes"]
+        assert isinstance(nodes, dict)
+        return sorted(int(i) for i in nodes)
+
+    def is_up(self) -> bool:
+        return self.hub in netns.listnetns_names()
+
+    @staticmethod
+    def _index_of_name(node: str, nodes: int) -> int:
+        """``node-3`` (or ``3``) of a lab of ``nodes`` nodes, before they exist."""
+        number = node.removeprefix("node-")
+        if not number.isdigit() or not 1 <= int(number) <= nodes:
+            raise LabError(f"--nat {node!r}: not one of node-1 .. node-{nodes}")
+        return int(number)
+
+    def _index_of(self, node: str) -> int:
+        for index in self.nodes():
+            if node in (self.node_name(index), str(index), self.node_netns(index)):
+                return index
+        raise LabError(f"no node {node!r} in this lab (nodes: {', '.join(self.node_name(i) for i in self.nodes())})")
