@@ -37,6 +37,8 @@ from warren_mesh.wireguard import uapi
 
 
 class Lab(LabPods, LabInspection, LabNat):
+    """A lab on this machine, named by its prefix: brought up, grown a node at a time, and taken down."""
+
     def up(
         self,
         nodes: int,
