@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from helpers import run, wait_until
+from helpers import run
 from warren_mesh.testkit.etcd_server import EtcdServer
 from warren_mesh.testkit.simulated import SimulatedAgents
+from warren_mesh.testkit.waiting import wait_until
 
 
 class Mesh(SimulatedAgents):

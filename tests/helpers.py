@@ -6,19 +6,8 @@ import asyncio
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from pathlib import Path
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.01) -> float:
-    """Poll ``condition`` until true; returns the seconds it took, fails the test naming ``what`` otherwise."""
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(interval)
-    return time.monotonic() - started
 
 
 def run(coro: Awaitable[object]) -> object:

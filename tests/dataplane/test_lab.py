@@ -28,6 +28,7 @@ from warren_mesh.lab.layout import ETCD_PORT, HUB_ADDRESS, METRICS_PORT, SUBNET
 from warren_mesh.lab.probe import Probe
 from warren_mesh.lab.report import LabPod
 from warren_mesh.process import connect_in_netns, in_netns
+from warren_mesh.testkit.waiting import wait_for
 from warren_mesh.trust.records import MeshConfig
 from warren_mesh.wireguard import uapi
 
@@ -67,15 +68,6 @@ def peer_count(lab: Lab, index: int) -> int:
 def transferred(lab: Lab, index: int) -> tuple[int, int]:
     device = lab.device(index)
     return sum(rx for rx, _, _ in device.values()), sum(tx for _, tx, _ in device.values())
-
-
-def wait_for(condition: object, timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-    return time.monotonic() - started
 
 
 # Scenarios run on both data planes: wireguard-go here, kernel WireGuard inside the QEMU VM (its -k kernel).
@@ -254,9 +246,9 @@ def test_routes_are_repaired_by_the_resync_and_follow_allowed_ips(lab: Lab) -> N
         ipr.route("add", dst="10.123.0.0/24", oif=wg, proto=4)  # "static"
     # Deleted by hand, the mesh's route is back within one resync, and nothing else changed.
     subprocess.run(["ip", "netns", "exec", lab.node_netns(1), "ip", "route", "del", "172.30.0.0/16"], check=True)
-    took = wait_for(
-        lambda: _mesh_routes(lab, 1) == base[1] | {"172.30.0.0/16"}, resync * 1.1 + 2, "the route to come back"
-    )
+    started = time.monotonic()
+    wait_for(lambda: _mesh_routes(lab, 1) == base[1] | {"172.30.0.0/16"}, resync * 1.1 + 2, "the route to come back")
+    took = time.monotonic() - started
     print(f"route repaired in {took:.1f} s (resync interval {resync} s)")
     assert handshakes(lab, 1) == sessions, "repairing a route touched a peer's session"
     assert ("10.123.0.0/24", 4, wg) in _main_routes(lab, 1), "a route of someone else's was touched"
@@ -666,7 +658,9 @@ def test_nodes_behind_nat_are_found_where_their_peers_see_them(lab: Lab) -> None
     assert _endpoint_of(lab, 3, keys[2]) == f"{lab.underlay_ip(2)}:51820"
     # node-2's NAT forgets everything and maps it to another port from now on.
     lab.rebind_nat(2, 40002)
-    took = wait_for(lambda: all(ok for *_, ok in lab.ping_all()), 30, "the mesh to find node-2 behind its new port")
+    started = time.monotonic()
+    wait_for(lambda: all(ok for *_, ok in lab.ping_all()), 30, "the mesh to find node-2 behind its new port")
+    took = time.monotonic() - started
     print(f"healed from a NAT rebinding in {took:.1f} s")
     assert _endpoint_of(lab, 1, keys[2]) == _endpoint_of(lab, 3, keys[2]) == f"{lab.underlay_ip(2)}:40002"
     # A restarted agent keeps the endpoint it learnt (its record says it): no gap for its peers.

@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 
 from agents import Mesh, in_mesh
-from helpers import AgentProcess, run, wait_until
+from helpers import AgentProcess, run
 from warren_mesh.agent.app import Agent
 from warren_mesh.identity.keys import NodeKey, load_or_create
 from warren_mesh.settings import AgentSettings
 from warren_mesh.testkit.etcd_server import EtcdServer, free_port
 from warren_mesh.testkit.simulated import simulated_parts
+from warren_mesh.testkit.waiting import wait_until
 from warren_mesh.trust.records import MeshConfig, encode_json
 from warren_mesh.values.device import PeerSpec
 from warren_mesh.values.keyspace import KeySchema

@@ -9,12 +9,13 @@ import datetime
 import time
 from pathlib import Path
 
-from helpers import run, wait_until
+from helpers import run
 from warren_mesh.agent.app import Agent
 from warren_mesh.identity import pki
 from warren_mesh.settings import AgentSettings
 from warren_mesh.testkit.etcd_server import EtcdServer
 from warren_mesh.testkit.simulated import simulated_parts
+from warren_mesh.testkit.waiting import wait_until
 
 VALID_FOR = 12.0  # seconds left on the certificates the agents start with
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from agents import Mesh, in_mesh
-from helpers import wait_until
 from warren_mesh.testkit.etcd_server import EtcdCluster
+from warren_mesh.testkit.waiting import wait_until
 
 QUORUM_LOSS = 30.0  # seconds, as the issue that found the crash measured it
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import hostile
 from agents import Mesh, in_mesh
-from helpers import wait_until
 from warren_mesh.identity.keys import NodeKey
 from warren_mesh.testkit.etcd_server import EtcdServer
+from warren_mesh.testkit.waiting import wait_until
 from warren_mesh.trust.networks import network_problem
 from warren_mesh.trust.records import MeshConfig, encode_json
 from warren_mesh.values.keyspace import KeySchema

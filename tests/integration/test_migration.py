@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from agents import Mesh, in_mesh
-from helpers import wait_until
 from warren_mesh.testkit.etcd_server import EtcdServer
+from warren_mesh.testkit.waiting import wait_until
 from warren_mesh.values.keyspace import KeySchema
 
 

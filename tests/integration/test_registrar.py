@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from agents import Mesh, in_mesh
-from helpers import run, wait_until
+from helpers import run
 from warren_mesh.agent.identity import Identity
 from warren_mesh.agent.registrar import Registrar
 from warren_mesh.identity.keys import NodeKey
@@ -22,6 +22,7 @@ from warren_mesh.metrics.instruments import AgentMetrics
 from warren_mesh.settings import RegistrationSettings
 from warren_mesh.store.etcd import EtcdStore
 from warren_mesh.testkit.etcd_server import EtcdServer
+from warren_mesh.testkit.waiting import wait_until
 from warren_mesh.trust.decode import decode_json
 from warren_mesh.trust.records import MeshConfig, NodeRecord, encode_json
 from warren_mesh.values.keyspace import KeySchema

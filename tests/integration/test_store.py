@@ -9,12 +9,13 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from helpers import run, wait_until
+from helpers import run
 from warren_mesh.store.base import LeaseNotFound, StoreUnavailable
 from warren_mesh.store.connection import prefix_range_end
 from warren_mesh.store.etcd import EtcdStore
 from warren_mesh.store.watcher import CATCH_UP_GAP
 from warren_mesh.testkit.etcd_server import EtcdServer, free_port
+from warren_mesh.testkit.waiting import wait_until
 from warren_mesh.values.netaddr import parse_endpoints
 from warren_mesh.values.watch import Events, Snapshot, WatchResult
 

@@ -24,8 +24,9 @@ from typing import Any
 import pytest
 
 import k8s_nodes
-from k8s_cluster import KUBECTL, ROOT, Cluster, readme_secret_commands, wait_for
+from k8s_cluster import KUBECTL, ROOT, Cluster, readme_secret_commands
 from underlay import captured, sniff
+from warren_mesh.testkit.waiting import wait_for
 
 pytestmark = [
     pytest.mark.cluster,

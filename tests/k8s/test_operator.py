@@ -17,13 +17,14 @@ from typing import Any
 import pytest
 
 from helpers import AgentProcess
-from k8s_cluster import KUBECTL, ROOT, Cluster, OperatorProcess, readme_secret_commands, wait_for
+from k8s_cluster import KUBECTL, ROOT, Cluster, OperatorProcess, readme_secret_commands
 from warren_mesh.agent.app import Agent
 from warren_mesh.controller.mesh_sync import PASS_INTERVAL
 from warren_mesh.identity.keys import NodeKey
 from warren_mesh.settings import AgentSettings
 from warren_mesh.testkit.etcd_server import EtcdServer, free_port
 from warren_mesh.testkit.simulated import simulated_parts
+from warren_mesh.testkit.waiting import wait_for
 from warren_mesh.values.keyspace import KeySchema
 from warren_mesh.wireguard.memory import MemoryBackend
 

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import yaml
 from prom_server import Prometheus, http_get
 from warren_mesh.lab.lab import Lab
 from warren_mesh.lab.layout import METRICS_PORT
+from warren_mesh.testkit.waiting import wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 
@@ -32,14 +33,6 @@ TTL = 3
 IPERF_SECONDS = 12
 IPERF_RATE = "200M"
 BOGUS = "/warren/mesh/v1/nodes/bogus"  # under the lab's (default) prefix
-
-
-def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.25)
 
 
 @pytest.fixture

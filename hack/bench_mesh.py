@@ -1,0 +1,211 @@
+"""Scenarios on a mesh of simulated agents (hack/agent_pool.py) against a real etcd: floor, join, leave, storm,
+churn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from agent_pool import AgentPool, etcd3_client
+from bench_run import percentiles
+from warren_mesh.identity.keys import load_or_create
+from warren_mesh.store.etcd import EtcdStore
+from warren_mesh.values.keyspace import KeySchema
+from warren_mesh.values.netaddr import parse_endpoints
+
+
+async def scenario_floor(
+    endpoint: str, nodes: int, puts: int, workers: int, pki_dir: Path | None = None
+) -> dict[str, Any]:
+    """The physical floor: one etcd commit plus watch fan-out to N clients, with nothing of ours in the way. The
+    watchers are packed into worker processes exactly as the agents are, so both pay the same for sharing."""
+    host, port = parse_endpoints(endpoint)[0].target.rsplit(":", 1)
+    writer = etcd3_client(host, int(port), pki_dir)
+    prefix = f"/bench-floor/{time.time_ns()}/"
+    try:
+        with tempfile.TemporaryDirectory(prefix="warren-bench-") as tmp:
+            async with AgentPool(endpoint, "floor", Path(tmp), workers=workers, pki_dir=pki_dir) as pool:
+                latencies = await pool.floor(prefix, nodes, puts, lambda key: writer.put(key, b"x"))
+    finally:
+        writer.delete_prefix(prefix)
+        writer.close()
+    return {"scenario": "floor", "nodes": nodes, "puts": puts, "workers": workers, **percentiles(latencies)}
+
+
+async def _start_all(pool: AgentPool, names: list[str]) -> None:
+    """Start agents at once (the storm): each worker starts its share while the next requests are on their way."""
+    for i in range(0, len(names), 50):
+        await asyncio.gather(*(pool.start(name) for name in names[i : i + 50]))
+
+
+async def _settled_mesh(pool: AgentPool, names: list[str], batch: int = 100) -> None:
+    """Build the mesh a scenario starts from as a cluster grows, ``batch`` nodes at a time, each batch settled
+    before the next (the storm scenario measures everyone starting at once)."""
+    for i in range(0, len(names), batch):
+        await _start_all(pool, names[i : i + batch])
+        await pool.settle(timeout=900)
+
+
+async def scenario_join(
+    endpoint: str, nodes: int, joins: int, workers: int, lease_ttl: int, *, pki_dir: Path | None = None
+) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="warren-bench-") as tmp:
+        async with AgentPool(endpoint, "join", Path(tmp), workers=workers, ttl=lease_ttl, pki_dir=pki_dir) as pool:
+            await _settled_mesh(pool, [f"n{i}" for i in range(nodes)])
+            rebuilds = await pool.rebuilds()
+            latencies: list[float] = []
+            for j in range(joins):
+                before = pool.names
+                key = await pool.start(f"join{j}")
+                applied = await pool.applied(key, present=True, names=before)
+                # The publish time as the observers received it: the joiner itself may not have processed its own
+                # transaction's answer yet when the others have already applied its record.
+                published = await pool.published_at(f"join{j}", observer=before[0])
+                latencies.extend((at - published) * 1000 for at in applied.values())
+                await pool.settle()  # the joiner's own mesh, before the next one joins
+            rebuilds = await pool.rebuilds() - rebuilds
+    return {
+        "scenario": "join",
+        "nodes": nodes,
+        "joins": joins,
+        "workers": workers,
+        "lease_ttl_s": lease_ttl,
+        "etcd_auth": pki_dir is not None,
+        "full_rebuilds": rebuilds,
+        **percentiles(latencies),
+    }
+
+
+async def scenario_leave(endpoint: str, nodes: int, leaves: int, ttl: int, workers: int) -> dict[str, Any]:
+    """Graceful leaves (lease revoked) and one crash (SIGKILL: the lease runs out), seen by every other agent."""
+    with tempfile.TemporaryDirectory(prefix="warren-bench-") as tmp:
+        async with AgentPool(endpoint, "leave", Path(tmp), workers=workers, ttl=ttl) as pool:
+            await _settled_mesh(pool, [f"n{i}" for i in range(nodes + leaves)])
+            graceful: list[float] = []
+            for _ in range(leaves):
+                leaver = pool.names[-1]
+                key = pool.keys[leaver]
+                started = time.time()
+                await pool.stop(leaver)
+                removed = await pool.applied(key, present=False)
+                graceful.extend((at - started) * 1000 for at in removed.values())
+            crash_s = await _crash(pool, Path(tmp), ttl)
+    summary = percentiles(graceful)
+    return {
+        "scenario": "leave",
+        "nodes": nodes,
+        "ttl_s": ttl,
+        "workers": workers,
+        "graceful_p50_ms": summary["p50_ms"],
+        "graceful_p99_ms": summary["p99_ms"],
+        "graceful_max_ms": summary["max_ms"],
+        "detect_s": round(crash_s, 3),
+        "detect_minus_ttl_s": round(crash_s - ttl, 3),
+    }
+
+
+async def _crash(pool: AgentPool, key_dir: Path, ttl: int) -> float:
+    """Start a real agent process, SIGKILL it once everyone has it, and time until the last agent dropped it."""
+    key_file = key_dir / "crasher.key"
+    key, _ = load_or_create(key_file)
+    args = [
+        sys.executable,
+        "-m",
+        "warren_mesh.cli",
+        "agent",
+        "--backend=memory",
+        f"--etcd-endpoints={pool.endpoint}",
+        f"--prefix={pool.prefix}",
+        "--node-name=crasher",
+        "--endpoint=192.0.2.1:29999",
+        f"--key-file={key_file}",
+        f"--lease-ttl={ttl}",
+        "--metrics-address=",
+    ]
+    process = await asyncio.create_subprocess_exec(*args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        await pool.applied(key.public_key, present=True, timeout=60)
+        killed = time.time()
+        process.kill()
+        removed = await pool.applied(key.public_key, present=False, timeout=ttl + 30)
+        return max(removed.values()) - killed
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+
+
+async def scenario_storm(endpoint: str, nodes: int, workers: int, lease_ttl: int) -> dict[str, Any]:
+    """N agents start at the same moment (a cluster cold boot): time until every agent has N-1 peers."""
+    with tempfile.TemporaryDirectory(prefix="warren-bench-") as tmp:
+        async with AgentPool(endpoint, "storm", Path(tmp), workers=workers, ttl=lease_ttl) as pool:
+            await pool.loop_lag()  # starts the workers' lag probes
+            started = time.monotonic()
+            await _start_all(pool, [f"n{i}" for i in range(nodes)])
+            await pool.settle(timeout=900)
+            converged = time.monotonic() - started
+            rebuilds = await pool.rebuilds()
+            lag = await pool.loop_lag()
+            work = await pool.work()
+    return {
+        "scenario": "storm",
+        "nodes": nodes,
+        "workers": workers,
+        "lease_ttl_s": lease_ttl,
+        "converged_s": round(converged, 3),
+        "full_rebuilds": rebuilds,
+        "worst_loop_lag_s": round(lag, 3),
+        "passes_per_agent": round(work["passes"] / nodes, 1),
+        "watch_restarts": int(work["watch_restarts"]),
+        "reregistrations": int(work["reregistrations"]),
+    }
+
+
+async def scenario_churn(
+    endpoint: str, nodes: int, operations: int, workers: int, lease_ttl: int, *, seed: int = 1
+) -> dict[str, Any]:
+    """K random joins and graceful leaves on a settled mesh. Afterwards every agent's device must equal what etcd
+    holds, and no agent may have touched a peer that did not itself join or leave (untouched_changes == 0)."""
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory(prefix="warren-bench-") as tmp:
+        async with AgentPool(endpoint, "churn", Path(tmp), workers=workers, ttl=lease_ttl) as pool:
+            store = EtcdStore(endpoint)
+            try:
+                await _settled_mesh(pool, [f"n{i}" for i in range(nodes)])
+                await pool.mark()
+                churned: set[str] = set()  # public keys that joined or left
+                started = time.monotonic()
+                for k in range(operations):
+                    if rng.random() < 0.5 and len(pool.names) > 2:
+                        leaver = rng.choice(pool.names)
+                        churned.add(pool.keys[leaver])
+                        await pool.stop(leaver)
+                    else:
+                        churned.add(await pool.start(f"c{k}"))
+                await pool.settle()
+                converged = time.monotonic() - started
+                registered = {
+                    json.loads(kv.value)["public_key"]
+                    for kv in (await store.list_prefix(KeySchema(pool.prefix).nodes)).items
+                }
+                matches = await pool.devices_match(registered)
+                untouched = await pool.untouched_changes(churned)
+            finally:
+                await store.close()
+    return {
+        "scenario": "churn",
+        "nodes": nodes,
+        "operations": operations,
+        "workers": workers,
+        "converged_s": round(converged, 3),
+        "final_state_matches": matches,
+        "untouched_changes": untouched,
+    }
