@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from agents import Mesh, in_mesh
 from helpers import AgentProcess, run
+from integration.agents import Mesh, in_mesh
 from warren_mesh.agent.app import Agent
 from warren_mesh.identity.keys import NodeKey, load_or_create
 from warren_mesh.settings import AgentSettings

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from agents import Mesh, in_mesh
+from integration.agents import Mesh, in_mesh
 from warren_mesh.testkit.etcd_server import EtcdCluster
 from warren_mesh.testkit.waiting import wait_until
 

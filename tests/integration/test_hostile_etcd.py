@@ -13,7 +13,7 @@ import ipaddress
 from pathlib import Path
 
 import hostile
-from agents import Mesh, in_mesh
+from integration.agents import Mesh, in_mesh
 from warren_mesh.identity.keys import NodeKey
 from warren_mesh.testkit.etcd_server import EtcdServer
 from warren_mesh.testkit.waiting import wait_until

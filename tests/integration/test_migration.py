@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from agents import Mesh, in_mesh
+from integration.agents import Mesh, in_mesh
 from warren_mesh.testkit.etcd_server import EtcdServer
 from warren_mesh.testkit.waiting import wait_until
 from warren_mesh.values.keyspace import KeySchema

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from agents import Mesh, in_mesh
 from helpers import run
+from integration.agents import Mesh, in_mesh
 from warren_mesh.agent.identity import Identity
 from warren_mesh.agent.registrar import Registrar
 from warren_mesh.identity.keys import NodeKey

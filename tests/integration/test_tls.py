@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from agents import Mesh
 from helpers import run
+from integration.agents import Mesh
 from warren_mesh.identity import pki
 from warren_mesh.identity.etcd_tls import EtcdTls
 from warren_mesh.testkit.etcd_server import EtcdServer

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from prom_server import Prometheus, http_get
+from monitoring.prom_server import Prometheus, http_get
 from warren_mesh.lab.lab import Lab
 from warren_mesh.lab.layout import METRICS_PORT
 from warren_mesh.testkit.waiting import wait_for
