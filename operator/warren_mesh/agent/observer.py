@@ -8,7 +8,7 @@ record and claims, which the registrar keeps as they should be; a key rotation r
 from __future__ import annotations
 
 import gc
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from warren_mesh.mesh.changes import Changes
@@ -44,7 +44,7 @@ class MeshObserver:
         self._watched = watched
         self._on_restart = on_restart
 
-    async def batches(self) -> AsyncIterator[Observed]:
+    async def batches(self) -> AsyncGenerator[Observed, None]:
         """Forever (the watch resumes by itself after any failure of etcd's)."""
         view = self._view
         async for result in self._store.observe(view.schema.root, on_restart=self._on_restart):

@@ -1,0 +1,71 @@
+"""The registrar's allocation, pure: what a node holds among the claims every agent sees alike, and the order in
+which it tries the free ones."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from unit.stage_parts import SCHEMA
+from warren_mesh.mesh import allocation
+from warren_mesh.mesh.allocation import RegistrationConflict
+from warren_mesh.mesh.view import MeshView
+from warren_mesh.trust.records import MeshConfig
+from warren_mesh.values.keyspace import ClaimKind
+from warren_mesh.values.watch import KeyValue, Snapshot
+
+CONFIG = MeshConfig(
+    overlay_cidr=ipaddress.ip_network("10.96.0.0/29"),  # usable .1-.6
+    pod_cidr=ipaddress.ip_network("10.244.0.0/22"),  # four /24s
+)
+
+
+def _claims(*claims: tuple[str, str, ClaimKind]) -> MeshView:
+    """A view of claims (node, subject, kind), the first made first."""
+    items = tuple(
+        KeyValue(SCHEMA.claim(node, subject, kind), b"", revision, revision)
+        for revision, (node, subject, kind) in enumerate(claims, start=2)
+    )
+    view = MeshView(SCHEMA)
+    view.apply(Snapshot(items, len(items) + 1))
+    return view
+
+
+def test_a_node_holds_its_oldest_claims_and_withdraws_those_it_lost() -> None:
+    view = _claims(
+        ("a", "10.96.0.3", "overlay"),
+        ("b", "10.96.0.3", "overlay"),  # younger than a's: b lost it
+        ("b", "10.96.0.5", "overlay"),
+        ("b", "10.244.1.0/24", "pods"),
+        ("a", "10.244.1.0/24", "pods"),  # younger than b's: a lost it
+        ("b", "10.99.0.1", "overlay"),  # outside the overlay network: not held for this mesh
+    )
+    b = allocation.holdings(view, CONFIG, "b", SCHEMA)
+    assert str(b.address) == "10.96.0.5" and str(b.subnet) == "10.244.1.0/24"
+    assert b.lost == [("10.96.0.3", "overlay")]
+    assert b.taken_addresses == {int(ipaddress.ip_address("10.96.0.3"))}
+    a = allocation.holdings(view, CONFIG, "a", SCHEMA)
+    assert str(a.address) == "10.96.0.3" and a.subnet is None and a.lost == [("10.244.1.0/24", "pods")]
+    assert a.taken_subnets == {"10.244.1.0/24"}
+
+
+def test_candidates_start_where_the_name_hashes_and_skip_what_is_taken() -> None:
+    taken = {int(ipaddress.ip_address("10.96.0.1")), int(ipaddress.ip_address("10.96.0.2"))}
+    order = [str(a) for a in allocation.address_candidates("n7", CONFIG.overlay_cidr, taken)]
+    assert sorted(order) == ["10.96.0.3", "10.96.0.4", "10.96.0.5", "10.96.0.6"]
+    start = allocation.start_index("n7", 6)
+    expected = [f"10.96.0.{1 + (start + i) % 6}" for i in range(6)]
+    assert order == [a for a in expected if a not in ("10.96.0.1", "10.96.0.2")]
+    assert order == [str(a) for a in allocation.address_candidates("n7", CONFIG.overlay_cidr, taken)]
+    subnets = [str(s) for s in allocation.subnet_candidates("n7", CONFIG, {"10.244.0.0/24"})]
+    assert sorted(subnets) == ["10.244.1.0/24", "10.244.2.0/24", "10.244.3.0/24"]
+
+
+def test_a_pinned_subnet_must_be_one_of_the_mesh_and_free() -> None:
+    found = allocation.holdings(_claims(("x", "10.244.2.0/24", "pods")), CONFIG, "n1", SCHEMA)
+    assert str(allocation.pinned_subnet(ipaddress.ip_network("10.244.3.0/24"), CONFIG, found)) == "10.244.3.0/24"
+    with pytest.raises(RegistrationConflict, match="claimed by another node"):
+        allocation.pinned_subnet(ipaddress.ip_network("10.244.2.0/24"), CONFIG, found)
+    with pytest.raises(RegistrationConflict, match="is not a /24 of the pod network"):
+        allocation.pinned_subnet(ipaddress.ip_network("10.245.0.0/24"), CONFIG, found)

@@ -1,0 +1,106 @@
+"""The apply stage's device writer on the memory device: a plan's operations in the plan's order, each counted,
+and one refused change never stops the others."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from unit.stage_parts import LOCAL_KEY
+from warren_mesh.agent.device_writer import DeviceWriter
+from warren_mesh.agent.identity import Identity
+from warren_mesh.identity.keys import NodeKey
+from warren_mesh.mesh.plan import PeerChange, Plan
+from warren_mesh.values.device import InterfaceSpec, PeerSpec
+from warren_mesh.wireguard.backend import BackendError
+from warren_mesh.wireguard.memory import MemoryBackend
+
+INTERFACE = InterfaceSpec(address="10.96.0.1/16", listen_port=51820, mtu=1420)
+
+
+def _peer(host: int, *networks: str) -> PeerSpec:
+    return PeerSpec(
+        public_key=NodeKey.generate().public_key,
+        endpoint=f"192.0.2.{host}:51820",
+        allowed_ips=(f"10.96.0.{host}/32", *networks),
+    )
+
+
+def test_operations_run_in_the_plans_order_and_are_counted_by_kind() -> None:
+    leaving, staying, joining = _peer(2, "172.30.0.0/16"), _peer(3), _peer(4, "172.31.0.0/16")
+    device = MemoryBackend(interface_name="wgtest", peers={leaving.public_key: leaving, staying.public_key: staying})
+    device.routes = {"172.30.0.0/16"}
+    plan = Plan(
+        INTERFACE,
+        True,
+        (
+            PeerChange("remove", leaving.public_key, leaving, "gone"),
+            PeerChange("add", joining.public_key, joining, "new"),
+            PeerChange("update", staying.public_key, staying, "same"),
+        ),
+        routes_to_remove=("172.30.0.0/16",),
+        routes_to_add=("172.31.0.0/16",),
+    )
+    outcome = DeviceWriter(device, Identity(LOCAL_KEY)).execute(plan, {})
+    assert outcome.ok and dict(outcome.applied) == {
+        "private_key": 1,
+        "interface": 1,
+        "add": 1,
+        "update": 1,
+        "add_route": 1,
+        "remove": 1,
+        "remove_route": 1,
+    }
+    # Peers are set before their routes come and before others leave; routes leave after their peers.
+    assert [op.action for op in device.operations] == [
+        "private_key",
+        "interface",
+        "set_peer",
+        "set_peer",
+        "add_route",
+        "remove_peer",
+        "remove_route",
+    ]
+    assert device.public_key == LOCAL_KEY.public_key and device.routes == {"172.31.0.0/16"}
+    assert set(device.peers) == {staying.public_key, joining.public_key}
+
+
+@dataclass
+class _Picky(MemoryBackend):
+    """Refuses several peers at once, and one peer and one route always."""
+
+    refused: set[str] = field(default_factory=set)
+
+    def set_peers(self, specs: Sequence[PeerSpec]) -> None:
+        raise BackendError(f"refusing {len(specs)} peers at once")
+
+    def set_peer(self, spec: PeerSpec) -> None:
+        if spec.public_key in self.refused:
+            raise BackendError("refused")
+        super().set_peer(spec)
+
+    def add_route(self, network: str) -> None:
+        if network in self.refused:
+            raise BackendError("refused")
+        super().add_route(network)
+
+
+def test_a_refused_change_is_counted_and_the_others_still_happen() -> None:
+    good, bad = _peer(2, "172.30.0.0/16"), _peer(3, "172.31.0.0/16")
+    device = _Picky(interface_name="wgtest", refused={bad.public_key, "172.31.0.0/16"})
+    plan = Plan(
+        None,
+        False,
+        (PeerChange("add", good.public_key, good, ""), PeerChange("add", bad.public_key, bad, "")),
+        routes_to_add=("172.30.0.0/16", "172.31.0.0/16"),
+    )
+    outcome = DeviceWriter(device, Identity(LOCAL_KEY)).execute(plan, {})
+    assert not outcome.ok and outcome.failed == 2
+    assert dict(outcome.applied) == {"add": 1, "add_route": 1}
+    assert set(device.peers) == {good.public_key} and device.routes == {"172.30.0.0/16"}
+
+
+def test_an_empty_plan_touches_nothing() -> None:
+    device = MemoryBackend(interface_name="wgtest")
+    outcome = DeviceWriter(device, Identity(LOCAL_KEY)).execute(Plan(None, False, ()), {})
+    assert outcome.ok and not outcome.applied and not device.operations

@@ -1,0 +1,110 @@
+"""The registrar's publication and lease parts on the memory store: our record taken over from a previous run,
+never someone else's, written back when changed, its claims too; a lease held until etcd drops it, and handed
+over to the next run on a restart."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from helpers import run
+from unit.stage_parts import SCHEMA, record
+from warren_mesh.agent.identity import Identity
+from warren_mesh.agent.lease import LeaseKeeper
+from warren_mesh.agent.publication import RecordPublisher, Registration
+from warren_mesh.identity.keys import NodeKey
+from warren_mesh.mesh.allocation import RegistrationConflict
+from warren_mesh.metrics.instruments import AgentMetrics
+from warren_mesh.settings import RegistrationSettings
+from warren_mesh.store.memory import MemoryStore
+from warren_mesh.trust.decode import decode_json
+from warren_mesh.trust.records import MeshConfig, NodeRecord, encode_json
+
+SETTINGS = RegistrationSettings("n1", None, None, 10, None)
+
+
+def _publisher(store: MemoryStore, key: NodeKey) -> RecordPublisher:
+    return RecordPublisher(
+        SETTINGS, store=store, schema=SCHEMA, identity=Identity(key), endpoint_host=ipaddress.ip_address("192.0.2.7")
+    )
+
+
+async def _record(store: MemoryStore) -> NodeRecord | None:
+    kv = await store.get(SCHEMA.node("n1"))
+    return None if kv is None else NodeRecord.from_json(decode_json(kv.value), key_name="n1")
+
+
+def test_our_record_from_a_previous_run_is_taken_over_and_someone_elses_never() -> None:
+    async def body() -> None:
+        store = MemoryStore()
+        key = NodeKey.generate()
+        previous = record("n1", 1, key=key.public_key)
+        old_lease = await store.grant_lease(30)
+        await store.put(SCHEMA.node("n1"), encode_json(previous.to_json()), lease=old_lease)
+        publisher = _publisher(store, key)
+        lease = await store.grant_lease(10)
+        ours = publisher.record(MeshConfig(), previous.overlay_ip, previous.allowed_ips[0])
+        published = await publisher.publish(ours, lease)
+        # Behind NAT, the endpoint peers saw us at (in the old record) wins over the one this run found.
+        assert published.endpoint == previous.endpoint and publisher.public_endpoint == previous.endpoint
+        kv = await store.get(SCHEMA.node("n1"))
+        assert kv is not None and kv.lease == lease and await store.lease_time_left(old_lease) == -1
+        with pytest.raises(RegistrationConflict, match="another public key"):
+            await _publisher(store, NodeKey.generate()).publish(ours, lease)
+
+    run(body())
+
+
+def test_our_record_and_claims_are_written_back_when_someone_else_touches_them() -> None:
+    async def body() -> None:
+        store = MemoryStore()
+        key = NodeKey.generate()
+        publisher = _publisher(store, key)
+        lease = await store.grant_lease(10)
+        ours = await publisher.publish(publisher.record(MeshConfig(), ipaddress.ip_address("10.96.0.9"), None), lease)
+        publisher.registered(Registration(ours, lease, 10))
+        await store.put(SCHEMA.node("n1"), b'{"forged": true}', lease=lease)
+        await publisher.restore(b'{"forged": true}')
+        assert await _record(store) == ours
+        await publisher.restore(encode_json(ours.to_json()))  # our own value: nothing to do
+        claim = SCHEMA.claim("n1", "10.96.0.9")
+        assert publisher.claim_keys == (claim,)
+        await publisher.restore_claim(claim, None)
+        assert await store.get(claim) is not None
+        # The config's listen port changed: published again on the same lease.
+        await publisher.republish(MeshConfig(listen_port=51999))
+        again = await _record(store)
+        assert again is not None and again.listen_port == 51999 and again.endpoint.port == 51999
+
+    run(body())
+
+
+def test_a_lease_is_held_until_etcd_drops_it_and_handed_over_on_a_restart() -> None:
+    async def body() -> None:
+        store = MemoryStore()
+        leases = LeaseKeeper(store, AgentMetrics(CollectorRegistry()))
+        lease, holder = await leases.grant(10)
+        leases.adopt(holder)
+        await store.put(SCHEMA.node("n1"), b"{}", lease=lease)
+        await store.advance(60)
+        assert await store.lease_time_left(lease) > 0, "a held lease lives"
+        await store.set_available(False)
+        await store.advance(11)
+        await store.set_available(True)
+        await store.advance(0)
+        await leases.lost()  # returns: etcd dropped it while we could not refresh it
+        assert await store.get(SCHEMA.node("n1")) is None
+        # A restart: the record moves onto a lease of the grace period that nobody refreshes.
+        lease, holder = await leases.grant(10)
+        leases.adopt(holder)
+        await store.put(SCHEMA.node("n1"), b"{}", lease=lease)
+        await leases.hand_over(SCHEMA.node("n1"), lease, 30)
+        kv = await store.get(SCHEMA.node("n1"))
+        assert kv is not None and kv.lease != lease and await store.lease_time_left(kv.lease) == 30
+        assert await store.lease_time_left(lease) == -1
+        await store.advance(31)
+        assert await store.get(SCHEMA.node("n1")) is None, "no next run came: it expired"
+
+    run(body())

@@ -1,0 +1,66 @@
+"""The operator's translation between custom resources and the mesh's records, pure: a spec is checked exactly as
+agents check what it becomes, and the mesh comes back as MeshNodes."""
+
+from __future__ import annotations
+
+import pytest
+
+from unit.stage_parts import record
+from warren_mesh.controller import translate
+from warren_mesh.controller.translate import MeshClaim, SpecError
+from warren_mesh.identity.keys import NodeKey
+from warren_mesh.mesh.view import Entry
+
+
+def test_a_mesh_spec_becomes_the_config_agents_read_and_a_bad_one_names_the_crd_field() -> None:
+    config = translate.mesh_config({"overlayCIDR": "10.100.0.0/16", "mtu": "1400", "leaseTTLSeconds": 15})
+    assert str(config.overlay_cidr) == "10.100.0.0/16" and config.mtu == 1400 and config.lease_ttl_seconds == 15
+    with pytest.raises(SpecError, match="overlayCIDR") as refused:
+        translate.mesh_config({"overlayCIDR": "10.100.0.1/16"})
+    assert refused.value.reason == "InvalidSpec"
+    with pytest.raises(SpecError) as bad_prefix:
+        translate.mesh_schema({"etcdPrefix": "no-slash"})
+    assert bad_prefix.value.reason == "InvalidPrefix"
+    assert translate.mesh_schema({}).prefix == "/warren/mesh"
+
+
+def test_the_oldest_mesh_on_a_prefix_owns_it() -> None:
+    claims = [
+        MeshClaim("late", "/warren/mesh", "2026-01-02T00:00:00Z"),
+        MeshClaim("early", "/warren/mesh", "2026-01-01T00:00:00Z"),
+        MeshClaim("other", "/other", "2025-01-01T00:00:00Z"),
+    ]
+    assert translate.prefix_owner("/warren/mesh", claims) == "early"
+    assert translate.prefix_owner("/nobody", claims) is None
+
+
+def test_a_mesh_peer_spec_is_an_external_peer_or_a_clear_refusal() -> None:
+    key = NodeKey.generate().public_key
+    peer = translate.external_peer("laptop", {"publicKey": key, "allowedIPs": ["10.96.200.1/32"]})
+    assert peer.public_key == key and [str(n) for n in peer.allowed_ips] == ["10.96.200.1/32"]
+    with pytest.raises(SpecError, match="public"):
+        translate.external_peer("laptop", {"publicKey": "nope", "allowedIPs": ["10.96.200.1/32"]})
+
+
+def test_a_node_record_comes_back_as_a_mesh_node() -> None:
+    node = record("n1", 1)
+    body = translate.mesh_node_body("blue", Entry(node, 5, 5, 0), {"ready": True}, kubernetes_node=True)
+    assert body["metadata"]["name"] == "blue.n1" and translate.mesh_node_name("default", "n1") == "n1"
+    assert body["metadata"]["labels"][translate.KUBERNETES_NODE_LABEL] == "true"
+    assert body["spec"] == {
+        "mesh": "blue",
+        "nodeName": "n1",
+        "publicKey": node.public_key,
+        "endpoint": "192.0.2.11:51820",
+        "overlayIP": "10.96.0.11",
+        "allowedIPs": ["10.244.1.0/24"],
+    }
+
+
+def test_the_ready_condition_keeps_its_transition_time_while_its_status_holds() -> None:
+    first = translate.ready_condition(True, "Synced", "ok", 3)
+    previous = [{**first, "lastTransitionTime": "2026-01-01T00:00:00Z"}]
+    same = translate.ready_condition(True, "Synced", "still ok", 4, previous)
+    assert same["lastTransitionTime"] == "2026-01-01T00:00:00Z" and same["observedGeneration"] == 4
+    flipped = translate.ready_condition(False, "InvalidSpec", "bad", 5, previous)
+    assert flipped["lastTransitionTime"] != "2026-01-01T00:00:00Z" and flipped["status"] == "False"
