@@ -27,11 +27,6 @@ class Backend(Protocol):
     def interface_name(self) -> str: ...
 
     @property
-    def simulated(self) -> bool:
-        """Whether the device exists only in this process (no link on the host: no underlay, MTU or traffic)."""
-        ...
-
-    @property
     def version(self) -> str:
         """What moves the packets, and its version: ``wireguard-go 0.0.20230223``, ``kernel module 1.0.0``; empty
         for a simulated device."""

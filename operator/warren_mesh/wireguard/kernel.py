@@ -77,10 +77,6 @@ class KernelBackend:
         return "kernel"
 
     @property
-    def simulated(self) -> bool:
-        return False
-
-    @property
     def version(self) -> str:
         try:
             return f"kernel module {Path('/sys/module/wireguard/version').read_text().strip()}"

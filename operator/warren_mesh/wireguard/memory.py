@@ -38,10 +38,6 @@ class MemoryBackend:
         return "memory"
 
     @property
-    def simulated(self) -> bool:
-        return True
-
-    @property
     def version(self) -> str:
         return ""
 

@@ -96,10 +96,6 @@ class UserspaceBackend:
         return "userspace"
 
     @property
-    def simulated(self) -> bool:
-        return False
-
-    @property
     def version(self) -> str:
         return f"wireguard-go {wireguard_go_version(self._binary)}".rstrip()
 
