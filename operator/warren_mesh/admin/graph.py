@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from warren_mesh.admin.status import format_rate
-from warren_mesh.mesh.view import MeshView
+from warren_mesh.mesh.view import MeshReader
 from warren_mesh.metrics.reading import AgentReading, PeerReading
 
 DEFAULT_STALE_AFTER = 180.0
@@ -56,7 +56,7 @@ def is_stale(reading: PeerReading, now: float, stale_after: float) -> bool:
 
 
 def render_dot(
-    view: MeshView,
+    view: MeshReader,
     readings: Sequence[AgentReading],
     *,
     now: float,

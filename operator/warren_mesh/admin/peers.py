@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from warren_mesh.admin.status import read_view
 from warren_mesh.identity.keys import NodeKey
-from warren_mesh.mesh.view import MeshView
+from warren_mesh.mesh.view import MeshReader
 from warren_mesh.store.base import Store
 from warren_mesh.trust.fields import validate_name
 from warren_mesh.trust.networks import usable_host_range
@@ -31,7 +31,7 @@ class PeerError(RuntimeError):
     """The peer cannot be added or removed as asked; the message says why."""
 
 
-def _taken(view: MeshView) -> tuple[set[int], list[IPNetwork]]:
+def _taken(view: MeshReader) -> tuple[set[int], list[IPNetwork]]:
     """What of the mesh network is taken: addresses held (claims) or used by nodes, and peers' routes."""
     held = {int(ipaddress.ip_address(s)) for s in view.reservations if "/" not in s}
     held.update(int(entry.record.overlay_ip) for entry in view.nodes.values())
@@ -39,7 +39,7 @@ def _taken(view: MeshView) -> tuple[set[int], list[IPNetwork]]:
     return held, routed
 
 
-def _free_address(view: MeshView, skip: set[int]) -> IPAddress:
+def _free_address(view: MeshReader, skip: set[int]) -> IPAddress:
     """A free address, from the top of the mesh network down: nodes start where their names hash to, so the top
     is as likely free as anywhere, and members stay easy to tell apart from nodes."""
     first, last = usable_host_range(view.config.overlay_cidr)

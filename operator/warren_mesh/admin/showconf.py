@@ -18,7 +18,7 @@ from typing import Any
 from warren_mesh.identity.keys import NodeKey
 from warren_mesh.mesh.claims import LocalNode
 from warren_mesh.mesh.topology import Topology, build_topology
-from warren_mesh.mesh.view import MeshView
+from warren_mesh.mesh.view import MeshReader
 from warren_mesh.trust.records import ExternalPeer
 from warren_mesh.values.device import PeerSpec
 from warren_mesh.values.netaddr import IPAddress
@@ -99,7 +99,7 @@ class Member:
         return json.dumps(self.to_json(), indent=2)
 
 
-def overlay_addresses(view: MeshView, peer: ExternalPeer) -> tuple[IPAddress, ...]:
+def overlay_addresses(view: MeshReader, peer: ExternalPeer) -> tuple[IPAddress, ...]:
     """The peer's own addresses in the mesh network: the single addresses of its allowed IPs inside it."""
     overlay = view.config.overlay_cidr
     return tuple(
@@ -111,7 +111,7 @@ def overlay_addresses(view: MeshView, peer: ExternalPeer) -> tuple[IPAddress, ..
     )
 
 
-def _fold(view: MeshView, local: LocalNode) -> Topology:
+def _fold(view: MeshReader, local: LocalNode) -> Topology:
     # The MTU is not the topology's to decide for a machine whose underlay we cannot see: see render().
     return build_topology(local=local, view=view, auto_mtu=_UNKNOWN_MTU)
 
@@ -120,7 +120,7 @@ def _left_out(topology: Topology, skip: str) -> tuple[str, ...]:
     return tuple(f"{c.name}: {c.message}" for c in topology.conflicts if c.name != skip)
 
 
-def for_peer(view: MeshView, name: str, *, private_key: NodeKey | None = None, dns: Sequence[str] = ()) -> Member:
+def for_peer(view: MeshReader, name: str, *, private_key: NodeKey | None = None, dns: Sequence[str] = ()) -> Member:
     """The wg-quick file of external peer ``name``: one ``[Peer]`` per node the agents accept."""
     entry = view.peers.get(name)
     if entry is None:
@@ -161,7 +161,7 @@ def _with_keepalive(spec: PeerSpec, keepalive: int) -> PeerSpec:
     return PeerSpec(spec.public_key, spec.endpoint, spec.allowed_ips, keepalive)
 
 
-def for_node(view: MeshView, name: str) -> Member:
+def for_node(view: MeshReader, name: str) -> Member:
     """What node ``name``'s WireGuard device should hold, as its agent computes it (public parts only)."""
     entry = view.nodes.get(name)
     if entry is None:

@@ -211,7 +211,6 @@ class Agent:
         log.info("never routed into the tunnel: %s", ", ".join(str(n) for n in protected))
 
         config = await self._until_etcd(stop, self._read_config)
-        self.view.config = config
         registrar = Registrar(
             settings.registration,
             store=self.store,
@@ -261,7 +260,7 @@ class Agent:
 
         start("observe", self._observe(registrar, reconciler))
         start("reconcile", reconciler.run())
-        start("keepalive", registrar.keep_alive(lambda: self.view.config))
+        start("keepalive", registrar.keep_alive(lambda: self.view.config if self.view.synced else config))
         start("device-watchdog", loops.watch_device(self.device_thread, self.backend, reconciler))
         start(
             "key-rotation",

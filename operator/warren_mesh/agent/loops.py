@@ -20,7 +20,7 @@ from warren_mesh.host.node import Host
 from warren_mesh.identity import pki
 from warren_mesh.identity.keys import NodeKey
 from warren_mesh.mesh import endpoints
-from warren_mesh.mesh.view import MeshView
+from warren_mesh.mesh.view import MeshReader
 from warren_mesh.metrics.instruments import AgentMetrics
 from warren_mesh.metrics.peer_collector import TrafficWindow
 from warren_mesh.store.base import Store, StoreError
@@ -55,7 +55,7 @@ async def rotate_keys(
     *,
     requested: asyncio.Event,
     every: float | None,
-    view: MeshView,
+    view: MeshReader,
     on_rotated: Callable[[NodeKey], None],
 ) -> None:
     """key-rotation: rotate the key when asked, and when it is older than ``every`` seconds (--rotate-key-every,
@@ -153,7 +153,7 @@ class EndpointWatch:
 
     publication: RecordPublisher
     reconciler: Reconciler
-    view: MeshView
+    view: MeshReader
     pinned: bool
 
     async def publish(self, device: DeviceState) -> None:

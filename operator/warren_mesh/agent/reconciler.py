@@ -27,7 +27,7 @@ from warren_mesh.agent.report import PassReport
 from warren_mesh.identity.keys import NodeKey
 from warren_mesh.mesh.changes import Changes
 from warren_mesh.mesh.decision import Decider
-from warren_mesh.mesh.view import MeshView
+from warren_mesh.mesh.view import MeshReader
 from warren_mesh.trust.records import MeshConfig
 from warren_mesh.wireguard.backend import Backend, BackendError
 
@@ -46,7 +46,7 @@ class Reconciler:
     def __init__(
         self,
         *,
-        view: MeshView,
+        view: MeshReader,
         decider: Decider,
         identity: Identity,
         backend: Backend,

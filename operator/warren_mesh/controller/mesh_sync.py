@@ -32,7 +32,7 @@ from warren_mesh.controller.translate import (
     ready_condition,
 )
 from warren_mesh.kube.client import Kube, KubeError
-from warren_mesh.mesh.view import MeshView, renumbering_refusal
+from warren_mesh.mesh.view import MeshReader, MeshView, renumbering_refusal
 from warren_mesh.store.base import Store, StoreError
 from warren_mesh.trust.records import encode_json
 from warren_mesh.values.keyspace import KeySchema
@@ -170,7 +170,7 @@ class MeshSync:
             log.info("mesh %s: removed peer %s (its MeshPeer is gone)", self.name, key)
         return len(desired), refused
 
-    async def _sync_mesh_nodes(self, view: MeshView) -> tuple[int, int]:
+    async def _sync_mesh_nodes(self, view: MeshReader) -> tuple[int, int]:
         """Mirror the registrations as MeshNodes; returns (registered, with a live lease)."""
         if not view.synced:
             return 0, 0

@@ -12,7 +12,7 @@ import ipaddress
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from warren_mesh.mesh.view import MeshView
+from warren_mesh.mesh.view import MeshReader
 from warren_mesh.trust.networks import usable_host_range
 from warren_mesh.trust.records import MeshConfig
 from warren_mesh.values.keyspace import ClaimKind, KeySchema
@@ -39,7 +39,7 @@ class Holdings:
     lost: list[tuple[str, ClaimKind]] = field(default_factory=list)  # (subject, kind) of our claims that lost
 
 
-def holdings(claims: MeshView, config: MeshConfig, name: str, schema: KeySchema) -> Holdings:
+def holdings(claims: MeshReader, config: MeshConfig, name: str, schema: KeySchema) -> Holdings:
     """``name``'s holdings among the claims of ``claims`` (a view of the claims alone)."""
     found = Holdings()
     for subject, holder in claims.reservations.items():

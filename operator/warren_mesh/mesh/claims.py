@@ -17,7 +17,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
-from warren_mesh.mesh.view import MeshView, Reservation
+from warren_mesh.mesh.view import MeshReader, Reservation
 from warren_mesh.trust.networks import usable_host_range
 from warren_mesh.trust.reasons import (
     REASON_ADDRESS_OUTSIDE_CIDR,
@@ -84,7 +84,7 @@ class NetworkClaims:
 class ClaimRules:
     """The rules of one config, for one node, against one view (``view`` follows the builder's updates)."""
 
-    def __init__(self, config: MeshConfig, local: LocalNode, view: MeshView | None) -> None:
+    def __init__(self, config: MeshConfig, local: LocalNode, view: MeshReader | None) -> None:
         self._config = config
         self._local = local
         self.view = view
@@ -199,7 +199,7 @@ class ClaimRules:
         return None
 
 
-def _holder_claims(view: MeshView, holder: str, subject: str) -> bool:
+def _holder_claims(view: MeshReader, holder: str, subject: str) -> bool:
     """Whether the holder of a claim takes what it claimed itself (as a node or an external peer)."""
     node = view.nodes.get(holder)
     if node is not None and (node.record.overlay_text == subject or subject in node.record.routes.text):

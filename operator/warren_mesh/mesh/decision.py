@@ -17,7 +17,7 @@ from warren_mesh.mesh.changes import ChangeLog, Changes
 from warren_mesh.mesh.claims import Conflict, LocalNode
 from warren_mesh.mesh.plan import Plan, plan_changes, plan_delta
 from warren_mesh.mesh.topology import Topology, TopologyBuilder
-from warren_mesh.mesh.view import MeshView
+from warren_mesh.mesh.view import MeshReader
 from warren_mesh.values.device import DeviceState, InterfaceSpec, PeerSpec
 
 
@@ -66,7 +66,7 @@ class Decider:
         self._verify_next = True
         return True
 
-    def set_public_key(self, public_key: str, view: MeshView) -> None:
+    def set_public_key(self, public_key: str, view: MeshReader) -> None:
         """This node's key changed (key rotation): fold again around it; the next plan installs it."""
         self._builder.set_local(dataclasses.replace(self._builder.local, public_key=public_key), view)
         self._verify_next = True
@@ -98,7 +98,7 @@ class Decider:
         """How often the topology was folded from scratch rather than updated (benchmarks read it)."""
         return self._builder.rebuilds
 
-    def fold(self, view: MeshView) -> Fold:
+    def fold(self, view: MeshReader) -> Fold:
         """Take in what changed since the last fold. Until the pass that follows reports success (``settle``), the
         device may differ from what it was given: the next plan looks at it."""
         changes = self._pending.take()

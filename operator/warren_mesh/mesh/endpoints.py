@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping
 
-from warren_mesh.mesh.view import MeshView
+from warren_mesh.mesh.view import MeshReader
 from warren_mesh.trust.endpoint import Endpoint
 from warren_mesh.trust.reasons import RecordError
 from warren_mesh.trust.records import MAX_OBSERVED_ENDPOINTS
@@ -26,7 +26,7 @@ SESSION_LIFETIME = 180.0
 
 
 def observed_elsewhere(
-    device: DeviceState, names: Mapping[str, str], view: MeshView, *, now: float
+    device: DeviceState, names: Mapping[str, str], view: MeshReader, *, now: float
 ) -> tuple[tuple[str, Endpoint], ...]:
     """Nodes this device has a live session with at another endpoint than their records say: (name, endpoint)."""
     observed: list[tuple[str, Endpoint]] = []
@@ -46,7 +46,7 @@ def observed_elsewhere(
     return tuple(sorted(observed, key=lambda item: item[0])[:MAX_OBSERVED_ENDPOINTS])
 
 
-def public_endpoint(view: MeshView, name: str) -> Endpoint | None:
+def public_endpoint(view: MeshReader, name: str) -> Endpoint | None:
     """Where the nodes that see ``name`` elsewhere than it says see it: the endpoint most of them name (a tie goes
     to the lowest), or None if nobody does. One lying node cannot outvote the others."""
     votes: Counter[str] = Counter()

@@ -24,7 +24,7 @@ from typing import Final
 
 from warren_mesh.mesh.changes import Changes
 from warren_mesh.mesh.claims import ClaimRules, Conflict, LocalNode, NetworkClaims
-from warren_mesh.mesh.view import Entry, MeshView
+from warren_mesh.mesh.view import Entry, MeshReader
 from warren_mesh.trust.reasons import (
     REASON_ADDRESS_OUTSIDE_CIDR,
     REASON_ADDRESS_TAKEN,
@@ -94,7 +94,7 @@ class TopologyBuilder:
     def local_name(self) -> str:
         return self._local.name
 
-    def _reset(self, config: MeshConfig, view: MeshView | None) -> None:
+    def _reset(self, config: MeshConfig, view: MeshReader | None) -> None:
         self._config = config
         self._rules = ClaimRules(config, self._local, view)
         self._interface = InterfaceSpec(
@@ -119,7 +119,7 @@ class TopologyBuilder:
             self._claims.add(version, prefixlen, first, local.name)
         self._holders[local.public_key] = _LOCAL
 
-    def rebuild(self, view: MeshView) -> None:
+    def rebuild(self, view: MeshReader) -> None:
         """Fold every record of ``view`` from scratch."""
         self.rebuilds += 1
         self._reset(view.config, view)
@@ -128,7 +128,7 @@ class TopologyBuilder:
         for candidate, entry, position in candidates:
             self._settle(candidate, entry, position, self._problem(candidate, entry))
 
-    def update(self, view: MeshView, changes: Changes) -> set[str] | None:
+    def update(self, view: MeshReader, changes: Changes) -> set[str] | None:
         """Bring the fold up to date with ``changes``; the public keys whose peer may differ now, or None when
         everything was folded again (the caller must then compare everything)."""
         if changes.everything:  # a snapshot or a config change: nothing to update from
@@ -190,7 +190,7 @@ class TopologyBuilder:
         ordered = sorted(self._conflicts.values(), key=lambda s: s.position)
         return tuple(s.conflict for s in ordered if s.conflict is not None)
 
-    def set_local(self, local: LocalNode, view: MeshView) -> None:
+    def set_local(self, local: LocalNode, view: MeshReader) -> None:
         """This node's identity changed (a new key): fold again around it."""
         self._local = local
         self.rebuild(view)
@@ -338,7 +338,7 @@ def pod_aggregates(config: MeshConfig, local: LocalNode) -> tuple[str, ...]:
 def build_topology(
     *,
     local: LocalNode,
-    view: MeshView,
+    view: MeshReader,
     auto_mtu: int,
     fwmark: int = 0,
 ) -> Topology:
@@ -358,12 +358,12 @@ def _position(candidate: Candidate, entry: Entry[NodeRecord] | Entry[ExternalPee
     return (entry.create_revision, candidate[1], 0 if candidate[0] == "node" else 1)
 
 
-def _entry(view: MeshView, candidate: Candidate) -> Entry[NodeRecord] | Entry[ExternalPeer] | None:
+def _entry(view: MeshReader, candidate: Candidate) -> Entry[NodeRecord] | Entry[ExternalPeer] | None:
     kind, name = candidate
     return view.nodes.get(name) if kind == "node" else view.peers.get(name)
 
 
-def _entries(view: MeshView, local_name: str) -> Iterator[tuple[Candidate, Entry[NodeRecord] | Entry[ExternalPeer]]]:
+def _entries(view: MeshReader, local_name: str) -> Iterator[tuple[Candidate, Entry[NodeRecord] | Entry[ExternalPeer]]]:
     for name, node in view.nodes.items():
         if name != local_name:
             yield ("node", name), node

@@ -19,7 +19,7 @@ import logging
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from warren_mesh.mesh.changes import Changes, Rejection
 from warren_mesh.trust.decode import MAX_KEY_BYTES, decode_json
@@ -63,8 +63,44 @@ class Reservation:
     owner: str
 
 
+class MeshReader(Protocol):
+    """The view as every part but the observe stage (its one writer) sees it: read only."""
+
+    @property
+    def schema(self) -> KeySchema: ...
+
+    @property
+    def config(self) -> MeshConfig: ...
+
+    @property
+    def nodes(self) -> Mapping[str, Entry[NodeRecord]]: ...
+
+    @property
+    def peers(self) -> Mapping[str, Entry[ExternalPeer]]: ...
+
+    @property
+    def reservations(self) -> Mapping[str, Reservation]:
+        """What claims are on (an overlay address, or a pod subnet with its /prefix) -> who holds it."""
+        ...
+
+    @property
+    def revision(self) -> int:
+        """The etcd revision the view is at."""
+        ...
+
+    @property
+    def synced(self) -> bool:
+        """Whether a complete snapshot has been seen (until then nothing may be removed)."""
+        ...
+
+    def claims_on(self, address: str) -> list[Reservation]: ...
+
+    def rejected_by_reason(self) -> dict[str, int]: ...
+
+
 class MeshView:
-    """Config, node records, external peers and address claims under one key prefix."""
+    """Config, node records, external peers and address claims under one key prefix; changed only by ``apply``
+    (the agent's observe stage), read by everyone else as a ``MeshReader``."""
 
     def __init__(self, schema: KeySchema) -> None:
         self._schema = schema

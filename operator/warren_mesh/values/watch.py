@@ -1,7 +1,7 @@
 """What a watch delivers: plain key-values, and results that are either events or a complete snapshot.
 
 A watch result is either a batch of events or, after a compaction lost the history a resume needed, a complete
-snapshot. Consumers fold both through one model (``mesh.peers.MeshView``), which is what makes a reconnect safe:
+snapshot. Consumers fold both through one model (``mesh.view.MeshView``), which is what makes a reconnect safe:
 there is never a gap between "what I had" and "what is there now" that code must special-case. These values sit
 below both ``store/`` (which produces them) and ``mesh/`` (which consumes them).
 """
