@@ -1,1 +1,2 @@
-"""What an administrator does to a mesh's store, once: migrate its keys, set up etcd's users and roles."""
+"""The admin tools: what a person runs against a mesh's store (status, showconf, graph, external peers) and what
+an administrator does to it once (migrate its keys)."""

@@ -1,4 +1,4 @@
-"""Pure values of the mesh and their JSON codec.
+"""The mesh's records (node records, external peers, the mesh config) as validated values, and their JSON codec.
 
 Everything that crosses etcd is decoded here, once, into frozen values, and every way a record can be wrong
 maps to one short ``reason`` (the label of ``warren_mesh_rejected_records_total``). Nothing here does I/O, so the
