@@ -8,7 +8,8 @@ import pytest
 from helpers import run
 from unit.stage_parts import SCHEMA, publish, record
 from warren_mesh.admin import showconf
-from warren_mesh.admin.status import read_status, read_view, render_json, render_table
+from warren_mesh.admin.reading import read_view
+from warren_mesh.admin.status import read_status, render_json, render_table
 from warren_mesh.identity.keys import NodeKey
 from warren_mesh.store.memory import MemoryStore
 from warren_mesh.trust.records import ExternalPeer, encode_json

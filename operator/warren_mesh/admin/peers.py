@@ -11,7 +11,7 @@ import ipaddress
 import logging
 from collections.abc import Sequence
 
-from warren_mesh.admin.status import read_view
+from warren_mesh.admin.reading import read_view
 from warren_mesh.identity.keys import NodeKey
 from warren_mesh.mesh.view import MeshReader
 from warren_mesh.store.base import Store

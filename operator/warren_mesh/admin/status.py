@@ -8,8 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from warren_mesh.admin.reading import read_view_judged
 from warren_mesh.mesh.changes import Rejection
-from warren_mesh.mesh.view import MeshView
 from warren_mesh.metrics.reading import read_agent_metrics
 from warren_mesh.store.base import Store
 from warren_mesh.values.keyspace import KeySchema
@@ -59,19 +59,6 @@ def read_agent_traffic(metrics_url: str, timeout: float = 2.0) -> dict[str, tupl
         for key, peer in reading.peers.items()
         if peer.receive_bytes_per_second is not None
     }
-
-
-async def read_view(store: Store, schema: KeySchema) -> MeshView:
-    """The mesh as etcd holds it now, judged by the agents' rules (`status`, `showconf`, `graph`, `peer`)."""
-    view, _ = await read_view_judged(store, schema)
-    return view
-
-
-async def read_view_judged(store: Store, schema: KeySchema) -> tuple[MeshView, tuple[Rejection, ...]]:
-    """``read_view``, and the records it refused."""
-    view = MeshView(schema)
-    changes = view.apply(await store.list_prefix(schema.root))
-    return view, changes.rejections
 
 
 async def read_status(store: Store, schema: KeySchema) -> MeshStatus:

@@ -17,7 +17,8 @@ from pathlib import Path
 from warren_mesh.admin import graph as graph_module
 from warren_mesh.admin import peers, showconf
 from warren_mesh.admin.migration import migrate_reservations
-from warren_mesh.admin.status import read_agent_traffic, read_status, read_view, render_json, render_table
+from warren_mesh.admin.reading import read_view
+from warren_mesh.admin.status import read_agent_traffic, read_status, render_json, render_table
 from warren_mesh.cli.stores import open_store
 from warren_mesh.identity import pki
 from warren_mesh.identity.keys import load as load_key
