@@ -14,6 +14,7 @@ from pyroute2 import IPRoute
 
 from warren_mesh.identity.keys import NodeKey
 from warren_mesh.lab import netns
+from warren_mesh.testkit.waiting import wait_for
 from warren_mesh.values.device import InterfaceSpec, PeerSpec
 from warren_mesh.wireguard import userspace
 from warren_mesh.wireguard.backend import BackendError
@@ -208,10 +209,7 @@ def test_a_daemon_run_by_warren_mesh_wireguard_go_is_adopted_and_outlives_the_ag
 
         assert daemon is not None
         os.kill(daemon, 9)  # the daemon dies: its runner starts another, which the agent configures from scratch
-        deadline = time.monotonic() + 10
-        while not agents[0].check():
-            assert time.monotonic() < deadline, "the runner did not restart wireguard-go"
-            time.sleep(0.2)
+        wait_for(agents[0].check, 10, "the runner to restart wireguard-go", interval=0.2)
         assert agents[0].daemon_pid() not in (None, daemon) and agents[0].read().peers == {}
         configure(agents[0])
         # From a: b still holds the old daemon's session, which only a's new handshake replaces at once.

@@ -113,10 +113,11 @@ def test_a_stop_with_a_restart_grace_leaves_the_record_for_the_next_run(shared_e
         await other.register(MeshConfig())
         await other.hand_over(2)
         assert await store.get(schema.node("n2")) is not None
-        deadline = asyncio.get_running_loop().time() + 10
-        while await store.get(schema.node("n2")) is not None:
-            assert asyncio.get_running_loop().time() < deadline, "the handed-over record never expired"
-            await asyncio.sleep(0.2)
+
+        async def expired() -> bool:
+            return await store.get(schema.node("n2")) is None
+
+        await wait_until(expired, 10, "the handed-over record to expire", interval=0.2)
 
     with_store(shared_etcd, scenario)
 

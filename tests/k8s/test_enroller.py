@@ -8,7 +8,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from warren_mesh.identity.etcd_tls import EtcdTls
 from warren_mesh.store.base import StoreError
 from warren_mesh.store.etcd import EtcdStore
 from warren_mesh.testkit.etcd_server import EtcdServer, free_port
+from warren_mesh.testkit.waiting import wait_for
 from warren_mesh.values.keyspace import KeySchema
 
 NAMESPACE = "warren-mesh"
@@ -103,16 +103,16 @@ def _wait_healthy(url: str, ca: Path, process: subprocess.Popen[bytes]) -> None:
     import ssl
 
     context = ssl.create_default_context(cafile=str(ca))
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+
+    def healthy() -> bool:
         assert process.poll() is None, "the enroller exited"
         try:
             with urllib.request.urlopen(f"{url}/healthz", context=context, timeout=1) as answer:
-                if answer.status == 200:
-                    return
+                return bool(answer.status == 200)
         except OSError:
-            time.sleep(0.1)
-    raise AssertionError("the enroller did not answer within 30 s")
+            return False
+
+    wait_for(healthy, 30, "the enroller to answer", interval=0.1)
 
 
 def _token(cluster: Cluster, account: str, *, pod: str | None, audience: str = "warren-mesh") -> str:
@@ -248,11 +248,12 @@ def test_a_pods_token_gets_a_certificate_for_its_own_node_only(
     )
     try:
         serials = {after.serial_number}
-        deadline = time.monotonic() + 20
-        while len(serials) < 3 and time.monotonic() < deadline:
-            time.sleep(0.2)
+
+        def renewed_twice() -> bool:
             serials.add(x509.load_pem_x509_certificate(cert.read_bytes()).serial_number)
-        assert len(serials) >= 3, "the sidecar did not renew twice"
+            return len(serials) >= 3
+
+        wait_for(renewed_twice, 20, "the sidecar to renew twice", interval=0.2)
         assert sidecar.poll() is None, "enroll --watch ended"
         # A pod stop: SIGTERM ends it at once and cleanly (as process 1 of a container it would otherwise be
         # immune to it, and every stop of the agent's pod would wait out the grace period).

@@ -8,7 +8,6 @@ import http.client
 import json
 import socket
 import subprocess
-import time
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 from pyroute2 import netns as pyroute2_netns
 
 from warren_mesh.process import in_netns
+from warren_mesh.testkit.waiting import TimedOut, wait_for
 
 PORT = 9090
 
@@ -63,15 +63,22 @@ class Prometheus:
                 stderr=subprocess.STDOUT,
                 preexec_fn=in_netns(self.netns, tied_to_parent=True),  # noqa: PLW1509 (one setns call)
             )
-        deadline = time.monotonic() + timeout
-        while True:
+        process = self.process
+
+        def ready() -> bool:
+            if process.poll() is not None:
+                raise TimedOut("Prometheus exited")
             with contextlib.suppress(OSError):
-                if http_get("127.0.0.1", PORT, "/-/ready", netns=self.netns)[0] == 200:
-                    return
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"Prometheus did not start; its log:\n{self.log_path.read_text()[-3000:]}")
-            time.sleep(0.2)
+                return http_get("127.0.0.1", PORT, "/-/ready", netns=self.netns)[0] == 200
+            return False
+
+        try:
+            wait_for(ready, timeout, "Prometheus to be ready", interval=0.2)
+        except TimedOut as exc:
+            self.stop()
+            raise RuntimeError(
+                f"Prometheus did not start ({exc}); its log:\n{self.log_path.read_text()[-3000:]}"
+            ) from None
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

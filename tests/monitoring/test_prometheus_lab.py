@@ -89,8 +89,9 @@ def iperf(lab: Lab, server: int, client: int, address: str) -> dict[str, Any]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 10
-        while True:
+        last: list[subprocess.CompletedProcess[str]] = []
+
+        def measured() -> dict[str, Any] | None:
             started = time.time()
             run = subprocess.run(
                 [
@@ -103,13 +104,17 @@ def iperf(lab: Lab, server: int, client: int, address: str) -> dict[str, Any]:
                 text=True,
                 check=False,
             )
+            last[:] = [run]
             report: dict[str, Any] = json.loads(run.stdout or "{}")
             if "end" in report and "sum_sent" in report["end"]:
                 report["started_at"] = started
                 return report
-            if time.monotonic() > deadline:
-                raise AssertionError(f"iperf3 failed: {run.stdout[-500:]} {run.stderr[-500:]}")
-            time.sleep(0.2)  # the server was not listening yet
+            return None  # the server was not listening yet
+
+        result: dict[str, Any] = wait_for(
+            measured, 10, "iperf3 to measure", log=lambda: f"{last[0].stdout[-500:]} {last[0].stderr[-500:]}"
+        )
+        return result
     finally:
         listener.kill()
         listener.wait()

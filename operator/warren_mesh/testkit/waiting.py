@@ -4,6 +4,7 @@ or a deadline passes, then fail naming what was awaited (and, given ``log``, wha
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Callable
 from typing import Any
@@ -49,9 +50,14 @@ async def wait_until(
     interval: float = 0.01,
     log: Callable[[], str] | None = None,
 ) -> Any:
-    """``wait_for`` on an event loop: the condition is cheap and runs on the loop, between polls it sleeps."""
+    """``wait_for`` on an event loop: the condition runs on the loop (a coroutine function's result is awaited:
+    a store read, say), between polls it sleeps."""
     deadline = _Deadline(timeout, what, log)
-    while not (value := condition()):
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
         deadline.check()
         await asyncio.sleep(interval)
-    return value
