@@ -48,11 +48,7 @@ class MeshObserver:
         """Forever (the watch resumes by itself after any failure of etcd's)."""
         view = self._view
         async for result in self._store.observe(view.schema.root, on_restart=self._on_restart):
-            mentioned = {}
-            for key in self._watched():
-                told, value = _value_after(result, key)
-                if told:
-                    mentioned[key] = value
+            mentioned = _values_after(result, self._watched())
             first = not view.synced
             changes = view.apply(result)
             if first and view.synced:
@@ -64,11 +60,18 @@ class MeshObserver:
             yield Observed(changes, events, view.config, mentioned)
 
 
-def _value_after(result: WatchResult, key: str) -> tuple[bool, bytes | None]:
-    """Whether ``result`` tells anything about ``key`` and, if so, its value afterwards (None: deleted or absent)."""
+def _values_after(result: WatchResult, keys: Iterable[str]) -> dict[str, bytes | None]:
+    """Each of ``keys`` that ``result`` tells anything about, with its value afterwards (None: deleted or absent).
+    One pass over the batch, however many keys are watched (a snapshot tells about every key)."""
+    watched = set(keys)
     if isinstance(result, Snapshot):
-        return True, next((kv.value for kv in result.items if kv.key == key), None)
-    latest = [event for event in result.events if event.kv.key == key]
-    if not latest:
-        return False, None
-    return True, latest[-1].kv.value if latest[-1].kind == "put" else None
+        told: dict[str, bytes | None] = dict.fromkeys(watched)
+        for kv in result.items:
+            if kv.key in watched:
+                told[kv.key] = kv.value
+        return told
+    told = {}
+    for event in result.events:
+        if event.kv.key in watched:
+            told[event.kv.key] = event.kv.value if event.kind == "put" else None
+    return told

@@ -56,17 +56,14 @@ class RecordPublisher:
         self._endpoint_host = endpoint_host
         self._endpoint_pinned = settings.endpoint_host is not None  # --endpoint: never another
         self._endpoint_port = settings.endpoint_port  # None: follow the mesh's listen port
+        self.key = schema.node(self._name)  # where our record lives
         self.current: Registration | None = None
+        self._claim_keys: tuple[str, ...] = ()  # of the current registration
         self._published = b""  # the exact value of our record in etcd, to notice when someone changes it
 
     @property
     def name(self) -> str:
         return self._name
-
-    @property
-    def key(self) -> str:
-        """Where our record lives."""
-        return self._schema.node(self._name)
 
     def record(self, config: MeshConfig, overlay_ip: IPAddress, subnet: IPNetwork | None) -> NodeRecord:
         """Our record as it should read now, with ``overlay_ip`` and ``subnet``."""
@@ -87,10 +84,14 @@ class RecordPublisher:
         """``registration`` is in etcd now (on a fresh lease)."""
         self.current = registration
         self._published = encode_json(registration.record.to_json())
+        record = registration.record
+        subnets = tuple(self._schema.claim(self._name, str(n), "pods") for n in record.allowed_ips)
+        self._claim_keys = (self._schema.claim(self._name, str(record.overlay_ip)), *subnets)
 
     def unregistered(self) -> Registration | None:
         """We leave (or are between leases): the registration we had."""
         current, self.current = self.current, None
+        self._claim_keys = ()
         return current
 
     async def publish(self, record: NodeRecord, lease_id: int) -> NodeRecord:
@@ -212,12 +213,7 @@ class RecordPublisher:
     @property
     def claim_keys(self) -> tuple[str, ...]:
         """The keys of our claims (our address, our pod subnet), once registered."""
-        current = self.current
-        if current is None:
-            return ()
-        record = current.record
-        subnets = tuple(self._schema.claim(self._name, str(n), "pods") for n in record.allowed_ips)
-        return (self._schema.claim(self._name, str(record.overlay_ip)), *subnets)
+        return self._claim_keys
 
     async def restore_claim(self, key: str, value: bytes | None) -> None:
         """Claim again what is ours if someone deleted our claim ``key``. Every agent keeps our record as long as it

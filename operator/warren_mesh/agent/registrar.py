@@ -234,12 +234,17 @@ class Registrar:
                 await publication.restore(value)
             else:
                 await publication.restore_claim(key, value)
-        if self._config is not None and observed.config != self._config:
-            try:
-                await publication.republish(observed.config)
-                self._config = observed.config
-            except StoreUnavailable as exc:
-                log.warning("could not republish after a config change (retried with the next event): %s", exc)
+        config = observed.config
+        if self._config is None or config is self._config:
+            return  # the view hands on the same config object until it changes: most batches end here
+        if config == self._config:
+            self._config = config
+            return
+        try:
+            await publication.republish(config)
+            self._config = config
+        except StoreUnavailable as exc:
+            log.warning("could not republish after a config change (retried with the next event): %s", exc)
 
     async def keep_alive(self, config: Callable[[], MeshConfig]) -> None:
         """Forever: wait until etcd drops our lease (refreshed from the moment it was granted), then register
