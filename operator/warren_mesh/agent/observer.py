@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from warren_mesh.mesh.changes import Changes
 from warren_mesh.mesh.view import MeshView
@@ -18,9 +18,11 @@ from warren_mesh.trust.records import MeshConfig
 from warren_mesh.values.watch import Events, Snapshot, WatchResult
 
 
-@dataclass(frozen=True, slots=True)
-class Observed:
+class Observed(NamedTuple):
     """One watch batch, folded in."""
+
+    # A NamedTuple, not a frozen dataclass: made once per watch batch or pass on every agent, and a tuple is built
+    # in C (a frozen dataclass sets each field through object.__setattr__).
 
     changes: Changes
     events: int  # watch events in the batch (0 for a snapshot)

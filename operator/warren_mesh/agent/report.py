@@ -7,7 +7,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from warren_mesh.mesh.changes import Changes
 from warren_mesh.mesh.claims import Conflict
@@ -16,9 +16,11 @@ from warren_mesh.metrics.instruments import AgentMetrics
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class PassReport:
+class PassReport(NamedTuple):
     """What one decide-and-apply pass did."""
+
+    # A NamedTuple, not a frozen dataclass: made once per watch batch or pass on every agent, and a tuple is built
+    # in C (a frozen dataclass sets each field through object.__setattr__).
 
     ok: bool  # every device operation succeeded
     applied: Mapping[str, int]  # device changes by kind

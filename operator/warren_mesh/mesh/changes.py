@@ -8,7 +8,9 @@ touched, not what the mesh holds.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import NamedTuple
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,20 +22,22 @@ class Rejection:
     message: str
 
 
-@dataclass(frozen=True, slots=True)
-class Changes:
+class Changes(NamedTuple):
     """What a batch (or a run of batches) changed.
 
     ``everything`` is set when the change cannot be pinned to single records (a snapshot, a config change): the
     consumer must then look at the whole view again.
     """
 
+    # A NamedTuple, not a frozen dataclass: made once per watch batch or pass on every agent, and a tuple is built
+    # in C (a frozen dataclass sets each field through object.__setattr__).
+
     everything: bool
     nodes: frozenset[str] = frozenset()
     peers: frozenset[str] = frozenset()
     addresses: frozenset[str] = frozenset()  # addresses whose holder changed
     # node name -> publish time of the node records accepted (for convergence lag)
-    published: Mapping[str, float] = field(default_factory=dict)
+    published: Mapping[str, float] = MappingProxyType({})
     rejections: tuple[Rejection, ...] = ()
 
 

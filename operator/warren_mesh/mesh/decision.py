@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from warren_mesh.mesh.changes import ChangeLog, Changes
 from warren_mesh.mesh.claims import Conflict, LocalNode
@@ -21,17 +21,18 @@ from warren_mesh.mesh.view import MeshReader
 from warren_mesh.values.device import DeviceState, InterfaceSpec, PeerSpec
 
 
-@dataclass(frozen=True, slots=True)
-class Fold:
+class Fold(NamedTuple):
     """The fold brought up to date: whether the plan needs the device as it is, and the publish times of the node
     records folded in (for convergence lag)."""
+
+    # A NamedTuple, not a frozen dataclass: made once per watch batch or pass on every agent, and a tuple is built
+    # in C (a frozen dataclass sets each field through object.__setattr__).
 
     needs_device: bool
     published: Mapping[str, float]
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     plan: Plan
     names: Mapping[str, str]  # public key -> node or peer name, for every peer the plan touches (to explain it)
     full: bool  # made against the device as read: the pass that also keeps the host's pod network in place

@@ -27,7 +27,7 @@ import functools
 import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from warren_mesh.mesh.topology import Topology
 from warren_mesh.values.device import DeviceState, InterfaceSpec, PeerSpec
@@ -45,10 +45,12 @@ class PeerChange:
     detail: str
 
 
-@dataclass(frozen=True, slots=True)
-class Operation:
+class Operation(NamedTuple):
     """One step of a plan: what it does, and to what (``interface`` for "interface", ``peers`` for "set_peers" and
     "remove", ``network`` for the routes)."""
+
+    # A NamedTuple, not a frozen dataclass: made once per watch batch or pass on every agent, and a tuple is built
+    # in C (a frozen dataclass sets each field through object.__setattr__).
 
     kind: OperationKind
     interface: InterfaceSpec | None = None
