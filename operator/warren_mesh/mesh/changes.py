@@ -8,6 +8,7 @@ touched, not what the mesh holds.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import NamedTuple
@@ -32,41 +33,39 @@ class Changes(NamedTuple):
     # A NamedTuple, not a frozen dataclass: made once per watch batch or pass on every agent, and a tuple is built
     # in C (a frozen dataclass sets each field through object.__setattr__).
 
+    # The sets are handed over, not copied (the view starts new ones for the next batch): read them, never change
+    # them.
     everything: bool
-    nodes: frozenset[str] = frozenset()
-    peers: frozenset[str] = frozenset()
-    addresses: frozenset[str] = frozenset()  # addresses whose holder changed
+    nodes: AbstractSet[str] = frozenset()
+    peers: AbstractSet[str] = frozenset()
+    addresses: AbstractSet[str] = frozenset()  # addresses whose holder changed
     # node name -> publish time of the node records accepted (for convergence lag)
     published: Mapping[str, float] = MappingProxyType({})
     rejections: tuple[Rejection, ...] = ()
 
 
 class ChangeLog:
-    """The sum of the batches seen since the last ``take()`` (everything, before the first)."""
+    """The sum of the batches seen since the last ``take()`` (everything, before the first). A pass usually
+    follows a single batch: that batch's value is handed on as it is, and only several are summed."""
 
     def __init__(self) -> None:
-        self._everything = True
-        self._nodes: set[str] = set()
-        self._peers: set[str] = set()
-        self._addresses: set[str] = set()
-        self._published: dict[str, float] = {}
+        self._pending: list[Changes] = [Changes(everything=True)]
 
     def add(self, changes: Changes) -> None:
-        self._everything |= changes.everything
-        self._nodes |= changes.nodes
-        self._peers |= changes.peers
-        self._addresses |= changes.addresses
-        self._published.update(changes.published)
+        self._pending.append(changes)
 
     def take(self) -> Changes:
         """What changed since the last call; the log starts empty again."""
-        changes = Changes(
-            self._everything,
-            frozenset(self._nodes),
-            frozenset(self._peers),
-            frozenset(self._addresses),
-            self._published,
-        )
-        self._everything = False
-        self._nodes, self._peers, self._addresses, self._published = set(), set(), set(), {}
-        return changes
+        pending, self._pending = self._pending, []
+        if len(pending) == 1:
+            return pending[0]
+        nodes: set[str] = set()
+        peers: set[str] = set()
+        addresses: set[str] = set()
+        published: dict[str, float] = {}
+        for changes in pending:
+            nodes |= changes.nodes
+            peers |= changes.peers
+            addresses |= changes.addresses
+            published.update(changes.published)
+        return Changes(any(c.everything for c in pending), nodes, peers, addresses, published)

@@ -135,16 +135,14 @@ class MeshView:
             self._apply_events(result)
         changes = Changes(
             self._changed_everything,
-            frozenset(self._changed_nodes),
-            frozenset(self._changed_peers),
-            frozenset(self._changed_addresses),
+            self._changed_nodes,
+            self._changed_peers,
+            self._changed_addresses,
             self._published,
             tuple(self._rejections),
         )
         self._changed_everything = False
-        self._changed_nodes.clear()
-        self._changed_peers.clear()
-        self._changed_addresses.clear()
+        self._changed_nodes, self._changed_peers, self._changed_addresses = set(), set(), set()
         self._published = {}
         self._rejections.clear()
         return changes
