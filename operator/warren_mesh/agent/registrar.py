@@ -286,6 +286,7 @@ class Registrar:
     async def hand_over(self, grace: int) -> None:
         """Leave our record to the agent that replaces this one (lease.py), which takes it over without a gap."""
         current = self.publication.unregistered()
-        self._leases.release()
-        if current is not None:
-            await self._leases.hand_over(self.publication.key, current.lease_id, grace)
+        if current is None:
+            self._leases.release()
+            return
+        await self._leases.hand_over(self.publication.key, current.lease_id, grace)  # releases the lease too
