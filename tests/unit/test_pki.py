@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from warren_mesh.identity import pki
@@ -65,3 +67,18 @@ def test_credential_problems_are_found_before_etcd_is_asked(tmp_path: Path) -> N
     assert "is not the key of" in (pki.credential_problem(good.cert, other.key) or "")
     assert "not a PEM certificate" in (pki.credential_problem(good.key, good.key) or "")
     assert "not an unencrypted PEM private key" in (pki.credential_problem(good.cert, good.cert) or "")
+
+
+def test_a_request_whose_key_is_no_point_of_its_curve_is_refused_as_a_bad_request(tmp_path: Path) -> None:
+    # Found by an attacker's request: such a key escaped as ValueError, and the enroller answered 500, not 400.
+    pki.init_ca(tmp_path)
+    key = ec.generate_private_key(ec.SECP256R1())
+    good = pki.certificate_request(key)
+    point = key.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+    der = x509.load_pem_x509_csr(good).public_bytes(Encoding.DER)
+    assert der.count(point) == 1
+    off_curve = point[:-1] + bytes([point[-1] ^ 1])  # the same x, a y that does not solve the curve's equation
+    bad = x509.load_der_x509_csr(der.replace(point, off_curve)).public_bytes(Encoding.PEM)
+    with pytest.raises(pki.PkiError, match="not a valid public key"):
+        pki.sign_request(tmp_path, bad, "node-evil")
+    assert pki.sign_request(tmp_path, good, "node-n1").startswith(b"-----BEGIN CERTIFICATE-----")

@@ -186,7 +186,11 @@ def sign_request(directory: Path, request: bytes, common_name: str) -> bytes:
         csr = x509.load_pem_x509_csr(request)
     except ValueError as exc:
         raise PkiError(f"not a PEM certificate request ({exc})") from None
-    public_key = csr.public_key()
+    try:
+        # A point that is not on its curve is refused here, as ValueError: a bad request, not our failure.
+        public_key = csr.public_key()
+    except ValueError as exc:
+        raise PkiError(f"the request's key is not a valid public key ({exc})") from None
     if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.name != "secp256r1":
         raise PkiError("the request's key is not an ECDSA P-256 key")
     if not csr.is_signature_valid:
