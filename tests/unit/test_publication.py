@@ -20,6 +20,7 @@ from warren_mesh.metrics.instruments import AgentMetrics
 from warren_mesh.settings import RegistrationSettings
 from warren_mesh.store.memory import MemoryStore
 from warren_mesh.trust.decode import decode_json
+from warren_mesh.trust.endpoint import Endpoint
 from warren_mesh.trust.records import MeshConfig, NodeRecord, encode_json
 
 SETTINGS = RegistrationSettings("n1", None, None, 10, None)
@@ -106,5 +107,31 @@ def test_a_lease_is_held_until_etcd_drops_it_and_handed_over_on_a_restart() -> N
         assert await store.lease_time_left(lease) == -1
         await store.advance(31)
         assert await store.get(SCHEMA.node("n1")) is None, "no next run came: it expired"
+
+    run(body())
+
+
+def test_our_own_earlier_write_seen_late_is_not_taken_for_someone_elses(caplog: pytest.LogCaptureFixture) -> None:
+    # Issue 28: an agent adopting an endpoint logged "changed by someone else" right after its own writes: the watch
+    # delivered its first write after the second had been made, and the first's value was no longer "ours".
+    async def body() -> None:
+        store = MemoryStore()
+        publisher = _publisher(store, NodeKey.generate())
+        lease = await store.grant_lease(10)
+        ours = await publisher.publish(publisher.record(MeshConfig(), ipaddress.ip_address("10.96.0.9"), None), lease)
+        publisher.registered(Registration(ours, lease, 10))
+        await publisher.set_observed((("n2", Endpoint.parse("192.0.2.2:40000")),))
+        first = await store.get(SCHEMA.node("n1"))
+        assert first is not None
+        await publisher.set_public_endpoint(Endpoint.parse("198.51.100.1:51820"))
+        revision = store.revision
+        await publisher.restore(first.value, first.mod_revision)  # our first write, seen after the second
+        assert store.revision == revision and "by someone else" not in caplog.text
+        # Someone else's write after ours is still written over.
+        await store.put(SCHEMA.node("n1"), b'{"forged": true}', lease=lease)
+        await publisher.restore(b'{"forged": true}', store.revision)
+        latest = await _record(store)
+        assert latest is not None and latest.endpoint == Endpoint.parse("198.51.100.1:51820")
+        assert "changed by someone else" in caplog.text
 
     run(body())

@@ -27,8 +27,11 @@ class Observed(NamedTuple):
     changes: Changes
     events: int  # watch events in the batch (0 for a snapshot)
     config: MeshConfig  # the mesh config in force after it
-    # Each watched key the batch told something about -> its value afterwards (None: deleted or absent).
+    # Each watched key the batch told something about -> its value afterwards (None: deleted or absent), and the
+    # revision that value is of (for a deletion or an absence, the batch's): a writer can tell its own older
+    # writes from someone else's newer ones.
     mentioned: Mapping[str, bytes | None]
+    revisions: Mapping[str, int]
 
 
 class MeshObserver:
@@ -50,7 +53,7 @@ class MeshObserver:
         """Forever (the watch resumes by itself after any failure of etcd's)."""
         view = self._view
         async for result in self._store.observe(view.schema.root, on_restart=self._on_restart):
-            mentioned = _values_after(result, self._watched())
+            mentioned, revisions = _values_after(result, self._watched())
             first = not view.synced
             changes = view.apply(result)
             if first and view.synced:
@@ -59,21 +62,25 @@ class MeshObserver:
                 # again and again (pauses of tens of ms at a thousand peers, the tail of convergence lag).
                 gc.freeze()
             events = len(result.events) if isinstance(result, Events) else 0
-            yield Observed(changes, events, view.config, mentioned)
+            yield Observed(changes, events, view.config, mentioned, revisions)
 
 
-def _values_after(result: WatchResult, keys: Iterable[str]) -> dict[str, bytes | None]:
-    """Each of ``keys`` that ``result`` tells anything about, with its value afterwards (None: deleted or absent).
-    One pass over the batch, however many keys are watched (a snapshot tells about every key)."""
+def _values_after(result: WatchResult, keys: Iterable[str]) -> tuple[dict[str, bytes | None], dict[str, int]]:
+    """Each of ``keys`` that ``result`` tells anything about, with its value afterwards (None: deleted or absent)
+    and that value's revision. One pass over the batch, however many keys are watched (a snapshot tells about
+    every key)."""
     watched = set(keys)
     if isinstance(result, Snapshot):
         told: dict[str, bytes | None] = dict.fromkeys(watched)
+        revisions = dict.fromkeys(watched, result.revision)
         for kv in result.items:
             if kv.key in watched:
-                told[kv.key] = kv.value
-        return told
-    told = {}
+                told[kv.key], revisions[kv.key] = kv.value, kv.mod_revision
+        return told, revisions
+    told, revisions = {}, {}
     for event in result.events:
         if event.kv.key in watched:
-            told[event.kv.key] = event.kv.value if event.kind == "put" else None
-    return told
+            put = event.kind == "put"
+            told[event.kv.key] = event.kv.value if put else None
+            revisions[event.kv.key] = event.kv.mod_revision if put else result.revision
+    return told, revisions

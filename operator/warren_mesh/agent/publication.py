@@ -60,6 +60,7 @@ class RecordPublisher:
         self.current: Registration | None = None
         self._claim_keys: tuple[str, ...] = ()  # of the current registration
         self._published = b""  # the exact value of our record in etcd, to notice when someone changes it
+        self._published_revision = 0  # the revision we wrote it at (0: not known)
 
     @property
     def name(self) -> str:
@@ -84,6 +85,7 @@ class RecordPublisher:
         """``registration`` is in etcd now (on a fresh lease)."""
         self.current = registration
         self._published = encode_json(registration.record.to_json())
+        self._published_revision = 0
         record = registration.record
         subnets = tuple(self._schema.claim(self._name, str(n), "pods") for n in record.allowed_ips)
         self._claim_keys = (self._schema.claim(self._name, str(record.overlay_ip)), *subnets)
@@ -189,15 +191,19 @@ class RecordPublisher:
         current = self.current
         assert current is not None  # callers return early between leases
         value = encode_json(record.to_json())
-        await self._store.put(self.key, value, lease=current.lease_id)
+        revision = await self._store.put(self.key, value, lease=current.lease_id)
         self.current = replace(current, record=record)
-        self._published = value
+        self._published, self._published_revision = value, revision
         log.info("%s: %s (key %s…)", self._name, what, record.public_key[:10])
 
-    async def restore(self, value: bytes | None) -> None:
-        """Publish our record again if someone else changed or deleted it while our lease is alive."""
+    async def restore(self, value: bytes | None, revision: int | None = None) -> None:
+        """Publish our record again if someone else changed or deleted it while our lease is alive. ``revision``:
+        the revision ``value`` is of; one older than our last write is a state of our own that write replaced
+        (the watch delivers our quick successive writes one batch at a time), not someone else's."""
         current = self.current
         if current is None or value == self._published:
+            return
+        if revision is not None and revision < self._published_revision:
             return
         log.warning(
             "the record of %s was %s by someone else; publishing it again",
@@ -205,7 +211,7 @@ class RecordPublisher:
             "deleted" if value is None else "changed",
         )
         try:
-            await self._store.put(self.key, self._published, lease=current.lease_id)
+            self._published_revision = await self._store.put(self.key, self._published, lease=current.lease_id)
         except StoreError as exc:
             # Most likely our lease is gone (that deleted the record); the keepalive registers us again.
             log.warning("could not restore the record of %s: %s", self._name, exc)

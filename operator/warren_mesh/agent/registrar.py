@@ -231,7 +231,7 @@ class Registrar:
         publication = self.publication
         for key, value in observed.mentioned.items():
             if key == publication.key:
-                await publication.restore(value)
+                await publication.restore(value, observed.revisions.get(key))
             else:
                 await publication.restore_claim(key, value)
         config = observed.config
