@@ -43,7 +43,19 @@ class Mesh(SimulatedAgents):
             lambda: all(self.peer_names(n) == expect - {n} for n in expect if n in self.agents),
             timeout,
             f"full mesh of {sorted(expect)}",
+            log=lambda: self.describe(expect),
         )
+
+    def describe(self, names: set[str]) -> str:
+        """Per agent: whom its view holds, whom its device has, whether it is healthy; what a timeout shows."""
+        lines = []
+        for name in sorted(names & set(self.agents)):
+            agent = self.agents[name]
+            lines.append(
+                f"{name}: view {sorted(agent.view.nodes)}, device {sorted(self.peer_names(name))}, "
+                f"healthy {agent.healthy()}, ended {self.died.get(name, 'no')}"
+            )
+        return "\n".join(lines)
 
 
 def in_mesh(

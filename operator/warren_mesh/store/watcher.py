@@ -2,8 +2,9 @@
 
 ``observe`` lists, then watches from the listed revision + 1, resumes after errors from the last revision it
 delivered, turns a compaction into a fresh snapshot, and asks etcd for a progress report when the stream has
-been quiet: a watch that answers nothing is torn down and resumed (``_WatchGuard``), so a stalled stream never
-goes unseen. A watch that fell far behind resumes on a new stream to be caught up in batches.
+been quiet: a watch that answers nothing, or answers from a revision behind one etcd's quorum has already
+reported, is torn down and resumed (``WatchGuard``), so a stalled stream never goes unseen. A watch that fell far
+behind resumes on a new stream to be caught up in batches.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ _PROGRESS_REQUEST: Final = b"\x1a\x00"
 # through gRPC and the event loop. With a thousand agents starting at once, the agents that registered first
 # spent half the storm reading such queues one revision at a time.
 CATCH_UP_GAP: Final = 500
+# Progress rounds in a row (a quiet interval each) a watch may answer from a revision older than one etcd's quorum
+# reported before the round began, before it is resumed elsewhere. A follower applies a moment behind the leader,
+# never a whole round; more than one round allows for a member that is catching up after a restart.
+BEHIND_ROUNDS: Final = 2
 
 
 class RevisionCompacted(StoreError):
@@ -107,7 +112,13 @@ async def _watch(
     # Confirming takes one answer, but under load it waits behind everything else on a busy loop and etcd;
     # giving up too early restarts the watch and adds load where there is already too much.
     confirm_within = connection.call_timeout + quiet_interval
-    guard = _WatchGuard(call, conn.endpoint.target, confirm_within=confirm_within, quiet=quiet_interval)
+    guard = WatchGuard(
+        call,
+        conn.endpoint.target,
+        confirm_within=confirm_within,
+        quiet=quiet_interval,
+        known_revision=lambda: connection.known_revision,
+    )
     guarding: asyncio.Task[None] | None = None
     try:
         create = rpc_pb2.WatchCreateRequest(
@@ -135,8 +146,8 @@ async def _watch(
                 raise StoreUnavailable(f"etcd at {conn.endpoint.target} closed the watch stream")
             if response is None:  # our decoder refused the answer (gRPC logs why): resume on a new stream
                 raise StoreUnavailable(f"etcd at {conn.endpoint.target} sent a watch answer that does not decode")
-            guard.heard()
             answer = cast(WatchAnswer, response)  # decode_watch_response made it
+            guard.heard(answer.revision)
             _check(answer, start_revision)
             # The first answer confirms the watch. It says nothing of etcd's health: a member that lost its quorum
             # still serves watches, while nothing can be written or renewed (see EtcdConnection.up).
@@ -165,30 +176,49 @@ def _check(response: WatchAnswer, start_revision: int) -> None:
         raise StoreUnavailable(f"etcd canceled the watch: {response.cancel_reason or 'no reason given'}")
 
 
-class _WatchGuard:
+class WatchGuard:
     """Notices a watch stream that went silent, beside the reads rather than around each one.
 
     The stream must confirm the watch within ``confirm_within`` s; after that, once it has been quiet for
     ``quiet`` s, a progress request is sent, and if nothing arrives for another ``quiet`` s the guard records
     why and cancels the call, which ends the pending read. (A timeout around every read cost a timer per
     message: a tenth of a busy agent's CPU, with a thousand agents starting at once.)
+
+    A stream that answers can still be stuck: etcd 3.4 served one agent's watch from revision 6 for over a
+    minute after the member it was on had been restarted, answering every progress request with "revision 6"
+    while the same member's other watches and the lease answers were at 12; the agent never saw the nodes that
+    joined. So an answer also says which revision the stream is at, and a stream that stays behind the revision
+    etcd's lease answers gave us (``known_revision``, which needs the quorum) for ``BEHIND_ROUNDS`` progress
+    rounds is given up too.
     """
 
-    def __init__(self, call: Any, target: str, *, confirm_within: float, quiet: float) -> None:
+    def __init__(
+        self,
+        call: Any,
+        target: str,
+        *,
+        confirm_within: float,
+        quiet: float,
+        known_revision: Callable[[], int] = lambda: 0,
+    ) -> None:
         self._call = call
         self._target = target
         self._confirm_within = confirm_within
         self._quiet = quiet
+        self._known_revision = known_revision
         self._loop = asyncio.get_running_loop()
         self.last_heard = self._loop.time()
+        self.revision = 0  # the newest header revision the stream answered with
         self.confirmed = False
         self.stalled: str | None = None  # why the guard gave up on the stream
 
-    def heard(self) -> None:
+    def heard(self, revision: int = 0) -> None:
         self.last_heard = self._loop.time()
+        self.revision = max(self.revision, revision)
 
     async def run(self) -> None:
         self.heard()  # the clock starts once the create request is out (the guard is started after writing it)
+        behind = 0  # progress rounds in a row the stream answered from behind a revision etcd had reported
         try:
             while True:
                 limit = self._quiet if self.confirmed else self._confirm_within
@@ -200,11 +230,17 @@ class _WatchGuard:
                     return self._give_up(f"etcd at {self._target} did not confirm the watch in time")
                 # Progress answers only prove the stream is alive. etcd 3.4 can send one ahead of events it
                 # still owes an unsynced watcher, so they never move the resume revision.
-                heard = self.last_heard
+                heard, reported = self.last_heard, self._known_revision()
                 await self._call.write(_PROGRESS_REQUEST)
                 await asyncio.sleep(self._quiet)
                 if self.last_heard == heard:
                     return self._give_up(f"watch on etcd at {self._target} stopped answering")
+                behind = behind + 1 if self.revision < reported else 0
+                if behind >= BEHIND_ROUNDS:
+                    return self._give_up(
+                        f"watch on etcd at {self._target} stays at revision {self.revision}, behind revision "
+                        f"{reported} that etcd reported"
+                    )
         except STREAM_FAILURES:
             return  # the stream broke: the pending read reports it
 
