@@ -147,6 +147,8 @@ class PodSettings:
 @dataclass(frozen=True, slots=True)
 class MetricsSettings:
     address: str | None  # HOST:PORT of /metrics and /healthz; None: no HTTP endpoint
+    # HOST:PORT of /healthz alone, for the kubelet's probes: on loopback no pod can reach it, so none can starve it.
+    health_address: str | None = None
     # Seconds between device readings for the throughput gauges (0: none; a memory device has no traffic).
     traffic_sample_interval: float = 2.0
 
@@ -226,7 +228,18 @@ class AgentSettings:
             "seconds this node stays in the mesh after the agent stops, for the agent that replaces it (a pod "
             "restart: its peers keep routing to it); 0: it leaves the mesh at once",
         )
-        add_flag(parser, "--metrics-address", "0.0.0.0:9587", "HOST:PORT of /metrics and /healthz ('' to disable)")
+        add_flag(
+            parser,
+            "--metrics-address",
+            "0.0.0.0:9587",
+            "HOST:PORT of /metrics and /healthz ('' to disable); in production the node's own address, not 0.0.0.0",
+        )
+        add_flag(
+            parser,
+            "--health-address",
+            "",
+            "HOST:PORT of /healthz alone ('' for none), for probes: 127.0.0.1:9588 is out of every pod's reach",
+        )
         add_flag(parser, "--resync-interval", "30", "seconds between full comparisons with the device")
         add_flag(parser, "--fwmark", "0", "firewall mark on WireGuard's UDP packets (0: none), decimal or 0x hex")
         add_flag(parser, "--pod-subnet", None, "this node's pod subnet, pinned (default: claim a free one)")
@@ -268,12 +281,13 @@ class AgentSettings:
         if restart_grace and not MIN_LEASE_TTL <= restart_grace <= MAX_RESTART_GRACE:
             raise SettingsError(f"--restart-grace {restart_grace} is not 0 or {MIN_LEASE_TTL}-{MAX_RESTART_GRACE} s")
         rotate_every = parse_duration("--rotate-key-every", args.rotate_key_every) if args.rotate_key_every else None
-        metrics = args.metrics_address or None
-        if metrics is not None:
-            try:
-                parse_listen_address(metrics)
-            except ValueError as exc:
-                raise SettingsError(f"--metrics-address: {exc}") from None
+        metrics, health = args.metrics_address or None, args.health_address or None
+        for flag, listen in (("--metrics-address", metrics), ("--health-address", health)):
+            if listen is not None:
+                try:
+                    parse_listen_address(listen)
+                except ValueError as exc:
+                    raise SettingsError(f"{flag}: {exc}") from None
         resync = _int_flag("--resync-interval", args.resync_interval, low=1)
         try:
             fwmark = int(str(args.fwmark), 0)
@@ -301,7 +315,7 @@ class AgentSettings:
                 start_wireguard_go=args.wireguard_go_runner == "agent",
                 rotate_key_every=rotate_every,
             ),
-            metrics=MetricsSettings(metrics),
+            metrics=MetricsSettings(metrics, health_address=health),
             pods=PodSettings(
                 route=True,
                 cni_conf_dir=Path(args.cni_conf_dir) if args.cni_conf_dir else None,

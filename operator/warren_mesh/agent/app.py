@@ -152,8 +152,13 @@ class Agent:
             )
         )
         server = None
-        if settings.metrics.address:
-            server = MetricsServer(settings.metrics.address, self.metrics.registry, self.healthy)
+        if settings.metrics.address or settings.metrics.health_address:
+            server = MetricsServer(
+                settings.metrics.address,
+                self.metrics.registry,
+                self.healthy,
+                health_address=settings.metrics.health_address,
+            )
             server.start()
         version = await self.device_thread.run(lambda: self.backend.version)
         if version:

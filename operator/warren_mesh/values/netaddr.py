@@ -65,5 +65,5 @@ def parse_listen_address(text: str) -> tuple[str, int]:
     """``HOST:PORT`` or ``[IPv6]:PORT``; raises ValueError with a readable message."""
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"metrics address {text!r} is not HOST:PORT")
+        raise ValueError(f"{text!r} is not HOST:PORT or [IPv6]:PORT")
     return host.strip("[]") or "0.0.0.0", int(port)
