@@ -2,8 +2,9 @@
 
 ``observe`` lists, then watches from the listed revision + 1, resumes after errors from the last revision it
 delivered, turns a compaction into a fresh snapshot, and asks etcd for a progress report when the stream has
-been quiet: a watch that answers nothing, or answers from a revision behind one etcd's quorum has already
-reported, is torn down and resumed (``WatchGuard``), so a stalled stream never goes unseen. A watch that fell far
+been quiet, and reads from the member it watches on now and then: a watch that answers nothing, or keeps
+answering from behind a revision that member's own reads report, is torn down and resumed (``WatchGuard``), so a
+stalled stream never goes unseen. A watch that fell far
 behind resumes on a new stream to be caught up in batches.
 """
 
@@ -26,7 +27,7 @@ from warren_mesh.store.connection import (
     prefix_range_end,
     wire_key,
 )
-from warren_mesh.store.wire import WatchAnswer
+from warren_mesh.store.wire import RangeAnswer, WatchAnswer
 from warren_mesh.values.watch import Events, Snapshot, WatchResult
 
 log = logging.getLogger(__name__)
@@ -40,10 +41,15 @@ _PROGRESS_REQUEST: Final = b"\x1a\x00"
 # through gRPC and the event loop. With a thousand agents starting at once, the agents that registered first
 # spent half the storm reading such queues one revision at a time.
 CATCH_UP_GAP: Final = 500
-# Progress rounds in a row (a quiet interval each) a watch may answer from a revision older than one etcd's quorum
-# reported before the round began, before it is resumed elsewhere. A follower applies a moment behind the leader,
-# never a whole round; more than one round allows for a member that is catching up after a restart.
-BEHIND_ROUNDS: Final = 2
+# How often the guard reads from the member its watch is on (a linearizable read of one key: the member answers
+# once it has applied everything the cluster committed before the read). With ten thousand agents, 500 reads a
+# second of one key each, a small part of what etcd serves.
+PROBE_EVERY: Final = 20.0
+# Quiet intervals the stream has, after a read, to report a revision at least that read's; a stream that stays
+# behind is given up. A follower applies a moment behind the leader, a catching-up watch within a few answers.
+BEHIND_FOR: Final = 2
+# Reads in a row that may fail (time out, be refused) before the member is given up.
+PROBE_FAILURES: Final = 2
 
 
 class RevisionCompacted(StoreError):
@@ -112,12 +118,16 @@ async def _watch(
     # Confirming takes one answer, but under load it waits behind everything else on a busy loop and etcd;
     # giving up too early restarts the watch and adds load where there is already too much.
     confirm_within = connection.call_timeout + quiet_interval
+
+    async def read_revision() -> int:
+        """The member's revision once it has caught up with the cluster: the header of a linearizable read of one
+        key (the prefix itself; its value does not matter), on the watch's own connection."""
+        request = rpc_pb2.RangeRequest(key=raw, keys_only=True, limit=1)
+        answer: RangeAnswer = await conn.decoded.Range(request, timeout=connection.call_timeout)
+        return answer.revision
+
     guard = WatchGuard(
-        call,
-        conn.endpoint.target,
-        confirm_within=confirm_within,
-        quiet=quiet_interval,
-        known_revision=lambda: connection.known_revision,
+        call, conn.endpoint.target, confirm_within=confirm_within, quiet=quiet_interval, read_revision=read_revision
     )
     guarding: asyncio.Task[None] | None = None
     try:
@@ -184,12 +194,15 @@ class WatchGuard:
     why and cancels the call, which ends the pending read. (A timeout around every read cost a timer per
     message: a tenth of a busy agent's CPU, with a thousand agents starting at once.)
 
-    A stream that answers can still be stuck: etcd 3.4 served one agent's watch from revision 6 for over a
-    minute after the member it was on had been restarted, answering every progress request with "revision 6"
-    while the same member's other watches and the lease answers were at 12; the agent never saw the nodes that
-    joined. So an answer also says which revision the stream is at, and a stream that stays behind the revision
-    etcd's lease answers gave us (``known_revision``, which needs the quorum) for ``BEHIND_ROUNDS`` progress
-    rounds is given up too.
+    A stream that answers can still be stuck: with etcd 3.4, after its members were killed and restarted, one
+    agent's watch and its lease answers stayed at revision 6 for over a minute, progress notifications every
+    second included, while other agents on the same member were at 11; the agent never saw the node that joined
+    (tests/integration/test_etcd_cluster.py, about one run in ten under load). Lease renewals are forwarded to
+    the leader but answered with the member's own revision, so they cannot tell. A linearizable read can: the
+    member answers it only once it has applied everything committed before it. So every ``PROBE_EVERY`` s the
+    guard reads (``read_revision``) on the watch's connection; the stream must then report that revision or a
+    later one within ``BEHIND_FOR`` quiet intervals, and reads must not fail ``PROBE_FAILURES`` times in a row;
+    otherwise the stream is given up and the watch resumes on the next member.
     """
 
     def __init__(
@@ -199,13 +212,15 @@ class WatchGuard:
         *,
         confirm_within: float,
         quiet: float,
-        known_revision: Callable[[], int] = lambda: 0,
+        read_revision: Callable[[], Awaitable[int]] | None = None,
+        probe_every: float = PROBE_EVERY,
     ) -> None:
         self._call = call
         self._target = target
         self._confirm_within = confirm_within
         self._quiet = quiet
-        self._known_revision = known_revision
+        self._read_revision = read_revision
+        self._probe_every = probe_every
         self._loop = asyncio.get_running_loop()
         self.last_heard = self._loop.time()
         self.revision = 0  # the newest header revision the stream answered with
@@ -218,29 +233,52 @@ class WatchGuard:
 
     async def run(self) -> None:
         self.heard()  # the clock starts once the create request is out (the guard is started after writing it)
-        behind = 0  # progress rounds in a row the stream answered from behind a revision etcd had reported
+        loop = self._loop
+        next_read = loop.time() + self._probe_every
+        owed: tuple[int, float] | None = None  # a revision a read reported, and by when the stream must reach it
+        failed_reads = 0
         try:
             while True:
-                limit = self._quiet if self.confirmed else self._confirm_within
-                quiet_for = self._loop.time() - self.last_heard
-                if quiet_for < limit:
-                    await asyncio.sleep(limit - quiet_for)
-                    continue
+                now = loop.time()
+                quiet_for = now - self.last_heard
                 if not self.confirmed:
-                    return self._give_up(f"etcd at {self._target} did not confirm the watch in time")
-                # Progress answers only prove the stream is alive. etcd 3.4 can send one ahead of events it
-                # still owes an unsynced watcher, so they never move the resume revision.
-                heard, reported = self.last_heard, self._known_revision()
-                await self._call.write(_PROGRESS_REQUEST)
-                await asyncio.sleep(self._quiet)
-                if self.last_heard == heard:
-                    return self._give_up(f"watch on etcd at {self._target} stopped answering")
-                behind = behind + 1 if self.revision < reported else 0
-                if behind >= BEHIND_ROUNDS:
+                    if quiet_for >= self._confirm_within:
+                        return self._give_up(f"etcd at {self._target} did not confirm the watch in time")
+                elif quiet_for >= self._quiet:
+                    # Progress answers only prove the stream is alive. etcd 3.4 can send one ahead of events it
+                    # still owes an unsynced watcher, so they never move the resume revision.
+                    heard = self.last_heard
+                    await self._call.write(_PROGRESS_REQUEST)
+                    await asyncio.sleep(self._quiet)
+                    if self.last_heard == heard:
+                        return self._give_up(f"watch on etcd at {self._target} stopped answering")
+                    continue
+                if owed is not None and self.revision >= owed[0]:
+                    owed = None
+                elif owed is not None and now >= owed[1]:
                     return self._give_up(
                         f"watch on etcd at {self._target} stays at revision {self.revision}, behind revision "
-                        f"{reported} that etcd reported"
+                        f"{owed[0]} that a read from the same member reported"
                     )
+                if self._read_revision is not None and self.confirmed and now >= next_read:
+                    next_read = now + self._probe_every
+                    try:
+                        read = await asyncio.wait_for(self._read_revision(), self._confirm_within)
+                    except (*STREAM_FAILURES, TimeoutError) as exc:
+                        failed_reads += 1
+                        if failed_reads >= PROBE_FAILURES:
+                            return self._give_up(f"etcd at {self._target} does not answer reads: {exc!r}")
+                        continue
+                    failed_reads = 0
+                    if self.revision < read and owed is None:
+                        owed = (read, loop.time() + BEHIND_FOR * self._quiet)
+                    continue
+                wake = [self.last_heard + (self._quiet if self.confirmed else self._confirm_within)]
+                if self._read_revision is not None:
+                    wake.append(next_read)
+                if owed is not None:
+                    wake.append(owed[1])
+                await asyncio.sleep(max(0.0, min(wake) - loop.time()))
         except STREAM_FAILURES:
             return  # the stream broke: the pending read reports it
 
