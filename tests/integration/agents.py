@@ -9,6 +9,7 @@ from helpers import run
 from warren_mesh.testkit.etcd_server import EtcdServer
 from warren_mesh.testkit.simulated import SimulatedAgents
 from warren_mesh.testkit.waiting import wait_until
+from warren_mesh.trust.records import NodeRecord
 
 
 class Mesh(SimulatedAgents):
@@ -32,6 +33,12 @@ class Mesh(SimulatedAgents):
         agent = self.agents[name]
         keys = set(self.device(name).peers)
         return {n for n, e in agent.view.nodes.items() if e.record.public_key in keys}
+
+    def record(self, name: str) -> NodeRecord:
+        """The record agent ``name`` registered last."""
+        registrar = self.agents[name].registrar
+        assert registrar is not None and registrar.current is not None, f"{name} has not registered"
+        return registrar.current.record
 
     def metric(self, name: str, metric: str, labels: dict[str, str] | None = None) -> float:
         value = self.agents[name].metrics.registry.get_sample_value(metric, labels or {})

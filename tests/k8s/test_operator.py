@@ -19,7 +19,7 @@ import pytest
 from helpers import AgentProcess
 from k8s_cluster import KUBECTL, ROOT, Cluster, OperatorProcess, readme_secret_commands
 from warren_mesh.agent.app import Agent
-from warren_mesh.controller.mesh_sync import PASS_INTERVAL
+from warren_mesh.controller.mesh_sync import PASS_INTERVAL, SURPLUS_GRACE
 from warren_mesh.identity.keys import NodeKey
 from warren_mesh.settings import AgentSettings
 from warren_mesh.testkit.etcd_server import EtcdServer, free_port
@@ -441,6 +441,37 @@ def test_a_node_deleted_while_no_operator_ran_has_its_claims_freed(
     operator.start()
     wait_for(lambda: not etcd_keys(mesh_etcd, SCHEMA.claims_of("lost")), 20, "its claims freed", operator.log)
     wait_for(lambda: cluster.get("meshnode", "lost") is None, 10, "MeshNode lost gone")
+
+
+def test_surplus_claims_a_node_leaves_are_removed_by_the_operator(
+    cluster: Cluster, mesh_etcd: EtcdServer, operator: OperatorProcess
+) -> None:
+    """Claims of a node beyond one of each kind take nothing (issue 28); when no agent of that node removes them
+    (its credential used by someone else while its agent is away), the operator does after a grace."""
+    cluster.kubectl("apply", "-f", "-", input=MESH)
+    wait_for(lambda: etcd_value(mesh_etcd, SCHEMA.config), 20, "the config", operator.log)
+    held = [SCHEMA.claim("rogue", "10.96.9.1"), SCHEMA.claim("rogue", "10.244.9.0/24", "pods")]
+    surplus = [SCHEMA.claim("rogue", f"10.96.9.{i}") for i in range(2, 6)]
+    surplus.append(SCHEMA.claim("rogue", "10.244.10.0/24", "pods"))
+
+    async def write() -> None:
+        store = mesh_etcd.admin_store()
+        try:
+            for key in [*held, *surplus]:  # one by one: the held ones first, so the oldest
+                await store.put(key, b"")
+        finally:
+            await store.close()
+
+    asyncio.run(write())
+    started = time.monotonic()
+    wait_for(
+        lambda: sorted(etcd_keys(mesh_etcd, SCHEMA.claims_of("rogue"))) == sorted(held),
+        40,
+        "surplus removed",
+        operator.log,
+    )
+    assert time.monotonic() - started >= SURPLUS_GRACE - 1, "removed before its owner had its grace"
+    assert "removed 5 surplus claim(s)" in operator.log()
 
 
 def test_operator_catches_up_after_its_own_and_etcds_restart(

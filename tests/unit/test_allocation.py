@@ -13,7 +13,7 @@ from warren_mesh.mesh.allocation import RegistrationConflict
 from warren_mesh.mesh.view import MeshView
 from warren_mesh.trust.records import MeshConfig
 from warren_mesh.values.keyspace import ClaimKind
-from warren_mesh.values.watch import KeyValue, Snapshot
+from warren_mesh.values.watch import Event, Events, KeyValue, Snapshot
 
 CONFIG = MeshConfig(
     overlay_cidr=ipaddress.ip_network("10.96.0.0/29"),  # usable .1-.6
@@ -35,19 +35,53 @@ def _claims(*claims: tuple[str, str, ClaimKind]) -> MeshView:
 def test_a_node_holds_its_oldest_claims_and_withdraws_those_it_lost() -> None:
     view = _claims(
         ("a", "10.96.0.3", "overlay"),
-        ("b", "10.96.0.3", "overlay"),  # younger than a's: b lost it
-        ("b", "10.96.0.5", "overlay"),
+        ("b", "10.96.0.4", "overlay"),
         ("b", "10.244.1.0/24", "pods"),
         ("a", "10.244.1.0/24", "pods"),  # younger than b's: a lost it
-        ("b", "10.99.0.1", "overlay"),  # outside the overlay network: not held for this mesh
     )
     b = allocation.holdings(view, CONFIG, "b", SCHEMA)
-    assert str(b.address) == "10.96.0.5" and str(b.subnet) == "10.244.1.0/24"
-    assert b.lost == [("10.96.0.3", "overlay")]
+    assert str(b.address) == "10.96.0.4" and str(b.subnet) == "10.244.1.0/24" and not b.withdraw
     assert b.taken_addresses == {int(ipaddress.ip_address("10.96.0.3"))}
     a = allocation.holdings(view, CONFIG, "a", SCHEMA)
-    assert str(a.address) == "10.96.0.3" and a.subnet is None and a.lost == [("10.244.1.0/24", "pods")]
+    assert str(a.address) == "10.96.0.3" and a.subnet is None
+    assert a.withdraw == {SCHEMA.claim("a", "10.244.1.0/24", "pods"): "b holds 10.244.1.0/24"}
     assert a.taken_subnets == {"10.244.1.0/24"}
+
+
+def test_a_node_holds_one_claim_of_a_kind_its_oldest_and_withdraws_every_other_before_claiming() -> None:
+    """Only a node's oldest claim of each kind counts: one node cannot take every address or subnet of the mesh.
+    Whatever else of its own stands (younger claims, ones that lost, ones outside the mesh's networks) is
+    withdrawn before it claims, or its new claim, younger than all of them, would take nothing."""
+    view = _claims(
+        ("a", "10.96.0.3", "overlay"),
+        ("b", "10.96.0.3", "overlay"),  # b's oldest address claim, and younger than a's: b lost it
+        ("b", "10.96.0.5", "overlay"),  # younger than b's first: takes nothing
+        ("b", "10.96.0.6", "overlay"),
+        ("b", "10.244.1.0/24", "pods"),
+        ("b", "10.244.2.0/24", "pods"),  # takes nothing
+        ("c", "10.99.0.1", "overlay"),  # outside the overlay network: held, of no use to this mesh
+    )
+    assert set(view.reservations) == {"10.96.0.3", "10.244.1.0/24", "10.99.0.1"}
+    assert view.surplus_claims("b") == sorted(
+        [SCHEMA.claim("b", "10.96.0.5"), SCHEMA.claim("b", "10.96.0.6"), SCHEMA.claim("b", "10.244.2.0/24", "pods")]
+    )
+    assert view.rejected_by_reason() == {"surplus_claim": 3}
+    b = allocation.holdings(view, CONFIG, "b", SCHEMA)
+    assert b.address is None and str(b.subnet) == "10.244.1.0/24"
+    assert set(b.withdraw) == {SCHEMA.claim("b", "10.96.0.3"), *view.surplus_claims("b")}
+    assert b.taken_addresses == {int(ipaddress.ip_address(a)) for a in ("10.96.0.3", "10.99.0.1")}  # .5, .6 free
+    c = allocation.holdings(view, CONFIG, "c", SCHEMA)
+    assert c.address is None and c.withdraw == {
+        SCHEMA.claim("c", "10.99.0.1"): "10.99.0.1 is outside the mesh's overlay network"
+    }
+
+
+def test_when_a_nodes_claim_goes_its_next_oldest_counts() -> None:
+    view = _claims(("b", "10.96.0.5", "overlay"), ("b", "10.96.0.6", "overlay"))
+    assert view.reservations["10.96.0.5"].owner == "b" and "10.96.0.6" not in view.reservations
+    view.apply(Events((Event("delete", KeyValue(SCHEMA.claim("b", "10.96.0.5"), b"", 0, 0)),), 10))
+    assert view.reservations["10.96.0.6"].owner == "b" and "10.96.0.5" not in view.reservations
+    assert view.surplus_claims("b") == [] and view.rejected_by_reason() == {}
 
 
 def test_candidates_start_where_the_name_hashes_and_skip_what_is_taken() -> None:

@@ -312,6 +312,7 @@ class Agent:
             store=self.store,
             view=self.view,
             watched=lambda: (*registrar.watched_keys, rotation_key),
+            owner=self.settings.node_name,
             on_restart=self.reporter.watch_restarted,
         )
         async for batch in observer.batches():

@@ -32,6 +32,10 @@ class Observed(NamedTuple):
     # writes from someone else's newer ones.
     mentioned: Mapping[str, bytes | None]
     revisions: Mapping[str, int]
+    # This node's claims that take nothing (it holds an older one of their kind), written by someone with its
+    # credential, for its owner to remove; looked up when the batch touched claims or rejected a record (a surplus
+    # claim is rejected), else empty.
+    surplus: tuple[str, ...] = ()
 
 
 class MeshObserver:
@@ -41,9 +45,12 @@ class MeshObserver:
         store: Store,
         view: MeshView,
         watched: Callable[[], Iterable[str]],
+        owner: str | None = None,
         on_restart: Callable[[str], None] | None = None,
     ) -> None:
-        """``watched``: the keys whose values the consumers want to hear about (asked again for every batch)."""
+        """``watched``: the keys whose values the consumers want to hear about (asked again for every batch);
+        ``owner``: the node whose surplus claims each batch names."""
+        self._owner = owner
         self._store = store
         self._view = view
         self._watched = watched
@@ -62,7 +69,10 @@ class MeshObserver:
                 # again and again (pauses of tens of ms at a thousand peers, the tail of convergence lag).
                 gc.freeze()
             events = len(result.events) if isinstance(result, Events) else 0
-            yield Observed(changes, events, view.config, mentioned, revisions)
+            surplus: tuple[str, ...] = ()
+            if self._owner is not None and (changes.everything or changes.addresses or changes.rejections):
+                surplus = tuple(view.surplus_claims(self._owner))
+            yield Observed(changes, events, view.config, mentioned, revisions, surplus)
 
 
 def _values_after(result: WatchResult, keys: Iterable[str]) -> tuple[dict[str, bytes | None], dict[str, int]]:

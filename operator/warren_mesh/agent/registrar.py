@@ -57,6 +57,7 @@ class Registrar:
         )
         self._leases = LeaseKeeper(store, metrics)
         self._config: MeshConfig | None = None  # the config our record was last written for
+        self._removing: set[str] = set()  # surplus claims of ours deleted, not yet seen gone
 
     @property
     def current(self) -> Registration | None:
@@ -84,11 +85,9 @@ class Registrar:
         address)."""
         view = await self._claims()
         found = allocation.holdings(view, config, self._name, self._schema)
-        for subject, kind in found.lost:
-            log.warning(
-                "withdrawing the claim of %s on %s: %s holds it", self._name, subject, view.reservations[subject].owner
-            )
-            await self._store.delete(self._schema.claim(self._name, subject, kind))
+        for key, why in found.withdraw.items():
+            log.warning("withdrawing the claim %s of %s: %s", key, self._name, why)
+            await self._store.delete(key)
         if found.address is not None:
             await self._store.create(self._schema.claim(self._name, str(found.address)), b"")  # no-op if there
         return found
@@ -234,6 +233,7 @@ class Registrar:
                 await publication.restore(value, observed.revisions.get(key))
             else:
                 await publication.restore_claim(key, value)
+        await self._remove_surplus(observed.surplus)
         config = observed.config
         if self._config is None or config is self._config:
             return  # the view hands on the same config object until it changes: most batches end here
@@ -245,6 +245,24 @@ class Registrar:
             self._config = config
         except StoreUnavailable as exc:
             log.warning("could not republish after a config change (retried with the next event): %s", exc)
+
+    async def _remove_surplus(self, surplus: tuple[str, ...]) -> None:
+        """Claims of ours that take nothing (we hold an older one of their kind): someone with our credential
+        wrote them. Each is removed once; the next batch says whether it is gone."""
+        for key in surplus:
+            if key in self._removing:
+                continue
+            log.warning(
+                "removing %s: a claim of %s that takes nothing (it holds an older one of its kind)", key, self._name
+            )
+            self._metrics.surplus_claims_removed.inc()
+            try:
+                await self._store.delete(key)
+            except StoreUnavailable as exc:
+                log.warning("could not remove %s (tried again with the next batch): %s", key, exc)
+                continue
+            self._removing.add(key)
+        self._removing &= set(surplus)
 
     async def keep_alive(self, config: Callable[[], MeshConfig]) -> None:
         """Forever: wait until etcd drops our lease (refreshed from the moment it was granted), then register

@@ -40,6 +40,10 @@ from warren_mesh.values.keyspace import KeySchema
 log = logging.getLogger(__name__)
 
 PASS_INTERVAL = 5.0  # seconds between passes when nothing pokes the loop
+# How long a node's surplus claims (younger ones of a kind it holds already) are left to their owner, whose agent
+# removes them as soon as its watch shows them, before the operator does: a node whose credential is used by
+# someone else while its agent is down, or by no agent at all, must not keep its surplus for ever.
+SURPLUS_GRACE = 2 * PASS_INTERVAL
 LEASE_REFRESH = 15.0  # seconds between updates of MeshNodes' leaseSecondsLeft/lastSeen (each is an API write)
 
 
@@ -71,6 +75,7 @@ class MeshSync:
         self._peer_specs = peer_specs
         self._wake = asyncio.Event()
         self._view: MeshView | None = None
+        self._surplus_seen: dict[str, float] = {}  # surplus claim key -> when a pass first saw it
         self._observer: asyncio.Task[None] | None = None
         self._lease_refreshed = 0.0
         # Passes and the deletion handlers' etcd writes take turns: a pass that read the MeshPeers just before
@@ -137,6 +142,7 @@ class MeshSync:
             log.info("mesh %s: wrote config to %s: %s", self.name, schema.config, config.to_json())
         written, refused = await self._sync_peers(schema)
         nodes, ready = await self._sync_mesh_nodes(view)
+        await self._remove_surplus_claims(view)
 
         if renumbering is not None:
             condition = self._ready(False, "OverlayCIDRInUse", f"config not written: {renumbering}", generation)
@@ -207,6 +213,22 @@ class MeshSync:
             self._lease_refreshed = loop.time()
         ready = sum(1 for e in entries.values() if not e.lease or left.get(e.lease, -1) > 0)
         return len(entries), ready
+
+    async def _remove_surplus_claims(self, view: MeshReader) -> None:
+        """Delete the surplus claims their owners have left for ``SURPLUS_GRACE`` (they take nothing, but each is
+        a key in etcd: one node writing thousands of them is a load on every watcher)."""
+        if not view.synced:
+            return
+        now = asyncio.get_running_loop().time()
+        surplus = view.surplus_claims()
+        self._surplus_seen = {key: self._surplus_seen.get(key, now) for key in surplus}
+        due = [key for key, seen in self._surplus_seen.items() if now - seen >= SURPLUS_GRACE]
+        for key in due:
+            await self._store.delete(key)
+        if due:
+            log.warning(
+                "mesh %s: removed %d surplus claim(s) their nodes left (first: %s)", self.name, len(due), due[0]
+            )
 
     async def _release_deleted_node(self, mesh_node: Mapping[str, Any], schema: KeySchema) -> None:
         """A Kubernetes node that left the mesh and whose Node object is gone: its machine is gone, so its claims

@@ -29,39 +29,41 @@ class AddressSpaceExhausted(RuntimeError):
 
 @dataclass(slots=True)
 class Holdings:
-    """What a node holds (the lowest address in the mesh network, the lowest subnet of the mesh's size in the pod
-    network), what others hold, and its own claims that lost to an older one (to withdraw)."""
+    """What a node holds (an address in the mesh network, a subnet of the mesh's size in the pod network), what
+    others hold, and its own claims to withdraw: those that lost to an older one, those that take nothing because
+    it holds an older one of their kind, and those this mesh cannot use (left by an earlier config)."""
 
     address: IPAddress | None = None
     subnet: IPNetwork | None = None
     taken_addresses: set[int] = field(default_factory=set)
     taken_subnets: set[str] = field(default_factory=set)
-    lost: list[tuple[str, ClaimKind]] = field(default_factory=list)  # (subject, kind) of our claims that lost
+    withdraw: dict[str, str] = field(default_factory=dict)  # claim key -> why
 
 
 def holdings(claims: MeshReader, config: MeshConfig, name: str, schema: KeySchema) -> Holdings:
-    """``name``'s holdings among the claims of ``claims`` (a view of the claims alone)."""
+    """``name``'s holdings among the claims of ``claims`` (a view of the claims alone). Every claim of ours that
+    is not a holding is to be withdrawn before we claim anything: a new claim is younger than any of ours, so it
+    would take nothing while an older one of its kind stands."""
     found = Holdings()
     for subject, holder in claims.reservations.items():
         subnet = "/" in subject
+        kind: ClaimKind = "pods" if subnet else "overlay"
+        own = schema.claim(name, subject, kind)
         if holder.owner != name:
             if subnet:
                 found.taken_subnets.add(subject)
             else:
                 found.taken_addresses.add(int(parse_ip(subject)))
-            kind: ClaimKind = "pods" if subnet else "overlay"
-            own = schema.claim(name, subject, kind)
             if any(claim.key == own for claim in claims.claims_on(subject)):
-                found.lost.append((subject, kind))
-        elif subnet:
-            network = ipaddress.ip_network(subject)
-            lower = found.subnet is None or int(network.network_address) < int(found.subnet.network_address)
-            if config.is_node_subnet(network) and lower:
-                found.subnet = network
-        else:
-            ip = parse_ip(subject)
-            if ip in config.overlay_cidr and (found.address is None or int(ip) < int(found.address)):
-                found.address = ip
+                found.withdraw[own] = f"{holder.owner} holds {subject}"
+        elif subnet and config.is_node_subnet(network := ipaddress.ip_network(subject)):
+            found.subnet = network
+        elif not subnet and (ip := parse_ip(subject)) in config.overlay_cidr:
+            found.address = ip
+        elif holder.key == own:  # not an ipam/ reservation of the old schema, which is not ours to delete
+            found.withdraw[own] = f"{subject} is outside the mesh's {'pod' if subnet else 'overlay'} network"
+    for key in claims.surplus_claims(name):
+        found.withdraw[key] = "it holds an older claim of that kind"
     return found
 
 

@@ -114,6 +114,12 @@ class AgentMetrics:
             "Times this agent (re-)registered its node record.",
             registry=registry,
         )
+        self.surplus_claims_removed = Counter(
+            "warren_mesh_surplus_claims_removed",
+            "Claims of this node's that took nothing (it held an older one of their kind) and that it removed: "
+            "someone else writes with its credential.",
+            registry=registry,
+        )
         self.info = Info("warren_mesh_agent", "The agent's node, backend and interface.", registry=registry)
         self._invalid_reported: dict[str, int] = {}
         self._conflicting_reported: dict[str, int] = {}

@@ -52,6 +52,11 @@ REASON_INVALID_CONFIG: Final = "invalid_config"
 REASON_UNEXPECTED: Final = "unexpected_error"  # a bug of ours, contained to the record that hit it
 
 
+# A claim of a node that already holds an older one of the same kind (and family): it takes nothing, and its owner
+# (or the operator) removes it. One node cannot exhaust the mesh's addresses or pod subnets by claiming them all.
+REASON_SURPLUS_CLAIM: Final = "surplus_claim"
+
+
 # Reasons a record that decodes fine is left out because of what it claims next to the config, the reservations
 # and the records before it (topology decides).
 REASON_ADDRESS_OUTSIDE_CIDR: Final = "address_outside_cidr"
@@ -97,4 +102,5 @@ REJECTION_REASONS: Final = (
     REASON_FORBIDDEN_NETWORK,
     REASON_INVALID_CONFIG,
     REASON_UNEXPECTED,
+    REASON_SURPLUS_CLAIM,
 )
