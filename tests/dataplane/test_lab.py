@@ -21,12 +21,14 @@ import pytest
 from pyroute2 import IPRoute
 
 from underlay import captured, sniff
+from warren_mesh.identity import pki
 from warren_mesh.identity.keys import NodeKey
 from warren_mesh.lab import netns
 from warren_mesh.lab.lab import Lab
 from warren_mesh.lab.layout import ETCD_PORT, HUB_ADDRESS, METRICS_PORT, SUBNET
 from warren_mesh.lab.probe import Probe
 from warren_mesh.lab.report import LabPod
+from warren_mesh.mesh import endpoints
 from warren_mesh.process import connect_in_netns, in_netns
 from warren_mesh.testkit.waiting import wait_for
 from warren_mesh.trust.records import MeshConfig
@@ -659,7 +661,10 @@ def test_nodes_behind_nat_are_found_where_their_peers_see_them(lab: Lab) -> None
     # node-2's NAT forgets everything and maps it to another port from now on.
     lab.rebind_nat(2, 40002)
     started = time.monotonic()
-    wait_for(lambda: all(ok for *_, ok in lab.ping_all()), 30, "the mesh to find node-2 behind its new port")
+    # Found once node-1's view of it has won for endpoints.ADOPT_AFTER (so that honest observers can outvote a lie
+    # before it is taken), and the next handshake went through.
+    heal = endpoints.ADOPT_AFTER + 20
+    wait_for(lambda: all(ok for *_, ok in lab.ping_all()), heal, "the mesh to find node-2 behind its new port")
     took = time.monotonic() - started
     print(f"healed from a NAT rebinding in {took:.1f} s")
     assert _endpoint_of(lab, 1, keys[2]) == _endpoint_of(lab, 3, keys[2]) == f"{lab.underlay_ip(2)}:40002"
@@ -672,3 +677,78 @@ def test_nodes_behind_nat_are_found_where_their_peers_see_them(lab: Lab) -> None
         time.sleep(0.5)
     assert _endpoint_of(lab, 3, keys[2]) == f"{lab.underlay_ip(2)}:40002"
     assert all(ok for *_, ok in lab.ping_pods())
+
+
+def _etcd_get(lab: Lab, key: str) -> bytes:
+    """A key's value from the lab's etcd, read as the admin (b"" when absent)."""
+    done = subprocess.run(
+        ["ip", "netns", "exec", lab.hub, *lab.access().etcdctl("get", "--print-value-only", key)],
+        env={**os.environ, "ETCDCTL_API": "3"},
+        capture_output=True,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+def test_one_lying_observer_among_honest_ones_moves_no_endpoint(lab: Lab) -> None:
+    """docs/nat.md#trust, as an attacker holding one node's own credential (a node certificate and its per-node
+    role, nothing more): its record says node-1 is seen at 203.0.113.66:4444. The mesh is idle from then on, so
+    the three honest observers hear node-1 only by poking it (its WireGuard answers with a keepalive); they
+    confirm its endpoint before the lie could be taken, node-1 keeps its endpoint and every peer keeps dialling it
+    there. (Before, the lie moved node-1 within 2 s: observers that saw a node where its record says published
+    nothing.)"""
+    lab.up(4, backend="userspace", lease_ttl=TTL, timeout=120)
+    record_key = "/warren/mesh/v1/nodes/node-1"
+    before = json.loads(_etcd_get(lab, record_key))
+    key1 = before["public_key"]
+    assert all(ok for *_, ok in lab.ping_all())
+    # The attacker: a node of its own name, enrolled as any node is, writing only its own record.
+    pki.issue_node(lab.pki_dir, "evil")
+    subprocess.run(
+        [sys.executable, "-m", "warren_mesh.cli", "etcd-auth", "add-node", "evil", *lab.access().flags()],
+        preexec_fn=in_netns(lab.hub),
+        capture_output=True,
+        check=True,
+    )
+    lie = {
+        "schema": 1,
+        "name": "evil",
+        "public_key": NodeKey.generate().public_key,
+        "endpoint": "192.0.2.99:51820",
+        "overlay_ip": "10.96.0.250",
+        "listen_port": 51820,
+        "published_at": time.time(),
+        "observed_endpoints": {"node-1": "203.0.113.66:4444"},
+    }
+    evil = lab.pki_dir / "node-evil"
+    put = ["etcdctl", f"--endpoints={lab.etcd_endpoint}", f"--cacert={lab.pki_dir / 'ca.pem'}"]
+    put += [f"--cert={evil}.pem", f"--key={evil}-key.pem", "put", "/warren/mesh/v1/nodes/evil"]
+    subprocess.run(
+        ["ip", "netns", "exec", lab.hub, *put],
+        input=json.dumps(lie).encode(),
+        env={**os.environ, "ETCDCTL_API": "3"},
+        capture_output=True,
+        check=True,
+    )
+    lied = time.monotonic()
+    hold = endpoints.ADOPT_AFTER
+
+    def confirmations() -> int:
+        records = [json.loads(_etcd_get(lab, f"/warren/mesh/v1/nodes/node-{i}")) for i in (2, 3, 4)]
+        return sum(r.get("observed_endpoints", {}).get("node-1") == before["endpoint"] for r in records)
+
+    first = every = None  # seconds after the lie until one, and all three, honest observers confirmed
+    while (waited := time.monotonic() - lied) < hold + 15:
+        assert json.loads(_etcd_get(lab, record_key))["endpoint"] == before["endpoint"], f"moved after {waited:.0f} s"
+        assert all(_endpoint_of(lab, i, key1) == before["endpoint"] for i in (2, 3, 4))
+        confirmed = confirmations()
+        first = waited if first is None and confirmed else first
+        every = waited if every is None and confirmed == 3 else every
+        time.sleep(1)
+    print(
+        f"honest confirmations of node-1's endpoint: the first {first} s, all three {every} s after the lie "
+        f"(an endpoint is taken after {hold:.0f} s of winning)"
+    )
+    # One confirmation against one lie is a tie, which keeps the record's endpoint.
+    assert first is not None and first < hold and every is not None
+    assert all(ok for *_, ok in lab.ping_all())

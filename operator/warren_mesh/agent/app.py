@@ -291,7 +291,9 @@ class Agent:
         endpoints_to = None
         if host.sees_peer_endpoints:
             pinned = settings.registration.endpoint_host is not None
-            endpoints_to = loops.EndpointWatch(registrar.publication, reconciler, self.view, pinned)
+            endpoints_to = loops.EndpointWatch(
+                registrar.publication, reconciler.peer_names, self.view, poke=host.poke, pinned=pinned
+            )
         if sample > 0 or endpoints_to is not None:
             start(
                 "peers",

@@ -8,8 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from warren_mesh.agent.device_thread import DeviceThread
@@ -24,6 +23,7 @@ from warren_mesh.mesh.view import MeshReader
 from warren_mesh.metrics.instruments import AgentMetrics
 from warren_mesh.metrics.peer_collector import TrafficWindow
 from warren_mesh.store.base import Store, StoreError
+from warren_mesh.trust.endpoint import Endpoint
 from warren_mesh.trust.records import auto_mtu
 from warren_mesh.values.device import DeviceState
 from warren_mesh.values.netaddr import IPAddress
@@ -146,24 +146,87 @@ async def watch_peers(
         await asyncio.sleep(interval)
 
 
-@dataclass(frozen=True, slots=True)
 class EndpointWatch:
     """Where the peers loop tells what it sees: this node's record, the names of the device's peers and the mesh;
     ``pinned``: --endpoint fixes this node's own endpoint."""
 
-    publication: RecordPublisher
-    reconciler: Reconciler
-    view: MeshReader
-    pinned: bool
+    def __init__(
+        self,
+        publication: RecordPublisher,
+        peer_names: Callable[[], Mapping[str, str]],
+        view: MeshReader,
+        *,
+        poke: Callable[[IPAddress], None],
+        pinned: bool,
+    ) -> None:
+        """``poke``: sends a datagram to a peer's overlay address through the tunnel (Host.poke)."""
+        self._publication = publication
+        self._peer_names = peer_names
+        self._view = view
+        self._poke = poke
+        self._poked: dict[str, float] = {}  # contested node -> when this loop last poked it
+        self._pinned = pinned
+        self._received: dict[str, tuple[int, float]] = {}  # public key -> (bytes received, when they last grew)
+        self._contested_since: dict[str, float] = {}  # node name -> when this loop first saw it contested
+        self._winner: Endpoint | None = None  # the endpoint peers see us at, by their votes, and since when
+        self._winning_since = 0.0
 
-    async def publish(self, device: DeviceState) -> None:
-        """Publish where this node sees peers whose packets come from elsewhere than their records say, and,
-        unless pinned, take as ours the endpoint peers see us at (behind NAT; docs/nat.md)."""
-        observed = endpoints.observed_elsewhere(device, self.reconciler.peer_names(), self.view, now=time.time())
-        public = None if self.pinned else endpoints.public_endpoint(self.view, self.publication.name)
+    async def publish(self, device: DeviceState, *, now: float | None = None) -> None:
+        """Publish where this node sees peers (docs/nat.md), and, unless pinned, take as ours the endpoint peers
+        see us at once it has won their votes for ``endpoints.ADOPT_AFTER`` seconds (behind NAT)."""
+        now = time.time() if now is None else now
+        heard = self._heard(device, now)
+        since = self._contested_since
+        self._contested_since = {name: since.get(name, now) for name in endpoints.contested(self._view)}
+        names = self._peer_names()
+        seen = endpoints.observations(
+            device, names, self._view, heard=heard, contested_since=self._contested_since, now=now
+        )
+        self._poke_unconfirmed(seen, now)
         try:
-            await self.publication.set_observed(observed)
-            if public is not None:
-                await self.publication.set_public_endpoint(public)
+            await self._publication.set_observed(seen)
+            adopt = self._adoptable(now)
+            if adopt is not None:
+                await self._publication.set_public_endpoint(adopt)
         except StoreError as exc:
             log.warning("could not publish observed endpoints (retrying): %s", exc)
+
+    def _poke_unconfirmed(self, seen: tuple[tuple[str, Endpoint], ...], now: float) -> None:
+        """Poke each contested node this node has not heard from since the contest began (every
+        ``endpoints.POKE_EVERY`` s): its answer, a keepalive, is what a confirmation needs. An idle pair of peers may
+        carry keepalives one way only (a received packet resets the sender's timer), so waiting is not enough."""
+        spoken = {name for name, _ in seen}
+        self._poked = {n: at for n, at in self._poked.items() if n in self._contested_since}
+        for name in self._contested_since.keys() - spoken:
+            entry = self._view.nodes.get(name)
+            if (
+                entry is None
+                or name == self._publication.name
+                or now - self._poked.get(name, 0.0) < endpoints.POKE_EVERY
+            ):
+                continue
+            self._poked[name] = now
+            self._poke(entry.record.overlay_ip)
+
+    def _heard(self, device: DeviceState, now: float) -> dict[str, float]:
+        """When each peer's received bytes last grew, as far as this loop has watched them (a peer first seen now
+        has not been heard yet: nothing to compare with)."""
+        received = self._received
+        for key, stats in device.stats.items():
+            before = received.get(key)
+            if before is None:
+                received[key] = (stats.receive_bytes, 0.0)
+            elif stats.receive_bytes != before[0]:
+                received[key] = (stats.receive_bytes, now)
+        for key in received.keys() - device.stats.keys():
+            del received[key]
+        return {key: at for key, (_, at) in received.items() if at}
+
+    def _adoptable(self, now: float) -> Endpoint | None:
+        if self._pinned:
+            return None
+        winner = endpoints.public_endpoint(self._view, self._publication.name)
+        if winner != self._winner:
+            self._winner, self._winning_since = winner, now
+            return None
+        return winner if winner is not None and now - self._winning_since >= endpoints.ADOPT_AFTER else None

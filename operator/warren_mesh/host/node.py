@@ -5,13 +5,19 @@ sharing one machine."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Final, Protocol
 
 from warren_mesh.host import underlay
 from warren_mesh.host.pod_network import PodNetwork
 from warren_mesh.settings import PodSettings
 from warren_mesh.values.netaddr import IPAddress, IPNetwork
+
+# What a poke sends, to the discard port (RFC 863): whatever answers it, or nothing, WireGuard's keepalive comes.
+POKE: Final = b"warren-mesh: endpoint check\n"
+DISCARD_PORT: Final = 9
 
 
 class Host(Protocol):
@@ -39,6 +45,12 @@ class Host(Protocol):
         """This node's pods' network for ``subnet`` through ``interface`` (None: this host has no pods)."""
         ...
 
+    def poke(self, address: IPAddress) -> None:
+        """Send one small datagram to a peer's overlay ``address``, through the tunnel: its WireGuard answers any
+        data with a keepalive within 10 s, so this node hears the peer at the endpoint it has for it, if anything
+        there can answer (docs/nat.md#trust)."""
+        ...
+
 
 class NodeHost:
     """This machine."""
@@ -59,3 +71,9 @@ class NodeHost:
 
     def pod_network(self, settings: PodSettings, *, subnet: IPNetwork, interface: str) -> PodNetwork | None:
         return PodNetwork(settings, subnet=subnet, interface=interface) if settings.route else None
+
+    def poke(self, address: IPAddress) -> None:
+        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+        with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            sock.sendto(POKE, (str(address), DISCARD_PORT))

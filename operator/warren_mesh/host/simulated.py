@@ -28,3 +28,6 @@ class SimulatedHost:
 
     def pod_network(self, settings: PodSettings, *, subnet: IPNetwork, interface: str) -> PodNetwork | None:
         return None
+
+    def poke(self, address: IPAddress) -> None:
+        return  # a memory device carries nothing

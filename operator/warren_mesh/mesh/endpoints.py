@@ -8,6 +8,16 @@ differs from what their records say; a node that most observers see elsewhere th
 its own. Nodes behind two different NATs then dial each other at those endpoints, and each NAT lets the other's
 packets in once its own node has sent to them (which both do, retrying handshakes), provided the NATs keep a
 node's port the same whatever it sends to (endpoint-independent mapping, as Linux's masquerade does).
+
+Observations come from other nodes, and a node may lie. So the honest count too: once anyone says a node is
+elsewhere than its record says (the node is contested), every observer that hears the node where its record says
+from then on publishes that too (a confirmation). A new endpoint wins only with more observers than see the node
+where its record says, one vote per observer: one liar among honest observers never moves a node. An observer
+pokes a contested node it has not heard since (a datagram through the tunnel, which WireGuard answers with a
+keepalive within 10 s), and the agent adopts a winner only once it has won for longer than that takes
+(``ADOPT_AFTER``), so a lie cannot win before the confirmations arrive. Only what an observer heard after it saw
+the contest counts as a confirmation: after a NAT rebinding, a peer that cannot hear the node any more must not
+vouch for the endpoint it heard it at before.
 """
 
 from __future__ import annotations
@@ -21,44 +31,86 @@ from warren_mesh.trust.reasons import RecordError
 from warren_mesh.trust.records import MAX_OBSERVED_ENDPOINTS
 from warren_mesh.values.device import DeviceState
 
-# A session older than this carries nothing (WireGuard's REJECT_AFTER_TIME): its endpoint is history.
-SESSION_LIFETIME = 180.0
+# An observer votes for where it has heard a node from within this long: two of the persistent keepalives
+# (25 s by default) a node sends even when idle, which a mesh with nodes behind NAT needs on anyway. A device's
+# endpoint for a peer says where its last authenticated packet came from, which may be minutes ago: after a NAT
+# forgot its mapping, a peer that hears nothing any more must not vouch for the old endpoint.
+HEARD_WITHIN = 60.0
+# How often an observer pokes a contested node it has not heard since the contest began.
+POKE_EVERY = 4.0
+# How long an endpoint must keep winning before a node takes it: longer than an honest observer takes to see the
+# contest (its peers loop runs every 2 s), poke the node, hear WireGuard's answer (a keepalive within 10 s of the
+# data: KEEPALIVE_TIMEOUT), notice it (the next loop) and publish (milliseconds through etcd), with a poke lost.
+ADOPT_AFTER = 20.0
 
 
-def observed_elsewhere(
-    device: DeviceState, names: Mapping[str, str], view: MeshReader, *, now: float
+def contested(view: MeshReader) -> set[str]:
+    """Nodes that some other node says it sees elsewhere than their records say."""
+    names: set[str] = set()
+    for observer, entry in view.nodes.items():
+        for name, endpoint in entry.record.observed_endpoints:
+            target = view.nodes.get(name)
+            if name != observer and target is not None and endpoint != target.record.endpoint:
+                names.add(name)
+    return names
+
+
+def observations(
+    device: DeviceState,
+    names: Mapping[str, str],
+    view: MeshReader,
+    *,
+    heard: Mapping[str, float],
+    contested_since: Mapping[str, float],
+    now: float,
 ) -> tuple[tuple[str, Endpoint], ...]:
-    """Nodes this device has a live session with at another endpoint than their records say: (name, endpoint)."""
-    observed: list[tuple[str, Endpoint]] = []
+    """Where this device sees the nodes it has heard from lately (``heard``: public key -> when its received bytes
+    last grew), as this node publishes it (name, endpoint): every node seen elsewhere than its record says, and
+    every contested node (``contested_since``: name -> when this node saw the contest begin) heard where its record
+    says since the contest began (a confirmation). Elsewhere first when there are more than a record holds."""
+    elsewhere: list[tuple[str, Endpoint]] = []
+    confirmed: list[tuple[str, Endpoint]] = []
     for key, spec in device.peers.items():
         name = names.get(key)
         entry = view.nodes.get(name) if name is not None else None
-        stats = device.stats.get(key)
-        if entry is None or spec.endpoint is None or stats is None or entry.record.public_key != key:
+        heard_at = heard.get(key)
+        if entry is None or spec.endpoint is None or heard_at is None or entry.record.public_key != key:
             continue
-        if not stats.last_handshake or now - stats.last_handshake > SESSION_LIFETIME:
+        if now - heard_at > HEARD_WITHIN:
             continue
-        if spec.endpoint != entry.record.endpoint_text:
-            try:
-                observed.append((entry.record.name, Endpoint.parse(spec.endpoint)))
-            except RecordError:
-                continue  # an endpoint a record could not carry (the device's own oddity): not worth publishing
-    return tuple(sorted(observed, key=lambda item: item[0])[:MAX_OBSERVED_ENDPOINTS])
+        if spec.endpoint == entry.record.endpoint_text:
+            since = contested_since.get(entry.record.name)
+            if since is not None and heard_at > since:
+                confirmed.append((entry.record.name, entry.record.endpoint))
+            continue
+        try:
+            elsewhere.append((entry.record.name, Endpoint.parse(spec.endpoint)))
+        except RecordError:
+            continue  # an endpoint a record could not carry (the device's own oddity): not worth publishing
+    kept = (sorted(elsewhere) + sorted(confirmed))[:MAX_OBSERVED_ENDPOINTS]
+    return tuple(sorted(kept, key=lambda item: item[0]))
 
 
 def public_endpoint(view: MeshReader, name: str) -> Endpoint | None:
-    """Where the nodes that see ``name`` elsewhere than it says see it: the endpoint most of them name (a tie goes
-    to the lowest), or None if nobody does. One lying node cannot outvote the others."""
+    """The endpoint more observers see ``name`` at than see it where its record says (a tie between other
+    endpoints goes to the lowest), or None. One vote per observer; what ``name`` says of itself does not count."""
+    entry = view.nodes.get(name)
+    if entry is None:
+        return None
     votes: Counter[str] = Counter()
     seen: dict[str, Endpoint] = {}
-    for observer, entry in view.nodes.items():
+    for observer, other in view.nodes.items():
         if observer == name:
             continue
-        for observed, endpoint in entry.record.observed_endpoints:
+        for observed, endpoint in other.record.observed_endpoints:
             if observed == name:
                 votes[str(endpoint)] += 1
                 seen[str(endpoint)] = endpoint
-    if not votes:
+    own = entry.record.endpoint_text
+    rivals = {text: count for text, count in votes.items() if text != own}
+    if not rivals:
         return None
-    best = max(votes.values())
-    return seen[min(text for text, count in votes.items() if count == best)]
+    best = max(rivals.values())
+    if best <= votes.get(own, 0):
+        return None
+    return seen[min(text for text, count in rivals.items() if count == best)]
