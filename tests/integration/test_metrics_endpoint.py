@@ -23,7 +23,7 @@ from warren_mesh.testkit.waiting import wait_for
 
 DESCRIPTOR_LIMIT = 1024
 HELD = 3000  # idle connections the attacker keeps open, reopening each one the agent closes
-PROBES = 40
+PROBES = 20
 
 
 def _get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:

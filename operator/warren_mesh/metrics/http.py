@@ -13,8 +13,10 @@ hostile, and a liveness probe that stops answering gets the agent restarted. So:
   backlog. Descriptors stay bounded whatever is held open;
 - a request (line and headers, at most ``MAX_REQUEST`` bytes) must arrive within ``REQUEST_TIMEOUT`` s of
   connecting and the answer be taken within ``SEND_TIMEOUT`` s; every answer closes its connection;
-- ``/metrics`` is rendered at most once per ``RENDER_INTERVAL`` s, scrapes in between get that rendering: a
-  flood of scrapes costs the agent one rendering a second, not one per scrape.
+- ``/metrics`` is rendered at most once per ``RENDER_INTERVAL`` s, and every scrape gets a rendering started
+  after it asked (the per-peer counters are read from the device then: a rate() over them must not see old
+  values under new timestamps); scrapes that ask meanwhile share the next one. A flood of scrapes costs the agent
+  one rendering a second, not one per scrape, and waits for it.
 
 (The ``ThreadingHTTPServer`` this replaces started a thread per connection: 3,000 idle connections held 3,000
 threads, and under a 1,024-descriptor limit the agent spent a core failing to accept while /healthz went silent.)
@@ -82,7 +84,7 @@ class _Port:
 
 
 class _Connection:
-    __slots__ = ("answer", "head_only", "opened", "port", "request", "sock", "waiting_for_metrics")
+    __slots__ = ("answer", "asked_at", "head_only", "opened", "port", "request", "sock", "waiting_for_metrics")
 
     def __init__(self, sock: socket.socket, port: _Port, opened: float) -> None:
         self.sock = sock
@@ -91,6 +93,7 @@ class _Connection:
         self.request = b""
         self.answer: memoryview | None = None  # set once the request is complete and answered
         self.waiting_for_metrics = False
+        self.asked_at = 0.0  # when its request for /metrics was complete
         self.head_only = False
 
 
@@ -124,8 +127,8 @@ class MetricsServer:
             self._release()
             raise
         self._renderer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metrics-render")
-        self._rendering: Future[bytes] | None = None
-        self._rendered: tuple[float, bytes] | None = None  # when, what
+        self._rendering: tuple[float, Future[bytes]] | None = None  # since when, and what it will give
+        self._last_rendering = -RENDER_INTERVAL  # when the last one started
         self._stopping = False
         self._thread = threading.Thread(target=self._serve, name="metrics-http", daemon=True)
 
@@ -189,6 +192,8 @@ class MetricsServer:
     def _next_deadline(self, now: float) -> float:
         deadlines = [p.resume_at for p in self._ports if p.resume_at is not None and p.resume_at < math.inf]
         deadlines += [_deadline(c) for p in self._ports for c in p.connections.values()]
+        if self._rendering is None and self._waiting_for_metrics():
+            deadlines.append(self._next_rendering())
         return max(0.0, min(deadlines, default=now + 1.0) - now)
 
     def _listen(self, port: _Port) -> None:
@@ -267,33 +272,39 @@ class MetricsServer:
         if target != "/metrics" or not conn.port.serves_metrics:
             return self._answer(conn, 404, "text/plain", b"not found\n")
         conn.waiting_for_metrics = True
+        conn.asked_at = time.monotonic()
         self._selector.unregister(conn.sock)  # nothing more to read; the answer registers it for writing
         self._deliver_metrics()
 
     def _deliver_metrics(self) -> None:
-        """Answer the connections waiting for /metrics with a fresh enough rendering, rendering one if needed."""
-        waiting = [c for p in self._ports for c in p.connections.values() if c.waiting_for_metrics]
-        if not waiting:
-            return
-        now = time.monotonic()
-        if self._rendering is not None and self._rendering.done():
+        """Answer the scrapes waiting for /metrics with the rendering that started after they asked, once it is
+        done; start one when a scrape waits and none runs, ``RENDER_INTERVAL`` s after the last one started."""
+        if self._rendering is not None and self._rendering[1].done():
+            started, future = self._rendering
+            self._rendering = None
             try:
-                self._rendered = (now, self._rendering.result())
+                body: bytes | None = future.result()
             except Exception as exc:  # a collector failed: the scrape says so, the agent goes on
                 log.warning("metrics endpoint: rendering failed: %s", exc)
-                self._rendered = None
-                for conn in waiting:
-                    self._answer(conn, 500, "text/plain", b"rendering the metrics failed\n")
-                waiting = []
-            self._rendering = None
-        if not waiting:
-            return
-        if self._rendered is not None and now - self._rendered[0] < RENDER_INTERVAL:
-            for conn in waiting:
-                self._answer(conn, 200, CONTENT_TYPE_LATEST, self._rendered[1])
-        elif self._rendering is None:
-            self._rendering = self._renderer.submit(self._render)
-            self._rendering.add_done_callback(lambda _: self._wake())
+                body = None
+            for conn in self._waiting_for_metrics():
+                if conn.asked_at <= started:
+                    if body is None:
+                        self._answer(conn, 500, "text/plain", b"rendering the metrics failed\n")
+                    else:
+                        self._answer(conn, 200, CONTENT_TYPE_LATEST, body)
+        now = time.monotonic()
+        if self._rendering is None and self._waiting_for_metrics() and now >= self._next_rendering():
+            self._last_rendering = now
+            future = self._renderer.submit(self._render)
+            self._rendering = (now, future)
+            future.add_done_callback(lambda _: self._wake())
+
+    def _waiting_for_metrics(self) -> list[_Connection]:
+        return [c for p in self._ports for c in p.connections.values() if c.waiting_for_metrics]
+
+    def _next_rendering(self) -> float:
+        return self._last_rendering + RENDER_INTERVAL
 
     def _answer(self, conn: _Connection, status: int, content_type: str, body: bytes) -> None:
         head = (
