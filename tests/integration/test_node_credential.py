@@ -6,12 +6,10 @@ from growing or healing."""
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from integration.agents import Mesh, in_mesh
-from warren_mesh.identity.etcd_tls import EtcdTls
 from warren_mesh.store.etcd import EtcdStore
 from warren_mesh.testkit.etcd_server import EtcdServer
 from warren_mesh.testkit.waiting import wait_until
@@ -30,11 +28,6 @@ def test_one_node_claiming_every_address_and_subnet_does_not_stop_the_next_from_
     subnet under its own claims/evil/, the next node joined without pods and the one after could not join at all.
     Now only a node's oldest claim of each kind counts; the rest take nothing and every agent reports them."""
     schema = KeySchema(prefix)
-    credential = shared_etcd.authorize_node("evil", prefix=prefix)
-
-    async def scenario(mesh: Mesh) -> None:
-        async with _store(shared_etcd, credential) as evil:
-            await attack(mesh, evil)
 
     async def attack(mesh: Mesh, evil: EtcdStore) -> None:
         admin = shared_etcd.admin_store()
@@ -68,7 +61,7 @@ def test_one_node_claiming_every_address_and_subnet_does_not_stop_the_next_from_
             assert mesh.metric(name, "warren_mesh_pod_subnet_missing") == 0
         assert len({mesh.record(n).overlay_ip for n in mesh.agents}) == 4
 
-    in_mesh(shared_etcd, prefix, tmp_path, scenario)
+    _as_node("evil", shared_etcd, prefix, tmp_path, attack)
 
 
 def test_an_agent_removes_the_surplus_claims_someone_wrote_with_its_credential(
@@ -77,11 +70,6 @@ def test_an_agent_removes_the_surplus_claims_someone_wrote_with_its_credential(
     """A stolen credential used beside the honest agent: the claims it adds under the agent's name take nothing,
     and the agent removes them (counted); its own address and subnet stay."""
     schema = KeySchema(prefix)
-    credential = shared_etcd.authorize_node("n0", prefix=prefix)
-
-    async def scenario(mesh: Mesh) -> None:
-        async with _store(shared_etcd, credential) as stolen:
-            await use(mesh, stolen)
 
     async def use(mesh: Mesh, stolen: EtcdStore) -> None:
         mesh.start("n0")
@@ -102,16 +90,27 @@ def test_an_agent_removes_the_surplus_claims_someone_wrote_with_its_credential(
         assert mesh.metric("n1", "warren_mesh_invalid_records", {"reason": "surplus_claim"}) == 0
         await mesh.converged()
 
-    in_mesh(shared_etcd, prefix, tmp_path, scenario)
+    _as_node("n0", shared_etcd, prefix, tmp_path, use)
 
 
-@asynccontextmanager
-async def _store(etcd: EtcdServer, credential: EtcdTls) -> AsyncIterator[EtcdStore]:
-    store = EtcdStore(etcd.endpoint, tls=credential)
-    try:
-        yield store
-    finally:
-        await store.close()
+def _as_node(
+    node: str,
+    etcd: EtcdServer,
+    prefix: str,
+    key_dir: Path,
+    act: Callable[[Mesh, EtcdStore], Awaitable[None]],
+) -> None:
+    """Run ``act`` with honest agents (``Mesh``) and a store on node ``node``'s own credential: the attacker's."""
+    credential = etcd.authorize_node(node, prefix=prefix)
+
+    async def scenario(mesh: Mesh) -> None:
+        store = EtcdStore(etcd.endpoint, tls=credential)
+        try:
+            await act(mesh, store)
+        finally:
+            await store.close()
+
+    in_mesh(etcd, prefix, key_dir, scenario)
 
 
 async def _absent(store: EtcdStore, key: str) -> bool:

@@ -75,6 +75,16 @@ def _publication(store: MemoryStore) -> RecordPublisher:
     )
 
 
+async def _registered() -> RecordPublisher:
+    """Node b's publisher, its record published."""
+    store = MemoryStore()
+    publication = _publication(store)
+    lease = await store.grant_lease(10)
+    record = publication.record(MeshConfig(), ipaddress.ip_address("10.96.0.2"), None)
+    publication.registered(Registration(await publication.publish(record, lease), lease, 10))
+    return publication
+
+
 def _no_poke(address: object) -> None:
     return None
 
@@ -136,11 +146,7 @@ def test_one_liar_never_moves_a_node_the_honest_see_where_it_says() -> None:
 
 def test_a_node_takes_a_winning_endpoint_only_once_it_has_won_for_a_while() -> None:
     async def body() -> None:
-        store = MemoryStore()
-        publication = _publication(store)
-        lease = await store.grant_lease(10)
-        record = publication.record(MeshConfig(), ipaddress.ip_address("10.96.0.2"), None)
-        publication.registered(Registration(await publication.publish(record, lease), lease, 10))
+        publication = await _registered()
         seen_at = {"a": {"b": "192.0.2.2:40000"}, "c": {"b": "192.0.2.2:40000"}}
         watch = EndpointWatch(publication, dict, _view(seen_at), poke=_no_poke, pinned=False)
         device = DeviceState(KEYS["b"], None, {})
@@ -176,11 +182,7 @@ def test_an_observer_confirms_only_what_it_hears_after_it_saw_the_contest() -> N
     old endpoint, or a's vote ties d's and e is never found again."""
 
     async def body() -> None:
-        store = MemoryStore()
-        publication = _publication(store)
-        lease = await store.grant_lease(10)
-        record = publication.record(MeshConfig(), ipaddress.ip_address("10.96.0.2"), None)
-        publication.registered(Registration(await publication.publish(record, lease), lease, 10))
+        publication = await _registered()
         poked: list[tuple[float, str]] = []
         clock = [NOW]
         watch = EndpointWatch(

@@ -17,7 +17,8 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
-from warren_mesh.mesh.view import MeshReader, Reservation
+from warren_mesh.mesh.claim_slots import Reservation
+from warren_mesh.mesh.view import MeshReader
 from warren_mesh.trust.networks import usable_host_range
 from warren_mesh.trust.reasons import (
     REASON_ADDRESS_OUTSIDE_CIDR,

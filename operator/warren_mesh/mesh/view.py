@@ -19,9 +19,10 @@ import logging
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Generic, NamedTuple, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from warren_mesh.mesh.changes import Changes, Rejection
+from warren_mesh.mesh.claim_slots import ClaimSlots, OwnClaim, Reservation, surplus_message
 from warren_mesh.trust.decode import MAX_KEY_BYTES, decode_json
 from warren_mesh.trust.fields import validate_name
 from warren_mesh.trust.networks import usable_host_range
@@ -52,38 +53,6 @@ class Entry(Generic[_R]):
     create_revision: int
     mod_revision: int
     lease: int
-
-
-@dataclass(frozen=True, slots=True, order=True)
-class Reservation:
-    """A claim on an overlay address: who made it, and since when. Of several claims on one address the oldest
-    (lowest create revision, then key) holds it, the same on every node."""
-
-    create_revision: int
-    key: str
-    owner: str
-
-
-class _Slot(NamedTuple):
-    """What one node may hold one of: an overlay address or a pod subnet, of one IP family."""
-
-    owner: str
-    kind: str
-    version: int
-
-
-@dataclass(frozen=True, slots=True, order=True)
-class _OwnClaim:
-    claim: Reservation  # first: the oldest claim of a slot is the one that counts
-    subject: str
-    mod_revision: int
-
-
-def _surplus_message(key: str, holder: _OwnClaim) -> str:
-    return (
-        f"claim {printable(key)} takes nothing: {holder.claim.owner} already holds {holder.subject}, and a node "
-        f"holds one claim of each kind; its owner removes it"
-    )
 
 
 class MeshReader(Protocol):
@@ -139,10 +108,8 @@ class MeshView:
         # and the ipam/<address> reservations of meshes not migrated yet (docs/etcd-keys.md).
         self._claims: dict[str, dict[str, Reservation]] = {}
         # A node holds one claim of each kind and family: of its claims in one slot, only the oldest enters
-        # ``_claims``; the younger ones take nothing (reported as surplus, removed by their owner). So one node's
-        # credential cannot claim every address or pod subnet of the mesh.
-        self._slots: dict[_Slot, dict[str, _OwnClaim]] = {}
-        self._slot_of: dict[str, _Slot] = {}  # claim key -> its slot
+        # ``_claims``; the younger ones take nothing (reported as surplus, removed by their owner).
+        self._slots = ClaimSlots()
         self.revision = 0
         self.synced = False  # a complete snapshot has been seen; until then nothing may be removed
         self._rejected: dict[str, tuple[int, str]] = {}  # key -> (mod revision already reported, reason)
@@ -193,7 +160,7 @@ class MeshView:
             del self.peers[name]
         self.reservations = {}
         self._claims = {}
-        self._slots, self._slot_of = {}, {}
+        self._slots.clear()
         if self._schema.config not in present:
             self.config, self._config_revision = MeshConfig(), 0
         self._rejected = {k: r for k, r in self._rejected.items() if k in present}
@@ -228,11 +195,9 @@ class MeshView:
                 self.peers.pop(name, None)
                 self._changed_peers.add(name)
             case ("claim", _):
-                slot = self._slot_of.pop(key, None)
-                if slot is not None:
-                    held = self._slot_holder(slot)
-                    del self._slots[slot][key]
-                    self._settle_slot(slot, held)
+                dropped = self._slots.drop(key)
+                if dropped is not None:
+                    self._settle_slot(*dropped)
             case ("ipam", address):
                 self._drop_claim(address, key)
             case ("config", _):
@@ -324,53 +289,31 @@ class MeshView:
         except ValueError:
             what = "a subnet (ADDRESS-PREFIXLEN)" if claim.kind == "pods" else "an address"
             raise RecordError(REASON_INVALID_KEY, f"claim {printable(name)} does not name {what}") from None
-        slot = _Slot(claim.node, claim.kind, ipaddress.ip_network(subject).version)
-        held = self._slot_holder(slot)
-        self._slots.setdefault(slot, {})[kv.key] = _OwnClaim(
-            Reservation(kv.create_revision, kv.key, claim.node), subject, kv.mod_revision
-        )
-        self._slot_of[kv.key] = slot
-        holder = self._settle_slot(slot, held)
+        own = OwnClaim(Reservation(kv.create_revision, kv.key, claim.node), subject, kv.mod_revision)
+        holder = self._settle_slot(*self._slots.put(own, claim.kind))
         if holder is not None and holder.claim.key != kv.key:
-            raise RecordError(REASON_SURPLUS_CLAIM, _surplus_message(kv.key, holder))
+            raise RecordError(REASON_SURPLUS_CLAIM, surplus_message(kv.key, holder))
 
-    def _slot_holder(self, slot: _Slot) -> _OwnClaim | None:
-        """The claim of ``slot`` that counts: its oldest."""
-        own = self._slots.get(slot)
-        return min(own.values()) if own else None
-
-    def _settle_slot(self, slot: _Slot, held: _OwnClaim | None) -> _OwnClaim | None:
-        """After a claim of ``slot`` came or went: the claim that counts now (``held`` counted before) enters the
+    def _settle_slot(self, held: OwnClaim | None, holder: OwnClaim | None) -> OwnClaim | None:
+        """After a claim of a slot came or went: the claim that counts now (``held`` counted before) enters the
         claims, and one that no longer counts leaves them and is reported as surplus (only when a snapshot brings
         an older claim after a younger one)."""
-        holder = self._slot_holder(slot)
         if holder == held:
             return holder
         if held is not None:
             self._drop_claim(held.subject, held.claim.key)
-            if holder is not None and held.claim.key != holder.claim.key and held.claim.key in self._slots[slot]:
-                surplus = RecordError(REASON_SURPLUS_CLAIM, _surplus_message(held.claim.key, holder))
+            if holder is not None and held.claim.key != holder.claim.key and self._slots.holds(held.claim.key):
+                surplus = RecordError(REASON_SURPLUS_CLAIM, surplus_message(held.claim.key, holder))
                 self._report(held.claim.key, held.mod_revision, surplus)
         if holder is not None:
             self._rejected.pop(holder.claim.key, None)  # it counts now
             self._add_claim(holder.subject, holder.claim)
-        else:
-            self._slots.pop(slot, None)
         return holder
 
     def surplus_claims(self, owner: str | None = None) -> list[str]:
         """The keys of ``owner``'s claims (None: every node's) that take nothing, their node holding an older one
         of their kind: to remove."""
-        if owner is None:
-            slots: list[dict[str, _OwnClaim]] = list(self._slots.values())
-        else:
-            found = (self._slots.get(_Slot(owner, kind, v)) for kind in CLAIM_KINDS for v in (4, 6))
-            slots = [own for own in found if own]
-        surplus: list[str] = []
-        for own in slots:
-            holder = min(own.values()).claim.key
-            surplus.extend(key for key in own if key != holder)
-        return sorted(surplus)
+        return self._slots.surplus(owner)
 
     def _put_legacy_reservation(self, address: str, kv: KeyValue) -> None:
         try:
