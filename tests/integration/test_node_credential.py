@@ -5,11 +5,22 @@ from growing or healing."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
+import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import pytest
+
+from helpers import run
 from integration.agents import Mesh, in_mesh
+from warren_mesh.enroller.quota_guard import QuotaGuard
+from warren_mesh.mesh.usage import DEFAULT_QUOTA
+from warren_mesh.store import roles
+from warren_mesh.store.base import StoreError
 from warren_mesh.store.etcd import EtcdStore
 from warren_mesh.testkit.etcd_server import EtcdServer
 from warren_mesh.testkit.waiting import wait_until
@@ -91,6 +102,148 @@ def test_an_agent_removes_the_surplus_claims_someone_wrote_with_its_credential(
         await mesh.converged()
 
     _as_node("n0", shared_etcd, prefix, tmp_path, use)
+
+
+def test_a_hundred_mebibytes_under_one_nodes_keys_stop_no_node_from_registering(
+    shared_etcd: EtcdServer, prefix: str, tmp_path: Path
+) -> None:
+    """Before, every listing was one answer: 100 values of 1 MiB under the attacker's own keys made it larger
+    than the client takes (64 MiB), and no node could register or re-register (its lease ran out, every peer
+    dropped it). Now listings are paged and bounded in bytes, and a value over an answer's bound is skipped by
+    its key, never fetched: joins and restarts take about what they take without the attack."""
+    schema = KeySchema(prefix)
+    megabyte = b"x" * (1 << 20)
+
+    async def attack(mesh: Mesh, evil: EtcdStore) -> None:
+        for name in ("n0", "n1"):
+            mesh.start(name)
+        await mesh.converged(timeout=30)
+        quiet_join = await _timed(mesh.converged, before=lambda: mesh.start("n2"))
+
+        await evil.put(schema.node("evil"), megabyte)
+        for i in range(99):
+            await evil.put(schema.claim("evil", f"10.96.1.{i}"), megabyte)
+        await wait_until(
+            lambda: all(
+                mesh.metric(n, "warren_mesh_invalid_records", {"reason": "too_large"}) == 100 for n in mesh.agents
+            ),
+            30,
+            "every agent rejecting the 100 values of 1 MiB",
+        )
+        join = await _timed(mesh.converged, before=lambda: mesh.start("n3"))
+        await mesh.stop("n0")
+        await mesh.converged()
+        restart = await _timed(mesh.converged, before=lambda: mesh.start("n0"))
+        print(f"join without the attack {quiet_join:.2f} s; with 100 MiB: join {join:.2f} s, restart {restart:.2f} s")
+        # Each listing now skips 100 keys one by one (two calls each): a fraction of a second, not a failure.
+        assert join < quiet_join + 5 and restart < quiet_join + 5
+        assert all(mesh.metric(n, "warren_mesh_invalid_records", {"reason": "too_large"}) == 100 for n in mesh.agents)
+
+    try:
+        _as_node("evil", shared_etcd, prefix, tmp_path, attack)
+    finally:
+        _delete_prefix(shared_etcd, prefix)
+
+
+def test_a_node_past_its_hard_quota_loses_its_write_permissions_until_restored(
+    shared_etcd: EtcdServer, prefix: str, tmp_path: Path
+) -> None:
+    """A node's role lets it write any number of keys under its claims: with one credential, etcd could be filled
+    until it refuses every write of every node. Past the soft quota every agent reports the node; past the hard
+    one the enroller's guard (on etcd's root credential) takes its write permissions away: its writes are refused
+    from then on, it can still read, the honest mesh goes on, and only the administrator's restore gives them
+    back."""
+    schema = KeySchema(prefix)
+
+    async def attack(mesh: Mesh, evil: EtcdStore) -> None:
+        admin = shared_etcd.admin_store()
+        guard = QuotaGuard(admin, schema)
+        guarding = asyncio.create_task(guard.run())
+        try:
+            for name in ("n0", "n1"):
+                mesh.start(name)
+            await mesh.converged(timeout=30)
+            written = 0
+            with pytest.raises(StoreError, match="permission denied"):
+                for i in range(DEFAULT_QUOTA.hard_keys * 10):
+                    await evil.put(schema.claim("evil", f"10.96.{i // 250}.{i % 250}"), b"")
+                    written += 1
+            print(f"evil wrote {written} keys before it was refused (hard quota {DEFAULT_QUOTA.hard_keys})")
+            assert DEFAULT_QUOTA.hard_keys < written < DEFAULT_QUOTA.hard_keys * 2
+            assert guard.suspended == {"evil"}
+            assert await roles.suspension(admin, schema, "evil") is not None
+            with pytest.raises(StoreError, match="permission denied"):
+                await evil.put(schema.node("evil"), b"{}")
+            assert await evil.get(schema.claim("evil", "10.96.0.0")) is not None, "it still reads"
+            await wait_until(
+                lambda: _over_quota_everywhere(mesh, "evil", "hard", 1),
+                10,
+                "every agent reporting evil past its hard quota",
+            )
+            mesh.start("n2")
+            await mesh.converged(timeout=30)
+
+            # Adding the node again does not restore it; restoring does (clearing its keys first: restored while
+            # still over its quota, it would be suspended again at once).
+            refused = await _cli(shared_etcd, prefix, "etcd-auth", "add-node", "evil")
+            assert refused[0] == 1 and "evil is suspended" in refused[1], refused
+            restored = await _cli(shared_etcd, prefix, "etcd-auth", "restore", "evil", "--clear")
+            assert restored[0] == 0 and "evil restored" in restored[1], restored
+            await wait_until(lambda: not guard.suspended, 10, "the guard seeing evil restored")
+            await evil.put(schema.claim("evil", "10.96.0.9"), b"")
+            await wait_until(
+                lambda: _over_quota_everywhere(mesh, "evil", "hard", 0),
+                10,
+                "every agent seeing evil within its quota",
+            )
+            assert guard.suspended == set()
+        finally:
+            guarding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await guarding
+            await admin.close()
+
+    _as_node("evil", shared_etcd, prefix, tmp_path, attack)
+
+
+async def _cli(etcd: EtcdServer, prefix: str, *args: str) -> tuple[int, str]:
+    """Run ``warren-mesh ARGS`` as etcd's root; its exit code and what it printed."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "warren_mesh.cli",
+        *args,
+        *etcd.client_flags(),
+        f"--prefix={prefix}",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await process.communicate()
+    return await process.wait(), out.decode()
+
+
+def _over_quota_everywhere(mesh: Mesh, node: str, level: str, value: float) -> bool:
+    return all(
+        mesh.metric(n, "warren_mesh_node_over_quota", {"node": node, "level": level}) == value for n in mesh.agents
+    )
+
+
+async def _timed(wait: Callable[[], Awaitable[None]], *, before: Callable[[], object]) -> float:
+    started = time.monotonic()
+    before()
+    await wait()
+    return time.monotonic() - started
+
+
+def _delete_prefix(etcd: EtcdServer, prefix: str) -> None:
+    async def delete() -> None:
+        admin = etcd.admin_store()
+        try:
+            await admin.delete_prefix(prefix)
+        finally:
+            await admin.close()
+
+    run(delete())
 
 
 def _as_node(

@@ -10,12 +10,14 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from helpers import run
+from warren_mesh.store import watcher
 from warren_mesh.store.base import LeaseNotFound, StoreUnavailable
-from warren_mesh.store.connection import prefix_range_end
+from warren_mesh.store.connection import RANGE_ANSWER_BYTES, prefix_range_end
 from warren_mesh.store.etcd import EtcdStore
 from warren_mesh.store.watcher import CATCH_UP_GAP
 from warren_mesh.testkit.etcd_server import EtcdServer, free_port
 from warren_mesh.testkit.waiting import wait_until
+from warren_mesh.trust.decode import MAX_VALUE_BYTES
 from warren_mesh.values.netaddr import parse_endpoints
 from warren_mesh.values.watch import Events, Snapshot, WatchResult
 
@@ -350,5 +352,70 @@ def test_a_watch_far_behind_catches_up_in_batches(etcd: EtcdServer, prefix: str)
         await watch.aclose()
         await store.close()
         await writer.close()
+
+    run(scenario())
+
+
+def test_a_listing_is_paged_and_skips_values_too_large_to_be_records(etcd: EtcdServer, prefix: str) -> None:
+    """Any node may write values of up to etcd's 1.5 MiB under its own keys. A listing reads pages no larger than
+    RANGE_ANSWER_BYTES; a value over that is skipped by its key (never fetched), one over the record limit but
+    under it is dropped while decoding; both are listed with ``oversize`` and an empty value, the rest intact."""
+
+    async def scenario() -> None:
+        store = EtcdStore(etcd.endpoint)
+        small = {f"{prefix}/n{i:04}": f"record {i}".encode() for i in range(1500)}
+        for key, value in small.items():
+            await store.put(key, value)
+        big = {f"{prefix}/n0100x": 1 << 20, f"{prefix}/n0101x": 1 << 20, f"{prefix}/n0900x": 300 * 1024}
+        over_record = {f"{prefix}/n0500x": MAX_VALUE_BYTES + 1}
+        for key, size in {**big, **over_record}.items():
+            await store.put(key, b"v" * size)
+        revision = await store.put(f"{prefix}/last", b"z")
+
+        listed = await store.list_prefix(f"{prefix}/")
+        assert listed.revision == revision
+        by_key = {kv.key: kv for kv in listed.items}
+        assert [kv.key for kv in listed.items] == sorted([*small, *big, *over_record, f"{prefix}/last"])
+        assert {k: by_key[k].value for k in small} == small
+        assert {k: by_key[k].oversize for k in big} == dict.fromkeys(big, RANGE_ANSWER_BYTES)
+        assert by_key[f"{prefix}/n0500x"].oversize == MAX_VALUE_BYTES + 1
+        assert all(by_key[k].value == b"" for k in [*big, *over_record])
+        one = await store.get(f"{prefix}/n0100x")
+        assert one is not None and (one.value, one.oversize) == (b"", RANGE_ANSWER_BYTES)
+        await store.close()
+
+    run(scenario())
+
+
+def test_a_watch_answer_too_large_to_take_lists_again(etcd: EtcdServer, prefix: str) -> None:
+    """A watch catching up many revisions gets them in one answer, which values of 1 MiB make larger than the
+    client takes (64 MiB). Resuming would ask for it again forever; the watch lists again (paged) instead and
+    carries on from there."""
+
+    async def scenario() -> None:
+        store = EtcdStore(etcd.endpoint)
+        start = await store.put(f"{prefix}/before", b"0")
+        for i in range(70):
+            await store.put(f"{prefix}/big{i:02}", b"v" * (1 << 20))
+        listings: list[Snapshot] = []
+
+        async def listing(wanted: str) -> Snapshot:
+            # The first listing is of the revision before the big values, so the watch must catch up on them.
+            snapshot = Snapshot((), start) if not listings else await store.list_prefix(wanted)
+            listings.append(snapshot)
+            return snapshot
+
+        restarts: list[str] = []
+        watch = watcher.observe(store.connection, f"{prefix}/", listing, on_restart=restarts.append)
+        assert await anext(watch) == listings[0]
+        again = await asyncio.wait_for(anext(watch), timeout=30)
+        assert restarts == ["too_large"]
+        assert isinstance(again, Snapshot) and len(again.items) == 71
+        assert sum(kv.oversize > 0 for kv in again.items) == 70
+        await store.put(f"{prefix}/after", b"1")
+        after = await asyncio.wait_for(anext(watch), timeout=10)
+        assert isinstance(after, Events) and [e.kv.key for e in after.events] == [f"{prefix}/after"]
+        await watch.aclose()
+        await store.close()
 
     run(scenario())

@@ -12,6 +12,7 @@ os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
 from etcd3.etcdrpc import kv_pb2, rpc_pb2
 
 from warren_mesh.store.wire import WireError, decode_range_response, decode_watch_response
+from warren_mesh.trust.decode import MAX_VALUE_BYTES
 from warren_mesh.values.watch import Event, KeyValue
 
 
@@ -87,3 +88,20 @@ def test_truncated_answers_are_refused() -> None:
     for cut in (1, 3, len(data) // 2, len(data) - 1):
         with pytest.raises(WireError):
             decode_watch_response(data[:cut])
+
+
+def test_a_value_over_the_record_limit_is_dropped_with_its_size() -> None:
+    """No record is over MAX_VALUE_BYTES: such a value's bytes are not copied, the key-value says how large it was
+    (the view rejects it as too large), and the key-values beside it decode as before."""
+    kvs = [
+        kv_pb2.KeyValue(key=b"/m/a", value=b"a" * MAX_VALUE_BYTES, mod_revision=5),
+        kv_pb2.KeyValue(key=b"/m/b", value=b"b" * (MAX_VALUE_BYTES + 1), mod_revision=6, lease=9),
+        kv_pb2.KeyValue(key=b"/m/c", value=b"c", mod_revision=7),
+    ]
+    range_answer = decode_range_response(rpc_pb2.RangeResponse(kvs=kvs).SerializeToString())
+    watch_answer = decode_watch_response(
+        rpc_pb2.WatchResponse(events=[kv_pb2.Event(kv=kv) for kv in kvs]).SerializeToString()
+    )
+    dropped = KeyValue("/m/b", b"", 0, 6, 9, oversize=MAX_VALUE_BYTES + 1)
+    assert range_answer.kvs == (_ours(kvs[0]), dropped, _ours(kvs[2]))
+    assert tuple(e.kv for e in watch_answer.events) == range_answer.kvs

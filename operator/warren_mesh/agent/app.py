@@ -318,7 +318,7 @@ class Agent:
             on_restart=self.reporter.watch_restarted,
         )
         async for batch in observer.batches():
-            self.reporter.observed(batch.changes, batch.events)
+            self.reporter.observed(batch.changes, batch.events, batch.quota)
             reconciler.notify(batch.changes)
             request = batch.mentioned.get(rotation_key)
             if request is not None:

@@ -12,6 +12,7 @@ from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from typing import NamedTuple
 
 from warren_mesh.mesh.changes import Changes
+from warren_mesh.mesh.usage import DEFAULT_QUOTA, Level, NodeUsage
 from warren_mesh.mesh.view import MeshView
 from warren_mesh.store.base import Store
 from warren_mesh.trust.records import MeshConfig
@@ -36,6 +37,8 @@ class Observed(NamedTuple):
     # credential, for its owner to remove; looked up when the batch touched claims or rejected a record (a surplus
     # claim is rejected), else empty.
     surplus: tuple[str, ...] = ()
+    # The nodes whose keys the batch changed -> the quota limit each is past and why (None: within its quota).
+    quota: Mapping[str, tuple[Level, str] | None] = {}
 
 
 class MeshObserver:
@@ -59,10 +62,12 @@ class MeshObserver:
     async def batches(self) -> AsyncGenerator[Observed, None]:
         """Forever (the watch resumes by itself after any failure of etcd's)."""
         view = self._view
+        usage = NodeUsage(view.schema)
         async for result in self._store.observe(view.schema.root, on_restart=self._on_restart):
             mentioned, revisions = _values_after(result, self._watched())
             first = not view.synced
             changes = view.apply(result)
+            quota = usage.verdicts(usage.apply(result), DEFAULT_QUOTA)
             if first and view.synced:
                 # Everything so far (modules, metrics, the whole mesh as listed) lives as long as the agent: take
                 # it out of the cyclic collector's generations, whose full collections would otherwise walk it
@@ -72,7 +77,7 @@ class MeshObserver:
             surplus: tuple[str, ...] = ()
             if self._owner is not None and (changes.everything or changes.addresses or changes.rejections):
                 surplus = tuple(view.surplus_claims(self._owner))
-            yield Observed(changes, events, view.config, mentioned, revisions, surplus)
+            yield Observed(changes, events, view.config, mentioned, revisions, surplus, quota)
 
 
 def _values_after(result: WatchResult, keys: Iterable[str]) -> tuple[dict[str, bytes | None], dict[str, int]]:

@@ -11,7 +11,9 @@ from typing import NamedTuple
 
 from warren_mesh.mesh.changes import Changes
 from warren_mesh.mesh.claims import Conflict
+from warren_mesh.mesh.usage import Level
 from warren_mesh.metrics.instruments import AgentMetrics
+from warren_mesh.trust.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +40,29 @@ class Reporter:
         self._metrics = metrics
         self._local_name = local_name
         self._conflicts: set[tuple[str, str]] = set()  # reported already: each is logged when it starts
+        self._over_quota: dict[str, Level] = {}  # node -> the quota level it is reported past
 
-    def observed(self, changes: Changes, events: int) -> None:
+    def observed(self, changes: Changes, events: int, quota: Mapping[str, tuple[Level, str] | None]) -> None:
         self._metrics.watch_events.inc(events)
         for rejection in changes.rejections:
             self._metrics.rejected_records.labels(rejection.reason).inc()
+        for node, verdict in quota.items():
+            self._report_quota(node, verdict)
+
+    def _report_quota(self, node: str, verdict: tuple[Level, str] | None) -> None:
+        level = verdict[0] if verdict else None
+        before = self._over_quota.get(node)
+        if level == before:
+            return
+        if before is not None:
+            self._metrics.over_quota.remove(node, before)
+        if verdict is None:
+            del self._over_quota[node]
+            log.info("node %s is within its quota again", node)
+            return
+        self._over_quota[node] = verdict[0]
+        self._metrics.over_quota.labels(node, verdict[0]).set(1)
+        log.warning("node %s: %s", node, printable(verdict[1]))
 
     def watch_restarted(self, reason: str) -> None:
         self._metrics.watch_restarts.labels(reason).inc()

@@ -135,7 +135,20 @@ async def run_etcd_auth(settings: StoreSettings, args: argparse.Namespace) -> in
         if args.etcd_auth_command == "setup":
             await roles.set_up(auth, settings.schema, nodes)
             print(f"etcd auth is on: root, {pki.OPERATOR_USER} and {len(nodes)} node(s) under {settings.schema.root}")
+        elif args.etcd_auth_command == "restore":
+            schema, node = settings.schema, nodes[0]
+            if args.clear:
+                cleared = await store.delete_prefix(schema.claims_of(node)) + await store.delete(schema.node(node))
+                print(f"deleted {cleared} key(s) of {node}")
+            if not await roles.restore_node(auth, schema, node):
+                print(f"{node} was not suspended; {pki.node_user(node)} may write its record and its claims")
+            else:
+                print(f"{node} restored: {pki.node_user(node)} may write its record and its claims again")
         else:
+            why = await roles.suspension(store, settings.schema, nodes[0])
+            if why is not None:
+                print(f"{nodes[0]} is suspended ({why}): see `warren-mesh etcd-auth restore`", file=sys.stderr)
+                return 1
             await roles.add_node(auth, settings.schema, nodes[0])
             print(f"{pki.node_user(nodes[0])} may write {settings.schema.node(nodes[0])} and its claims")
     return 0

@@ -80,7 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     auth_setup.add_argument("--node", action="append", default=[], help="a node name (repeat for each)")
     auth_node = etcd_auth_commands.add_parser("add-node", help="the user and role of one more node")
     auth_node.add_argument("name")
-    for sub in (auth_setup, auth_node):
+    auth_restore = etcd_auth_commands.add_parser(
+        "restore", help="give a node suspended over its hard quota its write permissions back (README: Quotas)"
+    )
+    auth_restore.add_argument("name")
+    auth_restore.add_argument(
+        "--clear",
+        action="store_true",
+        help="delete the node's keys first (its record and claims; its agent writes them again): else a node still "
+        "over its hard quota is suspended again at once",
+    )
+    for sub in (auth_setup, auth_node, auth_restore):
         add_store_flags(sub)
 
     enroller = commands.add_parser(

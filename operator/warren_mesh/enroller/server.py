@@ -9,6 +9,7 @@ server or etcd cannot be asked.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import ssl
@@ -18,6 +19,7 @@ from aiohttp import web
 
 from warren_mesh.enroller import MAX_REQUEST_BYTES, PATH
 from warren_mesh.enroller.identity import AgentIdentity, KubeReader, Refused, node_of
+from warren_mesh.enroller.quota_guard import QuotaGuard
 from warren_mesh.identity import pki
 from warren_mesh.kube.client import Kube, KubeError
 from warren_mesh.store import roles
@@ -69,9 +71,16 @@ class Enroller:
         except pki.PkiError as exc:
             return _refuse(400, str(exc))
         try:
-            await roles.add_node(EtcdAuth(self._etcd), self._schema, node)
+            suspended = await roles.suspension(self._etcd, self._schema, node)
+            if suspended is None:
+                await roles.add_node(EtcdAuth(self._etcd), self._schema, node)
         except StoreError as exc:
             return _refuse(503, f"etcd could not be given the node's user and role: {exc}")
+        if suspended is not None:
+            # Its certificate still lets it read (and keep its lease): its agent stays in the mesh, writing nothing.
+            log.warning(
+                "node %s is suspended (%s): its certificate is renewed, its write permissions are not", node, suspended
+            )
         log.info("issued %s a certificate for pod %s", pki.node_user(node), pod)
         answer = {"node": node, "certificate": certificate.decode(), "ca": (self._pki_dir / "ca.pem").read_text()}
         return web.json_response(answer)
@@ -107,7 +116,11 @@ async def serve(
         site = web.TCPSite(runner, host, port, ssl_context=context)
         await site.start()
         log.info("enroller listening on https://%s:%d%s", host, port, PATH)
+        guarding = asyncio.get_running_loop().create_task(QuotaGuard(etcd, schema).run(), name="quota-guard")
         try:
             await stop.wait()
         finally:
+            guarding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await guarding
             await runner.cleanup()

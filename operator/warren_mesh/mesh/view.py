@@ -23,7 +23,7 @@ from typing import Generic, Protocol, TypeVar
 
 from warren_mesh.mesh.changes import Changes, Rejection
 from warren_mesh.mesh.claim_slots import ClaimSlots, OwnClaim, Reservation, surplus_message
-from warren_mesh.trust.decode import MAX_KEY_BYTES, decode_json
+from warren_mesh.trust.decode import MAX_KEY_BYTES, MAX_VALUE_BYTES, decode_json
 from warren_mesh.trust.fields import validate_name
 from warren_mesh.trust.networks import usable_host_range
 from warren_mesh.trust.reasons import (
@@ -31,6 +31,7 @@ from warren_mesh.trust.reasons import (
     REASON_INVALID_FIELD,
     REASON_INVALID_KEY,
     REASON_SURPLUS_CLAIM,
+    REASON_TOO_LARGE,
     REASON_UNEXPECTED,
     RecordError,
 )
@@ -223,6 +224,8 @@ class MeshView:
         kind_name, name = kind
         if len(kv.key) > MAX_KEY_BYTES:
             raise RecordError(REASON_INVALID_KEY, f"key of {len(kv.key)} characters is longer than {MAX_KEY_BYTES}")
+        if kv.oversize:
+            raise RecordError(REASON_TOO_LARGE, f"value larger than {MAX_VALUE_BYTES} bytes ({kv.oversize} or more)")
         match kind_name:
             case "node":
                 _check_key_name(name)

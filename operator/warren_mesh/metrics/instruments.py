@@ -12,7 +12,7 @@ from warren_mesh.trust.reasons import CONFLICT_REASONS, REJECTION_REASONS
 
 APPLY_KINDS = ("add", "update", "remove", "interface", "private_key", "add_route", "remove_route")
 # Why the watch was resumed on a new stream (store/etcd.py: EtcdStore.observe).
-WATCH_RESTART_REASONS = ("error", "stalled", "compacted", "behind")
+WATCH_RESTART_REASONS = ("error", "stalled", "compacted", "behind", "too_large")
 
 # Convergence happens in milliseconds when healthy; the tail buckets catch an etcd outage or a slow backend.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -51,12 +51,19 @@ class AgentMetrics:
             ["reason"],
             registry=registry,
         )
+        self.over_quota = Gauge(
+            "warren_mesh_node_over_quota",
+            "1 for each node past the soft or hard quota of keys and bytes under its own keys (README: Quotas); "
+            "past the hard one the enroller takes its write permissions away.",
+            ["node", "level"],
+            registry=registry,
+        )
         self.watch_events = Counter(
             "warren_mesh_watch_events", "Events received from the etcd watch.", registry=registry
         )
         self.watch_restarts = Counter(
             "warren_mesh_watch_restarts",
-            "Times the etcd watch was restarted, by reason (error, stalled, compacted, behind).",
+            "Times the etcd watch was restarted, by reason (error, stalled, compacted, behind, too_large).",
             ["reason"],
             registry=registry,
         )

@@ -99,6 +99,10 @@ class LeaseNotFound(StoreError):
     """The lease named in a request has expired (or was revoked)."""
 
 
+class AnswerTooLarge(StoreError):
+    """The answer was larger than this client takes in one message (store/connection.py): ask for less."""
+
+
 @dataclass(slots=True)
 class Backoff:
     """Exponential backoff with full jitter, so a fleet of agents does not reconnect in lockstep."""

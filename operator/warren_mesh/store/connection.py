@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from etcd3.etcdrpc import rpc_pb2, rpc_pb2_grpc  # noqa: E402
 
 from warren_mesh.identity import pki  # noqa: E402
 from warren_mesh.identity.etcd_tls import EtcdTls  # noqa: E402
-from warren_mesh.store.base import LeaseNotFound, StoreError, StoreUnavailable  # noqa: E402
+from warren_mesh.store.base import AnswerTooLarge, LeaseNotFound, StoreError, StoreUnavailable  # noqa: E402
 from warren_mesh.store.wire import decode_range_response, decode_watch_response  # noqa: E402
 from warren_mesh.values.netaddr import EtcdEndpoint, parse_endpoints  # noqa: E402
 from warren_mesh.values.watch import KeyValue  # noqa: E402
@@ -44,6 +45,9 @@ _RETRYABLE: Final = frozenset(
 # or, when the call ended between our check and gRPC's, with an error of gRPC's own (ExecuteBatchError) or
 # asyncio's (InvalidStateError). All mean the same to us: this call is over, retry on a new one.
 STREAM_FAILURES: Final = (grpc.aio.AioRpcError, grpc.aio.BaseError, asyncio.InvalidStateError)
+# The most one Range answer may hold: a page of a listing (store/etcd.py pages them to fit), or one key. Records are
+# at most 16 KiB (trust/decode.py), so a single record always fits.
+RANGE_ANSWER_BYTES: Final = 256 * 1024
 _CHANNEL_OPTIONS: Final = (
     # Notice a dead TCP connection (etcd host gone) within ~15 s. Only while a call is open (an agent always has
     # its watch): etcd does not permit pings on a connection without streams and counts each one as a strike,
@@ -60,6 +64,21 @@ _CHANNEL_OPTIONS: Final = (
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2_000),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    # Range answers are capped far lower: a listing is paged (store/etcd.py), and any node may write values of up
+    # to etcd's request limit (1.5 MiB) under its own keys; no answer of another node's data may be unbounded.
+    (
+        "grpc.service_config",
+        json.dumps(
+            {
+                "methodConfig": [
+                    {
+                        "name": [{"service": "etcdserverpb.KV", "method": "Range"}],
+                        "maxResponseMessageBytes": RANGE_ANSWER_BYTES,
+                    }
+                ]
+            }
+        ),
+    ),
     # Connections of our own: by default gRPC shares subchannels between channels of one process, so a new store
     # would inherit another's reconnect backoff (and fail at once, right after etcd came back), and simulated
     # agents in one process would share one connection instead of having their own as real agents do.
@@ -260,6 +279,8 @@ class EtcdConnection:
                 raise
             raise StoreUnavailable(f"{method} on etcd at {conn.endpoint.target} was cut off (failover)") from None
         except grpc.aio.AioRpcError as exc:
+            if too_large(exc):
+                raise AnswerTooLarge(f"etcd's answer to {method} is too large: {exc.details()}") from None
             if exc.code() in _RETRYABLE:
                 self.fail_over(conn, exc)
                 details = exc.details() or ""
@@ -285,6 +306,15 @@ class EtcdConnection:
         for task in list(self._closing):
             with contextlib.suppress(Exception):
                 await task
+
+
+def too_large(error: BaseException) -> bool:
+    """Whether a call failed on our own limit on the size of an answer (gRPC says so only in its text)."""
+    return (
+        isinstance(error, grpc.aio.AioRpcError)
+        and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        and "larger than max" in (error.details() or "")
+    )
 
 
 def _credentials(tls: EtcdTls) -> grpc.ChannelCredentials:

@@ -12,17 +12,30 @@ the key-value calls.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import AsyncGenerator, Callable, Sequence
-from typing import Any
+from typing import Any, Final
 
 from etcd3.etcdrpc import rpc_pb2
 
 from warren_mesh.identity.etcd_tls import EtcdTls
 from warren_mesh.store import leases, watcher
-from warren_mesh.store.base import LeaseNotFound, StoreError
-from warren_mesh.store.connection import EtcdConnection, kv_of, prefix_range_end, wire_key
+from warren_mesh.store.base import AnswerTooLarge, LeaseNotFound, StoreError, StoreUnavailable
+from warren_mesh.store.connection import RANGE_ANSWER_BYTES, EtcdConnection, kv_of, prefix_range_end, wire_key
 from warren_mesh.store.wire import RangeAnswer
 from warren_mesh.values.watch import KeyValue, Snapshot, WatchResult
+
+# Keys per page of a listing: 10,000 node records (~300 bytes each) in 20 round trips.
+PAGE_KEYS: Final = 512
+_LIST_ATTEMPTS: Final = 3
+_COMPACTED: Final = "required revision has been compacted"
+_KEY_VALUE_OVERHEAD: Final = 32  # protobuf's bytes per key-value besides the key and the value: tags, revisions
+
+
+def _next_limit(page: Sequence[KeyValue]) -> int:
+    """Keys for the next page: as many as fill three quarters of an answer at this page's size per key."""
+    per_key = _KEY_VALUE_OVERHEAD + sum(len(kv.key) + len(kv.value) + kv.oversize for kv in page) / len(page)
+    return max(1, min(PAGE_KEYS, int(RANGE_ANSWER_BYTES * 0.75 / per_key)))
 
 
 class EtcdStore:
@@ -67,14 +80,64 @@ class EtcdStore:
     # --- keys -------------------------------------------------------------------------------------------------
 
     async def get(self, key: str) -> KeyValue | None:
-        resp: RangeAnswer = await self._connection.call("decoded", "Range", rpc_pb2.RangeRequest(key=wire_key(key)))
+        try:
+            resp: RangeAnswer = await self._connection.call("decoded", "Range", rpc_pb2.RangeRequest(key=wire_key(key)))
+        except AnswerTooLarge:
+            return (await self._first_key(wire_key(key), b"", 0))[0]
         return resp.kvs[0] if resp.kvs else None
 
     async def list_prefix(self, prefix: str) -> Snapshot:
-        raw = wire_key(prefix)
-        request = rpc_pb2.RangeRequest(key=raw, range_end=prefix_range_end(raw))
-        resp: RangeAnswer = await self._connection.call("decoded", "Range", request)
-        return Snapshot(resp.kvs, resp.revision)
+        """Every key under ``prefix`` at one revision, read in pages that no writer can make too large for us: at
+        most ``PAGE_KEYS`` keys and ``RANGE_ANSWER_BYTES`` bytes each (a page that would be larger is asked for
+        again with fewer keys, down to one). A key whose value alone is over that is skipped by its key (its value
+        never fetched) and listed with ``oversize`` set, for the view to reject and report; one whose value is
+        over the record limit but under the page limit arrives the same way (store/wire.py drops its bytes)."""
+        for _ in range(_LIST_ATTEMPTS):
+            try:
+                return await self._list_pages(wire_key(prefix))
+            except StoreError as exc:
+                if _COMPACTED not in str(exc):
+                    raise
+                # The revision the first page pinned was compacted before the last page was read: start over.
+        raise StoreUnavailable(f"{prefix} kept being compacted while it was listed; tried {_LIST_ATTEMPTS} times")
+
+    async def _list_pages(self, raw: bytes) -> Snapshot:
+        end = prefix_range_end(raw)
+        start, revision, limit = raw, 0, PAGE_KEYS
+        items: list[KeyValue] = []
+        while True:
+            request = rpc_pb2.RangeRequest(key=start, range_end=end, limit=limit, revision=revision)
+            try:
+                page: RangeAnswer = await self._connection.call("decoded", "Range", request)
+            except AnswerTooLarge:
+                if limit > 1:
+                    limit = max(1, limit // 4)
+                    continue
+                skipped, revision = await self._first_key(start, end, revision)
+                if skipped is None:  # gone at this revision: cannot be, it was just too large to send
+                    raise StoreUnavailable(f"etcd's answers for keys from {start[:64]!r} do not agree") from None
+                items.append(skipped)
+                start = wire_key(skipped.key) + b"\0"
+                continue
+            revision = revision or page.revision
+            items.extend(page.kvs)
+            if not page.more or not page.kvs:
+                return Snapshot(tuple(items), revision)
+            start = wire_key(page.kvs[-1].key) + b"\0"
+            limit = _next_limit(page.kvs)
+
+    async def _first_key(self, start: bytes, end: bytes, revision: int) -> tuple[KeyValue | None, int]:
+        """The first key in ``[start, end)`` at ``revision`` (0: now) without its value, marked as over the
+        answer limit, and the revision read. In a transaction: Txn answers are not held to the Range limit, and
+        the key itself may be up to etcd's request limit."""
+        ranged = rpc_pb2.RangeRequest(key=start, range_end=end, limit=1, keys_only=True, revision=revision)
+        request = rpc_pb2.TxnRequest(success=[rpc_pb2.RequestOp(request_range=ranged)])
+        resp = await self._connection.call("kv", "Txn", request)
+        kvs = resp.responses[0].response_range.kvs
+        revision = revision or int(resp.header.revision)
+        if not kvs:
+            return None, revision
+        return dataclasses.replace(kv_of(kvs[0]), oversize=RANGE_ANSWER_BYTES), revision
 
     async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
         resp = await self._connection.call("kv", "Put", rpc_pb2.PutRequest(key=wire_key(key), value=value, lease=lease))

@@ -36,6 +36,11 @@ class EtcdAuth:
     def __init__(self, store: EtcdStore) -> None:
         self._store = store
 
+    @property
+    def store(self) -> EtcdStore:
+        """The admin's store these calls go through (for the keys that go with users and roles)."""
+        return self._store
+
     async def _call(self, stub: str, method: str, request: object) -> object:
         try:
             return await self._store.connection.call(stub, method, request)
@@ -62,6 +67,18 @@ class EtcdAuth:
             await self._call(
                 "auth", "RoleGrantPermission", rpc_pb2.AuthRoleGrantPermissionRequest(name=name, perm=perm)
             )
+
+    async def revoke_permission(self, role: str, permission: Permission) -> None:
+        """Take ``permission`` from ``role``; done already (or no such role) is done."""
+        key = wire_key(permission.key)
+        request = rpc_pb2.AuthRoleRevokePermissionRequest(
+            role=role, key=key, range_end=prefix_range_end(key) if permission.prefix else b""
+        )
+        try:
+            await self._store.connection.call("auth", "RoleRevokePermission", request)
+        except StoreError as exc:
+            if "not granted" not in str(exc) and "role name not found" not in str(exc):
+                raise
 
     async def grant_role(self, user: str, role: str) -> None:
         await self._call("auth", "UserGrantRole", rpc_pb2.AuthUserGrantRoleRequest(user=user, role=role))

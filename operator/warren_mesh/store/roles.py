@@ -16,15 +16,23 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from warren_mesh.identity import pki
+from warren_mesh.store.base import Store
 from warren_mesh.store.etcd_auth import EtcdAuth, Permission
+from warren_mesh.trust.decode import decode_json
+from warren_mesh.trust.reasons import RecordError
+from warren_mesh.trust.records import encode_json
+from warren_mesh.trust.text import printable
 from warren_mesh.values.keyspace import KeySchema
 
 ROOT_ROLE = "root"
 
 
 def node_permissions(schema: KeySchema, node: str) -> list[Permission]:
+    return [Permission("read", schema.root, prefix=True), *_node_writes(schema, node)]
+
+
+def _node_writes(schema: KeySchema, node: str) -> list[Permission]:
     return [
-        Permission("read", schema.root, prefix=True),
         Permission("readwrite", schema.node(node), prefix=False),
         Permission("readwrite", schema.claims_of(node), prefix=True),
     ]
@@ -46,6 +54,41 @@ async def add_node(auth: EtcdAuth, schema: KeySchema, node: str) -> None:
     await auth.add_user(user)
     await auth.add_role(user, node_permissions(schema, node))
     await auth.grant_role(user, user)
+
+
+async def suspend_node(auth: EtcdAuth, schema: KeySchema, node: str, why: str) -> None:
+    """Take ``node``'s write permissions away (it keeps reading: its agent stays in the mesh, its record lives
+    until its lease ends) and mark it suspended, so that enrolling again does not give them back: only
+    ``restore_node`` does. Idempotent; the marker goes first, so a concurrent enrolment either sees it or has its
+    grants revoked right after."""
+    await auth.store.put(schema.suspension(node), encode_json({"reason": why}))
+    await revoke_writes(auth, schema, node)
+
+
+async def revoke_writes(auth: EtcdAuth, schema: KeySchema, node: str) -> None:
+    for permission in _node_writes(schema, node):
+        await auth.revoke_permission(pki.node_user(node), permission)
+
+
+async def restore_node(auth: EtcdAuth, schema: KeySchema, node: str) -> bool:
+    """Give a suspended ``node`` its write permissions back; whether it was suspended."""
+    suspended = await auth.store.get(schema.suspension(node)) is not None
+    await add_node(auth, schema, node)
+    await auth.store.delete(schema.suspension(node))
+    return suspended
+
+
+async def suspension(store: Store, schema: KeySchema, node: str) -> str | None:
+    """Why ``node`` is suspended (see ``suspend_node``); None if it is not."""
+    kv = await store.get(schema.suspension(node))
+    if kv is None:
+        return None
+    try:
+        document = decode_json(kv.value)
+    except RecordError:
+        return "suspended (the reason recorded is unreadable)"
+    reason = document.get("reason") if isinstance(document, dict) else None
+    return printable(reason) if isinstance(reason, str) else "suspended"
 
 
 async def set_up(auth: EtcdAuth, schema: KeySchema, nodes: Iterable[str]) -> None:

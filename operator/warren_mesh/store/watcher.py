@@ -25,6 +25,7 @@ from warren_mesh.store.connection import (
     cut_off_by_grpc,
     failure_reason,
     prefix_range_end,
+    too_large,
     wire_key,
 )
 from warren_mesh.store.wire import RangeAnswer, WatchAnswer
@@ -60,6 +61,12 @@ class WatchStalled(StoreUnavailable):
     """The watch stream stopped answering, even to a progress request."""
 
 
+class WatchAnswerTooLarge(StoreError):
+    """A watch answer was larger than this client takes: etcd sends a watch that is catching up many revisions
+    at once, and any node may write values of up to 1.5 MiB. Resuming would ask for the same answer again; a new
+    listing (paged) and a watch from its revision skip the history instead."""
+
+
 class WatchBehind(StoreError):
     """The watch fell far behind what etcd holds; resumed on a new stream, it catches up in batches."""
 
@@ -77,7 +84,7 @@ async def observe(
     After an error the watch resumes from the last delivered revision (no snapshot needed); only when that
     revision has been compacted away is a new snapshot listed and yielded. ``quiet_interval`` is how long
     the stream may be silent before a progress request is sent and how long the answer may take.
-    ``on_restart`` is told why the watch restarted (``error``, ``stalled``, ``compacted``, ``behind``).
+    ``on_restart`` is told why the watch restarted (``error``, ``stalled``, ``compacted``, ``behind``, ``too_large``).
     """
     backoff = Backoff()
     next_revision: int | None = None
@@ -98,6 +105,10 @@ async def observe(
         except WatchStalled as exc:
             log.warning("%s; resuming from revision %s", exc, next_revision)
             reason = "stalled"
+        except WatchAnswerTooLarge as exc:
+            log.warning("%s; listing %s again", exc, prefix)
+            next_revision = None
+            reason = "too_large"
         except WatchBehind as exc:
             log.info("%s; resuming from revision %s to catch up in batches", exc, next_revision)
             reason = "behind"
@@ -171,6 +182,8 @@ async def _watch(
         connection.fail_over(conn, exc)
         raise
     except STREAM_FAILURES as exc:
+        if too_large(exc):  # our own limit, not etcd's failure: no failover
+            raise WatchAnswerTooLarge(f"a watch answer of etcd at {conn.endpoint.target} was too large") from None
         connection.fail_over(conn, exc)
         raise StoreUnavailable(f"watch on etcd at {conn.endpoint.target} failed: {failure_reason(exc)}") from None
     finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from warren_mesh.trust.decode import MAX_VALUE_BYTES
 from warren_mesh.values.watch import Event, KeyValue
 
 _VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
@@ -103,7 +104,7 @@ def _header_revision(buf: bytes, pos: int, end: int) -> int:
 
 def _key_value(buf: bytes, pos: int, end: int) -> KeyValue:
     key = value = b""
-    create_revision = mod_revision = lease = 0
+    create_revision = mod_revision = lease = oversize = 0
     while pos < end:
         tag, pos = _varint(buf, pos)
         field, wire_type = tag >> 3, tag & 7
@@ -111,6 +112,10 @@ def _key_value(buf: bytes, pos: int, end: int) -> KeyValue:
             start, pos = _length(buf, pos, end)
             if field == 1:
                 key = buf[start:pos]
+            elif pos - start > MAX_VALUE_BYTES:
+                # No record is this large: the view rejects it by its size alone, so its bytes are never copied
+                # (a node may write values of up to etcd's 1.5 MiB request limit under its own keys).
+                oversize = pos - start
             else:
                 value = buf[start:pos]
         elif wire_type == _VARINT and field in (2, 3, 6):
@@ -126,7 +131,7 @@ def _key_value(buf: bytes, pos: int, end: int) -> KeyValue:
     # Keys are decoded losslessly whatever their bytes: a key that is not UTF-8 is a bad record for the view to
     # reject (and its deletion must reach the same string), never an error here, where gRPC would swallow it
     # and end the whole call.
-    return KeyValue(key.decode("utf-8", "surrogateescape"), value, create_revision, mod_revision, lease)
+    return KeyValue(key.decode("utf-8", "surrogateescape"), value, create_revision, mod_revision, lease, oversize)
 
 
 def _event(buf: bytes, pos: int, end: int) -> Event:

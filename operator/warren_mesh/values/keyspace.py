@@ -49,6 +49,14 @@ class KeySchema:
         """A request (from `warren-mesh rotate-key`) that ``node`` make a new WireGuard key; only it acts on it."""
         return f"{self.root}rotate/{node}"
 
+    def suspension(self, node: str) -> str:
+        """The mark of a node whose write permissions were taken away (store/roles.py); only the admin writes it."""
+        return f"{self.suspended}{node}"
+
+    @property
+    def suspended(self) -> str:
+        return f"{self.root}suspended/"
+
     @property
     def claims(self) -> str:
         return f"{self.root}claims/"

@@ -19,6 +19,9 @@ class KeyValue:
     create_revision: int
     mod_revision: int
     lease: int = 0
+    # A value too large to be a record is never kept (store/wire.py drops it while decoding, a paged listing skips
+    # it by key): ``value`` is then empty and this is its size, or a size it is known to exceed.
+    oversize: int = 0
 
 
 @dataclass(frozen=True, slots=True)
