@@ -224,7 +224,7 @@ async def _cli(etcd: EtcdServer, prefix: str, *args: str) -> tuple[int, str]:
 
 def _over_quota_everywhere(mesh: Mesh, node: str, level: str, value: float) -> bool:
     return all(
-        mesh.metric(n, "warren_mesh_node_over_quota", {"node": node, "level": level}) == value for n in mesh.agents
+        mesh.metric(n, "warren_mesh_node_over_quota", {"owner": node, "level": level}) == value for n in mesh.agents
     )
 
 

@@ -21,6 +21,7 @@ from k8s_cluster import KUBECTL, ROOT, Cluster, OperatorProcess, readme_secret_c
 from warren_mesh.agent.app import Agent
 from warren_mesh.controller.mesh_sync import PASS_INTERVAL, SURPLUS_GRACE
 from warren_mesh.identity.keys import NodeKey
+from warren_mesh.mesh.usage import DEFAULT_QUOTA
 from warren_mesh.settings import AgentSettings
 from warren_mesh.testkit.etcd_server import EtcdServer, free_port
 from warren_mesh.testkit.simulated import simulated_parts
@@ -472,6 +473,48 @@ def test_surplus_claims_a_node_leaves_are_removed_by_the_operator(
     )
     assert time.monotonic() - started >= SURPLUS_GRACE - 1, "removed before its owner had its grace"
     assert "removed 5 surplus claim(s)" in operator.log()
+
+
+def test_a_node_over_its_quota_is_reported_on_its_mesh_node_and_mesh(
+    cluster: Cluster, mesh_etcd: EtcdServer, operator: OperatorProcess, agent_process: Any
+) -> None:
+    """What a node holds under its own keys in etcd is on its MeshNode (condition WithinQuota) and, past the soft
+    quota, on the Mesh's status too, until it is back within it."""
+    cluster.kubectl("apply", "-f", "-", input=MESH)
+    wait_for(lambda: etcd_value(mesh_etcd, SCHEMA.config), 20, "the config", operator.log)
+    heavy: AgentProcess = agent_process(mesh_etcd, PREFIX, "heavy", port=free_port(), ttl=30)
+    heavy.start()
+
+    def quota_reason() -> str | None:
+        node = cluster.get("meshnode", "heavy") or {}
+        conditions = (node.get("status") or {}).get("conditions") or []
+        return next((c["reason"] for c in conditions if c["type"] == "WithinQuota"), None)
+
+    wait_for(lambda: quota_reason() == "WithinQuota", 20, "MeshNode heavy within its quota", operator.log)
+    blob = SCHEMA.claims_of("heavy") + "extra/blob"
+    asyncio.run(_put(mesh_etcd, blob, b"x" * (DEFAULT_QUOTA.soft_bytes + 1)))
+    wait_for(lambda: quota_reason() == "OverSoftQuota", 20, "MeshNode heavy over its soft quota", operator.log)
+    over = cluster.get("wmesh", "default")["status"]["overQuota"]
+    assert [(o["node"], o["level"]) for o in over] == [("heavy", "soft")] and "soft quota" in over[0]["message"]
+    asyncio.run(_delete(mesh_etcd, blob))
+    wait_for(lambda: quota_reason() == "WithinQuota", 20, "MeshNode heavy within its quota again", operator.log)
+    wait_for(lambda: not cluster.get("wmesh", "default")["status"]["overQuota"], 10, "Mesh status without it")
+
+
+async def _put(etcd: EtcdServer, key: str, value: bytes) -> None:
+    store = etcd.admin_store()
+    try:
+        await store.put(key, value)
+    finally:
+        await store.close()
+
+
+async def _delete(etcd: EtcdServer, key: str) -> None:
+    store = etcd.admin_store()
+    try:
+        await store.delete(key)
+    finally:
+        await store.close()
 
 
 def test_operator_catches_up_after_its_own_and_etcds_restart(

@@ -29,9 +29,12 @@ from warren_mesh.controller.translate import (
     mesh_schema,
     now_rfc3339,
     prefix_owner,
+    quota_condition,
     ready_condition,
+    same_condition,
 )
 from warren_mesh.kube.client import Kube, KubeError
+from warren_mesh.mesh.usage import DEFAULT_QUOTA, Level, NodeUsage
 from warren_mesh.mesh.view import MeshReader, MeshView, renumbering_refusal
 from warren_mesh.store.base import Store, StoreError
 from warren_mesh.trust.records import encode_json
@@ -75,6 +78,7 @@ class MeshSync:
         self._peer_specs = peer_specs
         self._wake = asyncio.Event()
         self._view: MeshView | None = None
+        self._usage: NodeUsage | None = None  # what each node holds under its own keys, with the view
         self._surplus_seen: dict[str, float] = {}  # surplus claim key -> when a pass first saw it
         self._observer: asyncio.Task[None] | None = None
         self._lease_refreshed = 0.0
@@ -151,7 +155,12 @@ class MeshSync:
             if refused:
                 message += f"; refused: {', '.join(refused)}"
             condition = self._ready(True, "Applied", message, generation)
-        await self._patch_status({"nodes": nodes, "readyNodes": ready, "conditions": [condition]})
+        over_quota = [
+            {"node": node, "level": level, "message": why} for node, (level, why) in sorted(self._over_quota().items())
+        ]
+        await self._patch_status(
+            {"nodes": nodes, "readyNodes": ready, "overQuota": over_quota, "conditions": [condition]}
+        )
 
     async def _sync_peers(self, schema: KeySchema) -> tuple[int, list[str]]:
         """Make ``<prefix>/v1/peers/`` hold exactly the valid MeshPeers of this mesh (the operator owns it)."""
@@ -191,10 +200,13 @@ class MeshSync:
             for obj in await self._kube.list("meshnodes", label_selector=f"{MESH_LABEL}={self.name}")
         }
         seen = now_rfc3339()
+        over_quota = self._over_quota()
         for node, entry in entries.items():
             object_name = mesh_node_name(self.name, node)
-            status = {"leaseSecondsLeft": left.get(entry.lease, -1), "lastSeen": seen}
             obj = existing.get(object_name)
+            previous = ((obj or {}).get("status") or {}).get("conditions") or []
+            quota = quota_condition(over_quota.get(node), previous)
+            status = {"leaseSecondsLeft": left.get(entry.lease, -1), "lastSeen": seen, "conditions": [quota]}
             if obj is None:
                 is_node = await self._kube.get_core(f"nodes/{node}") is not None
                 await self._kube.create("meshnodes", mesh_node_body(self.name, entry, status, kubernetes_node=is_node))
@@ -202,7 +214,8 @@ class MeshSync:
             else:
                 if obj.get("spec") != mesh_node_spec(self.name, entry.record):
                     await self._kube.patch("meshnodes", object_name, {"spec": mesh_node_spec(self.name, entry.record)})
-                if refresh or not obj.get("status"):
+                quota_changed = not any(same_condition(quota, c) for c in previous)
+                if refresh or quota_changed or not obj.get("status"):
                     await self._kube.patch("meshnodes", object_name, {"status": status}, status=True)
         wanted = {mesh_node_name(self.name, node) for node in entries}
         for object_name in existing.keys() - wanted:
@@ -213,6 +226,10 @@ class MeshSync:
             self._lease_refreshed = loop.time()
         ready = sum(1 for e in entries.values() if not e.lease or left.get(e.lease, -1) > 0)
         return len(entries), ready
+
+    def _over_quota(self) -> dict[str, tuple[Level, str]]:
+        """Nodes past their soft or hard quota (the enroller suspends those past the hard one)."""
+        return self._usage.over(DEFAULT_QUOTA) if self._usage is not None else {}
 
     async def _remove_surplus_claims(self, view: MeshReader) -> None:
         """Delete the surplus claims their owners have left for ``SURPLUS_GRACE`` (they take nothing, but each is
@@ -262,12 +279,14 @@ class MeshSync:
             return self._view
         await self._stop_observer()
         view = MeshView(schema)
-        self._view = view
+        usage = NodeUsage(schema)
+        self._view, self._usage = view, usage
         synced = asyncio.Event()
 
         async def follow() -> None:
             async for result in self._store.observe(schema.root):
                 view.apply(result)
+                usage.apply(result)
                 synced.set()
                 self.wake()
 

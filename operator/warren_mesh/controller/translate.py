@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from warren_mesh.mesh.usage import DEFAULT_QUOTA, Level
 from warren_mesh.mesh.view import Entry
 from warren_mesh.trust.reasons import RecordError
 from warren_mesh.trust.records import ExternalPeer, MeshConfig, NodeRecord
@@ -139,11 +140,31 @@ def ready_condition(
     ok: bool, reason: str, message: str, generation: int | None, previous: Iterable[Mapping[str, Any]] = ()
 ) -> dict[str, Any]:
     """The Ready condition, keeping its lastTransitionTime while its status stays the same."""
+    return _condition("Ready", ok, reason, message, generation=generation, previous=previous)
+
+
+def quota_condition(verdict: tuple[Level, str] | None, previous: Iterable[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """A MeshNode's WithinQuota condition (mesh/usage.py): False with OverSoftQuota or OverHardQuota past one."""
+    if verdict is None:
+        within = f"within the soft quota of {DEFAULT_QUOTA.soft_keys} keys and {DEFAULT_QUOTA.soft_bytes} bytes"
+        return _condition("WithinQuota", True, "WithinQuota", within, generation=None, previous=previous)
+    level, why = verdict
+    return _condition("WithinQuota", False, f"Over{level.capitalize()}Quota", why, generation=None, previous=previous)
+
+
+def same_condition(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Equal but for when they were made."""
+    return all(a.get(k) == b.get(k) for k in ("type", "status", "reason", "message"))
+
+
+def _condition(
+    kind: str, ok: bool, reason: str, message: str, *, generation: int | None, previous: Iterable[Mapping[str, Any]]
+) -> dict[str, Any]:
     status = "True" if ok else "False"
-    before = next((c for c in previous if c.get("type") == "Ready"), None)
+    before = next((c for c in previous if c.get("type") == kind), None)
     since = before.get("lastTransitionTime") if before and before.get("status") == status else None
     condition: dict[str, Any] = {
-        "type": "Ready",
+        "type": kind,
         "status": status,
         "reason": reason,
         "message": message,

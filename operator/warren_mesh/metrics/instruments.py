@@ -55,7 +55,7 @@ class AgentMetrics:
             "warren_mesh_node_over_quota",
             "1 for each node past the soft or hard quota of keys and bytes under its own keys (README: Quotas); "
             "past the hard one the enroller takes its write permissions away.",
-            ["node", "level"],
+            ["owner", "level"],
             registry=registry,
         )
         self.watch_events = Counter(
