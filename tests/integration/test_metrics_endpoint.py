@@ -148,10 +148,13 @@ def test_healthz_answers_while_3000_idle_connections_are_held_under_1024_descrip
             wait_for(lambda: holder.opened >= HELD, 30, "the attacker's connections")
             slowest = {health: 0.0, port: 0.0}
             most = before
-            for _ in range(PROBES):
-                for probed in (health, port):
+            for probe in range(PROBES):
+                # The metrics port's backlog is full of the attacker's connections: a new one gets in only after
+                # SYN retries (1, 3, 7 s...), which is why the probes read the health port. It must still answer,
+                # a few times, in the end.
+                for probed in (health, port) if probe % 5 == 0 else (health,):
                     started = time.monotonic()
-                    assert _get(probed, "/healthz", timeout=5.0) == (200, b"ok\n")
+                    assert _get(probed, "/healthz", timeout=5.0 if probed == health else 20.0) == (200, b"ok\n")
                     slowest[probed] = max(slowest[probed], time.monotonic() - started)
                 most = tuple(max(a, b) for a, b in zip(most, _proc(pid), strict=True))  # type: ignore[assignment]
                 time.sleep(0.05)
