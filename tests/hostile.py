@@ -55,22 +55,34 @@ class Mesh:
     """A view holding three honest nodes (each with its claims on its address and its pod subnet), fed hostile
     records one revision at a time."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, confirming: bool = False) -> None:
+        """``confirming``: each honest node's record confirms where it hears the other honest nodes (what honest
+        observers publish once someone contests an endpoint: mesh/endpoints.py)."""
         self.rejections: list[Rejection] = []
         self.view = MeshView(SCHEMA)
         self._changes = ChangeLog()  # what the view saw since take_changes()
         self.revision = 0
         self.created: dict[str, int] = {}
+        self.current: dict[str, KeyValue] = {}  # every key as etcd would hold it now
         items = []
         for name, (key, address, endpoint) in HONEST.items():
             subnet = HONEST_SUBNETS[name]
             items.append(self._kv(SCHEMA.claim(name, address), b""))
             items.append(self._kv(SCHEMA.claim(name, subnet, "pods"), b""))
             doc = node_doc(name, key, address, f"{endpoint}:51820", allowed_ips=[subnet])
+            if confirming:
+                doc["observed_endpoints"] = {n: f"{e}:51820" for n, (_, _, e) in HONEST.items() if n != name}
             items.append(self._kv(SCHEMA.node(name), encode_json(doc)))
         self._apply(Snapshot(tuple(items), self.revision))
 
     def _apply(self, result: WatchResult) -> None:
+        if isinstance(result, Snapshot):
+            self.current = {kv.key: kv for kv in result.items}
+        for event in result.events if isinstance(result, Events) else ():
+            if event.kind == "put":
+                self.current[event.kv.key] = event.kv
+            else:
+                self.current.pop(event.kv.key, None)
         changes = self.view.apply(result)
         self.rejections.extend(changes.rejections)
         self._changes.add(changes)

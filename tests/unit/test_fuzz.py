@@ -5,6 +5,10 @@ Properties, whatever an attacker writes next to three honest nodes (anywhere but
 - the desired device never routes a special-purpose range, this node's underlay or etcd into the tunnel;
 - every honest node stays a peer with its address;
 - the agent's incremental fold equals a fold from scratch.
+And whatever an attacker with one node's own credential writes (its record and its claims, with anything in them):
+- it moves no honest node's endpoint (its observations are one vote against the honest confirmations);
+- it holds at most one overlay address and one pod subnet, so the next node still gets both;
+- no node but it is ever over its quota.
 
 CI runs a bounded number of examples (the ``ci`` profile in conftest.py); a longer run, as documented in
 docs/security.md: ``HYPOTHESIS_PROFILE=long .venv/bin/pytest tests/unit/test_fuzz.py``.
@@ -13,6 +17,7 @@ docs/security.md: ``HYPOTHESIS_PROFILE=long .venv/bin/pytest tests/unit/test_fuz
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 from typing import Any
 
@@ -21,10 +26,14 @@ from hypothesis import strategies as st
 
 from hostile import ATTACKER_KEY, HONEST, LOCAL, LOCAL_KEY, SCHEMA, Mesh, assert_safe, node_doc, peer_doc
 from warren_mesh.identity.keys import NodeKey
+from warren_mesh.mesh.allocation import address_candidates, holdings, subnet_candidates
+from warren_mesh.mesh.endpoints import public_endpoint
 from warren_mesh.mesh.topology import TopologyBuilder
-from warren_mesh.trust.decode import decode_json
+from warren_mesh.mesh.usage import DEFAULT_QUOTA, NodeUsage
+from warren_mesh.trust.decode import MAX_VALUE_BYTES, decode_json
 from warren_mesh.trust.reasons import RecordError
 from warren_mesh.trust.records import ExternalPeer, MeshConfig, NodeRecord
+from warren_mesh.values.watch import Snapshot
 
 HONEST_KEYS = [key for key, _, _ in HONEST.values()]
 HONEST_ADDRESSES = [address for _, address, _ in HONEST.values()]
@@ -176,6 +185,61 @@ def attacks(draw: st.DrawFn) -> tuple[str, str, bytes | None]:
     if draw(st.integers(min_value=0, max_value=5)) == 0:
         value = None
     return kind, key, value
+
+
+@st.composite
+def own_key_writes(draw: st.DrawFn) -> tuple[str, bytes | None]:
+    """One write of an attacker holding node a0's own certificate: its role lets it write its record and its
+    claims and nothing else, with anything in them: lies about where it sees the honest nodes, claims on any
+    address, values larger than any record. (key, value or None for a deletion)."""
+    kind = draw(st.sampled_from(["record", "claim", "large", "raw"]))
+    value: bytes | None
+    if kind == "record":
+        key = SCHEMA.node("a0")
+        doc = node_doc(
+            "a0", draw(st.sampled_from(KEYS)), draw(st.sampled_from(ADDRESSES)), draw(st.sampled_from(ENDPOINTS))
+        )
+        observers = st.sampled_from([*HONEST, "a0", "local", "ghost"])
+        doc["observed_endpoints"] = draw(st.dictionaries(observers, st.sampled_from(ENDPOINTS), max_size=4))
+        value = draw(mutated(doc))
+    elif kind == "claim":
+        address, subnet = draw(st.sampled_from(ADDRESSES)), draw(st.sampled_from(SUBNETS))
+        key = draw(st.sampled_from([SCHEMA.claim("a0", address), SCHEMA.claim("a0", subnet, "pods")]))
+        value = draw(st.binary(max_size=16))
+    elif kind == "large":
+        key = draw(st.sampled_from([SCHEMA.node("a0"), SCHEMA.claim("a0", draw(st.sampled_from(ADDRESSES)))]))
+        value = b"x" * draw(st.integers(min_value=MAX_VALUE_BYTES + 1, max_value=4 * MAX_VALUE_BYTES))
+    else:
+        key, value = SCHEMA.node("a0"), draw(st.binary(max_size=64))
+    if draw(st.integers(min_value=0, max_value=5)) == 0:
+        value = None
+    return key, value
+
+
+@given(st.lists(own_key_writes(), min_size=1, max_size=12))
+def test_one_nodes_credential_moves_no_endpoint_holds_one_address_and_is_the_only_one_over_quota(
+    writes: list[tuple[str, bytes | None]],
+) -> None:
+    mesh = Mesh(confirming=True)
+    usage = NodeUsage(SCHEMA)
+    config = mesh.view.config
+    for key, value in writes:
+        if value is None:
+            mesh.delete(key)
+        else:
+            mesh.put(key, value)
+        usage.apply(Snapshot(tuple(mesh.current.values()), mesh.revision))
+        mesh.assert_honest_intact()
+        for name in HONEST:
+            assert public_endpoint(mesh.view, name) is None, f"{name}'s endpoint moved by one node's observations"
+        # One of each kind per IP family.
+        held = [s for s, holder in mesh.view.reservations.items() if holder.owner == "a0"]
+        kinds = [("/" in s, ipaddress.ip_network(s, strict=False).version) for s in held]
+        assert len(kinds) == len(set(kinds)), held
+        found = holdings(mesh.view, config, "newcomer", SCHEMA)
+        assert next(address_candidates("newcomer", config.overlay_cidr, found.taken_addresses), None) is not None
+        assert next(subnet_candidates("newcomer", config, found.taken_subnets), None) is not None
+        assert set(usage.over(DEFAULT_QUOTA)) <= {"a0"}
 
 
 def decode_every_way(raw: bytes) -> None:
