@@ -6,6 +6,7 @@ machine's kernel has no WireGuard module.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -28,7 +29,7 @@ from warren_mesh.lab.lab import Lab
 from warren_mesh.lab.layout import ETCD_PORT, HUB_ADDRESS, METRICS_PORT, SUBNET
 from warren_mesh.lab.probe import Probe
 from warren_mesh.lab.report import LabPod
-from warren_mesh.mesh import endpoints
+from warren_mesh.mesh import damping, endpoints
 from warren_mesh.process import connect_in_netns, in_netns
 from warren_mesh.testkit.waiting import wait_for
 from warren_mesh.trust.records import MeshConfig
@@ -752,3 +753,118 @@ def test_one_lying_observer_among_honest_ones_moves_no_endpoint(lab: Lab) -> Non
     # One confirmation against one lie is a tie, which keeps the record's endpoint.
     assert first is not None and first < hold and every is not None
     assert all(ok for *_, ok in lab.ping_all())
+
+
+# One node's credential rewriting its own (valid) record as fast as etcd takes it: a new endpoint port each time,
+# so every agent would have a peer to update on its device for each write it applies.
+_FLOOD = """
+import asyncio, json, sys, time
+from pathlib import Path
+from warren_mesh.identity.etcd_tls import EtcdTls
+from warren_mesh.store.etcd import EtcdStore
+endpoint, ca, cert, key, seconds, public_key = sys.argv[1:7]
+async def main():
+    store = EtcdStore(endpoint, tls=EtcdTls(Path(ca), Path(cert), Path(key)))
+    await store.put("/warren/mesh/v1/claims/evil/overlay/10.96.0.250", b"")
+    writes, end = 0, time.monotonic() + float(seconds)
+    while time.monotonic() < end:
+        doc = {"schema": 1, "name": "evil", "public_key": public_key, "endpoint": f"192.0.2.99:{1000 + writes % 60000}",
+               "overlay_ip": "10.96.0.250", "listen_port": 51820, "published_at": time.time()}
+        await store.put("/warren/mesh/v1/nodes/evil", json.dumps(doc).encode())
+        writes += 1
+    await store.close()
+    print(writes / float(seconds))
+asyncio.run(main())
+"""
+
+
+def _join_lag(lab: Lab, index: int, observers: list[int]) -> float:
+    """Seconds from node ``index``'s record being published until the last of ``observers`` applied it to its
+    device (its agent's log line, written as the change is applied)."""
+    name = lab.node_name(index)
+    published = json.loads(_etcd_get(lab, f"/warren/mesh/v1/nodes/{name}"))["published_at"]
+    applied = []
+    for observer in observers:
+        log_file = lab.state_dir / f"{lab.node_name(observer)}.log"
+
+        def added(log_file: Path = log_file) -> float | None:
+            stamp = None
+            for line in log_file.read_text(errors="replace").splitlines():
+                if stamp is None and line[:4].isdigit():
+                    last = line
+                if line.startswith(f"add peer {name}:") and stamp is None:
+                    stamp = time.mktime(time.strptime(last[:19], "%Y-%m-%d %H:%M:%S")) + int(last[20:23]) / 1000
+            return stamp
+
+        applied.append(wait_for(added, 30, f"{lab.node_name(observer)} adding {name}"))
+    return float(max(applied) - published)
+
+
+def _cpu_seconds(lab: Lab, indexes: list[int]) -> float:
+    """CPU time used so far by every process in these nodes' namespaces (agents and wireguard-go)."""
+    ticks = 0
+    for index in indexes:
+        for pid in netns.pids_in(lab.node_netns(index)):
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _updates_of(lab: Lab, index: int, name: str) -> int:
+    log_file = lab.state_dir / f"{lab.node_name(index)}.log"
+    return log_file.read_text(errors="replace").count(f"update peer {name}:")
+
+
+def test_a_node_flooding_its_record_does_not_slow_anyone_elses_join(lab: Lab) -> None:
+    """Issue 28: one node's credential rewriting its own valid record as fast as etcd takes it (a new endpoint
+    each time). Before, every agent followed every rewrite, a device update each (on wireguard-go a UAPI call):
+    ~270 a second on every node. Now a node's updates past a burst of 10 are applied at 2 a second, the newest
+    winning: the others' joins keep their latency, the nodes' CPU goes to their own work, and when the flood ends
+    every device has the flooder's last record."""
+    lab.up(3, backend="userspace", lease_ttl=TTL, timeout=120)
+    lab.add_node(4)
+    lab.wait_for_mesh(timeout=60)
+    quiet = _join_lag(lab, 4, [1, 2, 3])
+    pki.issue_node(lab.pki_dir, "evil")
+    lab._admin("etcd-auth", "add-node", "evil")
+    evil = lab.pki_dir / "node-evil"
+    seconds = 10
+    cpu_before, started = _cpu_seconds(lab, [1, 2, 3, 4]), time.monotonic()
+    flood = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _FLOOD,
+            lab.etcd_endpoint,
+            str(lab.pki_dir / "ca.pem"),
+            f"{evil}.pem",
+            f"{evil}-key.pem",
+            str(seconds),
+            NodeKey.generate().public_key,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=in_netns(lab.hub),  # noqa: PLW1509 (one setns call)
+    )
+    try:
+        time.sleep(3)
+        lab.add_node(5)
+        lab.wait_for_agent(5, timeout=STARTUP)
+        flooded = _join_lag(lab, 5, [1, 2, 3, 4])
+    finally:
+        rate, _ = flood.communicate(timeout=60)
+    cpu = (_cpu_seconds(lab, [1, 2, 3, 4]) - cpu_before) / (time.monotonic() - started)
+    last = json.loads(_etcd_get(lab, "/warren/mesh/v1/nodes/evil"))
+    updates = [_updates_of(lab, i, "evil") for i in (1, 2, 3, 4)]
+    print(
+        f"join lag quiet {quiet * 1000:.0f} ms, during a flood of {float(rate):.0f} writes/s {flooded * 1000:.0f} ms;"
+        f" evil's updates applied per node {updates} in {seconds} s; nodes 1-4 used {cpu:.2f} CPU meanwhile"
+    )
+    assert flooded <= 2 * quiet + 0.05
+    assert max(updates) <= damping.BURST + damping.RATE * (seconds + 5), "the flood was followed, not damped"
+    wait_for(
+        lambda: all(lab.peer_config(i).get(last["public_key"], ("",))[0] == last["endpoint"] for i in (1, 2, 3, 4)),
+        10,
+        "every device with the flooder's last record",
+    )

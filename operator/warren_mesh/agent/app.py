@@ -33,6 +33,7 @@ from warren_mesh.host.pod_network import PodNetwork
 from warren_mesh.identity import keys
 from warren_mesh.identity.keys import NodeKey, load_or_create
 from warren_mesh.mesh.claims import LocalNode
+from warren_mesh.mesh.damping import Damper
 from warren_mesh.mesh.decision import Decider
 from warren_mesh.mesh.view import MeshView
 from warren_mesh.metrics.http import MetricsServer
@@ -81,7 +82,8 @@ class Agent:
         self.store = parts.store
         self.host = parts.host
         self.metrics = parts.metrics
-        self.view = MeshView(settings.store.schema)  # changed only by the observe stage
+        # Changed only by the observe stage, which also releases what the damper held back.
+        self.view = MeshView(settings.store.schema, damper=Damper())
         self.identity = Identity(key if key is not None else self._load_key())
         self.reporter = Reporter(self.metrics, local_name=settings.node_name)
         self.key_rotation: KeyRotation | None = None

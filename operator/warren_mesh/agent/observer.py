@@ -7,8 +7,10 @@ record and claims, which the registrar keeps as they should be; a key rotation r
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
+from types import MappingProxyType
 from typing import NamedTuple
 
 from warren_mesh.mesh.changes import Changes
@@ -60,24 +62,54 @@ class MeshObserver:
         self._on_restart = on_restart
 
     async def batches(self) -> AsyncGenerator[Observed, None]:
-        """Forever (the watch resumes by itself after any failure of etcd's)."""
+        """Forever (the watch resumes by itself after any failure of etcd's). Between watch batches, node records
+        the view held back (a node rewriting its record past its rate: mesh/damping.py) are folded in when they are
+        due, each such release handed on like a batch."""
         view = self._view
         usage = NodeUsage(view.schema)
-        async for result in self._store.observe(view.schema.root, on_restart=self._on_restart):
-            mentioned, revisions = _values_after(result, self._watched())
-            first = not view.synced
-            changes = view.apply(result)
-            quota = usage.verdicts(usage.apply(result), DEFAULT_QUOTA)
-            if first and view.synced:
-                # Everything so far (modules, metrics, the whole mesh as listed) lives as long as the agent: take
-                # it out of the cyclic collector's generations, whose full collections would otherwise walk it
-                # again and again (pauses of tens of ms at a thousand peers, the tail of convergence lag).
-                gc.freeze()
-            events = len(result.events) if isinstance(result, Events) else 0
-            surplus: tuple[str, ...] = ()
-            if self._owner is not None and (changes.everything or changes.addresses or changes.rejections):
-                surplus = tuple(view.surplus_claims(self._owner))
-            yield Observed(changes, events, view.config, mentioned, revisions, surplus, quota)
+        stream = self._store.observe(view.schema.root, on_restart=self._on_restart).__aiter__()
+        waiting: asyncio.Task[WatchResult] | None = None
+        try:
+            while True:
+                if waiting is None:
+                    waiting = asyncio.ensure_future(stream.__anext__())
+                release = view.next_release()
+                if release is not None and not waiting.done():
+                    await asyncio.wait((waiting,), timeout=release)
+                    if not waiting.done():
+                        yield self._observed(view.release_held())
+                        continue
+                result = await waiting
+                waiting = None
+                mentioned, revisions = _values_after(result, self._watched())
+                first = not view.synced
+                changes = view.apply(result)
+                if first and view.synced:
+                    # Everything so far (modules, metrics, the whole mesh as listed) lives as long as the agent:
+                    # take it out of the cyclic collector's generations, whose full collections would otherwise
+                    # walk it again and again (pauses of tens of ms at a thousand peers, the tail of convergence
+                    # lag).
+                    gc.freeze()
+                events = len(result.events) if isinstance(result, Events) else 0
+                quota = usage.verdicts(usage.apply(result), DEFAULT_QUOTA)
+                yield self._observed(changes, events, mentioned, revisions, quota)
+        finally:
+            if waiting is not None:
+                waiting.cancel()  # ends the watch generator inside it (the agent is stopping)
+
+    def _observed(
+        self,
+        changes: Changes,
+        events: int = 0,
+        mentioned: Mapping[str, bytes | None] = MappingProxyType({}),
+        revisions: Mapping[str, int] = MappingProxyType({}),
+        quota: Mapping[str, tuple[Level, str] | None] = MappingProxyType({}),
+    ) -> Observed:
+        view = self._view
+        surplus: tuple[str, ...] = ()
+        if self._owner is not None and (changes.everything or changes.addresses or changes.rejections):
+            surplus = tuple(view.surplus_claims(self._owner))
+        return Observed(changes, events, view.config, mentioned, revisions, surplus, quota)
 
 
 def _values_after(result: WatchResult, keys: Iterable[str]) -> tuple[dict[str, bytes | None], dict[str, int]]:

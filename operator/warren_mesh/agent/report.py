@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import NamedTuple
 
+from warren_mesh.mesh import damping
 from warren_mesh.mesh.changes import Changes
 from warren_mesh.mesh.claims import Conflict
 from warren_mesh.mesh.usage import Level
@@ -16,6 +17,8 @@ from warren_mesh.metrics.instruments import AgentMetrics
 from warren_mesh.trust.text import printable
 
 log = logging.getLogger(__name__)
+
+FLOOD_QUIET = 60.0  # seconds without a held-back update after which a node's next flood is logged again
 
 
 class PassReport(NamedTuple):
@@ -41,6 +44,7 @@ class Reporter:
         self._local_name = local_name
         self._conflicts: set[tuple[str, str]] = set()  # reported already: each is logged when it starts
         self._over_quota: dict[str, Level] = {}  # node -> the quota level it is reported past
+        self._flooding: dict[str, float] = {}  # node -> when an update of its record was last held back
 
     def observed(self, changes: Changes, events: int, quota: Mapping[str, tuple[Level, str] | None]) -> None:
         self._metrics.watch_events.inc(events)
@@ -48,6 +52,23 @@ class Reporter:
             self._metrics.rejected_records.labels(rejection.reason).inc()
         for node, verdict in quota.items():
             self._report_quota(node, verdict)
+        if changes.damped:
+            self._report_damped(changes.damped)
+
+    def _report_damped(self, names: tuple[str, ...]) -> None:
+        """Count held-back updates; say so once per node and flood (again after a quiet ``FLOOD_QUIET`` s)."""
+        self._metrics.damped_updates.inc(len(names))
+        now = time.monotonic()
+        for name in set(names):
+            last = self._flooding.get(name)
+            if last is None or now - last > FLOOD_QUIET:
+                log.warning(
+                    "node %s rewrites its record faster than %g times a second: its updates are applied at that "
+                    "rate, the newest winning (warren_mesh_damped_updates_total)",
+                    name,
+                    damping.RATE,
+                )
+            self._flooding[name] = now
 
     def _report_quota(self, node: str, verdict: tuple[Level, str] | None) -> None:
         level = verdict[0] if verdict else None

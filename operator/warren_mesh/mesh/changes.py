@@ -42,6 +42,7 @@ class Changes(NamedTuple):
     # node name -> publish time of the node records accepted (for convergence lag)
     published: Mapping[str, float] = MappingProxyType({})
     rejections: tuple[Rejection, ...] = ()
+    damped: tuple[str, ...] = ()  # nodes whose record updates were held back (past their rate; mesh/damping.py)
 
 
 class ChangeLog:

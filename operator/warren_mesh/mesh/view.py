@@ -23,6 +23,7 @@ from typing import Generic, Protocol, TypeVar
 
 from warren_mesh.mesh.changes import Changes, Rejection
 from warren_mesh.mesh.claim_slots import ClaimSlots, OwnClaim, Reservation, surplus_message
+from warren_mesh.mesh.damping import Damper
 from warren_mesh.trust.decode import MAX_KEY_BYTES, MAX_VALUE_BYTES, decode_json
 from warren_mesh.trust.fields import validate_name
 from warren_mesh.trust.networks import usable_host_range
@@ -97,8 +98,12 @@ class MeshView:
     """Config, node records, external peers and address claims under one key prefix; changed only by ``apply``
     (the agent's observe stage), read by everyone else as a ``MeshReader``."""
 
-    def __init__(self, schema: KeySchema) -> None:
+    def __init__(self, schema: KeySchema, *, damper: Damper | None = None) -> None:
+        """``damper``: hold back updates of a node's record past its rate, the newest winning (mesh/damping.py),
+        for whoever then calls ``release_held`` when ``next_release`` says (the agent's observe stage)."""
         self._schema = schema
+        self._damper = damper
+        self._damped: list[str] = []  # nodes whose updates this batch held back
         self.config = MeshConfig()
         self._config_revision = 0
         self.nodes: dict[str, Entry[NodeRecord]] = {}
@@ -131,6 +136,20 @@ class MeshView:
             self._apply_snapshot(result)
         else:
             self._apply_events(result)
+        return self._take_changes()
+
+    def release_held(self) -> Changes:
+        """Apply the held node records that are due (``next_release``); what that changed."""
+        if self._damper is not None:
+            for kv in self._damper.due():
+                self._put(kv)
+        return self._take_changes()
+
+    def next_release(self) -> float | None:
+        """Seconds until a held node record is due (None: none is held)."""
+        return self._damper.next_due() if self._damper is not None else None
+
+    def _take_changes(self) -> Changes:
         changes = Changes(
             self._changed_everything,
             self._changed_nodes,
@@ -138,11 +157,13 @@ class MeshView:
             self._changed_addresses,
             self._published,
             tuple(self._rejections),
+            tuple(self._damped),
         )
         self._changed_everything = False
         self._changed_nodes, self._changed_peers, self._changed_addresses = set(), set(), set()
         self._published = {}
         self._rejections.clear()
+        self._damped = []
         return changes
 
     @property
@@ -162,6 +183,8 @@ class MeshView:
         self.reservations = {}
         self._claims = {}
         self._slots.clear()
+        if self._damper is not None:
+            self._damper.clear()
         if self._schema.config not in present:
             self.config, self._config_revision = MeshConfig(), 0
         self._rejected = {k: r for k, r in self._rejected.items() if k in present}
@@ -188,6 +211,8 @@ class MeshView:
             return
         match kind:
             case ("node", name):
+                if self._damper is not None:
+                    self._damper.forget(name)
                 if self.nodes.pop(name, None) is not None and self._pending_config is not None:
                     self._retry_pending_config()
                 self._published.pop(name, None)
@@ -231,6 +256,9 @@ class MeshView:
                 _check_key_name(name)
                 current = self.nodes.get(name)
                 if current is None or current.mod_revision != kv.mod_revision:
+                    if current is not None and self._damper is not None and not self._damper.admit(name, kv):
+                        self._damped.append(name)
+                        return  # held, undecoded: applied when the node's rate allows, unless a newer one replaces it
                     record = NodeRecord.from_json(decode_json(kv.value), key_name=name)
                     self.nodes[name] = Entry(record, kv.create_revision, kv.mod_revision, kv.lease)
                     self._published[name] = record.published_at

@@ -121,6 +121,12 @@ class AgentMetrics:
             "Times this agent (re-)registered its node record.",
             registry=registry,
         )
+        self.damped_updates = Counter(
+            "warren_mesh_damped_updates",
+            "Updates of other nodes' records held back because their node rewrote its record faster than the "
+            "damping rate (the newest is applied at that rate).",
+            registry=registry,
+        )
         self.surplus_claims_removed = Counter(
             "warren_mesh_surplus_claims_removed",
             "Claims of this node's that took nothing (it held an older one of their kind) and that it removed: "
