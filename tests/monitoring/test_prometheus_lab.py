@@ -24,6 +24,7 @@ import yaml
 from monitoring.prom_server import Prometheus, http_get
 from warren_mesh.lab.lab import Lab
 from warren_mesh.lab.layout import METRICS_PORT
+from warren_mesh.mesh.usage import DEFAULT_QUOTA
 from warren_mesh.testkit.waiting import wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
@@ -125,6 +126,13 @@ def only_value(result: list[dict[str, Any]], what: str) -> float:
     return float(result[0]["value"][1])
 
 
+def _etcdctl(lab: Lab, *args: str) -> None:
+    done = subprocess.run(
+        ["ip", "netns", "exec", lab.hub, *lab.access().etcdctl(*args)], capture_output=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+
+
 def test_prometheus_sees_the_lab_through_dashboard_and_alerts(lab: Lab, prometheus: Prometheus) -> None:
     wait_for(
         lambda: len([r for r in prometheus.query('up{job="warren-mesh-agent"} == 1')]) == 3,
@@ -180,19 +188,16 @@ def test_prometheus_sees_the_lab_through_dashboard_and_alerts(lab: Lab, promethe
         assert abs(measured - sent_bps) <= 0.2 * sent_bps, f"{what} {measured:.0f} b/s vs iperf3 {sent_bps:.0f} b/s"
 
     # A bad record in etcd: the rejection shows up and its alert fires.
-    bad = subprocess.run(
-        [
-            "ip",
-            "netns",
-            "exec",
-            lab.hub,
-            *lab.access().etcdctl("put", BOGUS, "{not json"),
-        ],
-        capture_output=True,
-        check=False,
-    )
-    assert bad.returncode == 0, bad.stderr
+    _etcdctl(lab, "put", BOGUS, "{not json")
     wait_for(lambda: prometheus.firing("WarrenMeshRecordsRejected"), 20, "the rejected-records alert")
+    # A node holding more than its soft quota under its own keys (written as the admin here): its alert fires,
+    # naming it, once whichever agents report it.
+    heavy = "/warren/mesh/v1/claims/node-1/extra/heavy"
+    _etcdctl(lab, "put", heavy, "x" * (DEFAULT_QUOTA.soft_bytes + 1))
+    wait_for(lambda: prometheus.firing("WarrenMeshNodeOverQuota"), 20, "the over-quota alert")
+    assert [(a["labels"]["owner"], a["labels"]["level"]) for a in prometheus.firing("WarrenMeshNodeOverQuota")] == [
+        ("node-1", "soft")
+    ]
 
     # Every panel's every expression returns data, and the node selector lists the nodes.
     empty = [(title, expr) for title, expr in panel_queries() if not prometheus.query(as_instant(expr))]

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import ipaddress
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -20,8 +22,10 @@ from warren_mesh.admin.migration import migrate_reservations
 from warren_mesh.admin.reading import read_view
 from warren_mesh.admin.status import read_agent_traffic, read_status, render_json, render_table
 from warren_mesh.cli.stores import open_store
+from warren_mesh.enroller.quota_guard import QuotaGuard
 from warren_mesh.identity import pki
 from warren_mesh.identity.keys import load as load_key
+from warren_mesh.mesh.usage import DEFAULT_QUOTA
 from warren_mesh.metrics.reading import read_agent_metrics
 from warren_mesh.settings import (
     SettingsError,
@@ -129,6 +133,8 @@ async def run_migrate_claims(settings: StoreSettings) -> int:
 
 
 async def run_etcd_auth(settings: StoreSettings, args: argparse.Namespace) -> int:
+    if args.etcd_auth_command == "guard":
+        return await _guard_quotas(settings)
     nodes = [validate_name(name) for name in (args.node if args.etcd_auth_command == "setup" else [args.name])]
     async with open_store(settings) as store:
         auth = EtcdAuth(store)
@@ -151,6 +157,29 @@ async def run_etcd_auth(settings: StoreSettings, args: argparse.Namespace) -> in
                 return 1
             await roles.add_node(auth, settings.schema, nodes[0])
             print(f"{pki.node_user(nodes[0])} may write {settings.schema.node(nodes[0])} and its claims")
+    return 0
+
+
+async def _guard_quotas(settings: StoreSettings) -> int:
+    """Enforce the hard quota until SIGTERM or SIGINT (README, Quotas): what the enroller does on Kubernetes."""
+    quota = DEFAULT_QUOTA
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with open_store(settings) as store:
+        guard = loop.create_task(QuotaGuard(store, settings.schema, quota).run(), name="quota-guard")
+        print(
+            f"suspending nodes past {quota.hard_keys} keys or {quota.hard_bytes} bytes under their own keys in "
+            f"{settings.schema.root}",
+            flush=True,
+        )
+        stopping = loop.create_task(stop.wait())
+        await asyncio.wait((guard, stopping), return_when=asyncio.FIRST_COMPLETED)
+        for task in (guard, stopping):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
     return 0
 
 

@@ -90,7 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="delete the node's keys first (its record and claims; its agent writes them again): else a node still "
         "over its hard quota is suspended again at once",
     )
-    for sub in (auth_setup, auth_node, auth_restore):
+    auth_guard = etcd_auth_commands.add_parser(
+        "guard",
+        help="suspend nodes past their hard quota until stopped (on Kubernetes the enroller does; README: Quotas)",
+    )
+    for sub in (auth_setup, auth_node, auth_restore, auth_guard):
         add_store_flags(sub)
 
     enroller = commands.add_parser(

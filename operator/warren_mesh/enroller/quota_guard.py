@@ -42,6 +42,13 @@ class QuotaGuard:
             async for result in self._store.observe(self._schema.root):
                 self.usage.apply(result)
                 self._follow_marks(result)
+                if isinstance(result, Snapshot):
+                    log.info(
+                        "quota guard: following %d node(s) under %s, %d suspended",
+                        len(self.usage.by_node),
+                        self._schema.root,
+                        len(self.suspended),
+                    )
                 await self._enforce()
         finally:
             rechecking.cancel()
