@@ -4,6 +4,7 @@ over to the next run on a restart."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 
 import pytest
@@ -133,5 +134,43 @@ def test_our_own_earlier_write_seen_late_is_not_taken_for_someone_elses(caplog: 
         latest = await _record(store)
         assert latest is not None and latest.endpoint == Endpoint.parse("198.51.100.1:51820")
         assert "changed by someone else" in caplog.text
+
+    run(body())
+
+
+class _SlowAnswers(MemoryStore):
+    """A store that has written a put before its answer reaches the writer (as the watch may show it first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answer = asyncio.Event()
+        self.answer.set()
+
+    async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
+        revision = await super().put(key, value, lease=lease)
+        await self.answer.wait()
+        return revision
+
+
+def test_our_own_write_seen_before_its_answer_is_not_taken_for_someone_elses(caplog: pytest.LogCaptureFixture) -> None:
+    # Issue 28, the lab's NAT test: the watch showed an agent's write while the put's answer was still on its way,
+    # and the agent took it for someone else's, wrote its record again and logged so (twice per adoption).
+    async def body() -> None:
+        store = _SlowAnswers()
+        publisher = _publisher(store, NodeKey.generate())
+        lease = await store.grant_lease(10)
+        ours = await publisher.publish(publisher.record(MeshConfig(), ipaddress.ip_address("10.96.0.9"), None), lease)
+        publisher.registered(Registration(ours, lease, 10))
+        store.answer.clear()
+        writing = asyncio.ensure_future(publisher.set_public_endpoint(Endpoint.parse("198.51.100.1:51820")))
+        await asyncio.sleep(0)
+        seen = await store.get(SCHEMA.node("n1"))
+        assert seen is not None and b"198.51.100.1" in seen.value
+        revision = store.revision
+        # The watch's news of our write, before its answer (a write of restore's would wait for it too: bounded).
+        await asyncio.wait_for(publisher.restore(seen.value, seen.mod_revision), 1)
+        store.answer.set()
+        await writing
+        assert store.revision == revision and "by someone else" not in caplog.text
 
     run(body())

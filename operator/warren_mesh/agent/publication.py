@@ -61,6 +61,8 @@ class RecordPublisher:
         self._claim_keys: tuple[str, ...] = ()  # of the current registration
         self._published = b""  # the exact value of our record in etcd, to notice when someone changes it
         self._published_revision = 0  # the revision we wrote it at (0: not known)
+        # The value of a write of ours not answered yet: the watch may show it before etcd's answer reaches us.
+        self._writing: bytes | None = None
 
     @property
     def name(self) -> str:
@@ -191,7 +193,11 @@ class RecordPublisher:
         current = self.current
         assert current is not None  # callers return early between leases
         value = encode_json(record.to_json())
-        revision = await self._store.put(self.key, value, lease=current.lease_id)
+        self._writing = value
+        try:
+            revision = await self._store.put(self.key, value, lease=current.lease_id)
+        finally:
+            self._writing = None
         self.current = replace(current, record=record)
         self._published, self._published_revision = value, revision
         log.info("%s: %s (key %s…)", self._name, what, record.public_key[:10])
@@ -201,7 +207,7 @@ class RecordPublisher:
         the revision ``value`` is of; one older than our last write is a state of our own that write replaced
         (the watch delivers our quick successive writes one batch at a time), not someone else's."""
         current = self.current
-        if current is None or value == self._published:
+        if current is None or value == self._published or (value is not None and value == self._writing):
             return
         if revision is not None and revision < self._published_revision:
             return
