@@ -20,12 +20,14 @@ from warren_mesh.mesh.usage import DEFAULT_QUOTA
 from warren_mesh.store import roles
 from warren_mesh.store.base import StoreError
 from warren_mesh.store.etcd import EtcdStore
+from warren_mesh.store.etcd_auth import EtcdAuth
 from warren_mesh.testkit.etcd_server import EtcdServer
 from warren_mesh.testkit.waiting import wait_until
 from warren_mesh.trust.networks import usable_host_range
 from warren_mesh.trust.records import MeshConfig, encode_json
 from warren_mesh.values.keyspace import KeySchema
 
+TTL = 3  # the agents' lease
 # Small networks, so that claiming all of them is quick: 62 overlay addresses, 16 pod subnets.
 CONFIG = MeshConfig(overlay_cidr=ipaddress.ip_network("10.96.0.0/26"), pod_cidr=ipaddress.ip_network("10.244.0.0/20"))
 
@@ -214,6 +216,29 @@ def test_a_node_past_its_hard_quota_loses_its_write_permissions_until_restored(
             await admin.close()
 
     _as_node("evil", shared_etcd, prefix, tmp_path, attack)
+
+
+def test_a_suspended_node_keeps_its_place_and_its_lease(shared_etcd: EtcdServer, prefix: str, tmp_path: Path) -> None:
+    """Suspension takes a node's writes, not its place in the mesh (README, Quotas): its agent keeps renewing its
+    lease and reading, its peers keep it, and its data plane is untouched."""
+    schema = KeySchema(prefix)
+
+    async def scenario(mesh: Mesh) -> None:
+        for name in ("n0", "n1"):
+            mesh.start(name)
+        await mesh.converged(timeout=30)
+        admin = shared_etcd.admin_store()
+        try:
+            await roles.suspend_node(EtcdAuth(admin), schema, "n0", "a test")
+            await asyncio.sleep(2 * TTL + 1)  # past its lease's TTL: renewals went through
+            await mesh.converged()
+            assert not mesh.ended(), mesh.ended()
+            assert await admin.get(schema.node("n0")) is not None
+        finally:
+            await roles.restore_node(EtcdAuth(admin), schema, "n0")
+            await admin.close()
+
+    in_mesh(shared_etcd, prefix, tmp_path, scenario, ttl=TTL)
 
 
 async def _cli(etcd: EtcdServer, prefix: str, *args: str) -> tuple[int, str]:

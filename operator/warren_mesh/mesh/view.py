@@ -140,9 +140,8 @@ class MeshView:
 
     def release_held(self) -> Changes:
         """Apply the held node records that are due (``next_release``); what that changed."""
-        if self._damper is not None:
-            for kv in self._damper.due():
-                self._put(kv)
+        for kv in self._damper.due() if self._damper is not None else ():
+            self._put(kv)
         return self._take_changes()
 
     def next_release(self) -> float | None:
