@@ -140,7 +140,7 @@ def _set_peers_cost(peers: int, keepalive: int) -> float:
         backend = UserspaceBackend(interface, netns=ns)
         try:
             backend.set_private_key(NodeKey.generate())
-            backend.configure_interface(InterfaceSpec("10.97.255.254/16", 51820, 1420))
+            backend.configure_interface(InterfaceSpec(("10.97.255.254/16",), 51820, 1420))
             started = time.perf_counter()
             backend.set_peers(specs)
             return time.perf_counter() - started
@@ -154,8 +154,8 @@ def _record(schema: KeySchema, i: int) -> tuple[str, bytes]:
     record = NodeRecord(
         name=f"r{i}",
         public_key=NodeKey.generate().public_key,
-        endpoint=Endpoint(ipaddress.ip_address("192.0.2.1"), 30000 + i % 30000),
-        overlay_ip=ipaddress.ip_address(f"10.96.{200 + i // 250}.{i % 250 + 1}"),
+        endpoints=(Endpoint(ipaddress.ip_address("192.0.2.1"), 30000 + i % 30000),),
+        overlay_ips=(ipaddress.ip_address(f"10.96.{200 + i // 250}.{i % 250 + 1}"),),
         listen_port=51820,
         published_at=time.time(),
     )
@@ -246,7 +246,7 @@ def scenario_scrape(peers: int, scrapes: int) -> dict[str, Any]:
             backend = UserspaceBackend("wbscrape0", netns=ns)  # wireguard-go started inside the namespace
             try:
                 backend.set_private_key(NodeKey.generate())
-                backend.configure_interface(InterfaceSpec("10.97.255.254/16", 51820, 1420))
+                backend.configure_interface(InterfaceSpec(("10.97.255.254/16",), 51820, 1420))
                 for spec in specs:
                     backend.set_peer(spec)
                 timing = _time_scrapes(backend, specs, scrapes)

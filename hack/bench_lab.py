@@ -63,7 +63,7 @@ def scenario_rotate(nodes: int, rate: float) -> dict[str, Any]:
         try:
             lab.up(nodes, backend="userspace", lease_ttl=10, timeout=60 + 10 * nodes)
             status = lab.status()
-            probe = Probe({n.name: (n.netns, str(n.overlay_ip)) for n in status}, rate=rate, seconds=seconds)
+            probe = Probe({n.name: (n.netns, n.overlay_ips[0]) for n in status}, rate=rate, seconds=seconds)
             probe.start()
             try:
                 time.sleep(2.0)  # the probes' start (they listen a second before sending), then a second of traffic

@@ -116,7 +116,7 @@ def run_with(binary: str, args: argparse.Namespace) -> dict[str, Any]:
     rounds: dict[str, list[float]] = {"native": [], "manual_wg": [], "mesh": [], "pod": []}
     try:
         status = lab.up(2, backend="userspace", timeout=60, pods=1, wireguard_go=binary)
-        mesh_target = status[1].overlay_ip
+        mesh_target = status[1].overlay_ips[0]
         assert mesh_target is not None
         client, server = lab.node_netns(1), lab.node_netns(2)
         tunnel_mtu = int(sh(client, "cat", f"/sys/class/net/{lab.interface(1)}/mtu").stdout)

@@ -22,7 +22,7 @@ ETCD = "192.168.240.1/32"
 LOCAL = LocalNode(
     "local",
     LOCAL_KEY,
-    ipaddress.ip_address("10.96.0.1"),
+    (ipaddress.ip_address("10.96.0.1"),),
     protected=(ipaddress.ip_network(UNDERLAY), ipaddress.ip_network(ETCD)),
 )
 HONEST = {f"h{i}": (NodeKey.generate().public_key, f"10.96.0.{10 + i}", f"192.168.240.{10 + i}") for i in range(3)}

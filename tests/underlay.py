@@ -9,7 +9,8 @@ import sys
 from collections.abc import Callable
 from typing import NamedTuple
 
-# Captures IPv4 frames on one interface for a while (or until SIGINT) and prints them as JSON lists in Frame's
+# Captures IPv4 and IPv6 frames (not IPv6 neighbour discovery) on one interface for a while (or until SIGINT)
+# and prints them as JSON lists in Frame's
 # order. ETH_P_ALL: a bridge port's frames reach only the taps that take every protocol. A large receive buffer,
 # so that a busy machine's scheduler does not make the Python loop miss a burst.
 SNIFFER = r"""
@@ -27,7 +28,21 @@ while time.monotonic() < end and not stopped:
         frame = sock.recv(65535)
     except TimeoutError:
         continue
-    if frame[12:14] != b"\x08\x00":  # IPv4 only (IPv6 here is neighbour discovery, no payload)
+    if frame[12:14] == b"\x86\xdd":  # IPv6: the next header, after a fragment header if there is one
+        ip = frame[14:]
+        proto, rest, fragment = ip[6], ip[40:], 0
+        if proto == 44:
+            proto, rest, fragment = rest[0], rest[8:], 1
+            first = not int.from_bytes(ip[42:44], "big") & 0xFFF8
+        else:
+            first = True
+        if proto == 58 and rest[:1] and 133 <= rest[0] <= 137:
+            continue  # neighbour discovery: the link's own business
+        ports = struct.unpack("!HH", rest[:4]) if proto in (6, 17) and first else (0, 0)
+        addresses = [socket.inet_ntop(socket.AF_INET6, ip[8:24]), socket.inet_ntop(socket.AF_INET6, ip[24:40])]
+        seen.append([proto, *ports, fragment, *addresses, len(frame)])
+        continue
+    if frame[12:14] != b"\x08\x00":
         continue
     ip = frame[14:]
     proto, ihl, offset = ip[9], (ip[0] & 0x0F) * 4, int.from_bytes(ip[6:8], "big")
@@ -40,7 +55,7 @@ print(json.dumps(seen))
 
 
 class Frame(NamedTuple):
-    protocol: int
+    protocol: int  # IPv4's protocol, IPv6's (last) next header: ICMP is 1, ICMPv6 58
     sport: int  # 0 unless TCP or UDP (and for a fragment after the first)
     dport: int
     fragment: int  # 1 if it is a fragment: the more-fragments flag or an offset

@@ -110,11 +110,16 @@ class RegistrationSettings:
     """How this node appears in the mesh: its name, the endpoint peers dial, and how long it lingers if it dies."""
 
     node_name: str
-    endpoint_host: str | None  # None: the address of the default route's interface
+    # One address per underlay family peers may dial, the preferred first; empty: the addresses of the default
+    # routes' interfaces, of the families endpoint_family names.
+    endpoint_hosts: tuple[str, ...]
     endpoint_port: int | None  # None: the mesh's listen port
     lease_ttl: int | None  # None: the mesh config's
     pod_subnet: IPNetwork | None = None  # None: claim a free one of the pod network
     restart_grace: int = 0  # seconds a stopped agent's node stays for its replacement (0: it leaves at once)
+    # Which default routes give the endpoints when none is given: "auto" (IPv4's, else IPv6's), "ipv4", "ipv6"
+    # or "dual" (both; a node with one of them only publishes that one).
+    endpoint_family: str = "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +193,7 @@ class AgentSettings:
         loopback endpoints."""
         return cls(
             store=StoreSettings(tuple(etcd_endpoint.split(",")), KeySchema(prefix), tls),
-            registration=RegistrationSettings(name, SIMULATED_ENDPOINT_HOST, port, lease_ttl),
+            registration=RegistrationSettings(name, (SIMULATED_ENDPOINT_HOST,), port, lease_ttl),
             device=DeviceSettings(interface, "memory", key_dir / f"{name}.key", resync_interval=resync_interval),
             metrics=MetricsSettings(metrics_address, traffic_sample_interval=0.0),
         )
@@ -201,7 +206,15 @@ class AgentSettings:
             parser,
             "--endpoint",
             None,
-            "HOST[:PORT] peers dial (default: default route's address, listen port)",
+            "IP[:PORT] peers dial, or one IPv4 and one IPv6, comma-separated, the preferred first (default: the "
+            "default route's address, listen port)",
+        )
+        add_flag(
+            parser,
+            "--endpoint-family",
+            "auto",
+            "without --endpoint, which default routes give the endpoint: auto (IPv4's, else IPv6's), ipv4, ipv6, "
+            "or dual (both)",
         )
         add_flag(parser, "--interface", "wg-mesh", "WireGuard interface name")
         add_flag(parser, "--backend", "auto", "auto, kernel, userspace or memory")
@@ -254,19 +267,11 @@ class AgentSettings:
             validate_name(name)
         except RecordError as exc:
             raise SettingsError(f"--node-name: {exc}") from None
-        host: str | None = None
-        port: int | None = None
-        if args.endpoint:
-            try:
-                address, port = split_host_port(args.endpoint)
-                if port is not None:
-                    validate_port(port, what="port")
-            except RecordError as exc:
-                raise SettingsError(f"--endpoint: {exc}") from None
-            problem = endpoint_problem(address)
-            if problem is not None:
-                raise SettingsError(f"--endpoint {args.endpoint!r} is not an address peers can dial: {problem}")
-            host = str(address)
+        hosts, port = _endpoint_flag(args.endpoint or "")
+        if args.endpoint_family not in ENDPOINT_FAMILIES:
+            raise SettingsError(
+                f"--endpoint-family {args.endpoint_family!r} is not one of {', '.join(ENDPOINT_FAMILIES)}"
+            )
         if not args.interface or len(args.interface) > 15 or "/" in args.interface:
             raise SettingsError(f"--interface {args.interface!r} is not a Linux interface name (1-15 characters)")
         if args.backend not in BACKENDS:
@@ -303,7 +308,9 @@ class AgentSettings:
                 raise SettingsError(f"--pod-subnet {args.pod_subnet!r} is not a network in CIDR form: {exc}") from None
         return cls(
             store=store,
-            registration=RegistrationSettings(name, host, port, ttl, pod_subnet, restart_grace),
+            registration=RegistrationSettings(
+                name, hosts, port, ttl, pod_subnet, restart_grace, endpoint_family=args.endpoint_family
+            ),
             device=DeviceSettings(
                 interface=args.interface,
                 backend=cast(BackendName, args.backend),
@@ -356,6 +363,32 @@ def parse_duration(flag: str, value: str) -> float:
     if unit not in _DURATION_UNITS or not number.isdigit() or int(number) * _DURATION_UNITS[unit] < 60:
         raise SettingsError(f"{flag} {value!r} is not a duration of at least a minute (90s, 30m, 24h, 7d)")
     return float(int(number) * _DURATION_UNITS[unit])
+
+
+ENDPOINT_FAMILIES = ("auto", "ipv4", "ipv6", "dual")
+
+
+def _endpoint_flag(text: str) -> tuple[tuple[str, ...], int | None]:
+    """``--endpoint``: one address, or one of each family (comma-separated, the preferred first), each with an
+    optional port (the same for both: WireGuard listens on one)."""
+    hosts: list[str] = []
+    ports: set[int] = set()
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        try:
+            address, port = split_host_port(item)
+            if port is not None:
+                ports.add(validate_port(port, what="port"))
+        except RecordError as exc:
+            raise SettingsError(f"--endpoint: {exc}") from None
+        problem = endpoint_problem(address)
+        if problem is not None:
+            raise SettingsError(f"--endpoint {item!r} is not an address peers can dial: {problem}")
+        hosts.append(str(address))
+    if len(hosts) > 2 or len({":" in h for h in hosts}) != len(hosts):
+        raise SettingsError(f"--endpoint {text!r}: give one address, or one IPv4 and one IPv6 address")
+    if len(ports) > 1:
+        raise SettingsError(f"--endpoint {text!r}: both endpoints take the same port (WireGuard listens on one)")
+    return tuple(hosts), next(iter(ports), None)
 
 
 def _int_flag(flag: str, value: str, *, low: int) -> int:

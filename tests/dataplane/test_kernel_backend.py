@@ -35,7 +35,7 @@ def test_kernel_backend_reads_every_chunk(backend: object) -> None:
     assert isinstance(backend, KernelBackend)
     key = NodeKey.generate()
     backend.set_private_key(key)
-    backend.configure_interface(InterfaceSpec("10.96.0.1/16", 51820, 1420, fwmark=0x51))
+    backend.configure_interface(InterfaceSpec(("10.96.0.1/16",), 51820, 1420, fwmark=0x51))
     wanted = {}
     for i in range(PEERS):
         spec = PeerSpec(
@@ -48,7 +48,7 @@ def test_kernel_backend_reads_every_chunk(backend: object) -> None:
         wanted[spec.public_key] = spec
     device = backend.read()
     assert device.public_key == key.public_key
-    assert device.interface == InterfaceSpec("10.96.0.1/16", 51820, 1420, fwmark=0x51)
+    assert device.interface == InterfaceSpec(("10.96.0.1/16",), 51820, 1420, fwmark=0x51)
     assert len(device.peers) == PEERS, "a dump of this size spans several netlink messages"
     assert dict(device.peers) == wanted
     # One peer removed, one updated in place: nothing else changes.
@@ -70,7 +70,7 @@ def test_kernel_routes_follow_a_replaced_link(backend: object) -> None:
 
     assert isinstance(backend, KernelBackend)
     name = backend.interface_name
-    backend.configure_interface(InterfaceSpec("10.96.0.1/16", 51820, 1420))
+    backend.configure_interface(InterfaceSpec(("10.96.0.1/16",), 51820, 1420))
     peer = PeerSpec(NodeKey.generate().public_key, "192.0.2.1:51820", ("10.96.0.2/32", "10.244.7.0/24"), 0)
     backend.set_peer(peer)
     backend.add_route("10.244.7.0/24")

@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,20 +43,6 @@ STARTUP = 120  # for an agent process to be ready: ~0.3 s here, ~20 s in the TCG
 def _sniff_underlay(lab: Lab, seconds: float) -> subprocess.Popen[str]:
     """What crosses node-1's link, from the hub's side, for ``seconds``."""
     return sniff(f"{lab.prefix}v1h", seconds, preexec_fn=in_netns(lab.hub))
-
-
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
-    lab = Lab(prefix=f"wt{os.getpid() % 100000}", state_dir=tmp_path / "lab")
-    try:
-        yield lab
-    finally:
-        lab.down(keep_logs=tmp_path / "logs")
-    assert (
-        not [n for n in os.listdir("/var/run/netns") if n.startswith(lab.prefix)]
-        if os.path.isdir("/var/run/netns")
-        else True
-    )
 
 
 def handshakes(lab: Lab, index: int) -> dict[str, float]:
@@ -290,7 +275,7 @@ def test_no_node_can_write_another_nodes_keys_the_config_or_the_peers(lab: Lab) 
 
 
 # Runs inside a pod: accept connections on a port and answer each with the address it came from.
-POD_CIDR_PREFIX = str(MeshConfig().pod_cidr.network_address).rsplit(".", 2)[0]  # "10.244" of the lab's /16
+POD_CIDR_PREFIX = str(MeshConfig().pod_networks[0].cidr.network_address).rsplit(".", 2)[0]  # "10.244" of the lab's /16
 # Three datagrams to argv[1]:argv[2]; a refusal (ICMP unreachable) is not an error here.
 SEND_UDP = """
 import socket, sys
@@ -347,7 +332,7 @@ def test_pods_on_different_nodes_talk_through_the_tunnel_with_their_own_addresse
         stray = next(f"{POD_CIDR_PREFIX}.{i}.9" for i in range(255, 0, -1) if f"{POD_CIDR_PREFIX}.{i}" not in taken)
         send = [sys.executable, "-c", SEND_UDP, stray, "7000"]
         subprocess.run(lab.pod_exec_argv(pods[0].node, pods[0].name, send), check=True, timeout=30)
-        assert _mesh_routes(lab, 1) == {str(MeshConfig().pod_cidr)}, "the pod network is one route"
+        assert _mesh_routes(lab, 1) == {str(MeshConfig().pod_networks[0].cidr)}, "the pod network is one route"
         frames = captured(sniffer)
         assert [f for f in frames if f[0] == 17 and 51820 in (f[1], f[2])], "the pods' traffic crossed as WireGuard"
         in_clear = [f for f in frames if f[0] == 1 or 7000 in (f[1], f[2])]
@@ -533,7 +518,7 @@ def test_an_external_member_joins_with_the_file_wg_quick_takes(lab: Lab, tmp_pat
             check=False,
         )
         assert up.returncode == 0, up.stderr
-        node_address = lab.status()[0].overlay_ip
+        node_address = lab.status()[0].overlay_ips[0]
         pod = lab.pods()[0]
         for target in (str(node_address), pod.ip):
             ping = ["ip", "netns", "exec", laptop, "ping", "-c", "1", "-W", "2", target]
@@ -602,7 +587,7 @@ def test_a_node_rotates_its_key_while_traffic_flows(lab: Lab, backend: str) -> N
     # What node-1 and node-3 hold for each other. (Not their handshake times: a lab's first handshakes can still be
     # settling, two initiations crossing and one retried 5 s later, which is WireGuard's business, not ours.)
     between_1_and_3 = (lab.peer_config(1)[keys[3]], lab.peer_config(3)[keys[1]])
-    nodes = {n.name: (n.netns, str(n.overlay_ip)) for n in lab.status()}
+    nodes = {n.name: (n.netns, n.overlay_ips[0]) for n in lab.status()}
     probe = Probe(nodes, rate=rate, seconds=8)
     probe.start()
     try:

@@ -64,7 +64,7 @@ def test_two_devices_talk_and_updates_keep_the_session(pair: tuple[str, str]) ->
     try:
         for i, backend in enumerate(backends):
             backend.set_private_key(keys[i])
-            backend.configure_interface(InterfaceSpec(f"10.99.0.{i + 1}/24", 51820, 1420, fwmark=0x51))
+            backend.configure_interface(InterfaceSpec((f"10.99.0.{i + 1}/24",), 51820, 1420, fwmark=0x51))
             other = 1 - i
             backend.set_peer(
                 PeerSpec(keys[other].public_key, f"192.168.251.{other + 1}:51820", (f"10.99.0.{other + 1}/32",), 0)
@@ -74,7 +74,7 @@ def test_two_devices_talk_and_updates_keep_the_session(pair: tuple[str, str]) ->
         # The wireguard-go hack/setup installs (bookworm-backports) has the TUN offloads; the agent reports it.
         version = backends[0].version
         assert version.startswith("wireguard-go 0.0.") and not lacks_offloads(version.split()[-1]), version
-        assert state.interface == InterfaceSpec("10.99.0.1/24", 51820, 1420, fwmark=0x51)
+        assert state.interface == InterfaceSpec(("10.99.0.1/24",), 51820, 1420, fwmark=0x51)
         assert list(state.peers) == [keys[1].public_key]
 
         assert ping(ns_a, "10.99.0.2"), "ping through the tunnel"
@@ -102,7 +102,7 @@ def test_two_devices_talk_and_updates_keep_the_session(pair: tuple[str, str]) ->
         assert backends[0].check() is False
         # The new daemon made a new TUN link: routes set after the restart go through it, not the old one.
         assert backends[0].read().routes == frozenset(), "the old TUN link took its routes with it"
-        backends[0].configure_interface(InterfaceSpec("10.99.0.1/24", 51820, 1420))
+        backends[0].configure_interface(InterfaceSpec(("10.99.0.1/24",), 51820, 1420))
         backends[0].set_peer(PeerSpec(keys[1].public_key, "192.168.251.2:51820", ("10.99.0.2/32", "10.244.2.0/24")))
         backends[0].add_route("10.244.2.0/24")
         assert route_interface(ns_a, "10.244.2.1") == f"{tag}w0"
@@ -135,7 +135,7 @@ def test_the_device_never_takes_a_route_it_does_not_own_or_a_special_range(pair:
     backend = UserspaceBackend(f"{tag}w0", netns=ns_a)
     try:
         backend.set_private_key(NodeKey.generate())
-        backend.configure_interface(InterfaceSpec("10.99.0.1/24", 51820, 1420))
+        backend.configure_interface(InterfaceSpec(("10.99.0.1/24",), 51820, 1420))
         before = _routes(ns_a)
         assert ("192.168.251.0/24", 2) in [r[:2] for r in before], "the kernel's connected route (protocol 2)"
         key = NodeKey.generate().public_key
@@ -189,12 +189,12 @@ def test_a_daemon_run_by_warren_mesh_wireguard_go_is_adopted_and_outlives_the_ag
 
     def configure(backend: UserspaceBackend) -> None:
         backend.set_private_key(keys[0])
-        backend.configure_interface(InterfaceSpec("10.99.0.1/24", 51820, 1420))
+        backend.configure_interface(InterfaceSpec(("10.99.0.1/24",), 51820, 1420))
         backend.set_peer(PeerSpec(keys[1].public_key, "192.168.251.2:51820", ("10.99.0.2/32",), 0))
 
     try:
         other.set_private_key(keys[1])
-        other.configure_interface(InterfaceSpec("10.99.0.2/24", 51820, 1420))
+        other.configure_interface(InterfaceSpec(("10.99.0.2/24",), 51820, 1420))
         other.set_peer(PeerSpec(keys[0].public_key, "192.168.251.1:51820", ("10.99.0.1/32",), 0))
         agents.append(UserspaceBackend(interface, netns=ns_a, start_daemon=False))  # waits for the runner's daemon
         configure(agents[0])

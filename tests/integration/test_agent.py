@@ -123,8 +123,8 @@ def test_a_join_touches_only_the_new_peer(shared_etcd: EtcdServer, prefix: str, 
         for name, mark in marks.items():
             agent = mesh.agents[name]
             assert agent.reconciler is not None
-            assert str(agent.view.config.pod_cidr) in mesh.device(name).routes and subnet.subnet_of(
-                agent.view.config.pod_cidr  # type: ignore[arg-type]
+            assert str(agent.view.config.pod_networks[0].cidr) in mesh.device(name).routes and subnet.subnet_of(
+                agent.view.config.pod_networks[0].cidr  # type: ignore[arg-type]
             ), name
             ops = list(mesh.device(name).operations)[mark:]
             assert [(op.action, op.target) for op in ops] == [("set_peer", newcomer.key.public_key)], name

@@ -127,7 +127,7 @@ def test_hostile_records_through_etcd_are_contained(shared_etcd: EtcdServer, pre
                     count = mesh.metric(name, "warren_mesh_conflicts_total", {"reason": reason})
                     assert count == 1, (name, reason, count)
             assert intact(mesh), f"a valid peer was lost or something dangerous routed: {_devices(mesh)}"
-            assert all(str(mesh.agents[n].view.config.overlay_cidr) == "10.96.0.0/16" for n in NAMES)
+            assert all(str(mesh.agents[n].view.config.overlay_cidrs[0]) == "10.96.0.0/16" for n in NAMES)
 
             # Deleting n1's claim and claiming its address for another takes nothing from n1, and n1 claims its
             # address again.

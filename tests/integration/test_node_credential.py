@@ -24,12 +24,15 @@ from warren_mesh.store.etcd_auth import EtcdAuth
 from warren_mesh.testkit.etcd_server import EtcdServer
 from warren_mesh.testkit.waiting import wait_until
 from warren_mesh.trust.networks import usable_host_range
-from warren_mesh.trust.records import MeshConfig, encode_json
+from warren_mesh.trust.records import MeshConfig, PodNetwork, encode_json
 from warren_mesh.values.keyspace import KeySchema
 
 TTL = 3  # the agents' lease
 # Small networks, so that claiming all of them is quick: 62 overlay addresses, 16 pod subnets.
-CONFIG = MeshConfig(overlay_cidr=ipaddress.ip_network("10.96.0.0/26"), pod_cidr=ipaddress.ip_network("10.244.0.0/20"))
+CONFIG = MeshConfig(
+    overlay_cidrs=(ipaddress.ip_network("10.96.0.0/26"),),
+    pod_networks=(PodNetwork(ipaddress.ip_network("10.244.0.0/20"), 24),),
+)
 
 
 def test_one_node_claiming_every_address_and_subnet_does_not_stop_the_next_from_joining(
@@ -48,9 +51,9 @@ def test_one_node_claiming_every_address_and_subnet_does_not_stop_the_next_from_
             mesh.start(name)
         await mesh.converged(timeout=30)
 
-        first, last = usable_host_range(CONFIG.overlay_cidr)
+        first, last = usable_host_range(CONFIG.overlay_cidrs[0])
         addresses = [str(ipaddress.ip_address(i)) for i in range(first, last + 1)]
-        subnets = [str(s) for s in CONFIG.pod_cidr.subnets(new_prefix=CONFIG.node_subnet_prefix)]
+        subnets = [str(s) for s in CONFIG.pod_networks[0].cidr.subnets(new_prefix=CONFIG.pod_networks[0].node_prefix)]
         claims = [schema.claim("evil", a) for a in addresses] + [schema.claim("evil", s, "pods") for s in subnets]
         for key in claims:  # one by one: each its own revision, the first of each kind the oldest
             await evil.put(key, b"")
@@ -69,7 +72,7 @@ def test_one_node_claiming_every_address_and_subnet_does_not_stop_the_next_from_
         await mesh.converged(timeout=30)
         for name in ("n2", "n3"):
             assert mesh.record(name).allowed_ips, f"{name} joined without pods"
-            assert mesh.metric(name, "warren_mesh_pod_subnet_missing") == 0
+            assert mesh.metric(name, "warren_mesh_pod_subnet_missing", {"family": "ipv4"}) == 0
         assert len({mesh.record(n).overlay_ip for n in mesh.agents}) == 4
 
     _as_node("evil", shared_etcd, prefix, tmp_path, attack)

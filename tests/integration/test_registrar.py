@@ -24,22 +24,23 @@ from warren_mesh.store.etcd import EtcdStore
 from warren_mesh.testkit.etcd_server import EtcdServer
 from warren_mesh.testkit.waiting import wait_until
 from warren_mesh.trust.decode import decode_json
-from warren_mesh.trust.records import MeshConfig, NodeRecord, encode_json
+from warren_mesh.trust.records import MeshConfig, NodeRecord, PodNetwork, encode_json
 from warren_mesh.values.keyspace import KeySchema
 from warren_mesh.values.watch import KeyValue, Snapshot
 
 KEY = NodeKey.generate()
+IPV4 = {"family": "ipv4"}  # the label of per-family gauges
 
 
 def registrar(
     store: EtcdStore, schema: KeySchema, name: str = "n1", key: NodeKey = KEY, lease_ttl: int = 30
 ) -> Registrar:
     return Registrar(
-        RegistrationSettings(name, "192.0.2.1", 51820, lease_ttl),
+        RegistrationSettings(name, ("192.0.2.1",), 51820, lease_ttl),
         store=store,
         schema=schema,
         identity=Identity(key),
-        endpoint_host=ipaddress.ip_address("192.0.2.1"),
+        endpoint_hosts=(ipaddress.ip_address("192.0.2.1"),),
         metrics=AgentMetrics(CollectorRegistry()),
     )
 
@@ -124,7 +125,7 @@ def test_a_stop_with_a_restart_grace_leaves_the_record_for_the_next_run(shared_e
 
 def test_an_address_taken_after_listing_moves_on_to_the_next(shared_etcd: EtcdServer, prefix: str) -> None:
     schema = KeySchema(prefix)
-    config = MeshConfig(overlay_cidr=ipaddress.ip_network("10.9.0.0/30"))  # two usable addresses: .1 and .2
+    config = MeshConfig(overlay_cidrs=(ipaddress.ip_network("10.9.0.0/30"),))  # two usable addresses: .1 and .2
 
     async def scenario(store: EtcdStore) -> None:
         # "first" is a name whose first choice is n1's: they collide on it.
@@ -220,7 +221,7 @@ def test_a_full_pod_network_leaves_the_last_node_without_pods_and_says_so(
     shared_etcd: EtcdServer, prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     schema = KeySchema(prefix)
-    config = MeshConfig(pod_cidr=ipaddress.ip_network("10.250.0.0/22"))  # four /24s
+    config = MeshConfig(pod_networks=(PodNetwork(ipaddress.ip_network("10.250.0.0/22"), 24),))  # four /24s
 
     async def scenario(mesh: Mesh) -> None:
         admin = shared_etcd.admin_store()
@@ -236,8 +237,8 @@ def test_a_full_pod_network_leaves_the_last_node_without_pods_and_says_so(
         }
         without = [n for n, s in subnets.items() if not s]
         assert len(without) == 1 and len({s for s in subnets.values() if s}) == 4
-        assert mesh.metric(without[0], "warren_mesh_pod_subnet_missing") == 1
-        assert all(mesh.metric(n, "warren_mesh_pod_subnet_missing") == 0 for n in subnets if n not in without)
+        assert mesh.metric(without[0], "warren_mesh_pod_subnet_missing", {"family": "ipv4"}) == 1
+        assert all(mesh.metric(n, "warren_mesh_pod_subnet_missing", IPV4) == 0 for n in subnets if n not in without)
         assert f"no pod subnet for {without[0]}: every /24 of the pod network 10.250.0.0/22 is claimed" in caplog.text
 
     in_mesh(shared_etcd, prefix, tmp_path, scenario)

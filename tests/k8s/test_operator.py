@@ -354,7 +354,7 @@ def test_an_overlay_change_that_would_leave_nodes_out_is_refused_and_widening_is
     agents.start("a")
     agents.start("b")
     wait_for(lambda: all(len(b.peers) == 1 for b in agents.backends.values()), 20, "the mesh of a and b")
-    addresses = {name: b.interface.address if b.interface else None for name, b in agents.backends.items()}
+    addresses = {name: b.interface.addresses if b.interface else None for name, b in agents.backends.items()}
 
     # Renumbering the live mesh by an edit: refused and reported, nothing written, no device touched.
     cluster.kubectl("patch", "wmesh", "default", "--type=merge", "-p", '{"spec":{"overlayCIDR":"10.97.0.0/16"}}')
@@ -370,13 +370,15 @@ def test_an_overlay_change_that_would_leave_nodes_out_is_refused_and_widening_is
     assert refused["status"] == "False" and "2 registered node(s) (a, b)" in refused["message"], refused
     time.sleep(PASS_INTERVAL + 1)
     assert etcd_value(mesh_etcd, SCHEMA.config) == before
-    assert {n: b.interface.address if b.interface else None for n, b in agents.backends.items()} == addresses
+    assert {n: b.interface.addresses if b.interface else None for n, b in agents.backends.items()} == addresses
     assert all(len(b.peers) == 1 for b in agents.backends.values())
 
     # Widening keeps every node inside: written, and the agents take it.
     cluster.kubectl("patch", "wmesh", "default", "--type=merge", "-p", '{"spec":{"overlayCIDR":"10.96.0.0/12"}}')
     wait_for(
-        lambda: all(b.interface is not None and b.interface.address.endswith("/12") for b in agents.backends.values()),
+        lambda: all(
+            b.interface is not None and b.interface.addresses[0].endswith("/12") for b in agents.backends.values()
+        ),
         20,
         "every device on the wider overlay",
         operator.log,

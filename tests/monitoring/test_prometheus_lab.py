@@ -154,7 +154,7 @@ def test_prometheus_sees_the_lab_through_dashboard_and_alerts(lab: Lab, promethe
 
     # iperf3 from node-1 to node-2: the per-peer rate in Prometheus and the agent's gauge agree with iperf3.
     status_by_name = {s.name: s for s in lab.status()}
-    target = status_by_name["node-2"].overlay_ip
+    target = status_by_name["node-2"].overlay_ips[0]
     assert target is not None
     report = iperf(lab, server=2, client=1, address=target)
     sent_bps = float(report["end"]["sum_sent"]["bits_per_second"])

@@ -17,7 +17,7 @@ from warren_mesh.values.watch import KeyValue, Snapshot, WatchResult
 
 SCHEMA = KeySchema("/stage")
 LOCAL_KEY = NodeKey.generate()
-LOCAL = LocalNode("local", LOCAL_KEY.public_key, ipaddress.ip_address("10.96.0.1"))
+LOCAL = LocalNode("local", LOCAL_KEY.public_key, (ipaddress.ip_address("10.96.0.1"),))
 
 
 def record(name: str, index: int, key: str | None = None) -> NodeRecord:
@@ -25,8 +25,8 @@ def record(name: str, index: int, key: str | None = None) -> NodeRecord:
     return NodeRecord(
         name=name,
         public_key=key or NodeKey.generate().public_key,
-        endpoint=Endpoint(ipaddress.ip_address(f"192.0.2.{10 + index}"), 51820),
-        overlay_ip=ipaddress.ip_address(f"10.96.0.{10 + index}"),
+        endpoints=(Endpoint(ipaddress.ip_address(f"192.0.2.{10 + index}"), 51820),),
+        overlay_ips=(ipaddress.ip_address(f"10.96.0.{10 + index}"),),
         listen_port=51820,
         allowed_ips=(ipaddress.ip_network(f"10.244.{index}.0/24"),),
         published_at=1.0,

@@ -11,13 +11,13 @@ from unit.stage_parts import SCHEMA
 from warren_mesh.mesh import allocation
 from warren_mesh.mesh.allocation import RegistrationConflict
 from warren_mesh.mesh.view import MeshView
-from warren_mesh.trust.records import MeshConfig
+from warren_mesh.trust.records import MeshConfig, PodNetwork
 from warren_mesh.values.keyspace import ClaimKind
 from warren_mesh.values.watch import Event, Events, KeyValue, Snapshot
 
 CONFIG = MeshConfig(
-    overlay_cidr=ipaddress.ip_network("10.96.0.0/29"),  # usable .1-.6
-    pod_cidr=ipaddress.ip_network("10.244.0.0/22"),  # four /24s
+    overlay_cidrs=(ipaddress.ip_network("10.96.0.0/29"),),  # usable .1-.6
+    pod_networks=(PodNetwork(ipaddress.ip_network("10.244.0.0/22"), 24),),  # four /24s
 )
 
 
@@ -40,10 +40,10 @@ def test_a_node_holds_its_oldest_claims_and_withdraws_those_it_lost() -> None:
         ("a", "10.244.1.0/24", "pods"),  # younger than b's: a lost it
     )
     b = allocation.holdings(view, CONFIG, "b", SCHEMA)
-    assert str(b.address) == "10.96.0.4" and str(b.subnet) == "10.244.1.0/24" and not b.withdraw
-    assert b.taken_addresses == {int(ipaddress.ip_address("10.96.0.3"))}
+    assert str(b.addresses[4]) == "10.96.0.4" and str(b.subnets[4]) == "10.244.1.0/24" and not b.withdraw
+    assert b.taken_addresses[4] == {int(ipaddress.ip_address("10.96.0.3"))}
     a = allocation.holdings(view, CONFIG, "a", SCHEMA)
-    assert str(a.address) == "10.96.0.3" and a.subnet is None
+    assert str(a.addresses[4]) == "10.96.0.3" and not a.subnets
     assert a.withdraw == {SCHEMA.claim("a", "10.244.1.0/24", "pods"): "b holds 10.244.1.0/24"}
     assert a.taken_subnets == {"10.244.1.0/24"}
 
@@ -67,12 +67,12 @@ def test_a_node_holds_one_claim_of_a_kind_its_oldest_and_withdraws_every_other_b
     )
     assert view.rejected_by_reason() == {"surplus_claim": 3}
     b = allocation.holdings(view, CONFIG, "b", SCHEMA)
-    assert b.address is None and str(b.subnet) == "10.244.1.0/24"
+    assert not b.addresses and str(b.subnets[4]) == "10.244.1.0/24"
     assert set(b.withdraw) == {SCHEMA.claim("b", "10.96.0.3"), *view.surplus_claims("b")}
-    assert b.taken_addresses == {int(ipaddress.ip_address(a)) for a in ("10.96.0.3", "10.99.0.1")}  # .5, .6 free
+    assert b.taken_addresses[4] == {int(ipaddress.ip_address(a)) for a in ("10.96.0.3", "10.99.0.1")}  # .5, .6 free
     c = allocation.holdings(view, CONFIG, "c", SCHEMA)
-    assert c.address is None and c.withdraw == {
-        SCHEMA.claim("c", "10.99.0.1"): "10.99.0.1 is outside the mesh's overlay network"
+    assert not c.addresses and c.withdraw == {
+        SCHEMA.claim("c", "10.99.0.1"): "10.99.0.1 is outside the mesh's overlay networks"
     }
 
 
@@ -86,13 +86,13 @@ def test_when_a_nodes_claim_goes_its_next_oldest_counts() -> None:
 
 def test_candidates_start_where_the_name_hashes_and_skip_what_is_taken() -> None:
     taken = {int(ipaddress.ip_address("10.96.0.1")), int(ipaddress.ip_address("10.96.0.2"))}
-    order = [str(a) for a in allocation.address_candidates("n7", CONFIG.overlay_cidr, taken)]
+    order = [str(a) for a in allocation.address_candidates("n7", CONFIG.overlay_cidrs[0], taken)]
     assert sorted(order) == ["10.96.0.3", "10.96.0.4", "10.96.0.5", "10.96.0.6"]
     start = allocation.start_index("n7", 6)
     expected = [f"10.96.0.{1 + (start + i) % 6}" for i in range(6)]
     assert order == [a for a in expected if a not in ("10.96.0.1", "10.96.0.2")]
-    assert order == [str(a) for a in allocation.address_candidates("n7", CONFIG.overlay_cidr, taken)]
-    subnets = [str(s) for s in allocation.subnet_candidates("n7", CONFIG, {"10.244.0.0/24"})]
+    assert order == [str(a) for a in allocation.address_candidates("n7", CONFIG.overlay_cidrs[0], taken)]
+    subnets = [str(s) for s in allocation.subnet_candidates("n7", CONFIG.pod_networks[0], {"10.244.0.0/24"})]
     assert sorted(subnets) == ["10.244.1.0/24", "10.244.2.0/24", "10.244.3.0/24"]
 
 
@@ -101,5 +101,5 @@ def test_a_pinned_subnet_must_be_one_of_the_mesh_and_free() -> None:
     assert str(allocation.pinned_subnet(ipaddress.ip_network("10.244.3.0/24"), CONFIG, found)) == "10.244.3.0/24"
     with pytest.raises(RegistrationConflict, match="claimed by another node"):
         allocation.pinned_subnet(ipaddress.ip_network("10.244.2.0/24"), CONFIG, found)
-    with pytest.raises(RegistrationConflict, match="is not a /24 of the pod network"):
+    with pytest.raises(RegistrationConflict, match=r"is not a node subnet of the pod networks \(/24 of"):
         allocation.pinned_subnet(ipaddress.ip_network("10.245.0.0/24"), CONFIG, found)

@@ -29,7 +29,7 @@ class _Clock:
 
 def _update(node: NodeRecord, port: int, revision: int) -> Events:
     """``node``'s record rewritten with endpoint port ``port``, at ``revision``."""
-    changed = dataclasses.replace(node, endpoint=Endpoint(node.endpoint.host, port))
+    changed = dataclasses.replace(node, endpoints=(Endpoint(node.endpoint.host, port),))
     kv = KeyValue(SCHEMA.node(node.name), encode_json(changed.to_json()), 2, revision)
     return Events((Event("put", kv),), revision)
 
@@ -95,7 +95,7 @@ def test_the_observer_releases_a_held_record_when_no_batch_comes() -> None:
         batches = observer.batches()
         await asyncio.wait_for(anext(batches), 5)
         for port in range(20000, 20040):
-            changed = dataclasses.replace(flooder, endpoint=Endpoint(ipaddress.ip_address("192.0.2.11"), port))
+            changed = dataclasses.replace(flooder, endpoints=(Endpoint(ipaddress.ip_address("192.0.2.11"), port),))
             await store.put(SCHEMA.node("flood"), encode_json(changed.to_json()))
         damped = 0
         while view.nodes["flood"].record.endpoint.port != 20039:

@@ -106,4 +106,4 @@ def test_an_underlay_mtu_change_reaches_the_device_only_under_mtu_auto() -> None
     assert decider.set_auto_mtu(1380) and decider.fold(mesh.view).needs_device
     assert decider.decide(DeviceState(None, None, {}), remove_unknown=True).mtu == 1380
     assert not decider.set_auto_mtu(1380)
-    assert ipaddress.ip_address("10.96.0.1") == decider.local.overlay_ip
+    assert (ipaddress.ip_address("10.96.0.1"),) == decider.local.overlay_ips

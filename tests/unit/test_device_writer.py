@@ -15,7 +15,7 @@ from warren_mesh.values.device import InterfaceSpec, PeerSpec
 from warren_mesh.wireguard.backend import BackendError
 from warren_mesh.wireguard.memory import MemoryBackend
 
-INTERFACE = InterfaceSpec(address="10.96.0.1/16", listen_port=51820, mtu=1420)
+INTERFACE = InterfaceSpec(addresses=("10.96.0.1/16",), listen_port=51820, mtu=1420)
 
 
 def _peer(host: int, *networks: str) -> PeerSpec:

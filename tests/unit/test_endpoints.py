@@ -39,8 +39,8 @@ def _view(observed: dict[str, dict[str, str]], endpoints_: dict[str, str] | None
         record = NodeRecord(
             name=name,
             public_key=KEYS[name],
-            endpoint=Endpoint.parse((endpoints_ or {}).get(name, _home(name))),
-            overlay_ip=ipaddress.ip_address(f"10.96.0.{i}"),
+            endpoints=(Endpoint.parse((endpoints_ or {}).get(name, _home(name))),),
+            overlay_ips=(ipaddress.ip_address(f"10.96.0.{i}"),),
             listen_port=51820,
             observed_endpoints=tuple((n, Endpoint.parse(e)) for n, e in sorted(observed.get(name, {}).items())),
         )
@@ -67,11 +67,11 @@ NAMES_BY_KEY = {KEYS[n]: n for n in NAMES}
 def _publication(store: MemoryStore) -> RecordPublisher:
     """Node b's record, as its agent publishes it."""
     return RecordPublisher(
-        RegistrationSettings("b", None, None, 10, None),
+        RegistrationSettings("b", (), None, 10, None),
         store=store,
         schema=SCHEMA,
         identity=Identity(NodeKey.generate()),
-        endpoint_host=ipaddress.ip_address("10.231.2.2"),
+        endpoint_hosts=(ipaddress.ip_address("10.231.2.2"),),
     )
 
 
@@ -80,7 +80,7 @@ async def _registered() -> RecordPublisher:
     store = MemoryStore()
     publication = _publication(store)
     lease = await store.grant_lease(10)
-    record = publication.record(MeshConfig(), ipaddress.ip_address("10.96.0.2"), None)
+    record = publication.record(MeshConfig(), (ipaddress.ip_address("10.96.0.2"),), ())
     publication.registered(Registration(await publication.publish(record, lease), lease, 10))
     return publication
 

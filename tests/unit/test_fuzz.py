@@ -237,8 +237,8 @@ def test_one_nodes_credential_moves_no_endpoint_holds_one_address_and_is_the_onl
         kinds = [("/" in s, ipaddress.ip_network(s, strict=False).version) for s in held]
         assert len(kinds) == len(set(kinds)), held
         found = holdings(mesh.view, config, "newcomer", SCHEMA)
-        assert next(address_candidates("newcomer", config.overlay_cidr, found.taken_addresses), None) is not None
-        assert next(subnet_candidates("newcomer", config, found.taken_subnets), None) is not None
+        assert next(address_candidates("newcomer", config.overlay_cidrs[0], found.taken_addresses[4]), None) is not None
+        assert next(subnet_candidates("newcomer", config.pod_networks[0], found.taken_subnets), None) is not None
         assert set(usage.over(DEFAULT_QUOTA)) <= {"a0"}
 
 

@@ -27,8 +27,8 @@ def _view() -> MeshView:
         node = NodeRecord(
             name=name,
             public_key=KEYS[name],
-            endpoint=Endpoint(ipaddress.ip_address(f"192.0.2.{i}"), 51820),
-            overlay_ip=ipaddress.ip_address(f"10.96.0.{i}"),
+            endpoints=(Endpoint(ipaddress.ip_address(f"192.0.2.{i}"), 51820),),
+            overlay_ips=(ipaddress.ip_address(f"10.96.0.{i}"),),
             listen_port=51820,
             allowed_ips=(ipaddress.ip_network(f"10.244.{i}.0/24"),),
             published_at=1.0,

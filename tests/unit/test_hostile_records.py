@@ -384,7 +384,7 @@ def test_a_config_that_would_leave_registered_nodes_out_is_refused_until_they_le
     for name in HONEST:
         mesh.delete(SCHEMA.node(name))
     # Nobody left outside: the stored config takes effect by itself.
-    assert str(mesh.view.config.overlay_cidr) == changes.get("overlay_cidr", "10.96.0.0/16")
+    assert str(mesh.view.config.overlay_cidrs[0]) == changes.get("overlay_cidr", "10.96.0.0/16")
     assert not mesh.view.rejected_by_reason()
 
 
@@ -392,7 +392,7 @@ def test_a_config_widening_the_overlay_takes_effect_at_once() -> None:
     mesh = Mesh()
     mesh.put(SCHEMA.config, MeshConfig().to_json() | {"overlay_cidr": "10.96.0.0/12", "mtu": "1400"})
     assert not mesh.rejections
-    assert str(mesh.view.config.overlay_cidr) == "10.96.0.0/12" and mesh.view.config.mtu == 1400
+    assert str(mesh.view.config.overlay_cidrs[0]) == "10.96.0.0/12" and mesh.view.config.mtu == 1400
     mesh.assert_honest_intact()
 
 

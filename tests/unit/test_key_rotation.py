@@ -39,19 +39,19 @@ def test_a_rotation_announces_installs_switches_and_publishes_the_new_key(tmp_pa
         old, _ = load_or_create(key_file)
         identity = Identity(old)
         metrics = AgentMetrics(CollectorRegistry())
-        settings = RegistrationSettings("n1", "192.0.2.1", 51820, 10, None)
+        settings = RegistrationSettings("n1", ("192.0.2.1",), 51820, 10, None)
         registrar = Registrar(
             settings,
             store=store,
             schema=SCHEMA,
             identity=identity,
-            endpoint_host=ipaddress.ip_address("192.0.2.1"),
+            endpoint_hosts=(ipaddress.ip_address("192.0.2.1"),),
             metrics=metrics,
         )
         registration = await registrar.register(MeshConfig())
         view = MeshView(SCHEMA)
         device = MemoryBackend(interface_name="wgtest")
-        local = LocalNode("n1", old.public_key, registration.record.overlay_ip)
+        local = LocalNode("n1", old.public_key, registration.record.overlay_ips)
         reconciler = Reconciler(
             view=view,
             decider=Decider(local, auto_mtu=1420),

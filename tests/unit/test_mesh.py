@@ -19,15 +19,15 @@ from warren_mesh.values.watch import Event, Events, KeyValue, Snapshot
 
 SCHEMA = KeySchema("/t")
 KEYS = {name: NodeKey.generate().public_key for name in ("local", "a", "b", "c", "d")}
-LOCAL = LocalNode("local", KEYS["local"], ipaddress.ip_address("10.96.0.1"))
+LOCAL = LocalNode("local", KEYS["local"], (ipaddress.ip_address("10.96.0.1"),))
 
 
 def record(name: str, address: str, *, key: str | None = None, extra: tuple[str, ...] = (), port: int = 51820) -> bytes:
     rec = NodeRecord(
         name=name,
         public_key=key or KEYS[name],
-        endpoint=Endpoint(ipaddress.ip_address("192.0.2.10"), port),
-        overlay_ip=ipaddress.ip_address(address),
+        endpoints=(Endpoint(ipaddress.ip_address("192.0.2.10"), port),),
+        overlay_ips=(ipaddress.ip_address(address),),
         listen_port=51820,
         allowed_ips=tuple(ipaddress.ip_network(n) for n in extra),
         published_at=1.0,
@@ -96,7 +96,7 @@ def test_topology_excludes_self_and_builds_peers() -> None:
         )
     )
     topo = topology_of(view)
-    assert topo.interface == InterfaceSpec("10.96.0.1/16", 51820, 1420)
+    assert topo.interface == InterfaceSpec(("10.96.0.1/16",), 51820, 1420)
     assert list(topo.peers) == [KEYS["a"]]
     assert topo.peers[KEYS["a"]].allowed_ips == ("10.244.0.0/24", "10.96.0.2/32")
     assert topo.names[KEYS["a"]] == "a"
@@ -240,7 +240,7 @@ def test_a_pod_network_over_the_underlay_or_etcd_is_routed_subnet_by_subnet() ->
     a_claims = kv(SCHEMA.claim("a", "10.244.1.0/24", "pods"), b"", 3)
     view.apply(Snapshot((kv(SCHEMA.node("a"), record("a", "10.96.0.2", extra=("10.244.1.0/24",)), 3), a_claims), 3))
     etcd_inside = LocalNode(
-        LOCAL.name, LOCAL.public_key, LOCAL.overlay_ip, protected=(ipaddress.ip_network("10.244.200.5/32"),)
+        LOCAL.name, LOCAL.public_key, LOCAL.overlay_ips, protected=(ipaddress.ip_network("10.244.200.5/32"),)
     )
     desired = build_topology(local=etcd_inside, view=view, auto_mtu=1420)
     assert desired.aggregates == ()
@@ -257,12 +257,12 @@ def test_a_delta_removes_the_route_of_a_network_a_peer_gave_up() -> None:
     after = topology_of(view)
     key = KEYS["a"]
     # Routed subnet by subnet (no aggregate route: e.g. the pod network covers etcd's address), the route goes.
-    delta = plan_delta(before.peers, after.peers, {key}, interface_address=after.interface.address)
+    delta = plan_delta(before.peers, after.peers, {key}, interface_addresses=after.interface.addresses)
     assert delta.routes_to_remove == ("10.244.1.0/24",) and delta.routes_to_add == ()
     assert [(c.action, c.public_key) for c in delta.changes] == [("update", key)]
     # Under the pod network's one route, the subnet never had a route of its own: only the peer changes.
     covered = plan_delta(
-        before.peers, after.peers, {key}, interface_address=after.interface.address, aggregates=after.aggregates
+        before.peers, after.peers, {key}, interface_addresses=after.interface.addresses, aggregates=after.aggregates
     )
     assert covered.routes_to_remove == () and covered.routes_to_add == ()
     assert [(c.action, c.public_key) for c in covered.changes] == [("update", key)]

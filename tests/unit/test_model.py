@@ -42,7 +42,7 @@ def test_node_record_round_trips() -> None:
     record = decode_node(node_doc())
     assert record.endpoint == Endpoint(ipaddress.ip_address("192.0.2.1"), 51820)
     assert record.routes.text == ("10.244.1.0/24", "10.96.0.2/32")
-    assert record.routes == Routes.of(record.allowed_ips, host=record.overlay_ip)
+    assert record.routes == Routes.of(record.allowed_ips, hosts=(record.overlay_ip,))
     assert NodeRecord.from_json(decode_json(encode_json(record.to_json())), key_name="node-a") == record
 
 
@@ -82,7 +82,7 @@ def test_ipv6_endpoint() -> None:
 def test_mesh_config_defaults_and_validation() -> None:
     assert MeshConfig.from_json({"schema": 1}) == MeshConfig()
     config = MeshConfig.from_json({"schema": 1, "overlay_cidr": "10.200.0.0/24", "mtu": 1380, "lease_ttl_seconds": 5})
-    assert (str(config.overlay_cidr), config.mtu, config.lease_ttl_seconds) == ("10.200.0.0/24", 1380, 5)
+    assert (str(config.overlay_cidrs[0]), config.mtu, config.lease_ttl_seconds) == ("10.200.0.0/24", 1380, 5)
     assert MeshConfig.from_json(config.to_json()) == config
     for bad in ({"mtu": 100}, {"listen_port": 70000}, {"lease_ttl_seconds": 1}, {"overlay_cidr": "10.0.0.0/31"}):
         with pytest.raises(RecordError):
@@ -127,7 +127,7 @@ def test_a_host_route_made_from_the_address_equals_one_parsed_as_a_network() -> 
     for text in ("10.96.0.7", "fd00:0:0::1", "::ffff:1.2.3.4"):
         address = ipaddress.ip_address(text)
         extra = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/64"))
-        assert Routes.of(extra, host=address) == Routes.of(
+        assert Routes.of(extra, hosts=(address,)) == Routes.of(
             (*extra, ipaddress.ip_network(f"{text}/{address.max_prefixlen}"))
         )
 

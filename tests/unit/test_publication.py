@@ -24,12 +24,16 @@ from warren_mesh.trust.decode import decode_json
 from warren_mesh.trust.endpoint import Endpoint
 from warren_mesh.trust.records import MeshConfig, NodeRecord, encode_json
 
-SETTINGS = RegistrationSettings("n1", None, None, 10, None)
+SETTINGS = RegistrationSettings("n1", (), None, 10, None)
 
 
 def _publisher(store: MemoryStore, key: NodeKey) -> RecordPublisher:
     return RecordPublisher(
-        SETTINGS, store=store, schema=SCHEMA, identity=Identity(key), endpoint_host=ipaddress.ip_address("192.0.2.7")
+        SETTINGS,
+        store=store,
+        schema=SCHEMA,
+        identity=Identity(key),
+        endpoint_hosts=(ipaddress.ip_address("192.0.2.7"),),
     )
 
 
@@ -47,7 +51,7 @@ def test_our_record_from_a_previous_run_is_taken_over_and_someone_elses_never() 
         await store.put(SCHEMA.node("n1"), encode_json(previous.to_json()), lease=old_lease)
         publisher = _publisher(store, key)
         lease = await store.grant_lease(10)
-        ours = publisher.record(MeshConfig(), previous.overlay_ip, previous.allowed_ips[0])
+        ours = publisher.record(MeshConfig(), previous.overlay_ips, previous.allowed_ips)
         published = await publisher.publish(ours, lease)
         # Behind NAT, the endpoint peers saw us at (in the old record) wins over the one this run found.
         assert published.endpoint == previous.endpoint and publisher.public_endpoint == previous.endpoint
@@ -65,7 +69,7 @@ def test_our_record_and_claims_are_written_back_when_someone_else_touches_them()
         key = NodeKey.generate()
         publisher = _publisher(store, key)
         lease = await store.grant_lease(10)
-        ours = await publisher.publish(publisher.record(MeshConfig(), ipaddress.ip_address("10.96.0.9"), None), lease)
+        ours = await publisher.publish(publisher.record(MeshConfig(), (ipaddress.ip_address("10.96.0.9"),), ()), lease)
         publisher.registered(Registration(ours, lease, 10))
         await store.put(SCHEMA.node("n1"), b'{"forged": true}', lease=lease)
         await publisher.restore(b'{"forged": true}')
@@ -119,7 +123,7 @@ def test_our_own_earlier_write_seen_late_is_not_taken_for_someone_elses(caplog: 
         store = MemoryStore()
         publisher = _publisher(store, NodeKey.generate())
         lease = await store.grant_lease(10)
-        ours = await publisher.publish(publisher.record(MeshConfig(), ipaddress.ip_address("10.96.0.9"), None), lease)
+        ours = await publisher.publish(publisher.record(MeshConfig(), (ipaddress.ip_address("10.96.0.9"),), ()), lease)
         publisher.registered(Registration(ours, lease, 10))
         await publisher.set_observed((("n2", Endpoint.parse("192.0.2.2:40000")),))
         first = await store.get(SCHEMA.node("n1"))
@@ -159,7 +163,7 @@ def test_our_own_write_seen_before_its_answer_is_not_taken_for_someone_elses(cap
         store = _SlowAnswers()
         publisher = _publisher(store, NodeKey.generate())
         lease = await store.grant_lease(10)
-        ours = await publisher.publish(publisher.record(MeshConfig(), ipaddress.ip_address("10.96.0.9"), None), lease)
+        ours = await publisher.publish(publisher.record(MeshConfig(), (ipaddress.ip_address("10.96.0.9"),), ()), lease)
         publisher.registered(Registration(ours, lease, 10))
         store.answer.clear()
         writing = asyncio.ensure_future(publisher.set_public_endpoint(Endpoint.parse("198.51.100.1:51820")))

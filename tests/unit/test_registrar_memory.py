@@ -23,7 +23,7 @@ from warren_mesh.settings import RegistrationSettings
 from warren_mesh.store.base import Store, StoreUnavailable
 from warren_mesh.store.memory import MemoryStore
 from warren_mesh.trust.decode import decode_json
-from warren_mesh.trust.records import MeshConfig, NodeRecord, encode_json
+from warren_mesh.trust.records import MeshConfig, NodeRecord, PodNetwork, encode_json
 from warren_mesh.values.keyspace import KeySchema
 from warren_mesh.values.watch import Events, Snapshot
 
@@ -35,11 +35,11 @@ def registrar(
 ) -> Registrar:
     pinned = ipaddress.ip_network(pod_subnet) if pod_subnet else None
     return Registrar(
-        RegistrationSettings(name, "192.0.2.1", 51820, ttl, pinned),
+        RegistrationSettings(name, ("192.0.2.1",), 51820, ttl, pinned),
         store=store,
         schema=SCHEMA,
         identity=Identity(key or NodeKey.generate()),
-        endpoint_host=ipaddress.ip_address("192.0.2.1"),
+        endpoint_hosts=(ipaddress.ip_address("192.0.2.1"),),
         metrics=AgentMetrics(CollectorRegistry()),
     )
 
@@ -144,7 +144,7 @@ def test_a_name_held_by_another_key_is_never_overwritten() -> None:
 
 def test_nodes_never_share_an_address_and_a_full_network_is_a_clear_error() -> None:
     async def body(store: MemoryStore) -> None:
-        config = MeshConfig(overlay_cidr=ipaddress.ip_network("10.96.0.0/30"))  # two usable addresses
+        config = MeshConfig(overlay_cidrs=(ipaddress.ip_network("10.96.0.0/30"),))  # two usable addresses
         first = await registrar(store, "a").register(config)
         second = await registrar(store, "b").register(config)
         assert first.record.overlay_ip != second.record.overlay_ip
@@ -198,8 +198,8 @@ def test_a_pinned_pod_subnet_is_claimed_if_the_mesh_can_give_it() -> None:
         assert again.record.allowed_ips == first.record.allowed_ips
         for pinned, complaint in (
             ("10.244.77.0/24", "claimed by another node"),  # a's
-            ("10.244.78.0/25", "is not a /24 of the pod network 10.244.0.0/16"),
-            ("10.245.0.0/24", "is not a /24 of the pod network 10.244.0.0/16"),
+            ("10.244.78.0/25", r"is not a node subnet of the pod networks \(/24 of 10.244.0.0/16\)"),
+            ("10.245.0.0/24", r"is not a node subnet of the pod networks \(/24 of 10.244.0.0/16\)"),
         ):
             with pytest.raises(RegistrationConflict, match=complaint):
                 await registrar(store, "b", pod_subnet=pinned).register(MeshConfig())
@@ -210,20 +210,20 @@ def test_a_pinned_pod_subnet_is_claimed_if_the_mesh_can_give_it() -> None:
 
 def test_an_ipv6_pod_network_gives_each_node_a_64() -> None:
     async def body(store: MemoryStore) -> None:
-        config = MeshConfig(pod_cidr=ipaddress.ip_network("fd00:244::/48"), node_subnet_prefix=64)
+        config = MeshConfig(pod_networks=(PodNetwork(ipaddress.ip_network("fd00:244::/48"), 64),))
         await store.put(SCHEMA.config, encode_json(config.to_json()))
         assert MeshConfig.from_json(decode_json(encode_json(config.to_json()))) == config
         first = await registrar(store, "a").register(config)
         second = await registrar(store, "b").register(config)
         subnets = [r.record.allowed_ips[0] for r in (first, second)]
-        assert all(s.prefixlen == 64 and s.version == 6 and s.overlaps(config.pod_cidr) for s in subnets)
+        assert all(s.prefixlen == 64 and s.version == 6 and s.overlaps(config.pod_networks[0].cidr) for s in subnets)
         assert subnets[0] != subnets[1]
         view = MeshView(SCHEMA)
         view.apply(await store.list_prefix(SCHEMA.root))
         assert {view.reservations[str(s)].owner for s in subnets} == {"a", "b"}
         # Every agent routes b's /64 to b: its record is accepted whole.
         topology = build_topology(
-            local=LocalNode("a", NodeKey.generate().public_key, first.record.overlay_ip, allowed_ips=(subnets[0],)),
+            local=LocalNode("a", NodeKey.generate().public_key, first.record.overlay_ips, allowed_ips=(subnets[0],)),
             view=view,
             auto_mtu=1420,
         )

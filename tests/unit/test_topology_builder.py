@@ -20,7 +20,7 @@ from warren_mesh.values.watch import Event, Events, KeyValue, Snapshot
 
 SCHEMA = KeySchema("/t")
 KEYS = [NodeKey.generate().public_key for _ in range(10)]
-LOCAL = LocalNode("local", KEYS[0], ipaddress.ip_address("10.96.0.1"))
+LOCAL = LocalNode("local", KEYS[0], (ipaddress.ip_address("10.96.0.1"),))
 # Small pools, so that names, keys, addresses and networks collide often.
 NAMES = [f"n{i}" for i in range(14)] + ["local"]
 ADDRESSES = [f"10.96.0.{i}" for i in range(1, 9)] + ["10.97.0.5"]
@@ -35,8 +35,8 @@ def _node_value(rng: random.Random, name: str) -> bytes:
         name=name,
         public_key=public_key,
         next_public_key=None if next_key == public_key else next_key,
-        endpoint=Endpoint(ipaddress.ip_address("192.0.2.1"), rng.choice([51820, 51821])),
-        overlay_ip=ipaddress.ip_address(rng.choice(ADDRESSES)),
+        endpoints=(Endpoint(ipaddress.ip_address("192.0.2.1"), rng.choice([51820, 51821])),),
+        overlay_ips=(ipaddress.ip_address(rng.choice(ADDRESSES)),),
         listen_port=51820,
         allowed_ips=tuple(ipaddress.ip_network(n) for n in rng.sample(NETWORKS, rng.choice([0, 0, 1, 2]))),
         published_at=1.0,
@@ -127,7 +127,7 @@ def test_incremental_fold_equals_a_fold_from_scratch(seed: int) -> None:
                 LOCAL.public_key, previous.interface, dict(previous.peers), routes=frozenset(desired_routes(previous))
             )
             full = plan_changes(current, device, local_public_key=LOCAL.public_key, previous=previous)
-            delta = plan_delta(previous.peers, current.peers, affected, interface_address=current.interface.address)
+            delta = plan_delta(previous.peers, current.peers, affected, interface_addresses=current.interface.addresses)
             assert _applied(previous, delta) == _applied(previous, full) == dict(current.peers)
             # Routes too: the delta reaches the routes a full comparison reaches, and those are the desired ones.
             routes = desired_routes(previous)
@@ -160,8 +160,8 @@ def test_a_join_at_the_end_is_settled_without_folding_again() -> None:
         record = NodeRecord(
             name=name,
             public_key=KEYS[i],
-            endpoint=Endpoint(ipaddress.ip_address("192.0.2.1"), 51820),
-            overlay_ip=ipaddress.ip_address(f"10.96.0.{i}"),
+            endpoints=(Endpoint(ipaddress.ip_address("192.0.2.1"), 51820),),
+            overlay_ips=(ipaddress.ip_address(f"10.96.0.{i}"),),
             listen_port=51820,
             published_at=1.0,
         )

@@ -14,7 +14,7 @@ from warren_mesh.mesh.view import Entry
 
 def test_a_mesh_spec_becomes_the_config_agents_read_and_a_bad_one_names_the_crd_field() -> None:
     config = translate.mesh_config({"overlayCIDR": "10.100.0.0/16", "mtu": "1400", "leaseTTLSeconds": 15})
-    assert str(config.overlay_cidr) == "10.100.0.0/16" and config.mtu == 1400 and config.lease_ttl_seconds == 15
+    assert str(config.overlay_cidrs[0]) == "10.100.0.0/16" and config.mtu == 1400 and config.lease_ttl_seconds == 15
     with pytest.raises(SpecError, match="overlayCIDR") as refused:
         translate.mesh_config({"overlayCIDR": "10.100.0.1/16"})
     assert refused.value.reason == "InvalidSpec"

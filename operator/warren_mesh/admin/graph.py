@@ -74,7 +74,9 @@ def render_dot(
             if other is not None and other != reading.node:
                 seen.setdefault(frozenset((reading.node, other)), []).append(_Seen(reading.node, peer))
 
-    title = f"mesh {view.config.overlay_cidr}, pods {view.config.pod_cidr}, etcd revision {view.revision}"
+    config = view.config
+    networks = f"mesh {', '.join(map(str, config.overlay_cidrs))}, pods {', '.join(map(str, config.pod_cidrs))}"
+    title = f"{networks}, etcd revision {view.revision}"
     lines = [
         "graph mesh {",
         f'  graph [overlap=false, splines=true, fontname="sans-serif", label={_quote(title)}];',
@@ -83,7 +85,7 @@ def render_dot(
     ]
     for name, entry in sorted(view.nodes.items()):
         record = entry.record
-        label = NEWLINE.join([name, str(record.overlay_ip), *(str(n) for n in record.allowed_ips)])
+        label = NEWLINE.join([name, *record.overlay_texts, *(str(n) for n in record.allowed_ips)])
         lines.append(f"  {_quote(name)} [shape=box, label={_quote(label)}];")
     for name, external in sorted(view.peers.items()):
         label = NEWLINE.join([name, *(str(n) for n in external.record.allowed_ips)])

@@ -34,7 +34,7 @@ class PeerError(RuntimeError):
 def _taken(view: MeshReader) -> tuple[set[int], list[IPNetwork]]:
     """What of the mesh network is taken: addresses held (claims) or used by nodes, and peers' routes."""
     held = {int(ipaddress.ip_address(s)) for s in view.reservations if "/" not in s}
-    held.update(int(entry.record.overlay_ip) for entry in view.nodes.values())
+    held.update(int(ip) for entry in view.nodes.values() for ip in entry.record.overlay_ips)
     routed = [network for entry in view.peers.values() for network in entry.record.allowed_ips]
     return held, routed
 
@@ -42,13 +42,13 @@ def _taken(view: MeshReader) -> tuple[set[int], list[IPNetwork]]:
 def _free_address(view: MeshReader, skip: set[int]) -> IPAddress:
     """A free address, from the top of the mesh network down: nodes start where their names hash to, so the top
     is as likely free as anywhere, and members stay easy to tell apart from nodes."""
-    first, last = usable_host_range(view.config.overlay_cidr)
+    first, last = usable_host_range(view.config.overlay_cidrs[0])
     held, routed = _taken(view)
     for candidate in range(last, first - 1, -1):
         address = ipaddress.ip_address(candidate)
         if candidate not in held and candidate not in skip and not any(address in n for n in routed):
             return address
-    raise PeerError(f"every address of the mesh network {view.config.overlay_cidr} is taken")
+    raise PeerError(f"every address of the mesh network {view.config.overlay_cidrs[0]} is taken")
 
 
 async def add(
@@ -90,7 +90,7 @@ async def add(
             await store.delete(claim)
             raise PeerError(f"peer {name!r} was added by someone else meanwhile")
         return key, address
-    raise PeerError(f"no address of {view.config.overlay_cidr} stayed free in {_ATTEMPTS} tries; try again")
+    raise PeerError(f"no address of {view.config.overlay_cidrs[0]} stayed free in {_ATTEMPTS} tries; try again")
 
 
 async def remove(store: Store, schema: KeySchema, name: str) -> None:

@@ -100,14 +100,13 @@ class Member:
 
 
 def overlay_addresses(view: MeshReader, peer: ExternalPeer) -> tuple[IPAddress, ...]:
-    """The peer's own addresses in the mesh network: the single addresses of its allowed IPs inside it."""
-    overlay = view.config.overlay_cidr
+    """The peer's own addresses in the mesh networks: the single addresses of its allowed IPs inside them."""
+    overlays = view.config.overlay_cidrs
     return tuple(
         network.network_address
         for network in peer.allowed_ips
-        if network.version == overlay.version
-        and network.prefixlen == network.max_prefixlen
-        and network.network_address in overlay
+        if network.prefixlen == network.max_prefixlen
+        and any(network.version == o.version and network.network_address in o for o in overlays)
     )
 
 
@@ -131,10 +130,11 @@ def for_peer(view: MeshReader, name: str, *, private_key: NodeKey | None = None,
     addresses = overlay_addresses(view, peer)
     if not addresses:
         raise ShowconfError(
-            f"peer {name} has no address of its own in the mesh network {view.config.overlay_cidr}: give it one "
+            f"peer {name} has no address of its own in the mesh networks "
+            f"{', '.join(map(str, view.config.overlay_cidrs))}: give it one "
             "(a single address in allowedIPs) to make it a member"
         )
-    local = LocalNode(name, peer.public_key, addresses[0])
+    local = LocalNode(name, peer.public_key, addresses)
     topology = _fold(view, local)
     # Only nodes: another external peer is not a router of the mesh, and usually has no endpoint to dial.
     nodes = set(view.nodes)
@@ -167,18 +167,18 @@ def for_node(view: MeshReader, name: str) -> Member:
     if entry is None:
         raise ShowconfError(f"no node {name!r} is registered in the mesh")
     record = entry.record
-    endpoint = record.endpoint.host
     local = LocalNode(
         name,
         record.public_key,
-        record.overlay_ip,
+        record.overlay_ips,
         allowed_ips=record.allowed_ips,
         # Its agent also protects its underlay subnet and etcd's addresses, which etcd does not hold.
-        protected=(ipaddress.ip_network(f"{endpoint}/{endpoint.max_prefixlen}"),),
+        protected=tuple(ipaddress.ip_network(f"{e.host}/{e.host.max_prefixlen}") for e in record.endpoints),
+        underlay_families=tuple(e.host.version for e in record.endpoints),
     )
     topology = _fold(view, local)
     return Member(
-        addresses=(topology.interface.address,),
+        addresses=topology.interface.addresses,
         peers=tuple(sorted(topology.peers.values(), key=lambda s: topology.names[s.public_key])),
         names=dict(topology.names),
         left_out=_left_out(topology, name),

@@ -43,7 +43,7 @@ from warren_mesh.settings import AgentSettings
 from warren_mesh.store.base import Backoff, Store, StoreUnavailable
 from warren_mesh.trust.decode import decode_json
 from warren_mesh.trust.reasons import RecordError
-from warren_mesh.trust.records import MeshConfig, auto_mtu
+from warren_mesh.trust.records import MeshConfig
 from warren_mesh.values.netaddr import IPAddress, IPNetwork, parse_endpoints
 from warren_mesh.wireguard.backend import Backend
 from warren_mesh.wireguard.userspace import OFFLOAD_RELEASE, lacks_offloads
@@ -208,13 +208,14 @@ class Agent:
 
     async def _start(self, stop: asyncio.Event, tasks: list[asyncio.Task[None]]) -> None:
         settings, host = self.settings, self.host
-        if settings.registration.endpoint_host is not None:
-            endpoint_host = ipaddress.ip_address(settings.registration.endpoint_host)
+        endpoint_hosts: tuple[IPAddress, ...]
+        if settings.registration.endpoint_hosts:
+            endpoint_hosts = tuple(ipaddress.ip_address(h) for h in settings.registration.endpoint_hosts)
         else:
-            endpoint_host = await asyncio.to_thread(host.endpoint_address)
-            log.info("endpoint address %s (default route's interface)", endpoint_host)
-        underlay_mtu = await asyncio.to_thread(host.underlay_mtu, endpoint_host)
-        protected = await asyncio.to_thread(self._protected_networks, endpoint_host)
+            endpoint_hosts = await asyncio.to_thread(host.endpoint_addresses, settings.registration.endpoint_family)
+            log.info("endpoint address %s (default route's interface)", ", ".join(map(str, endpoint_hosts)))
+        device_mtu = await asyncio.to_thread(loops.underlay_auto_mtu, host, endpoint_hosts)
+        protected = await asyncio.to_thread(self._protected_networks, endpoint_hosts)
         log.info("never routed into the tunnel: %s", ", ".join(str(n) for n in protected))
 
         config = await self._until_etcd(stop, self._read_config)
@@ -223,7 +224,7 @@ class Agent:
             store=self.store,
             schema=settings.store.schema,
             identity=self.identity,
-            endpoint_host=endpoint_host,
+            endpoint_hosts=endpoint_hosts,
             metrics=self.metrics,
         )
         registration = await self._until_etcd(stop, lambda: registrar.register(config))
@@ -231,20 +232,19 @@ class Agent:
         record = registration.record
         if record.allowed_ips:
             self.pod_network = host.pod_network(
-                settings.pods, subnet=record.allowed_ips[0], interface=self.backend.interface_name
+                settings.pods, subnets=record.allowed_ips, interface=self.backend.interface_name
             )
         local = LocalNode(
             settings.node_name,
             self.identity.public_key,
-            record.overlay_ip,
+            record.overlay_ips,
             allowed_ips=record.allowed_ips,
             protected=protected,
+            underlay_families=tuple(e.host.version for e in record.endpoints),
         )
         reconciler = self.reconciler = Reconciler(
             view=self.view,
-            decider=Decider(
-                local, auto_mtu=auto_mtu(underlay_mtu, endpoint_host.version), fwmark=settings.device.fwmark
-            ),
+            decider=Decider(local, auto_mtu=device_mtu, fwmark=settings.device.fwmark),
             identity=self.identity,
             backend=self.backend,
             writer=DeviceWriter(self.backend, self.identity),
@@ -282,7 +282,7 @@ class Agent:
         start(
             "underlay-mtu",
             loops.follow_underlay_mtu(
-                host, endpoint_host, underlay_mtu, reconciler, interval=settings.device.resync_interval
+                host, endpoint_hosts, device_mtu, reconciler, interval=settings.device.resync_interval
             ),
         )
         tls = settings.store.tls
@@ -292,7 +292,7 @@ class Agent:
         sample = settings.metrics.traffic_sample_interval
         endpoints_to = None
         if host.sees_peer_endpoints:
-            pinned = settings.registration.endpoint_host is not None
+            pinned = bool(settings.registration.endpoint_hosts)
             endpoints_to = loops.EndpointWatch(
                 registrar.publication, reconciler.peer_names, self.view, poke=host.poke, pinned=pinned
             )
@@ -330,11 +330,11 @@ class Agent:
                     log.warning("ignoring the key rotation request for %s: %s", self.settings.node_name, exc)
             await registrar.follow(batch)
 
-    def _protected_networks(self, endpoint_host: IPAddress) -> tuple[IPNetwork, ...]:
-        """What this node must reach outside the tunnel, whatever etcd says: its underlay address and subnet, and
-        etcd's addresses (a route over them would cut the node off from its peers and from etcd)."""
-        addresses = [endpoint_host]
-        networks: list[IPNetwork] = list(self.host.underlay_networks(endpoint_host))
+    def _protected_networks(self, endpoint_hosts: tuple[IPAddress, ...]) -> tuple[IPNetwork, ...]:
+        """What this node must reach outside the tunnel, whatever etcd says: its underlay addresses and subnets,
+        and etcd's addresses (a route over them would cut the node off from its peers and from etcd)."""
+        addresses = list(endpoint_hosts)
+        networks: list[IPNetwork] = [n for h in endpoint_hosts for n in self.host.underlay_networks(h)]
         addresses.extend(self.host.resolve(e.host for e in parse_endpoints(self.settings.store.etcd_endpoints)))
         networks.extend(ipaddress.ip_network(f"{a}/{a.max_prefixlen}") for a in addresses)
         return tuple(dict.fromkeys(networks))

@@ -88,28 +88,35 @@ async def rotate_keys(
         on_rotated(key)
 
 
+def underlay_auto_mtu(host: Host, endpoint_hosts: tuple[IPAddress, ...]) -> int:
+    """The device's MTU for ``mtu: auto``: what the tightest of the underlays peers dial this node over allows (an
+    IPv6 one takes 20 bytes more of overhead)."""
+    return min(auto_mtu(host.underlay_mtu(address), address.version) for address in endpoint_hosts)
+
+
 async def follow_underlay_mtu(
-    host: Host, endpoint_host: IPAddress, underlay_mtu: int, reconciler: Reconciler, *, interval: float
+    host: Host, endpoint_hosts: tuple[IPAddress, ...], current: int, reconciler: Reconciler, *, interval: float
 ) -> None:
     """underlay-mtu: keep ``mtu: auto`` true when the underlay's MTU changes under a running agent (a cloud moving
     to jumbo frames, an operator lowering it for a VPN): a device MTU larger than the underlay allows has every
-    full-size packet fragmented, or dropped where fragments are."""
+    full-size packet fragmented, or dropped where fragments are. ``current``: the auto MTU the device started
+    with."""
     while True:
         await asyncio.sleep(interval)
         try:
-            now = await asyncio.to_thread(host.underlay_mtu, endpoint_host)
+            now = await asyncio.to_thread(underlay_auto_mtu, host, endpoint_hosts)
         except OSError as exc:
-            log.warning("cannot read the underlay's MTU (keeping %d): %s", underlay_mtu, exc)
+            log.warning("cannot read the underlay's MTU (keeping %d for the device): %s", current, exc)
             continue
-        if now != underlay_mtu:
-            follows = reconciler.set_auto_mtu(auto_mtu(now, endpoint_host.version))
+        if now != current:
+            follows = reconciler.set_auto_mtu(now)
             log.warning(
-                "the underlay's MTU changed from %d to %d%s",
-                underlay_mtu,
+                "the underlay's MTU changed: the device's auto MTU is %d, was %d%s",
                 now,
+                current,
                 "; the WireGuard device and new pods follow" if follows else " (the mesh sets its own MTU)",
             )
-            underlay_mtu = now
+            current = now
 
 
 async def reload_certificate(store: Store, cert_file: Path, metrics: AgentMetrics, *, interval: float) -> None:

@@ -42,19 +42,21 @@ class RecordPublisher:
         store: Store,
         schema: KeySchema,
         identity: Identity,
-        endpoint_host: IPAddress,
+        endpoint_hosts: tuple[IPAddress, ...],
     ) -> None:
-        """``endpoint_host``: the settings' endpoint address, or the one found on this host when they name none."""
+        """``endpoint_hosts``: the settings' endpoint addresses, or those found on this host when they name none
+        (one per underlay family, the preferred first)."""
         self._store = store
         self._schema = schema
         self._name = settings.node_name
         self._identity = identity
         self._next_key: str | None = None  # announced during a key rotation
-        # Behind NAT: the endpoint peers see us at, learnt from their observations (None: endpoint_host's).
+        # Behind NAT: the endpoint peers see us at, learnt from their observations; it stands in for the endpoint of
+        # its family (None: endpoint_hosts').
         self.public_endpoint: Endpoint | None = None
         self._observed: tuple[tuple[str, Endpoint], ...] = ()  # peers we see elsewhere than their records say
-        self._endpoint_host = endpoint_host
-        self._endpoint_pinned = settings.endpoint_host is not None  # --endpoint: never another
+        self._endpoint_hosts = endpoint_hosts
+        self._endpoint_pinned = bool(settings.endpoint_hosts)  # --endpoint: never another
         self._endpoint_port = settings.endpoint_port  # None: follow the mesh's listen port
         self.key = schema.node(self._name)  # where our record lives
         self.current: Registration | None = None
@@ -68,20 +70,31 @@ class RecordPublisher:
     def name(self) -> str:
         return self._name
 
-    def record(self, config: MeshConfig, overlay_ip: IPAddress, subnet: IPNetwork | None) -> NodeRecord:
-        """Our record as it should read now, with ``overlay_ip`` and ``subnet``."""
+    def record(
+        self, config: MeshConfig, overlay_ips: tuple[IPAddress, ...], subnets: tuple[IPNetwork, ...]
+    ) -> NodeRecord:
+        """Our record as it should read now, with ``overlay_ips`` and pod ``subnets``."""
         port = config.listen_port if self._endpoint_port is None else self._endpoint_port
         return NodeRecord(
             name=self._name,
             public_key=self._identity.public_key,
-            endpoint=self.public_endpoint or Endpoint(self._endpoint_host, port),
-            overlay_ip=overlay_ip,
+            endpoints=self._endpoints(tuple(Endpoint(host, port) for host in self._endpoint_hosts)),
+            overlay_ips=overlay_ips,
             listen_port=config.listen_port,
-            allowed_ips=() if subnet is None else (subnet,),
+            allowed_ips=subnets,
             published_at=time.time(),
             next_public_key=self._next_key,
             observed_endpoints=self._observed,
         )
+
+    def _endpoints(self, endpoints: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
+        """``endpoints`` with the one of the public endpoint's family replaced by it (behind NAT)."""
+        public = self.public_endpoint
+        if public is None:
+            return endpoints
+        if all(e.host.version != public.host.version for e in endpoints):
+            return (public, *endpoints)
+        return tuple(public if e.host.version == public.host.version else e for e in endpoints)
 
     def registered(self, registration: Registration) -> None:
         """``registration`` is in etcd now (on a fresh lease)."""
@@ -90,7 +103,8 @@ class RecordPublisher:
         self._published_revision = 0
         record = registration.record
         subnets = tuple(self._schema.claim(self._name, str(n), "pods") for n in record.allowed_ips)
-        self._claim_keys = (self._schema.claim(self._name, str(record.overlay_ip)), *subnets)
+        addresses = tuple(self._schema.claim(self._name, text) for text in record.overlay_texts)
+        self._claim_keys = (*addresses, *subnets)
 
     def unregistered(self) -> Registration | None:
         """We leave (or are between leases): the registration we had."""
@@ -104,11 +118,12 @@ class RecordPublisher:
         existing = await self._store.create(key, encode_json(record.to_json()), lease=lease_id)
         while existing is not None:
             previous = self._check_ours(existing.value)
-            if not self._endpoint_pinned and previous.endpoint != record.endpoint and self.public_endpoint is None:
+            learnt = next((e for e in previous.endpoints if e not in record.endpoints), None)
+            if not self._endpoint_pinned and learnt is not None and self.public_endpoint is None:
                 # Our record says where peers reach us, learnt before a restart (behind NAT): the address this run
                 # found would send them to a private one until they told us again (docs/nat.md).
-                self.public_endpoint = previous.endpoint
-                record = replace(record, endpoint=previous.endpoint)
+                self.public_endpoint = learnt
+                record = replace(record, endpoints=self._endpoints(record.endpoints))
             # Our own record from before a restart, still on the old lease: move it to the new lease without
             # a gap (peers see an update, not a delete and re-add), then let the old lease go.
             existing_lease = existing.lease
@@ -142,9 +157,8 @@ class RecordPublisher:
         current = self.current
         if current is None:
             return
-        subnet = current.record.allowed_ips[0] if current.record.allowed_ips else None
-        record = self.record(config, current.record.overlay_ip, subnet)
-        if (record.listen_port, record.endpoint) == (current.record.listen_port, current.record.endpoint):
+        record = self.record(config, current.record.overlay_ips, current.record.allowed_ips)
+        if (record.listen_port, record.endpoints) == (current.record.listen_port, current.record.endpoints):
             return
         await self._put_current(record, f"republished with listen port {record.listen_port}")
 
@@ -182,7 +196,7 @@ class RecordPublisher:
             current.record,
             public_key=self._identity.public_key,
             next_public_key=self._next_key,
-            endpoint=self.public_endpoint or current.record.endpoint,
+            endpoints=self._endpoints(current.record.endpoints),
             observed_endpoints=self._observed,
             published_at=time.time(),
         )

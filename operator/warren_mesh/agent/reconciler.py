@@ -171,6 +171,7 @@ class Reconciler:
                 peers=decider.peer_count,
                 nodes=1 + decider.nodes_taken,
                 conflicts=decider.conflicts,
+                unreachable=decider.unreachable,
                 rejected=view.rejected_by_reason(),
                 seconds=time.perf_counter() - started,
             )

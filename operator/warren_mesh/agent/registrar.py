@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from warren_mesh.agent.identity import Identity
 from warren_mesh.agent.lease import LeaseKeeper
@@ -34,6 +36,18 @@ from warren_mesh.values.watch import Snapshot
 log = logging.getLogger(__name__)
 
 
+@dataclass(slots=True)
+class _Want:
+    """One claim a registration needs: an address of an overlay network, or a subnet of a pod network."""
+
+    kind: ClaimKind
+    network: IPNetwork  # the overlay or pod network
+    candidates: Iterator[IPAddress | IPNetwork]  # free ones, in this node's order
+    choice: IPAddress | IPNetwork | None  # the one held or tried now (None: none left)
+    pinned: bool = False  # --pod-subnet: no other will do
+    node_prefix: int = 0  # of a pod network
+
+
 class Registrar:
     def __init__(
         self,
@@ -42,10 +56,10 @@ class Registrar:
         store: Store,
         schema: KeySchema,
         identity: Identity,
-        endpoint_host: IPAddress,
+        endpoint_hosts: tuple[IPAddress, ...],
         metrics: AgentMetrics,
     ) -> None:
-        """``endpoint_host``: the settings' endpoint address, or the one found on this host when they name none."""
+        """``endpoint_hosts``: the settings' endpoint addresses, or those found on this host when they name none."""
         self._store = store
         self._schema = schema
         self._name = settings.node_name
@@ -53,7 +67,7 @@ class Registrar:
         self._pod_subnet = settings.pod_subnet  # None: claim one
         self._metrics = metrics
         self.publication = RecordPublisher(
-            settings, store=store, schema=schema, identity=identity, endpoint_host=endpoint_host
+            settings, store=store, schema=schema, identity=identity, endpoint_hosts=endpoint_hosts
         )
         self._leases = LeaseKeeper(store, metrics)
         self._config: MeshConfig | None = None  # the config our record was last written for
@@ -88,8 +102,8 @@ class Registrar:
         for key, why in found.withdraw.items():
             log.warning("withdrawing the claim %s of %s: %s", key, self._name, why)
             await self._store.delete(key)
-        if found.address is not None:
-            await self._store.create(self._schema.claim(self._name, str(found.address)), b"")  # no-op if there
+        for address in found.addresses.values():
+            await self._store.create(self._schema.claim(self._name, str(address)), b"")  # no-op if there
         return found
 
     # --- registration -----------------------------------------------------------------------------------------
@@ -103,7 +117,7 @@ class Registrar:
         if held is None:
             found = await self._holdings(config)
             if self._pod_subnet is not None:
-                found.subnet = allocation.pinned_subnet(self._pod_subnet, config, found)
+                found.subnets[self._pod_subnet.version] = allocation.pinned_subnet(self._pod_subnet, config, found)
         lease_id, holder = await self._leases.grant(ttl)
         # Records are stamped after the lease grant: published_at is when the record is written, so measured
         # convergence lag is the mesh's reaction time, not our own registration round trips.
@@ -112,9 +126,8 @@ class Registrar:
                 record = await self._claim_and_publish(config, found, lease_id)
             else:
                 assert held is not None
-                subnet = held.allowed_ips[0] if held.allowed_ips else None
                 record = await self.publication.publish(
-                    self.publication.record(config, held.overlay_ip, subnet), lease_id
+                    self.publication.record(config, held.overlay_ips, held.allowed_ips), lease_id
                 )
         except LeaseNotFound:
             # The new lease ran out before the record was written: etcd or this agent stalled for longer than the
@@ -135,35 +148,36 @@ class Registrar:
         log.info(
             "registered %s as %s, pods %s, at %s (lease %x, ttl %d s)",
             self._name,
-            record.overlay_ip,
+            ", ".join(record.overlay_texts),
             ", ".join(str(n) for n in record.allowed_ips) or "none",
-            record.endpoint,
+            ", ".join(record.endpoint_texts),
             lease_id,
             ttl,
         )
         return registration
 
     async def _claim_and_publish(self, config: MeshConfig, found: Holdings, lease_id: int) -> NodeRecord:
-        """Claim a free address and pod subnet (unless held already) and publish our record with them. The usual
-        first start writes the claims and the record in one transaction: one revision, so a cluster booting at
-        once costs every watcher one event per node. Claims of other nodes made since we listed are older than
-        ours and win: we check, and move on to the next candidate if so."""
-        addresses: Iterator[IPAddress] = allocation.address_candidates(
-            self._name, config.overlay_cidr, found.taken_addresses
-        )
-        subnets: Iterator[IPNetwork] = allocation.subnet_candidates(self._name, config, found.taken_subnets)
-        ip = found.address or next(addresses, None)
-        subnet = found.subnet or next(subnets, None)
+        """Claim a free address in each overlay network and a subnet of each pod network (unless held already)
+        and publish our record with them. The usual first start writes the claims and the record in one
+        transaction: one revision, so a cluster booting at once costs every watcher one event per node. Claims of
+        other nodes made since we listed are older than ours and win: we check, and move on to the next candidate
+        if so."""
+        wants = self._wants(config, found)
         published: NodeRecord | None = None
         while True:
-            if ip is None:
-                raise AddressSpaceExhausted(
-                    f"every address in the mesh network {config.overlay_cidr} is claimed; widen overlayCIDR"
-                )
-            record = self.publication.record(config, ip, subnet)
-            claims = [(self._schema.claim(self._name, str(ip)), b"", 0)]
-            if subnet is not None:
-                claims.append((self._schema.claim(self._name, str(subnet), "pods"), b"", 0))
+            for want in wants:
+                if want.kind == "overlay" and want.choice is None:
+                    raise AddressSpaceExhausted(
+                        f"every address in the mesh network {want.network} is claimed; widen overlayCIDR (overlayCIDRs)"
+                    )
+            ips = tuple(
+                w.choice for w in wants if w.kind == "overlay" and isinstance(w.choice, IPv4Address | IPv6Address)
+            )
+            subnets = tuple(
+                w.choice for w in wants if w.kind == "pods" and isinstance(w.choice, IPv4Network | IPv6Network)
+            )
+            record = self.publication.record(config, ips, subnets)
+            claims = [(self._schema.claim(self._name, str(w.choice), w.kind), b"", 0) for w in wants if w.choice]
             if published is None:
                 node = (self.publication.key, encode_json(record.to_json()), lease_id)
                 if await self._store.create_all([*claims, node]) is None:
@@ -175,51 +189,71 @@ class Registrar:
                     await self._store.create(key, value)
             holders = (await self._claims()).reservations
             lost = False
-            claimed: list[tuple[str | None, ClaimKind]] = [
-                (str(ip), "overlay"),
-                (str(subnet) if subnet else None, "pods"),
-            ]
-            for subject, kind in claimed:
-                if subject is None:
+            for want in wants:
+                if want.choice is None:
                     continue
+                subject = str(want.choice)
                 holder = holders.get(subject)
-                if holder is None or holder.owner != self._name:
-                    lost = True
-                    log.info(
-                        "%s claimed %s first; %s tries the next", holder.owner if holder else "?", subject, self._name
+                if holder is not None and holder.owner == self._name:
+                    continue
+                lost = True
+                log.info("%s claimed %s first; %s tries the next", holder.owner if holder else "?", subject, self._name)
+                await self._store.delete(self._schema.claim(self._name, subject, want.kind))
+                if want.pinned:
+                    raise RegistrationConflict(
+                        f"--pod-subnet {subject} is claimed by {holder.owner if holder else '?'}"
                     )
-                    await self._store.delete(self._schema.claim(self._name, subject, kind))
-                    if kind == "overlay":
-                        ip = next(addresses, None)
-                    elif self._pod_subnet is not None:
-                        raise RegistrationConflict(
-                            f"--pod-subnet {subnet} is claimed by {holder.owner if holder else '?'}"
-                        )
-                    else:
-                        subnet = next(subnets, None)
+                want.choice = next(want.candidates, None)
             if not lost:
                 break
-        self._say_subnet(config, subnet)
-        log.info("claimed overlay address %s and pod subnet %s for %s", ip, subnet, self._name)
-        if published is not None and (published.overlay_ip, published.allowed_ips) == (
-            record.overlay_ip,
+        for want in wants:
+            if want.kind == "pods":
+                self._say_subnet(want)
+        log.info(
+            "claimed overlay address %s and pod subnet %s for %s",
+            ", ".join(map(str, ips)),
+            ", ".join(map(str, subnets)) or "none",
+            self._name,
+        )
+        if published is not None and (published.overlay_ips, published.allowed_ips) == (
+            record.overlay_ips,
             record.allowed_ips,
         ):
             return published
         return await self.publication.publish(record, lease_id)
 
-    def _say_subnet(self, config: MeshConfig, subnet: IPNetwork | None) -> None:
-        if subnet is not None:
-            self._metrics.pod_subnet_missing.set(0)
+    def _wants(self, config: MeshConfig, found: Holdings) -> list[_Want]:
+        """What to hold: an address of each overlay network and a subnet of each pod network, each the one held
+        already or else the first free candidate."""
+        wants = []
+        for overlay in config.overlay_cidrs:
+            version = overlay.version
+            candidates: Iterator[IPAddress | IPNetwork] = allocation.address_candidates(
+                self._name, overlay, found.taken_addresses[version]
+            )
+            held = found.addresses.get(version)
+            wants.append(_Want("overlay", overlay, candidates, held or next(candidates, None)))
+        for pods in config.pod_networks:
+            candidates = allocation.subnet_candidates(self._name, pods, found.taken_subnets)
+            pinned = self._pod_subnet is not None and self._pod_subnet.version == pods.version
+            subnet = found.subnets.get(pods.version)
+            wants.append(
+                _Want("pods", pods.cidr, candidates, subnet or next(candidates, None), pinned, pods.node_prefix)
+            )
+        return wants
+
+    def _say_subnet(self, want: _Want) -> None:
+        if want.choice is not None:
+            self._metrics.pod_subnet_missing.labels(f"ipv{want.network.version}").set(0)
             return
-        self._metrics.pod_subnet_missing.set(1)
+        self._metrics.pod_subnet_missing.labels(f"ipv{want.network.version}").set(1)
         log.error(
-            "no pod subnet for %s: every /%d of the pod network %s is claimed (%d); pods on this node get no "
-            "network until one is freed or podCIDR is widened",
+            "no pod subnet for %s: every /%d of the pod network %s is claimed; pods on this node get no IPv%d "
+            "network until one is freed or the pod network is widened",
             self._name,
-            config.node_subnet_prefix,
-            config.pod_cidr,
-            config.node_subnets(),
+            want.node_prefix,
+            want.network,
+            want.network.version,
         )
 
     # --- keeping it so ----------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ class PassReport(NamedTuple):
     peers: int  # peers the device should have
     nodes: int  # nodes in the mesh as this node sees it (itself included)
     conflicts: tuple[Conflict, ...]  # records left out
+    unreachable: tuple[str, ...]  # nodes sharing no underlay family with this one
     rejected: Mapping[str, int]  # keys whose current value is rejected, by reason
     seconds: float  # how long the pass took
 
@@ -42,6 +43,7 @@ class Reporter:
     def __init__(self, metrics: AgentMetrics, *, local_name: str) -> None:
         self._metrics = metrics
         self._local_name = local_name
+        self._unreachable: tuple[str, ...] = ()
         self._conflicts: set[tuple[str, str]] = set()  # reported already: each is logged when it starts
         self._over_quota: dict[str, Level] = {}  # node -> the quota level it is reported past
         self._flooding: dict[str, float] = {}  # node -> when an update of its record was last held back
@@ -94,6 +96,7 @@ class Reporter:
     def pass_done(self, report: PassReport) -> None:
         metrics = self._metrics
         self._report_conflicts(report.conflicts)
+        self._report_unreachable(report.unreachable)
         for kind, count in report.applied.items():
             metrics.applied_by_kind[kind].inc(count)
         if report.failed:
@@ -107,6 +110,18 @@ class Reporter:
         metrics.nodes.set(report.nodes)
         metrics.report_invalid(dict(report.rejected))
         metrics.reconcile_duration.observe(report.seconds)
+
+    def _report_unreachable(self, unreachable: tuple[str, ...]) -> None:
+        """Pairs that share no underlay family (an IPv4-only node and an IPv6-only one) cannot talk directly: said
+        once per change, and counted, never retried."""
+        if unreachable != self._unreachable:
+            if unreachable:
+                log.warning(
+                    "no underlay family in common with %s: configured without an endpoint, never dialled",
+                    ", ".join(unreachable),
+                )
+            self._unreachable = unreachable
+            self._metrics.unreachable_peers.set(len(unreachable))
 
     def _report_conflicts(self, conflicts: tuple[Conflict, ...]) -> None:
         current = {(c.name, c.reason) for c in conflicts}

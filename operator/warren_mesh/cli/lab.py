@@ -34,6 +34,9 @@ def run_lab(args: argparse.Namespace) -> int:
             pods=args.pods,
             wireguard_go=args.wireguard_go,
             nat=[n for n in args.nat.split(",") if n],
+            underlay=args.underlay,
+            underlay_of=dict(item.split("=", 1) for item in args.underlay_of.split(",") if "=" in item),
+            overlay=args.overlay,
             progress=lambda line: print(line, flush=True),
         )
         print(f"full mesh of {len(status)} nodes, every pair handshaken, in {time.monotonic() - started:.1f} s\n")

@@ -199,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--nat", default="", help="nodes behind a NAT of their own, comma-separated (node-2,node-3): see docs/nat.md"
     )
+    up.add_argument("--underlay", choices=("ipv4", "ipv6", "dual"), default="ipv4", help="every node's underlay")
+    up.add_argument(
+        "--underlay-of", default="", help="some nodes' own underlay, comma-separated: node-3=ipv4,node-4=ipv6"
+    )
+    up.add_argument(
+        "--overlay", choices=("ipv4", "ipv6", "dual"), default="ipv4", help="the mesh's overlay and pod networks"
+    )
     lab_env = lab_commands.add_parser(
         "env", help='export lines pointing commands at the lab\'s etcd: eval "$(warren-mesh lab env)"'
     )

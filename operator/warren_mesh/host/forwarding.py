@@ -3,7 +3,8 @@ one nftables table of ours that masquerades pod traffic leaving the cluster and 
 through the tunnel to its MTU.
 
 Traffic between pods (the pod network) and to the mesh (the overlay network) keeps its source address: only
-traffic from this node's pod subnet to anywhere else is masqueraded. The table is replaced whole and atomically
+traffic from this node's pod subnets to anywhere else is masqueraded, per IP
+family. The table is replaced whole and atomically
 (one ``nft -f`` transaction) whenever what is there differs from what should be, which a resync checks through the
 rules' comments: each carries a digest of the whole desired table, so a deleted, changed or stale rule is seen.
 """
@@ -23,7 +24,6 @@ from warren_mesh.values.netaddr import IPNetwork
 log = logging.getLogger(__name__)
 
 TABLE: Final = "warren-mesh"
-RULES: Final = 2  # in our table: the MSS clamp and the masquerade
 PROC_SYS: Final = Path("/proc/sys/net")
 
 
@@ -35,14 +35,24 @@ class ForwardingError(RuntimeError):
 class PodRouting:
     """What this node's pods need of it."""
 
-    subnet: IPNetwork  # this node's pod subnet
-    pod_cidr: IPNetwork
-    overlay_cidr: IPNetwork
+    subnets: tuple[IPNetwork, ...]  # this node's pod subnets, one per family
+    pod_cidrs: tuple[IPNetwork, ...]
+    overlay_cidrs: tuple[IPNetwork, ...]
     interface: str  # the WireGuard device
 
-    def _masquerade(self) -> str:
-        family = "ip" if self.subnet.version == 4 else "ip6"
-        return f"{family} saddr {self.subnet} {family} daddr != {{ {self.pod_cidr}, {self.overlay_cidr} }} masquerade"
+    @property
+    def rules(self) -> int:
+        """How many rules the table holds: the MSS clamp, and a masquerade per family."""
+        return 1 + len(self.subnets)
+
+    def _masquerades(self) -> tuple[str, ...]:
+        """Per family (IPv6 too, as Calico and flannel do: a pod's address is in no route of the world's)."""
+        rules = []
+        for subnet in self.subnets:
+            family = "ip" if subnet.version == 4 else "ip6"
+            inside = ", ".join(str(n) for n in (*self.pod_cidrs, *self.overlay_cidrs) if n.version == subnet.version)
+            rules.append(f"{family} saddr {subnet} {family} daddr != {{ {inside} }} masquerade")
+        return tuple(rules)
 
     def _clamp(self) -> str:
         # A pod made while the device's MTU was larger (the underlay's MTU or the mesh's changed since) still has
@@ -53,11 +63,12 @@ class PodRouting:
 
     def digest(self) -> str:
         """Names this exact table: carried in its rules' comments, so a resync sees whether it is still there."""
-        return hashlib.sha256(f"{self._masquerade()}\n{self._clamp()}".encode()).hexdigest()[:16]
+        return hashlib.sha256("\n".join((*self._masquerades(), self._clamp())).encode()).hexdigest()[:16]
 
     def ruleset(self) -> str:
         """The whole table, as ``nft -f`` takes it (deleting the old one in the same transaction)."""
         comment = f'comment "{TABLE} {self.digest()}"'
+        masquerades = "".join(f"    {rule} {comment}\n" for rule in self._masquerades())
         return (
             f"table inet {TABLE}\n"
             f"delete table inet {TABLE}\n"
@@ -68,7 +79,7 @@ class PodRouting:
             f"  }}\n"
             f"  chain postrouting {{\n"
             f"    type nat hook postrouting priority srcnat; policy accept;\n"
-            f"    {self._masquerade()} {comment}\n"
+            f"{masquerades}"
             f"  }}\n"
             f"}}\n"
         )
@@ -77,13 +88,14 @@ class PodRouting:
 def ensure(routing: PodRouting, *, nft: str = "nft") -> list[str]:
     """Make the node forward for its pods; what had to change (empty when everything was in place)."""
     changed = []
-    forward = PROC_SYS / ("ipv4/ip_forward" if routing.subnet.version == 4 else "ipv6/conf/all/forwarding")
-    try:
-        if _set(forward, "1"):
-            changed.append(f"{forward.relative_to(PROC_SYS)}=1")
-    except OSError as exc:
-        # In a container /proc/sys is read-only: deploy/ sets this in a privileged init container instead.
-        raise ForwardingError(f"cannot turn on IP forwarding ({forward}): {exc.strerror}") from None
+    for version in sorted({subnet.version for subnet in routing.subnets}):
+        forward = PROC_SYS / ("ipv4/ip_forward" if version == 4 else "ipv6/conf/all/forwarding")
+        try:
+            if _set(forward, "1"):
+                changed.append(f"{forward.relative_to(PROC_SYS)}=1")
+        except OSError as exc:
+            # In a container /proc/sys is read-only: deploy/ sets this in a privileged init container instead.
+            raise ForwardingError(f"cannot turn on IP forwarding ({forward}): {exc.strerror}") from None
     # Loose reverse-path filtering on the tunnel: a reply from a remote pod arrives through it, and strict mode
     # judges it too narrowly once policy routing (--fwmark) is involved; loose still drops sources this node cannot
     # reach at all. Not essential (the default route covers most), so a read-only /proc only costs a warning.
@@ -93,7 +105,7 @@ def ensure(routing: PodRouting, *, nft: str = "nft") -> list[str]:
             changed.append(f"{rp_filter.relative_to(PROC_SYS)}=2")
     except OSError as exc:
         log.warning("cannot set %s to loose (2): %s", rp_filter, exc.strerror)
-    if _table_digests(nft) != [routing.digest()] * RULES:
+    if _table_digests(nft) != [routing.digest()] * routing.rules:
         _run([nft, "-f", "-"], routing.ruleset())
         changed.append(f"nftables table inet {TABLE}")
     return changed

@@ -25,8 +25,9 @@ class Host(Protocol):
     # can tell a peer behind NAT where it is seen, and learn where it is seen itself; docs/nat.md).
     sees_peer_endpoints: bool
 
-    def endpoint_address(self) -> IPAddress:
-        """The address peers reach this node at when nothing says otherwise."""
+    def endpoint_addresses(self, family: str) -> tuple[IPAddress, ...]:
+        """The addresses peers reach this node at when nothing says otherwise (``family``: which default routes
+        give them, settings.RegistrationSettings.endpoint_family)."""
         ...
 
     def underlay_mtu(self, address: IPAddress) -> int:
@@ -41,8 +42,10 @@ class Host(Protocol):
         """The addresses of ``hosts`` (etcd's; never to be routed into the tunnel either)."""
         ...
 
-    def pod_network(self, settings: PodSettings, *, subnet: IPNetwork, interface: str) -> PodNetwork | None:
-        """This node's pods' network for ``subnet`` through ``interface`` (None: this host has no pods)."""
+    def pod_network(
+        self, settings: PodSettings, *, subnets: tuple[IPNetwork, ...], interface: str
+    ) -> PodNetwork | None:
+        """This node's pods' network for ``subnets`` through ``interface`` (None: this host has no pods)."""
         ...
 
     def poke(self, address: IPAddress) -> None:
@@ -57,8 +60,8 @@ class NodeHost:
 
     sees_peer_endpoints = True
 
-    def endpoint_address(self) -> IPAddress:
-        return underlay.default_route_address()
+    def endpoint_addresses(self, family: str) -> tuple[IPAddress, ...]:
+        return underlay.default_route_addresses(family)
 
     def underlay_mtu(self, address: IPAddress) -> int:
         return underlay.mtu_of_address(address)
@@ -69,8 +72,10 @@ class NodeHost:
     def resolve(self, hosts: Iterable[str]) -> tuple[IPAddress, ...]:
         return underlay.addresses_of_hosts(hosts)
 
-    def pod_network(self, settings: PodSettings, *, subnet: IPNetwork, interface: str) -> PodNetwork | None:
-        return PodNetwork(settings, subnet=subnet, interface=interface) if settings.route else None
+    def pod_network(
+        self, settings: PodSettings, *, subnets: tuple[IPNetwork, ...], interface: str
+    ) -> PodNetwork | None:
+        return PodNetwork(settings, subnets=subnets, interface=interface) if settings.route else None
 
     def poke(self, address: IPAddress) -> None:
         family = socket.AF_INET6 if address.version == 6 else socket.AF_INET

@@ -14,8 +14,8 @@ from warren_mesh.values.netaddr import IPAddress, IPNetwork
 class SimulatedHost:
     sees_peer_endpoints = False
 
-    def endpoint_address(self) -> IPAddress:
-        return underlay.default_route_address()
+    def endpoint_addresses(self, family: str) -> tuple[IPAddress, ...]:
+        return underlay.default_route_addresses(family)
 
     def underlay_mtu(self, address: IPAddress) -> int:
         return underlay.DEFAULT_MTU
@@ -26,7 +26,9 @@ class SimulatedHost:
     def resolve(self, hosts: Iterable[str]) -> tuple[IPAddress, ...]:
         return underlay.addresses_of_hosts(hosts)
 
-    def pod_network(self, settings: PodSettings, *, subnet: IPNetwork, interface: str) -> PodNetwork | None:
+    def pod_network(
+        self, settings: PodSettings, *, subnets: tuple[IPNetwork, ...], interface: str
+    ) -> PodNetwork | None:
         return None
 
     def poke(self, address: IPAddress) -> None:

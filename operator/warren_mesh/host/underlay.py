@@ -17,19 +17,34 @@ class UnderlayError(RuntimeError):
     """The underlay could not tell us what we need; the message names the flag that settles it."""
 
 
-def default_route_address() -> IPAddress:
-    """The primary address of the interface that carries the default route (IPv4 first, then IPv6)."""
+def default_route_addresses(family: str = "auto") -> tuple[IPAddress, ...]:
+    """The primary address of the interface that carries each default route (``family``: "auto" is IPv4's, or
+    IPv6's when there is no IPv4 one; "ipv4", "ipv6"; "dual" both, of those the host has)."""
+    versions = {"ipv4": (4,), "ipv6": (6,)}.get(family, (4, 6))
+    found: list[IPAddress] = []
     with IPRoute() as ipr:
-        for family in (socket.AF_INET, socket.AF_INET6):
-            for route in ipr.get_default_routes(family=family):
-                oif = route.get("RTA_OIF")
-                if oif is None:
-                    continue
-                for addr in ipr.get_addr(index=oif, family=family):
-                    ip = ipaddress.ip_address(addr.get("IFA_ADDRESS"))
-                    if not ip.is_link_local:
-                        return ip
-    raise UnderlayError("this host has no default route with an address; pass --endpoint HOST:PORT")
+        for version in versions:
+            address = _default_route_address(ipr, socket.AF_INET if version == 4 else socket.AF_INET6)
+            if address is not None:
+                found.append(address)
+    if family == "auto":
+        found = found[:1]
+    if not found:
+        which = {"ipv4": "IPv4 ", "ipv6": "IPv6 "}.get(family, "")
+        raise UnderlayError(f"this host has no {which}default route with an address; pass --endpoint IP:PORT")
+    return tuple(found)
+
+
+def _default_route_address(ipr: IPRoute, family: int) -> IPAddress | None:
+    for route in ipr.get_default_routes(family=family):
+        oif = route.get("RTA_OIF")
+        if oif is None:
+            continue
+        for addr in ipr.get_addr(index=oif, family=family):
+            ip = ipaddress.ip_address(addr.get("IFA_ADDRESS"))
+            if not ip.is_link_local:
+                return ip
+    return None
 
 
 def mtu_of_address(address: IPAddress) -> int:

@@ -81,7 +81,7 @@ def _describe_device(agent: Agent) -> str:
     iface = device.interface
     head = f"{agent.settings.node_name}: device {backend.interface_name}"
     if isinstance(backend, MemoryBackend) and iface is not None:
-        head += f" address {iface.address} port {iface.listen_port} mtu {iface.mtu}"
+        head += f" address {', '.join(iface.addresses)} port {iface.listen_port} mtu {iface.mtu}"
     lines = [head]
     for key, peer in sorted(device.peers.items(), key=lambda kv: names.get(kv[0], kv[0])):
         lines.append(

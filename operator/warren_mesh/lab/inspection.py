@@ -18,13 +18,18 @@ from warren_mesh.wireguard import link
 
 class LabInspection(LabAgents):
     def wait_for_mesh(self, *, timeout: float, progress: Callable[[str], None] | None = None) -> list[LabNode]:
-        """Until every running node has every other running node as a peer, with a completed handshake."""
+        """Until every running node has every other running node as a peer, with a completed handshake (those it
+        shares an underlay family with: the others it has as peers it never dials)."""
         deadline = time.monotonic() + timeout
         last = ""
+        nodes = self.nodes()
+        reachable = {self.node_name(i): sum(1 for j in nodes if j != i and self.shares_underlay(i, j)) for i in nodes}
         while True:
             status = self.status()
             want = len(status) - 1
-            done = sum(1 for s in status if s.agent_running and s.peers == want and s.handshaken == want)
+            done = sum(
+                1 for s in status if s.agent_running and s.peers == want and s.handshaken == reachable.get(s.name, want)
+            )
             line = f"waiting for the mesh: {done}/{len(status)} nodes have all {want} peers handshaken"
             if done == len(status):
                 return status
@@ -35,7 +40,7 @@ class LabInspection(LabAgents):
                 progress(line)
                 last = line
             if time.monotonic() > deadline:
-                lagging = [s for s in status if not (s.peers == want and s.handshaken == want)]
+                lagging = [s for s in status if not (s.peers == want and s.handshaken == reachable.get(s.name))]
                 raise LabError(
                     f"the mesh did not form within {timeout:.0f} s ({line}); logs in {self.state_dir}\n"
                     + "\n".join(lagging_report(s, want, log_tail(self.state_dir, s.name)) for s in lagging)
@@ -74,12 +79,12 @@ class LabInspection(LabAgents):
         result = []
         for index in self.nodes():
             ns = self.node_netns(index)
-            overlay = None
+            overlay: tuple[str, ...] = ()
             device = self.device(index)
             with contextlib.suppress(Exception), IPRoute(netns=ns) as ipr:
                 state = link.read_link(ipr, self.interface(index))
-                if state is not None and state.address is not None:
-                    overlay = state.address.split("/")[0]
+                if state is not None:
+                    overlay = tuple(address.split("/")[0] for address in state.addresses)
             pid = self._agent_pid(index)
             running = pid is not None and alive(pid)
             result.append(
@@ -87,8 +92,8 @@ class LabInspection(LabAgents):
                     name=self.node_name(index),
                     netns=ns,
                     interface=self.interface(index),
-                    underlay_ip=self.underlay_ip(index),
-                    overlay_ip=overlay,
+                    underlay_ips=self.underlay_ips(index),
+                    overlay_ips=overlay,
                     peers=len(device),
                     handshaken=sum(1 for _, _, handshake in device.values() if handshake > 0),
                     agent_running=running,
@@ -110,14 +115,14 @@ class LabInspection(LabAgents):
         return result.returncode == 0
 
     def ping_all(self) -> list[tuple[str, str, bool]]:
-        """Ping every node's overlay address from every other node."""
+        """Ping every node's overlay addresses from every other node."""
         status = {s.name: s for s in self.status()}
         results = []
         for source in self.nodes():
             for target in self.nodes():
-                if source == target:
+                if source == target or not self.shares_underlay(source, target):
                     continue
-                address = status[self.node_name(target)].overlay_ip
-                ok = address is not None and self.ping(source, address)
+                addresses = status[self.node_name(target)].overlay_ips
+                ok = bool(addresses) and all(self.ping(source, address) for address in addresses)
                 results.append((self.node_name(source), self.node_name(target), ok))
         return results

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import shutil
 import signal
+import subprocess
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -27,13 +29,27 @@ from pyroute2 import IPRoute
 from warren_mesh.identity import pki
 from warren_mesh.lab import netns
 from warren_mesh.lab.inspection import LabInspection
-from warren_mesh.lab.layout import ETCD_PORT, HUB_ADDRESS, NAT_SUBNET, SUBNET, LabError, require_root
+from warren_mesh.lab.layout import (
+    ETCD_PORT,
+    HUB_ADDRESS,
+    HUB_ADDRESS6,
+    NAT_SUBNET,
+    OVERLAYS,
+    SUBNET,
+    SUBNET6,
+    UNDERLAYS,
+    LabError,
+    require_root,
+)
 from warren_mesh.lab.nat import LabNat
 from warren_mesh.lab.pods import LabPods
 from warren_mesh.lab.report import LabNode
 from warren_mesh.process import alive, wait_exit
 from warren_mesh.testkit.etcd_server import EtcdServer
+from warren_mesh.values.keyspace import DEFAULT_PREFIX, SCHEMA_VERSION, KeySchema
 from warren_mesh.wireguard import uapi
+
+SCHEMA = KeySchema(DEFAULT_PREFIX)  # the lab's mesh: the agents' default prefix
 
 
 class Lab(LabPods, LabInspection, LabNat):
@@ -51,11 +67,16 @@ class Lab(LabPods, LabInspection, LabNat):
         pods: int = 0,
         wireguard_go: str | None = None,
         nat: Iterable[str] = (),
+        underlay: str = "ipv4",
+        underlay_of: dict[str, str] | None = None,
+        overlay: str = "ipv4",
         progress: Callable[[str], None] | None = None,
     ) -> list[LabNode]:
         """``pods``: pods to start on each node once the mesh is up (``pod-1``, ...); ``wireguard_go``: the binary
         the userspace backend runs (None: the one on PATH); ``nat``: nodes (node-2, ...) put behind a NAT of their
-        own, which keeps ports and lets nothing unsolicited in."""
+        own, which keeps ports and lets nothing unsolicited in. ``underlay``: every node's underlay (ipv4, ipv6
+        or dual), ``underlay_of``: some nodes' own (node-3: ipv4); ``overlay``: the mesh's overlay and pod
+        networks (ipv4, ipv6 or dual)."""
         require_root()
         if self.is_up():
             raise LabError(f"a lab named {self.prefix} is already up; `warren-mesh lab down` first")
@@ -70,15 +91,23 @@ class Lab(LabPods, LabInspection, LabNat):
                 "wireguard_go": wireguard_go or "",
                 "nat": sorted(self._index_of_name(node, nodes) for node in nat),
             }
+            underlays = self._underlays(nodes, underlay, underlay_of or {})
+            state["underlay"] = underlays
+            if overlay not in OVERLAYS:
+                raise LabError(f"--overlay {overlay!r} is not one of {', '.join(OVERLAYS)}")
+            if state["nat"] and any(u != "ipv4" for u in underlays.values()):
+                raise LabError("--nat is for IPv4 underlays (IPv6 has no NAT to put a node behind)")
             self._save({**state, "tls": tls})
             if tls:  # a PKI of the lab's own: etcd's certificate for the hub's address, admin and node certificates
-                pki.init(self.pki_dir, [HUB_ADDRESS])
+                pki.init(self.pki_dir, [HUB_ADDRESS, HUB_ADDRESS6])
             netns.create(self.hub)
             netns.bridge(self.bridge, ns=self.hub)
             netns.address(self.bridge, f"{HUB_ADDRESS}/{SUBNET.prefixlen}", ns=self.hub)
+            netns.address(self.bridge, f"{HUB_ADDRESS6}/{SUBNET6.prefixlen}", ns=self.hub)
             etcd = EtcdServer(
                 self.state_dir / "etcd",
                 host=HUB_ADDRESS,
+                also_on=(HUB_ADDRESS6,),
                 netns=self.hub,
                 client_port=ETCD_PORT,
                 peer_port=ETCD_PORT + 1,
@@ -91,6 +120,9 @@ class Lab(LabPods, LabInspection, LabNat):
             if tls:  # each node's certificate may write only that node's keys (docs/security.md)
                 self._admin("etcd-auth", "setup")
                 say("etcd auth on: each node may write only its own keys")
+            if OVERLAYS[overlay]:
+                self._write_config({"schema": SCHEMA_VERSION, **OVERLAYS[overlay]})
+                say(f"mesh networks: {OVERLAYS[overlay]}")
             for index in range(1, nodes + 1):
                 self.add_node(index)
                 say(f"started {self.node_name(index)} in namespace {self.node_netns(index)}")
@@ -125,14 +157,37 @@ class Lab(LabPods, LabInspection, LabNat):
         else:
             netns.veth(node_side, hub_side, ns=ns, peer_ns=self.hub)
             netns.attach(hub_side, self.bridge, ns=self.hub)
-            netns.address(node_side, f"{self.underlay_ip(index)}/{SUBNET.prefixlen}", ns=ns)
+            for address in self.underlay_ips(index):
+                network = SUBNET6 if ":" in address else SUBNET
+                netns.address(node_side, f"{address}/{network.prefixlen}", ns=ns)
             gateway = HUB_ADDRESS
         if self.tls and not (self.pki_dir / f"{pki.node_user(self.node_name(index))}.pem").exists():
             pki.issue_node(self.pki_dir, self.node_name(index))
             self._admin("etcd-auth", "add-node", self.node_name(index))
+        underlay = self.underlay(index)
         with IPRoute(netns=ns) as ipr:
-            ipr.route("add", dst="0.0.0.0/0", gateway=gateway)
+            if underlay != "ipv6":
+                ipr.route("add", dst="0.0.0.0/0", gateway=gateway)
+            if underlay != "ipv4":
+                ipr.route("add", dst="::/0", gateway=HUB_ADDRESS6)
         self.start_agent(index)
+
+    def _underlays(self, nodes: int, underlay: str, underlay_of: dict[str, str]) -> dict[str, str]:
+        """Every node's underlay by index, as the state file keeps it."""
+        found = {str(index): underlay for index in range(1, nodes + 1)}
+        for node, family in underlay_of.items():
+            found[str(self._index_of_name(node, nodes))] = family
+        bad = sorted(set(found.values()) - set(UNDERLAYS))
+        if bad:
+            raise LabError(f"underlay {bad[0]!r} is not one of {', '.join(UNDERLAYS)}")
+        return found
+
+    def _write_config(self, doc: dict[str, object]) -> None:
+        """Put the mesh config, as the operator would, before any node registers."""
+        argv = ["ip", "netns", "exec", self.hub, *self.access().etcdctl("put", SCHEMA.config)]
+        done = subprocess.run(argv, input=json.dumps(doc).encode(), capture_output=True, check=False)
+        if done.returncode != 0:
+            raise LabError(f"writing the mesh config failed: {done.stderr.decode(errors='replace').strip()}")
 
     def down(self, *, keep_logs: Path | None = None) -> list[str]:
         """Remove everything this lab made: agents, namespaces (with wireguard-go and etcd), sockets, state.

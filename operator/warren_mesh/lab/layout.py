@@ -13,8 +13,17 @@ from warren_mesh.lab import netns
 from warren_mesh.lab.access import LabAccess
 
 SUBNET = ipaddress.ip_network("192.168.240.0/24")
+SUBNET6 = ipaddress.ip_network("fd00:240::/64")  # the underlay's IPv6 half (ULA)
 NAT_SUBNET = "10.231.{index}.0/24"  # behind node i's NAT: the NAT .1, the node .2
 HUB_ADDRESS = "192.168.240.1"
+HUB_ADDRESS6 = "fd00:240::1"
+UNDERLAYS = ("ipv4", "ipv6", "dual")  # what a lab node's underlay has
+# The lab's overlays: what `lab up --overlay` writes as the mesh's networks (ipv4: the mesh's defaults).
+OVERLAYS = {
+    "ipv4": {},
+    "ipv6": {"overlay_cidrs": ["fd96::/64"], "pod_cidrs": ["fd44::/56"]},
+    "dual": {"overlay_cidrs": ["10.96.0.0/16", "fd96::/64"], "pod_cidrs": ["10.244.0.0/16", "fd44::/56"]},
+}
 ETCD_PORT = 2379
 METRICS_PORT = 9587
 
@@ -58,6 +67,30 @@ class LabLayout:
     def underlay_ip(index: int) -> str:
         return str(SUBNET.network_address + 10 + index)
 
+    @staticmethod
+    def underlay_ip6(index: int) -> str:
+        return str(SUBNET6.network_address + 0x10 + index)
+
+    def underlay(self, index: int) -> str:
+        """Node ``index``'s underlay: ipv4, ipv6 or dual."""
+        underlays = self._load().get("underlay", {})
+        assert isinstance(underlays, dict)
+        return str(underlays.get(str(index), "ipv4"))
+
+    def shares_underlay(self, a: int, b: int) -> bool:
+        """Whether nodes ``a`` and ``b`` have an underlay family in common (and so can dial each other)."""
+        first, second = self.underlay(a), self.underlay(b)
+        return first == second or "dual" in (first, second)
+
+    def underlay_ips(self, index: int) -> tuple[str, ...]:
+        """Node ``index``'s underlay addresses, one per family of its underlay, IPv4 first."""
+        underlay = self.underlay(index)
+        return tuple(
+            address
+            for family, address in (("ipv4", self.underlay_ip(index)), ("ipv6", self.underlay_ip6(index)))
+            if underlay in (family, "dual")
+        )
+
     @property
     def tls(self) -> bool:
         """Whether this lab's etcd speaks TLS and asks every client for a certificate (the default)."""
@@ -71,9 +104,16 @@ class LabLayout:
     def etcd_endpoint(self) -> str:
         return f"{'https' if self.tls else 'http'}://{HUB_ADDRESS}:{ETCD_PORT}"
 
-    def access(self) -> LabAccess:
-        """How a command reaches this lab's etcd: the endpoint and, with TLS, whose certificate."""
-        return LabAccess(self.etcd_endpoint, self.pki_dir if self.tls else None)
+    @property
+    def etcd_endpoint6(self) -> str:
+        """etcd at the hub's IPv6 address: for nodes whose underlay is IPv6 only."""
+        return f"{'https' if self.tls else 'http'}://[{HUB_ADDRESS6}]:{ETCD_PORT}"
+
+    def access(self, index: int | None = None) -> LabAccess:
+        """How a command reaches this lab's etcd: the endpoint and, with TLS, whose certificate (``index``: from
+        that node, over its underlay)."""
+        endpoint = self.etcd_endpoint6 if index is not None and self.underlay(index) == "ipv6" else self.etcd_endpoint
+        return LabAccess(endpoint, self.pki_dir if self.tls else None)
 
     def _state_file(self) -> Path:
         return self.state_dir / "state.json"

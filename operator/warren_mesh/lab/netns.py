@@ -13,6 +13,7 @@ import time
 
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
 
 
 def create(name: str) -> None:
@@ -82,7 +83,10 @@ def address(ifname: str, cidr: str, *, ns: str) -> None:
     with IPRoute(netns=ns) as ipr:
         index = ipr.link_lookup(ifname=ifname)[0]
         try:
-            ipr.addr("add", index=index, address=ip, prefixlen=int(prefixlen))
+            # IPv6: no duplicate address detection (nothing else is on the lab's links), so the address is usable
+            # at once rather than "tentative" for a second or two.
+            flags = IFA_F_NODAD if ":" in ip else 0
+            ipr.addr("add", index=index, address=ip, prefixlen=int(prefixlen), flags=flags)
         except NetlinkError as exc:
             if exc.code != 17:  # EEXIST
                 raise

@@ -43,10 +43,16 @@ class LabPods(LabLayout):
         except BaseException:
             netns.remove(attachment.pod_netns)
             raise
-        ip = str(result["ips"][0]["address"]).split("/", 1)[0]
-        pods.setdefault(self.node_name(index), {})[pod] = {"netns": attachment.pod_netns, "ip": ip, "result": result}
+        ips = [str(entry["address"]).split("/", 1)[0] for entry in result["ips"]]  # one per family
+        ip = ips[0]
+        pods.setdefault(self.node_name(index), {})[pod] = {
+            "netns": attachment.pod_netns,
+            "ip": ip,
+            "ips": ips,
+            "result": result,
+        }
         self._save(state)
-        return LabPod(pod, self.node_name(index), attachment.pod_netns, ip)
+        return LabPod(pod, self.node_name(index), attachment.pod_netns, ip, tuple(ips))
 
     def delete_pod(self, node: str, pod: str) -> None:
         index = self._index_of(node)
@@ -69,7 +75,7 @@ class LabPods(LabLayout):
         pods = self._load().get("pods", {})
         assert isinstance(pods, dict)
         return [
-            LabPod(name, node, entry["netns"], entry["ip"])
+            LabPod(name, node, entry["netns"], entry["ip"], tuple(entry.get("ips", [entry["ip"]])))
             for node, on_node in sorted(pods.items())
             for name, entry in sorted(on_node.items())
         ]
@@ -85,11 +91,11 @@ class LabPods(LabLayout):
         return subprocess.run(argv, capture_output=True, check=False).returncode == 0
 
     def ping_pods(self) -> list[tuple[str, str, bool]]:
-        """Ping every pod from every pod on another node."""
+        """Ping every pod (each of its addresses) from every pod on another node."""
         pods = self.pods()
         return [
-            (f"{a.node}/{a.name}", f"{b.node}/{b.name}", self.pod_ping(a, b.ip))
+            (f"{a.node}/{a.name}", f"{b.node}/{b.name}", all(self.pod_ping(a, ip) for ip in b.ips))
             for a in pods
             for b in pods
-            if a.node != b.node
+            if a.node != b.node and self.shares_underlay(self._index_of(a.node), self._index_of(b.node))
         ]

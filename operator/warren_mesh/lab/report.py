@@ -14,8 +14,8 @@ class LabNode:
     name: str
     netns: str
     interface: str
-    underlay_ip: str
-    overlay_ip: str | None
+    underlay_ips: tuple[str, ...]  # one per underlay family the lab gave it
+    overlay_ips: tuple[str, ...]  # its device's addresses, one per overlay family (none: no device yet)
     peers: int
     handshaken: int  # peers with a completed handshake
     agent_running: bool
@@ -29,7 +29,12 @@ class LabPod:
     name: str
     node: str
     netns: str
-    ip: str
+    ip: str  # the first of ips
+    ips: tuple[str, ...] = ()  # one per family of the pod network
+
+    def __post_init__(self) -> None:
+        if not self.ips:
+            object.__setattr__(self, "ips", (self.ip,))
 
 
 def pods_json(pods: list[LabPod]) -> str:
@@ -37,7 +42,7 @@ def pods_json(pods: list[LabPod]) -> str:
 
 
 def render_pods_table(pods: list[LabPod]) -> str:
-    rows = [("POD", "NODE", "NETNS", "IP"), *((p.name, p.node, p.netns, p.ip) for p in pods)]
+    rows = [("POD", "NODE", "NETNS", "IP"), *((p.name, p.node, p.netns, ",".join(p.ips)) for p in pods)]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
@@ -52,8 +57,8 @@ def render_lab_table(status: list[LabNode]) -> str:
         (
             s.name,
             s.netns,
-            s.underlay_ip,
-            s.overlay_ip or "-",
+            ",".join(s.underlay_ips),
+            ",".join(s.overlay_ips) or "-",
             str(s.peers),
             str(s.handshaken),
             ("ready" if s.agent_ready else "starting") if s.agent_running else "stopped",

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from warren_mesh.mesh.view import MeshReader
 from warren_mesh.trust.networks import usable_host_range
-from warren_mesh.trust.records import MeshConfig
+from warren_mesh.trust.records import MeshConfig, PodNetwork
 from warren_mesh.values.keyspace import ClaimKind, KeySchema
 from warren_mesh.values.netaddr import IPAddress, IPNetwork, parse_ip
 
@@ -29,13 +29,14 @@ class AddressSpaceExhausted(RuntimeError):
 
 @dataclass(slots=True)
 class Holdings:
-    """What a node holds (an address in the mesh network, a subnet of the mesh's size in the pod network), what
-    others hold, and its own claims to withdraw: those that lost to an older one, those that take nothing because
-    it holds an older one of their kind, and those this mesh cannot use (left by an earlier config)."""
+    """What a node holds (an address in each overlay network, a subnet of the mesh's size in each pod network, by
+    IP version), what others hold, and its own claims to withdraw: those that lost to an older one, those that
+    take nothing because it holds an older one of their kind, and those this mesh cannot use (left by an earlier
+    config)."""
 
-    address: IPAddress | None = None
-    subnet: IPNetwork | None = None
-    taken_addresses: set[int] = field(default_factory=set)
+    addresses: dict[int, IPAddress] = field(default_factory=dict)
+    subnets: dict[int, IPNetwork] = field(default_factory=dict)
+    taken_addresses: dict[int, set[int]] = field(default_factory=lambda: {4: set(), 6: set()})
     taken_subnets: set[str] = field(default_factory=set)
     withdraw: dict[str, str] = field(default_factory=dict)  # claim key -> why
 
@@ -53,15 +54,16 @@ def holdings(claims: MeshReader, config: MeshConfig, name: str, schema: KeySchem
             if subnet:
                 found.taken_subnets.add(subject)
             else:
-                found.taken_addresses.add(int(parse_ip(subject)))
+                ip = parse_ip(subject)
+                found.taken_addresses[ip.version].add(int(ip))
             if any(claim.key == own for claim in claims.claims_on(subject)):
                 found.withdraw[own] = f"{holder.owner} holds {subject}"
-        elif subnet and config.is_node_subnet(network := ipaddress.ip_network(subject)):
-            found.subnet = network
-        elif not subnet and (ip := parse_ip(subject)) in config.overlay_cidr:
-            found.address = ip
+        elif subnet and config.pod_network_of(network := ipaddress.ip_network(subject)) is not None:
+            found.subnets[network.version] = network
+        elif not subnet and (overlay := config.overlay_of((ip := parse_ip(subject)).version)) and ip in overlay:
+            found.addresses[ip.version] = ip
         elif holder.key == own:  # not an ipam/ reservation of the old schema, which is not ours to delete
-            found.withdraw[own] = f"{subject} is outside the mesh's {'pod' if subnet else 'overlay'} network"
+            found.withdraw[own] = f"{subject} is outside the mesh's {'pod' if subnet else 'overlay'} networks"
     for key in claims.surplus_claims(name):
         found.withdraw[key] = "it holds an older claim of that kind"
     return found
@@ -80,26 +82,24 @@ def address_candidates(name: str, cidr: IPNetwork, taken: set[int]) -> Iterator[
     for step in range(size):
         candidate = first + (start + step) % size
         if candidate not in taken:
-            yield ipaddress.ip_address(candidate)
+            yield ipaddress.ip_address(candidate) if cidr.version == 4 else ipaddress.IPv6Address(candidate)
 
 
-def subnet_candidates(name: str, config: MeshConfig, taken: set[str]) -> Iterator[IPNetwork]:
+def subnet_candidates(name: str, pods: PodNetwork, taken: set[str]) -> Iterator[IPNetwork]:
     """The node subnets of the pod network not ``taken``, in ``name``'s order."""
-    pods, prefix = config.pod_cidr, config.node_subnet_prefix
-    count, size = config.node_subnets(), 1 << (pods.max_prefixlen - prefix)
+    count, size = pods.node_subnets(), 1 << (pods.cidr.max_prefixlen - pods.node_prefix)
     start = start_index(name, count)
     for step in range(count):
-        subnet = ipaddress.ip_network(f"{pods.network_address + (start + step) % count * size}/{prefix}")
+        subnet = ipaddress.ip_network(f"{pods.cidr.network_address + (start + step) % count * size}/{pods.node_prefix}")
         if str(subnet) not in taken:
             yield subnet
 
 
 def pinned_subnet(pinned: IPNetwork, config: MeshConfig, found: Holdings) -> IPNetwork:
     """``pinned`` (--pod-subnet), if this mesh can give it to us."""
-    if not config.is_node_subnet(pinned):
-        raise RegistrationConflict(
-            f"--pod-subnet {pinned} is not a /{config.node_subnet_prefix} of the pod network {config.pod_cidr}"
-        )
+    if config.pod_network_of(pinned) is None:
+        networks = ", ".join(f"/{p.node_prefix} of {p.cidr}" for p in config.pod_networks)
+        raise RegistrationConflict(f"--pod-subnet {pinned} is not a node subnet of the pod networks ({networks})")
     if str(pinned) in found.taken_subnets:
         raise RegistrationConflict(f"--pod-subnet {pinned} is claimed by another node")
     return pinned

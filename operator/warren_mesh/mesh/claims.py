@@ -34,12 +34,18 @@ from warren_mesh.values.netaddr import IPAddress, IPNetwork
 class LocalNode:
     name: str
     public_key: str
-    overlay_ip: IPAddress
+    overlay_ips: tuple[IPAddress, ...]  # one per overlay network, in the mesh's order
     allowed_ips: tuple[IPNetwork, ...] = ()
     # Networks this node reaches outside the tunnel and that no peer may take: its underlay address and subnet,
     # etcd's addresses. A route over them would cut the node off from its peers and from etcd (and so from the
     # very deletion that would repair it).
     protected: tuple[IPNetwork, ...] = ()
+    # The IP versions of the underlay endpoints it publishes: the families it can dial peers over.
+    underlay_families: tuple[int, ...] = (4, 6)
+
+    @property
+    def overlay_texts(self) -> tuple[str, ...]:
+        return tuple(str(ip) for ip in self.overlay_ips)
 
     @property
     def subnet_texts(self) -> tuple[str, ...]:
@@ -89,87 +95,34 @@ class ClaimRules:
         self._config = config
         self._local = local
         self.view = view
-        first, last = usable_host_range(config.overlay_cidr)
-        self._overlay_range = (config.overlay_cidr.version, first, last)
-        self._mesh_ranges = tuple(
-            (n.version, int(n.network_address), int(n.broadcast_address))
-            for n in (config.overlay_cidr, config.pod_cidr)
-        )
-        self._protected = tuple((n.version, int(n.network_address), int(n.broadcast_address)) for n in local.protected)
+        # Per overlay network: (version, first usable, last usable, first address, last address).
+        self._overlays = tuple((n.version, *usable_host_range(n), *_span(n)) for n in config.overlay_cidrs)
+        # Per pod network: (version, first, last, node subnet length).
+        self._pods = tuple((p.version, *_span(p.cidr), p.node_prefix) for p in config.pod_networks)
+        self._mesh = tuple((n.version, *_span(n), n) for n in (*config.overlay_cidrs, *config.pod_cidrs))
+        self._protected = tuple((n.version, *_span(n)) for n in local.protected)
 
     def held_claims(self, record: NodeRecord | ExternalPeer) -> tuple[str, ...]:
-        """What ``record`` takes that claims decide who holds: a node's own overlay address and its pod subnets
-        (with their /prefix), a peer's single addresses inside the overlay network."""
+        """What ``record`` takes that claims decide who holds: a node's own overlay addresses and its pod subnets
+        (with their /prefix), a peer's single addresses inside the overlay networks."""
         if isinstance(record, NodeRecord):
-            own_route = f"{record.overlay_text}/{record.overlay_ip.max_prefixlen}"
-            return (record.overlay_text, *(text for text in record.routes.text if text != own_route))
-        overlay_version, overlay_start, overlay_end = self._mesh_ranges[0]
+            texts, ips = record.overlay_texts, record.overlay_ips
+            own = {f"{text}/{ip.max_prefixlen}" for text, ip in zip(texts, ips, strict=True)}
+            return (*record.overlay_texts, *(text for text in record.routes.text if text not in own))
         return tuple(
             text.split("/", 1)[0]
             for text, (version, _, start, end) in zip(record.routes.text, record.routes.ranges, strict=True)
-            if version == overlay_version and start == end and overlay_start <= start <= overlay_end
+            if start == end and any(v == version and low <= start <= high for v, _, _, low, high in self._overlays)
         )
 
     def problem(self, name: str, record: NodeRecord | ExternalPeer, claimed_at: int) -> Conflict | None:
         """Why ``record`` (created at revision ``claimed_at``) claims something the mesh never gave it: depends
         on the config, the reservations and the holders' own claims, never on the order of the fold."""
-        overlay_version, first, last = self._overlay_range
-        (_, overlay_start, overlay_end), (_, pods_start, pods_end) = self._mesh_ranges
-        config = self._config
-        if isinstance(record, NodeRecord):
-            own = int(record.overlay_ip)
-            if record.overlay_ip.version != overlay_version or not first <= own <= last:
-                return Conflict(
-                    name,
-                    REASON_ADDRESS_OUTSIDE_CIDR,
-                    f"{name}'s address {record.overlay_ip} is not a usable address of the mesh network "
-                    f"{config.overlay_cidr}",
-                )
-            for text, (version, prefixlen, start, end) in zip(record.routes.text, record.routes.ranges, strict=True):
-                if start == end == own and version == overlay_version:
-                    continue  # its own overlay address (the decoder keeps allowed_ips off it)
-                if version != config.pod_cidr.version or start < pods_start or end > pods_end:
-                    return Conflict(
-                        name,
-                        REASON_NETWORK_NOT_OWNED,
-                        f"{name} claims {text}: a node may claim its overlay address and networks inside the pod "
-                        f"network {config.pod_cidr}, nothing else",
-                    )
-                if prefixlen != config.node_subnet_prefix:
-                    return Conflict(
-                        name,
-                        REASON_NETWORK_NOT_OWNED,
-                        f"{name} claims {text}: a node's pod network is one /{config.node_subnet_prefix} of "
-                        f"{config.pod_cidr} that it claims",
-                    )
-                if self.view is not None and text not in self.view.reservations:
-                    return Conflict(
-                        name,
-                        REASON_NETWORK_NOT_OWNED,
-                        f"{name} claims {text}, a pod subnet nobody claimed (claims/{name}/pods/)",
-                    )
-            endpoint = record.endpoint.host
-            endpoint_value = int(endpoint)
-            for (version, start, end), network in zip(
-                self._mesh_ranges, (config.overlay_cidr, config.pod_cidr), strict=True
-            ):
-                if endpoint.version == version and start <= endpoint_value <= end:
-                    message = f"{name}'s endpoint {endpoint} lies inside the mesh network {network}"
-                    return Conflict(name, REASON_UNSAFE_ROUTE, message)
-        else:
-            for text, (version, prefixlen, start, end) in zip(record.routes.text, record.routes.ranges, strict=True):
-                if version != overlay_version:
-                    continue
-                in_overlay = start <= overlay_end and end >= overlay_start
-                in_pods = version == config.pod_cidr.version and start <= pods_end and end >= pods_start
-                single = prefixlen == (32 if version == 4 else 128)
-                if in_pods or (in_overlay and not (single and first <= start <= last)):
-                    return Conflict(
-                        name,
-                        REASON_NETWORK_NOT_OWNED,
-                        f"{name} claims {text}: inside the mesh's own networks an external peer may claim single "
-                        "usable overlay addresses only",
-                    )
+        problem = (
+            self._node_problem(name, record) if isinstance(record, NodeRecord) else self._peer_problem(name, record)
+        )
+        if problem is not None:
+            return problem
         for subject in self.held_claims(record):
             problem = self._reservation_problem(name, subject, claimed_at)
             if problem is not None:
@@ -184,6 +137,74 @@ class ClaimRules:
                     )
         return None
 
+    def _node_problem(self, name: str, record: NodeRecord) -> Conflict | None:
+        """A node has a usable address of the overlay network of each family it has an address of, and a node
+        subnet of at most one per pod network. Not every family need be there: a mesh that just gained one (an
+        edit of the Mesh that makes it dual-stack) keeps every node's record until the node has claimed in it."""
+        for ip in record.overlay_ips:
+            overlay = next((o for o in self._overlays if o[0] == ip.version), None)
+            if overlay is None or not overlay[1] <= int(ip) <= overlay[2]:
+                networks = " and ".join(str(n) for n in self._config.overlay_cidrs)
+                return Conflict(
+                    name,
+                    REASON_ADDRESS_OUTSIDE_CIDR,
+                    f"{name}'s address {ip} is not a usable address of the mesh network {networks}",
+                )
+        own = {(ip.version, int(ip)) for ip in record.overlay_ips}
+        families: set[int] = set()
+        for text, (version, prefixlen, start, end) in zip(record.routes.text, record.routes.ranges, strict=True):
+            if start == end and (version, start) in own:
+                continue  # an overlay address of its own (the decoder keeps allowed_ips off them)
+            pods = next((p for p in self._pods if p[0] == version and p[1] <= start and end <= p[2]), None)
+            if pods is None:
+                return Conflict(
+                    name,
+                    REASON_NETWORK_NOT_OWNED,
+                    f"{name} claims {text}: a node may claim its overlay addresses and networks inside the pod "
+                    f"networks {', '.join(str(n) for n in self._config.pod_cidrs)}, nothing else",
+                )
+            if prefixlen != pods[3] or version in families:
+                return Conflict(
+                    name,
+                    REASON_NETWORK_NOT_OWNED,
+                    f"{name} claims {text}: a node's pod network is one /{pods[3]} of each pod network, which it "
+                    "claims",
+                )
+            families.add(version)
+            if self.view is not None and text not in self.view.reservations:
+                return Conflict(
+                    name,
+                    REASON_NETWORK_NOT_OWNED,
+                    f"{name} claims {text}, a pod subnet nobody claimed (claims/{name}/pods/)",
+                )
+        for endpoint in record.endpoints:
+            host = endpoint.host
+            value = int(host)
+            for version, start, end, network in self._mesh:
+                if host.version == version and start <= value <= end:
+                    message = f"{name}'s endpoint {host} lies inside the mesh network {network}"
+                    return Conflict(name, REASON_UNSAFE_ROUTE, message)
+        return None
+
+    def _peer_problem(self, name: str, record: ExternalPeer) -> Conflict | None:
+        """Inside the mesh's networks an external peer may claim single usable overlay addresses, nothing else."""
+        for text, (version, prefixlen, start, end) in zip(record.routes.text, record.routes.ranges, strict=True):
+            in_pods = any(v == version and start <= high and end >= low for v, low, high, _ in self._pods)
+            single = prefixlen == (32 if version == 4 else 128)
+            for overlay_version, first, last, low, high in self._overlays:
+                if overlay_version != version or not (start <= high and end >= low):
+                    continue
+                if not (single and first <= start <= last):
+                    in_pods = True  # inside an overlay network and not one usable address of it: as bad
+            if in_pods:
+                return Conflict(
+                    name,
+                    REASON_NETWORK_NOT_OWNED,
+                    f"{name} claims {text}: inside the mesh's own networks an external peer may claim single "
+                    "usable overlay addresses only",
+                )
+        return None
+
     def _reservation_problem(self, name: str, subject: str, claimed_at: int) -> Conflict | None:
         """``subject``: an overlay address, or a pod subnet with its /prefix."""
         view = self.view
@@ -192,7 +213,7 @@ class ClaimRules:
             return None
         local = self._local
         if reservation.owner == local.name:  # this node claims what its agent knows it holds, whatever etcd shows
-            holder_claims = subject == str(local.overlay_ip) or subject in local.subnet_texts
+            holder_claims = subject in local.overlay_texts or subject in local.subnet_texts
         else:
             holder_claims = _holder_claims(view, reservation.owner, subject)
         if reservation.create_revision < claimed_at or holder_claims:
@@ -203,7 +224,11 @@ class ClaimRules:
 def _holder_claims(view: MeshReader, holder: str, subject: str) -> bool:
     """Whether the holder of a claim takes what it claimed itself (as a node or an external peer)."""
     node = view.nodes.get(holder)
-    if node is not None and (node.record.overlay_text == subject or subject in node.record.routes.text):
+    if node is not None and (subject in node.record.overlay_texts or subject in node.record.routes.text):
         return True
     peer = view.peers.get(holder)
     return peer is not None and any(text.split("/", 1)[0] == subject for text in peer.record.routes.text)
+
+
+def _span(network: IPNetwork) -> tuple[int, int]:
+    return int(network.network_address), int(network.broadcast_address)

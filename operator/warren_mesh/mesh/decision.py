@@ -95,6 +95,10 @@ class Decider:
         return self._builder.conflicts
 
     @property
+    def unreachable(self) -> tuple[str, ...]:
+        return self._builder.unreachable
+
+    @property
     def rebuilds(self) -> int:
         """How often the topology was folded from scratch rather than updated (benchmarks read it)."""
         return self._builder.rebuilds
@@ -142,7 +146,7 @@ class Decider:
             self._applied_peers,
             builder.peers,
             affected,
-            interface_address=interface.address,
+            interface_addresses=interface.addresses,
             aggregates=self._applied_aggregates,
         )
         names = {k: n for k in affected if (n := builder.names.get(k) or self._applied_names.get(k))}

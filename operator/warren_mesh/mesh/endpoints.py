@@ -78,10 +78,11 @@ def observations(
             continue
         if now - heard_at > HEARD_WITHIN:
             continue
-        if spec.endpoint == entry.record.endpoint_text:
-            since = contested_since.get(entry.record.name)
+        record = entry.record
+        if spec.endpoint in record.endpoint_texts:
+            since = contested_since.get(record.name)
             if since is not None and heard_at > since:
-                confirmed.append((entry.record.name, entry.record.endpoint))
+                confirmed.append((record.name, record.endpoints[record.endpoint_texts.index(spec.endpoint)]))
             continue
         try:
             elsewhere.append((entry.record.name, Endpoint.parse(spec.endpoint)))
@@ -106,11 +107,15 @@ def public_endpoint(view: MeshReader, name: str) -> Endpoint | None:
             if observed == name:
                 votes[str(endpoint)] += 1
                 seen[str(endpoint)] = endpoint
-    own = entry.record.endpoint_text
-    rivals = {text: count for text, count in votes.items() if text != own}
+    # A vote counts against the record's endpoint of its own family (a dual-stack node has one of each).
+    own = {e.host.version: text for e, text in zip(entry.record.endpoints, entry.record.endpoint_texts, strict=True)}
+    rivals = {text: count for text, count in votes.items() if text not in own.values()}
     if not rivals:
         return None
-    best = max(rivals.values())
-    if best <= votes.get(own, 0):
-        return None
-    return seen[min(text for text, count in rivals.items() if count == best)]
+    winners = []
+    for version in sorted({seen[text].host.version for text in rivals}):
+        family = {text: count for text, count in rivals.items() if seen[text].host.version == version}
+        best = max(family.values())
+        if best > votes.get(own.get(version, ""), 0):
+            winners.append((-best, min(text for text, count in family.items() if count == best)))
+    return seen[min(winners)[1]] if winners else None

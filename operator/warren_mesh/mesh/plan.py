@@ -101,7 +101,7 @@ class Plan:
             lines.append("interface: set private key")
         if self.interface is not None:
             lines.append(
-                f"interface: address {self.interface.address}, port {self.interface.listen_port}, "
+                f"interface: address {', '.join(self.interface.addresses)}, port {self.interface.listen_port}, "
                 f"mtu {self.interface.mtu}"
             )
         for change in self.changes:
@@ -112,13 +112,11 @@ class Plan:
         return "\n".join(lines) if lines else "no changes"
 
 
-def routed(interface_address: str | None, networks: Iterable[str], aggregates: Iterable[str] = ()) -> set[str]:
-    """The networks that need a route of their own: those that neither the interface's own prefix (its connected
-    route, e.g. the overlay /16 for peers' /32 addresses) nor an aggregate route (the pod network, for nodes'
+def routed(interface_addresses: Iterable[str], networks: Iterable[str], aggregates: Iterable[str] = ()) -> set[str]:
+    """The networks that need a route of their own: those that neither the interface's own prefixes (its connected
+    routes, e.g. the overlay /16 for peers' /32 addresses) nor an aggregate route (a pod network, for nodes'
     subnets) already reaches."""
-    covering = [_span(network) for network in aggregates]
-    if interface_address is not None:
-        covering.append(_span(interface_address))
+    covering = [_span(network) for network in (*aggregates, *interface_addresses)]
     result = set()
     for text in networks:
         net_version, net_first, net_last = _span(text)
@@ -145,7 +143,7 @@ def _span(text: str) -> tuple[int, int, int]:
 
 def desired_routes(desired: Topology) -> set[str]:
     networks = (n for spec in desired.peers.values() for n in spec.allowed_ips)
-    return routed(desired.interface.address, networks, desired.aggregates) | set(desired.aggregates)
+    return routed(desired.interface.addresses, networks, desired.aggregates) | set(desired.aggregates)
 
 
 def plan_changes(
@@ -191,7 +189,7 @@ def plan_delta(
     desired: Mapping[str, PeerSpec],
     public_keys: Iterable[str],
     *,
-    interface_address: str | None,
+    interface_addresses: Iterable[str],
     aggregates: Iterable[str] = (),
 ) -> Plan:
     """The peer and route changes for ``public_keys`` from the peers last applied to the desired ones, the device
@@ -218,8 +216,8 @@ def plan_delta(
             changes.append(PeerChange("add", key, want, _describe(want)))
         else:
             changes.append(PeerChange("update", key, want, _difference(before, want)))
-    before_routed = routed(interface_address, routes_before - routes_after, aggregates)
-    after_routed = routed(interface_address, routes_after - routes_before, aggregates)
+    before_routed = routed(interface_addresses, routes_before - routes_after, aggregates)
+    after_routed = routed(interface_addresses, routes_after - routes_before, aggregates)
     return Plan(None, False, (*removals, *changes), tuple(sorted(before_routed)), tuple(sorted(after_routed)))
 
 

@@ -49,6 +49,9 @@ class Topology:
     # route, not a thousand (0.2 s of netlink at a cold start), and an address of no node's subnet goes to
     # WireGuard, which drops it, rather than out of the default route in the clear.
     aggregates: tuple[str, ...] = ()
+    # Nodes this one shares no underlay family with (an IPv4-only node and an IPv6-only one): configured without
+    # an endpoint, never dialled; status, metrics and the graph show them.
+    unreachable: tuple[str, ...] = ()
 
 
 # A record taking part in the fold: ("node" | "peer", name), and where it stands in it.
@@ -98,7 +101,7 @@ class TopologyBuilder:
         self._config = config
         self._rules = ClaimRules(config, self._local, view)
         self._interface = InterfaceSpec(
-            address=f"{self._local.overlay_ip}/{config.overlay_cidr.prefixlen}",
+            addresses=interface_addresses(config, self._local),
             listen_port=config.listen_port,
             mtu=device_mtu(config, self._auto_mtu),
             fwmark=self._fwmark,
@@ -113,9 +116,10 @@ class TopologyBuilder:
         self._names: dict[str, str] = {}  # public key -> node or peer name, of taken records
         # address inside the overlay network -> the records claiming it (a node's own address, a peer's host route)
         self._by_address: dict[str, set[Candidate]] = {}
+        self._unreachable: set[str] = set()  # nodes taken with no endpoint this node can dial
         self.nodes_taken = 0
         local = self._local
-        for version, prefixlen, first, _ in Routes.of(local.allowed_ips, host=local.overlay_ip).ranges:
+        for version, prefixlen, first, _ in Routes.of(local.allowed_ips, hosts=local.overlay_ips).ranges:
             self._claims.add(version, prefixlen, first, local.name)
         self._holders[local.public_key] = _LOCAL
 
@@ -183,6 +187,11 @@ class TopologyBuilder:
         return self._names
 
     @property
+    def unreachable(self) -> tuple[str, ...]:
+        """Nodes taken that share no underlay family with this one (configured, never dialled)."""
+        return tuple(sorted(self._unreachable))
+
+    @property
     def conflicts(self) -> tuple[Conflict, ...]:
         """The records left out, in fold order."""
         if not self._conflicts:
@@ -212,7 +221,14 @@ class TopologyBuilder:
 
     def topology(self) -> Topology:
         """The fold's result, as values that later updates do not change."""
-        return Topology(self._interface, dict(self._specs), dict(self._names), self.conflicts, self._aggregates)
+        return Topology(
+            self._interface,
+            dict(self._specs),
+            dict(self._names),
+            self.conflicts,
+            self._aggregates,
+            self.unreachable,
+        )
 
     def _arrive(
         self, candidate: Candidate, entry: Entry[NodeRecord] | Entry[ExternalPeer], position: _Position
@@ -250,6 +266,7 @@ class TopologyBuilder:
             del self._names[key]
         if candidate[0] == "node":
             self.nodes_taken -= 1
+            self._unreachable.discard(candidate[1])
         # What it held is free now: a record after it that was left out for colliding may be taken now.
         return not self._conflicts_after(settled.position)
 
@@ -288,11 +305,13 @@ class TopologyBuilder:
         self._settled[candidate] = settled
         if candidate[0] == "node":
             self.nodes_taken += 1
+            if spec.endpoint is None:
+                self._unreachable.add(name)
 
     def _spec(self, record: NodeRecord | ExternalPeer) -> PeerSpec:
         config = self._config
         if isinstance(record, NodeRecord):
-            endpoint: str | None = record.endpoint_text
+            endpoint = dialled_endpoint(record, self._local.underlay_families)
             keepalive = config.persistent_keepalive
         else:
             endpoint = None if record.endpoint is None else str(record.endpoint)
@@ -326,13 +345,39 @@ class TopologyBuilder:
         return None
 
 
+def dialled_endpoint(record: NodeRecord, families: tuple[int, ...]) -> str | None:
+    """The endpoint of ``record`` this node dials: of the families both have, IPv4 if both have it (the same
+    choice on both sides, so neither's endpoint flips with every packet; and 20 bytes less overhead), else IPv6.
+    None when they share no family: the peer is still configured, so its traffic stays in the tunnel, but nothing
+    is dialled (``Topology.unreachable`` says so)."""
+    texts = record.endpoint_texts
+    if len(texts) == 1:
+        return texts[0] if record.endpoints[0].host.version in families else None
+    for version in (4, 6):
+        if version in families:
+            for endpoint, text in zip(record.endpoints, texts, strict=True):
+                if endpoint.host.version == version:
+                    return text
+    return None
+
+
+def interface_addresses(config: MeshConfig, local: LocalNode) -> tuple[str, ...]:
+    """This node's overlay addresses with their networks' prefix lengths, IPv4 first."""
+    addresses = []
+    for ip in sorted(local.overlay_ips, key=lambda ip: ip.version):
+        network = config.overlay_of(ip.version)
+        addresses.append(f"{ip}/{network.prefixlen if network is not None else ip.max_prefixlen}")
+    return tuple(addresses)
+
+
 def pod_aggregates(config: MeshConfig, local: LocalNode) -> tuple[str, ...]:
-    """The pod network as one route into the device, unless it covers a network this node must reach outside the
-    tunnel (its underlay, etcd): then each peer's subnet is routed alone, and checked alone, as before."""
-    pods = config.pod_cidr
-    if any(pods.version == net.version and pods.overlaps(net) for net in local.protected):
-        return ()
-    return (str(pods),)
+    """Each pod network as one route into the device, unless it covers a network this node must reach outside the
+    tunnel (its underlay, etcd): then each peer's subnet in it is routed alone, and checked alone, as before."""
+    return tuple(
+        str(pods)
+        for pods in config.pod_cidrs
+        if not any(pods.version == net.version and pods.overlaps(net) for net in local.protected)
+    )
 
 
 def build_topology(

@@ -26,7 +26,6 @@ from warren_mesh.mesh.claim_slots import ClaimSlots, OwnClaim, Reservation, surp
 from warren_mesh.mesh.damping import Damper
 from warren_mesh.trust.decode import MAX_KEY_BYTES, MAX_VALUE_BYTES, decode_json
 from warren_mesh.trust.fields import validate_name
-from warren_mesh.trust.networks import usable_host_range
 from warren_mesh.trust.reasons import (
     REASON_INVALID_CONFIG,
     REASON_INVALID_FIELD,
@@ -410,28 +409,16 @@ def renumbering_refusal(config: MeshConfig, nodes: Mapping[str, Entry[NodeRecord
     fit the current config either count for nothing: a bad record must not freeze the config. Agents and the
     operator refuse such a config alike."""
     outside = sorted(
-        name
-        for name, entry in nodes.items()
-        if _left_out_by(config, entry.record) and not _left_out_by(current, entry.record)
+        name for name, entry in nodes.items() if not config.fits(entry.record) and current.fits(entry.record)
     )
     if not outside:
         return None
     shown = ", ".join(outside[:5]) + (f" and {len(outside) - 5} more" if len(outside) > 5 else "")
     return (
-        f"overlay network {config.overlay_cidr} and pod network {config.pod_cidr} would leave out "
-        f"{len(outside)} registered node(s) ({shown}); a live mesh is not renumbered by a config edit: widen the "
-        "networks instead, or change them once those nodes have left"
-    )
-
-
-def _left_out_by(config: MeshConfig, record: NodeRecord) -> bool:
-    overlay, pods, endpoint = config.overlay_cidr, config.pod_cidr, record.endpoint.host
-    first, last = usable_host_range(overlay)
-    return (
-        record.overlay_ip.version != overlay.version
-        or not first <= int(record.overlay_ip) <= last
-        or not all(config.is_node_subnet(n) for n in record.allowed_ips)
-        or any(endpoint.version == n.version and endpoint in n for n in (overlay, pods))
+        f"overlay networks {', '.join(map(str, config.overlay_cidrs))} and pod networks "
+        f"{', '.join(map(str, config.pod_cidrs))} would leave out {len(outside)} registered node(s) ({shown}); a "
+        "live mesh is not renumbered by a config edit: widen the networks or add a family instead, or change them "
+        "once those nodes have left"
     )
 
 

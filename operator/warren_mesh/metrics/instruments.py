@@ -96,9 +96,17 @@ class AgentMetrics:
             "1 when etcd answered the last request that needs its quorum (a key-value call, a lease refresh), else 0.",
             registry=registry,
         )
+        self.unreachable_peers = Gauge(
+            "warren_mesh_unreachable_peers",
+            "Nodes this node shares no underlay IP family with (it IPv4-only, they IPv6-only, or the reverse): "
+            "configured without an endpoint, never dialled.",
+            registry=registry,
+        )
         self.pod_subnet_missing = Gauge(
             "warren_mesh_pod_subnet_missing",
-            "1 when this node registered without a pod subnet (every subnet of the pod network is claimed), else 0.",
+            "1 when this node registered without a pod subnet of this family (every subnet of the pod network is "
+            "claimed), else 0.",
+            ["family"],
             registry=registry,
         )
         self.etcd_certificate_expiry = Gauge(

@@ -91,6 +91,7 @@ class EtcdServer:
         *,
         progress_interval: str = "1s",
         host: str = "127.0.0.1",
+        also_on: tuple[str, ...] = (),
         netns: str | None = None,
         client_port: int | None = None,
         peer_port: int | None = None,
@@ -103,6 +104,7 @@ class EtcdServer:
         self._own_dir = data_dir is None
         self.data_dir = Path(tempfile.mkdtemp(prefix="warren-etcd-")) if data_dir is None else data_dir
         self.host = host
+        self._also_on = also_on  # more addresses to listen on (the lab hub's IPv6 one)
         self.netns = netns
         self.client_port = client_port or free_port()
         self.peer_port = peer_port or free_port()
@@ -118,6 +120,13 @@ class EtcdServer:
     @property
     def endpoint(self) -> str:
         return f"{'https' if self.pki else 'http'}://{self.host}:{self.client_port}"
+
+    def _extra_urls(self) -> list[str]:
+        scheme = "https" if self.pki else "http"
+        return [
+            f"{scheme}://[{h}]:{self.client_port}" if ":" in h else f"{scheme}://{h}:{self.client_port}"
+            for h in self._also_on
+        ]
 
     @property
     def pid(self) -> int | None:
@@ -137,7 +146,7 @@ class EtcdServer:
             find_etcd(),
             f"--name={self.name}",
             f"--data-dir={self.data_dir / 'data'}",
-            f"--listen-client-urls={client}",
+            f"--listen-client-urls={','.join([client, *self._extra_urls()])}",
             f"--advertise-client-urls={client}",
             f"--listen-peer-urls={peer}",
             f"--initial-advertise-peer-urls={peer}",

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from warren_mesh.trust.decode import check_schema, int_in, json_object, optional_int
+from warren_mesh.trust.decode import bounded_list, check_schema, int_in, json_object, optional_int
 from warren_mesh.trust.endpoint import Endpoint
 from warren_mesh.trust.fields import (
     parse_allowed_ips,
@@ -26,8 +26,14 @@ from warren_mesh.trust.fields import (
     validate_port,
     validate_public_key,
 )
-from warren_mesh.trust.networks import endpoint_problem
-from warren_mesh.trust.reasons import REASON_INVALID_CIDR, REASON_INVALID_FIELD, REASON_NAME_MISMATCH, RecordError
+from warren_mesh.trust.networks import endpoint_problem, usable_host_range
+from warren_mesh.trust.reasons import (
+    REASON_INVALID_CIDR,
+    REASON_INVALID_ENDPOINT,
+    REASON_INVALID_FIELD,
+    REASON_NAME_MISMATCH,
+    RecordError,
+)
 from warren_mesh.trust.text import printable
 from warren_mesh.values.keyspace import SCHEMA_VERSION
 from warren_mesh.values.netaddr import IPAddress, IPNetwork, parse_ip
@@ -59,43 +65,104 @@ def auto_mtu(underlay_mtu: int, underlay_version: int) -> int:
 
 
 @dataclass(frozen=True, slots=True)
-class MeshConfig:
-    """Mesh-wide settings, written by the operator under ``<prefix>/v1/config``; absent means these defaults."""
+class PodNetwork:
+    """One IP family's pod network and the length of the subnet each node claims of it."""
 
-    overlay_cidr: IPNetwork = field(default_factory=lambda: ipaddress.ip_network(DEFAULT_OVERLAY_CIDR))
+    cidr: IPNetwork
+    node_prefix: int
+
+    @property
+    def version(self) -> int:
+        return self.cidr.version
+
+    def node_subnets(self) -> int:
+        """How many node subnets the pod network holds."""
+        return 1 << (self.node_prefix - self.cidr.prefixlen)
+
+    def is_node_subnet(self, network: IPNetwork) -> bool:
+        """Whether ``network`` is one of its node subnets (the right family, length and place)."""
+        if network.version != self.cidr.version or network.prefixlen != self.node_prefix:
+            return False
+        return network.subnet_of(self.cidr)  # type: ignore[arg-type]
+
+
+def _default_overlay() -> tuple[IPNetwork, ...]:
+    return (ipaddress.ip_network(DEFAULT_OVERLAY_CIDR),)
+
+
+def _default_pods() -> tuple[PodNetwork, ...]:
+    return (PodNetwork(ipaddress.ip_network(DEFAULT_POD_CIDR), DEFAULT_NODE_SUBNET_PREFIX[4]),)
+
+
+@dataclass(frozen=True, slots=True)
+class MeshConfig:
+    """Mesh-wide settings, written by the operator under ``<prefix>/v1/config``; absent means these defaults.
+
+    A mesh has one overlay network per IP family it carries (one, or an IPv4 and an IPv6 one: dual-stack), the
+    first being its primary; each node takes one address of each. Likewise one pod network per family, of which
+    each node claims one subnet."""
+
+    overlay_cidrs: tuple[IPNetwork, ...] = field(default_factory=_default_overlay)
     listen_port: int = DEFAULT_LISTEN_PORT
     mtu: int | None = None  # None means auto: the underlay MTU minus WireGuard's overhead
     persistent_keepalive: int = DEFAULT_PERSISTENT_KEEPALIVE  # seconds; 0 turns it off
     lease_ttl_seconds: int = DEFAULT_LEASE_TTL
-    # The only network besides its overlay address that a node record may route to itself: its pods' subnet, one
-    # of the pod network's subnets of length node_subnet_prefix, which the node claims (claims/<node>/pods/).
-    pod_cidr: IPNetwork = field(default_factory=lambda: ipaddress.ip_network(DEFAULT_POD_CIDR))
-    node_subnet_prefix: int = DEFAULT_NODE_SUBNET_PREFIX[4]
+    # The only networks besides its overlay addresses that a node record may route to itself: its pods' subnets,
+    # one node subnet of each pod network, which the node claims (claims/<node>/pods/).
+    pod_networks: tuple[PodNetwork, ...] = field(default_factory=_default_pods)
     key_rotation_interval_hours: int = 0  # every node makes a new WireGuard key this often; 0: never
 
-    def node_subnets(self) -> int:
-        """How many node subnets the pod network holds."""
-        return 1 << (self.node_subnet_prefix - self.pod_cidr.prefixlen)
+    @property
+    def families(self) -> tuple[int, ...]:
+        """The IP versions of the overlay, primary first."""
+        return tuple(n.version for n in self.overlay_cidrs)
 
-    def is_node_subnet(self, network: IPNetwork) -> bool:
-        """Whether ``network`` is one of the pod network's node subnets (the right family, length and place)."""
-        pods = self.pod_cidr
-        if network.version != pods.version or network.prefixlen != self.node_subnet_prefix:
+    def overlay_of(self, version: int) -> IPNetwork | None:
+        return next((n for n in self.overlay_cidrs if n.version == version), None)
+
+    def pod_network_of(self, network: IPNetwork) -> PodNetwork | None:
+        """The pod network ``network`` is a node subnet of, or None."""
+        return next((p for p in self.pod_networks if p.is_node_subnet(network)), None)
+
+    @property
+    def pod_cidrs(self) -> tuple[IPNetwork, ...]:
+        return tuple(p.cidr for p in self.pod_networks)
+
+    def fits(self, record: NodeRecord) -> bool:
+        """Whether ``record``'s addresses, pod subnets and endpoints fit these networks: each address a usable one
+        of its family's overlay network, each subnet a node subnet of a pod network, no endpoint inside them. (A
+        family the record lacks is no misfit: a mesh that gains one keeps every node.)"""
+        for ip in record.overlay_ips:
+            overlay = self.overlay_of(ip.version)
+            if overlay is None:
+                return False
+            first, last = usable_host_range(overlay)
+            if not first <= int(ip) <= last:
+                return False
+        if not all(self.pod_network_of(n) is not None for n in record.allowed_ips):
             return False
-        return network.subnet_of(pods)  # type: ignore[arg-type]
+        networks = (*self.overlay_cidrs, *self.pod_cidrs)
+        return not any(e.host.version == n.version and e.host in n for e in record.endpoints for n in networks)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "schema": SCHEMA_VERSION,
-            "overlay_cidr": str(self.overlay_cidr),
-            "pod_cidr": str(self.pod_cidr),
-            "node_subnet_prefix": self.node_subnet_prefix,
+            # The primary networks also under their single-family names, which agents before dual-stack read.
+            "overlay_cidr": str(self.overlay_cidrs[0]),
+            "pod_cidr": str(self.pod_networks[0].cidr),
+            "node_subnet_prefix": self.pod_networks[0].node_prefix,
             "listen_port": self.listen_port,
             "mtu": "auto" if self.mtu is None else self.mtu,
             "persistent_keepalive": self.persistent_keepalive,
             "lease_ttl_seconds": self.lease_ttl_seconds,
             "key_rotation_interval_hours": self.key_rotation_interval_hours,
         }
+        if len(self.overlay_cidrs) > 1:
+            doc["overlay_cidrs"] = [str(n) for n in self.overlay_cidrs]
+        if len(self.pod_networks) > 1:
+            doc["pod_cidrs"] = [str(p.cidr) for p in self.pod_networks]
+            doc |= {f"node_subnet_prefix_ipv{p.version}": p.node_prefix for p in self.pod_networks}
+        return doc
 
     @classmethod
     def from_json(cls, data: object) -> MeshConfig:
@@ -103,20 +170,43 @@ class MeshConfig:
         doc = json_object(data, what="mesh config")
         check_schema(doc)
         default = cls()
-        cidr = parse_overlay(doc, "overlay_cidr", default.overlay_cidr)
-        pods = parse_overlay(doc, "pod_cidr", default.pod_cidr)
-        if cidr.version == pods.version and cidr.overlaps(pods):
-            raise RecordError(REASON_INVALID_CIDR, f"pod_cidr {pods} overlaps overlay_cidr {cidr}")
+        overlays = _networks(doc, "overlay_cidr", default.overlay_cidrs[0])
+        cidrs = _networks(doc, "pod_cidr", default.pod_networks[0].cidr)
+        for pods in cidrs:
+            for overlay in overlays:
+                if overlay.version == pods.version and overlay.overlaps(pods):
+                    raise RecordError(REASON_INVALID_CIDR, f"pod network {pods} overlaps overlay network {overlay}")
+        pod_networks = []
+        for index, pods in enumerate(cidrs):
+            default_prefix = DEFAULT_NODE_SUBNET_PREFIX[pods.version]
+            if index == 0:  # the primary's under its single-family name too; the family's name wins
+                default_prefix = int_in(doc, "node_subnet_prefix", default_prefix, 1, pods.max_prefixlen)
+            key = f"node_subnet_prefix_ipv{pods.version}"
+            prefix = int_in(doc, key, default_prefix, 1, pods.max_prefixlen)
+            problem = node_subnet_problem(pods, prefix)
+            if problem is not None:
+                raise RecordError(REASON_INVALID_CIDR, problem)
+            pod_networks.append(PodNetwork(pods, prefix))
         port = validate_port(doc.get("listen_port", default.listen_port), what="listen_port")
         mtu = parse_mtu(doc.get("mtu", "auto"))
         keepalive = int_in(doc, "persistent_keepalive", default.persistent_keepalive, 0, 65535)
         ttl = int_in(doc, "lease_ttl_seconds", default.lease_ttl_seconds, MIN_LEASE_TTL, 3600)
-        subnet = int_in(doc, "node_subnet_prefix", DEFAULT_NODE_SUBNET_PREFIX[pods.version], 1, pods.max_prefixlen)
-        problem = node_subnet_problem(pods, subnet)
-        if problem is not None:
-            raise RecordError(REASON_INVALID_CIDR, problem)
         rotation = int_in(doc, "key_rotation_interval_hours", 0, 0, 24 * 366)
-        return cls(cidr, port, mtu, keepalive, ttl, pods, subnet, rotation)
+        return cls(overlays, port, mtu, keepalive, ttl, tuple(pod_networks), rotation)
+
+
+def _networks(doc: dict[str, Any], key: str, default: IPNetwork) -> tuple[IPNetwork, ...]:
+    """``<key>s`` (one network per IP family, primary first) or else ``<key>`` alone; both given, they agree."""
+    single = parse_overlay(doc, key, default)
+    if key + "s" not in doc:
+        return (single,)
+    items = bounded_list(doc, key + "s")
+    networks = tuple(parse_overlay({key: item}, key, default) for item in items)
+    if not 1 <= len(networks) <= 2 or len({n.version for n in networks}) != len(networks):
+        raise RecordError(REASON_INVALID_CIDR, f"{key}s must be one network, or one IPv4 and one IPv6 network")
+    if key in doc and single != networks[0]:
+        raise RecordError(REASON_INVALID_CIDR, f"{key} {single} is not the first of {key}s ({networks[0]})")
+    return networks
 
 
 def node_subnet_problem(pod_cidr: IPNetwork, prefix: int) -> str | None:
@@ -135,10 +225,12 @@ class NodeRecord:
 
     name: str
     public_key: str
-    endpoint: Endpoint
-    overlay_ip: IPAddress
+    # Where peers dial it: one endpoint per underlay family it has (IPv4, IPv6 or both), the one it prefers first.
+    endpoints: tuple[Endpoint, ...]
+    # Its address in each of the mesh's overlay networks, in the mesh's order (the primary family first).
+    overlay_ips: tuple[IPAddress, ...]
     listen_port: int
-    allowed_ips: tuple[IPNetwork, ...] = ()  # networks routed to this node besides its overlay address
+    allowed_ips: tuple[IPNetwork, ...] = ()  # networks routed to this node besides its overlay addresses
     published_at: float = 0.0  # the publisher's wall clock, so convergence lag can be measured
     # The key this node will switch to next (key rotation): peers add it beforehand, with no allowed IPs, so that
     # the node's first handshake with its new key finds them ready (docs/key-rotation.md).
@@ -146,28 +238,41 @@ class NodeRecord:
     # Where this node's WireGuard saw peers whose packets came from elsewhere than their records say (behind NAT):
     # peer name -> endpoint. A node behind NAT learns its public endpoint from these (docs/nat.md).
     observed_endpoints: tuple[tuple[str, Endpoint], ...] = ()
-    routes: Routes = field(init=False, repr=False, compare=False)  # overlay address + allowed_ips, derived
-    overlay_text: str = field(init=False, repr=False, compare=False)
-    endpoint_text: str = field(init=False, repr=False, compare=False)  # str(endpoint), made once per record
+    routes: Routes = field(init=False, repr=False, compare=False)  # overlay addresses + allowed_ips, derived
+    overlay_texts: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    endpoint_texts: tuple[str, ...] = field(init=False, repr=False, compare=False)  # made once per record
 
     def __post_init__(self) -> None:
-        overlay_text = str(self.overlay_ip)
-        object.__setattr__(self, "routes", Routes.of(self.allowed_ips, host=self.overlay_ip, host_text=overlay_text))
-        object.__setattr__(self, "overlay_text", overlay_text)
-        object.__setattr__(self, "endpoint_text", str(self.endpoint))
+        texts = tuple(str(ip) for ip in self.overlay_ips)
+        object.__setattr__(self, "routes", Routes.of(self.allowed_ips, hosts=self.overlay_ips, host_texts=texts))
+        object.__setattr__(self, "overlay_texts", texts)
+        object.__setattr__(self, "endpoint_texts", tuple(str(e) for e in self.endpoints))
+
+    @property
+    def overlay_ip(self) -> IPAddress:
+        """Its address in the primary overlay network (what logs and single-family tools name it by)."""
+        return self.overlay_ips[0]
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """Its preferred endpoint."""
+        return self.endpoints[0]
 
     def to_json(self) -> dict[str, Any]:
         return {
             "schema": SCHEMA_VERSION,
             "name": self.name,
             "public_key": self.public_key,
-            "endpoint": str(self.endpoint),
-            "overlay_ip": str(self.overlay_ip),
+            "endpoint": self.endpoint_texts[0],
+            "overlay_ip": self.overlay_texts[0],
             "allowed_ips": [str(n) for n in self.allowed_ips],
             "listen_port": self.listen_port,
             "published_at": self.published_at,
         } | (
-            ({"next_public_key": self.next_public_key} if self.next_public_key is not None else {})
+            # Dual-stack: every one under the plural names; the single names keep the first, for older readers.
+            ({"endpoints": list(self.endpoint_texts)} if len(self.endpoints) > 1 else {})
+            | ({"overlay_ips": list(self.overlay_texts)} if len(self.overlay_ips) > 1 else {})
+            | ({"next_public_key": self.next_public_key} if self.next_public_key is not None else {})
             | (
                 {"observed_endpoints": {name: str(ep) for name, ep in self.observed_endpoints}}
                 if self.observed_endpoints
@@ -188,22 +293,17 @@ class NodeRecord:
         if name != key_name:
             raise RecordError(REASON_NAME_MISMATCH, f"record names node {name!r} but sits under {printable(key_name)}")
         public_key = validate_public_key(doc.get("public_key"))
-        endpoint = Endpoint.parse(doc.get("endpoint"))
-        overlay_text = doc.get("overlay_ip")
-        if not isinstance(overlay_text, str) or len(overlay_text) > 45:
-            raise RecordError(REASON_INVALID_FIELD, "overlay_ip is missing or not an address")
-        try:
-            overlay_ip = parse_ip(overlay_text)
-        except ValueError:
-            raise RecordError(REASON_INVALID_CIDR, f"overlay_ip {printable(overlay_text)} is not an IP") from None
-        if endpoint_problem(overlay_ip) is not None or (overlay_ip.version == 6 and overlay_ip.scope_id):
-            raise RecordError(REASON_INVALID_CIDR, f"overlay_ip {overlay_ip} is not an address a mesh can use")
+        endpoints = _endpoints(doc)
+        overlay_ips = _overlay_ips(doc)
         allowed = parse_allowed_ips(doc)
-        # The overlay address is routed to the node anyway; listed again, the fold would claim it twice (found by
+        # An overlay address is routed to the node anyway; listed again, the fold would claim it twice (found by
         # the fuzz test: claimed twice, released twice, a KeyError in the reconciler).
         for network in allowed:
-            if network.version == overlay_ip.version and overlay_ip in network:
-                raise RecordError(REASON_INVALID_CIDR, f"allowed_ips entry {network} covers the overlay address itself")
+            for overlay_ip in overlay_ips:
+                if network.version == overlay_ip.version and overlay_ip in network:
+                    raise RecordError(
+                        REASON_INVALID_CIDR, f"allowed_ips entry {network} covers the overlay address {overlay_ip}"
+                    )
         listen_port = validate_port(doc.get("listen_port"), what="listen_port")
         published_at = doc.get("published_at", 0.0)
         if type(published_at) not in (int, float) or not math.isfinite(published_at) or published_at < 0:
@@ -215,11 +315,57 @@ class NodeRecord:
                 raise RecordError(REASON_INVALID_FIELD, "next_public_key is the key in use")
         observed = _observed_endpoints(doc.get("observed_endpoints"))
         return cls(
-            name, public_key, endpoint, overlay_ip, listen_port, allowed, float(published_at), next_public_key, observed
+            name,
+            public_key,
+            endpoints,
+            overlay_ips,
+            listen_port,
+            allowed,
+            float(published_at),
+            next_public_key,
+            observed,
         )
 
 
 MAX_OBSERVED_ENDPOINTS: Final = 256
+
+
+def _endpoints(doc: dict[str, Any]) -> tuple[Endpoint, ...]:
+    """``endpoints`` (one per family, preferred first) or else ``endpoint`` alone; both given, they agree."""
+    first = Endpoint.parse(doc.get("endpoint"))
+    if "endpoints" not in doc:
+        return (first,)
+    endpoints = tuple(Endpoint.parse(text) for text in bounded_list(doc, "endpoints"))
+    if not 1 <= len(endpoints) <= 2 or len({e.host.version for e in endpoints}) != len(endpoints):
+        raise RecordError(REASON_INVALID_ENDPOINT, "endpoints must be one endpoint, or one IPv4 and one IPv6")
+    if endpoints[0] != first:
+        raise RecordError(REASON_INVALID_ENDPOINT, f"endpoint {first} is not the first of endpoints")
+    return endpoints
+
+
+def _overlay_ip(text: object) -> IPAddress:
+    if not isinstance(text, str) or len(text) > 45:
+        raise RecordError(REASON_INVALID_FIELD, "overlay_ip is missing or not an address")
+    try:
+        overlay_ip = parse_ip(text)
+    except ValueError:
+        raise RecordError(REASON_INVALID_CIDR, f"overlay_ip {printable(text)} is not an IP") from None
+    if endpoint_problem(overlay_ip) is not None:
+        raise RecordError(REASON_INVALID_CIDR, f"overlay_ip {overlay_ip} is not an address a mesh can use")
+    return overlay_ip
+
+
+def _overlay_ips(doc: dict[str, Any]) -> tuple[IPAddress, ...]:
+    """``overlay_ips`` (one per overlay network, in the mesh's order) or else ``overlay_ip`` alone."""
+    first = _overlay_ip(doc.get("overlay_ip"))
+    if "overlay_ips" not in doc:
+        return (first,)
+    addresses = tuple(_overlay_ip(text) for text in bounded_list(doc, "overlay_ips"))
+    if not 1 <= len(addresses) <= 2 or len({a.version for a in addresses}) != len(addresses):
+        raise RecordError(REASON_INVALID_CIDR, "overlay_ips must be one address, or one IPv4 and one IPv6")
+    if addresses[0] != first:
+        raise RecordError(REASON_INVALID_CIDR, f"overlay_ip {first} is not the first of overlay_ips")
+    return addresses
 
 
 def _observed_endpoints(value: object) -> tuple[tuple[str, Endpoint], ...]:

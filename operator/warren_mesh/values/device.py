@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True, slots=True)
 class InterfaceSpec:
-    address: str  # overlay address with the mesh prefix length, e.g. "10.96.0.5/16"
+    # Overlay addresses with their networks' prefix lengths, one per family, IPv4 first: ("10.96.0.5/16",
+    # "fd96::5/64"). Sorted so, equal specs are equal devices.
+    addresses: tuple[str, ...]
     listen_port: int
     mtu: int
     fwmark: int = 0  # mark on WireGuard's own UDP packets, for hosts whose policy routing needs it; 0 is none

@@ -22,17 +22,21 @@ class Routes:
 
     @classmethod
     def of(
-        cls, networks: tuple[IPNetwork, ...], *, host: IPAddress | None = None, host_text: str | None = None
+        cls,
+        networks: tuple[IPNetwork, ...],
+        *,
+        hosts: tuple[IPAddress, ...] = (),
+        host_texts: tuple[str, ...] | None = None,
     ) -> Routes:
-        """``networks`` (disjoint, none covering ``host``: the decoders make sure), and ``host`` as a /32 or /128.
-        The host's is built from the address directly (parsing it back as a network text was most of decoding a
-        node record). ``host_text``: ``str(host)``, if at hand."""
+        """``networks`` (disjoint, none covering a host: the decoders make sure), and each of ``hosts`` as a /32 or
+        /128. A host's is built from the address directly (parsing it back as a network text was most of decoding
+        a node record). ``host_texts``: ``str()`` of each host, if at hand."""
         entries = [
             (str(n), (n.version, n.prefixlen, int(n.network_address), int(n.broadcast_address))) for n in networks
         ]
-        if host is not None:
+        texts = tuple(str(host) for host in hosts) if host_texts is None else host_texts
+        for host, text in zip(hosts, texts, strict=True):
             value = int(host)
-            text = str(host) if host_text is None else host_text
             entries.append((f"{text}/{host.max_prefixlen}", (host.version, host.max_prefixlen, value, value)))
         entries.sort(key=lambda entry: entry[0])
         return cls(tuple(text for text, _ in entries), tuple(span for _, span in entries))

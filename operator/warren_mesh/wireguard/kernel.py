@@ -121,8 +121,8 @@ class KernelBackend:
                     peers.setdefault(key, _PeerAccumulator(key)).merge(nla)
         state = self._link.read()
         interface = None
-        if state is not None and state.address is not None and state.up and listen_port:
-            interface = InterfaceSpec(state.address, listen_port, state.mtu, fwmark)
+        if state is not None and state.addresses and state.up and listen_port:
+            interface = InterfaceSpec(state.addresses, listen_port, state.mtu, fwmark)
         public = NodeKey.from_private_bytes(base64.b64decode(private)).public_key if private else None
         return DeviceState(
             public,
@@ -143,7 +143,7 @@ class KernelBackend:
 
     def configure_interface(self, spec: InterfaceSpec) -> None:
         self._set("set listen port and fwmark", listen_port=spec.listen_port, fwmark=spec.fwmark)
-        self._link.configure(address=spec.address, mtu=spec.mtu)
+        self._link.configure(addresses=spec.addresses, mtu=spec.mtu)
 
     def set_peer(self, spec: PeerSpec) -> None:
         self._link.refuse_unroutable(spec.allowed_ips)

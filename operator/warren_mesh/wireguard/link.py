@@ -33,19 +33,20 @@ class LinkError(BackendError):
 @dataclass(frozen=True, slots=True)
 class LinkState:
     index: int
-    address: str | None  # "10.96.0.5/16" or None
+    addresses: tuple[str, ...]  # ("10.96.0.5/16", "fd96::5/64"): IPv4 first, as InterfaceSpec has them
     mtu: int
     up: bool
 
 
 def _addresses(ipr: IPRoute, index: int) -> list[str]:
-    """The link's addresses as CIDR text, without link-local ones (the kernel adds those to TUN links itself)."""
+    """The link's addresses as canonical CIDR text, IPv4 first, without link-local ones (the kernel adds those to
+    TUN links itself)."""
     found = []
     for entry in ipr.get_addr(index=index):
-        text = f"{entry.get('IFA_ADDRESS')}/{entry['prefixlen']}"
-        if not ipaddress.ip_interface(text).ip.is_link_local:
-            found.append(text)
-    return found
+        interface = ipaddress.ip_interface(f"{entry.get('IFA_ADDRESS')}/{entry['prefixlen']}")
+        if not interface.ip.is_link_local:
+            found.append(interface)
+    return [str(i) for i in sorted(found, key=lambda i: (i.version, str(i)))]
 
 
 def read_link(ipr: IPRoute, name: str) -> LinkState | None:
@@ -56,7 +57,7 @@ def read_link(ipr: IPRoute, name: str) -> LinkState | None:
     link = ipr.get_links(index)[0]
     addresses = _addresses(ipr, index)
     flags = int(link["flags"])
-    return LinkState(index, addresses[0] if len(addresses) == 1 else None, int(link.get("IFLA_MTU")), bool(flags & 1))
+    return LinkState(index, tuple(addresses), int(link.get("IFLA_MTU")), bool(flags & 1))
 
 
 class InterfaceLink:
@@ -84,26 +85,27 @@ class InterfaceLink:
     def _state(self) -> LinkState | None:
         return self._known if self._known is not None else self.read()
 
-    def configure(self, *, address: str, mtu: int) -> None:
-        """Set exactly one address and the MTU, and bring the link up."""
+    def configure(self, *, addresses: tuple[str, ...], mtu: int) -> None:
+        """Set exactly these addresses (one per family) and the MTU, and bring the link up."""
         state = self.read()
         if state is None:
             raise LinkError(f"interface {self.name} does not exist")
         ipr = self._ipr
+        wanted = [ipaddress.ip_interface(address) for address in addresses]
         try:
             if state.mtu != mtu:
                 ipr.link("set", index=state.index, mtu=mtu)
-            iface = ipaddress.ip_interface(address)
-            for existing in _addresses(ipr, state.index):
-                if existing != str(iface):
+            for existing in state.addresses:
+                if ipaddress.ip_interface(existing) not in wanted:
                     old = ipaddress.ip_interface(existing)
                     ipr.addr("del", index=state.index, address=str(old.ip), prefixlen=old.network.prefixlen)
-            if state.address != str(iface):
-                ipr.addr("replace", index=state.index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+            for iface in wanted:
+                if str(iface) not in state.addresses:
+                    ipr.addr("replace", index=state.index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
             if not state.up:
                 ipr.link("set", index=state.index, state="up")
         except NetlinkError as exc:
-            raise LinkError(f"configuring {self.name} ({address}, mtu {mtu}) failed: {exc}") from None
+            raise LinkError(f"configuring {self.name} ({', '.join(addresses)}, mtu {mtu}) failed: {exc}") from None
         finally:
             self.forget()
 

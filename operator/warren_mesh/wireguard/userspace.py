@@ -208,8 +208,8 @@ class UserspaceBackend:
             raise BackendError(str(exc)) from None
         state = self._link.read()
         interface = None
-        if state is not None and state.address is not None and state.up and device.listen_port:
-            interface = InterfaceSpec(state.address, device.listen_port, state.mtu, device.fwmark)
+        if state is not None and state.addresses and state.up and device.listen_port:
+            interface = InterfaceSpec(state.addresses, device.listen_port, state.mtu, device.fwmark)
         public = public_key_of(device.private_key) if device.private_key else None
         routes = self._link.read_routes() if state is not None else frozenset()
         return DeviceState(public, interface, device.peers, device.stats, routes)
@@ -225,7 +225,7 @@ class UserspaceBackend:
 
     def configure_interface(self, spec: InterfaceSpec) -> None:
         self._set([f"listen_port={spec.listen_port}", f"fwmark={spec.fwmark}"], "set listen port and fwmark")
-        self._link.configure(address=spec.address, mtu=spec.mtu)
+        self._link.configure(addresses=spec.addresses, mtu=spec.mtu)
 
     def set_peer(self, spec: PeerSpec) -> None:
         self._link.refuse_unroutable(spec.allowed_ips)

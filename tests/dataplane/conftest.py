@@ -1,0 +1,26 @@
+"""What the lab tests share: a lab of this test's own, taken down whatever happens (its logs kept with the test's
+files), and nothing of it left behind."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from warren_mesh.lab.lab import Lab
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    lab = Lab(prefix=f"wt{os.getpid() % 100000}", state_dir=tmp_path / "lab")
+    try:
+        yield lab
+    finally:
+        lab.down(keep_logs=tmp_path / "logs")
+    assert (
+        not [n for n in os.listdir("/var/run/netns") if n.startswith(lab.prefix)]
+        if os.path.isdir("/var/run/netns")
+        else True
+    )
