@@ -12,7 +12,8 @@ import pytest
 
 from underlay import Frame, captured, sniff
 from warren_mesh.lab.lab import Lab
-from warren_mesh.lab.layout import METRICS_PORT
+from warren_mesh.lab.layout import METRICS_PORT, OVERLAYS
+from warren_mesh.lab.probe import Probe
 from warren_mesh.process import in_netns
 from warren_mesh.testkit.waiting import wait_for
 
@@ -50,7 +51,7 @@ def _metric(lab: Lab, node: int, name: str) -> float:
     raise AssertionError(f"{name} not in node-{node}'s metrics")
 
 
-def _all_answer(lab: Lab, pairs: int) -> None:
+def _all_answer(lab: Lab, node_pairs: int, pod_pairs: int) -> None:
     """Every node pings every node it shares an underlay family with, and every pod every such pod, on each
     address. The first pings after the lab came up may go unanswered for some seconds (1-6.5 s measured here,
     pods' IPv6 and the IPv6-only node's pairs most often; not yet explained, see issue 29's note); within 20 s
@@ -61,7 +62,7 @@ def _all_answer(lab: Lab, pairs: int) -> None:
     def answered() -> bool:
         nodes, pods = lab.ping_all(), lab.ping_pods()
         failed[:] = [result for result in (*nodes, *pods) if not result[2]]
-        assert len(nodes) == len(pods) == pairs, (nodes, pods)
+        assert (len(nodes), len(pods)) == (node_pairs, pod_pairs), (nodes, pods)
         return not failed
 
     wait_for(answered, 20, "every node and pod to answer on every address", lambda: str(failed))
@@ -85,7 +86,7 @@ def test_every_node_and_pod_is_reached_over_both_overlay_families(lab: Lab, unde
     family = "[" if underlay == "ipv6" else "192.168."
     assert all(e.startswith(family) for e in _endpoints(lab, 1)), lab.peer_config(1)
 
-    frames = _underlay_frames(lab, lambda: _all_answer(lab, 6))
+    frames = _underlay_frames(lab, lambda: _all_answer(lab, 6, 6))
     wireguard = [f for f in frames if f.protocol == 17 and 51820 in (f.sport, f.dport)]
     assert wireguard, "the pings crossed as WireGuard"
     assert all((":" in f.source) == (underlay == "ipv6") for f in wireguard), wireguard[:3]
@@ -123,7 +124,7 @@ def test_pairs_without_a_shared_underlay_family_are_reported_and_never_dialled(l
         underlay_of={"node-2": "ipv4", "node-3": "ipv6"},
         overlay="dual",
     )
-    _all_answer(lab, 4)
+    _all_answer(lab, 4, 4)
     assert {e.startswith("[") for e in _endpoints(lab, 1)} == {True, False}, lab.peer_config(1)
     assert _metric(lab, 2, "warren_mesh_unreachable_peers") == 1
     assert _metric(lab, 3, "warren_mesh_unreachable_peers") == 1
@@ -132,3 +133,37 @@ def test_pairs_without_a_shared_underlay_family_are_reported_and_never_dialled(l
     assert len(node2_peers) == 2 and sorted(e for e, _, _ in node2_peers.values())[0] == "(none)", node2_peers
     log = (lab.state_dir / "node-2.log").read_text()
     assert "no underlay family in common with node-3" in log
+    dot = lab.graph().decode()  # drawn as such, not as a broken link
+    assert '"node-2" -- "node-3" [color=grey, style=dashed, label="no underlay family in common"]' in dot, dot
+
+
+def test_a_single_family_mesh_gains_ipv6_by_a_config_edit_without_losing_a_datagram(lab: Lab) -> None:
+    """Nodes registered on an IPv4 overlay; the mesh's config gains an IPv6 overlay and pod network (what an edit of
+    the Mesh writes): every node claims an address and a pod subnet of the new family, peers route them, and
+    traffic on the IPv4 overlay flows on, every datagram of it (the key rotation test's probe, 200/s per pair)."""
+    lab.up(3, backend="userspace", lease_ttl=TTL, resync_interval=2, timeout=120, pods=1, underlay="dual")
+    before = {n.name: n.overlay_ips for n in lab.status()}
+    assert all(len(ips) == 1 for ips in before.values()), before
+    probe = Probe({n.name: (n.netns, n.overlay_ips[0]) for n in lab.status()}, rate=200, seconds=8)
+    probe.start()
+    try:
+        time.sleep(2)
+        lab.put_config({"schema": 1, **OVERLAYS["dual"]})
+        wait_for(
+            lambda: all(len(n.overlay_ips) == 2 for n in lab.status()),
+            20,
+            "every node to take an IPv6 overlay address",
+            lambda: str(lab.status()),
+        )
+        pairs = probe.results()
+    finally:
+        probe.stop()
+    print("gaining IPv6, per directed pair (loss, longest gap ms):", pairs)
+    assert all(loss == 0 and gap < 200 for loss, gap in pairs.values()), pairs
+    after = {n.name: n.overlay_ips for n in lab.status()}
+    assert all(after[name][0] == ips[0] for name, ips in before.items()), (before, after)  # nothing renumbered
+    # Pods made from now on get an address of each family and reach each other over both.
+    for node in ("node-1", "node-2"):
+        pod = lab.add_pod(node, "pod-2")
+        assert len(pod.ips) == 2, pod
+    _all_answer(lab, 6, 16)

@@ -24,7 +24,20 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hostile import ATTACKER_KEY, HONEST, LOCAL, LOCAL_KEY, SCHEMA, Mesh, assert_safe, node_doc, peer_doc
+from hostile import (
+    ATTACKER_KEY,
+    DUAL_CONFIG,
+    HONEST,
+    HONEST6,
+    LOCAL,
+    LOCAL_DUAL,
+    LOCAL_KEY,
+    SCHEMA,
+    Mesh,
+    assert_safe,
+    node_doc,
+    peer_doc,
+)
 from warren_mesh.identity.keys import NodeKey
 from warren_mesh.mesh.allocation import address_candidates, holdings, subnet_candidates
 from warren_mesh.mesh.endpoints import public_endpoint
@@ -76,6 +89,29 @@ ENDPOINTS = [
     "192.0.2.9:\u00b2",
     "192.0.2.9:" + "9" * 50,
 ]
+# The same near-valid values in a dual-stack mesh's IPv6 networks (hostile.Mesh(dual=True)).
+ADDRESSES6 = [*(a for a, _, _ in HONEST6.values()), "fd96::1", "fd96::50", "fd96::", "fd97::1", "fe80::1", "::1"]
+SUBNETS6 = [*(s for _, s, _ in HONEST6.values()), "fd44:0:0:7::/64", "fd44:0:0:7::/80", "fd44::/56", "fd45::/64"]
+NETWORKS6 = [
+    *(f"{a}/128" for a in ADDRESSES6[:5]),
+    *SUBNETS6,
+    "fd00:240::/64",
+    "fd00:240::1/128",
+    "fd00::/16",
+    "fd96::/64",
+    "2001:db8:5::/48",
+    "::ffff:0:0/96",
+    "64:ff9b::/96",
+]
+ENDPOINTS6 = [
+    *(e for _, _, e in HONEST6.values()),
+    "[2001:db8::9]:51820",
+    "[fd96::10]:51820",
+    "[fd44::5]:51820",
+    "[fd00:240::77]:51820",
+    "[::ffff:10.0.0.1]:1",
+    "[ff02::1]:51820",
+]
 ATTACKER_KEYS = [ATTACKER_KEY, *(NodeKey.generate().public_key for _ in range(4))]
 # Mostly valid keys of the attacker's own, so that most records get as far as the fold.
 KEYS = [*ATTACKER_KEYS * 3, *HONEST_KEYS, LOCAL_KEY, "A" * 43 + "=", "AQ" + "A" * 41 + "=", "not a key"]
@@ -96,6 +132,11 @@ FIELDS = [
     "lease_ttl_seconds",
     "next_public_key",
     "key_rotation_interval_hours",
+    "overlay_ips",
+    "endpoints",
+    "overlay_cidrs",
+    "pod_cidrs",
+    "node_subnet_prefix_ipv6",
 ]
 
 _json_leaves: st.SearchStrategy[Any] = (
@@ -104,7 +145,9 @@ _json_leaves: st.SearchStrategy[Any] = (
     | st.integers(min_value=-(2**70), max_value=2**70)
     | st.floats()
     | st.text(max_size=20)
-    | st.sampled_from(ADDRESSES + NETWORKS + ENDPOINTS + KEYS + CIDRS + ["auto", "1400"])
+    | st.sampled_from(
+        ADDRESSES + NETWORKS + ENDPOINTS + KEYS + CIDRS + ADDRESSES6 + NETWORKS6 + ENDPOINTS6 + ["auto", "1400"]
+    )
 )
 # Two levels at most (deep nesting has tests of its own). A recursive strategy with a leaf limit made hypothesis
 # itself fail on the long run (FlakyStrategyDefinition while drawing), with nothing wrong in the code under test.
@@ -115,11 +158,11 @@ ATTACKER_NAMES = ["a0", "a1", "a2", "h0x", "local"]
 
 
 @st.composite
-def mutated(draw: st.DrawFn, base: dict[str, Any]) -> bytes:
+def mutated(draw: st.DrawFn, base: dict[str, Any], networks: list[str] = NETWORKS) -> bytes:
     """``base`` with fields replaced, removed or added; then, now and again, its bytes cut or garbled."""
     doc = dict(base)
     if draw(st.booleans()):  # half the time well-formed: what matters then is what it claims
-        doc["allowed_ips"] = draw(st.lists(st.sampled_from(NETWORKS), max_size=3))
+        doc["allowed_ips"] = draw(st.lists(st.sampled_from(networks), max_size=3))
         return json.dumps(doc).encode()
     for field in draw(st.lists(st.sampled_from(FIELDS), max_size=3)):
         if draw(st.booleans()):
@@ -140,16 +183,17 @@ def mutated(draw: st.DrawFn, base: dict[str, Any]) -> bytes:
 
 
 @st.composite
-def attacks(draw: st.DrawFn) -> tuple[str, str, bytes | None]:
-    """One write of the attacker's: (kind, key, value or None for a deletion)."""
+def attacks(draw: st.DrawFn, dual: bool = False) -> tuple[str, str, bytes | None]:
+    """One write of the attacker's: (kind, key, value or None for a deletion); ``dual``: on a dual-stack mesh,
+    records and claims of both families."""
     kind = draw(st.sampled_from(["node", "peer", "claim", "ipam", "config", "raw"]))
     name = draw(st.sampled_from(ATTACKER_NAMES))
     value: bytes | None
     if kind == "claim":
         # Claims under the attacker's own names (all its credential may write), on any address, honest ones too
         # (younger than theirs); and claim keys of every malformed shape.
-        address = draw(st.sampled_from(ADDRESSES))
-        subnet = draw(st.sampled_from(SUBNETS))
+        address = draw(st.sampled_from(ADDRESSES + ADDRESSES6 if dual else ADDRESSES))
+        subnet = draw(st.sampled_from(SUBNETS + SUBNETS6 if dual else SUBNETS))
         key = draw(
             st.sampled_from(
                 [
@@ -169,7 +213,12 @@ def attacks(draw: st.DrawFn) -> tuple[str, str, bytes | None]:
         value = draw(st.sampled_from([b"a0", b"a1", b"h0", b"local", b"\xff"]))
     elif kind == "config":
         key = SCHEMA.config
-        base = MeshConfig().to_json() | {"overlay_cidr": draw(st.sampled_from(CIDRS))}
+        base = (DUAL_CONFIG if dual else MeshConfig()).to_json() | {"overlay_cidr": draw(st.sampled_from(CIDRS))}
+        if dual:
+            base["overlay_cidrs"] = [
+                base["overlay_cidr"],
+                draw(st.sampled_from(["fd96::/64", "fd96::/48", "fd97::/64"])),
+            ]
         value = draw(mutated(base))
     elif kind == "raw":
         key = SCHEMA.node(name) if draw(st.booleans()) else SCHEMA.root + draw(st.text(max_size=10))
@@ -177,11 +226,16 @@ def attacks(draw: st.DrawFn) -> tuple[str, str, bytes | None]:
     elif kind == "node":
         key = SCHEMA.node(name)
         endpoint = draw(st.sampled_from(ENDPOINTS))
-        base = node_doc(name, draw(st.sampled_from(KEYS)), draw(st.sampled_from(ADDRESSES)), endpoint)
-        value = draw(mutated(base))
+        address = draw(st.sampled_from(ADDRESSES))
+        base = node_doc(name, draw(st.sampled_from(KEYS)), address, endpoint)
+        if dual:
+            base["overlay_ips"] = [address, draw(st.sampled_from(ADDRESSES6))]
+            base["endpoints"] = [endpoint, draw(st.sampled_from(ENDPOINTS6))]
+        value = draw(mutated(base, NETWORKS + NETWORKS6 if dual else NETWORKS))
     else:
         key = SCHEMA.peer(name)
-        value = draw(mutated(peer_doc(name, public_key=draw(st.sampled_from(KEYS)))))
+        peer = peer_doc(name, public_key=draw(st.sampled_from(KEYS)))
+        value = draw(mutated(peer, NETWORKS + NETWORKS6 if dual else NETWORKS))
     if draw(st.integers(min_value=0, max_value=5)) == 0:
         value = None
     return kind, key, value
@@ -268,8 +322,19 @@ def test_decoder_raises_only_record_errors_on_mutated_records(data: st.DataObjec
 def test_no_attack_costs_an_honest_node_its_place_or_routes_anything_dangerous(
     writes: list[tuple[str, str, bytes | None]],
 ) -> None:
-    mesh = Mesh()
-    builder = TopologyBuilder(LOCAL, auto_mtu=1420)
+    _attack(Mesh(), writes)
+
+
+@given(st.lists(attacks(dual=True), min_size=1, max_size=12))
+def test_no_attack_on_a_dual_stack_mesh_costs_an_honest_node_its_place_or_its_ipv6_routes(
+    writes: list[tuple[str, str, bytes | None]],
+) -> None:
+    _attack(Mesh(dual=True), writes)
+
+
+def _attack(mesh: Mesh, writes: list[tuple[str, str, bytes | None]]) -> None:
+    """Feed ``writes`` to ``mesh`` and an agent's incremental fold; after each, the honest nodes are whole."""
+    builder = TopologyBuilder(LOCAL_DUAL if mesh.dual else LOCAL, auto_mtu=1420)
     builder.update(mesh.view, mesh.take_changes())
     for _, key, value in writes:
         if value is None:

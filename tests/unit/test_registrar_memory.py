@@ -12,9 +12,11 @@ from prometheus_client import CollectorRegistry
 
 from helpers import run
 from warren_mesh.agent.identity import Identity
+from warren_mesh.agent.observer import Observed
 from warren_mesh.agent.registrar import Registrar
 from warren_mesh.identity.keys import NodeKey
 from warren_mesh.mesh.allocation import AddressSpaceExhausted, RegistrationConflict
+from warren_mesh.mesh.changes import Changes
 from warren_mesh.mesh.claims import LocalNode
 from warren_mesh.mesh.topology import build_topology
 from warren_mesh.mesh.view import MeshView
@@ -228,5 +230,48 @@ def test_an_ipv6_pod_network_gives_each_node_a_64() -> None:
             auto_mtu=1420,
         )
         assert str(subnets[1]) in next(iter(topology.peers.values())).allowed_ips and not topology.conflicts
+
+    scenario(body)
+
+
+DUAL = MeshConfig(
+    overlay_cidrs=(ipaddress.ip_network("10.96.0.0/16"), ipaddress.ip_network("fd96::/64")),
+    pod_networks=(
+        PodNetwork(ipaddress.ip_network("10.244.0.0/16"), 24),
+        PodNetwork(ipaddress.ip_network("fd44::/56"), 64),
+    ),
+)
+
+
+def test_a_registered_node_claims_the_family_its_mesh_gains_and_keeps_the_first() -> None:
+    """The config edit that makes a mesh dual-stack: on the lease it holds, the node claims an IPv6 address and pod
+    subnet (one of each), keeps its IPv4 ones, and its record, accepted whole by a peer, carries both."""
+
+    async def body(store: MemoryStore) -> None:
+        node = registrar(store, "a")
+        first = (await node.register(MeshConfig())).record
+        await registrar(store, "b").register(MeshConfig())
+        changes = Changes(everything=True)
+        await node.follow(Observed(changes, 0, MeshConfig(), {}, {}))
+        await store.put(SCHEMA.config, encode_json(DUAL.to_json()))  # the operator's write of the edited Mesh
+        await node.follow(Observed(changes, 0, DUAL, {}, {}))
+        assert node.current is not None
+        record = node.current.record
+        assert record.overlay_ips[0] == first.overlay_ip and record.overlay_ips[1] in DUAL.overlay_cidrs[1]
+        assert record.allowed_ips[0] == first.allowed_ips[0] and record.allowed_ips[1].prefixlen == 64
+        view = MeshView(SCHEMA)
+        view.apply(await store.list_prefix(SCHEMA.root))
+        claims = {s: r.owner for s, r in view.reservations.items() if r.owner == "a"}
+        assert set(claims) == {*record.overlay_texts, *(str(n) for n in record.allowed_ips)}, claims
+        assert not view.surplus_claims("a")
+        b = view.nodes["b"].record
+        topology = build_topology(
+            local=LocalNode("b", b.public_key, b.overlay_ips, allowed_ips=b.allowed_ips), view=view, auto_mtu=1420
+        )
+        assert not topology.conflicts
+        assert set(next(iter(topology.peers.values())).allowed_ips) == {
+            *(f"{ip}/{ip.max_prefixlen}" for ip in record.overlay_ips),
+            *(str(n) for n in record.allowed_ips),
+        }
 
     scenario(body)

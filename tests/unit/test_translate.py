@@ -52,7 +52,9 @@ def test_a_node_record_comes_back_as_a_mesh_node() -> None:
         "nodeName": "n1",
         "publicKey": node.public_key,
         "endpoint": "192.0.2.11:51820",
+        "endpoints": ["192.0.2.11:51820"],
         "overlayIP": "10.96.0.11",
+        "overlayIPs": ["10.96.0.11"],
         "allowedIPs": ["10.244.1.0/24"],
     }
 
@@ -64,3 +66,19 @@ def test_the_ready_condition_keeps_its_transition_time_while_its_status_holds() 
     assert same["lastTransitionTime"] == "2026-01-01T00:00:00Z" and same["observedGeneration"] == 4
     flipped = translate.ready_condition(False, "InvalidSpec", "bad", 5, previous)
     assert flipped["lastTransitionTime"] != "2026-01-01T00:00:00Z" and flipped["status"] == "False"
+
+
+def test_a_dual_stack_mesh_spec_gives_both_families_and_its_lists_replace_the_defaulted_single_fields() -> None:
+    # What the API server hands the operator: overlayCIDR and podCIDR defaulted, the lists as the user wrote them.
+    spec = {
+        "overlayCIDR": "10.96.0.0/16",
+        "podCIDR": "10.244.0.0/16",
+        "overlayCIDRs": ["fd96::/64", "10.96.0.0/16"],
+        "podCIDRs": ["fd44::/56", "10.244.0.0/16"],
+        "nodeSubnetPrefixLengthIPv6": 72,
+    }
+    config = translate.mesh_config(spec)
+    assert [str(n) for n in config.overlay_cidrs] == ["fd96::/64", "10.96.0.0/16"]  # IPv6 primary, as written
+    assert [(str(p.cidr), p.node_prefix) for p in config.pod_networks] == [("fd44::/56", 72), ("10.244.0.0/16", 24)]
+    with pytest.raises(translate.SpecError, match="overlayCIDRs must be one network, or one IPv4 and one IPv6"):
+        translate.mesh_config({"overlayCIDRs": ["10.96.0.0/16", "10.97.0.0/16"]})

@@ -93,8 +93,11 @@ def render_dot(
     nodes = sorted(view.nodes)
     pairs = [(a, b) for i, a in enumerate(nodes) for b in nodes[i + 1 :]]
     pairs += [(member, node) for member in sorted(view.peers) for node in nodes]
+    families = {name: {e.host.version for e in entry.record.endpoints} for name, entry in view.nodes.items()}
     for a, b in pairs:
         attributes = _edge_attributes(seen.get(frozenset((a, b)), []), now, stale_after)
+        if a in families and b in families and not families[a] & families[b]:
+            attributes = ' [color=grey, style=dashed, label="no underlay family in common"]'  # never dialled
         lines.append(f"  {_quote(a)} -- {_quote(b)}{attributes};")
     lines.append("}")
     return "\n".join(lines) + "\n"

@@ -32,23 +32,23 @@ class PeerError(RuntimeError):
 
 
 def _taken(view: MeshReader) -> tuple[set[int], list[IPNetwork]]:
-    """What of the mesh network is taken: addresses held (claims) or used by nodes, and peers' routes."""
+    """What of the mesh networks is taken: addresses held (claims) or used by nodes, and peers' routes."""
     held = {int(ipaddress.ip_address(s)) for s in view.reservations if "/" not in s}
     held.update(int(ip) for entry in view.nodes.values() for ip in entry.record.overlay_ips)
     routed = [network for entry in view.peers.values() for network in entry.record.allowed_ips]
     return held, routed
 
 
-def _free_address(view: MeshReader, skip: set[int]) -> IPAddress:
-    """A free address, from the top of the mesh network down: nodes start where their names hash to, so the top
-    is as likely free as anywhere, and members stay easy to tell apart from nodes."""
-    first, last = usable_host_range(view.config.overlay_cidrs[0])
+def _free_address(view: MeshReader, overlay: IPNetwork, skip: set[int]) -> IPAddress:
+    """A free address of ``overlay``, from the top down: nodes start where their names hash to, so the top is as
+    likely free as anywhere, and members stay easy to tell apart from nodes."""
+    first, last = usable_host_range(overlay)
     held, routed = _taken(view)
-    for candidate in range(last, first - 1, -1):
-        address = ipaddress.ip_address(candidate)
+    for candidate in range(last, max(first, last - 65536) - 1, -1):  # an IPv6 /64 is not searched to its end
+        address = ipaddress.ip_address(candidate) if overlay.version == 4 else ipaddress.IPv6Address(candidate)
         if candidate not in held and candidate not in skip and not any(address in n for n in routed):
             return address
-    raise PeerError(f"every address of the mesh network {view.config.overlay_cidrs[0]} is taken")
+    raise PeerError(f"every address of the mesh network {overlay} is taken")
 
 
 async def add(
@@ -58,8 +58,9 @@ async def add(
     *,
     allowed_ips: Sequence[IPNetwork] = (),
     persistent_keepalive: int | None = None,
-) -> tuple[NodeKey, IPAddress]:
-    """Write peer ``name`` with a new key and a free address of the mesh network; its key and the address."""
+) -> tuple[NodeKey, tuple[IPAddress, ...]]:
+    """Write peer ``name`` with a new key and a free address of each of the mesh's overlay networks; its key and
+    the addresses."""
     try:
         validate_name(name)
     except RecordError as exc:
@@ -70,27 +71,40 @@ async def add(
     if name in view.nodes or any(r.owner == name for r in view.reservations.values()):
         raise PeerError(f"{name!r} is a node of the mesh; choose another name for the peer")
     key = NodeKey.generate()
+    addresses = []
+    try:
+        for overlay in view.config.overlay_cidrs:
+            addresses.append(await _claim_address(store, schema, name, overlay))
+    except PeerError:
+        await store.delete_prefix(schema.claims_of(name))  # the address of the first family too
+        raise
+    hosts = tuple(ipaddress.ip_network(f"{a}/{a.max_prefixlen}") for a in addresses)
+    record = ExternalPeer(name, key.public_key, (*hosts, *allowed_ips), None, persistent_keepalive)
+    if await store.create(schema.peer(name), encode_json(record.to_json())) is not None:
+        await store.delete_prefix(schema.claims_of(name))
+        raise PeerError(f"peer {name!r} was added by someone else meanwhile")
+    return key, tuple(addresses)
+
+
+async def _claim_address(store: Store, schema: KeySchema, name: str, overlay: IPNetwork) -> IPAddress:
+    """Claim a free address of ``overlay`` for ``name``: the oldest claim holds it, on every node."""
     tried: set[int] = set()
+    view = await read_view(store, schema)
     for _ in range(_ATTEMPTS):
-        address = _free_address(view, tried)
+        address = _free_address(view, overlay, tried)
         tried.add(int(address))
-        network = ipaddress.ip_network(f"{address}/{address.max_prefixlen}")
-        record = ExternalPeer(name, key.public_key, (network, *allowed_ips), None, persistent_keepalive)
         claim = schema.claim(name, str(address))
         if await store.create_all([(claim, b"", 0)]) is not None:
             continue
-        # A node may have claimed the address since we listed: the oldest claim holds it, on every node.
+        # A node may have claimed the address since we listed.
         view = await read_view(store, schema)
         holder = view.reservations.get(str(address))
         if holder is None or holder.owner != name:
             await store.delete(claim)
             log.info("%s took %s meanwhile; trying another address", holder.owner if holder else "?", address)
             continue
-        if await store.create(schema.peer(name), encode_json(record.to_json())) is not None:
-            await store.delete(claim)
-            raise PeerError(f"peer {name!r} was added by someone else meanwhile")
-        return key, address
-    raise PeerError(f"no address of {view.config.overlay_cidrs[0]} stayed free in {_ATTEMPTS} tries; try again")
+        return address
+    raise PeerError(f"no address of {overlay} stayed free in {_ATTEMPTS} tries; try again")
 
 
 async def remove(store: Store, schema: KeySchema, name: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,8 +20,8 @@ from warren_mesh.values.keyspace import KeySchema
 class NodeStatus:
     name: str
     public_key: str
-    endpoint: str
-    overlay_ip: str
+    endpoints: tuple[str, ...]  # one per underlay family, preferred first
+    overlay_ips: tuple[str, ...]  # one per overlay network
     listen_port: int
     lease_seconds_left: int  # -1: the record has no live lease
     published_at: float
@@ -29,8 +30,10 @@ class NodeStatus:
         return {
             "name": self.name,
             "public_key": self.public_key,
-            "endpoint": self.endpoint,
-            "overlay_ip": self.overlay_ip,
+            "endpoint": self.endpoints[0],
+            "endpoints": list(self.endpoints),
+            "overlay_ip": self.overlay_ips[0],
+            "overlay_ips": list(self.overlay_ips),
             "listen_port": self.listen_port,
             "lease_seconds_left": self.lease_seconds_left,
             "published_at": self.published_at,
@@ -45,6 +48,8 @@ class MeshStatus:
     # Public key -> (receive, transmit) bits per second as one agent sees its peers (empty: not asked/reachable).
     traffic: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     traffic_from: str = ""  # the agent those figures come from
+    # Pairs of nodes with no underlay family in common (an IPv4-only and an IPv6-only node): never dialled.
+    unreachable: tuple[tuple[str, str], ...] = ()
 
 
 def read_agent_traffic(metrics_url: str, timeout: float = 2.0) -> dict[str, tuple[float, float]]:
@@ -69,15 +74,17 @@ async def read_status(store: Store, schema: KeySchema) -> MeshStatus:
         NodeStatus(
             name=name,
             public_key=entry.record.public_key,
-            endpoint=str(entry.record.endpoint),
-            overlay_ip=str(entry.record.overlay_ip),
+            endpoints=entry.record.endpoint_texts,
+            overlay_ips=entry.record.overlay_texts,
             listen_port=entry.record.listen_port,
             lease_seconds_left=left.get(entry.lease, -1),
             published_at=entry.record.published_at,
         )
         for name, entry in sorted(view.nodes.items())
     )
-    return MeshStatus(nodes, rejected, view.revision)
+    families = {name: {e.host.version for e in entry.record.endpoints} for name, entry in view.nodes.items()}
+    unreachable = tuple((a, b) for a, b in itertools.combinations(sorted(families), 2) if not families[a] & families[b])
+    return MeshStatus(nodes, rejected, view.revision, unreachable=unreachable)
 
 
 def format_rate(bits_per_second: float) -> str:
@@ -94,7 +101,13 @@ def render_table(status: MeshStatus) -> str:
         header = (*header, "RX", "TX")
     rows: list[tuple[str, ...]] = []
     for n in status.nodes:
-        row: tuple[str, ...] = (n.name, n.overlay_ip, n.endpoint, n.public_key[:10] + "…", f"{n.lease_seconds_left}s")
+        row: tuple[str, ...] = (
+            n.name,
+            ",".join(n.overlay_ips),
+            ",".join(n.endpoints),
+            n.public_key[:10] + "…",
+            f"{n.lease_seconds_left}s",
+        )
         if status.traffic:
             rates = status.traffic.get(n.public_key)
             row = (*row, *((format_rate(rates[0]), format_rate(rates[1])) if rates is not None else ("-", "-")))
@@ -105,6 +118,7 @@ def render_table(status: MeshStatus) -> str:
     if status.traffic:
         lines.append(f"RX/TX: throughput to and from each peer as seen by the agent at {status.traffic_from}")
     lines.extend(f"rejected {r.key}: {r.reason}: {r.message}" for r in status.rejected)
+    lines.extend(f"no underlay family in common: {a} and {b} (never dialled)" for a, b in status.unreachable)
     return "\n".join(lines)
 
 

@@ -329,6 +329,28 @@ class Agent:
                 except RecordError as exc:
                     log.warning("ignoring the key rotation request for %s: %s", self.settings.node_name, exc)
             await registrar.follow(batch)
+            self._take_holdings(registrar, reconciler)
+
+    def _take_holdings(self, registrar: Registrar, reconciler: Reconciler) -> None:
+        """After a config change our registration may hold addresses or pod subnets of a family the mesh gained:
+        the device and the pods' network follow."""
+        current = registrar.current
+        local = reconciler.local
+        if current is None or (current.record.overlay_ips, current.record.allowed_ips) == (
+            local.overlay_ips,
+            local.allowed_ips,
+        ):
+            return
+        record = current.record
+        if self.pod_network is not None:
+            self.pod_network.subnets = record.allowed_ips
+        elif record.allowed_ips:
+            self.pod_network = self.host.pod_network(
+                self.settings.pods, subnets=record.allowed_ips, interface=self.backend.interface_name
+            )
+        pods = ", ".join(str(n) for n in record.allowed_ips) or "none"
+        log.info("the device and the pods follow: %s, pods %s", ", ".join(record.overlay_texts), pods)
+        reconciler.set_holdings(record.overlay_ips, record.allowed_ips, self.pod_network)
 
     def _protected_networks(self, endpoint_hosts: tuple[IPAddress, ...]) -> tuple[IPNetwork, ...]:
         """What this node must reach outside the tunnel, whatever etcd says: its underlay addresses and subnets,

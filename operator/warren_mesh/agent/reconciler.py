@@ -26,9 +26,11 @@ from warren_mesh.agent.identity import Identity
 from warren_mesh.agent.report import PassReport
 from warren_mesh.identity.keys import NodeKey
 from warren_mesh.mesh.changes import Changes
+from warren_mesh.mesh.claims import LocalNode
 from warren_mesh.mesh.decision import Decider
 from warren_mesh.mesh.view import MeshReader
 from warren_mesh.trust.records import MeshConfig
+from warren_mesh.values.netaddr import IPAddress, IPNetwork
 from warren_mesh.wireguard.backend import Backend, BackendError
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,19 @@ class Reconciler:
             self._identity.key = key
             self._decider.set_public_key(key.public_key, self._view)
             return await self._reconcile()
+
+    @property
+    def local(self) -> LocalNode:
+        return self._decider.local
+
+    def set_holdings(
+        self, overlay_ips: tuple[IPAddress, ...], subnets: tuple[IPNetwork, ...], pod_network: PodNetworkUpkeep | None
+    ) -> None:
+        """Our registration holds other addresses or pod subnets now (the mesh gained a family): the device, the
+        routes and the pods' network follow in the next pass, a full one."""
+        self._decider.set_holdings(overlay_ips, subnets, self._view)
+        self._pod_network = pod_network
+        self._dirty.set()
 
     def notify(self, changes: Changes | None = None, *, verify: bool = False) -> None:
         """The view changed by ``changes`` (or, with ``verify``, the device may have): run a pass once the current

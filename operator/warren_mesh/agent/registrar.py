@@ -275,10 +275,39 @@ class Registrar:
             self._config = config
             return
         try:
-            await publication.republish(config)
+            if self._lacks_family(config):
+                await self._extend(config)
+            else:
+                await publication.republish(config)
             self._config = config
         except StoreUnavailable as exc:
             log.warning("could not republish after a config change (retried with the next event): %s", exc)
+
+    def _lacks_family(self, config: MeshConfig) -> bool:
+        """Whether the mesh has a network of a family our record has nothing of (it just became dual-stack)."""
+        current = self.current
+        if current is None:
+            return False
+        record = current.record
+        have = {ip.version for ip in record.overlay_ips}
+        subnets = {n.version for n in record.allowed_ips}
+        return any(v not in have for v in config.families) or any(p.version not in subnets for p in config.pod_networks)
+
+    async def _extend(self, config: MeshConfig) -> None:
+        """Claim an address and a pod subnet in the networks of the family the mesh gained, keeping those we hold,
+        and publish them on the lease we hold (peers update the record; nothing of the first family changes)."""
+        current = self._registration()
+        found = await self._holdings(config)
+        if self._pod_subnet is not None:
+            found.subnets[self._pod_subnet.version] = allocation.pinned_subnet(self._pod_subnet, config, found)
+        record = await self._claim_and_publish(config, found, current.lease_id)
+        self.publication.registered(Registration(record, current.lease_id, current.ttl))
+        log.info(
+            "%s holds %s and pods %s in the mesh's networks now",
+            self._name,
+            ", ".join(record.overlay_texts),
+            ", ".join(str(n) for n in record.allowed_ips) or "none",
+        )
 
     async def _remove_surplus(self, surplus: tuple[str, ...]) -> None:
         """Claims of ours that take nothing (we hold an older one of their kind): someone with our credential

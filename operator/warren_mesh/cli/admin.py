@@ -104,11 +104,12 @@ async def run_peer(settings: StoreSettings, args: argparse.Namespace) -> int:
                 raise SettingsError(f"--allowed-ip {text!r} is not a network in CIDR form: {exc}") from None
         if args.keepalive is not None and not 0 <= args.keepalive <= 65535:
             raise SettingsError(f"--keepalive {args.keepalive} is not 0-65535 seconds")
-        key, address = await peers.add(
+        key, addresses = await peers.add(
             store, settings.schema, args.name, allowed_ips=allowed, persistent_keepalive=args.keepalive
         )
         view = await read_view(store, settings.schema)
-    print(f"added peer {args.name} at {address}; its private key is only in the file below", file=sys.stderr)
+    at = ", ".join(map(str, addresses))
+    print(f"added peer {args.name} at {at}; its private key is only in the file below", file=sys.stderr)
     print(showconf.for_peer(view, args.name, private_key=key, dns=args.dns).render(), end="")
     return 0
 

@@ -43,25 +43,34 @@ def mesh_schema(spec: Mapping[str, Any]) -> KeySchema:
 def mesh_config(spec: Mapping[str, Any]) -> MeshConfig:
     """The mesh config a Mesh spec describes, checked exactly as agents check it."""
     doc: dict[str, Any] = {"schema": SCHEMA_VERSION}
+    # Dual-stack: the lists, when given, say every network (the primary first); the single fields, which the API
+    # server defaults, then do not count.
+    dual = {field: spec[field] for field in ("overlayCIDRs", "podCIDRs") if spec.get(field)}
     for field, key in (
+        ("overlayCIDRs", "overlay_cidrs"),
+        ("podCIDRs", "pod_cidrs"),
         ("overlayCIDR", "overlay_cidr"),
         ("podCIDR", "pod_cidr"),
         ("nodeSubnetPrefixLength", "node_subnet_prefix"),
+        ("nodeSubnetPrefixLengthIPv6", "node_subnet_prefix_ipv6"),
         ("listenPort", "listen_port"),
         ("mtu", "mtu"),
         ("persistentKeepalive", "persistent_keepalive"),
         ("leaseTTLSeconds", "lease_ttl_seconds"),
         ("keyRotationIntervalHours", "key_rotation_interval_hours"),
     ):
-        if field in spec:
+        if field in spec and f"{field}s" not in dual:
             doc[key] = spec[field]
     try:
         config = MeshConfig.from_json(doc)
     except RecordError as exc:
         message = str(exc)
         for field, key in (
+            ("overlayCIDRs", "overlay_cidrs"),
+            ("podCIDRs", "pod_cidrs"),
             ("overlayCIDR", "overlay_cidr"),
             ("podCIDR", "pod_cidr"),
+            ("nodeSubnetPrefixLengthIPv6", "node_subnet_prefix_ipv6"),
             ("nodeSubnetPrefixLength", "node_subnet_prefix"),
             ("keyRotationIntervalHours", "key_rotation_interval_hours"),
         ):
@@ -112,7 +121,9 @@ def mesh_node_spec(mesh: str, record: NodeRecord) -> dict[str, Any]:
         "nodeName": record.name,
         "publicKey": record.public_key,
         "endpoint": str(record.endpoint),
+        "endpoints": list(record.endpoint_texts),
         "overlayIP": str(record.overlay_ip),
+        "overlayIPs": list(record.overlay_texts),
         "allowedIPs": [str(n) for n in record.allowed_ips],
     }
 

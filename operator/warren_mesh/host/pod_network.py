@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 class PodNetwork:
     def __init__(self, settings: PodSettings, *, subnets: tuple[IPNetwork, ...], interface: str) -> None:
         self._settings = settings
-        self._subnets = subnets
+        self.subnets = subnets  # one per family; the mesh gaining a family adds one
         self._interface = interface
 
     def ensure(self, config: MeshConfig, mtu: int) -> bool:
@@ -29,7 +29,7 @@ class PodNetwork:
         # Forwarding first: the conflist tells the container runtime that pods may start here, and a pod that
         # started before our masquerade rule existed would keep un-NATed connections (conntrack) out of the node,
         # its own address on the underlay, for as long as they last.
-        routing = forwarding.PodRouting(self._subnets, config.pod_cidrs, config.overlay_cidrs, self._interface)
+        routing = forwarding.PodRouting(self.subnets, config.pod_cidrs, config.overlay_cidrs, self._interface)
         try:
             changed = forwarding.ensure(routing)
         except forwarding.ForwardingError as exc:
@@ -40,9 +40,9 @@ class PodNetwork:
         directory = self._settings.cni_conf_dir
         if directory is not None:
             try:
-                config_file = cni.conflist(self._subnets, mtu=mtu, ipam_data_dir=self._settings.cni_ipam_dir)
+                config_file = cni.conflist(self.subnets, mtu=mtu, ipam_data_dir=self._settings.cni_ipam_dir)
                 if cni.write_conflist(directory, config_file):
-                    subnets = ", ".join(map(str, self._subnets))
+                    subnets = ", ".join(map(str, self.subnets))
                     log.info("wrote %s: pods on %s, MTU %d", directory / cni.CONFLIST_NAME, subnets, mtu)
             except OSError as exc:
                 log.error("cannot write the CNI network config in %s (retrying): %s", directory, exc)

@@ -121,7 +121,7 @@ class Lab(LabPods, LabInspection, LabNat):
                 self._admin("etcd-auth", "setup")
                 say("etcd auth on: each node may write only its own keys")
             if OVERLAYS[overlay]:
-                self._write_config({"schema": SCHEMA_VERSION, **OVERLAYS[overlay]})
+                self.put_config({"schema": SCHEMA_VERSION, **OVERLAYS[overlay]})
                 say(f"mesh networks: {OVERLAYS[overlay]}")
             for index in range(1, nodes + 1):
                 self.add_node(index)
@@ -182,7 +182,7 @@ class Lab(LabPods, LabInspection, LabNat):
             raise LabError(f"underlay {bad[0]!r} is not one of {', '.join(UNDERLAYS)}")
         return found
 
-    def _write_config(self, doc: dict[str, object]) -> None:
+    def put_config(self, doc: dict[str, object]) -> None:
         """Put the mesh config, as the operator would, before any node registers."""
         argv = ["ip", "netns", "exec", self.hub, *self.access().etcdctl("put", SCHEMA.config)]
         done = subprocess.run(argv, input=json.dumps(doc).encode(), capture_output=True, check=False)

@@ -19,6 +19,7 @@ from warren_mesh.mesh.plan import Plan, plan_changes, plan_delta
 from warren_mesh.mesh.topology import Topology, TopologyBuilder
 from warren_mesh.mesh.view import MeshReader
 from warren_mesh.values.device import DeviceState, InterfaceSpec, PeerSpec
+from warren_mesh.values.netaddr import IPAddress, IPNetwork
 
 
 class Fold(NamedTuple):
@@ -70,6 +71,15 @@ class Decider:
     def set_public_key(self, public_key: str, view: MeshReader) -> None:
         """This node's key changed (key rotation): fold again around it; the next plan installs it."""
         self._builder.set_local(dataclasses.replace(self._builder.local, public_key=public_key), view)
+        self._verify_next = True
+
+    def set_holdings(
+        self, overlay_ips: tuple[IPAddress, ...], subnets: tuple[IPNetwork, ...], view: MeshReader
+    ) -> None:
+        """This node's addresses or pod subnets changed (the mesh gained a family): fold again around them; the
+        next plan gives the device its new address."""
+        local = dataclasses.replace(self._builder.local, overlay_ips=overlay_ips, allowed_ips=subnets)
+        self._builder.set_local(local, view)
         self._verify_next = True
 
     @property

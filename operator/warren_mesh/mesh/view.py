@@ -183,13 +183,13 @@ class MeshView:
         self._slots.clear()
         if self._damper is not None:
             self._damper.clear()
-        if self._schema.config not in present:
-            self.config, self._config_revision = MeshConfig(), 0
         self._rejected = {k: r for k, r in self._rejected.items() if k in present}
         self._pending_config = None
         # The config last: whether it may take effect depends on the nodes registered with it.
         for kv in sorted(snapshot.items, key=lambda kv: kv.key == self._schema.config):
             self._put(kv)
+        if self._schema.config not in present:
+            self._config_gone()
         self.revision = snapshot.revision
         self.synced = True
         self._changed_everything = True
@@ -225,9 +225,16 @@ class MeshView:
             case ("ipam", address):
                 self._drop_claim(address, key)
             case ("config", _):
-                self.config, self._config_revision = MeshConfig(), 0
-                self._pending_config = None
-                self._changed_everything = True
+                self._config_gone()
+
+    def _config_gone(self) -> None:
+        """No config in etcd: the defaults, judged like any config. (Deleted under a dual-stack mesh, or one on
+        other networks, the defaults would leave every node out: kept as before until no node is.)"""
+        gone = KeyValue(self._schema.config, b"", 0, 0)
+        try:
+            self._put_config(gone, MeshConfig())
+        except RecordError as exc:
+            self._reject(gone, exc)
 
     def _put(self, kv: KeyValue) -> None:
         kind = self._schema.classify(kv.key)
