@@ -48,8 +48,10 @@ ROOT = Path(__file__).resolve().parent.parent
 KUBECTL = str(ROOT / ".venv" / "bin" / "kubectl")  # Debian 13's, linked there by hack/setup
 DEFAULT_STATE = Path(os.environ.get("WARREN_MESH_K8S_DIR", f"/tmp/warren-mesh-k8s-{os.getuid()}"))
 NAMESPACE = "warren-mesh"
-SERVICE_CIDR = "10.0.0.0/24"
-POD_CIDR = "10.244.0.0/16"  # the Mesh's default podCIDR: kube-proxy masquerades what comes from outside it
+# Dual-stack (IPv6DualStack, alpha in 1.20, on in every component): Services get an address of each family, and
+# kube-proxy knows both pod networks, the Mesh's default podCIDR and the IPv6 one tests/k8s adds by an edit.
+SERVICE_CIDR = "10.0.0.0/24,fd00:10::/112"
+POD_CIDR = "10.244.0.0/16,fd44::/56"  # kube-proxy masquerades what comes from outside them
 # name -> (user, groups) of the static tokens written at start
 IDENTITIES = {
     "admin": ("admin", ["system:masters"]),
@@ -142,6 +144,7 @@ def _up(state: Path, nodes: int, binaries: Path, pids: dict[str, int | None]) ->
             f"--service-account-key-file={state / 'sa.pub'}",
             f"--service-account-signing-key-file={state / 'sa.key'}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
+            k8s_nodes.DUAL_STACK_GATE,
             "--enable-priority-and-fairness=false",
             # As kubeadm and managed clusters run it: a CNI DaemonSet needs one privileged init container.
             "--allow-privileged=true",
@@ -178,6 +181,7 @@ def _cluster_up(state: Path, nodes: int, binaries: Path, pids: dict[str, int | N
             f"--service-account-private-key-file={state / 'sa.key'}",
             f"--root-ca-file={ca}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
+            k8s_nodes.DUAL_STACK_GATE,
             # Pod subnets are the mesh's (its agents claim them in etcd), not the controller manager's.
             "--allocate-node-cidrs=false",
             "--node-monitor-grace-period=20s",

@@ -23,6 +23,10 @@ from pathlib import Path
 UNDERLAY_BRIDGE = "wmk0"
 UNDERLAY_PREFIX = "10.213.0"
 HOST_ADDRESS = f"{UNDERLAY_PREFIX}.1"  # the control plane (API server, cluster DNS) listens here
+# The underlay is dual-stack, as the cluster is (IPv6DualStack): the host's and every node's IPv6 address (ULA).
+UNDERLAY6_PREFIX = "fd00:213::"
+HOST_ADDRESS6 = f"{UNDERLAY6_PREFIX}1"
+DUAL_STACK_GATE = "--feature-gates=IPv6DualStack=true"  # Kubernetes 1.20: alpha, off by default
 NETNS_PREFIX = "wmk-"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_PARENT = "warren-mesh-k8s"
@@ -69,6 +73,10 @@ def node_address(index: int) -> str:
     return f"{UNDERLAY_PREFIX}.{10 + index}"
 
 
+def node_address6(index: int) -> str:
+    return f"{UNDERLAY6_PREFIX}{10 + index:x}"
+
+
 def _run(*argv: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(argv, capture_output=True, text=True, input=input, check=False)
     if check and done.returncode != 0:
@@ -81,6 +89,8 @@ def underlay_up() -> None:
     if _run("ip", "link", "show", UNDERLAY_BRIDGE, check=False).returncode != 0:
         _run("ip", "link", "add", UNDERLAY_BRIDGE, "type", "bridge")
     _run("ip", "addr", "replace", f"{HOST_ADDRESS}/24", "dev", UNDERLAY_BRIDGE)
+    # nodad: usable at once (nothing else is on this bridge), not "tentative" for the first second or two
+    _run("ip", "addr", "replace", f"{HOST_ADDRESS6}/64", "dev", UNDERLAY_BRIDGE, "nodad")
     _run("ip", "link", "set", UNDERLAY_BRIDGE, "up")
 
 
@@ -256,6 +266,7 @@ class Node:
         self.index = index
         self.name = node_name(index)
         self.address = node_address(index)
+        self.address6 = node_address6(index)
         self.netns = f"{NETNS_PREFIX}{self.name}"
         self.home = state / "nodes" / self.name
 
@@ -283,6 +294,8 @@ class Node:
         _run(*inside, "ip", "addr", "add", f"{self.address}/24", "dev", "eth0")
         _run(*inside, "ip", "link", "set", "eth0", "up")
         _run(*inside, "ip", "route", "add", "default", "via", HOST_ADDRESS)
+        _run(*inside, "ip", "addr", "add", f"{self.address6}/64", "dev", "eth0", "nodad")
+        _run(*inside, "ip", "-6", "route", "add", "default", "via", HOST_ADDRESS6)
         binds = []
         for target in NODE_PATHS:
             source = self.home / "fs" / target.lstrip("/")
@@ -387,7 +400,8 @@ class Node:
                 str(binaries.kubelet),
                 f"--kubeconfig={kubeconfig}",
                 f"--hostname-override={self.name}",
-                f"--node-ip={self.address}",
+                f"--node-ip={self.address},{self.address6}",
+                DUAL_STACK_GATE,
                 "--container-runtime=remote",
                 f"--container-runtime-endpoint=unix://{self.socket}",
                 "--runtime-request-timeout=5m",
@@ -420,6 +434,7 @@ class Node:
                 f"--bind-address={self.address}",
                 "--proxy-mode=iptables",
                 f"--cluster-cidr={cluster_cidr}",
+                DUAL_STACK_GATE,
                 # Conntrack limits are the machine's, not a node's: left alone.
                 "--conntrack-max-per-core=0",
                 "--conntrack-tcp-timeout-established=0",

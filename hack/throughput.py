@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """Data-plane throughput in one run: native underlay, a hand-configured wireguard-go tunnel, and the lab's mesh.
 
-    sudo .venv/bin/python hack/throughput.py [--seconds 5] [--rounds 3] [--link-rate 1gbit] [--wireguard-go PATH ...]
+    sudo .venv/bin/python hack/throughput.py [--seconds 5] [--rounds 3] [--link-rate 1gbit] [--underlay ipv6]
+        [--wireguard-go PATH ...]
 
 Prints one JSON line: native_gbps, manual_wg_gbps, mesh_gbps, pod_gbps (iperf3 between a pod on each node, through
 the CNI bridge and the tunnel), mesh_vs_manual, tunnel_vs_native, pod_vs_tunnel, link_rate, ceiling_ratio (the
 most any tunnel can carry relative to native on this link, from the MTUs), tunnel_vs_ceiling,
 wireguard_go_version (plus the per-round figures and the machine). ``--link-rate`` shapes the underlay (tbf on both
 ends of both nodes' veth pairs, for native and tunnel alike), as a physical link of that rate would.
+``--underlay ipv6``: the nodes' underlay is IPv6 only (native, the hand-made tunnel and the mesh's all cross it;
+WireGuard's overhead is 80 bytes there, not 60).
 
 All of them cross the same path (two lab namespaces joined by the lab's bridge): native over the underlay
 addresses, the hand-made tunnel on its own port and subnet, the mesh's tunnel, and the pods over the mesh. They
@@ -68,7 +71,7 @@ def measure(server_ns: str, client_ns: str, address: str, seconds: float) -> flo
         server.wait()
 
 
-def setup_manual(lab: Lab, binary: str, mtu: int) -> str:
+def setup_manual(lab: Lab, binary: str, mtu: int, ipv6: bool) -> str:
     """A second wireguard-go tunnel between the lab's node-1 and node-2, configured by hand (ip and wg, as a user
     would) with the same binary and MTU as the mesh's, on its own port and subnet: it crosses exactly the underlay
     the mesh crosses. Returns node-2's address."""
@@ -92,7 +95,7 @@ def setup_manual(lab: Lab, binary: str, mtu: int) -> str:
                 "peer",
                 keys[1 - i].public_key,
                 "endpoint",
-                f"{lab.underlay_ip(other)}:{MANUAL_PORT}",
+                f"[{lab.underlay_ip6(other)}]:{MANUAL_PORT}" if ipv6 else f"{lab.underlay_ip(other)}:{MANUAL_PORT}",
                 "allowed-ips",
                 f"10.98.0.{other}/32",
             )
@@ -101,12 +104,13 @@ def setup_manual(lab: Lab, binary: str, mtu: int) -> str:
     return "10.98.0.2"
 
 
-def ceiling_ratio(underlay_mtu: int, tunnel_mtu: int) -> float:
+def ceiling_ratio(underlay_mtu: int, tunnel_mtu: int, ipv6: bool = False) -> float:
     """The most a tunnel can carry relative to native on a link counted by the frame (tbf sees the 14-byte Ethernet
-    header): a native TCP segment carries underlay_mtu - 40 bytes in underlay_mtu + 14; a tunnel one carries
-    tunnel_mtu - 40 in tunnel_mtu + 60 (WireGuard over IPv4 and UDP) + 14. 1500/1420: 0.958."""
-    native = (underlay_mtu - 40) / (underlay_mtu + 14)
-    tunnel = (tunnel_mtu - 40) / (tunnel_mtu + 60 + 14)
+    header): a native TCP segment carries underlay_mtu - 40 bytes in underlay_mtu + 14 (- 60 over IPv6); a tunnel
+    one (IPv4 inside) carries tunnel_mtu - 40 in tunnel_mtu + 60 (WireGuard over IPv4 and UDP; 80 over IPv6) + 14.
+    1500/1440 over IPv4: 0.958; 1500/1420 over IPv6: 0.958."""
+    native = (underlay_mtu - (60 if ipv6 else 40)) / (underlay_mtu + 14)
+    tunnel = (tunnel_mtu - 40) / (tunnel_mtu + (80 if ipv6 else 60) + 14)
     return tunnel / native
 
 
@@ -115,19 +119,20 @@ def run_with(binary: str, args: argparse.Namespace) -> dict[str, Any]:
     lab = Lab(prefix=TAG[:3] + "m" + TAG[3:], state_dir=Path(tempfile.mkdtemp(prefix="warren-tp-")))
     rounds: dict[str, list[float]] = {"native": [], "manual_wg": [], "mesh": [], "pod": []}
     try:
-        status = lab.up(2, backend="userspace", timeout=60, pods=1, wireguard_go=binary)
+        ipv6 = args.underlay == "ipv6"
+        status = lab.up(2, backend="userspace", timeout=60, pods=1, wireguard_go=binary, underlay=args.underlay)
         mesh_target = status[1].overlay_ips[0]
         assert mesh_target is not None
         client, server = lab.node_netns(1), lab.node_netns(2)
         tunnel_mtu = int(sh(client, "cat", f"/sys/class/net/{lab.interface(1)}/mtu").stdout)
         underlay_mtu = int(sh(client, "cat", f"/sys/class/net/{lab.prefix}v1n/mtu").stdout)
-        manual_target = setup_manual(lab, binary, tunnel_mtu)
+        manual_target = setup_manual(lab, binary, tunnel_mtu, ipv6)
         if args.link_rate:
             for index in (1, 2):
                 lab.set_underlay(index, rate=args.link_rate)
         pods = {pod.node: pod for pod in lab.pods()}
         for _ in range(args.rounds):
-            rounds["native"].append(measure(server, client, lab.underlay_ip(2), args.seconds))
+            rounds["native"].append(measure(server, client, lab.underlay_ips(2)[0], args.seconds))
             rounds["manual_wg"].append(measure(server, client, manual_target, args.seconds))
             rounds["mesh"].append(measure(server, client, mesh_target, args.seconds))
             rounds["pod"].append(measure(pods["node-2"].netns, pods["node-1"].netns, pods["node-2"].ip, args.seconds))
@@ -136,7 +141,7 @@ def run_with(binary: str, args: argparse.Namespace) -> dict[str, Any]:
         for sock in SOCKET_DIR.glob(f"{TAG}*.sock"):
             sock.unlink(missing_ok=True)
     native, manual, mesh, pod = (statistics.median(rounds[k]) for k in ("native", "manual_wg", "mesh", "pod"))
-    ceiling = ceiling_ratio(underlay_mtu, tunnel_mtu)
+    ceiling = ceiling_ratio(underlay_mtu, tunnel_mtu, ipv6)
     return {
         "native_gbps": round(native, 3),
         "manual_wg_gbps": round(manual, 3),
@@ -146,6 +151,7 @@ def run_with(binary: str, args: argparse.Namespace) -> dict[str, Any]:
         "tunnel_vs_native": round(mesh / native, 3),
         "pod_vs_tunnel": round(pod / mesh, 3),
         "link_rate": args.link_rate or "unlimited",
+        "underlay": args.underlay,
         "ceiling_ratio": round(ceiling, 3),
         "tunnel_vs_ceiling": round(mesh / native / ceiling, 3),
         "wireguard_go_version": wireguard_go_version(binary),
@@ -160,6 +166,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each iperf3 run")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
     parser.add_argument("--link-rate", default=None, help="shape the underlay to this rate (tc's units: 1gbit, ...)")
+    parser.add_argument("--underlay", choices=("ipv4", "ipv6"), default="ipv4", help="the nodes' underlay family")
     parser.add_argument(
         "--wireguard-go",
         action="append",

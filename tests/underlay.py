@@ -9,10 +9,10 @@ import sys
 from collections.abc import Callable
 from typing import NamedTuple
 
-# Captures IPv4 and IPv6 frames (not IPv6 neighbour discovery) on one interface for a while (or until SIGINT)
-# and prints them as JSON lists in Frame's
-# order. ETH_P_ALL: a bridge port's frames reach only the taps that take every protocol. A large receive buffer,
-# so that a busy machine's scheduler does not make the Python loop miss a burst.
+# Captures IPv4 and IPv6 frames (not IPv6's link-local and multicast chatter) on one interface for a while (or
+# until SIGINT) and prints them as JSON lists in Frame's order. ETH_P_ALL: a bridge port's frames reach only the
+# taps that take every protocol. A large receive buffer, so that a busy machine's scheduler does not make the
+# Python loop miss a burst.
 SNIFFER = r"""
 import json, signal, socket, struct, sys, time
 iface, seconds = sys.argv[1], float(sys.argv[2])
@@ -36,8 +36,8 @@ while time.monotonic() < end and not stopped:
             first = not int.from_bytes(ip[42:44], "big") & 0xFFF8
         else:
             first = True
-        if proto == 58 and rest[:1] and 133 <= rest[0] <= 137:
-            continue  # neighbour discovery: the link's own business
+        if ip[8] == 0xFE and ip[9] & 0xC0 == 0x80 or ip[24] == 0xFF:
+            continue  # from a link-local address or to a multicast group (neighbour discovery, MLD): the link's own
         ports = struct.unpack("!HH", rest[:4]) if proto in (6, 17) and first else (0, 0)
         addresses = [socket.inet_ntop(socket.AF_INET6, ip[8:24]), socket.inet_ntop(socket.AF_INET6, ip[24:40])]
         seen.append([proto, *ports, fragment, *addresses, len(frame)])

@@ -39,6 +39,9 @@ NODES = 3
 K8S = [sys.executable, str(ROOT / "hack" / "k8s.py")]
 PROBE_IMAGE = "warren-mesh-probe:test"
 POD_CIDR = ipaddress.ip_network("10.244.0.0/16")  # the Mesh's default podCIDR (deploy/examples/mesh.yaml keeps it)
+# What the test adds to the Mesh to make it dual-stack (the cluster, hack/k8s-up, is dual-stack already).
+POD_CIDR6 = ipaddress.ip_network("fd44::/56")
+DUAL_STACK = {"spec": {"overlayCIDRs": ["10.96.0.0/16", "fd96::/64"], "podCIDRs": [str(POD_CIDR), str(POD_CIDR6)]}}
 NAMESPACE = "warren-mesh"
 TRANSFER_BYTES = 20_000_000
 
@@ -147,7 +150,7 @@ def _nodes(cluster: Cluster) -> dict[str, dict[str, Any]]:
 
 
 def _probe(cluster: Cluster, name: str, node: str) -> str:
-    """An ordinary pod (pod network, no privileges) on ``node``; its address."""
+    """An ordinary pod (pod network, no privileges) on ``node``; its (first) address."""
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -162,6 +165,11 @@ def _probe(cluster: Cluster, name: str, node: str) -> str:
     wait_for(lambda: (cluster.get("pod", name) or {}).get("status", {}).get("phase") == "Running", 120, f"{name}")
     address: str = cluster.get("pod", name)["status"]["podIP"]
     return address
+
+
+def _pod_ips(cluster: Cluster, name: str) -> list[str]:
+    """Every address of pod ``name``, as its kubelet reported them (dual-stack: one of each family)."""
+    return [entry["ip"] for entry in cluster.get("pod", name)["status"].get("podIPs", [])]
 
 
 def _exec(cluster: Cluster, pod: str, *command: str) -> str:
@@ -211,11 +219,32 @@ def test_pods_on_two_nodes_reach_each_other_through_wireguard_only(cluster: Clus
     operator = next(iter(_pods_named(cluster, "warren-mesh-operator-").values()))
     LAYOUT["a"], LAYOUT["b"] = sorted(set(_nodes(cluster)) - {operator})
     LAYOUT["doomed"] = operator
+    # The Mesh becomes dual-stack by an edit: every node claims an IPv6 address and pod subnet, and pods made from
+    # then on get an address of each family.
+    cluster.kubectl("patch", "wmesh", "default", "--type=merge", "-p", json.dumps(DUAL_STACK))
+    wait_for(
+        lambda: (
+            all(
+                len(spec.get("overlayIPs", [])) == 2 and any(":" in n for n in spec["allowedIPs"])
+                for spec in _nodes(cluster).values()
+            )
+            and len(_nodes(cluster)) == NODES
+        ),
+        60,
+        "every MeshNode with an IPv6 address and pod subnet",
+        lambda: json.dumps(_nodes(cluster)),
+    )
+    time.sleep(2)  # the agents' next pass writes the conflists with both ranges
     a, b = _probe(cluster, "probe-1", LAYOUT["a"]), _probe(cluster, "probe-2", LAYOUT["b"])
+    a6, b6 = (next(ip for ip in _pod_ips(cluster, pod) if ":" in ip) for pod in ("probe-1", "probe-2"))
+    assert ipaddress.ip_address(a6) in POD_CIDR6 and ipaddress.ip_address(b6) in POD_CIDR6, (a6, b6)
     subnets = {name: [ipaddress.ip_network(n) for n in spec["allowedIPs"]] for name, spec in _nodes(cluster).items()}
     assert any(ipaddress.ip_address(a) in net and net.subnet_of(POD_CIDR) for net in subnets[LAYOUT["a"]])  # type: ignore[arg-type]
     assert any(ipaddress.ip_address(b) in net and net.subnet_of(POD_CIDR) for net in subnets[LAYOUT["b"]])  # type: ignore[arg-type]
     out = _exec(cluster, "probe-1", "ping", "-c", "3", "-i", "0.2", b)
+    assert " 0% packet loss" in out, out
+    print(out)
+    out = _exec(cluster, "probe-1", "ping", "-c", "3", "-i", "0.2", b6)  # over the mesh's IPv6 pod network
     assert " 0% packet loss" in out, out
     print(out)
 
@@ -231,6 +260,7 @@ def test_pods_on_two_nodes_reach_each_other_through_wireguard_only(cluster: Clus
     )
     try:
         time.sleep(1.5)
+        _exec(cluster, "probe-1", "ping", "-c", "3", "-i", "0.2", b6)  # IPv6 too crosses only as WireGuard
         _exec(cluster, "probe-1", "python3", "-c", TCP_CLIENT, b, str(TRANSFER_BYTES))
         received, _ = server.communicate(timeout=60)
     finally:
@@ -242,7 +272,10 @@ def test_pods_on_two_nodes_reach_each_other_through_wireguard_only(cluster: Clus
     # ... and the underlay carried it as WireGuard: no frame with a pod's address. (The capture, a Python loop, may
     # miss frames on a busy machine; thousands in the clear could not all be missed.)
     frames = captured(sniffer, stop=True)
-    in_clear = [f for f in frames if any(ipaddress.ip_address(ip) in POD_CIDR for ip in (f.source, f.destination))]
+    pods = (POD_CIDR, POD_CIDR6)
+    in_clear = [
+        f for f in frames if any(ipaddress.ip_address(ip) in net for ip in (f.source, f.destination) for net in pods)
+    ]
     assert not in_clear, f"pod traffic on the underlay in the clear: {in_clear[:5]}"
     wireguard = sum(f.length for f in frames if f.protocol == 17 and {f.sport, f.dport} == {51820})
     assert wireguard >= TRANSFER_BYTES // 2, f"only {wireguard} bytes of WireGuard seen on {LAYOUT['a']}'s link"
