@@ -26,9 +26,14 @@ from warren_mesh.host import forwarding
 from warren_mesh.trust.records import MeshConfig
 from warren_mesh.settings import PodSettings
 settings = PodSettings(route=True, cni_conf_dir=Path(sys.argv[2]))
-network = PodNetwork(settings, subnet=ipaddress.ip_network("10.244.9.0/24"), interface="wgpod")
+dual = sys.argv[3] == "dual"
+subnets = ("10.244.9.0/24", "fd44:0:0:9::/64") if dual else ("10.244.9.0/24",)
+network = PodNetwork(settings, subnets=tuple(ipaddress.ip_network(s) for s in subnets), interface="wgpod")
+config = MeshConfig.from_json(
+    {"schema": 1, "overlay_cidrs": ["10.96.0.0/16", "fd96::/64"], "pod_cidrs": ["10.244.0.0/16", "fd44::/56"]}
+) if dual else MeshConfig()
 if sys.argv[1] == "ensure":
-    ok = network.ensure(MeshConfig(), 1420)
+    ok = network.ensure(config, 1420)
     print(json.dumps({"ok": ok}))
 else:
     network.remove()
@@ -53,8 +58,8 @@ def _in(node: str, *command: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["ip", "netns", "exec", node, *command], capture_output=True, text=True, check=False)
 
 
-def _agent(node: str, action: str, cni_dir: Path) -> subprocess.CompletedProcess[str]:
-    done = _in(node, sys.executable, "-c", ENSURE, action, str(cni_dir))
+def _agent(node: str, action: str, cni_dir: Path, family: str = "ipv4") -> subprocess.CompletedProcess[str]:
+    done = _in(node, sys.executable, "-c", ENSURE, action, str(cni_dir), family)
     assert done.returncode == 0, done.stderr
     return done
 
@@ -94,3 +99,26 @@ def test_forwarding_masquerade_and_conflist_are_kept_and_removed(node: str, tmp_
     assert _in(node, "nft", "list", "table", "inet", "warren-mesh").returncode != 0
     assert not (cni_dir / "10-warren-mesh.conflist").exists()
     assert _in(node, "sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "1"
+
+
+def test_a_dual_stack_node_forwards_and_masquerades_both_families_and_gives_pods_both(
+    node: str, tmp_path: Path
+) -> None:
+    cni_dir = tmp_path / "net.d"
+    _in(node, "sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=0")
+    first = _agent(node, "ensure", cni_dir, "dual")
+    assert json.loads(first.stdout) == {"ok": True}, first.stderr
+    assert _in(node, "sysctl", "-n", "net.ipv6.conf.all.forwarding").stdout.strip() == "1"
+    ruleset = _in(node, "nft", "list", "table", "inet", "warren-mesh").stdout
+    assert "ip saddr 10.244.9.0/24 ip daddr != { 10.96.0.0/16, 10.244.0.0/16 } masquerade" in ruleset, ruleset
+    assert "ip6 saddr fd44:0:0:9::/64 ip6 daddr != { fd44::/56, fd96::/64 } masquerade" in ruleset, ruleset
+    ipam = json.loads((cni_dir / "10-warren-mesh.conflist").read_text())["plugins"][0]["ipam"]
+    assert ipam["ranges"] == [
+        [{"subnet": "10.244.9.0/24", "gateway": "10.244.9.1"}],
+        [{"subnet": "fd44:0:0:9::/64", "gateway": "fd44:0:0:9::1"}],
+    ]
+    assert ipam["routes"] == [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]
+    again = _agent(node, "ensure", cni_dir, "dual")  # three rules, each with the table's digest: in place
+    assert "pod forwarding set" not in again.stderr and "wrote" not in again.stderr
+    _agent(node, "remove", cni_dir, "dual")
+    assert _in(node, "nft", "list", "table", "inet", "warren-mesh").returncode != 0
