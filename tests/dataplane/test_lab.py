@@ -25,7 +25,7 @@ from warren_mesh.identity import pki
 from warren_mesh.identity.keys import NodeKey
 from warren_mesh.lab import netns
 from warren_mesh.lab.lab import Lab
-from warren_mesh.lab.layout import ETCD_PORT, HUB_ADDRESS, METRICS_PORT, SUBNET
+from warren_mesh.lab.layout import ETCD_PORT, HUB_ADDRESS, HUB_ADDRESS6, METRICS_PORT, SUBNET
 from warren_mesh.lab.probe import Probe
 from warren_mesh.lab.report import LabPod
 from warren_mesh.mesh import damping, endpoints
@@ -288,10 +288,10 @@ for _ in range(3):
 """
 ECHO_SOURCE = r"""
 import socket, sys
-server = socket.create_server(("0.0.0.0", int(sys.argv[1])))
+server = socket.create_server(("", int(sys.argv[1])), family=socket.AF_INET6, dualstack_ipv6=True)
 while True:
-    conn, (address, _) = server.accept()
-    conn.sendall(address.encode())
+    conn, (address, *_) = server.accept()
+    conn.sendall(address.removeprefix("::ffff:").encode())  # an IPv4 client as itself, not IPv4-mapped
     conn.close()
 """
 ASK = (
@@ -306,9 +306,12 @@ def _seen_source(lab: Lab, pod: LabPod, address: str, port: int) -> str:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_pods_on_different_nodes_talk_through_the_tunnel_with_their_own_addresses(lab: Lab, backend: str) -> None:
-    lab.up(3, backend=backend, lease_ttl=TTL, resync_interval=2, timeout=120, pods=1)
+    """Dual-stack (underlay, overlay and pods), so that both families' pod networks are tested on both data planes
+    (kernel WireGuard in the QEMU VM) without another lab."""
+    lab.up(3, backend=backend, lease_ttl=TTL, resync_interval=2, timeout=120, pods=1, underlay="dual", overlay="dual")
     pods = lab.pods()
     assert len(pods) == 3 and len({p.ip.rsplit(".", 1)[0] for p in pods}) == 3, f"one subnet per node: {pods}"
+    assert all(len(p.ips) == 2 and ":" in p.ips[1] for p in pods), pods
     servers = [
         subprocess.Popen(lab.pod_exec_argv(p.node, p.name, [sys.executable, "-c", ECHO_SOURCE, "7000"])) for p in pods
     ]
@@ -320,11 +323,14 @@ def test_pods_on_different_nodes_talk_through_the_tunnel_with_their_own_addresse
         time.sleep(0.5)
         sniffer = _sniff_underlay(lab, 5)
         time.sleep(0.5)
-        # Every pod reaches every pod on the other nodes, which sees the sender's own address (no NAT inside).
+        # Every pod reaches every pod on the other nodes, over each family, and is seen at its own address (no NAT
+        # inside).
         for source in pods:
             for target in pods:
                 if source.node != target.node:
-                    assert _seen_source(lab, source, target.ip, 7000) == source.ip, (source, target)
+                    for family in (0, 1):
+                        seen = _seen_source(lab, source, target.ips[family], 7000)
+                        assert seen == source.ips[family], (source, target)
         assert all(ok for *_, ok in lab.ping_pods())
         # An address of the pod network that no node holds goes into the tunnel and no further: the pod network is
         # routed whole (per-node routes let it out by the default route, in the clear).
@@ -335,11 +341,12 @@ def test_pods_on_different_nodes_talk_through_the_tunnel_with_their_own_addresse
         assert _mesh_routes(lab, 1) == {str(MeshConfig().pod_networks[0].cidr)}, "the pod network is one route"
         frames = captured(sniffer)
         assert [f for f in frames if f[0] == 17 and 51820 in (f[1], f[2])], "the pods' traffic crossed as WireGuard"
-        in_clear = [f for f in frames if f[0] == 1 or 7000 in (f[1], f[2])]
+        in_clear = [f for f in frames if f[0] in (1, 58) or 7000 in (f[1], f[2])]  # ICMP, ICMPv6, the echo
         assert not in_clear, f"pod traffic crossed the underlay in the clear: {in_clear}"
 
-        # Leaving the cluster, a pod's traffic is masqueraded behind its node's underlay address.
+        # Leaving the cluster, a pod's traffic is masqueraded behind its node's underlay address, in each family.
         assert _seen_source(lab, pods[0], HUB_ADDRESS, 7001) == lab.underlay_ip(1)
+        assert _seen_source(lab, pods[0], HUB_ADDRESS6, 7001) == lab.underlay_ip6(1)
 
         # Full-size TCP between pods on different nodes: the bridge's MTU is the tunnel's, no black hole.
         a, b = pods[0], pods[1]

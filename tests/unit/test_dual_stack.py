@@ -89,7 +89,7 @@ def test_a_dual_stack_config_round_trips_and_keeps_the_single_names_for_older_re
         ({"overlay_cidrs": ["10.96.0.0/16", "10.97.0.0/16"]}, "one IPv4 and one IPv6"),
         ({"overlay_cidrs": ["10.96.0.0/16", "fd96::/64", "fd97::/64"]}, "one IPv4 and one IPv6"),
         ({"overlay_cidr": "10.95.0.0/16"}, "is not the first of overlay_cidrs"),
-        ({"pod_cidrs": ["10.244.0.0/16", "fd96::/60"]}, "overlaps overlay network fd96::/64"),
+        ({"pod_cidrs": ["10.244.0.0/16", "fd96::/60"]}, "pod_cidrs fd96::/60 overlaps overlay_cidrs fd96::/64"),
         ({"pod_cidrs": ["10.244.0.0/16", "::/0"]}, "default route"),
         ({"overlay_cidrs": ["10.96.0.0/16", "fe80::/64"]}, "special-purpose range"),
         ({"overlay_cidrs": ["10.96.0.0/16", "::ffff:0:0/104"]}, "special-purpose range"),

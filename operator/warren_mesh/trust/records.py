@@ -172,10 +172,11 @@ class MeshConfig:
         default = cls()
         overlays = _networks(doc, "overlay_cidr", default.overlay_cidrs[0])
         cidrs = _networks(doc, "pod_cidr", default.pod_networks[0].cidr)
+        pods_name, overlay_name = ("pod_cidrs", "overlay_cidrs") if "pod_cidrs" in doc else ("pod_cidr", "overlay_cidr")
         for pods in cidrs:
             for overlay in overlays:
                 if overlay.version == pods.version and overlay.overlaps(pods):
-                    raise RecordError(REASON_INVALID_CIDR, f"pod network {pods} overlaps overlay network {overlay}")
+                    raise RecordError(REASON_INVALID_CIDR, f"{pods_name} {pods} overlaps {overlay_name} {overlay}")
         pod_networks = []
         for index, pods in enumerate(cidrs):
             default_prefix = DEFAULT_NODE_SUBNET_PREFIX[pods.version]
