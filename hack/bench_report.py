@@ -93,9 +93,8 @@ def dataplane_table(files: list[tuple[Path, dict[str, Any]]]) -> str:
         for result in document["results"]:
             for run in [result, *result.get("others", [])]:
                 figures = " | ".join(_cell(run.get(key)) for key in DATAPLANE_KEYS)
-                rows.append(
-                    f"| {result['link_rate']} | {run['wireguard_go_version']} | {figures} | {_source(path, document)} |"
-                )
+                link = result["link_rate"] + (" over IPv6" if result.get("underlay") == "ipv6" else "")
+                rows.append(f"| {link} | {run['wireguard_go_version']} | {figures} | {_source(path, document)} |")
     return "\n".join(rows) + "\n"
 
 
