@@ -23,8 +23,7 @@ from pathlib import Path
 UNDERLAY_BRIDGE = "wmk0"
 UNDERLAY_PREFIX = "10.213.0"
 HOST_ADDRESS = f"{UNDERLAY_PREFIX}.1"  # the control plane (API server, cluster DNS) listens here
-# The underlay is dual-stack, as the cluster is (IPv6DualStack): the host's and every node's IPv6 address (ULA).
-UNDERLAY6_PREFIX = "fd00:213::"
+UNDERLAY6_PREFIX = "fd00:213::"  # the underlay's IPv6 half (the cluster is dual-stack: IPv6DualStack)
 HOST_ADDRESS6 = f"{UNDERLAY6_PREFIX}1"
 DUAL_STACK_GATE = "--feature-gates=IPv6DualStack=true"  # Kubernetes 1.20: alpha, off by default
 NETNS_PREFIX = "wmk-"
@@ -71,10 +70,6 @@ def node_name(index: int) -> str:
 
 def node_address(index: int) -> str:
     return f"{UNDERLAY_PREFIX}.{10 + index}"
-
-
-def node_address6(index: int) -> str:
-    return f"{UNDERLAY6_PREFIX}{10 + index:x}"
 
 
 def _run(*argv: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -266,7 +261,7 @@ class Node:
         self.index = index
         self.name = node_name(index)
         self.address = node_address(index)
-        self.address6 = node_address6(index)
+        self.address6 = f"{UNDERLAY6_PREFIX}{10 + index:x}"
         self.netns = f"{NETNS_PREFIX}{self.name}"
         self.home = state / "nodes" / self.name
 

@@ -37,6 +37,14 @@ def _publisher(store: MemoryStore, key: NodeKey) -> RecordPublisher:
     )
 
 
+async def _registered(store: MemoryStore, publisher: RecordPublisher) -> tuple[int, NodeRecord]:
+    """``publisher``'s record published on a fresh lease and registered: the lease and the record."""
+    lease = await store.grant_lease(10)
+    ours = await publisher.publish(publisher.record(MeshConfig(), (ipaddress.ip_address("10.96.0.9"),), ()), lease)
+    publisher.registered(Registration(ours, lease, 10))
+    return lease, ours
+
+
 async def _record(store: MemoryStore) -> NodeRecord | None:
     kv = await store.get(SCHEMA.node("n1"))
     return None if kv is None else NodeRecord.from_json(decode_json(kv.value), key_name="n1")
@@ -68,9 +76,7 @@ def test_our_record_and_claims_are_written_back_when_someone_else_touches_them()
         store = MemoryStore()
         key = NodeKey.generate()
         publisher = _publisher(store, key)
-        lease = await store.grant_lease(10)
-        ours = await publisher.publish(publisher.record(MeshConfig(), (ipaddress.ip_address("10.96.0.9"),), ()), lease)
-        publisher.registered(Registration(ours, lease, 10))
+        lease, ours = await _registered(store, publisher)
         await store.put(SCHEMA.node("n1"), b'{"forged": true}', lease=lease)
         await publisher.restore(b'{"forged": true}')
         assert await _record(store) == ours
@@ -122,9 +128,7 @@ def test_our_own_earlier_write_seen_late_is_not_taken_for_someone_elses(caplog: 
     async def body() -> None:
         store = MemoryStore()
         publisher = _publisher(store, NodeKey.generate())
-        lease = await store.grant_lease(10)
-        ours = await publisher.publish(publisher.record(MeshConfig(), (ipaddress.ip_address("10.96.0.9"),), ()), lease)
-        publisher.registered(Registration(ours, lease, 10))
+        lease, _ours = await _registered(store, publisher)
         await publisher.set_observed((("n2", Endpoint.parse("192.0.2.2:40000")),))
         first = await store.get(SCHEMA.node("n1"))
         assert first is not None
@@ -162,9 +166,7 @@ def test_our_own_write_seen_before_its_answer_is_not_taken_for_someone_elses(cap
     async def body() -> None:
         store = _SlowAnswers()
         publisher = _publisher(store, NodeKey.generate())
-        lease = await store.grant_lease(10)
-        ours = await publisher.publish(publisher.record(MeshConfig(), (ipaddress.ip_address("10.96.0.9"),), ()), lease)
-        publisher.registered(Registration(ours, lease, 10))
+        _lease, _ours = await _registered(store, publisher)
         store.answer.clear()
         writing = asyncio.ensure_future(publisher.set_public_endpoint(Endpoint.parse("198.51.100.1:51820")))
         await asyncio.sleep(0)
