@@ -118,6 +118,15 @@ def test_a_dual_stack_node_forwards_and_masquerades_both_families_and_gives_pods
         [{"subnet": "fd44:0:0:9::/64", "gateway": "fd44:0:0:9::1"}],
     ]
     assert ipam["routes"] == [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]
+    # The pods' bridge is there before the first pod, its IPv6 gateway and link-local usable at once (no duplicate
+    # address detection: the first pod's IPv6 is not cut off for its ~2 s), and no address the kernel made.
+    bridge = _in(node, "ip", "-6", "addr", "show", "dev", "wm-pods0").stdout
+    assert "inet6 fd44:0:0:9::1/64" in bridge and "inet6 fe80::1/64" in bridge, bridge
+    assert (
+        bridge.count("inet6 ") == 2 and not _in(node, "ip", "-6", "addr", "show", "dev", "wm-pods0", "tentative").stdout
+    ), bridge
+    assert "addrgenmode none" in _in(node, "ip", "-d", "link", "show", "wm-pods0").stdout
+    assert "inet 10.244.9.1/24" in _in(node, "ip", "-4", "addr", "show", "dev", "wm-pods0").stdout
     again = _agent(node, "ensure", cni_dir, "dual")  # three rules, each with the table's digest: in place
     assert "pod forwarding set" not in again.stderr and "wrote" not in again.stderr
     _agent(node, "remove", cni_dir, "dual")

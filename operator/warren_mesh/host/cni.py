@@ -22,12 +22,17 @@ BRIDGE: Final = "wm-pods0"
 CNI_VERSION: Final = "1.0.0"  # what Debian 12's plugins (1.1.1) speak
 
 
+def gateway(subnet: IPNetwork) -> str:
+    """The pods' gateway on ``subnet``: its first address, the bridge's."""
+    return str(subnet.network_address + 1)
+
+
 def conflist(subnets: tuple[IPNetwork, ...], *, mtu: int, ipam_data_dir: str | None = None) -> dict[str, Any]:
     """The network config for pods on ``subnets`` (one per family: a dual-stack pod gets an address of each; the
     first address of each is the bridge's, their gateway)."""
     ipam: dict[str, Any] = {
         "type": "host-local",
-        "ranges": [[{"subnet": str(subnet), "gateway": str(subnet.network_address + 1)}] for subnet in subnets],
+        "ranges": [[{"subnet": str(subnet), "gateway": gateway(subnet)}] for subnet in subnets],
         "routes": [{"dst": "0.0.0.0/0" if subnet.version == 4 else "::/0"} for subnet in subnets],
     }
     if ipam_data_dir:

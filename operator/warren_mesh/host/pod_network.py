@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from warren_mesh.host import cni, forwarding
+from warren_mesh.host import cni, forwarding, pod_bridge
 from warren_mesh.settings import PodSettings
 from warren_mesh.trust.records import MeshConfig
 from warren_mesh.values.netaddr import IPNetwork
@@ -39,6 +39,15 @@ class PodNetwork:
             log.info("pod forwarding set: %s", ", ".join(changed))
         directory = self._settings.cni_conf_dir
         if directory is not None:
+            # The bridge before the conflist: once the runtime sees the conflist, pods start, and the first one
+            # would otherwise wait out the duplicate address detection of its IPv6 gateway (host/pod_bridge.py).
+            try:
+                made = pod_bridge.ensure(cni.BRIDGE, self.subnets)
+            except pod_bridge.PodBridgeError as exc:
+                log.error("%s (retrying)", exc)
+                return False
+            if made:
+                log.info("pods' bridge: %s", ", ".join(made))
             try:
                 config_file = cni.conflist(self.subnets, mtu=mtu, ipam_data_dir=self._settings.cni_ipam_dir)
                 if cni.write_conflist(directory, config_file):
