@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from warren_mesh.host import forwarding
 from warren_mesh.identity.keys import NodeKey
 from warren_mesh.mesh.claims import LocalNode
 from warren_mesh.mesh.plan import desired_routes
@@ -189,3 +190,23 @@ def test_a_family_in_use_is_not_removed_and_one_more_is_added() -> None:
     assert renumbering_refusal(single, view.nodes, DUAL) is not None  # a's IPv6 address would be left out
     ipv4_nodes = view_of(node("a", 3, overlay_ips=["10.96.0.3"], allowed_ips=["10.244.3.0/24"]), config=single)
     assert renumbering_refusal(DUAL, ipv4_nodes.nodes, single) is None
+
+
+def test_masquerade_is_on_for_both_families_and_each_can_be_turned_off() -> None:
+    routing = forwarding.PodRouting(
+        (ipaddress.ip_network("10.244.3.0/24"), ipaddress.ip_network("fd44:0:0:3::/64")),
+        DUAL.pod_cidrs,
+        DUAL.overlay_cidrs,
+        "wg0",
+        DUAL.masquerade,
+    )
+    assert DUAL.masquerade == (4, 6) and routing.rules == 3
+    assert "ip6 saddr fd44:0:0:3::/64 ip6 daddr != { fd44::/56, fd96::/64 } masquerade" in routing.ruleset()
+    routed = MeshConfig.from_json(DUAL_DOC | {"masquerade_ipv6": False})  # pod prefixes routed outside
+    assert routed.masquerade == (4,) and routed.to_json()["masquerade_ipv6"] is False
+    assert MeshConfig.from_json(decode_json(encode_json(routed.to_json()))) == routed
+    only_ipv4 = forwarding.PodRouting(routing.subnets, DUAL.pod_cidrs, DUAL.overlay_cidrs, "wg0", routed.masquerade)
+    assert only_ipv4.rules == 2 and "ip6 saddr" not in only_ipv4.ruleset() and "ip saddr" in only_ipv4.ruleset()
+    assert only_ipv4.digest() != routing.digest()  # a resync sees the change and replaces the table
+    with pytest.raises(RecordError, match="masquerade_ipv6 .1. is not true or false"):
+        MeshConfig.from_json(DUAL_DOC | {"masquerade_ipv6": 1})

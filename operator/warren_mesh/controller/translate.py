@@ -58,6 +58,8 @@ def mesh_config(spec: Mapping[str, Any]) -> MeshConfig:
         ("persistentKeepalive", "persistent_keepalive"),
         ("leaseTTLSeconds", "lease_ttl_seconds"),
         ("keyRotationIntervalHours", "key_rotation_interval_hours"),
+        ("masqueradeIPv4", "masquerade_ipv4"),
+        ("masqueradeIPv6", "masquerade_ipv6"),
     ):
         if field in spec and f"{field}s" not in dual:
             doc[key] = spec[field]
@@ -73,6 +75,8 @@ def mesh_config(spec: Mapping[str, Any]) -> MeshConfig:
             ("nodeSubnetPrefixLengthIPv6", "node_subnet_prefix_ipv6"),
             ("nodeSubnetPrefixLength", "node_subnet_prefix"),
             ("keyRotationIntervalHours", "key_rotation_interval_hours"),
+            ("masqueradeIPv4", "masquerade_ipv4"),
+            ("masqueradeIPv6", "masquerade_ipv6"),
         ):
             message = message.replace(key, field)
         raise SpecError("InvalidSpec", message) from None

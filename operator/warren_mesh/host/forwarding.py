@@ -39,16 +39,19 @@ class PodRouting:
     pod_cidrs: tuple[IPNetwork, ...]
     overlay_cidrs: tuple[IPNetwork, ...]
     interface: str  # the WireGuard device
+    masquerade: tuple[int, ...] = (4, 6)  # the IP versions whose traffic leaving the cluster is masqueraded
 
     @property
     def rules(self) -> int:
-        """How many rules the table holds: the MSS clamp, and a masquerade per family."""
-        return 1 + len(self.subnets)
+        """How many rules the table holds: the MSS clamp, and a masquerade per family that has one."""
+        return 1 + len(self._masquerades())
 
     def _masquerades(self) -> tuple[str, ...]:
         """Per family (IPv6 too, as Calico and flannel do: a pod's address is in no route of the world's)."""
         rules = []
         for subnet in self.subnets:
+            if subnet.version not in self.masquerade:
+                continue
             family = "ip" if subnet.version == 4 else "ip6"
             inside = ", ".join(str(n) for n in (*self.pod_cidrs, *self.overlay_cidrs) if n.version == subnet.version)
             rules.append(f"{family} saddr {subnet} {family} daddr != {{ {inside} }} masquerade")

@@ -29,7 +29,9 @@ class PodNetwork:
         # Forwarding first: the conflist tells the container runtime that pods may start here, and a pod that
         # started before our masquerade rule existed would keep un-NATed connections (conntrack) out of the node,
         # its own address on the underlay, for as long as they last.
-        routing = forwarding.PodRouting(self.subnets, config.pod_cidrs, config.overlay_cidrs, self._interface)
+        routing = forwarding.PodRouting(
+            self.subnets, config.pod_cidrs, config.overlay_cidrs, self._interface, config.masquerade
+        )
         try:
             changed = forwarding.ensure(routing)
         except forwarding.ForwardingError as exc:

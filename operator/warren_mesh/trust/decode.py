@@ -98,6 +98,14 @@ def optional_int(doc: dict[str, Any], key: str, low: int, high: int) -> int | No
     return value
 
 
+def bool_of(doc: dict[str, Any], key: str, default: bool) -> bool:
+    """A JSON true or false (not 0, 1 or "true"), or ``default`` when absent."""
+    value = doc.get(key, default)
+    if type(value) is not bool:
+        raise RecordError(REASON_INVALID_FIELD, f"{key} {shown(value)} is not true or false")
+    return value
+
+
 def int_in(doc: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
     value = optional_int(doc, key, low, high)
     return default if value is None else value

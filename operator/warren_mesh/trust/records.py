@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from warren_mesh.trust.decode import bounded_list, check_schema, int_in, json_object, optional_int
+from warren_mesh.trust.decode import bool_of, bounded_list, check_schema, int_in, json_object, optional_int
 from warren_mesh.trust.endpoint import Endpoint
 from warren_mesh.trust.fields import (
     parse_allowed_ips,
@@ -111,6 +111,9 @@ class MeshConfig:
     # one node subnet of each pod network, which the node claims (claims/<node>/pods/).
     pod_networks: tuple[PodNetwork, ...] = field(default_factory=_default_pods)
     key_rotation_interval_hours: int = 0  # every node makes a new WireGuard key this often; 0: never
+    # The IP versions whose pod traffic leaving the cluster is masqueraded behind the node's address (both, as
+    # Calico and flannel do; a cluster whose pod addresses are routed outside turns its family off).
+    masquerade: tuple[int, ...] = (4, 6)
 
     @property
     def families(self) -> tuple[int, ...]:
@@ -157,6 +160,7 @@ class MeshConfig:
             "lease_ttl_seconds": self.lease_ttl_seconds,
             "key_rotation_interval_hours": self.key_rotation_interval_hours,
         }
+        doc |= {f"masquerade_ipv{v}": False for v in (4, 6) if v not in self.masquerade}  # absent: on
         if len(self.overlay_cidrs) > 1:
             doc["overlay_cidrs"] = [str(n) for n in self.overlay_cidrs]
         if len(self.pod_networks) > 1:
@@ -193,7 +197,8 @@ class MeshConfig:
         keepalive = int_in(doc, "persistent_keepalive", default.persistent_keepalive, 0, 65535)
         ttl = int_in(doc, "lease_ttl_seconds", default.lease_ttl_seconds, MIN_LEASE_TTL, 3600)
         rotation = int_in(doc, "key_rotation_interval_hours", 0, 0, 24 * 366)
-        return cls(overlays, port, mtu, keepalive, ttl, tuple(pod_networks), rotation)
+        masquerade = tuple(v for v in (4, 6) if bool_of(doc, f"masquerade_ipv{v}", True))
+        return cls(overlays, port, mtu, keepalive, ttl, tuple(pod_networks), rotation, masquerade)
 
 
 def _networks(doc: dict[str, Any], key: str, default: IPNetwork) -> tuple[IPNetwork, ...]:
