@@ -137,6 +137,8 @@ FIELDS = [
     "overlay_cidrs",
     "pod_cidrs",
     "node_subnet_prefix_ipv6",
+    "masquerade_ipv4",
+    "masquerade_ipv6",
 ]
 
 _json_leaves: st.SearchStrategy[Any] = (
