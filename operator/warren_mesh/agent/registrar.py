@@ -170,14 +170,12 @@ class Registrar:
                     raise AddressSpaceExhausted(
                         f"every address in the mesh network {want.network} is claimed; widen overlayCIDR (overlayCIDRs)"
                     )
-            ips = tuple(
-                w.choice for w in wants if w.kind == "overlay" and isinstance(w.choice, IPv4Address | IPv6Address)
-            )
-            subnets = tuple(
-                w.choice for w in wants if w.kind == "pods" and isinstance(w.choice, IPv4Network | IPv6Network)
-            )
+            ips = tuple(w.choice for w in wants if isinstance(w.choice, IPv4Address | IPv6Address))
+            subnets = tuple(w.choice for w in wants if isinstance(w.choice, IPv4Network | IPv6Network))
             record = self.publication.record(config, ips, subnets)
-            claims = [(self._schema.claim(self._name, str(w.choice), w.kind), b"", 0) for w in wants if w.choice]
+            claims = [
+                (self._schema.claim(self._name, str(w.choice), w.kind), b"", 0) for w in wants if w.choice is not None
+            ]
             if published is None:
                 node = (self.publication.key, encode_json(record.to_json()), lease_id)
                 if await self._store.create_all([*claims, node]) is None:
