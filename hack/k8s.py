@@ -40,6 +40,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+import k8s_cgroups
 import k8s_images
 import k8s_nodes
 from warren_mesh.testkit.etcd_server import EtcdServer, free_port
@@ -70,7 +71,7 @@ def build() -> Path:
 def up(state: Path, nodes: int = 0) -> Path:
     """The API server alone (nodes=0), or a whole cluster of ``nodes`` nodes on this machine."""
     if nodes:
-        k8s_nodes.require_cgroup_v1()
+        k8s_cgroups.require_cgroup_v1()
     binaries = build()
     if (state / "state.json").exists():
         down(state)
@@ -155,7 +156,7 @@ def _up(state: Path, nodes: int, binaries: Path, pids: dict[str, int | None]) ->
     deadline = time.monotonic() + 90
     while not _ready(server, certs / "apiserver.crt", tokens["admin"]):
         apiserver = pids["kube-apiserver"]
-        if apiserver is None or not k8s_nodes.alive(apiserver) or time.monotonic() > deadline:
+        if apiserver is None or not k8s_cgroups.alive(apiserver) or time.monotonic() > deadline:
             tail = (state / "kube-apiserver.log").read_text(errors="replace")[-3000:]
             raise SystemExit(f"k8s-up: kube-apiserver did not become ready:\n{tail}")
         time.sleep(0.3)
@@ -418,7 +419,7 @@ def main() -> int:
     if args.command == "up":
         try:
             print(up(args.state_dir.resolve(), args.nodes))
-        except k8s_nodes.NodeError as exc:
+        except k8s_cgroups.NodeError as exc:  # the nodes' and their cgroups' errors alike
             raise SystemExit(f"k8s-up: {exc}") from None
     elif args.command == "power-off":
         if not args.node:

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from k8s_cgroups import NodeError, alive, cgroup_of, join_cgroup, kill_cgroup, make_cgroup, remove_cgroup
 
 UNDERLAY_BRIDGE = "wmk0"
 UNDERLAY_PREFIX = "10.213.0"
@@ -27,8 +27,6 @@ UNDERLAY6_PREFIX = "fd00:213::"  # the underlay's IPv6 half (the cluster is dual
 HOST_ADDRESS6 = f"{UNDERLAY6_PREFIX}1"
 DUAL_STACK_GATE = "--feature-gates=IPv6DualStack=true"  # Kubernetes 1.20: alpha, off by default
 NETNS_PREFIX = "wmk-"
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-CGROUP_PARENT = "warren-mesh-k8s"
 CLUSTER_DOMAIN = "cluster.local"
 SANDBOX_IMAGE = "k8s.gcr.io/pause:3.2"  # the kubelet's own default, so pods need no flag to find it
 # Paths of the host that a node's pods and the node's own daemons share: each node gets its own copy.
@@ -52,10 +50,6 @@ KUBELET_SYSCTLS = (
     "kernel/keys/root_maxkeys",
     "kernel/keys/root_maxbytes",
 )
-
-
-class NodeError(RuntimeError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -91,108 +85,6 @@ def underlay_up() -> None:
 
 def underlay_down() -> None:
     _run("ip", "link", "del", UNDERLAY_BRIDGE, check=False)
-
-
-def require_cgroup_v1() -> None:
-    """Refuse, before anything starts, on a host that mounts only the unified (v2) hierarchy.
-
-    These nodes put the kubelet, containerd and every pod of a node under one cgroup in each v1 hierarchy, and
-    `down` finds everything a node started there. Kubernetes 1.20 (the only kubelet that builds from Debian's
-    source) treats cgroup v2 as experimental, and these machines boot hybrid v1, so a v2 harness could not be
-    tested here: it is refused rather than guessed (a stock Debian 12 boots v2 only;
-    `systemd.unified_cgroup_hierarchy=0` on its kernel command line gives the hybrid layout this harness needs)."""
-    if (CGROUP_ROOT / "cgroup.controllers").exists():
-        raise NodeError(
-            "k8s-up --nodes needs cgroup v1 hierarchies, and this host mounts only cgroup v2 at /sys/fs/cgroup: boot "
-            "it with systemd.unified_cgroup_hierarchy=0 (Kubernetes 1.20's kubelet, the one built here, is not "
-            "tested on v2 by this harness)"
-        )
-
-
-def cgroup_dir(name: str) -> Path:
-    """Node ``name``'s cgroup in the pids hierarchy, which sees every process the node started."""
-    return CGROUP_ROOT / "pids" / CGROUP_PARENT / name
-
-
-def _hierarchies() -> list[Path]:
-    """The cgroup v1 hierarchies (the kubelet needs its cgroup root in each, the named systemd one included)."""
-    found = []
-    for entry in sorted(CGROUP_ROOT.iterdir()):
-        if entry.name == "unified" or entry.is_symlink() or not (entry / "cgroup.procs").exists():
-            continue
-        found.append(entry)
-    return found
-
-
-def cgroup_of(name: str) -> str:
-    return f"/{CGROUP_PARENT}/{name}"
-
-
-def make_cgroup(name: str) -> None:
-    for hierarchy in _hierarchies():
-        path = hierarchy / CGROUP_PARENT / name
-        path.mkdir(parents=True, exist_ok=True)
-        if hierarchy.name == "cpuset":  # a new cpuset has no CPUs or memory nodes until given its parent's
-            for parent, child in ((hierarchy, hierarchy / CGROUP_PARENT), (hierarchy / CGROUP_PARENT, path)):
-                for knob in ("cpuset.cpus", "cpuset.mems"):
-                    if not (child / knob).read_text().strip():
-                        (child / knob).write_text((parent / knob).read_text())
-
-
-def join_cgroup(name: str) -> None:
-    """Move the calling process into the cgroup (in every hierarchy); for preexec_fn."""
-    for hierarchy in _hierarchies():
-        (hierarchy / CGROUP_PARENT / name / "cgroup.procs").write_text("0")
-
-
-def cgroup_pids(name: str) -> list[int]:
-    """Every process in the cgroup and below it (the pids hierarchy sees them all)."""
-    base = cgroup_dir(name)
-    found: list[int] = []
-    if not base.exists():
-        return found
-    for directory, _, _ in os.walk(base):
-        with contextlib.suppress(OSError):
-            found.extend(int(line) for line in (Path(directory) / "cgroup.procs").read_text().split())
-    return found
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (reaping it first if it is a child of ours that ended)."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"  # orphans are not reaped on these machines: a zombie is gone for our purposes
-
-
-def kill_cgroup(name: str, timeout: float = 20.0) -> None:
-    """Kill every process in the cgroup until none is left (containerd may start a shim while we kill)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        living = [pid for pid in cgroup_pids(name) if alive(pid)]
-        if not living:
-            return
-        if time.monotonic() > deadline:
-            raise NodeError(f"processes of {name} would not die: {living}")
-        for pid in living:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.1)
-
-
-def remove_cgroup(name: str) -> None:
-    for hierarchy in _hierarchies():
-        base = hierarchy / CGROUP_PARENT / name
-        if not base.exists():
-            continue
-        for directory, _, _ in sorted(os.walk(base), key=lambda entry: -len(entry[0])):
-            with contextlib.suppress(FileNotFoundError):
-                Path(directory).rmdir()
-        with contextlib.suppress(OSError):  # the parent goes with its last node
-            (hierarchy / CGROUP_PARENT).rmdir()
 
 
 def save_sysctls(path: Path) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-import k8s_nodes
+import k8s_cgroups
 from k8s_cluster import KUBECTL, ROOT, Cluster, readme_secret_commands
 from underlay import captured, sniff
 from warren_mesh.testkit.waiting import wait_for
@@ -417,10 +417,10 @@ def _ours(pid: int) -> bool:
 
 
 def _node_processes(node: str) -> list[int]:
-    base = k8s_nodes.cgroup_dir(node)
+    base = k8s_cgroups.cgroup_dir(node)
     # The node's cgroup is there until k8s-down: if it were not, an empty list would prove nothing.
     assert base.is_dir(), f"{base} is missing: the node's processes cannot be listed"
-    return [pid for pid in k8s_nodes.cgroup_pids(node) if Path(f"/proc/{pid}").exists()]
+    return [pid for pid in k8s_cgroups.cgroup_pids(node) if Path(f"/proc/{pid}").exists()]
 
 
 # What kube-proxy (iptables mode) and the kubelet make through iptables' nft backend: the node's, not ours.

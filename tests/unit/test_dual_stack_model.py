@@ -208,5 +208,5 @@ def test_masquerade_is_on_for_both_families_and_each_can_be_turned_off() -> None
     only_ipv4 = forwarding.PodRouting(routing.subnets, DUAL.pod_cidrs, DUAL.overlay_cidrs, "wg0", routed.masquerade)
     assert only_ipv4.rules == 2 and "ip6 saddr" not in only_ipv4.ruleset() and "ip saddr" in only_ipv4.ruleset()
     assert only_ipv4.digest() != routing.digest()  # a resync sees the change and replaces the table
-    with pytest.raises(RecordError, match="masquerade_ipv6 .1. is not true or false"):
+    with pytest.raises(RecordError, match=r"masquerade_ipv6 .1. is not true or false"):
         MeshConfig.from_json(DUAL_DOC | {"masquerade_ipv6": 1})

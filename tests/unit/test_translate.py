@@ -81,7 +81,7 @@ def test_a_dual_stack_mesh_spec_gives_both_families_and_its_lists_replace_the_de
     assert [str(n) for n in config.overlay_cidrs] == ["fd96::/64", "10.96.0.0/16"]  # IPv6 primary, as written
     assert [(str(p.cidr), p.node_prefix) for p in config.pod_networks] == [("fd44::/56", 72), ("10.244.0.0/16", 24)]
     assert translate.mesh_config(spec | {"masqueradeIPv4": True, "masqueradeIPv6": False}).masquerade == (4,)
-    with pytest.raises(translate.SpecError, match="masqueradeIPv6 .yes. is not true or false"):
+    with pytest.raises(translate.SpecError, match=r"masqueradeIPv6 .yes. is not true or false"):
         translate.mesh_config(spec | {"masqueradeIPv6": "yes"})
     with pytest.raises(translate.SpecError, match="overlayCIDRs must be one network, or one IPv4 and one IPv6"):
         translate.mesh_config({"overlayCIDRs": ["10.96.0.0/16", "10.97.0.0/16"]})
