@@ -165,15 +165,27 @@ def test_a_node_takes_a_winning_endpoint_only_once_it_has_won_for_a_while() -> N
     run(body())
 
 
-def test_a_peer_is_heard_when_its_received_bytes_grow() -> None:
+def test_a_peer_is_heard_when_its_received_bytes_grow_or_at_its_handshake() -> None:
     watch = EndpointWatch(_publication(MemoryStore()), dict, _view({}), poke=_no_poke, pinned=False)
-    first = DeviceState(None, None, {}, stats={KEYS["b"]: PeerStats(100, 0, NOW)})
-    assert watch._heard(first, NOW) == {}, "nothing to compare with yet"
+    first = DeviceState(None, None, {}, stats={KEYS["b"]: PeerStats(100, 0, 0.0)})
+    assert watch._heard(first, NOW) == {}, "nothing to compare with yet, and no handshake"
     assert watch._heard(first, NOW + 2) == {}, "nothing received since"
-    grown = DeviceState(None, None, {}, stats={KEYS["b"]: PeerStats(148, 0, NOW)})
+    grown = DeviceState(None, None, {}, stats={KEYS["b"]: PeerStats(148, 0, 0.0)})
     assert watch._heard(grown, NOW + 4) == {KEYS["b"]: NOW + 4}
     assert watch._heard(grown, NOW + 6) == {KEYS["b"]: NOW + 4}
     assert watch._heard(DeviceState(None, None, {}), NOW + 8) == {}, "a peer gone is forgotten"
+
+
+def test_a_peer_whose_keepalives_never_come_is_heard_at_its_handshakes() -> None:
+    """The flake of the NAT lab test: node-1's keepalives to node-3 kept resetting node-3's, so node-1 heard node-3
+    only at its handshake, which came before node-1's first look at its bytes: node-3 was never observed, never
+    found behind its NAT, and node-2 never reached it."""
+    watch = EndpointWatch(_publication(MemoryStore()), dict, _view({}), poke=_no_poke, pinned=False)
+    shaken = DeviceState(None, None, {}, stats={KEYS["b"]: PeerStats(148, 0, NOW - 1)})
+    assert watch._heard(shaken, NOW) == {KEYS["b"]: NOW - 1}, "the handshake took a packet from it"
+    assert watch._heard(shaken, NOW + 30) == {KEYS["b"]: NOW - 1}, "nothing since: still heard then, not later"
+    rekeyed = DeviceState(None, None, {}, stats={KEYS["b"]: PeerStats(148, 0, NOW + 120)})
+    assert watch._heard(rekeyed, NOW + 121) == {KEYS["b"]: NOW + 120}
 
 
 def test_an_observer_confirms_only_what_it_hears_after_it_saw_the_contest() -> None:

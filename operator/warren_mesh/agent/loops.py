@@ -216,8 +216,11 @@ class EndpointWatch:
             self._poke(entry.record.overlay_ip)
 
     def _heard(self, device: DeviceState, now: float) -> dict[str, float]:
-        """When each peer's received bytes last grew, as far as this loop has watched them (a peer first seen now
-        has not been heard yet: nothing to compare with)."""
+        """When each peer was last heard: its received bytes last grew, as far as this loop has watched them (a
+        peer first seen now has no bytes to compare with), or its latest handshake, whichever is later. A handshake
+        counts because it took a packet from the peer (its initiation, or its answer to ours): between idle peers
+        keepalives may flow one way only, so a node behind NAT whose every keepalive the other side's resets is
+        heard by that side at its handshakes alone, and would otherwise never be observed, nor found."""
         received = self._received
         for key, stats in device.stats.items():
             before = received.get(key)
@@ -227,7 +230,8 @@ class EndpointWatch:
                 received[key] = (stats.receive_bytes, now)
         for key in received.keys() - device.stats.keys():
             del received[key]
-        return {key: at for key, (_, at) in received.items() if at}
+        latest = {key: max(grew, device.stats[key].last_handshake) for key, (_, grew) in received.items()}
+        return {key: at for key, at in latest.items() if at}
 
     def _adoptable(self, now: float) -> Endpoint | None:
         if self._pinned:
