@@ -27,7 +27,7 @@ ADDRESSES = [f"10.96.0.{i}" for i in range(1, 9)] + ["10.97.0.5"]
 NETWORKS = ["10.200.0.0/24", "10.200.0.0/16", "10.244.1.0/24", "10.244.0.0/16", "192.168.7.0/24", "fd00::/64"]
 
 
-def _node_value(rng: random.Random, name: str) -> bytes:
+def _node_value(rng: random.Random, name: str, *, located: bool = False) -> bytes:
     public_key = rng.choice(KEYS)
     # Now and then a node in the middle of a key rotation: its next key announced (colliding as keys do here).
     next_key = rng.choice([None, None, None, *KEYS])
@@ -40,6 +40,12 @@ def _node_value(rng: random.Random, name: str) -> bytes:
         listen_port=51820,
         allowed_ips=tuple(ipaddress.ip_network(n) for n in rng.sample(NETWORKS, rng.choice([0, 0, 1, 2]))),
         published_at=1.0,
+        # Paths in play (mesh/paths.py): locations, gateways' external endpoints, pairs that cannot talk directly.
+        location=rng.choice([None, "a", "b", "b"]) if located else None,
+        external_endpoints=(Endpoint(ipaddress.ip_address("198.51.100.1"), 51820),)
+        if located and rng.random() < 0.5
+        else (),
+        unreachable=tuple(rng.sample(NAMES, rng.choice([0, 0, 1, 3]))) if located else (),
     )
     return encode_json(record.to_json())
 
@@ -78,11 +84,14 @@ class _Etcd:
         return Event("delete", KeyValue(key, b"", 0, self.revision, lease=0))
 
 
-def _random_event(rng: random.Random, etcd: _Etcd) -> Event | None:
+def _random_event(rng: random.Random, etcd: _Etcd, *, located: bool) -> Event | None:
     roll = rng.random()
     name = rng.choice(NAMES)
+    if located and rng.random() < 0.1:
+        candidacy = f"{SCHEMA.claims_of(name)}gateway/{rng.choice(['a', 'b'])}"
+        return etcd.put(candidacy, b"") if rng.random() < 0.6 else etcd.delete(candidacy)
     if roll < 0.45:
-        return etcd.put(SCHEMA.node(name), _node_value(rng, name))
+        return etcd.put(SCHEMA.node(name), _node_value(rng, name, located=located))
     if roll < 0.65:
         return etcd.delete(SCHEMA.node(name)) if rng.random() < 0.8 else etcd.delete(SCHEMA.peer(name))
     if roll < 0.75:
@@ -100,8 +109,10 @@ def _random_event(rng: random.Random, etcd: _Etcd) -> Event | None:
     return etcd.put(SCHEMA.node(name), b"{not json")  # rejected: the last valid record stays
 
 
+@pytest.mark.parametrize("located", [False, True], ids=["flat", "located"])
 @pytest.mark.parametrize("seed", range(40))
-def test_incremental_fold_equals_a_fold_from_scratch(seed: int) -> None:
+def test_incremental_fold_equals_a_fold_from_scratch(seed: int, located: bool) -> None:
+    """``located``: with locations, gateway candidacies and unreachable peers, so that paths are in play."""
     rng = random.Random(seed)
     etcd = _Etcd()
     view = MeshView(SCHEMA)
@@ -109,11 +120,13 @@ def test_incremental_fold_equals_a_fold_from_scratch(seed: int) -> None:
     builder = TopologyBuilder(LOCAL, auto_mtu=1420)
     builder.update(view, changes)
     previous = builder.topology()
+    routed = 0  # steps with paths in play
     for step in range(300):
         if rng.random() < 0.01:
             changes = view.apply(Snapshot(tuple(etcd.data.values()), etcd.revision))  # a re-list after a compaction
         else:
-            events = [e for e in (_random_event(rng, etcd) for _ in range(rng.choice([1, 1, 1, 2, 4]))) if e]
+            batch = range(rng.choice([1, 1, 1, 2, 4]))
+            events = [e for e in (_random_event(rng, etcd, located=located) for _ in batch) if e]
             if not events:
                 continue
             changes = view.apply(Events(tuple(events), etcd.revision))
@@ -121,6 +134,7 @@ def test_incremental_fold_equals_a_fold_from_scratch(seed: int) -> None:
         current = builder.topology()
         expected = build_topology(local=LOCAL, view=view, auto_mtu=1420)
         assert current == expected, f"seed {seed}, step {step}"
+        routed += current.paths is not None
         if affected is not None:
             # The delta plan must reach exactly the device a full comparison reaches.
             device = DeviceState(
@@ -136,6 +150,7 @@ def test_incremental_fold_equals_a_fold_from_scratch(seed: int) -> None:
             assert after_delta == after_full == desired_routes(current)
         previous = current
     assert builder.rebuilds < 300, "every change needed a fold from scratch"
+    assert (routed > 50) if located else (routed == 0), routed
 
 
 def _applied(before: Topology, plan: Plan) -> dict[str, PeerSpec]:

@@ -34,8 +34,9 @@ from warren_mesh.controller.translate import (
     same_condition,
 )
 from warren_mesh.kube.client import Kube, KubeError
+from warren_mesh.mesh.renumbering import renumbering_refusal
 from warren_mesh.mesh.usage import DEFAULT_QUOTA, Level, NodeUsage
-from warren_mesh.mesh.view import MeshReader, MeshView, renumbering_refusal
+from warren_mesh.mesh.view import MeshReader, MeshView
 from warren_mesh.store.base import Store, StoreError
 from warren_mesh.trust.records import encode_json
 from warren_mesh.values.keyspace import KeySchema

@@ -177,7 +177,7 @@ class ClaimRules:
                     REASON_NETWORK_NOT_OWNED,
                     f"{name} claims {text}, a pod subnet nobody claimed (claims/{name}/pods/)",
                 )
-        for endpoint in record.endpoints:
+        for endpoint in (*record.endpoints, *record.external_endpoints):
             host = endpoint.host
             value = int(host)
             for version, start, end, network in self._mesh:

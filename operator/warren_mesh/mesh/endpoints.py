@@ -27,8 +27,8 @@ from collections.abc import Mapping
 
 from warren_mesh.mesh.view import MeshReader
 from warren_mesh.trust.endpoint import Endpoint
+from warren_mesh.trust.node_fields import MAX_OBSERVED_ENDPOINTS
 from warren_mesh.trust.reasons import RecordError
-from warren_mesh.trust.records import MAX_OBSERVED_ENDPOINTS
 from warren_mesh.values.device import DeviceState
 
 # An observer votes for where it has heard a node from within this long: two of the persistent keepalives

@@ -24,6 +24,8 @@ from typing import Final
 
 from warren_mesh.mesh.changes import Changes
 from warren_mesh.mesh.claims import ClaimRules, Conflict, LocalNode, NetworkClaims
+from warren_mesh.mesh.interface import device_mtu, interface_addresses, pod_aggregates
+from warren_mesh.mesh.paths import Paths, Routing, dialled_endpoint, routed_peers
 from warren_mesh.mesh.view import Entry, MeshReader
 from warren_mesh.trust.reasons import (
     REASON_ADDRESS_OUTSIDE_CIDR,
@@ -52,6 +54,8 @@ class Topology:
     # Nodes this one shares no underlay family with (an IPv4-only node and an IPv6-only one): configured without
     # an endpoint, never dialled; status, metrics and the graph show them.
     unreachable: tuple[str, ...] = ()
+    # With locations, gateways or relays in play: how this node reaches every other (None: all directly).
+    paths: Paths | None = None
 
 
 # A record taking part in the fold: ("node" | "peer", name), and where it stands in it.
@@ -75,11 +79,6 @@ class _Settled:
         """The public keys whose peers this record gave the device."""
         keys = () if self.spec is None else (self.spec.public_key,)
         return keys if self.announced is None else (*keys, self.announced.public_key)
-
-
-def device_mtu(config: MeshConfig, auto_mtu: int) -> int:
-    """The mesh's MTU, or for ``mtu: auto`` what this node's underlay allows (``model.auto_mtu``)."""
-    return config.mtu if config.mtu is not None else auto_mtu
 
 
 class TopologyBuilder:
@@ -118,6 +117,12 @@ class TopologyBuilder:
         self._by_address: dict[str, set[Candidate]] = {}
         self._unreachable: set[str] = set()  # nodes taken with no endpoint this node can dial
         self.nodes_taken = 0
+        self._view = view
+        # Nodes taken whose records put paths in play (a location, an external endpoint, peers it cannot reach):
+        # while there are none and nobody stands as a gateway, every node is a direct peer, as the fold has it.
+        self._located = 0
+        self._routed: dict[str, PeerSpec] | None = None  # the device's peers when paths are in play
+        self._paths: Paths | None = None
         local = self._local
         for version, prefixlen, first, _ in Routes.of(local.allowed_ips, hosts=local.overlay_ips).ranges:
             self._claims.add(version, prefixlen, first, local.name)
@@ -131,6 +136,7 @@ class TopologyBuilder:
         candidates.sort(key=lambda c: c[2])
         for candidate, entry, position in candidates:
             self._settle(candidate, entry, position, self._problem(candidate, entry))
+        self._route()
 
     def update(self, view: MeshReader, changes: Changes) -> set[str] | None:
         """Bring the fold up to date with ``changes``; the public keys whose peer may differ now, or None when
@@ -138,7 +144,20 @@ class TopologyBuilder:
         if changes.everything:  # a snapshot or a config change: nothing to update from
             self.rebuild(view)
             return None
-        self._rules.view = view
+        self._view = self._rules.view = view
+        affected = self._fold_update(view, changes)
+        if affected is None:
+            return None  # folded from scratch, routed too
+        before = self._routed
+        self._route()
+        after = self._routed
+        if before is None and after is None:
+            return affected
+        if before is None or after is None:
+            return None  # paths came into play or left it: compare everything
+        return {key for key in before.keys() | after.keys() if before.get(key) != after.get(key)}
+
+    def _fold_update(self, view: MeshReader, changes: Changes) -> set[str] | None:
         touched: dict[Candidate, bool] = {("node", n): False for n in changes.nodes if n != self._local.name}
         touched.update((("peer", n), False) for n in changes.peers)
         addresses = set(changes.addresses)  # a reservation changed under a record: settle it again
@@ -178,8 +197,8 @@ class TopologyBuilder:
 
     @property
     def peers(self) -> Mapping[str, PeerSpec]:
-        """The taken records' peers by public key, live: valid until the next update, not to be kept."""
-        return self._specs
+        """The device's peers by public key, live: valid until the next update, not to be kept."""
+        return self._specs if self._routed is None else self._routed
 
     @property
     def names(self) -> Mapping[str, str]:
@@ -223,12 +242,40 @@ class TopologyBuilder:
         """The fold's result, as values that later updates do not change."""
         return Topology(
             self._interface,
-            dict(self._specs),
+            dict(self.peers),
             dict(self._names),
             self.conflicts,
             self._aggregates,
             self.unreachable,
+            self._paths,
         )
+
+    def _route(self) -> None:
+        """Work out the device's peers from the paths when locations, gateways or relays are in play: a peer
+        carries the routes of every node it is the path to, a node reached through another is no peer (mesh/
+        paths.py). Else leave the fold's peers as the device's."""
+        view = self._view
+        own = view.nodes.get(self._local.name) if view is not None else None
+        if view is None or own is None or not (self._located or view.gateway_candidacies or _routes(own.record)):
+            self._routed = self._paths = None
+            return
+        nodes: dict[str, NodeRecord] = {self._local.name: own.record}
+        specs: dict[str, tuple[PeerSpec, PeerSpec | None]] = {}
+        for (kind, name), settled in self._settled.items():
+            record = settled.entry.record
+            if kind == "node" and settled.spec is not None and isinstance(record, NodeRecord):
+                nodes[name] = record
+                specs[name] = (settled.spec, settled.announced)
+        config = self._config
+        routing = Routing(
+            nodes, view.gateway_candidacies, gateways=_names(config.gateways), relays=_names(config.relays)
+        )
+        paths = routing.paths(self._local.name)
+        peers = routed_peers(paths, nodes, specs, self._local.underlay_families)
+        for key, spec in self._specs.items():
+            if self._holders[key][0] == "peer":
+                peers[key] = spec
+        self._routed, self._paths = peers, paths
 
     def _arrive(
         self, candidate: Candidate, entry: Entry[NodeRecord] | Entry[ExternalPeer], position: _Position
@@ -266,6 +313,7 @@ class TopologyBuilder:
             del self._names[key]
         if candidate[0] == "node":
             self.nodes_taken -= 1
+            self._located -= _routes(record)
             self._unreachable.discard(candidate[1])
         # What it held is free now: a record after it that was left out for colliding may be taken now.
         return not self._conflicts_after(settled.position)
@@ -305,6 +353,7 @@ class TopologyBuilder:
         self._settled[candidate] = settled
         if candidate[0] == "node":
             self.nodes_taken += 1
+            self._located += _routes(record)
             if spec.endpoint is None:
                 self._unreachable.add(name)
 
@@ -345,41 +394,6 @@ class TopologyBuilder:
         return None
 
 
-def dialled_endpoint(record: NodeRecord, families: tuple[int, ...]) -> str | None:
-    """The endpoint of ``record`` this node dials: of the families both have, IPv4 if both have it (the same
-    choice on both sides, so neither's endpoint flips with every packet; and 20 bytes less overhead), else IPv6.
-    None when they share no family: the peer is still configured, so its traffic stays in the tunnel, but nothing
-    is dialled (``Topology.unreachable`` says so)."""
-    texts = record.endpoint_texts
-    if len(texts) == 1:
-        return texts[0] if record.endpoints[0].host.version in families else None
-    for version in (4, 6):
-        if version in families:
-            for endpoint, text in zip(record.endpoints, texts, strict=True):
-                if endpoint.host.version == version:
-                    return text
-    return None
-
-
-def interface_addresses(config: MeshConfig, local: LocalNode) -> tuple[str, ...]:
-    """This node's overlay addresses with their networks' prefix lengths, IPv4 first."""
-    addresses = []
-    for ip in sorted(local.overlay_ips, key=lambda ip: ip.version):
-        network = config.overlay_of(ip.version)
-        addresses.append(f"{ip}/{network.prefixlen if network is not None else ip.max_prefixlen}")
-    return tuple(addresses)
-
-
-def pod_aggregates(config: MeshConfig, local: LocalNode) -> tuple[str, ...]:
-    """Each pod network as one route into the device, unless it covers a network this node must reach outside the
-    tunnel (its underlay, etcd): then each peer's subnet in it is routed alone, and checked alone, as before."""
-    return tuple(
-        str(pods)
-        for pods in config.pod_cidrs
-        if not any(pods.version == net.version and pods.overlaps(net) for net in local.protected)
-    )
-
-
 def build_topology(
     *,
     local: LocalNode,
@@ -397,6 +411,17 @@ def build_topology(
 _SELF_REASONS: Final = frozenset(
     {REASON_ADDRESS_OUTSIDE_CIDR, REASON_ADDRESS_TAKEN, REASON_NETWORK_NOT_OWNED, REASON_UNSAFE_ROUTE}
 )
+
+
+def _routes(record: NodeRecord | ExternalPeer) -> bool:
+    """Whether ``record`` puts paths in play: a node with a location, an external endpoint or unreachable peers."""
+    return isinstance(record, NodeRecord) and bool(
+        record.location is not None or record.external_endpoints or record.unreachable
+    )
+
+
+def _names(names: tuple[str, ...] | None) -> frozenset[str] | None:
+    return None if names is None else frozenset(names)
 
 
 def _position(candidate: Candidate, entry: Entry[NodeRecord] | Entry[ExternalPeer]) -> _Position:

@@ -21,9 +21,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
+from warren_mesh.mesh.candidacies import GATEWAY_KIND, Candidacies, Candidacy
 from warren_mesh.mesh.changes import Changes, Rejection
 from warren_mesh.mesh.claim_slots import ClaimSlots, OwnClaim, Reservation, surplus_message
 from warren_mesh.mesh.damping import Damper
+from warren_mesh.mesh.renumbering import renumbering_refusal
 from warren_mesh.trust.decode import MAX_KEY_BYTES, MAX_VALUE_BYTES, decode_json
 from warren_mesh.trust.fields import validate_name
 from warren_mesh.trust.reasons import (
@@ -86,6 +88,11 @@ class MeshReader(Protocol):
         """Whether a complete snapshot has been seen (until then nothing may be removed)."""
         ...
 
+    @property
+    def gateway_candidacies(self) -> Mapping[str, Candidacy]:
+        """Node -> its candidacy as its location's gateway (mesh/candidacies.py), of the nodes that stand."""
+        ...
+
     def claims_on(self, address: str) -> list[Reservation]: ...
 
     def surplus_claims(self, owner: str | None = None) -> list[str]: ...
@@ -115,6 +122,7 @@ class MeshView:
         # A node holds one claim of each kind and family: of its claims in one slot, only the oldest enters
         # ``_claims``; the younger ones take nothing (reported as surplus, removed by their owner).
         self._slots = ClaimSlots()
+        self._candidacies = Candidacies()
         self.revision = 0
         self.synced = False  # a complete snapshot has been seen; until then nothing may be removed
         self._rejected: dict[str, tuple[int, str]] = {}  # key -> (mod revision already reported, reason)
@@ -181,6 +189,7 @@ class MeshView:
         self.reservations = {}
         self._claims = {}
         self._slots.clear()
+        self._candidacies.clear()
         if self._damper is not None:
             self._damper.clear()
         self._rejected = {k: r for k, r in self._rejected.items() if k in present}
@@ -219,6 +228,8 @@ class MeshView:
                 self.peers.pop(name, None)
                 self._changed_peers.add(name)
             case ("claim", _):
+                if self._candidacies.drop(key):
+                    self._changed_everything = True  # who carries whose traffic: everything may differ
                 dropped = self._slots.drop(key)
                 if dropped is not None:
                     self._settle_slot(*dropped)
@@ -311,6 +322,10 @@ class MeshView:
         if claim is None:
             raise RecordError(REASON_INVALID_KEY, f"claim {printable(name)} is not <node>/<kind>/<value>")
         _check_key_name(claim.node)
+        if claim.kind == GATEWAY_KIND:
+            if self._candidacies.put(kv.key, claim.node, claim.value, kv.create_revision):
+                self._changed_everything = True  # who carries whose traffic: everything may differ
+            return
         if claim.kind not in CLAIM_KINDS:
             return  # a kind of a newer version: not ours to judge
         subject = self._schema.claim_subject(claim.kind, claim.value)
@@ -384,6 +399,10 @@ class MeshView:
                 self.reservations[address] = holder
             self._changed_addresses.add(address)
 
+    @property
+    def gateway_candidacies(self) -> Mapping[str, Candidacy]:
+        return self._candidacies.by_node
+
     def claims_on(self, address: str) -> list[Reservation]:
         """Every claim on ``address``, oldest (the holder) first."""
         return sorted(self._claims.get(address, {}).values())
@@ -408,25 +427,6 @@ class MeshView:
             exc_info=(type(trace), trace, trace.__traceback__) if trace is not None else None,
         )
         self._rejections.append(rejection)
-
-
-def renumbering_refusal(config: MeshConfig, nodes: Mapping[str, Entry[NodeRecord]], current: MeshConfig) -> str | None:
-    """Why ``config`` may not replace ``current`` while ``nodes`` are registered (its networks would leave out
-    some that fit now: an address, a pod network or an endpoint that no longer fits), or None. Nodes that do not
-    fit the current config either count for nothing: a bad record must not freeze the config. Agents and the
-    operator refuse such a config alike."""
-    outside = sorted(
-        name for name, entry in nodes.items() if not config.fits(entry.record) and current.fits(entry.record)
-    )
-    if not outside:
-        return None
-    shown = ", ".join(outside[:5]) + (f" and {len(outside) - 5} more" if len(outside) > 5 else "")
-    return (
-        f"overlay networks {', '.join(map(str, config.overlay_cidrs))} and pod networks "
-        f"{', '.join(map(str, config.pod_cidrs))} would leave out {len(outside)} registered node(s) ({shown}); a "
-        "live mesh is not renumbered by a config edit: widen the networks or add a family instead, or change them "
-        "once those nodes have left"
-    )
 
 
 def _check_key_name(name: str) -> None:

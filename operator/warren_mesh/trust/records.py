@@ -26,17 +26,25 @@ from warren_mesh.trust.fields import (
     validate_port,
     validate_public_key,
 )
-from warren_mesh.trust.networks import endpoint_problem, usable_host_range
+from warren_mesh.trust.networks import usable_host_range
+from warren_mesh.trust.node_fields import (
+    endpoints_of,
+    external_endpoints_of,
+    location_of,
+    node_names_of,
+    observed_endpoints_of,
+    overlay_ips_of,
+    unreachable_of,
+)
 from warren_mesh.trust.reasons import (
     REASON_INVALID_CIDR,
-    REASON_INVALID_ENDPOINT,
     REASON_INVALID_FIELD,
     REASON_NAME_MISMATCH,
     RecordError,
 )
 from warren_mesh.trust.text import printable
 from warren_mesh.values.keyspace import SCHEMA_VERSION
-from warren_mesh.values.netaddr import IPAddress, IPNetwork, parse_ip
+from warren_mesh.values.netaddr import IPAddress, IPNetwork
 from warren_mesh.values.routes import Routes
 
 DEFAULT_OVERLAY_CIDR: Final = "10.96.0.0/16"
@@ -114,6 +122,11 @@ class MeshConfig:
     # The IP versions whose pod traffic leaving the cluster is masqueraded behind the node's address (both, as
     # Calico and flannel do; a cluster whose pod addresses are routed outside turns its family off).
     masquerade: tuple[int, ...] = (4, 6)
+    # Who may be a location's gateway, and who may relay a pair that cannot talk directly (docs/topology.md):
+    # node names, or None for any node that can (a gateway: any with an external endpoint; a relay: any gateway).
+    # An empty list of relays turns relaying off.
+    gateways: tuple[str, ...] | None = None
+    relays: tuple[str, ...] | None = None
 
     @property
     def families(self) -> tuple[int, ...]:
@@ -166,6 +179,11 @@ class MeshConfig:
         if len(self.pod_networks) > 1:
             doc["pod_cidrs"] = [str(p.cidr) for p in self.pod_networks]
             doc |= {f"node_subnet_prefix_ipv{p.version}": p.node_prefix for p in self.pod_networks}
+        doc |= {
+            key: list(names)
+            for key, names in (("gateways", self.gateways), ("relays", self.relays))
+            if names is not None
+        }
         return doc
 
     @classmethod
@@ -198,7 +216,8 @@ class MeshConfig:
         ttl = int_in(doc, "lease_ttl_seconds", default.lease_ttl_seconds, MIN_LEASE_TTL, 3600)
         rotation = int_in(doc, "key_rotation_interval_hours", 0, 0, 24 * 366)
         masquerade = tuple(v for v in (4, 6) if bool_of(doc, f"masquerade_ipv{v}", True))
-        return cls(overlays, port, mtu, keepalive, ttl, tuple(pod_networks), rotation, masquerade)
+        gateways, relays = (node_names_of(doc, key) for key in ("gateways", "relays"))
+        return cls(overlays, port, mtu, keepalive, ttl, tuple(pod_networks), rotation, masquerade, gateways, relays)
 
 
 def _networks(doc: dict[str, Any], key: str, default: IPNetwork) -> tuple[IPNetwork, ...]:
@@ -244,6 +263,14 @@ class NodeRecord:
     # Where this node's WireGuard saw peers whose packets came from elsewhere than their records say (behind NAT):
     # peer name -> endpoint. A node behind NAT learns its public endpoint from these (docs/nat.md).
     observed_endpoints: tuple[tuple[str, Endpoint], ...] = ()
+    # Where it is (a zone, a region: docs/topology.md): nodes of one location form a full mesh, and reach the
+    # others through their location's gateway. None: the mesh's one unnamed location.
+    location: str | None = None
+    # Where nodes of other locations dial it (one per family): a node with one may be its location's gateway.
+    external_endpoints: tuple[Endpoint, ...] = ()
+    # The nodes it should reach directly but cannot (no handshake for a while): a pair that both say so is
+    # relayed (docs/topology.md#relays).
+    unreachable: tuple[str, ...] = ()
     routes: Routes = field(init=False, repr=False, compare=False)  # overlay addresses + allowed_ips, derived
     overlay_texts: tuple[str, ...] = field(init=False, repr=False, compare=False)
     endpoint_texts: tuple[str, ...] = field(init=False, repr=False, compare=False)  # made once per record
@@ -284,6 +311,9 @@ class NodeRecord:
                 if self.observed_endpoints
                 else {}
             )
+            | ({"location": self.location} if self.location is not None else {})
+            | ({"external_endpoints": [str(e) for e in self.external_endpoints]} if self.external_endpoints else {})
+            | ({"unreachable": list(self.unreachable)} if self.unreachable else {})
         )
 
     @property
@@ -299,8 +329,8 @@ class NodeRecord:
         if name != key_name:
             raise RecordError(REASON_NAME_MISMATCH, f"record names node {name!r} but sits under {printable(key_name)}")
         public_key = validate_public_key(doc.get("public_key"))
-        endpoints = _endpoints(doc)
-        overlay_ips = _overlay_ips(doc)
+        endpoints = endpoints_of(doc)
+        overlay_ips = overlay_ips_of(doc)
         allowed = parse_allowed_ips(doc)
         # An overlay address is routed to the node anyway; listed again, the fold would claim it twice (found by
         # the fuzz test: claimed twice, released twice, a KeyError in the reconciler).
@@ -319,7 +349,7 @@ class NodeRecord:
             next_public_key = validate_public_key(doc.get("next_public_key"))
             if next_public_key == public_key:
                 raise RecordError(REASON_INVALID_FIELD, "next_public_key is the key in use")
-        observed = _observed_endpoints(doc.get("observed_endpoints"))
+        observed = observed_endpoints_of(doc.get("observed_endpoints"))
         return cls(
             name,
             public_key,
@@ -330,61 +360,10 @@ class NodeRecord:
             float(published_at),
             next_public_key,
             observed,
+            location_of(doc),
+            external_endpoints_of(doc),
+            unreachable_of(doc.get("unreachable")),
         )
-
-
-MAX_OBSERVED_ENDPOINTS: Final = 256
-
-
-def _endpoints(doc: dict[str, Any]) -> tuple[Endpoint, ...]:
-    """``endpoints`` (one per family, preferred first) or else ``endpoint`` alone; both given, they agree."""
-    first = Endpoint.parse(doc.get("endpoint"))
-    if "endpoints" not in doc:
-        return (first,)
-    endpoints = tuple(Endpoint.parse(text) for text in bounded_list(doc, "endpoints"))
-    if not 1 <= len(endpoints) <= 2 or len({e.host.version for e in endpoints}) != len(endpoints):
-        raise RecordError(REASON_INVALID_ENDPOINT, "endpoints must be one endpoint, or one IPv4 and one IPv6")
-    if endpoints[0] != first:
-        raise RecordError(REASON_INVALID_ENDPOINT, f"endpoint {first} is not the first of endpoints")
-    return endpoints
-
-
-def _overlay_ip(text: object) -> IPAddress:
-    if not isinstance(text, str) or len(text) > 45:
-        raise RecordError(REASON_INVALID_FIELD, "overlay_ip is missing or not an address")
-    try:
-        overlay_ip = parse_ip(text)
-    except ValueError:
-        raise RecordError(REASON_INVALID_CIDR, f"overlay_ip {printable(text)} is not an IP") from None
-    if endpoint_problem(overlay_ip) is not None:
-        raise RecordError(REASON_INVALID_CIDR, f"overlay_ip {overlay_ip} is not an address a mesh can use")
-    return overlay_ip
-
-
-def _overlay_ips(doc: dict[str, Any]) -> tuple[IPAddress, ...]:
-    """``overlay_ips`` (one per overlay network, in the mesh's order) or else ``overlay_ip`` alone."""
-    first = _overlay_ip(doc.get("overlay_ip"))
-    if "overlay_ips" not in doc:
-        return (first,)
-    addresses = tuple(_overlay_ip(text) for text in bounded_list(doc, "overlay_ips"))
-    if not 1 <= len(addresses) <= 2 or len({a.version for a in addresses}) != len(addresses):
-        raise RecordError(REASON_INVALID_CIDR, "overlay_ips must be one address, or one IPv4 and one IPv6")
-    if addresses[0] != first:
-        raise RecordError(REASON_INVALID_CIDR, f"overlay_ip {first} is not the first of overlay_ips")
-    return addresses
-
-
-def _observed_endpoints(value: object) -> tuple[tuple[str, Endpoint], ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, dict) or len(value) > MAX_OBSERVED_ENDPOINTS:
-        raise RecordError(
-            REASON_INVALID_FIELD, f"observed_endpoints is not an object of at most {MAX_OBSERVED_ENDPOINTS} entries"
-        )
-    observed = []
-    for name, text in value.items():
-        observed.append((validate_name(name), Endpoint.parse(text)))
-    return tuple(sorted(observed, key=lambda item: item[0]))
 
 
 @dataclass(frozen=True, slots=True)
