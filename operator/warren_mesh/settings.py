@@ -18,6 +18,7 @@ from warren_mesh.identity.etcd_tls import EtcdTls
 from warren_mesh.identity.pki import credential_problem
 from warren_mesh.trust.fields import split_host_port, validate_name, validate_port
 from warren_mesh.trust.networks import endpoint_problem
+from warren_mesh.trust.node_fields import validate_location
 from warren_mesh.trust.reasons import RecordError
 from warren_mesh.trust.records import MIN_LEASE_TTL
 from warren_mesh.values.keyspace import DEFAULT_PREFIX, KeySchema
@@ -120,6 +121,11 @@ class RegistrationSettings:
     # Which default routes give the endpoints when none is given: "auto" (IPv4's, else IPv6's), "ipv4", "ipv6"
     # or "dual" (both; a node with one of them only publishes that one).
     endpoint_family: str = "auto"
+    location: str | None = None  # its zone or region (docs/topology.md); None: a location of its own
+    # Where nodes of other locations dial it (one address per family, one port: the listen port when None); with
+    # a location, it then stands as its location's gateway.
+    external_hosts: tuple[str, ...] = ()
+    external_port: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +222,20 @@ class AgentSettings:
             "without --endpoint, which default routes give the endpoint: auto (IPv4's, else IPv6's), ipv4, ipv6, "
             "or dual (both)",
         )
+        add_flag(
+            parser,
+            "--location",
+            None,
+            "this node's location (zone, region): a full mesh inside it, other locations through its gateway "
+            "(default: none, a location of its own; docs/topology.md)",
+        )
+        add_flag(
+            parser,
+            "--external-endpoint",
+            None,
+            "IP[:PORT] nodes of other locations dial, or one of each family (default: none; with --location, "
+            "this node may then be its location's gateway)",
+        )
         add_flag(parser, "--interface", "wg-mesh", "WireGuard interface name")
         add_flag(parser, "--backend", "auto", "auto, kernel, userspace or memory")
         add_flag(
@@ -268,6 +288,13 @@ class AgentSettings:
         except RecordError as exc:
             raise SettingsError(f"--node-name: {exc}") from None
         hosts, port = _endpoint_flag(args.endpoint or "")
+        external_hosts, external_port = _endpoint_flag(args.external_endpoint or "", flag="--external-endpoint")
+        location = None
+        if args.location:
+            try:
+                location = validate_location(args.location)
+            except RecordError as exc:
+                raise SettingsError(f"--location: {exc}") from None
         if args.endpoint_family not in ENDPOINT_FAMILIES:
             raise SettingsError(
                 f"--endpoint-family {args.endpoint_family!r} is not one of {', '.join(ENDPOINT_FAMILIES)}"
@@ -309,7 +336,16 @@ class AgentSettings:
         return cls(
             store=store,
             registration=RegistrationSettings(
-                name, hosts, port, ttl, pod_subnet, restart_grace, endpoint_family=args.endpoint_family
+                name,
+                hosts,
+                port,
+                ttl,
+                pod_subnet,
+                restart_grace,
+                endpoint_family=args.endpoint_family,
+                location=location,
+                external_hosts=external_hosts,
+                external_port=external_port,
             ),
             device=DeviceSettings(
                 interface=args.interface,
@@ -368,9 +404,9 @@ def parse_duration(flag: str, value: str) -> float:
 ENDPOINT_FAMILIES = ("auto", "ipv4", "ipv6", "dual")
 
 
-def _endpoint_flag(text: str) -> tuple[tuple[str, ...], int | None]:
-    """``--endpoint``: one address, or one of each family (comma-separated, the preferred first), each with an
-    optional port (the same for both: WireGuard listens on one)."""
+def _endpoint_flag(text: str, *, flag: str = "--endpoint") -> tuple[tuple[str, ...], int | None]:
+    """``--endpoint`` (or ``flag``): one address, or one of each family (comma-separated, the preferred first),
+    each with an optional port (the same for both: WireGuard listens on one)."""
     hosts: list[str] = []
     ports: set[int] = set()
     for item in (part.strip() for part in text.split(",") if part.strip()):
@@ -379,15 +415,15 @@ def _endpoint_flag(text: str) -> tuple[tuple[str, ...], int | None]:
             if port is not None:
                 ports.add(validate_port(port, what="port"))
         except RecordError as exc:
-            raise SettingsError(f"--endpoint: {exc}") from None
+            raise SettingsError(f"{flag}: {exc}") from None
         problem = endpoint_problem(address)
         if problem is not None:
-            raise SettingsError(f"--endpoint {item!r} is not an address peers can dial: {problem}")
+            raise SettingsError(f"{flag} {item!r} is not an address peers can dial: {problem}")
         hosts.append(str(address))
     if len(hosts) > 2 or len({":" in h for h in hosts}) != len(hosts):
-        raise SettingsError(f"--endpoint {text!r}: give one address, or one IPv4 and one IPv6 address")
+        raise SettingsError(f"{flag} {text!r}: give one address, or one IPv4 and one IPv6 address")
     if len(ports) > 1:
-        raise SettingsError(f"--endpoint {text!r}: both endpoints take the same port (WireGuard listens on one)")
+        raise SettingsError(f"{flag} {text!r}: both endpoints take the same port (WireGuard listens on one)")
     return tuple(hosts), next(iter(ports), None)
 
 

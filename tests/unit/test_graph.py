@@ -99,3 +99,40 @@ def test_an_agents_metrics_are_read_back() -> None:
     assert reading.peers == {KEYS["b"]: PeerReading(123.0, 5.0, None)}
     with pytest.raises(ValueError):
         parse_agent_metrics("this is { not metrics")
+
+
+def _located_view() -> MeshView:
+    """Location x: a (with an external endpoint, standing) and b; location y: c (the same); b and a say they cannot
+    talk, and c relays them (y's gateway)."""
+    places = {"a": ("x", True, ("b",)), "b": ("x", False, ("a",)), "c": ("y", True, ())}
+    items = []
+    for i, (name, (location, external, unreachable)) in enumerate(places.items(), start=1):
+        node = NodeRecord(
+            name=name,
+            public_key=KEYS[name],
+            endpoints=(Endpoint(ipaddress.ip_address(f"192.0.2.{i}"), 51820),),
+            overlay_ips=(ipaddress.ip_address(f"10.96.0.{i}"),),
+            listen_port=51820,
+            published_at=1.0,
+            location=location,
+            external_endpoints=(Endpoint(ipaddress.ip_address(f"203.0.113.{i}"), 51820),) if external else (),
+            unreachable=unreachable,
+        )
+        items.append(KeyValue(SCHEMA.node(name), encode_json(node.to_json()), i, i, lease=7))
+        if external:
+            items.append(KeyValue(SCHEMA.candidacy(name, location), b"", 10 + i, 10 + i, lease=7))
+    view = MeshView(SCHEMA)
+    view.apply(Snapshot(tuple(items), 20))
+    return view
+
+
+def test_locations_are_clusters_gateways_have_a_double_border_and_only_direct_pairs_are_edges() -> None:
+    dot = render_dot(_located_view(), [], now=NOW)
+    assert 'label="location x"' in dot and 'label="location y"' in dot
+    assert "peripheries=2" in next(line for line in dot.splitlines() if line.strip().startswith('"a" ['))
+    assert "peripheries=2" not in next(line for line in dot.splitlines() if line.strip().startswith('"b" ['))
+    assert '"a" -- "c"' in dot and '"b" -- "c"' not in dot, "b reaches y through its gateway"
+    assert 'relayed through c' not in _edge(dot, "a", "c")
+    # a and b both say they cannot talk, but the only gateway both reach directly is a itself: no relay.
+    assert "relayed" not in _edge(dot, "a", "b")
+    subprocess.run(["dot", "-Tsvg"], input=dot.encode(), capture_output=True, check=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -11,6 +12,7 @@ from warren_mesh.identity.keys import NodeKey
 from warren_mesh.mesh.candidacies import Candidacy
 from warren_mesh.mesh.paths import Routing, dialled_endpoint, elect_gateways, routed_peers
 from warren_mesh.trust.endpoint import Endpoint
+from warren_mesh.trust.reasons import RecordError
 from warren_mesh.trust.records import NodeRecord
 from warren_mesh.values.device import PeerSpec
 
@@ -199,3 +201,20 @@ def test_every_pair_of_nodes_has_exactly_one_path_and_no_device_routes_a_node_tw
         routes = [text for peer in peers.values() for text in peer.allowed_ips]
         assert len(routes) == len(set(routes)), f"{name}: a network on two peers"
         assert set(routes) == {t for other, r in nodes.items() if other != name for t in r.routes.text}
+
+
+def test_a_records_location_external_endpoints_and_unreachable_peers_round_trip_and_bad_ones_are_refused() -> None:
+    record = _node(1, "eu-west-1a", external=True, unreachable=("n2", "n3"))
+    assert NodeRecord.from_json(record.to_json(), key_name="n1") == record
+    assert "location" not in _node(1, None).to_json(), "a record without them reads as before"
+    doc = record.to_json()
+    for field, value, message in (
+        ("location", "eu west", "is not a label value"),
+        ("location", "x" * 64, "is not a label value"),
+        ("external_endpoints", ["203.0.113.1:1", "203.0.113.2:1"], "one IPv4 and one IPv6"),
+        ("external_endpoints", ["127.0.0.1:51820"], "127.0.0.1"),
+        ("unreachable", ["N3"], "N3"),
+        ("unreachable", [f"n{i}" for i in range(257)], "at most 256"),
+    ):
+        with pytest.raises(RecordError, match=message):
+            NodeRecord.from_json(doc | {field: value}, key_name="n1")

@@ -10,6 +10,7 @@ from warren_mesh.controller import translate
 from warren_mesh.controller.translate import MeshClaim, SpecError
 from warren_mesh.identity.keys import NodeKey
 from warren_mesh.mesh.view import Entry
+from warren_mesh.trust.records import MeshConfig
 
 
 def test_a_mesh_spec_becomes_the_config_agents_read_and_a_bad_one_names_the_crd_field() -> None:
@@ -85,3 +86,14 @@ def test_a_dual_stack_mesh_spec_gives_both_families_and_its_lists_replace_the_de
         translate.mesh_config(spec | {"masqueradeIPv6": "yes"})
     with pytest.raises(translate.SpecError, match="overlayCIDRs must be one network, or one IPv4 and one IPv6"):
         translate.mesh_config({"overlayCIDRs": ["10.96.0.0/16", "10.97.0.0/16"]})
+
+
+def test_a_mesh_spec_may_name_who_may_be_gateways_and_relays() -> None:
+    """docs/topology.md: absent, anyone who can; listed, only those; an empty list of relays, none; a name that is
+    not a node name is refused with the field's name."""
+    assert translate.mesh_config({}).gateways is None and translate.mesh_config({}).relays is None
+    config = translate.mesh_config({"gateways": ["node-b", "node-a", "node-a"], "relays": []})
+    assert config.gateways == ("node-a", "node-b") and config.relays == ()
+    assert MeshConfig.from_json(config.to_json()) == config
+    with pytest.raises(SpecError, match="Node_A"):
+        translate.mesh_config({"gateways": ["Node_A"]})

@@ -6,6 +6,10 @@ labelled with the handshake's age and the throughput as that agent sees it, and 
 handshake yet, or none for longer than ``stale_after`` (180 s by default: WireGuard renews a session every two
 minutes while anything flows, and the persistent keepalive keeps something flowing, so a live pair never gets
 that old; after 180 s WireGuard itself refuses to use the session). Edges no agent reported on are grey.
+
+With locations (docs/topology.md) each location is a cluster, its gateway drawn with a double border, and only
+the pairs that talk directly are edges (inside a location, and between gateways); a pair that goes through a
+relay is an orange dashed edge that names the relay.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from warren_mesh.admin.status import format_rate
+from warren_mesh.mesh.paths import routing_of
 from warren_mesh.mesh.view import MeshReader
 from warren_mesh.metrics.reading import AgentReading, PeerReading
 
@@ -83,10 +88,24 @@ def render_dot(
         '  node [fontname="sans-serif", fontsize=10];',
         '  edge [fontname="sans-serif", fontsize=8];',
     ]
+    routing = routing_of(view)
+    located = any(entry.record.location is not None for entry in view.nodes.values())
+    clusters: dict[str | None, list[str]] = {}
     for name, entry in sorted(view.nodes.items()):
         record = entry.record
-        label = NEWLINE.join([name, *record.overlay_texts, *(str(n) for n in record.allowed_ips)])
-        lines.append(f"  {_quote(name)} [shape=box, label={_quote(label)}];")
+        gateway = located and record.location is not None and routing.is_gateway(name)
+        texts = [name, *record.overlay_texts, *(str(n) for n in record.allowed_ips)]
+        label = NEWLINE.join([*texts, f"gateway of {record.location}"] if gateway else texts)
+        border = ", peripheries=2" if gateway else ""
+        clusters.setdefault(record.location, []).append(f"{_quote(name)} [shape=box{border}, label={_quote(label)}];")
+    for number, (location, members) in enumerate(sorted(clusters.items(), key=lambda c: c[0] or "")):
+        if location is None:
+            lines.extend(f"  {member}" for member in members)
+            continue
+        lines.append(f"  subgraph cluster_{number} {{")
+        lines.append(f"    label={_quote(f'location {location}')}; style=rounded;")
+        lines.extend(f"    {member}" for member in members)
+        lines.append("  }")
     for name, external in sorted(view.peers.items()):
         label = NEWLINE.join([name, *(str(n) for n in external.record.allowed_ips)])
         lines.append(f"  {_quote(name)} [shape=ellipse, style=dashed, label={_quote(label)}];")
@@ -95,9 +114,14 @@ def render_dot(
     pairs += [(member, node) for member in sorted(view.peers) for node in nodes]
     families = {name: {e.host.version for e in entry.record.endpoints} for name, entry in view.nodes.items()}
     for a, b in pairs:
+        if a in view.nodes and b in view.nodes and not routing.direct(a, b):
+            continue  # through their gateways
         attributes = _edge_attributes(seen.get(frozenset((a, b)), []), now, stale_after)
         if a in families and b in families and not families[a] & families[b]:
             attributes = ' [color=grey, style=dashed, label="no underlay family in common"]'  # never dialled
+        relay = routing.relays.get((min(a, b), max(a, b)))
+        if relay is not None:
+            attributes = f" [color=orange, style=dashed, label={_quote(f'relayed through {relay}')}]"
         lines.append(f"  {_quote(a)} -- {_quote(b)}{attributes};")
     lines.append("}")
     return "\n".join(lines) + "\n"

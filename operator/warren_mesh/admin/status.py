@@ -11,6 +11,7 @@ from typing import Any
 
 from warren_mesh.admin.reading import read_view_judged
 from warren_mesh.mesh.changes import Rejection
+from warren_mesh.mesh.paths import routing_of
 from warren_mesh.metrics.reading import read_agent_metrics
 from warren_mesh.store.base import Store
 from warren_mesh.values.keyspace import KeySchema
@@ -25,9 +26,13 @@ class NodeStatus:
     listen_port: int
     lease_seconds_left: int  # -1: the record has no live lease
     published_at: float
+    location: str | None = None  # docs/topology.md
+    gateway: bool = False  # its location's gateway (every node without a location is its own)
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "location": self.location,
+            "gateway": self.gateway,
             "name": self.name,
             "public_key": self.public_key,
             "endpoint": self.endpoints[0],
@@ -50,6 +55,8 @@ class MeshStatus:
     traffic_from: str = ""  # the agent those figures come from
     # Pairs of nodes with no underlay family in common (an IPv4-only and an IPv6-only node): never dialled.
     unreachable: tuple[tuple[str, str], ...] = ()
+    relayed: tuple[tuple[str, str, str], ...] = ()  # (a, b, relay): pairs that cannot talk directly
+    located: bool = False  # some node names a location: status shows locations and gateways
 
 
 def read_agent_traffic(metrics_url: str, timeout: float = 2.0) -> dict[str, tuple[float, float]]:
@@ -70,6 +77,7 @@ async def read_status(store: Store, schema: KeySchema) -> MeshStatus:
     view, rejected = await read_view_judged(store, schema)
     leases = sorted({entry.lease for entry in view.nodes.values() if entry.lease})
     left = dict(zip(leases, await asyncio.gather(*(store.lease_time_left(lease) for lease in leases)), strict=True))
+    routing = routing_of(view)
     nodes = tuple(
         NodeStatus(
             name=name,
@@ -79,12 +87,16 @@ async def read_status(store: Store, schema: KeySchema) -> MeshStatus:
             listen_port=entry.record.listen_port,
             lease_seconds_left=left.get(entry.lease, -1),
             published_at=entry.record.published_at,
+            location=entry.record.location,
+            gateway=routing.is_gateway(name),
         )
         for name, entry in sorted(view.nodes.items())
     )
     families = {name: {e.host.version for e in entry.record.endpoints} for name, entry in view.nodes.items()}
     unreachable = tuple((a, b) for a, b in itertools.combinations(sorted(families), 2) if not families[a] & families[b])
-    return MeshStatus(nodes, rejected, view.revision, unreachable=unreachable)
+    relayed = tuple((a, b, relay) for (a, b), relay in sorted(routing.relays.items()))
+    located = any(n.location is not None for n in nodes)
+    return MeshStatus(nodes, rejected, view.revision, unreachable=unreachable, relayed=relayed, located=located)
 
 
 def format_rate(bits_per_second: float) -> str:
@@ -97,6 +109,8 @@ def format_rate(bits_per_second: float) -> str:
 
 def render_table(status: MeshStatus) -> str:
     header: tuple[str, ...] = ("NODE", "OVERLAY IP", "ENDPOINT", "PUBLIC KEY", "LEASE LEFT")
+    if status.located:
+        header = (*header, "LOCATION", "ROLE")
     if status.traffic:
         header = (*header, "RX", "TX")
     rows: list[tuple[str, ...]] = []
@@ -108,6 +122,8 @@ def render_table(status: MeshStatus) -> str:
             n.public_key[:10] + "…",
             f"{n.lease_seconds_left}s",
         )
+        if status.located:
+            row = (*row, n.location or "-", "gateway" if n.gateway and n.location else "member")
         if status.traffic:
             rates = status.traffic.get(n.public_key)
             row = (*row, *((format_rate(rates[0]), format_rate(rates[1])) if rates is not None else ("-", "-")))
@@ -119,6 +135,7 @@ def render_table(status: MeshStatus) -> str:
         lines.append(f"RX/TX: throughput to and from each peer as seen by the agent at {status.traffic_from}")
     lines.extend(f"rejected {r.key}: {r.reason}: {r.message}" for r in status.rejected)
     lines.extend(f"no underlay family in common: {a} and {b} (never dialled)" for a, b in status.unreachable)
+    lines.extend(f"relayed: {a} and {b} cannot talk directly, through {relay}" for a, b, relay in status.relayed)
     return "\n".join(lines)
 
 

@@ -22,14 +22,17 @@ from typing import TypeVar
 from warren_mesh.agent import loops
 from warren_mesh.agent.device_thread import DeviceThread
 from warren_mesh.agent.device_writer import DeviceWriter
+from warren_mesh.agent.gateway import GatewayRole
 from warren_mesh.agent.identity import Identity
 from warren_mesh.agent.key_rotation import KeyRotation, rotation_request
 from warren_mesh.agent.observer import MeshObserver
+from warren_mesh.agent.reachability import Reachability
 from warren_mesh.agent.reconciler import Reconciler
 from warren_mesh.agent.registrar import Registrar
 from warren_mesh.agent.report import Reporter
 from warren_mesh.host.node import Host
 from warren_mesh.host.pod_network import PodNetwork
+from warren_mesh.host.probe import PathProbe
 from warren_mesh.identity import keys
 from warren_mesh.identity.keys import NodeKey, load_or_create
 from warren_mesh.mesh.claims import LocalNode
@@ -92,6 +95,7 @@ class Agent:
         self.reconciler: Reconciler | None = None
         self.registrar: Registrar | None = None
         self.pod_network: PodNetwork | None = None
+        self.path_probe: PathProbe | None = None  # answers (and sends) path probes on the overlay addresses
         self.traffic = TrafficWindow()
 
     @property
@@ -201,6 +205,8 @@ class Agent:
             pods = self.pod_network
             if pods is not None and settings.device.cleanup_on_exit:
                 await self.device_thread.run(pods.remove)
+            if self.path_probe is not None:
+                self.path_probe.close()
             self.device_thread.shutdown()
             await self.store.close()
             if server is not None:
@@ -296,6 +302,11 @@ class Agent:
             endpoints_to = loops.EndpointWatch(
                 registrar.publication, reconciler.peer_names, self.view, poke=host.poke, pinned=pinned
             )
+        reach_to = None
+        if host.sees_peer_endpoints:
+            reach_to = Reachability(
+                registrar.publication, self.view, peer_names=reconciler.peer_names, paths=lambda: reconciler.paths
+            )
         if sample > 0 or endpoints_to is not None:
             start(
                 "peers",
@@ -305,8 +316,30 @@ class Agent:
                     traffic=self.traffic if sample > 0 else None,
                     interval=sample if sample > 0 else loops.ENDPOINT_CHECK_INTERVAL,
                     endpoints_to=endpoints_to,
+                    reach_to=reach_to,
                 ),
             )
+        start("gateway", self._gateway_role(registrar, reconciler, config).run())
+
+    def _gateway_role(self, registrar: Registrar, reconciler: Reconciler, config: MeshConfig) -> GatewayRole:
+        """Standing as this location's gateway, and giving up when the other locations cannot be reached; probes
+        answered on the overlay addresses (where the device is real)."""
+        registration = settings = self.settings.registration
+        probe = None
+        if self.host.sees_peer_endpoints:
+            probe = self.path_probe = PathProbe(config.overlay_cidrs)
+        return GatewayRole(
+            store=self.store,
+            schema=self.settings.store.schema,
+            name=settings.node_name,
+            location=registration.location,
+            can_stand=bool(registration.external_hosts),
+            view=self.view,
+            registration=lambda: registrar.current,
+            paths=lambda: reconciler.paths,
+            probe=probe,
+            metrics=self.metrics,
+        )
 
     async def _observe(self, registrar: Registrar, reconciler: Reconciler) -> None:
         """The pipeline's head: each batch the observer folds in goes to the report, wakes decide/apply, and tells

@@ -14,6 +14,7 @@ from pathlib import Path
 from warren_mesh.agent.device_thread import DeviceThread
 from warren_mesh.agent.key_rotation import KeyRotation
 from warren_mesh.agent.publication import RecordPublisher
+from warren_mesh.agent.reachability import Reachability
 from warren_mesh.agent.reconciler import Reconciler
 from warren_mesh.host.node import Host
 from warren_mesh.identity import pki
@@ -137,9 +138,11 @@ async def watch_peers(
     traffic: TrafficWindow | None,
     interval: float,
     endpoints_to: EndpointWatch | None,
+    reach_to: Reachability | None = None,
 ) -> None:
-    """peers: one reading of the device every few seconds serves both the throughput window (``traffic``: the
-    gauges average over it) and, given ``endpoints_to``, the endpoints peers are seen at."""
+    """peers: one reading of the device every few seconds serves the throughput window (``traffic``: the gauges
+    average over it) and, given ``endpoints_to``, the endpoints peers are seen at, and given ``reach_to``, the
+    peers this node cannot reach directly."""
     while True:
         try:
             device = await device_thread.run(backend.read)
@@ -150,6 +153,11 @@ async def watch_peers(
                 traffic.add(time.monotonic(), device.stats)
             if endpoints_to is not None:
                 await endpoints_to.publish(device)
+            if reach_to is not None:
+                try:
+                    await reach_to.publish(device)
+                except StoreError as exc:
+                    log.warning("could not publish the peers this node cannot reach (retrying): %s", exc)
         await asyncio.sleep(interval)
 
 

@@ -22,7 +22,7 @@ from warren_mesh.trust.endpoint import Endpoint
 from warren_mesh.trust.reasons import RecordError
 from warren_mesh.trust.records import MeshConfig, NodeRecord, encode_json
 from warren_mesh.values.keyspace import KeySchema
-from warren_mesh.values.netaddr import IPAddress, IPNetwork
+from warren_mesh.values.netaddr import IPAddress, IPNetwork, parse_ip
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,10 @@ class RecordPublisher:
         self._endpoint_hosts = endpoint_hosts
         self._endpoint_pinned = bool(settings.endpoint_hosts)  # --endpoint: never another
         self._endpoint_port = settings.endpoint_port  # None: follow the mesh's listen port
+        self._location = settings.location
+        self._external_hosts = tuple(parse_ip(host) for host in settings.external_hosts)
+        self._external_port = settings.external_port  # None: our endpoint's port
+        self._unreachable: tuple[str, ...] = ()  # peers we should reach directly but cannot
         self.key = schema.node(self._name)  # where our record lives
         self.current: Registration | None = None
         self._claim_keys: tuple[str, ...] = ()  # of the current registration
@@ -85,6 +89,9 @@ class RecordPublisher:
             published_at=time.time(),
             next_public_key=self._next_key,
             observed_endpoints=self._observed,
+            location=self._location,
+            external_endpoints=tuple(Endpoint(host, self._external_port or port) for host in self._external_hosts),
+            unreachable=self._unreachable,
         )
 
     def _endpoints(self, endpoints: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
@@ -132,8 +139,17 @@ class RecordPublisher:
                 key, encode_json(record.to_json()), mod_revision=existing.mod_revision, lease=lease_id
             )
             if existing is None and existing_lease not in (0, lease_id):
+                await self._move_candidacies(existing_lease, lease_id)
                 await self._store.revoke_lease(existing_lease)
         return record
+
+    async def _move_candidacies(self, old_lease: int, lease_id: int) -> None:
+        """Our gateway candidacy on the lease of a previous run goes onto ours first (a put keeps its create
+        revision, so its place in line): an agent restarted in time stays its location's gateway."""
+        found = await self._store.list_prefix(self._schema.candidacies_of(self._name))
+        for kv in found.items:
+            if kv.lease == old_lease:
+                await self._store.put(kv.key, kv.value, lease=lease_id)
 
     def _check_ours(self, raw: bytes) -> NodeRecord:
         where = self.key
@@ -182,6 +198,12 @@ class RecordPublisher:
             self._observed = observed
             await self._publish_current(f"observed {len(observed)} peer(s) elsewhere than their records say")
 
+    async def set_unreachable(self, names: tuple[str, ...]) -> None:
+        """Publish the peers we should reach directly but cannot (docs/topology.md#relays)."""
+        if names != self._unreachable:
+            self._unreachable = names
+            await self._publish_current(f"cannot reach {len(names)} peer(s) directly: {', '.join(names) or 'none'}")
+
     async def set_public_endpoint(self, endpoint: Endpoint) -> None:
         """Peers see us at ``endpoint`` (we are behind NAT): publish it as ours."""
         if endpoint != self.public_endpoint:
@@ -198,6 +220,7 @@ class RecordPublisher:
             next_public_key=self._next_key,
             endpoints=self._endpoints(current.record.endpoints),
             observed_endpoints=self._observed,
+            unreachable=self._unreachable,
             published_at=time.time(),
         )
         await self._put_current(record, what)

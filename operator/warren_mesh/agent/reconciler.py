@@ -28,6 +28,7 @@ from warren_mesh.identity.keys import NodeKey
 from warren_mesh.mesh.changes import Changes
 from warren_mesh.mesh.claims import LocalNode
 from warren_mesh.mesh.decision import Decider
+from warren_mesh.mesh.paths import Paths
 from warren_mesh.mesh.view import MeshReader
 from warren_mesh.trust.records import MeshConfig
 from warren_mesh.values.netaddr import IPAddress, IPNetwork
@@ -77,6 +78,11 @@ class Reconciler:
 
     def peer_names(self) -> Mapping[str, str]:
         return self._decider.peer_names
+
+    @property
+    def paths(self) -> Paths | None:
+        """How this node reaches the others when locations, gateways or relays are in play (None: directly)."""
+        return self._decider.paths
 
     @property
     def rebuilds(self) -> int:
@@ -187,6 +193,7 @@ class Reconciler:
                 nodes=1 + decider.nodes_taken,
                 conflicts=decider.conflicts,
                 unreachable=decider.unreachable,
+                paths=decider.paths,
                 rejected=view.rejected_by_reason(),
                 seconds=time.perf_counter() - started,
             )

@@ -12,6 +12,7 @@ from typing import NamedTuple
 from warren_mesh.mesh import damping
 from warren_mesh.mesh.changes import Changes
 from warren_mesh.mesh.claims import Conflict
+from warren_mesh.mesh.paths import Paths
 from warren_mesh.mesh.usage import Level
 from warren_mesh.metrics.instruments import AgentMetrics
 from warren_mesh.trust.text import printable
@@ -35,6 +36,7 @@ class PassReport(NamedTuple):
     nodes: int  # nodes in the mesh as this node sees it (itself included)
     conflicts: tuple[Conflict, ...]  # records left out
     unreachable: tuple[str, ...]  # nodes sharing no underlay family with this one
+    paths: Paths | None  # with locations, gateways or relays in play: how this node reaches the others
     rejected: Mapping[str, int]  # keys whose current value is rejected, by reason
     seconds: float  # how long the pass took
 
@@ -44,6 +46,8 @@ class Reporter:
         self._metrics = metrics
         self._local_name = local_name
         self._unreachable: tuple[str, ...] = ()
+        self._relayed: dict[str, str] = {}  # node -> its relay
+        self._unrouted: tuple[str, tuple[str, ...]] | None = None  # (this node's location, nodes without a path)
         self._conflicts: set[tuple[str, str]] = set()  # reported already: each is logged when it starts
         self._over_quota: dict[str, Level] = {}  # node -> the quota level it is reported past
         self._flooding: dict[str, float] = {}  # node -> when an update of its record was last held back
@@ -97,6 +101,7 @@ class Reporter:
         metrics = self._metrics
         self._report_conflicts(report.conflicts)
         self._report_unreachable(report.unreachable)
+        self._report_paths(report.paths)
         for kind, count in report.applied.items():
             metrics.applied_by_kind[kind].inc(count)
         if report.failed:
@@ -122,6 +127,27 @@ class Reporter:
                 )
             self._unreachable = unreachable
             self._metrics.unreachable_peers.set(len(unreachable))
+
+    def _report_paths(self, paths: Paths | None) -> None:
+        """Relayed pairs and nodes without a path (no gateway at one end): said once per change, and counted."""
+        relayed = dict(paths.relayed) if paths is not None else {}
+        unrouted = (paths.location, paths.unrouted) if paths is not None and paths.unrouted else None
+        if relayed != self._relayed:
+            for name, relay in sorted(relayed.items()):
+                if self._relayed.get(name) != relay:
+                    log.warning("%s cannot be reached directly (both say so): through %s", name, relay)
+            for name in sorted(self._relayed.keys() - relayed.keys()):
+                log.info("%s is reached directly again", name)
+            self._relayed = relayed
+            self._metrics.relayed_peers.set(len(relayed))
+        if unrouted != self._unrouted:
+            if unrouted is not None:
+                location, names = unrouted
+                log.warning("no path to %s: location %s or theirs has no gateway", ", ".join(names), location)
+            elif self._unrouted is not None:
+                log.info("a path to every node again")
+            self._metrics.unrouted_peers.set(len(unrouted[1]) if unrouted is not None else 0)
+            self._unrouted = unrouted
 
     def _report_conflicts(self, conflicts: tuple[Conflict, ...]) -> None:
         current = {(c.name, c.reason) for c in conflicts}

@@ -10,6 +10,7 @@ import time
 from warren_mesh.cli.admin import write_picture
 from warren_mesh.lab.lab import Lab
 from warren_mesh.lab.layout import LabError, require_root
+from warren_mesh.lab.locations import parse_locations
 from warren_mesh.lab.report import pods_json, render_lab_table, render_pods_table, status_json
 from warren_mesh.settings import (
     SettingsError,
@@ -22,6 +23,8 @@ def run_lab(args: argparse.Namespace) -> int:
     lab = Lab()
     require_root()
     if args.lab_command == "up":
+        if args.locations:
+            args.nodes = len(parse_locations(args.locations))
         if not 2 <= args.nodes <= 50:
             raise SettingsError(f"--nodes {args.nodes} is not between 2 and 50")
         started = time.monotonic()
@@ -37,6 +40,7 @@ def run_lab(args: argparse.Namespace) -> int:
             underlay=args.underlay,
             underlay_of=dict(item.split("=", 1) for item in args.underlay_of.split(",") if "=" in item),
             overlay=args.overlay,
+            locations=args.locations or None,
             progress=lambda line: print(line, flush=True),
         )
         print(f"full mesh of {len(status)} nodes, every pair handshaken, in {time.monotonic() - started:.1f} s\n")

@@ -206,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--overlay", choices=("ipv4", "ipv6", "dual"), default="ipv4", help="the mesh's overlay and pod networks"
     )
+    up.add_argument(
+        "--locations",
+        default="",
+        help="locations on networks of their own, NAME:NODES[:WITH_WAN], e.g. a:3:2,b:2 (sets --nodes): see "
+        "docs/topology.md",
+    )
     lab_env = lab_commands.add_parser(
         "env", help='export lines pointing commands at the lab\'s etcd: eval "$(warren-mesh lab env)"'
     )

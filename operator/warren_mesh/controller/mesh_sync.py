@@ -27,6 +27,7 @@ from warren_mesh.controller.translate import (
     mesh_node_name,
     mesh_node_spec,
     mesh_schema,
+    node_roles,
     now_rfc3339,
     prefix_owner,
     quota_condition,
@@ -202,12 +203,18 @@ class MeshSync:
         }
         seen = now_rfc3339()
         over_quota = self._over_quota()
+        roles = node_roles(view)
         for node, entry in entries.items():
             object_name = mesh_node_name(self.name, node)
             obj = existing.get(object_name)
             previous = ((obj or {}).get("status") or {}).get("conditions") or []
             quota = quota_condition(over_quota.get(node), previous)
-            status = {"leaseSecondsLeft": left.get(entry.lease, -1), "lastSeen": seen, "conditions": [quota]}
+            status = {
+                "leaseSecondsLeft": left.get(entry.lease, -1),
+                "lastSeen": seen,
+                "conditions": [quota],
+                "role": roles.get(node, "member"),
+            }
             if obj is None:
                 is_node = await self._kube.get_core(f"nodes/{node}") is not None
                 await self._kube.create("meshnodes", mesh_node_body(self.name, entry, status, kubernetes_node=is_node))
@@ -216,7 +223,8 @@ class MeshSync:
                 if obj.get("spec") != mesh_node_spec(self.name, entry.record):
                     await self._kube.patch("meshnodes", object_name, {"spec": mesh_node_spec(self.name, entry.record)})
                 quota_changed = not any(same_condition(quota, c) for c in previous)
-                if refresh or quota_changed or not obj.get("status"):
+                role_changed = (obj.get("status") or {}).get("role") != status["role"]
+                if refresh or quota_changed or role_changed or not obj.get("status"):
                     await self._kube.patch("meshnodes", object_name, {"status": status}, status=True)
         wanted = {mesh_node_name(self.name, node) for node in entries}
         for object_name in existing.keys() - wanted:

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from warren_mesh.mesh.paths import routing_of
 from warren_mesh.mesh.usage import DEFAULT_QUOTA, Level
-from warren_mesh.mesh.view import Entry
+from warren_mesh.mesh.view import Entry, MeshReader
 from warren_mesh.trust.reasons import RecordError
 from warren_mesh.trust.records import ExternalPeer, MeshConfig, NodeRecord
 from warren_mesh.values.keyspace import DEFAULT_PREFIX, SCHEMA_VERSION, KeySchema
@@ -60,6 +61,8 @@ def mesh_config(spec: Mapping[str, Any]) -> MeshConfig:
         ("keyRotationIntervalHours", "key_rotation_interval_hours"),
         ("masqueradeIPv4", "masquerade_ipv4"),
         ("masqueradeIPv6", "masquerade_ipv6"),
+        ("gateways", "gateways"),
+        ("relays", "relays"),
     ):
         if field in spec and f"{field}s" not in dual:
             doc[key] = spec[field]
@@ -129,7 +132,24 @@ def mesh_node_spec(mesh: str, record: NodeRecord) -> dict[str, Any]:
         "overlayIP": str(record.overlay_ip),
         "overlayIPs": list(record.overlay_texts),
         "allowedIPs": [str(n) for n in record.allowed_ips],
-    }
+    } | (
+        {"location": record.location, "externalEndpoints": [str(e) for e in record.external_endpoints]}
+        if record.location is not None or record.external_endpoints
+        else {}
+    )
+
+
+def node_roles(view: MeshReader) -> dict[str, str]:
+    """Each node's part in the mesh's topology (docs/topology.md): ``gateway`` of its location, ``relay`` of some
+    pair, else absent (a member)."""
+    routing = routing_of(view)
+    roles = {relay: "relay" for relay in routing.relays.values()}
+    roles.update(
+        (name, "gateway")
+        for name, entry in view.nodes.items()
+        if entry.record.location is not None and routing.is_gateway(name)
+    )
+    return roles
 
 
 def mesh_node_body(

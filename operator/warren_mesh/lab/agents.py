@@ -44,6 +44,11 @@ class LabAgents(LabLayout):
             f"--cni-ipam-dir={self.state_dir / 'cni-ipam' / self.node_name(index)}",
             f"--wireguard-go={state.get('wireguard_go', '')}",
         ]
+        location = self.location(index)
+        if location is not None:  # its location's address as its endpoint, its WAN address for other locations
+            args += [f"--location={location}", f"--endpoint={self.internal_ip(index)}"]
+            if self.has_external(index):
+                args.append(f"--external-endpoint={self.underlay_ip(index)}")
         with (self.state_dir / f"{self.node_name(index)}.log").open("ab") as out:
             process = subprocess.Popen(
                 args,
@@ -75,7 +80,7 @@ class LabAgents(LabLayout):
 
     def graph(self, *, fmt: str = "dot", stale_after: float | None = None) -> bytes:
         """`warren-mesh graph` of the lab, with every node's agent's metrics (reached over the underlay)."""
-        flags = [f"--agent-metrics=http://{self.underlay_ip(i)}:{METRICS_PORT}/metrics" for i in self.nodes()]
+        flags = [f"--agent-metrics=http://{self.internal_ip(i)}:{METRICS_PORT}/metrics" for i in self.nodes()]
         if stale_after is not None:
             flags.append(f"--stale-after={stale_after}")
         return self._admin("graph", f"--format={fmt}", *flags)

@@ -41,6 +41,7 @@ from warren_mesh.lab.layout import (
     LabError,
     require_root,
 )
+from warren_mesh.lab.locations import LabLocations, parse_locations
 from warren_mesh.lab.nat import LabNat
 from warren_mesh.lab.pods import LabPods
 from warren_mesh.lab.report import LabNode
@@ -52,7 +53,7 @@ from warren_mesh.wireguard import uapi
 SCHEMA = KeySchema(DEFAULT_PREFIX)  # the lab's mesh: the agents' default prefix
 
 
-class Lab(LabPods, LabInspection, LabNat):
+class Lab(LabPods, LabInspection, LabNat, LabLocations):
     """A lab on this machine, named by its prefix: brought up, grown a node at a time, and taken down."""
 
     def up(
@@ -70,13 +71,15 @@ class Lab(LabPods, LabInspection, LabNat):
         underlay: str = "ipv4",
         underlay_of: dict[str, str] | None = None,
         overlay: str = "ipv4",
+        locations: str | None = None,
         progress: Callable[[str], None] | None = None,
     ) -> list[LabNode]:
         """``pods``: pods to start on each node once the mesh is up (``pod-1``, ...); ``wireguard_go``: the binary
         the userspace backend runs (None: the one on PATH); ``nat``: nodes (node-2, ...) put behind a NAT of their
         own, which keeps ports and lets nothing unsolicited in. ``underlay``: every node's underlay (ipv4, ipv6
         or dual), ``underlay_of``: some nodes' own (node-3: ipv4); ``overlay``: the mesh's overlay and pod
-        networks (ipv4, ipv6 or dual)."""
+        networks (ipv4, ipv6 or dual); ``locations``: nodes in locations of their own networks (lab/locations.py:
+        ``a:3:2,b:2``, as many nodes as ``nodes``)."""
         require_root()
         if self.is_up():
             raise LabError(f"a lab named {self.prefix} is already up; `warren-mesh lab down` first")
@@ -97,6 +100,12 @@ class Lab(LabPods, LabInspection, LabNat):
                 raise LabError(f"--overlay {overlay!r} is not one of {', '.join(OVERLAYS)}")
             if state["nat"] and any(u != "ipv4" for u in underlays.values()):
                 raise LabError("--nat is for IPv4 underlays (IPv6 has no NAT to put a node behind)")
+            if locations:
+                placement = state["placement"] = parse_locations(locations)
+                if len(placement) != nodes:
+                    raise LabError(f"--locations {locations!r} places {len(placement)} nodes, not {nodes}")
+                if state["nat"] or any(u != "ipv4" for u in underlays.values()):
+                    raise LabError("--locations is for IPv4 underlays without --nat")
             self._save({**state, "tls": tls})
             if tls:  # a PKI of the lab's own: etcd's certificate for the hub's address, admin and node certificates
                 pki.init(self.pki_dir, [HUB_ADDRESS, HUB_ADDRESS6])
@@ -104,6 +113,8 @@ class Lab(LabPods, LabInspection, LabNat):
             netns.bridge(self.bridge, ns=self.hub)
             netns.address(self.bridge, f"{HUB_ADDRESS}/{SUBNET.prefixlen}", ns=self.hub)
             netns.address(self.bridge, f"{HUB_ADDRESS6}/{SUBNET6.prefixlen}", ns=self.hub)
+            if locations:
+                self._location_bridges()
             etcd = EtcdServer(
                 self.state_dir / "etcd",
                 host=HUB_ADDRESS,
@@ -140,7 +151,9 @@ class Lab(LabPods, LabInspection, LabNat):
         ns = self.node_netns(index)
         netns.create(ns)
         node_side, hub_side = f"{self.prefix}v{index}n", f"{self.prefix}v{index}h"
-        if index in self.behind_nat():
+        if self.location(index) is not None:
+            gateway = self._located_links(index, ns)
+        elif index in self.behind_nat():
             # The node's link goes to a NAT of its own, whose outside is on the bridge with the node's usual address.
             nat = self.nat_netns(index)
             netns.create(nat)

@@ -15,6 +15,8 @@ from warren_mesh.lab.access import LabAccess
 SUBNET = ipaddress.ip_network("192.168.240.0/24")
 SUBNET6 = ipaddress.ip_network("fd00:240::/64")  # the underlay's IPv6 half (ULA)
 NAT_SUBNET = "10.231.{index}.0/24"  # behind node i's NAT: the NAT .1, the node .2
+# A location's own network (lab up --locations): the k-th location's bridge in the hub, the hub .1, node i .10+i.
+LOCATION_SUBNET = "10.232.{k}.0/24"
 HUB_ADDRESS = "192.168.240.1"
 HUB_ADDRESS6 = "fd00:240::1"
 UNDERLAYS = ("ipv4", "ipv6", "dual")  # what a lab node's underlay has
@@ -90,6 +92,42 @@ class LabLayout:
             for family, address in (("ipv4", self.underlay_ip(index)), ("ipv6", self.underlay_ip6(index)))
             if underlay in (family, "dual")
         )
+
+    def located(self) -> bool:
+        """Whether this lab's nodes are in locations (lab up --locations)."""
+        return bool(self._load().get("placement"))
+
+    def blocked(self) -> bool:
+        """Whether some pair of nodes cannot reach each other (LabLocations.block)."""
+        return bool(self._load().get("blocked"))
+
+    def location(self, index: int) -> str | None:
+        """Node ``index``'s location (lab up --locations), or None."""
+        place = self._placement(index)
+        return str(place[0]) if place else None
+
+    def has_external(self, index: int) -> bool:
+        """Whether node ``index`` is on the shared "WAN" bridge too (its location's gateway candidates are)."""
+        place = self._placement(index)
+        return not place or bool(place[2])
+
+    def location_bridge(self, k: int) -> str:
+        return f"{self.prefix}b{k}"
+
+    def internal_ip(self, index: int) -> str:
+        """Node ``index``'s address on its location's network (its underlay address when it has no location)."""
+        place = self._placement(index)
+        if not place:
+            return self.underlay_ip(index)
+        return str(ipaddress.ip_network(LOCATION_SUBNET.format(k=place[1])).network_address + 10 + index)
+
+    def _placement(self, index: int) -> list[object]:
+        """[location, its number k, whether external] of a located node; [] for one without a location."""
+        placed = self._load().get("placement", {})
+        assert isinstance(placed, dict)
+        place = placed.get(str(index), [])
+        assert isinstance(place, list)
+        return place
 
     @property
     def tls(self) -> bool:

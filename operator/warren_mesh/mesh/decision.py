@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 from warren_mesh.mesh.changes import ChangeLog, Changes
 from warren_mesh.mesh.claims import Conflict, LocalNode
+from warren_mesh.mesh.paths import Paths
 from warren_mesh.mesh.plan import Plan, plan_changes, plan_delta
 from warren_mesh.mesh.topology import Topology, TopologyBuilder
 from warren_mesh.mesh.view import MeshReader
@@ -107,6 +108,10 @@ class Decider:
     @property
     def unreachable(self) -> tuple[str, ...]:
         return self._builder.unreachable
+
+    @property
+    def paths(self) -> Paths | None:
+        return self._builder.paths
 
     @property
     def rebuilds(self) -> int:

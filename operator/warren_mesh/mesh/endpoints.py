@@ -29,6 +29,7 @@ from warren_mesh.mesh.view import MeshReader
 from warren_mesh.trust.endpoint import Endpoint
 from warren_mesh.trust.node_fields import MAX_OBSERVED_ENDPOINTS
 from warren_mesh.trust.reasons import RecordError
+from warren_mesh.trust.records import NodeRecord
 from warren_mesh.values.device import DeviceState
 
 # An observer votes for where it has heard a node from within this long: two of the persistent keepalives
@@ -50,7 +51,7 @@ def contested(view: MeshReader) -> set[str]:
     for observer, entry in view.nodes.items():
         for name, endpoint in entry.record.observed_endpoints:
             target = view.nodes.get(name)
-            if name != observer and target is not None and endpoint != target.record.endpoint:
+            if name != observer and target is not None and endpoint not in _said(target.record):
                 names.add(name)
     return names
 
@@ -79,10 +80,11 @@ def observations(
         if now - heard_at > HEARD_WITHIN:
             continue
         record = entry.record
-        if spec.endpoint in record.endpoint_texts:
+        if spec.endpoint in _said_texts(record):
+            # Where its record says (a gateway is seen at its external endpoint from other locations).
             since = contested_since.get(record.name)
             if since is not None and heard_at > since:
-                confirmed.append((record.name, record.endpoints[record.endpoint_texts.index(spec.endpoint)]))
+                confirmed.append((record.name, Endpoint.parse(spec.endpoint)))
             continue
         try:
             elsewhere.append((entry.record.name, Endpoint.parse(spec.endpoint)))
@@ -109,7 +111,8 @@ def public_endpoint(view: MeshReader, name: str) -> Endpoint | None:
                 seen[str(endpoint)] = endpoint
     # A vote counts against the record's endpoint of its own family (a dual-stack node has one of each).
     own = {e.host.version: text for e, text in zip(entry.record.endpoints, entry.record.endpoint_texts, strict=True)}
-    rivals = {text: count for text, count in votes.items() if text not in own.values()}
+    said = _said_texts(entry.record)
+    rivals = {text: count for text, count in votes.items() if text not in said}
     if not rivals:
         return None
     winners = []
@@ -119,3 +122,14 @@ def public_endpoint(view: MeshReader, name: str) -> Endpoint | None:
         if best > votes.get(own.get(version, ""), 0):
             winners.append((-best, min(text for text, count in family.items() if count == best)))
     return seen[min(winners)[1]] if winners else None
+
+
+def _said(record: NodeRecord) -> tuple[Endpoint, ...]:
+    """Where a node's record says it is: its endpoints, and those nodes of other locations dial."""
+    return (*record.endpoints, *record.external_endpoints)
+
+
+def _said_texts(record: NodeRecord) -> tuple[str, ...]:
+    if not record.external_endpoints:
+        return record.endpoint_texts
+    return (*record.endpoint_texts, *(str(e) for e in record.external_endpoints))

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from warren_mesh.mesh.candidacies import Candidacy
+from warren_mesh.mesh.view import MeshReader
 from warren_mesh.trust.records import NodeRecord
 from warren_mesh.values.device import PeerSpec
 
@@ -57,6 +58,7 @@ class Paths:
     """How one node reaches every other."""
 
     local: str
+    location: str  # its location (location_of: a location of its own when it names none)
     # node -> the peer of this node's device that carries its routes (the node itself when direct)
     carriers: Mapping[str, str]
     # nodes this one talks to directly, and whether over their external endpoints (other locations' gateways)
@@ -65,6 +67,7 @@ class Paths:
     relayed: Mapping[str, str] = field(default_factory=dict)
     # nodes this one has no path to: its location or theirs has no gateway
     unrouted: tuple[str, ...] = ()
+    gateways: Mapping[str, str] = field(default_factory=dict)  # every location's gateway
 
 
 class Routing:
@@ -127,7 +130,7 @@ class Routing:
         for name, carrier in carriers.items():
             if carrier in relayed:
                 carriers[name] = relayed[carrier]
-        return Paths(local, carriers, direct, relayed, tuple(sorted(unrouted)))
+        return Paths(local, own, carriers, direct, relayed, tuple(sorted(unrouted)), self.gateways)
 
     def _relayed_pairs(self) -> dict[tuple[str, str], str]:
         """Pairs that should be direct and both say they cannot -> the relay each goes through (none: no node can)."""
@@ -159,6 +162,18 @@ class Routing:
             and self.direct(c, b)
         )
         return fit[0] if fit else None
+
+
+def routing_of(view: MeshReader) -> Routing:
+    """The routing of every node record of ``view``, by its config's rules: what status, the graph and the
+    operator show (each agent routes the records its fold takes, which leaves out conflicting ones)."""
+    config = view.config
+    return Routing(
+        {name: entry.record for name, entry in view.nodes.items()},
+        view.gateway_candidacies,
+        gateways=None if config.gateways is None else frozenset(config.gateways),
+        relays=None if config.relays is None else frozenset(config.relays),
+    )
 
 
 def routed_peers(

@@ -206,6 +206,11 @@ class TopologyBuilder:
         return self._names
 
     @property
+    def paths(self) -> Paths | None:
+        """How this node reaches the others when locations, gateways or relays are in play (None: directly)."""
+        return self._paths
+
+    @property
     def unreachable(self) -> tuple[str, ...]:
         """Nodes taken that share no underlay family with this one (configured, never dialled)."""
         return tuple(sorted(self._unreachable))

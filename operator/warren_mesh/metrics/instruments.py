@@ -102,6 +102,26 @@ class AgentMetrics:
             "configured without an endpoint, never dialled.",
             registry=registry,
         )
+        self.gateway = Gauge(
+            "warren_mesh_gateway",
+            "1 while this node is its location's gateway (docs/topology.md), else 0.",
+            registry=registry,
+        )
+        self.gateway_give_ups = Counter(
+            "warren_mesh_gateway_give_ups_total",
+            "Times this node gave up as its location's gateway: no other location's gateway answered its probes.",
+            registry=registry,
+        )
+        self.relayed_peers = Gauge(
+            "warren_mesh_relayed_peers",
+            "Nodes this node should reach directly but reaches through a relay (both said they cannot talk).",
+            registry=registry,
+        )
+        self.unrouted_peers = Gauge(
+            "warren_mesh_unrouted_peers",
+            "Nodes this node has no path to: its location or theirs has no gateway (docs/topology.md).",
+            registry=registry,
+        )
         self.pod_subnet_missing = Gauge(
             "warren_mesh_pod_subnet_missing",
             "1 when this node registered without a pod subnet of this family (every subnet of the pod network is "

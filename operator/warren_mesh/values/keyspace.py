@@ -69,6 +69,14 @@ class KeySchema:
         """``node``'s claim on an overlay address, or (``kind="pods"``) on a pod subnet such as 10.244.3.0/24."""
         return f"{self.claims_of(node)}{kind}/{address.replace('/', '-') if kind == 'pods' else address}"
 
+    def candidacies_of(self, node: str) -> str:
+        """The directory of ``node``'s gateway candidacies (mesh/candidacies.py): one, for its location."""
+        return f"{self.claims_of(node)}gateway/"
+
+    def candidacy(self, node: str, location: str) -> str:
+        """``node`` stands as the gateway of ``location`` (on its lease)."""
+        return f"{self.candidacies_of(node)}{location}"
+
     @staticmethod
     def claim_subject(kind: str, value: str) -> str:
         """What a claim key's last segment claims, as the records name it: an address, or a subnet with its '/'
