@@ -11,6 +11,7 @@ import time
 import pytest
 
 from underlay import Frame, captured, sniff
+from warren_mesh.agent.reachability import NO_HANDSHAKE_AFTER
 from warren_mesh.lab.lab import Lab
 from warren_mesh.lab.layout import METRICS_PORT, OVERLAYS
 from warren_mesh.lab.probe import Probe
@@ -112,9 +113,10 @@ def _device_mtu(lab: Lab, node: int) -> int:
     return int(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
 
 
-def test_pairs_without_a_shared_underlay_family_are_reported_and_never_dialled(lab: Lab) -> None:
+def test_pairs_without_a_shared_underlay_family_are_reported_and_relayed(lab: Lab) -> None:
     """node-1 dual-stack, node-2 IPv4 only, node-3 IPv6 only: 1-2 and 1-3 connect (over IPv4 and IPv6), 2-3 cannot
-    and each of them says so; its peer is configured without an endpoint, so nothing is sent for it."""
+    dial each other and each of them says so; its peer is configured without an endpoint, so nothing is sent for it,
+    and the pair reaches each other through node-1, which reaches both (docs/topology.md#relays)."""
     lab.up(
         3,
         backend="userspace",
@@ -134,8 +136,18 @@ def test_pairs_without_a_shared_underlay_family_are_reported_and_never_dialled(l
     assert len(node2_peers) == 2 and sorted(e for e, _, _ in node2_peers.values())[0] == "(none)", node2_peers
     log = (lab.state_dir / "node-2.log").read_text()
     assert "no underlay family in common with node-3" in log
+    # Relayed: node-1's peer on node-2 carries node-3's routes, and node-2 and node-3 ping each other through it.
+    keys = {i: lab.public_key(i) for i in (1, 2, 3)}
+    overlay3 = next(s.overlay_ips for s in lab.status() if s.name == "node-3")
+    wait_for(
+        lambda: all(f"{ip}/{32 if '.' in ip else 128}" in lab.peer_config(2)[keys[1]][1] for ip in overlay3),
+        NO_HANDSHAKE_AFTER + 15,
+        "node-2 to reach node-3 through node-1",
+    )
+    assert lab.peer_config(2)[keys[3]][1] == "(none)", "no allowed IPs on the peer it cannot dial"
+    assert all(lab.ping(2, ip) for ip in overlay3) and all(lab.ping(3, ip) for ip in lab.status()[1].overlay_ips)
     dot = lab.graph().decode()  # drawn as such, not as a broken link
-    assert '"node-2" -- "node-3" [color=grey, style=dashed, label="no underlay family in common"]' in dot, dot
+    assert '"node-2" -- "node-3" [color=orange, style=dashed, label="relayed through node-1"]' in dot, dot
 
 
 def test_a_single_family_mesh_gains_ipv6_by_a_config_edit_without_losing_a_datagram(lab: Lab) -> None:

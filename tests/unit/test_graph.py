@@ -132,7 +132,7 @@ def test_locations_are_clusters_gateways_have_a_double_border_and_only_direct_pa
     assert "peripheries=2" in next(line for line in dot.splitlines() if line.strip().startswith('"a" ['))
     assert "peripheries=2" not in next(line for line in dot.splitlines() if line.strip().startswith('"b" ['))
     assert '"a" -- "c"' in dot and '"b" -- "c"' not in dot, "b reaches y through its gateway"
-    assert 'relayed through c' not in _edge(dot, "a", "c")
+    assert "relayed through c" not in _edge(dot, "a", "c")
     # a and b both say they cannot talk, but the only gateway both reach directly is a itself: no relay.
     assert "relayed" not in _edge(dot, "a", "b")
     subprocess.run(["dot", "-Tsvg"], input=dot.encode(), capture_output=True, check=True)

@@ -10,7 +10,9 @@ takes over at once. That is the case a liveness check cannot see (Kilo #489): th
 its external link cut. It stands again after ``HOLD_DOWN_FACTOR`` times that, behind every candidate that stayed,
 so a node that gave up or came back never takes the role back (no flapping).
 
-A remote gateway is judged once it has answered a probe (so that a peer that does not answer probes, an older
+A location's only candidate never gives up: nobody could take over (with two locations, the healthy end of a cut
+link would otherwise give up too, and leave its location without a gateway). A remote gateway is judged once it
+has answered a probe (so that a peer that does not answer probes, an older
 agent or a firewall on the probe port, makes nobody give up) or has been silent since it became a gateway for
 three times the bound (no gateway that reaches nobody keeps the role).
 """
@@ -107,7 +109,7 @@ class GatewayRole:
         if not gateway or paths is None or self._probe is None:
             self._remote_since.clear()
             return
-        if self._silent(paths, now, bound=registration.ttl + GIVE_UP_MARGIN):
+        if self._silent(paths, now, bound=registration.ttl + GIVE_UP_MARGIN) and self._someone_takes_over():
             await self._give_up(now, bound=registration.ttl + GIVE_UP_MARGIN)
 
     def _silent(self, paths: Paths, now: float, *, bound: float) -> bool:
@@ -127,6 +129,17 @@ class GatewayRole:
             if answered > since or now - since > 3 * bound:
                 judged.append(max(since, answered))
         return bool(judged) and all(now - heard > bound for heard in judged)
+
+    def _someone_takes_over(self) -> bool:
+        """Whether another node of our location stands and can be its gateway: giving up without one would only
+        cut the location off for good (and with two locations, the healthy end of a cut link would)."""
+        for name, candidacy in self._view.gateway_candidacies.items():
+            entry = self._view.nodes.get(name)
+            record = entry.record if entry is not None and name != self._name else None
+            eligible = record is not None and bool(record.external_endpoints)
+            if eligible and record is not None and candidacy.location == record.location == self._location:
+                return True
+        return False
 
     async def _give_up(self, now: float, *, bound: float) -> None:
         assert self._key is not None

@@ -20,7 +20,7 @@ import os
 import socket
 import time
 from collections.abc import Iterable
-from typing import Final
+from typing import Final, cast
 
 from warren_mesh.values.netaddr import IPAddress, IPNetwork, parse_ip
 
@@ -45,8 +45,7 @@ class _Endpoint(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = cast(asyncio.DatagramTransport, transport)  # asyncio's own class is no subclass of it
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
         if self.transport is not None:
@@ -62,21 +61,29 @@ class PathProbe:
     def __init__(self, overlays: Iterable[IPNetwork]) -> None:
         """``overlays``: the mesh's overlay networks; only their addresses are answered."""
         self._overlays = tuple(overlays)
-        self._transports: dict[int, asyncio.DatagramTransport] = {}  # IP version -> the socket bound for it
-        self._bound: tuple[tuple[IPAddress, ...], int] | None = None
+        self._transports: dict[IPAddress, asyncio.DatagramTransport] = {}  # overlay address -> its socket
+        self._failed: set[IPAddress] = set()  # addresses that could not be bound (said once, tried again)
+        self._port = 0
         self._nonce = os.urandom(8).hex().encode()
         self.answered: dict[IPAddress, float] = {}  # overlay address -> monotonic time of its last answer
 
     async def open(self, addresses: tuple[IPAddress, ...], port: int) -> None:
-        """Answer on ``addresses`` (this node's overlay addresses) at ``port``; again when either changed."""
-        if self._bound == (addresses, port):
-            return
-        self.close()
+        """Answer on ``addresses`` (this node's overlay addresses) at ``port``: a socket for each address not yet
+        bound (one the node gained: its mesh became dual-stack), none any more for one it gave up. Those it keeps
+        stay as they are (closing a socket and binding its address again at once would find it still taken)."""
+        if self._port != port:
+            self.close()
+            self._port = port
+        for address in [a for a in self._transports if a not in addresses]:
+            self._transports.pop(address).close()
         loop = asyncio.get_running_loop()
         for address in addresses:
+            if address in self._transports:
+                continue
             family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_DGRAM)
             try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if address.version == 6:
                     sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_FREEBIND, 1)
                 else:
@@ -85,21 +92,24 @@ class PathProbe:
                 sock.setblocking(False)
             except OSError as exc:
                 sock.close()
-                log.warning("cannot answer path probes on %s port %d: %s", address, port, exc)
+                if address not in self._failed:  # tried again with every call, said once
+                    self._failed.add(address)
+                    log.warning("cannot answer path probes on %s port %d (trying again): %s", address, port, exc)
                 continue
             transport, _ = await loop.create_datagram_endpoint(lambda: _Endpoint(self), sock=sock)
-            self._transports[address.version] = transport
-        self._bound = (addresses, port)
+            self._transports[address] = transport
+            self._failed.discard(address)
+        self._failed &= set(addresses)
 
     def close(self) -> None:
         for transport in self._transports.values():
             transport.close()
         self._transports = {}
-        self._bound = None
+        self._failed = set()
 
     def send(self, address: IPAddress, port: int) -> None:
         """Probe ``address`` (a peer's overlay address) at ``port``; its answer, if any, lands in ``answered``."""
-        transport = self._transports.get(address.version)
+        transport = next((t for a, t in self._transports.items() if a.version == address.version), None)
         if transport is not None:
             with contextlib.suppress(OSError):
                 transport.sendto(REQUEST + self._nonce, (str(address), port))

@@ -181,6 +181,10 @@ class Lab(LabPods, LabInspection, LabNat, LabLocations):
         with IPRoute(netns=ns) as ipr:
             if underlay != "ipv6":
                 ipr.route("add", dst="0.0.0.0/0", gateway=gateway)
+            if self.location(index) is not None:
+                # etcd over the location's own network, also from a node with a WAN link: cutting that link cuts
+                # the node off from other locations only, as in kilo#489 (its agent stays healthy).
+                ipr.route("add", dst=f"{HUB_ADDRESS}/32", gateway=gateway)
             if underlay != "ipv4":
                 ipr.route("add", dst="::/0", gateway=HUB_ADDRESS6)
         self.start_agent(index)
