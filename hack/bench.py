@@ -29,6 +29,10 @@ Scenarios (one JSON line each, latencies in milliseconds):
          every node rotates its WireGuard key in turn (warren-mesh rotate-key): the worst pair's loss
          (worst_pair_loss, worst_pair_lost_ms) and longest gap (max_gap_ms), and the changes peers of nodes not
          rotating saw (untouched_changes, should be 0).
+  failover (root; not in "all") a userspace lab of two locations (docs/topology.md), a 50/s probe between a node
+         of each that has no WAN link: --rounds times location a's gateway loses its WAN link (node and agent
+         healthy) and gets it back, then its node dies; the probe's longest gap for each (wan_cut_gap_ms_*,
+         node_death_gap_ms) against the run's floors: the lease TTL (--ttl) and the give-up bound.
 
 The agents are packed into --workers processes (default: one per core; hack/agent_pool.py), each running its
 share on one event loop, so per-event figures include the other agents' work: on a 2-core machine the honest
@@ -54,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "operator"))
 
 import results
 from bench_agent import scenario_coldstart, scenario_cost, scenario_scrape
-from bench_lab import pod_reachability, scenario_rotate
+from bench_lab import pod_reachability, scenario_failover, scenario_rotate
 from bench_mesh import scenario_churn, scenario_floor, scenario_join, scenario_leave, scenario_storm
 from bench_run import BenchError, BenchRun
 from warren_mesh.identity import pki
@@ -84,6 +88,12 @@ def _rotate(run: BenchRun) -> dict[str, Any]:
     return scenario_rotate(run.args.nodes, run.args.probe_rate)
 
 
+def _failover(run: BenchRun) -> dict[str, Any]:
+    if os.geteuid() != 0:
+        raise BenchError("the failover scenario runs a userspace lab: run it as root")
+    return scenario_failover(run.args.rounds, run.args.ttl)
+
+
 def _floor(run: BenchRun) -> dict[str, Any]:
     raise AssertionError("main() runs the floor itself: the join scenario is judged against it")
 
@@ -111,6 +121,7 @@ SCENARIOS: dict[str, Scenario] = {
     "cost": Scenario(lambda run: asyncio.run(scenario_cost(run.endpoint, run.args.records or 1000))),
     "scrape": Scenario(lambda run: scenario_scrape(run.args.peers, run.args.scrapes)),
     "rotate": Scenario(_rotate, in_all=False),
+    "failover": Scenario(_failover, in_all=False),
 }
 
 
@@ -126,7 +137,8 @@ def main() -> int:
     parser.add_argument("--joins", type=int, default=20, help="joins measured in the join scenario")
     parser.add_argument("--puts", type=int, default=50, help="puts measured in the floor scenario")
     parser.add_argument("--leaves", type=int, default=5, help="graceful leaves measured in the leave scenario")
-    parser.add_argument("--ttl", type=int, default=3, help="lease TTL of the leave scenario's crash")
+    parser.add_argument("--ttl", type=int, default=3, help="lease TTL of the leave scenario's crash and of failover")
+    parser.add_argument("--rounds", type=int, default=3, help="WAN cuts measured in the failover scenario")
     parser.add_argument("--records", type=int, default=None, help="records for coldstart (default: --nodes)")
     parser.add_argument("--churn", type=int, default=20, help="random joins/leaves in the churn scenario")
     parser.add_argument(

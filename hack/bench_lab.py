@@ -130,3 +130,68 @@ def _published_at(lab: Lab, node: str) -> float:
     ]
     out = subprocess.run(argv, capture_output=True, text=True, check=True, env={**os.environ, "ETCDCTL_API": "3"})
     return float(json.loads(out.stdout)["published_at"])
+
+
+def scenario_failover(rounds: int, ttl: int) -> dict[str, Any]:
+    """docs/topology.md: a userspace lab of two locations (a: 3 nodes with a WAN link and one without; b: one of
+    each); a 50/s UDP probe between the two nodes without a WAN link crosses both gateways. ``rounds`` times the
+    gateway of a has its WAN link cut (its node and agent healthy: kilo#489) and back; then its node dies. Reports
+    the probe's longest gap for each, against the floor of the same run: the lease TTL (nothing notices a dead node
+    sooner) and the give-up bound (TTL + GIVE_UP_MARGIN: a gateway waits that long for any answer)."""
+    from warren_mesh.agent.gateway import GIVE_UP_MARGIN, HOLD_DOWN_FACTOR
+
+    cuts: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="warren-bench-failover-") as tmp:
+        lab = Lab(prefix=f"wbf{os.getpid() % 10000}", state_dir=Path(tmp) / "lab")
+        try:
+            lab.up(6, backend="userspace", lease_ttl=ttl, timeout=120, locations="a:4:3,b:2")
+
+            def gateway_of_a() -> int:
+                key = _carrier_key(lab, 4, 6)
+                return next(i for i in (1, 2, 3) if lab.public_key(i) == key)
+
+            def longest_gap(action: Any) -> float:
+                status = {s.name: s for s in lab.status()}
+                ends = {n: (status[n].netns, status[n].overlay_ips[0]) for n in ("node-4", "node-6")}
+                probe = Probe(ends, rate=50, seconds=ttl + GIVE_UP_MARGIN + 15)
+                probe.start()
+                try:
+                    time.sleep(3)
+                    action()
+                    results = probe.results()
+                finally:
+                    probe.stop()
+                return max(gap for _, gap in results.values())
+
+            for _ in range(rounds):
+                gateway = gateway_of_a()
+                cuts.append(longest_gap(lambda gateway=gateway: lab.set_wan(gateway, up=False)))
+                lab.set_wan(gateway, up=True)
+                time.sleep(HOLD_DOWN_FACTOR * (ttl + GIVE_UP_MARGIN) + 2)  # it stands again, behind the others
+            gateway = gateway_of_a()
+
+            def die() -> None:
+                lab.kill_agent(gateway)
+                lab.isolate(gateway)
+
+            death = longest_gap(die)
+        finally:
+            lab.down()
+    return {
+        "scenario": "failover",
+        "rounds": rounds,
+        "lease_ttl_ms": ttl * 1000,
+        "give_up_bound_ms": (ttl + GIVE_UP_MARGIN) * 1000,
+        "wan_cut_gap_ms_p50": round(statistics.median(cuts), 1),
+        "wan_cut_gap_ms_max": round(max(cuts), 1),
+        "node_death_gap_ms": round(death, 1),
+    }
+
+
+def _carrier_key(lab: Lab, index: int, target: int) -> str:
+    """The public key of the peer node ``index``'s device sends node ``target``'s overlay address to."""
+    address = f"{lab.status()[target - 1].overlay_ips[0]}/32"
+    for key, (_, allowed, _) in lab.peer_config(index).items():
+        if address in allowed.split(","):
+            return key
+    raise BenchError(f"node-{index} has no path to node-{target}")

@@ -1,8 +1,9 @@
 """Kernel WireGuard for real: the end-to-end lab scenario inside a QEMU VM booting Debian's kernel.
 
 This machine's kernel has no WireGuard module, so hack/kernel_vm.py boots Debian's stock kernel under TCG with
-this checkout mounted read-only and runs the kernel tests there: the lab scenario on kernel WireGuard, a
-300-peer device read back whole, and routes that follow a link replaced behind the backend's back.
+this checkout mounted read-only and runs the kernel tests there: the lab scenario on kernel WireGuard, the
+gateways of two locations and their failover, a 300-peer device read back whole, and routes that follow a link
+replaced behind the backend's back.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def test_kernel_mesh_in_vm() -> None:
         f"{sys.executable} -m pytest -q --color=no --tb=short -p no:cacheprovider -p no:logging -k kernel -x "
         # TCG runs a lab scenario some 20 times slower than the host: each gets twice the host's 300 s default.
         "-o timeout=600 --basetemp=/run/vm-tmp/pytest "
-        "tests/dataplane/test_lab.py tests/dataplane/test_kernel_backend.py; " + LOGS_ON_FAILURE
+        "tests/dataplane/test_lab.py tests/dataplane/test_topology.py tests/dataplane/test_kernel_backend.py; "
+        + LOGS_ON_FAILURE
     )
     code, output = kernel_vm.run_in_vm(command, workdir=ROOT, timeout=1200)
     # The inner run's report from its failures on (agents' logs included), or its end.

@@ -7,6 +7,8 @@ from __future__ import annotations
 import signal
 import time
 
+import pytest
+
 from underlay import captured, sniff
 from warren_mesh.agent.gateway import GIVE_UP_MARGIN, HOLD_DOWN_FACTOR
 from warren_mesh.agent.reachability import NO_HANDSHAKE_AFTER
@@ -136,3 +138,25 @@ def test_a_pair_that_cannot_talk_directly_goes_through_a_relay_and_back(lab: Lab
     assert all(ok for *_, ok in lab.ping_all())
     results = probe.results()
     assert results[("node-1", "node-2")][0] == results[("node-2", "node-1")][0] == 0.0, results
+
+
+@pytest.mark.kernel_wireguard
+def test_gateways_and_their_failover_on_kernel_wireguard(lab: Lab) -> None:
+    """The gateway scenario on kernel WireGuard (the QEMU VM runs it): a: node-1 and node-2 with a WAN link, node-3
+    without; b: node-4. Every node pings every node through the gateways; the gateway's WAN link cut, the standby
+    carries the traffic between the locations."""
+    lab.up(4, backend="kernel", lease_ttl=TTL, timeout=240, locations="a:3:2,b:1")
+    keys = {i: lab.public_key(i) for i in range(1, 5)}
+    gateway = next(i for i in (1, 2) if _carrier(lab, 3, 4) == keys[i])
+    standby = 3 - gateway
+    assert set(_routes(lab, 3)) == {keys[1], keys[2]} and set(_routes(lab, 4)) == {keys[gateway]}
+    assert lab.peer_config(gateway)[keys[4]][0] == f"{lab.underlay_ip(4)}:{WIREGUARD_PORT}"
+    lab.set_wan(gateway, up=False)
+    started = time.monotonic()
+    wait_for(
+        lambda: _carrier(lab, 3, 4) == keys[standby] and _carrier(lab, 4, 3) == keys[standby],
+        60,
+        "the standby to carry the traffic between the locations",
+    )
+    print(f"kernel WireGuard: the standby took over {time.monotonic() - started:.1f} s after the WAN cut")
+    wait_for(lambda: all(ok for *_, ok in lab.ping_all()), 30, "every pair to ping again")

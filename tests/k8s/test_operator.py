@@ -19,7 +19,7 @@ import pytest
 from helpers import AgentProcess
 from k8s_cluster import KUBECTL, ROOT, Cluster, OperatorProcess, readme_secret_commands
 from warren_mesh.agent.app import Agent
-from warren_mesh.controller.mesh_sync import PASS_INTERVAL, SURPLUS_GRACE
+from warren_mesh.controller.mesh_sync import LOCATION_REFRESH, PASS_INTERVAL, SURPLUS_GRACE
 from warren_mesh.identity.keys import NodeKey
 from warren_mesh.mesh.usage import DEFAULT_QUOTA
 from warren_mesh.settings import AgentSettings
@@ -548,3 +548,39 @@ def test_operator_catches_up_after_its_own_and_etcds_restart(
         "the MTU after etcd came back",
         operator.log,
     )
+
+
+def test_a_nodes_topology_label_becomes_its_location_and_follows_a_relabel(
+    cluster: Cluster,
+    mesh_etcd: EtcdServer,
+    operator: OperatorProcess,
+    agent_process: Any,
+) -> None:
+    """docs/topology.md: the Mesh's topologyLabel names the Node label that says each node's location; the operator
+    writes it under locations/<node>, the node's agent publishes it in its own record, the MeshNode shows it, and a
+    relabelled Node moves. A Mesh without the label writes none."""
+    label = "topology.kubernetes.io/zone"
+    cluster.kubectl("apply", "-f", "-", input=MESH + f"  topologyLabel: {label}\n")
+    node = f"apiVersion: v1\nkind: Node\nmetadata:\n  name: zoned\n  labels:\n    {label}: eu-1\n"
+    cluster.kubectl("apply", "-f", "-", input=node)
+    wait_for(lambda: etcd_value(mesh_etcd, SCHEMA.location("zoned")) == b"eu-1", 20, "the location", operator.log)
+    zoned: AgentProcess = agent_process(mesh_etcd, PREFIX, "zoned", port=free_port(), ttl=3)
+    zoned.start()
+
+    def published() -> str | None:
+        value = etcd_value(mesh_etcd, SCHEMA.node("zoned"))
+        return None if value is None else json.loads(value).get("location")
+
+    wait_for(lambda: published() == "eu-1", 20, "zoned's record in eu-1", zoned.log)
+    wait_for(
+        lambda: (cluster.get("meshnode", "zoned") or {}).get("spec", {}).get("location") == "eu-1",
+        20,
+        "MeshNode zoned in eu-1",
+        operator.log,
+    )
+    cluster.kubectl("label", "node", "zoned", f"{label}=eu-2", "--overwrite")
+    wait_for(lambda: published() == "eu-2", LOCATION_REFRESH + 15, "zoned's record in eu-2", operator.log)
+    cluster.kubectl("apply", "-f", "-", input=MESH)  # no topologyLabel: no locations
+    wait_for(lambda: published() is None, PASS_INTERVAL + 15, "zoned in no location", operator.log)
+    assert not etcd_keys(mesh_etcd, SCHEMA.locations)
+    cluster.kubectl("delete", "node", "zoned")

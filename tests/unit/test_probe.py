@@ -23,7 +23,7 @@ def _free_port() -> int:
 def test_a_probe_is_answered_and_counted_and_strangers_get_nothing() -> None:
     async def body() -> None:
         port = _free_port()
-        a, b = PathProbe([LOOPBACK]), PathProbe([LOOPBACK])
+        a, b = PathProbe(lambda: [LOOPBACK]), PathProbe(lambda: [LOOPBACK])
         await a.open((A,), port)
         await b.open((B,), port)
         try:
@@ -34,7 +34,7 @@ def test_a_probe_is_answered_and_counted_and_strangers_get_nothing() -> None:
                     break
             assert B in a.answered and not b.answered, "b answered a; a answered nothing of b's"
             # Not from an overlay address: no answer. Too long, or no probe: no answer either.
-            stranger = PathProbe([ipaddress.ip_network("10.96.0.0/16")])
+            stranger = PathProbe(lambda: [ipaddress.ip_network("10.96.0.0/16")])
             await stranger.open((ipaddress.ip_address("127.0.0.4"),), port)
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
                 raw.bind(("127.0.0.5", 0))

@@ -275,3 +275,36 @@ def test_a_registered_node_claims_the_family_its_mesh_gains_and_keeps_the_first(
         }
 
     scenario(body)
+
+
+def test_a_node_publishes_the_location_the_operator_says_unless_its_flag_pins_one() -> None:
+    """docs/topology.md: the operator writes locations/<node> from the Node's topology label; the node publishes it
+    in its own record, at registration and when it changes; a value that is no location is refused and the last one
+    kept; --location pins the node's own."""
+
+    async def body(store: MemoryStore) -> None:
+        await store.put(SCHEMA.location("a"), b"eu-1")
+        node = registrar(store, "a")
+        assert (await node.register(MeshConfig())).record.location == "eu-1"
+        assert SCHEMA.location("a") in node.watched_keys
+        changes = Changes(everything=True)
+        for value, expected in ((b"eu-2", "eu-2"), (b"not a location!", "eu-2"), (None, None)):
+            await node.follow(Observed(changes, 0, MeshConfig(), {SCHEMA.location("a"): value}, {}))
+            assert node.current is not None and node.current.record.location == expected, value
+            stored = await store.get(SCHEMA.node("a"))
+            assert stored is not None
+            assert NodeRecord.from_json(decode_json(stored.value), key_name="a").location == expected
+        pinned = Registrar(
+            RegistrationSettings("p", ("192.0.2.2",), 51820, 10, location="here"),
+            store=store,
+            schema=SCHEMA,
+            identity=Identity(NodeKey.generate()),
+            endpoint_hosts=(ipaddress.ip_address("192.0.2.2"),),
+            metrics=AgentMetrics(CollectorRegistry()),
+        )
+        await store.put(SCHEMA.location("p"), b"there")
+        assert (await pinned.register(MeshConfig())).record.location == "here"
+        await pinned.follow(Observed(changes, 0, MeshConfig(), {SCHEMA.location("p"): b"elsewhere"}, {}))
+        assert pinned.current is not None and pinned.current.record.location == "here"
+
+    scenario(body)

@@ -319,21 +319,21 @@ class Agent:
                     reach_to=reach_to,
                 ),
             )
-        start("gateway", self._gateway_role(registrar, reconciler, config).run())
+        start("gateway", self._gateway_role(registrar, reconciler).run())
 
-    def _gateway_role(self, registrar: Registrar, reconciler: Reconciler, config: MeshConfig) -> GatewayRole:
+    def _gateway_role(self, registrar: Registrar, reconciler: Reconciler) -> GatewayRole:
         """Standing as this location's gateway, and giving up when the other locations cannot be reached; probes
         answered on the overlay addresses (where the device is real)."""
-        registration = settings = self.settings.registration
+        settings = self.settings.registration
         probe = None
         if self.host.sees_peer_endpoints:
-            probe = self.path_probe = PathProbe(config.overlay_cidrs)
+            probe = self.path_probe = PathProbe(lambda: self.view.config.overlay_cidrs)
         return GatewayRole(
             store=self.store,
             schema=self.settings.store.schema,
             name=settings.node_name,
-            location=registration.location,
-            can_stand=bool(registration.external_hosts),
+            location=lambda: registrar.publication.location,
+            can_stand=bool(settings.external_hosts),
             view=self.view,
             registration=lambda: registrar.current,
             paths=lambda: reconciler.paths,

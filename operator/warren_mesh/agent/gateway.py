@@ -46,7 +46,7 @@ class GatewayRole:
         store: Store,
         schema: KeySchema,
         name: str,
-        location: str | None,
+        location: Callable[[], str | None],
         can_stand: bool,
         view: MeshReader,
         registration: Callable[[], Registration | None],
@@ -54,13 +54,16 @@ class GatewayRole:
         probe: PathProbe | None,
         metrics: AgentMetrics,
     ) -> None:
-        """``can_stand``: this node has an external endpoint (and ``location``, one of its own); ``probe``: None
-        where nothing can be probed (memory devices): a gateway there never gives up."""
+        """``location``: this node's location now (--location, or the operator's word: it may change);
+        ``can_stand``: this node has an external endpoint; ``probe``: None where nothing can be probed (memory
+        devices): a gateway there never gives up."""
         self._store = store
+        self._schema = schema
         self._name = name
-        self._location = location
-        self._key = schema.candidacy(name, location) if location is not None else None
-        self._can_stand = can_stand and location is not None
+        self._location_now = location
+        self._location: str | None = None  # the location we stand for (or would)
+        self._key: str | None = None
+        self._can_stand = can_stand
         self._view = view
         self._registration = registration
         self._paths = paths
@@ -88,6 +91,12 @@ class GatewayRole:
         if self._probe is not None:  # every node answers probes, on the addresses it holds now
             record = registration.record
             await self._probe.open(record.overlay_ips, probe_port(record.listen_port))
+        location = self._location_now()
+        if location != self._location:
+            if self._key is not None and self._standing is not None:
+                await self._store.delete(self._key)  # we moved: no longer a candidate where we were
+            self._location, self._standing = location, None
+            self._key = self._schema.candidacy(self._name, location) if location is not None else None
         if self._key is None:
             return
         if self._standing != registration.lease_id or self._name not in self._view.gateway_candidacies:

@@ -19,6 +19,7 @@ from warren_mesh.settings import RegistrationSettings
 from warren_mesh.store.base import Store, StoreError
 from warren_mesh.trust.decode import decode_json
 from warren_mesh.trust.endpoint import Endpoint
+from warren_mesh.trust.node_fields import validate_location
 from warren_mesh.trust.reasons import RecordError
 from warren_mesh.trust.records import MeshConfig, NodeRecord, encode_json
 from warren_mesh.values.keyspace import KeySchema
@@ -58,7 +59,8 @@ class RecordPublisher:
         self._endpoint_hosts = endpoint_hosts
         self._endpoint_pinned = bool(settings.endpoint_hosts)  # --endpoint: never another
         self._endpoint_port = settings.endpoint_port  # None: follow the mesh's listen port
-        self._location = settings.location
+        self._location = settings.location  # --location, else what the operator says (locations/<node>)
+        self._location_pinned = settings.location is not None
         self._external_hosts = tuple(parse_ip(host) for host in settings.external_hosts)
         self._external_port = settings.external_port  # None: our endpoint's port
         self._unreachable: tuple[str, ...] = ()  # peers we should reach directly but cannot
@@ -198,6 +200,37 @@ class RecordPublisher:
             self._observed = observed
             await self._publish_current(f"observed {len(observed)} peer(s) elsewhere than their records say")
 
+    @property
+    def location(self) -> str | None:
+        return self._location
+
+    async def read_location(self) -> None:
+        """Without --location: the location the operator says for this node (its Node's topology label), read
+        before registering."""
+        if not self._location_pinned:
+            found = await self._store.get(self._schema.location(self._name))
+            self._location = self._location_of(found.value if found is not None else None)
+
+    async def set_location(self, value: bytes | None) -> None:
+        """The operator's word on our location changed (``locations/<node>``; None: deleted): publish it, unless
+        --location pins ours."""
+        if self._location_pinned:
+            return
+        location = self._location_of(value)
+        if location != self._location:
+            self._location = location
+            await self._publish_current(f"in location {location or '(none)'}")
+
+    def _location_of(self, value: bytes | None) -> str | None:
+        """A location as the operator wrote it; a value that is none is said and kept out (we keep ours)."""
+        if not value:
+            return None
+        try:
+            return validate_location(value.decode("ascii"))
+        except (UnicodeDecodeError, RecordError) as exc:
+            log.warning("%s is no location (%s); keeping %s", self._schema.location(self._name), exc, self._location)
+            return self._location
+
     async def set_unreachable(self, names: tuple[str, ...]) -> None:
         """Publish the peers we should reach directly but cannot (docs/topology.md#relays)."""
         if names != self._unreachable:
@@ -221,6 +254,7 @@ class RecordPublisher:
             endpoints=self._endpoints(current.record.endpoints),
             observed_endpoints=self._observed,
             unreachable=self._unreachable,
+            location=self._location,
             published_at=time.time(),
         )
         await self._put_current(record, what)

@@ -80,7 +80,7 @@ class Registrar:
     @property
     def watched_keys(self) -> tuple[str, ...]:
         """The keys whose every change this node must hear about: its record and its claims."""
-        return (self.publication.key, *self.publication.claim_keys)
+        return (self.publication.key, *self.publication.claim_keys, self._schema.location(self._name))
 
     # --- claims -----------------------------------------------------------------------------------------------
 
@@ -113,6 +113,7 @@ class Registrar:
         the lease was lost), or else those we hold, claiming them the first time (stable across restarts); take
         over a record of ours left by a previous run."""
         ttl = self._lease_ttl if self._lease_ttl is not None else config.lease_ttl_seconds
+        await self.publication.read_location()
         found = None
         if held is None:
             found = await self._holdings(config)
@@ -263,6 +264,8 @@ class Registrar:
         for key, value in observed.mentioned.items():
             if key == publication.key:
                 await publication.restore(value, observed.revisions.get(key))
+            elif key == self._schema.location(self._name):
+                await publication.set_location(value)
             else:
                 await publication.restore_claim(key, value)
         await self._remove_surplus(observed.surplus)

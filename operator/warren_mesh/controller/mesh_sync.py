@@ -39,12 +39,16 @@ from warren_mesh.mesh.renumbering import renumbering_refusal
 from warren_mesh.mesh.usage import DEFAULT_QUOTA, Level, NodeUsage
 from warren_mesh.mesh.view import MeshReader, MeshView
 from warren_mesh.store.base import Store, StoreError
+from warren_mesh.trust.node_fields import validate_location
+from warren_mesh.trust.reasons import RecordError
 from warren_mesh.trust.records import encode_json
 from warren_mesh.values.keyspace import KeySchema
 
 log = logging.getLogger(__name__)
 
 PASS_INTERVAL = 5.0  # seconds between passes when nothing pokes the loop
+# Seconds between listings of the Nodes for their topology labels (every Node, however many: not every pass).
+LOCATION_REFRESH = 15.0
 # How long a node's surplus claims (younger ones of a kind it holds already) are left to their owner, whose agent
 # removes them as soon as its watch shows them, before the operator does: a node whose credential is used by
 # someone else while its agent is down, or by no agent at all, must not keep its surplus for ever.
@@ -84,6 +88,8 @@ class MeshSync:
         self._surplus_seen: dict[str, float] = {}  # surplus claim key -> when a pass first saw it
         self._observer: asyncio.Task[None] | None = None
         self._lease_refreshed = 0.0
+        self._locations_label: object = None  # the Mesh's topologyLabel at the last listing of the Nodes
+        self._locations_listed = -LOCATION_REFRESH  # loop time of that listing
         # Passes and the deletion handlers' etcd writes take turns: a pass that read the MeshPeers just before
         # one was deleted must not write its record back after the handler removed it.
         self._turn = asyncio.Lock()
@@ -149,6 +155,7 @@ class MeshSync:
         written, refused = await self._sync_peers(schema)
         nodes, ready = await self._sync_mesh_nodes(view)
         await self._remove_surplus_claims(view)
+        await self._sync_locations(schema, spec.get("topologyLabel"))
 
         if renumbering is not None:
             condition = self._ready(False, "OverlayCIDRInUse", f"config not written: {renumbering}", generation)
@@ -235,6 +242,34 @@ class MeshSync:
             self._lease_refreshed = loop.time()
         ready = sum(1 for e in entries.values() if not e.lease or left.get(e.lease, -1) > 0)
         return len(entries), ready
+
+    async def _sync_locations(self, schema: KeySchema, label: object) -> None:
+        """Make ``locations/`` say each Kubernetes Node's value of the Mesh's ``topologyLabel`` (none without one):
+        each node's agent publishes its own as its location (docs/topology.md). A value that is no location (the
+        label's syntax is wider) is left out and said."""
+        now = asyncio.get_running_loop().time()
+        if label == self._locations_label and now - self._locations_listed < LOCATION_REFRESH:
+            return
+        self._locations_label, self._locations_listed = label, now
+        desired: dict[str, bytes] = {}
+        if isinstance(label, str) and label:
+            found = await self._kube.get_core("nodes")
+            for node in (found or {}).get("items", []):
+                name = node["metadata"]["name"]
+                value = ((node["metadata"].get("labels") or {}).get(label)) or ""
+                try:
+                    desired[name] = validate_location(value).encode() if value else b""
+                except RecordError as exc:
+                    log.warning("mesh %s: node %s: %s %s", self.name, name, label, exc)
+            desired = {name: value for name, value in desired.items() if value}
+        current = {kv.key: kv.value for kv in (await self._store.list_prefix(schema.locations)).items}
+        for name, value in desired.items():
+            if current.get(schema.location(name)) != value:
+                await self._store.put(schema.location(name), value)
+                log.info("mesh %s: node %s is in location %s (%s)", self.name, name, value.decode(), label)
+        stale = current.keys() - {schema.location(name) for name in desired}
+        for key in sorted(stale):
+            await self._store.delete(key)
 
     def _over_quota(self) -> dict[str, tuple[Level, str]]:
         """Nodes past their soft or hard quota (the enroller suspends those past the hard one)."""

@@ -19,7 +19,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Final, cast
 
 from warren_mesh.values.netaddr import IPAddress, IPNetwork, parse_ip
@@ -58,9 +58,10 @@ class _Endpoint(asyncio.DatagramProtocol):
 class PathProbe:
     """Answers probes on this node's overlay addresses, sends them to peers', and remembers who answered when."""
 
-    def __init__(self, overlays: Iterable[IPNetwork]) -> None:
-        """``overlays``: the mesh's overlay networks; only their addresses are answered."""
-        self._overlays = tuple(overlays)
+    def __init__(self, overlays: Callable[[], Iterable[IPNetwork]]) -> None:
+        """``overlays``: the mesh's overlay networks now (a mesh may gain a family); only their addresses are
+        answered."""
+        self._overlays = overlays
         self._transports: dict[IPAddress, asyncio.DatagramTransport] = {}  # overlay address -> its socket
         self._failed: set[IPAddress] = set()  # addresses that could not be bound (said once, tried again)
         self._port = 0
@@ -121,7 +122,7 @@ class PathProbe:
             source = parse_ip(addr[0].split("%", 1)[0])
         except ValueError:
             return
-        if not any(source.version == net.version and source in net for net in self._overlays):
+        if not any(source.version == net.version and source in net for net in self._overlays()):
             return  # not through the tunnel: never answered, never counted
         if data.startswith(REQUEST):
             with contextlib.suppress(OSError):

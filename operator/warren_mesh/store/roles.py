@@ -45,6 +45,7 @@ def operator_permissions(schema: KeySchema) -> list[Permission]:
         Permission("readwrite", schema.peers, prefix=True),
         Permission("readwrite", schema.nodes, prefix=True),
         Permission("readwrite", schema.claims, prefix=True),
+        Permission("readwrite", schema.locations, prefix=True),
     ]
 
 

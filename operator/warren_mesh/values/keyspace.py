@@ -84,6 +84,14 @@ class KeySchema:
         return value.replace("-", "/") if kind == "pods" else value
 
     @property
+    def locations(self) -> str:
+        """Where the operator says each Kubernetes node's location (its Node's topology label, docs/topology.md)."""
+        return f"{self.root}locations/"
+
+    def location(self, node: str) -> str:
+        return f"{self.locations}{node}"
+
+    @property
     def ipam(self) -> str:
         """Reservations of schema v1 before node-owned claims: read (and migrated), never written any more."""
         return f"{self.root}ipam/"
