@@ -21,7 +21,11 @@ from typing import Any
 
 import results
 
-DOCS = (results.ROOT / "docs" / "benchmarks.md", results.ROOT / "docs" / "key-rotation.md")
+DOCS = (
+    results.ROOT / "docs" / "benchmarks.md",
+    results.ROOT / "docs" / "key-rotation.md",
+    results.ROOT / "docs" / "topology.md",
+)
 BLOCK = re.compile(r"(<!-- results: (\w+) -->\n)(.*?)(<!-- /results -->)", re.DOTALL)
 
 # scenario -> the keys shown for it, in order (the rest stay in the file)
@@ -35,6 +39,14 @@ CONTROL_KEYS = {
     "cost": ("records", "cpu_ms_per_event", "rss_mb_per_1000_peers", "rss_mb"),
     "scrape": ("peers", "memory_scrape_p50_ms", "userspace_scrape_p50_ms", "memory_exposition_kb"),
     "rotate": ("nodes", "rate", "rotations", "max_gap_ms", "worst_pair_loss", "untouched_changes", "rotation_s_p50"),
+    "failover": (
+        "rounds",
+        "lease_ttl_ms",
+        "give_up_bound_ms",
+        "wan_cut_gap_ms_p50",
+        "wan_cut_gap_ms_max",
+        "node_death_gap_ms",
+    ),
 }
 DATAPLANE_KEYS = (
     "native_gbps",
