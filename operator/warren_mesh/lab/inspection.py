@@ -15,6 +15,8 @@ from warren_mesh.lab.report import LabNode, lagging_report, log_tail
 from warren_mesh.process import alive
 from warren_mesh.wireguard import link
 
+PING_BATCH = 64  # pings ping_all runs at once
+
 
 class LabInspection(LabAgents):
     def wait_for_mesh(self, *, timeout: float, progress: Callable[[str], None] | None = None) -> list[LabNode]:
@@ -141,22 +143,34 @@ class LabInspection(LabAgents):
         return result.returncode == 0
 
     def ping_all(self) -> list[tuple[str, str, bool]]:
-        """Ping every node's overlay addresses from every other node, all at once (a pair that does not answer
-        costs the 2 s of its ping's wait once, not once per pair)."""
+        """Ping every node's overlay addresses from every other node, ``PING_BATCH`` pings at once (a pair that
+        does not answer costs its ping's 2 s of waiting once per batch, not once per pair)."""
         status = {s.name: s for s in self.status()}
-        pings: list[tuple[int, int, list[subprocess.Popen[bytes]]]] = []
-        for source in self.nodes():
-            for target in self.nodes():
-                if source == target or not self.shares_underlay(source, target):
-                    continue
-                addresses = status[self.node_name(target)].overlay_ips
-                argv = ["ip", "netns", "exec", self.node_netns(source), "ping", "-c", "1", "-W", "2"]
-                started = [
-                    subprocess.Popen([*argv, a], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                    for a in addresses
-                ]
-                pings.append((source, target, started))
+        wanted: list[tuple[int, int, tuple[str, ...]]] = [
+            (source, target, status[self.node_name(target)].overlay_ips)
+            for source in self.nodes()
+            for target in self.nodes()
+            if source != target and self.shares_underlay(source, target)
+        ]
+        answered: dict[tuple[int, int], bool] = {}
+        pings = [(source, target, address) for source, target, addresses in wanted for address in addresses]
+        for start in range(0, len(pings), PING_BATCH):
+            running = [
+                (
+                    source,
+                    target,
+                    subprocess.Popen(
+                        ["ip", "netns", "exec", self.node_netns(source), "ping", "-c", "1", "-W", "2", address],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    ),
+                )
+                for source, target, address in pings[start : start + PING_BATCH]
+            ]
+            for source, target, process in running:
+                ok = process.wait() == 0
+                answered[(source, target)] = answered.get((source, target), True) and ok
         return [
-            (self.node_name(source), self.node_name(target), bool(started) and all([p.wait() == 0 for p in started]))
-            for source, target, started in pings
+            (self.node_name(source), self.node_name(target), bool(addresses) and answered.get((source, target), False))
+            for source, target, addresses in wanted
         ]
