@@ -25,7 +25,7 @@ from warren_mesh.trust.records import NodeRecord
 from warren_mesh.values.device import PeerSpec
 
 
-def location_of(record: NodeRecord) -> str:
+def location_id(record: NodeRecord) -> str:
     """The location ``record`` is in: its own, or (without one) a location of its own; never a label value."""
     return record.location if record.location is not None else f"node:{record.name}"
 
@@ -49,7 +49,7 @@ def elect_gateways(
         if held is None or candidacy < held:
             best[candidacy.location] = candidacy
     gateways = {location: candidacy.node for location, candidacy in best.items()}
-    gateways.update((location_of(r), name) for name, r in nodes.items() if r.location is None)
+    gateways.update((location_id(r), name) for name, r in nodes.items() if r.location is None)
     return gateways
 
 
@@ -58,7 +58,7 @@ class Paths:
     """How one node reaches every other."""
 
     local: str
-    location: str  # its location (location_of: a location of its own when it names none)
+    location: str  # its location (location_id: a location of its own when it names none)
     # node -> the peer of this node's device that carries its routes (the node itself when direct)
     carriers: Mapping[str, str]
     # nodes this one talks to directly, and whether over their external endpoints (other locations' gateways)
@@ -95,14 +95,14 @@ class Routing:
     def direct(self, a: str, b: str) -> bool:
         """Whether nodes ``a`` and ``b`` should talk directly: one location, or each its location's gateway."""
         ra, rb = self.nodes[a], self.nodes[b]
-        if location_of(ra) == location_of(rb):
+        if location_id(ra) == location_id(rb):
             return True
         return a in self._gateway_nodes and b in self._gateway_nodes
 
     def paths(self, local: str) -> Paths:
         """How ``local`` (a node of ``nodes``) reaches every other node of ``nodes``."""
         record = self.nodes[local]
-        own = location_of(record)
+        own = location_id(record)
         gateway = self.gateways.get(own)
         carriers: dict[str, str] = {}
         direct: dict[str, bool] = {}
@@ -111,7 +111,7 @@ class Routing:
         for name, other in self.nodes.items():
             if name == local:
                 continue
-            there = location_of(other)
+            there = location_id(other)
             if there == own or (local == gateway and name == self.gateways.get(there)):
                 direct[name] = there != own
                 relay = self.relays.get(_pair(local, name))
