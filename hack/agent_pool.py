@@ -146,13 +146,13 @@ class AgentPool:
     async def _each(self, op: str, **args: Any) -> list[Any]:
         return list(await asyncio.gather(*(handle.call(op, **args) for handle in self._handles)))
 
-    async def start(self, name: str) -> str:
+    async def start(self, name: str, *, location: str | None = None, external: bool = False) -> str:
         index, port = self._started % self.workers, 20000 + self._started
         self._started += 1
         if self.pki_dir is not None and self._admin is not None:  # enrolment is not part of any measurement
             pki.issue_node(self.pki_dir, name)
             await roles.add_node(EtcdAuth(self._admin), KeySchema(self.prefix), name)
-        key: str = await self._handles[index].call("start", name=name, port=port)
+        key: str = await self._handles[index].call("start", name=name, port=port, location=location, external=external)
         self.keys[name], self._placed[name] = key, index
         return key
 
@@ -180,6 +180,23 @@ class AgentPool:
                     for i, group in by_worker.items()
                 )
             )
+        return {name: at for part in parts for name, at in part.items()}
+
+    async def settle_routes(self, timeout: float = 120) -> None:
+        """Located meshes: every agent routes every other node's overlay address (to it, or to its gateway)."""
+        await self._each("settle_routes", nodes=self.names, timeout=timeout)
+
+    async def routed(self, node: str, *, names: list[str], timeout: float = 30) -> dict[str, float]:
+        """When each agent of ``names`` set the peer that carries ``node``'s address, once all route it."""
+        by_worker: dict[int, list[str]] = {}
+        for name in names:
+            by_worker.setdefault(self._placed[name], []).append(name)
+        parts = await asyncio.gather(
+            *(
+                self._handles[i].call("routed", node=node, names=group, timeout=timeout)
+                for i, group in by_worker.items()
+            )
+        )
         return {name: at for part in parts for name, at in part.items()}
 
     async def published_at(self, node: str, observer: str, timeout: float = 30) -> float:

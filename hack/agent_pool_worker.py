@@ -53,9 +53,56 @@ class _Worker:
         assert isinstance(backend, MemoryBackend)
         return backend
 
-    async def start(self, name: str, port: int) -> str:
+    async def start(self, name: str, port: int, location: str | None = None, external: bool = False) -> str:
         tls = None if self.pki_dir is None else credentials(self.pki_dir, pki.node_user(name))
-        return self.pool.start(name, port=port, tls=tls).key.public_key
+        return self.pool.start(name, port=port, tls=tls, location=location, external=external).key.public_key
+
+    def _carrier(self, agent: Agent, address: str) -> str | None:
+        """The public key of the peer of ``agent``'s device that carries ``address`` (a /32 or /128), or None."""
+        return next((key for key, peer in self._device(agent).peers.items() if address in peer.allowed_ips), None)
+
+    def _host_routes(self, agent: Agent, nodes: list[str]) -> list[str]:
+        """The overlay host routes of ``nodes`` as ``agent`` knows them (absent: not in its view yet)."""
+        routes: list[str] = []
+        for node in nodes:
+            entry = agent.view.nodes.get(node)
+            if entry is None:
+                return []
+            routes.extend(f"{ip}/{ip.max_prefixlen}" for ip in entry.record.overlay_ips)
+        return routes
+
+    async def settle_routes(self, nodes: list[str], timeout: float) -> None:
+        """Located meshes (docs/topology.md): until every agent's device routes every other node of ``nodes`` to
+        some peer (its own, or its gateway)."""
+
+        def routed(agent: Agent) -> bool:
+            others = [n for n in nodes if n != agent.settings.node_name]
+            routes = self._host_routes(agent, others)
+            return len(routes) >= len(others) and all(self._carrier(agent, r) is not None for r in routes)
+
+        await wait_until(lambda: self._alive() and all(map(routed, self.agents.values())), timeout, "the routes")
+
+    async def routed(self, node: str, names: list[str] | None, timeout: float) -> dict[str, float]:
+        """Wait until the agents (``names``, default all) route ``node``'s overlay address to some peer; when each
+        last set the peer that carries it, as wall-clock time."""
+        agents = [self.agents[n] for n in names] if names is not None else list(self.agents.values())
+
+        def carriers() -> dict[str, str | None]:
+            return {
+                a.settings.node_name: next((self._carrier(a, route) for route in self._host_routes(a, [node])), None)
+                for a in agents
+            }
+
+        await wait_until(lambda: all(c is not None for c in carriers().values()), timeout, f"{node}'s route")
+        found = carriers()
+        return {
+            a.settings.node_name: max(
+                op.at
+                for op in self._device(a).operations
+                if op.action == "set_peer" and op.target == found[a.settings.node_name]
+            )
+            for a in agents
+        }
 
     def _alive(self) -> bool:
         """Raise at once when an agent ended on its own (a scenario waiting on it would otherwise only time out)."""

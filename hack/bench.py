@@ -9,7 +9,9 @@ Scenarios (one JSON line each, latencies in milliseconds):
   join   N agents (real agent code, memory backend) settled; M more join one at a time; latency from the joining
          node's publish time to each other agent's device change for it. As root also, in --pod-rounds fresh
          userspace labs, a third node joining two: its publish time until each other node's pod reaches a pod on
-         it (pod_reachable_p50_ms, pod_reachable_p99_ms; pod_started_ms: until its pod was attached).
+         it (pod_reachable_p50_ms, pod_reachable_p99_ms; pod_started_ms: until its pod was attached). With
+         --locations K the nodes are spread over K locations, a gateway each (docs/topology.md): latency until each
+         agent routes the joiner, to it or to the gateway that carries it.
   leave  graceful leaves (lease revoked): time to removal on every other agent (graceful_*_ms); one crash (an
          agent process SIGKILLed, its lease runs out): time until every agent removed it (detect_s, and
          detect_minus_ttl_s against the lease TTL).
@@ -75,7 +77,15 @@ class Scenario:
 def _join(run: BenchRun) -> dict[str, Any]:
     args = run.args
     result = asyncio.run(
-        scenario_join(run.endpoint, args.nodes, args.joins, args.workers, args.lease_ttl, pki_dir=run.pki_dir)
+        scenario_join(
+            run.endpoint,
+            args.nodes,
+            args.joins,
+            args.workers,
+            args.lease_ttl,
+            pki_dir=run.pki_dir,
+            locations=args.locations,
+        )
     )
     if os.geteuid() == 0 and args.pod_rounds > 0:  # the lab drives netlink with an event loop of its own
         result.update(pod_reachability(args.pod_rounds))
@@ -139,6 +149,9 @@ def main() -> int:
     parser.add_argument("--leaves", type=int, default=5, help="graceful leaves measured in the leave scenario")
     parser.add_argument("--ttl", type=int, default=3, help="lease TTL of the leave scenario's crash and of failover")
     parser.add_argument("--rounds", type=int, default=3, help="WAN cuts measured in the failover scenario")
+    parser.add_argument(
+        "--locations", type=int, default=0, help="join: nodes spread over this many locations (docs/topology.md)"
+    )
     parser.add_argument("--records", type=int, default=None, help="records for coldstart (default: --nodes)")
     parser.add_argument("--churn", type=int, default=20, help="random joins/leaves in the churn scenario")
     parser.add_argument(

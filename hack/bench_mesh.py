@@ -55,26 +55,47 @@ async def _settled_mesh(pool: AgentPool, names: list[str], batch: int = 100) -> 
 
 
 async def scenario_join(
-    endpoint: str, nodes: int, joins: int, workers: int, lease_ttl: int, *, pki_dir: Path | None = None
+    endpoint: str,
+    nodes: int,
+    joins: int,
+    workers: int,
+    lease_ttl: int,
+    *,
+    pki_dir: Path | None = None,
+    locations: int = 0,
 ) -> dict[str, Any]:
+    """``locations``: spread the nodes over that many locations (docs/topology.md), the first node of each with an
+    external endpoint (its gateway); a joiner's latency is then until each agent routes it (to it, or to the
+    gateway that carries it)."""
     with tempfile.TemporaryDirectory(prefix="warren-bench-") as tmp:
         async with AgentPool(endpoint, "join", Path(tmp), workers=workers, ttl=lease_ttl, pki_dir=pki_dir) as pool:
-            await _settled_mesh(pool, [f"n{i}" for i in range(nodes)])
+            if locations:
+                for i in range(nodes):
+                    await pool.start(f"n{i}", location=f"l{i % locations}", external=i < locations)
+                await pool.settle_routes()
+            else:
+                await _settled_mesh(pool, [f"n{i}" for i in range(nodes)])
             rebuilds = await pool.rebuilds()
             latencies: list[float] = []
             for j in range(joins):
                 before = pool.names
-                key = await pool.start(f"join{j}")
-                applied = await pool.applied(key, present=True, names=before)
+                if locations:
+                    await pool.start(f"join{j}", location=f"l{j % locations}")
+                    applied = await pool.routed(f"join{j}", names=before)
+                else:
+                    key = await pool.start(f"join{j}")
+                    applied = await pool.applied(key, present=True, names=before)
                 # The publish time as the observers received it: the joiner itself may not have processed its own
                 # transaction's answer yet when the others have already applied its record.
                 published = await pool.published_at(f"join{j}", observer=before[0])
                 latencies.extend((at - published) * 1000 for at in applied.values())
-                await pool.settle()  # the joiner's own mesh, before the next one joins
+                # The joiner's own mesh, before the next one joins.
+                await (pool.settle_routes() if locations else pool.settle())
             rebuilds = await pool.rebuilds() - rebuilds
     return {
         "scenario": "join",
         "nodes": nodes,
+        "locations": locations,
         "joins": joins,
         "workers": workers,
         "lease_ttl_s": lease_ttl,

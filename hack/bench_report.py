@@ -31,7 +31,16 @@ BLOCK = re.compile(r"(<!-- results: (\w+) -->\n)(.*?)(<!-- /results -->)", re.DO
 # scenario -> the keys shown for it, in order (the rest stay in the file)
 CONTROL_KEYS = {
     "floor": ("nodes", "p50_ms", "p99_ms", "max_ms", "samples"),
-    "join": ("nodes", "etcd_auth", "p50_ms", "p99_ms", "floor_p99_ms", "p99_vs_floor", "pod_reachable_p99_ms"),
+    "join": (
+        "nodes",
+        "locations",
+        "etcd_auth",
+        "p50_ms",
+        "p99_ms",
+        "floor_p99_ms",
+        "p99_vs_floor",
+        "pod_reachable_p99_ms",
+    ),
     "leave": ("nodes", "graceful_p50_ms", "graceful_p99_ms", "ttl_s", "detect_minus_ttl_s"),
     "storm": ("nodes", "lease_ttl_s", "converged_s", "worst_loop_lag_s", "reregistrations", "watch_restarts"),
     "coldstart": ("records", "ready_s", "userspace_ready_s", "userspace_daemon_start_s"),
@@ -74,7 +83,7 @@ def _source(path: Path, document: dict[str, Any]) -> str:
 def control_table(files: list[tuple[Path, dict[str, Any]]], only: str | None = None) -> str:
     """The newest line of each scenario (and each node count: a scale run does not hide the N=100 one);
     ``only``: of that scenario alone."""
-    newest: dict[tuple[str, Any, Any], tuple[Path, dict[str, Any], dict[str, Any]]] = {}
+    newest: dict[tuple[str, Any, Any, Any], tuple[Path, dict[str, Any], dict[str, Any]]] = {}
     for path, document in files:
         if document["tool"] != "bench":
             continue
@@ -82,10 +91,17 @@ def control_table(files: list[tuple[Path, dict[str, Any]]], only: str | None = N
             if only is not None and line["scenario"] != only:
                 continue
             size = line.get("nodes", line.get("records", line.get("peers")))
-            newest[(line["scenario"], size, line.get("etcd_auth"))] = (path, document, line)
+            # A located run (join --locations) does not hide the flat one of its size.
+            newest[(line["scenario"], size, line.get("etcd_auth"), line.get("locations") or None)] = (
+                path,
+                document,
+                line,
+            )
     rows = ["| scenario | figures | run |", "| --- | --- | --- |"]
     order = list(CONTROL_KEYS)
-    for key in sorted(newest, key=lambda k: (order.index(k[0]) if k[0] in order else 99, str(k[1]), str(k[2]))):
+    for key in sorted(
+        newest, key=lambda k: (order.index(k[0]) if k[0] in order else 99, str(k[1]), str(k[2]), str(k[3]))
+    ):
         path, document, line = newest[key]
         shown = CONTROL_KEYS.get(line["scenario"], ())
         figures = ", ".join(f"{name} {_cell(line.get(name))}" for name in shown if name in line)

@@ -29,6 +29,7 @@ BACKENDS: Final = ("auto", "kernel", "userspace", "memory")
 DEFAULT_ETCD: Final = "http://127.0.0.1:2379"
 DEFAULT_KEY_FILE: Final = "/var/lib/warren-mesh/private.key"
 SIMULATED_ENDPOINT_HOST: Final = "192.0.2.1"
+SIMULATED_EXTERNAL_HOST: Final = "198.51.100.1"  # a simulated gateway candidate's external endpoint
 
 MAX_RESTART_GRACE: Final = 3600
 
@@ -192,14 +193,26 @@ class AgentSettings:
         resync_interval: float = 30.0,
         metrics_address: str | None = None,
         tls: EtcdTls | None = None,
+        location: str | None = None,
+        external: bool = False,
     ) -> AgentSettings:
         """An agent on the memory device (``etcd_endpoint``: one URL or several, comma-separated), "dialled" at
-        192.0.2.1:``port``: the demo's, the tests' and the bench's.
-        The address is from a documentation range (RFC 5737): a memory device sends nothing, and peers refuse
+        192.0.2.1:``port``: the demo's, the tests' and the bench's; in ``location``, and ``external``: with an
+        external endpoint (198.51.100.1:``port``), a gateway candidate.
+        The addresses are from documentation ranges (RFC 5737): a memory device sends nothing, and peers refuse
         loopback endpoints."""
+        external_hosts = (SIMULATED_EXTERNAL_HOST,) if external else ()
         return cls(
             store=StoreSettings(tuple(etcd_endpoint.split(",")), KeySchema(prefix), tls),
-            registration=RegistrationSettings(name, (SIMULATED_ENDPOINT_HOST,), port, lease_ttl),
+            registration=RegistrationSettings(
+                name,
+                (SIMULATED_ENDPOINT_HOST,),
+                port,
+                lease_ttl,
+                location=location,
+                external_hosts=external_hosts,
+                external_port=port if external else None,
+            ),
             device=DeviceSettings(interface, "memory", key_dir / f"{name}.key", resync_interval=resync_interval),
             metrics=MetricsSettings(metrics_address, traffic_sample_interval=0.0),
         )

@@ -110,6 +110,19 @@ def test_bench_with_etcd_auth_smoke() -> None:
     assert join["samples"] == 3 + 4 and 0 < join["p50_ms"] <= join["p99_ms"]
 
 
+def test_bench_join_in_locations_smoke() -> None:
+    """The join scenario in a located mesh (docs/topology.md): 4 nodes in 2 locations, 2 joiners; every other agent
+    routes each joiner, to it or to its gateway."""
+    args = [sys.executable, str(BENCH), "--scenario", "join", "--nodes", "4", "--joins", "2", "--locations", "2"]
+    result = subprocess.run(
+        [*args, "--pod-rounds", "0", "--results", ""], capture_output=True, text=True, timeout=180, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (join,) = map(json.loads, result.stdout.splitlines())
+    assert join["scenario"] == "join" and join["locations"] == 2 and join["floor_p99_ms"] > 0
+    assert join["samples"] == 4 + 5 and 0 < join["p50_ms"] <= join["p99_ms"]
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="the rotate scenario runs a userspace lab (root)")
 def test_bench_rotate_smoke() -> None:
     """Every node of a 3-node lab rotates its key under probe traffic (docs/key-rotation.md's measurement, small).

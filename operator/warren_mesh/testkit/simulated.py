@@ -65,8 +65,11 @@ class SimulatedAgents:
         resync_interval: float = 30.0,
         etcd_endpoint: str | None = None,
         tls: EtcdTls | None = None,
+        location: str | None = None,
+        external: bool = False,
     ) -> Agent:
-        """Start agent ``name`` (``etcd_endpoint``: other URLs than the pool's, comma-separated)."""
+        """Start agent ``name`` (``etcd_endpoint``: other URLs than the pool's, comma-separated; ``location``,
+        ``external``: where it is, and whether it may be its location's gateway)."""
         if port is None:
             self._ports += 1
             port = self._ports
@@ -83,6 +86,8 @@ class SimulatedAgents:
             resync_interval=resync_interval,
             metrics_address=metrics_address,
             tls=tls,
+            location=location,
+            external=external,
         )
         agent = Agent(settings, simulated_parts(settings))
         self.agents[name] = agent
