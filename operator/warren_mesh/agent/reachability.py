@@ -4,7 +4,8 @@ A peer it should talk to directly (every node in a mesh without locations; in on
 for a gateway, the other gateways) is unreachable when the device has it with an endpoint for
 ``NO_HANDSHAKE_AFTER`` without any handshake (WireGuard tries every 5 s), when its last handshake is older than a
 session lives without one being renewed (``STALE_AFTER``: renewed every 2 minutes while keepalives flow), or when
-the two share no underlay family (no endpoint to dial at all). A pair that both say so goes through a relay; the
+the two share no underlay family (no endpoint to dial at all). Silence counts only where the mesh's persistent
+keepalive is on: without it an idle pair never handshakes. A pair that both say so goes through a relay; the
 device keeps the direct peer, without allowed IPs, and WireGuard keeps trying it (every persistent keepalive), so
 the first direct handshake that works again shows here, and the pair goes direct.
 """
@@ -59,11 +60,13 @@ class Reachability:
             since = seen[(key, spec.endpoint)] = self._dialled_since.get((key, spec.endpoint), now)
             stats = device.stats.get(key)
             handshake = stats.last_handshake if stats is not None else 0.0
-            if (
-                spec.endpoint is None
-                or (handshake == 0.0 and now - since > NO_HANDSHAKE_AFTER)
-                or (handshake and spec.persistent_keepalive and now - handshake > STALE_AFTER)
-            ):
+            # Silence says something only where the persistent keepalive makes every pair talk (with it off, an
+            # idle pair never handshakes at all).
+            silent = bool(spec.persistent_keepalive) and (
+                (handshake == 0.0 and now - since > NO_HANDSHAKE_AFTER)
+                or (handshake != 0.0 and now - handshake > STALE_AFTER)
+            )
+            if spec.endpoint is None or silent:
                 found.append(name)
         self._dialled_since = seen
         return tuple(sorted(found))
