@@ -47,6 +47,7 @@ class Reporter:
         self._local_name = local_name
         self._unreachable: tuple[str, ...] = ()
         self._relayed: dict[str, str] = {}  # node -> its relay
+        self._gateway: str | None = None  # the gateway of this node's location, as last seen
         self._unrouted: tuple[str, tuple[str, ...]] | None = None  # (this node's location, nodes without a path)
         self._conflicts: set[tuple[str, str]] = set()  # reported already: each is logged when it starts
         self._over_quota: dict[str, Level] = {}  # node -> the quota level it is reported past
@@ -130,6 +131,12 @@ class Reporter:
 
     def _report_paths(self, paths: Paths | None) -> None:
         """Relayed pairs and nodes without a path (no gateway at one end): said once per change, and counted."""
+        gateway = paths.gateways.get(paths.location) if paths is not None else None
+        if gateway != self._gateway:
+            if self._gateway is not None and paths is not None and not paths.location.startswith("node:"):
+                self._metrics.gateway_changes.inc()
+                log.info("location %s's gateway is %s, was %s", paths.location, gateway or "(none)", self._gateway)
+            self._gateway = gateway
         relayed = dict(paths.relayed) if paths is not None else {}
         unrouted = (paths.location, paths.unrouted) if paths is not None and paths.unrouted else None
         if relayed != self._relayed:

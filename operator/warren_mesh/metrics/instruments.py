@@ -112,6 +112,11 @@ class AgentMetrics:
             "Times this node gave up as its location's gateway: no other location's gateway answered its probes.",
             registry=registry,
         )
+        self.gateway_changes = Counter(
+            "warren_mesh_gateway_changes_total",
+            "Times the gateway of this node's location changed (a failover, or a candidate standing first).",
+            registry=registry,
+        )
         self.relayed_peers = Gauge(
             "warren_mesh_relayed_peers",
             "Nodes this node should reach directly but reaches through a relay (both said they cannot talk).",
