@@ -7,6 +7,7 @@ lab or a test made, also after a crash.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import time
@@ -66,8 +67,13 @@ def veth(name: str, peer: str, *, ns: str | None, peer_ns: str | None) -> None:
 
 
 def bridge(name: str, *, ns: str) -> None:
+    """A bridge with a MAC address of its own (locally administered, from its name). Without one, Linux gives a
+    bridge the lowest MAC of its ports: a node attached later could change it, and nodes that had the old one in
+    their neighbour tables (the hub's, where etcd listens) sent into the void until it aged out, some 30 s."""
+    digest = hashlib.sha256(f"{ns}/{name}".encode()).digest()
+    mac = ":".join(f"{b:02x}" for b in (0x02, *digest[:5]))
     with IPRoute(netns=ns) as ipr:
-        ipr.link("add", ifname=name, kind="bridge")
+        ipr.link("add", ifname=name, kind="bridge", address=mac)
         ipr.link("set", index=ipr.link_lookup(ifname=name)[0], state="up")
 
 
