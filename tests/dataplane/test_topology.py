@@ -65,14 +65,18 @@ def test_locations_reach_each_other_only_through_their_gateways(lab: Lab) -> Non
     assert lab.peer_config(gateway)[keys[4]][0] == f"{lab.underlay_ip(4)}:{WIREGUARD_PORT}"
     assert lab.peer_config(3)[keys[gateway]][0] == f"{lab.internal_ip(gateway)}:{WIREGUARD_PORT}"
     assert all(_carrier(lab, 4, i) == keys[gateway] for i in (1, 2, 3) if i != gateway)
-    # Between the locations, only WireGuard crosses the WAN (and the agents' etcd traffic).
-    sniffer = sniff(f"{lab.prefix}v{gateway}x", 4, preexec_fn=in_netns(lab.hub))
+    # On every link, only WireGuard (and the agents' etcd traffic): the WAN between the gateways, and each
+    # location's own network (node-3's link, and node-5's in the other location).
+    links = {"the gateway's WAN link": f"{lab.prefix}v{gateway}x", "node-3's": f"{lab.prefix}v3h"}
+    links["node-5's"] = f"{lab.prefix}v5h"
+    sniffers = {what: sniff(link, 4, preexec_fn=in_netns(lab.hub)) for what, link in links.items()}
     time.sleep(0.5)
     assert all(ok for *_, ok in lab.ping_all())
-    frames = captured(sniffer)
-    wireguard = [f for f in frames if f[0] == 17 and WIREGUARD_PORT in (f[1], f[2])]
-    assert wireguard, "the gateway's WireGuard traffic crossed its WAN link"
-    assert all(f in wireguard or (f[0] == 6 and 2379 in (f[1], f[2])) for f in frames), frames
+    for what, sniffer in sniffers.items():
+        frames = captured(sniffer)
+        wireguard = [f for f in frames if f[0] == 17 and WIREGUARD_PORT in (f[1], f[2])]
+        assert wireguard, f"WireGuard crossed {what}"
+        assert all(f in wireguard or (f[0] == 6 and 2379 in (f[1], f[2])) for f in frames), (what, frames)
 
 
 def test_a_gateway_whose_node_dies_or_whose_wan_is_cut_is_replaced_within_the_lease_ttl(lab: Lab) -> None:

@@ -8,13 +8,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from warren_mesh.admin import showconf
 from warren_mesh.identity.keys import NodeKey
 from warren_mesh.mesh.candidacies import Candidacy
 from warren_mesh.mesh.paths import Routing, dialled_endpoint, elect_gateways, routed_peers
+from warren_mesh.mesh.view import MeshView
 from warren_mesh.trust.endpoint import Endpoint
 from warren_mesh.trust.reasons import RecordError
-from warren_mesh.trust.records import NodeRecord
+from warren_mesh.trust.records import NodeRecord, encode_json
 from warren_mesh.values.device import PeerSpec
+from warren_mesh.values.keyspace import KeySchema
+from warren_mesh.values.watch import KeyValue, Snapshot
 
 KEYS = [NodeKey.generate().public_key for _ in range(12)]
 
@@ -218,3 +222,28 @@ def test_a_records_location_external_endpoints_and_unreachable_peers_round_trip_
     ):
         with pytest.raises(RecordError, match=message):
             NodeRecord.from_json(doc | {field: value}, key_name="n1")
+
+
+def test_showconf_gives_a_located_nodes_device_as_its_agent_computes_it() -> None:
+    """x: n0 (external, standing: the gateway) and n1; y: n3 (the same). showconf node n1: its location's gateway
+    is its only peer, carrying y's routes; n0's device dials n3 at its external endpoint and carries n1's."""
+    schema = KeySchema("/s")
+    nodes = _mesh(_node(0, "x", external=True), _node(1, "x"), _node(3, "y", external=True))
+    items = []
+    for revision, (name, record) in enumerate(nodes.items(), start=1):
+        items.append(KeyValue(schema.node(name), encode_json(record.to_json()), revision, revision))
+        items.append(KeyValue(schema.claim(name, record.overlay_texts[0]), b"", revision, revision))
+        items.append(KeyValue(schema.claim(name, str(record.allowed_ips[0]), "pods"), b"", revision, revision))
+        if record.external_endpoints:
+            items.append(KeyValue(schema.candidacy(name, str(record.location)), b"", 10 + revision, 10 + revision))
+    view = MeshView(schema)
+    view.apply(Snapshot(tuple(items), 20))
+    member = showconf.for_node(view, "n1")
+    assert [member.names[p.public_key] for p in member.peers] == ["n0"]
+    assert set(member.peers[0].allowed_ips) == {*nodes["n0"].routes.text, *nodes["n3"].routes.text}
+    of_gateway = showconf.for_node(view, "n0")
+    gateway = {of_gateway.names[p.public_key]: p for p in of_gateway.peers}
+    assert gateway["n3"].endpoint == "203.0.113.4:51820" and set(gateway["n3"].allowed_ips) == set(
+        nodes["n3"].routes.text
+    )
+    assert "[Peer]" in member.render() and "203.0.113.4" not in member.render()

@@ -67,7 +67,8 @@ class Member:
             lines.append(f"PublicKey = {spec.public_key}")
             if spec.endpoint:
                 lines.append(f"Endpoint = {spec.endpoint}")
-            lines.append(f"AllowedIPs = {', '.join(spec.allowed_ips)}")
+            if spec.allowed_ips:  # none for a relayed node's own peer (docs/topology.md#relays)
+                lines.append(f"AllowedIPs = {', '.join(spec.allowed_ips)}")
             if spec.persistent_keepalive:
                 lines.append(f"PersistentKeepalive = {spec.persistent_keepalive}")
         return "\n".join(lines) + "\n"
