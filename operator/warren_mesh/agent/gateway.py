@@ -4,7 +4,7 @@ do the job.
 A node with a location and an external endpoint stands: it writes its candidacy (mesh/candidacies.py) on the
 lease its record lives on, so that it withdraws when the node dies. The oldest candidate is the gateway. While it
 is, it probes the other locations' gateways through the tunnel every second (host/probe.py); when none of them
-answered for ``give_up_after`` (the lease TTL and a few seconds: longer than a remote gateway that died takes to
+answered for the lease TTL + ``GIVE_UP_MARGIN`` (a few seconds: longer than a remote gateway that died takes to
 be replaced, so that its death never makes this one give up), it deletes its candidacy and the next candidate
 takes over at once. That is the case a liveness check cannot see (Kilo #489): the node up, its agent healthy,
 its external link cut. It stands again after ``HOLD_DOWN_FACTOR`` times that, behind every candidate that stayed,
@@ -118,8 +118,9 @@ class GatewayRole:
         if not gateway or paths is None or self._probe is None:
             self._remote_since.clear()
             return
-        if self._silent(paths, now, bound=registration.ttl + GIVE_UP_MARGIN) and self._someone_takes_over():
-            await self._give_up(now, bound=registration.ttl + GIVE_UP_MARGIN)
+        bound = registration.ttl + GIVE_UP_MARGIN
+        if self._silent(paths, now, bound=bound) and self._someone_takes_over():
+            await self._give_up(now, bound=bound)
 
     def _silent(self, paths: Paths, now: float, *, bound: float) -> bool:
         """Probe every remote gateway; whether those judged (see the module's docstring) all stayed silent for
