@@ -24,7 +24,12 @@ Scenarios (one JSON line each, latencies in milliseconds):
          with the mesh's keepalive and without: wireguard-go starts a handshake with each peer inside the call).
   churn  --churn random joins/graceful leaves on a settled mesh of N: afterwards every device must equal etcd
          (final_state_matches) and no agent may have touched a peer that did not change (untouched_changes).
-  cost   one agent process, --records nodes joining one by one: CPU ms per applied event, RSS MB per 1000 peers.
+  cost   one real agent process (memory device) beside each of --sizes records: CPU ms per applied join and per
+         leave (--events of each, one at a time, its idle CPU taken out), its idle CPU, RSS MB per 1000 peers (over
+         an agent with none), one full resync (resync_ms), and cpu_per_event_vs_smallest (flat is 1.0).
+  idle   N simulated agents settled, nothing changing, for --idle-seconds: what etcd was asked to do, from its
+         own counters (revisions, puts, deletes: must be 0; lease keepalives a second against N / (TTL / 3)),
+         writes by kind of key (written), etcd's CPU and memory.
   scrape one /metrics scrape of an agent whose device has --peers peers (memory device; also wireguard-go in a
          namespace of its own when root): wall and CPU milliseconds per scrape, exposition size.
   rotate (root; not in "all") a userspace lab of N nodes, every pair exchanging --probe-rate datagrams a second;
@@ -59,10 +64,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "operator"))
 
 import results
-from bench_agent import scenario_coldstart, scenario_cost, scenario_scrape
+from bench_agent import scenario_coldstart, scenario_scrape
 from bench_lab import pod_reachability, scenario_failover, scenario_rotate
 from bench_mesh import scenario_churn, scenario_floor, scenario_join, scenario_leave, scenario_storm
 from bench_run import BenchError, BenchRun
+from bench_scale import etcd_usage, scenario_cost, scenario_idle
 from warren_mesh.identity import pki
 from warren_mesh.testkit.etcd_server import EtcdServer
 from warren_mesh.testkit.waiting import TimedOut
@@ -70,7 +76,7 @@ from warren_mesh.testkit.waiting import TimedOut
 
 @dataclass(frozen=True, slots=True)
 class Scenario:
-    run: Callable[[BenchRun], dict[str, Any]]
+    run: Callable[[BenchRun], dict[str, Any] | list[dict[str, Any]]]  # a list: a line for each size
     in_all: bool = True  # part of --scenario all
 
 
@@ -128,11 +134,26 @@ SCENARIOS: dict[str, Scenario] = {
             scenario_churn(run.endpoint, run.args.nodes, run.args.churn, run.args.workers, run.args.lease_ttl)
         )
     ),
-    "cost": Scenario(lambda run: asyncio.run(scenario_cost(run.endpoint, run.args.records or 1000))),
+    "cost": Scenario(lambda run: asyncio.run(scenario_cost(run.endpoint, _sizes(run.args.sizes), run.args.events))),
+    "idle": Scenario(
+        lambda run: asyncio.run(
+            scenario_idle(run.endpoint, run.args.nodes, run.args.workers, run.args.lease_ttl, run.args.idle_seconds)
+        )
+    ),
     "scrape": Scenario(lambda run: scenario_scrape(run.args.peers, run.args.scrapes)),
     "rotate": Scenario(_rotate, in_all=False),
     "failover": Scenario(_failover, in_all=False),
 }
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(size) for size in text.split(",")]
+    except ValueError:
+        raise BenchError(f"--sizes takes numbers separated by commas, not {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise BenchError(f"--sizes takes positive numbers, not {text!r}")
+    return sizes
 
 
 def main() -> int:
@@ -153,6 +174,9 @@ def main() -> int:
         "--locations", type=int, default=0, help="join: nodes spread over this many locations (docs/topology.md)"
     )
     parser.add_argument("--records", type=int, default=None, help="records for coldstart (default: --nodes)")
+    parser.add_argument("--sizes", default="1000", help="cost: record counts measured, e.g. 1000,5000,10000")
+    parser.add_argument("--events", type=int, default=200, help="cost: joins (and as many leaves) measured per size")
+    parser.add_argument("--idle-seconds", type=float, default=60.0, help="idle: the window measured")
     parser.add_argument("--churn", type=int, default=20, help="random joins/leaves in the churn scenario")
     parser.add_argument(
         "--probe-rate", type=float, default=200.0, help="datagrams a second per pair in the rotate scenario"
@@ -210,12 +234,20 @@ def main() -> int:
         floor: dict[str, Any] | None = None
         for scenario in dict.fromkeys(chosen):
             if scenario in ("floor", "join") and floor is None:
+                before = etcd_usage(endpoint)
                 floor = asyncio.run(scenario_floor(endpoint, args.nodes, args.puts, args.workers, pki_dir))
+                after = etcd_usage(endpoint)  # what N watchers and the puts cost etcd: planning figures
+                if before is not None and after is not None:
+                    floor.update({"etcd_cpu_s": round(after[0] - before[0], 2), "etcd_rss_mb": round(after[1], 1)})
                 if scenario == "floor" or "floor" in chosen:
                     _emit(floor)
             if scenario == "floor":
                 continue
             result = SCENARIOS[scenario].run(run)
+            if isinstance(result, list):
+                for line in result:
+                    _emit(line)
+                continue
             if scenario == "join" and floor is not None:
                 if floor["p99_ms"] <= 0:  # a floor of nothing measured nothing: no ratio to report against it
                     raise BenchError(f"the floor's p99 is {floor['p99_ms']} ms: its watchers saw no events")

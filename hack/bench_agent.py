@@ -1,4 +1,4 @@
-"""Scenarios on one agent: its cold start next to N records, its cost per event, a metrics scrape."""
+"""Scenarios on one agent: its cold start next to N records, a metrics scrape."""
 
 from __future__ import annotations
 
@@ -8,11 +8,8 @@ import dataclasses
 import ipaddress
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +26,7 @@ from warren_mesh.metrics.instruments import AgentMetrics
 from warren_mesh.metrics.peer_collector import PeerCollector, TrafficWindow
 from warren_mesh.settings import AgentSettings
 from warren_mesh.store.etcd import EtcdStore
-from warren_mesh.testkit.etcd_server import free_port
-from warren_mesh.testkit.waiting import wait_for, wait_until
+from warren_mesh.testkit.waiting import wait_until
 from warren_mesh.trust.endpoint import Endpoint
 from warren_mesh.trust.records import NodeRecord, encode_json
 from warren_mesh.values.device import InterfaceSpec, PeerSpec
@@ -52,7 +48,7 @@ async def scenario_coldstart(endpoint: str, records: int) -> dict[str, Any]:
             schema = KeySchema(pool.prefix)
             try:
                 for i in range(records):
-                    key, value = _record(schema, i)
+                    key, value = record(schema, i)
                     await store.put(key, value, lease=lease)
                 started = time.monotonic()
                 await pool.start("cold")
@@ -150,7 +146,7 @@ def _set_peers_cost(peers: int, keepalive: int) -> float:
         lab_netns.remove(ns)
 
 
-def _record(schema: KeySchema, i: int) -> tuple[str, bytes]:
+def record(schema: KeySchema, i: int) -> tuple[str, bytes]:
     record = NodeRecord(
         name=f"r{i}",
         public_key=NodeKey.generate().public_key,
@@ -162,46 +158,7 @@ def _record(schema: KeySchema, i: int) -> tuple[str, bytes]:
     return schema.node(record.name), encode_json(record.to_json())
 
 
-async def scenario_cost(endpoint: str, records: int) -> dict[str, Any]:
-    """One real agent process (memory device): CPU per applied event and RSS growth, while ``records`` nodes join
-    it one by one (each a separate etcd event and device change), read from /proc."""
-    prefix = f"/bench-cost/{time.time_ns()}"
-    schema = KeySchema(prefix)
-    with tempfile.TemporaryDirectory(prefix="warren-bench-") as tmp:
-        port = free_port()
-        args = [sys.executable, "-m", "warren_mesh.cli", "agent", "--backend=memory", f"--etcd-endpoints={endpoint}"]
-        args += [f"--prefix={prefix}", "--node-name=measured", "--endpoint=192.0.2.1:29998", "--lease-ttl=30"]
-        args += [f"--key-file={Path(tmp) / 'measured.key'}", f"--metrics-address=127.0.0.1:{port}"]
-        process = await asyncio.create_subprocess_exec(*args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        store = EtcdStore(endpoint)
-        lease = await store.grant_lease(300)
-        try:
-            await asyncio.to_thread(wait_for, lambda: _peers_metric(port) is not None, 60, "the measured agent")
-            await asyncio.sleep(1)  # let start-up settle (imports, first reconcile, allocations)
-            rss0, cpu0 = _proc_usage(process.pid)
-            for i in range(records):
-                key, value = _record(schema, i)
-                await store.put(key, value, lease=lease)
-            await asyncio.to_thread(
-                wait_for, lambda: _peers_metric(port) == records, 300, "the measured agent's device"
-            )
-            rss1, cpu1 = _proc_usage(process.pid)
-        finally:
-            process.terminate()
-            await process.wait()
-            await store.revoke_lease(lease)
-            await store.delete_prefix(prefix)
-            await store.close()
-    return {
-        "scenario": "cost",
-        "records": records,
-        "cpu_ms_per_event": round((cpu1 - cpu0) * 1000 / records, 3),
-        "rss_mb_per_1000_peers": round((rss1 - rss0) / 1024 / 1024 * 1000 / records, 2),
-        "rss_mb": round(rss1 / 1024 / 1024, 1),
-    }
-
-
-def _proc_usage(pid: int) -> tuple[int, float]:
+def proc_usage(pid: int) -> tuple[int, float]:
     """(RSS bytes, CPU seconds) of a process, from /proc. CPU is the sum of its threads' run time in nanoseconds
     (schedstat): the tick-based counters of /proc/PID/stat count in 10 ms steps, coarser than a small run."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -211,17 +168,6 @@ def _proc_usage(pid: int) -> tuple[int, float]:
         with contextlib.suppress(OSError):  # a thread that ended meanwhile
             cpu_ns += int((task / "schedstat").read_text().split()[0])
     return rss, cpu_ns / 1e9
-
-
-def _peers_metric(port: int) -> float | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
-            for line in response.read().decode().splitlines():
-                if line.startswith("warren_mesh_peers "):
-                    return float(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 def scenario_scrape(peers: int, scrapes: int) -> dict[str, Any]:

@@ -46,7 +46,7 @@ async def _start_all(pool: AgentPool, names: list[str]) -> None:
         await asyncio.gather(*(pool.start(name) for name in names[i : i + 50]))
 
 
-async def _settled_mesh(pool: AgentPool, names: list[str], batch: int = 100) -> None:
+async def settled_mesh(pool: AgentPool, names: list[str], batch: int = 100) -> None:
     """Build the mesh a scenario starts from as a cluster grows, ``batch`` nodes at a time, each batch settled
     before the next (the storm scenario measures everyone starting at once)."""
     for i in range(0, len(names), batch):
@@ -74,7 +74,7 @@ async def scenario_join(
                     await pool.start(f"n{i}", location=f"l{i % locations}", external=i < locations)
                 await pool.settle_routes()
             else:
-                await _settled_mesh(pool, [f"n{i}" for i in range(nodes)])
+                await settled_mesh(pool, [f"n{i}" for i in range(nodes)])
             rebuilds = await pool.rebuilds()
             latencies: list[float] = []
             for j in range(joins):
@@ -109,7 +109,7 @@ async def scenario_leave(endpoint: str, nodes: int, leaves: int, ttl: int, worke
     """Graceful leaves (lease revoked) and one crash (SIGKILL: the lease runs out), seen by every other agent."""
     with tempfile.TemporaryDirectory(prefix="warren-bench-") as tmp:
         async with AgentPool(endpoint, "leave", Path(tmp), workers=workers, ttl=ttl) as pool:
-            await _settled_mesh(pool, [f"n{i}" for i in range(nodes + leaves)])
+            await settled_mesh(pool, [f"n{i}" for i in range(nodes + leaves)])
             graceful: list[float] = []
             for _ in range(leaves):
                 leaver = pool.names[-1]
@@ -200,7 +200,7 @@ async def scenario_churn(
         async with AgentPool(endpoint, "churn", Path(tmp), workers=workers, ttl=lease_ttl) as pool:
             store = EtcdStore(endpoint)
             try:
-                await _settled_mesh(pool, [f"n{i}" for i in range(nodes)])
+                await settled_mesh(pool, [f"n{i}" for i in range(nodes)])
                 await pool.mark()
                 churned: set[str] = set()  # public keys that joined or left
                 started = time.monotonic()
