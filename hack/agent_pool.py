@@ -12,6 +12,7 @@ A worker is hack/agent_pool_worker.py run as a script.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import sys
 import time
@@ -28,7 +29,11 @@ from warren_mesh.identity.etcd_tls import EtcdTls
 from warren_mesh.store import roles
 from warren_mesh.store.etcd import EtcdStore
 from warren_mesh.store.etcd_auth import EtcdAuth
+from warren_mesh.trust.records import MeshConfig, PodNetwork, encode_json
 from warren_mesh.values.keyspace import KeySchema
+
+# Overlay 10.96.0.0/16 (65,534 addresses, the default); pods 10.128.0.0/10 in /24s: 16,384 nodes.
+SCALE_CONFIG = MeshConfig(pod_networks=(PodNetwork(ipaddress.ip_network("10.128.0.0/10"), 24),))
 
 # --- inside a worker -----------------------------------------------------------------------------------------
 
@@ -132,7 +137,18 @@ class AgentPool:
         await self._each("ping")  # start-up (imports) is not part of any measurement
         if self.pki_dir is not None:
             self._admin = EtcdStore(self.endpoint, tls=credentials(self.pki_dir, "admin"))
+        await self._write_config()
         return self
+
+    async def _write_config(self) -> None:
+        """A mesh sized as a cluster of thousands is: the default pod network (a /16 of /24s) has room for 256
+        nodes, and at N=1000 the other 744 would race for subnets that do not exist."""
+        store = self._admin or EtcdStore(self.endpoint)
+        try:
+            await store.put(KeySchema(self.prefix).config, encode_json(SCALE_CONFIG.to_json()))
+        finally:
+            if store is not self._admin:
+                await store.close()
 
     async def __aexit__(self, *exc: object) -> None:
         await asyncio.gather(*(handle.close() for handle in self._handles))
