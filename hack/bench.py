@@ -26,7 +26,8 @@ Scenarios (one JSON line each, latencies in milliseconds):
          (final_state_matches) and no agent may have touched a peer that did not change (untouched_changes).
   cost   one real agent process (memory device) beside each of --sizes records: CPU ms per applied join and per
          leave (--events of each, one at a time, its idle CPU taken out), its idle CPU, RSS MB per 1000 peers (over
-         an agent with none), one full resync (resync_ms), and cpu_per_event_vs_smallest (flat is 1.0).
+         an agent with none), one full resync (resync_ms), and cpu_per_event_vs_smallest (flat is 1.0). With
+         --locations K the records are spread over K locations, a gateway each, the agent in the first.
   idle   N simulated agents settled, nothing changing, for --idle-seconds: what etcd was asked to do, from its
          own counters (revisions, puts, deletes: must be 0; lease keepalives a second against N / (TTL / 3)),
          writes by kind of key (written), etcd's CPU and memory.
@@ -134,7 +135,11 @@ SCENARIOS: dict[str, Scenario] = {
             scenario_churn(run.endpoint, run.args.nodes, run.args.churn, run.args.workers, run.args.lease_ttl)
         )
     ),
-    "cost": Scenario(lambda run: asyncio.run(scenario_cost(run.endpoint, _sizes(run.args.sizes), run.args.events))),
+    "cost": Scenario(
+        lambda run: asyncio.run(
+            scenario_cost(run.endpoint, _sizes(run.args.sizes), run.args.events, run.args.locations)
+        )
+    ),
     "idle": Scenario(
         lambda run: asyncio.run(
             scenario_idle(run.endpoint, run.args.nodes, run.args.workers, run.args.lease_ttl, run.args.idle_seconds)
@@ -171,7 +176,10 @@ def main() -> int:
     parser.add_argument("--ttl", type=int, default=3, help="lease TTL of the leave scenario's crash and of failover")
     parser.add_argument("--rounds", type=int, default=3, help="WAN cuts measured in the failover scenario")
     parser.add_argument(
-        "--locations", type=int, default=0, help="join: nodes spread over this many locations (docs/topology.md)"
+        "--locations",
+        type=int,
+        default=0,
+        help="join, cost: nodes spread over this many locations (docs/topology.md)",
     )
     parser.add_argument("--records", type=int, default=None, help="records for coldstart (default: --nodes)")
     parser.add_argument("--sizes", default="1000", help="cost: record counts measured, e.g. 1000,5000,10000")

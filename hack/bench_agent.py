@@ -146,7 +146,8 @@ def _set_peers_cost(peers: int, keepalive: int) -> float:
         lab_netns.remove(ns)
 
 
-def record(schema: KeySchema, i: int) -> tuple[str, bytes]:
+def record(schema: KeySchema, i: int, *, location: str | None = None, external: bool = False) -> tuple[str, bytes]:
+    """Node ``r<i>``'s record (``location``, and with ``external`` an external endpoint: it may be a gateway)."""
     record = NodeRecord(
         name=f"r{i}",
         public_key=NodeKey.generate().public_key,
@@ -154,6 +155,8 @@ def record(schema: KeySchema, i: int) -> tuple[str, bytes]:
         overlay_ips=(ipaddress.ip_address(f"10.96.{200 + i // 250}.{i % 250 + 1}"),),
         listen_port=51820,
         published_at=time.time(),
+        location=location,
+        external_endpoints=(Endpoint(ipaddress.ip_address("198.51.100.1"), 30000 + i % 30000),) if external else (),
     )
     return schema.node(record.name), encode_json(record.to_json())
 

@@ -56,12 +56,13 @@ class MeasuredAgent:
     """A real agent process (memory device, its metrics on a port of its own) whose CPU and memory are read
     from /proc, next to ``prefix``'s records."""
 
-    def __init__(self, endpoint: str, prefix: str, key_dir: Path, *, resync: int) -> None:
+    def __init__(self, endpoint: str, prefix: str, key_dir: Path, *, resync: int, location: str | None = None) -> None:
         self.port = free_port()
         self._args = [sys.executable, "-m", "warren_mesh.cli", "agent", "--backend=memory"]
         self._args += [f"--etcd-endpoints={endpoint}", f"--prefix={prefix}", "--node-name=measured"]
         self._args += ["--endpoint=192.0.2.1:29998", "--lease-ttl=30", f"--resync-interval={resync}"]
         self._args += [f"--key-file={key_dir / 'measured.key'}", f"--metrics-address=127.0.0.1:{self.port}"]
+        self._args += [] if location is None else [f"--location={location}"]
         self._process: asyncio.subprocess.Process | None = None
 
     async def __aenter__(self) -> MeasuredAgent:
@@ -106,21 +107,34 @@ async def _paced(actions: list[Any]) -> None:
         await asyncio.sleep(EVENT_GAP)
 
 
-async def _cost_at(endpoint: str, records: int, events: int, key_dir: Path, baseline_rss: int) -> dict[str, Any]:
-    """One size: ``records`` records, then ``events`` joins and as many leaves, one at a time."""
+async def _cost_at(
+    endpoint: str, records: int, events: int, key_dir: Path, baseline_rss: int, *, locations: int
+) -> dict[str, Any]:
+    """One size: ``records`` records, then ``events`` joins and as many leaves, one at a time. With
+    ``locations``, the records are spread over that many, the first of each its gateway (external endpoint and
+    candidacy), and the measured agent is in the first: it routes every change (mesh/paths.py)."""
     prefix = f"/bench-cost/{time.time_ns()}"
     schema = KeySchema(prefix)
     store = EtcdStore(endpoint)
     lease = await store.grant_lease(600)
-    result: dict[str, Any] = {"scenario": "cost", "records": records, "events": events}
+    result: dict[str, Any] = {"scenario": "cost", "records": records, "locations": locations, "events": events}
+
+    def node(i: int) -> tuple[str, bytes]:
+        if not locations:
+            return record(schema, i)
+        return record(schema, i, location=f"l{i % locations}", external=i < locations)
+
     try:
+        for i in range(locations):  # the gateways stand first, so their candidacies are the oldest
+            await store.put(schema.candidacy(f"r{i}", f"l{i}"), b"", lease=lease)
         for start in range(0, records, 200):  # written concurrently: setting up is not measured
-            await asyncio.gather(
-                *(store.put(*record(schema, i), lease=lease) for i in range(start, min(records, start + 200)))
-            )
-        async with MeasuredAgent(endpoint, prefix, key_dir, resync=3600) as agent:
+            await asyncio.gather(*(store.put(*node(i), lease=lease) for i in range(start, min(records, start + 200))))
+        location = "l0" if locations else None
+        async with MeasuredAgent(endpoint, prefix, key_dir, resync=3600, location=location) as agent:
             started = time.monotonic()
-            await agent.wait_peers(records)
+            # Located, its peers are its own location's nodes (its gateway among them: it reaches the others so).
+            peers = records if not locations else len(range(0, records, locations))
+            await agent.wait_peers(peers)
             result["ready_s"] = round(time.monotonic() - started, 2)  # a process: imports included
             await asyncio.sleep(2)
             # What it spends doing nothing (lease, observers, reading its device): taken out of the events' CPU.
@@ -128,11 +142,12 @@ async def _cost_at(endpoint: str, records: int, events: int, key_dir: Path, base
             await asyncio.sleep(5)
             idle_rate = (agent.usage()[1] - idle_cpu0) / (time.monotonic() - idle_from)
             rss, _ = agent.usage()
-            joiners = [record(schema, records + i) for i in range(events)]
+            joiners = [node(records + i) for i in range(events)]
+            joined = events if not locations else len(range(records, records + events, locations))
             costs = {}
             for kind, actions, expected in (
-                ("join", [lambda kv=kv: store.put(*kv, lease=lease) for kv in joiners], records + events),
-                ("leave", [lambda kv=kv: store.delete(kv[0]) for kv in joiners], records),
+                ("join", [lambda kv=kv: store.put(*kv, lease=lease) for kv in joiners], peers + joined),
+                ("leave", [lambda kv=kv: store.delete(kv[0]) for kv in joiners], peers),
             ):
                 begun, cpu0 = time.monotonic(), await agent.quiet_cpu()
                 await _paced(actions)
@@ -141,8 +156,8 @@ async def _cost_at(endpoint: str, records: int, events: int, key_dir: Path, base
                 costs[kind] = spent * 1000 / events
                 await agent.wait_peers(expected, timeout=60)  # every event was applied (after the window: scrapes cost)
         # A full resync (the periodic comparison with the whole device), by a run that does one every 2 s.
-        async with MeasuredAgent(endpoint, prefix, key_dir, resync=2) as resyncing:
-            await resyncing.wait_peers(records)
+        async with MeasuredAgent(endpoint, prefix, key_dir, resync=2, location=location) as resyncing:
+            await resyncing.wait_peers(peers)
             await asyncio.sleep(1)
             before = resyncing.metrics()
             await asyncio.sleep(9)
@@ -169,7 +184,7 @@ async def _cost_at(endpoint: str, records: int, events: int, key_dir: Path, base
     return result
 
 
-async def scenario_cost(endpoint: str, sizes: list[int], events: int) -> list[dict[str, Any]]:
+async def scenario_cost(endpoint: str, sizes: list[int], events: int, locations: int = 0) -> list[dict[str, Any]]:
     """One real agent process (memory device) beside each size of mesh: CPU per applied join and leave (each a
     pass of its own, its idle CPU taken out), RSS per 1,000 peers over an agent with none, one full resync."""
     with tempfile.TemporaryDirectory(prefix="warren-bench-") as tmp:
@@ -177,7 +192,7 @@ async def scenario_cost(endpoint: str, sizes: list[int], events: int) -> list[di
             await empty.wait_peers(0)
             await asyncio.sleep(2)
             baseline_rss, _ = empty.usage()
-        lines = [await _cost_at(endpoint, size, events, Path(tmp), baseline_rss) for size in sizes]
+        lines = [await _cost_at(endpoint, size, events, Path(tmp), baseline_rss, locations=locations) for size in sizes]
     first = lines[0]["cpu_ms_per_event"]
     for line in lines:
         line["cpu_per_event_vs_smallest"] = round(line["cpu_ms_per_event"] / first, 2) if first > 0 else None
