@@ -159,6 +159,11 @@ class AgentPool:
     def names(self) -> list[str]:
         return list(self.keys)
 
+    @property
+    def pids(self) -> list[int]:
+        """The worker processes' (their CPU and memory are what the simulated agents cost this machine)."""
+        return [handle.process.pid for handle in self._handles]
+
     async def _each(self, op: str, **args: Any) -> list[Any]:
         return list(await asyncio.gather(*(handle.call(op, **args) for handle in self._handles)))
 

@@ -213,8 +213,10 @@ async def scenario_idle(endpoint: str, nodes: int, workers: int, lease_ttl: int,
                 watch = asyncio.create_task(_count_writes(store, pool.prefix, written))
                 await asyncio.sleep(0.5)
                 before, begun = scrape(f"{endpoint}/metrics"), time.monotonic()
+                workers_before = sum(proc_usage(pid)[1] for pid in pool.pids)
                 await asyncio.sleep(seconds)
                 after, window = scrape(f"{endpoint}/metrics"), time.monotonic() - begun
+                workers_cpu = sum(proc_usage(pid)[1] for pid in pool.pids) - workers_before
                 watch.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watch
@@ -238,6 +240,8 @@ async def scenario_idle(endpoint: str, nodes: int, workers: int, lease_ttl: int,
         "keepalives_per_s": round(delta("etcd_debugging_lease_renewed_total") / window, 1),
         "keepalives_expected_per_s": round(nodes / (lease_ttl / 3), 1),
         "etcd_cpu_percent": round(delta("process_cpu_seconds_total") / window * 100, 1),
+        # What one idle agent costs (its lease, timers, gRPC's own): every simulated agent's share of the workers.
+        "agent_idle_cpu_ms_per_s": round(workers_cpu * 1000 / window / nodes, 3),
         "etcd_rss_mb": round(after.get("process_resident_memory_bytes", 0.0) / 2**20, 1),
     }
 
