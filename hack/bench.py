@@ -28,9 +28,9 @@ Scenarios (one JSON line each, latencies in milliseconds):
          leave (--events of each, one at a time, its idle CPU taken out), its idle CPU, RSS MB per 1000 peers (over
          an agent with none), one full resync (resync_ms), and cpu_per_event_vs_smallest (flat is 1.0). With
          --locations K the records are spread over K locations, a gateway each, the agent in the first.
-  idle   N simulated agents settled, nothing changing, for --idle-seconds: what etcd was asked to do, from its
-         own counters (revisions, puts, deletes: must be 0; lease keepalives a second against N / (TTL / 3)),
-         writes by kind of key (written), etcd's CPU and memory.
+  idle   (not in "all") N simulated agents settled, nothing changing, for --idle-seconds: what etcd was asked to
+         do, from its own counters (revisions, puts, deletes: must be 0; lease keepalives a second against
+         N / (TTL / 3)), writes by kind of key (written), etcd's CPU and memory, each idle agent's CPU.
   scrape one /metrics scrape of an agent whose device has --peers peers (memory device; also wireguard-go in a
          namespace of its own when root): wall and CPU milliseconds per scrape, exposition size.
   rotate (root; not in "all") a userspace lab of N nodes, every pair exchanging --probe-rate datagrams a second;
@@ -143,7 +143,8 @@ SCENARIOS: dict[str, Scenario] = {
     "idle": Scenario(
         lambda run: asyncio.run(
             scenario_idle(run.endpoint, run.args.nodes, run.args.workers, run.args.lease_ttl, run.args.idle_seconds)
-        )
+        ),
+        in_all=False,  # a minute of watching nothing happen
     ),
     "scrape": Scenario(lambda run: scenario_scrape(run.args.peers, run.args.scrapes)),
     "rotate": Scenario(_rotate, in_all=False),

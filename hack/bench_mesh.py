@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from agent_pool import AgentPool, etcd3_client
+from bench_agent import proc_usage
 from bench_run import percentiles
 from warren_mesh.identity.keys import load_or_create
 from warren_mesh.store.etcd import EtcdStore
@@ -169,10 +170,12 @@ async def scenario_storm(endpoint: str, nodes: int, workers: int, lease_ttl: int
     with tempfile.TemporaryDirectory(prefix="warren-bench-") as tmp:
         async with AgentPool(endpoint, "storm", Path(tmp), workers=workers, ttl=lease_ttl) as pool:
             await pool.loop_lag()  # starts the workers' lag probes
+            cpu_before = sum(proc_usage(pid)[1] for pid in pool.pids)
             started = time.monotonic()
             await _start_all(pool, [f"n{i}" for i in range(nodes)])
             await pool.settle(timeout=900)
             converged = time.monotonic() - started
+            cpu = sum(proc_usage(pid)[1] for pid in pool.pids) - cpu_before
             rebuilds = await pool.rebuilds()
             lag = await pool.loop_lag()
             work = await pool.work()
@@ -184,6 +187,9 @@ async def scenario_storm(endpoint: str, nodes: int, workers: int, lease_ttl: int
         "converged_s": round(converged, 3),
         "full_rebuilds": rebuilds,
         "worst_loop_lag_s": round(lag, 3),
+        # The machine's share: every simulated agent's CPU, and per record each agent took in (N of them, N times).
+        "agents_cpu_s": round(cpu, 1),
+        "agents_cpu_us_per_record": round(cpu * 1e6 / (nodes * nodes), 1),
         "passes_per_agent": round(work["passes"] / nodes, 1),
         "watch_restarts": int(work["watch_restarts"]),
         "reregistrations": int(work["reregistrations"]),

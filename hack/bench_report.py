@@ -30,7 +30,7 @@ BLOCK = re.compile(r"(<!-- results: (\w+) -->\n)(.*?)(<!-- /results -->)", re.DO
 
 # scenario -> the keys shown for it, in order (the rest stay in the file)
 CONTROL_KEYS = {
-    "floor": ("nodes", "p50_ms", "p99_ms", "max_ms", "samples"),
+    "floor": ("nodes", "p50_ms", "p99_ms", "max_ms", "samples", "etcd_cpu_s", "etcd_rss_mb"),
     "join": (
         "nodes",
         "locations",
@@ -42,10 +42,40 @@ CONTROL_KEYS = {
         "pod_reachable_p99_ms",
     ),
     "leave": ("nodes", "graceful_p50_ms", "graceful_p99_ms", "ttl_s", "detect_minus_ttl_s"),
-    "storm": ("nodes", "lease_ttl_s", "converged_s", "worst_loop_lag_s", "reregistrations", "watch_restarts"),
+    "storm": (
+        "nodes",
+        "lease_ttl_s",
+        "converged_s",
+        "worst_loop_lag_s",
+        "agents_cpu_us_per_record",
+        "reregistrations",
+        "watch_restarts",
+    ),
     "coldstart": ("records", "ready_s", "userspace_ready_s", "userspace_daemon_start_s"),
     "churn": ("nodes", "operations", "converged_s", "final_state_matches", "untouched_changes"),
-    "cost": ("records", "cpu_ms_per_event", "rss_mb_per_1000_peers", "rss_mb"),
+    "cost": (
+        "records",
+        "locations",
+        "cpu_ms_per_join",
+        "cpu_ms_per_leave",
+        "cpu_per_event_vs_smallest",
+        "idle_cpu_percent",
+        "rss_mb_per_1000_peers",
+        "resync_ms",
+        "ready_s",
+    ),
+    "idle": (
+        "nodes",
+        "window_s",
+        "revisions",
+        "puts",
+        "deletes",
+        "keepalives_per_s",
+        "keepalives_expected_per_s",
+        "agent_idle_cpu_ms_per_s",
+        "etcd_cpu_percent",
+        "etcd_rss_mb",
+    ),
     "scrape": ("peers", "memory_scrape_p50_ms", "userspace_scrape_p50_ms", "memory_exposition_kb"),
     "rotate": ("nodes", "rate", "rotations", "max_gap_ms", "worst_pair_loss", "untouched_changes", "rotation_s_p50"),
     "failover": (

@@ -155,17 +155,17 @@ async def _cost_at(
                 spent = cpu1 - cpu0 - idle_rate * (time.monotonic() - begun)
                 costs[kind] = spent * 1000 / events
                 await agent.wait_peers(expected, timeout=60)  # every event was applied (after the window: scrapes cost)
-        # A full resync (the periodic comparison with the whole device), by a run that does one every 2 s.
-        async with MeasuredAgent(endpoint, prefix, key_dir, resync=2, location=location) as resyncing:
+        # A full resync (the periodic comparison with the whole device), by a run that does one every second.
+        async with MeasuredAgent(endpoint, prefix, key_dir, resync=1, location=location) as resyncing:
             await resyncing.wait_peers(peers)
             await asyncio.sleep(1)
             before = resyncing.metrics()
-            await asyncio.sleep(9)
+            await asyncio.sleep(5)
             after = resyncing.metrics()
         name = "warren_mesh_reconcile_duration_seconds"
         passes = after[f"{name}_count"] - before[f"{name}_count"]
         if passes < 1:
-            raise BenchError("the resyncing agent made no pass in 9 s")
+            raise BenchError("the resyncing agent made no pass in 5 s")
         result.update(
             {
                 "cpu_ms_per_join": round(costs["join"], 3),

@@ -34,6 +34,10 @@ def test_bench_smoke(etcd: EtcdServer, tmp_path: Path) -> None:
             "2",
             "--records",
             "20",
+            "--sizes",
+            "20",
+            "--events",
+            "5",
             "--peers",
             "20",
             "--scrapes",
@@ -82,9 +86,24 @@ def test_bench_smoke(etcd: EtcdServer, tmp_path: Path) -> None:
     churn = lines["churn"]
     assert churn["operations"] == 4 and churn["final_state_matches"] is True and churn["untouched_changes"] == 0
     cost = lines["cost"]
-    assert cost["records"] == 20 and cost["cpu_ms_per_event"] > 0 and cost["rss_mb"] > 0
+    assert cost["records"] == 20 and cost["events"] == 5 and cost["rss_mb"] > 0 and cost["resync_ms"] > 0
+    assert cost["cpu_ms_per_join"] > 0 and cost["cpu_ms_per_leave"] > 0 and cost["cpu_per_event_vs_smallest"] == 1.0
     scrape = lines["scrape"]
     assert scrape["peers"] == 20 and scrape["memory_scrape_p50_ms"] > 0 and scrape["memory_exposition_kb"] > 0
+
+
+def test_an_idle_mesh_writes_nothing(etcd: EtcdServer) -> None:
+    """The idle scenario, small: three agents settled and left alone write nothing to etcd (observations,
+    endpoints, claims, timestamps: nothing republished without a change), by etcd's own counters and a watch of
+    the mesh's keys; their leases are refreshed, and nothing else."""
+    args = [sys.executable, str(BENCH), "--scenario", "idle", "--nodes", "3", "--lease-ttl", "3"]
+    args += ["--idle-seconds", "6", "--etcd-endpoints", etcd.endpoint, "--results", ""]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=180, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (idle,) = map(json.loads, result.stdout.splitlines())
+    assert idle["scenario"] == "idle" and idle["window_s"] >= 6
+    assert (idle["revisions"], idle["puts"], idle["deletes"], idle["written"]) == (0, 0, 0, {}), idle
+    assert idle["leases_granted"] == 0 and idle["keepalives_per_s"] > 0, idle
 
 
 def test_bench_with_etcd_auth_smoke() -> None:
