@@ -48,8 +48,8 @@ async def scenario_coldstart(endpoint: str, records: int) -> dict[str, Any]:
             schema = KeySchema(pool.prefix)
             try:
                 for i in range(records):
-                    key, value = record(schema, i)
-                    await store.put(key, value, lease=lease)
+                    await store.put(*claim(schema, i))
+                    await store.put(*record(schema, i), lease=lease)
                 started = time.monotonic()
                 await pool.start("cold")
                 await pool.settle(timeout=120, peers=records)
@@ -65,6 +65,7 @@ async def scenario_coldstart(endpoint: str, records: int) -> dict[str, Any]:
                     }
             finally:
                 await store.revoke_lease(lease)
+                await store.delete_prefix(schema.claims)
                 await store.close()
     return result
 
@@ -146,13 +147,23 @@ def _set_peers_cost(peers: int, keepalive: int) -> float:
         lab_netns.remove(ns)
 
 
+def _overlay_ip(i: int) -> ipaddress.IPv4Address:
+    return ipaddress.IPv4Address(f"10.96.{200 + i // 250}.{i % 250 + 1}")
+
+
+def claim(schema: KeySchema, i: int) -> tuple[str, bytes]:
+    """Node ``r<i>``'s claim on its overlay address: as a registered node has, so that the measured agent claims
+    another one (without it, an agent could take a record's address and leave that record out)."""
+    return schema.claim(f"r{i}", str(_overlay_ip(i))), b""
+
+
 def record(schema: KeySchema, i: int, *, location: str | None = None, external: bool = False) -> tuple[str, bytes]:
     """Node ``r<i>``'s record (``location``, and with ``external`` an external endpoint: it may be a gateway)."""
     record = NodeRecord(
         name=f"r{i}",
         public_key=NodeKey.generate().public_key,
         endpoints=(Endpoint(ipaddress.ip_address("192.0.2.1"), 30000 + i % 30000),),
-        overlay_ips=(ipaddress.ip_address(f"10.96.{200 + i // 250}.{i % 250 + 1}"),),
+        overlay_ips=(_overlay_ip(i),),
         listen_port=51820,
         published_at=time.time(),
         location=location,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from agent_pool import AgentPool
-from bench_agent import proc_usage, record
+from bench_agent import claim, proc_usage, record
 from bench_mesh import settled_mesh
 from bench_run import BenchError
 from warren_mesh.store.etcd import EtcdStore
@@ -127,7 +127,12 @@ async def _cost_at(
     try:
         for i in range(locations):  # the gateways stand first, so their candidacies are the oldest
             await store.put(schema.candidacy(f"r{i}", f"l{i}"), b"", lease=lease)
-        for start in range(0, records, 200):  # written concurrently: setting up is not measured
+        # Written concurrently (setting up is not measured): every node's claim, the joiners' too (the measured
+        # agent claims an address none of them has), then the records.
+        for start in range(0, records + events, 200):
+            batch = range(start, min(records + events, start + 200))
+            await asyncio.gather(*(store.put(*claim(schema, i)) for i in batch))
+        for start in range(0, records, 200):
             await asyncio.gather(*(store.put(*node(i), lease=lease) for i in range(start, min(records, start + 200))))
         location = "l0" if locations else None
         async with MeasuredAgent(endpoint, prefix, key_dir, resync=3600, location=location) as agent:

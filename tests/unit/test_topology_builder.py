@@ -191,6 +191,48 @@ def test_a_join_at_the_end_is_settled_without_folding_again() -> None:
     assert builder.rebuilds == 1
 
 
+def test_a_join_in_a_located_mesh_changes_only_its_own_peer_and_its_carrier() -> None:
+    """mesh/routed_peers.py: a node that stands for no gateway joining a located mesh touches the peer it becomes
+    (its own location) or the gateway that carries it (another one), never the whole device again."""
+    etcd = _Etcd()
+    view = MeshView(SCHEMA)
+    keys = [NodeKey.generate().public_key for _ in range(8)]
+    names = ["local", "ga", "gb", "a1", "b1", "a2", "b2"]
+    local = LocalNode("local", keys[0], (ipaddress.ip_address("10.96.0.1"),))
+    builder = TopologyBuilder(local, auto_mtu=1420)
+    builder.update(view, view.apply(Snapshot((), etcd.revision)))
+
+    def join(i: int) -> set[str] | None:
+        name = names[i]
+        location = "b" if name.startswith(("gb", "b")) else "a"
+        record = NodeRecord(
+            name=name,
+            public_key=keys[i],
+            endpoints=(Endpoint(ipaddress.ip_address("192.0.2.1"), 51820 + i),),
+            overlay_ips=(ipaddress.ip_address(f"10.96.0.{i + 1}"),),
+            listen_port=51820,
+            published_at=1.0,
+            location=location,
+            external_endpoints=(Endpoint(ipaddress.ip_address("198.51.100.1"), 51820 + i),) if name[0] == "g" else (),
+        )
+        events = [etcd.put(SCHEMA.claim(name, f"10.96.0.{i + 1}"), b"")]
+        if name[0] == "g":
+            events.append(etcd.put(SCHEMA.candidacy(name, location), b""))
+        events.append(etcd.put(SCHEMA.node(name), encode_json(record.to_json())))
+        return builder.update(view, view.apply(Events(tuple(events), etcd.revision)))
+
+    for i in range(5):  # local, both gateways (candidacies: worked out afresh), a1, b1
+        join(i)
+    rebuilds = builder.rebuilds
+    assert join(5) == {keys[5]}, "a2 in local's location: its own peer only"
+    assert join(6) == {keys[6], keys[1]}, "b2 in the other location: its key (no peer) and its carrier, ga"
+    assert builder.rebuilds == rebuilds
+    peers = builder.peers
+    assert set(peers) == {keys[1], keys[3], keys[5]}
+    assert peers[keys[1]].allowed_ips == ("10.96.0.2/32", "10.96.0.3/32", "10.96.0.5/32", "10.96.0.7/32")
+    assert builder.topology() == build_topology(local=local, view=view, auto_mtu=1420)
+
+
 def test_auto_mtu_is_the_underlay_less_wireguards_overhead_for_its_family() -> None:
     assert auto_mtu(1500, 4) == 1440 and auto_mtu(1500, 6) == 1420
     assert auto_mtu(9001, 4) == 8941 and auto_mtu(1400, 4) == 1340

@@ -25,7 +25,8 @@ from typing import Final
 from warren_mesh.mesh.changes import Changes
 from warren_mesh.mesh.claims import ClaimRules, Conflict, LocalNode, NetworkClaims
 from warren_mesh.mesh.interface import device_mtu, interface_addresses, pod_aggregates
-from warren_mesh.mesh.paths import Paths, Routing, dialled_endpoint, routed_peers
+from warren_mesh.mesh.paths import Paths, dialled_endpoint
+from warren_mesh.mesh.routed_peers import RoutedPeers
 from warren_mesh.mesh.view import Entry, MeshReader
 from warren_mesh.trust.reasons import (
     REASON_ADDRESS_OUTSIDE_CIDR,
@@ -121,8 +122,9 @@ class TopologyBuilder:
         # Nodes taken whose records put paths in play (a location, an external endpoint, peers it cannot reach):
         # while there are none and nobody stands as a gateway, every node is a direct peer, as the fold has it.
         self._located = 0
-        self._routed: dict[str, PeerSpec] | None = None  # the device's peers when paths are in play
-        self._paths: Paths | None = None
+        self._routing: RoutedPeers | None = None  # the paths and node peers, while paths are in play
+        self._routed: dict[str, PeerSpec] | None = None  # the device's peers then: node peers and external peers
+        self._touched: set[str] = set()  # nodes the last update settled again
         local = self._local
         for version, prefixlen, first, _ in Routes.of(local.allowed_ips, hosts=local.overlay_ips).ranges:
             self._claims.add(version, prefixlen, first, local.name)
@@ -148,7 +150,11 @@ class TopologyBuilder:
         affected = self._fold_update(view, changes)
         if affected is None:
             return None  # folded from scratch, routed too
-        before = self._routed
+        routing, before = self._routing, self._routed
+        if routing is not None and self._in_play() and self._local.name not in changes.nodes:
+            delta = routing.update(self._taken_touched(), self._node_spec)
+            if delta is not None:
+                return self._reroute(delta | affected)
         self._route()
         after = self._routed
         if before is None and after is None:
@@ -175,12 +181,15 @@ class TopologyBuilder:
                 touched[other] = True
         affected: set[str] = set()
         arrivals: list[tuple[_Position, Candidate, Entry[NodeRecord] | Entry[ExternalPeer]]] = []
+        self._touched = set()
         for candidate, again in touched.items():
             entry = _entry(view, candidate)
             settled = self._settled.get(candidate)
+            if settled is not None and entry is settled.entry and not again:
+                continue
+            if candidate[0] == "node":
+                self._touched.add(candidate[1])
             if settled is not None:
-                if entry is settled.entry and not again:
-                    continue
                 affected.update(settled.keys)
                 if not self._unsettle(candidate, settled):
                     self.rebuild(view)
@@ -208,7 +217,7 @@ class TopologyBuilder:
     @property
     def paths(self) -> Paths | None:
         """How this node reaches the others when locations, gateways or relays are in play (None: directly)."""
-        return self._paths
+        return None if self._routing is None else self._routing.paths()
 
     @property
     def unreachable(self) -> tuple[str, ...]:
@@ -252,19 +261,26 @@ class TopologyBuilder:
             self.conflicts,
             self._aggregates,
             self.unreachable,
-            self._paths,
+            self.paths,
         )
 
-    def _route(self) -> None:
-        """Work out the device's peers from the paths when locations, gateways or relays are in play: a peer
-        carries the routes of every node it is the path to, a node reached through another is no peer (mesh/
-        paths.py). Else leave the fold's peers as the device's."""
+    def _in_play(self) -> bool:
+        """Whether locations, gateways or relays are in play (else every node is a direct peer, as folded)."""
         view = self._view
         own = view.nodes.get(self._local.name) if view is not None else None
-        if view is None or own is None or not (self._located or view.gateway_candidacies or _routes(own.record)):
-            self._routed = self._paths = None
+        if view is None or own is None:
+            return False
+        return bool(self._located or view.gateway_candidacies or _routes(own.record))
+
+    def _route(self) -> None:
+        """Work out the device's peers from the paths when they are in play: a peer carries the routes of every
+        node it is the path to, a node reached through another is no peer (mesh/paths.py, mesh/routed_peers.py).
+        Else leave the fold's peers as the device's."""
+        view = self._view
+        if view is None or not self._in_play():
+            self._routing = self._routed = None
             return
-        nodes: dict[str, NodeRecord] = {self._local.name: own.record}
+        nodes: dict[str, NodeRecord] = {self._local.name: view.nodes[self._local.name].record}
         specs: dict[str, tuple[PeerSpec, PeerSpec | None]] = {}
         for (kind, name), settled in self._settled.items():
             record = settled.entry.record
@@ -272,15 +288,38 @@ class TopologyBuilder:
                 nodes[name] = record
                 specs[name] = (settled.spec, settled.announced)
         config = self._config
-        routing = Routing(
-            nodes, view.gateway_candidacies, gateways=_names(config.gateways), relays=_names(config.relays)
-        )
-        paths = routing.paths(self._local.name)
-        peers = routed_peers(paths, nodes, specs, self._local.underlay_families)
-        for key, spec in self._specs.items():
-            if self._holders[key][0] == "peer":
-                peers[key] = spec
-        self._routed, self._paths = peers, paths
+        self._routing = RoutedPeers(self._local.name, self._local.underlay_families, config.relays)
+        self._routing.work_out(nodes, specs, view.gateway_candidacies, gateways=_names(config.gateways))
+        self._routed = dict(self._routing.peers)
+        self._routed.update((key, spec) for key, spec in self._specs.items() if self._holders[key][0] == "peer")
+
+    def _taken_touched(self) -> dict[str, NodeRecord | None]:
+        """The nodes the last update settled again: each one's record if it is taken, else None."""
+        taken: dict[str, NodeRecord | None] = {}
+        for name in self._touched:
+            settled = self._settled.get(("node", name))
+            record = settled.entry.record if settled is not None and settled.spec is not None else None
+            taken[name] = record if isinstance(record, NodeRecord) else None
+        return taken
+
+    def _node_spec(self, name: str) -> tuple[PeerSpec, PeerSpec | None]:
+        settled = self._settled[("node", name)]
+        assert settled.spec is not None, f"{name} is routed, so it was taken"
+        return settled.spec, settled.announced
+
+    def _reroute(self, keys: set[str]) -> set[str]:
+        """The device's peers of ``keys`` again, from the routed node peers and the fold's external peers."""
+        assert self._routing is not None and self._routed is not None
+        for key in keys:
+            spec = self._routing.peers.get(key)
+            holder = self._holders.get(key)
+            if spec is None and holder is not None and holder[0] == "peer":
+                spec = self._specs[key]
+            if spec is None:
+                self._routed.pop(key, None)
+            else:
+                self._routed[key] = spec
+        return keys
 
     def _arrive(
         self, candidate: Candidate, entry: Entry[NodeRecord] | Entry[ExternalPeer], position: _Position
