@@ -1,7 +1,7 @@
-"""etcd's own gRPC proxy (`etcd grpc-proxy start`, in the etcd binary we already run) in front of a plain etcd of
-ours: what a large cluster deploys so that thousands of agents watching one prefix cost etcd one watcher per
-proxy (the proxy coalesces watchers of the same range) and one lease stream. Loopback only, free ports; it owns
-its data directory and removes it.
+"""etcd's own gRPC proxy in front of a plain etcd of ours (`etcd grpc-proxy start`, in the etcd binary we run).
+
+What a large cluster puts between its agents and etcd: agents watching the same prefix cost etcd a few
+coalesced watchers instead of one each. Loopback only, free ports; it owns its data directory and removes it.
 """
 
 from __future__ import annotations
