@@ -130,7 +130,13 @@ def control_table(files: list[tuple[Path, dict[str, Any]]], only: str | None = N
     rows = ["| scenario | figures | run |", "| --- | --- | --- |"]
     order = list(CONTROL_KEYS)
     for key in sorted(
-        newest, key=lambda k: (order.index(k[0]) if k[0] in order else 99, str(k[1]), str(k[2]), str(k[3]))
+        newest,
+        key=lambda k: (
+            order.index(k[0]) if k[0] in order else 99,
+            k[1] if isinstance(k[1], int) else -1,  # sizes in numeric order
+            str(k[2]),
+            k[3] or 0,  # a flat mesh before the located ones of its size
+        ),
     ):
         path, document, line = newest[key]
         shown = CONTROL_KEYS.get(line["scenario"], ())

@@ -266,3 +266,18 @@ def test_a_delta_removes_the_route_of_a_network_a_peer_gave_up() -> None:
     )
     assert covered.routes_to_remove == () and covered.routes_to_add == ()
     assert [(c.action, c.public_key) for c in covered.changes] == [("update", key)]
+
+
+def test_a_logged_change_names_what_changed_not_every_network_a_gateway_carries() -> None:
+    """A gateway's peer carries every node of the other locations: its log line says which networks came or went
+    and how many there are, not the thousands it holds (a ~300 KB line per join at 10,000 nodes)."""
+    key = KEYS["a"]
+    carried = tuple(f"10.96.{i // 250}.{i % 250 + 1}/32" for i in range(1000))
+    before = PeerSpec(key, "192.0.2.1:51820", carried[:999], 25)
+    after = PeerSpec(key, "192.0.2.1:51820", carried[1:], 25)
+    line = plan_delta({key: before}, {key: after}, {key}, interface_addresses=("10.96.0.1/16",)).explain({key: "ga"})
+    assert line == "update peer ga: allowed +10.96.3.250/32 -10.96.0.1/32 (999 in all)"
+    added = plan_delta({}, {key: after}, {key}, interface_addresses=("10.96.0.1/16",)).explain({key: "ga"})
+    assert added.startswith("add peer ga: endpoint 192.0.2.1:51820, allowed 10.96.0.2/32,10.96.0.3/32,")
+    assert added.endswith("10.96.0.5/32 and 995 more, keepalive 25")
+    assert len(line) < 100 and len(added) < 150

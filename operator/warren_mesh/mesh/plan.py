@@ -24,6 +24,7 @@ comparison at start, after any failure, after a data-plane restart and on every 
 from __future__ import annotations
 
 import functools
+import itertools
 import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -232,8 +233,19 @@ def _only_roamed(have: PeerSpec, want: PeerSpec, before: PeerSpec | None) -> boo
     )
 
 
+# Allowed IPs named in a logged change: a gateway carries the routes of every node of the other locations, and
+# listing 9,000 of them (twice) on every join made each log line ~300 KB at 10,000 nodes.
+SHOWN_NETWORKS = 4
+
+
+def _networks(networks: Iterable[str], count: int) -> str:
+    shown = list(itertools.islice(networks, SHOWN_NETWORKS))
+    more = f" and {count - len(shown)} more" if count > len(shown) else ""
+    return ",".join(shown) + more
+
+
 def _describe(spec: PeerSpec) -> str:
-    allowed = ",".join(spec.allowed_ips)
+    allowed = _networks(spec.allowed_ips, len(spec.allowed_ips))
     return f"endpoint {spec.endpoint or '-'}, allowed {allowed}, keepalive {spec.persistent_keepalive}"
 
 
@@ -242,7 +254,12 @@ def _difference(have: PeerSpec, want: PeerSpec) -> str:
     if have.endpoint != want.endpoint:
         parts.append(f"endpoint {have.endpoint or '-'} -> {want.endpoint or '-'}")
     if have.allowed_ips != want.allowed_ips:
-        parts.append(f"allowed {','.join(have.allowed_ips)} -> {','.join(want.allowed_ips)}")
+        before, after = set(have.allowed_ips), set(want.allowed_ips)
+        added = sorted(after - before)
+        removed = sorted(before - after)
+        change = [f"+{_networks(added, len(added))}"] if added else []
+        change += [f"-{_networks(removed, len(removed))}"] if removed else []
+        parts.append(f"allowed {' '.join(change) or 'reordered'} ({len(after)} in all)")
     if have.persistent_keepalive != want.persistent_keepalive:
         parts.append(f"keepalive {have.persistent_keepalive} -> {want.persistent_keepalive}")
     return "; ".join(parts)
