@@ -263,9 +263,12 @@ class AgentPool:
             for i in range(puts):
                 sent = time.time()
                 await asyncio.to_thread(put, f"{prefix}{i}")
+                # Each bare watcher is a thread of its process: at thousands, a put reaches the last one seconds
+                # later (that is the figure), so the patience grows with them.
+                patience = max(10.0, watchers / 50)
                 received = await asyncio.gather(
                     *(
-                        h.call("floor_received", index=i, timeout=10)
+                        h.call("floor_received", index=i, timeout=patience)
                         for h, n in zip(self._handles, shares, strict=True)
                         if n
                     )

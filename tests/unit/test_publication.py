@@ -23,6 +23,7 @@ from warren_mesh.store.memory import MemoryStore
 from warren_mesh.trust.decode import decode_json
 from warren_mesh.trust.endpoint import Endpoint
 from warren_mesh.trust.records import MeshConfig, NodeRecord, encode_json
+from warren_mesh.values.watch import KeyValue
 
 SETTINGS = RegistrationSettings("n1", (), None, 10, None)
 
@@ -178,5 +179,35 @@ def test_our_own_write_seen_before_its_answer_is_not_taken_for_someone_elses(cap
         store.answer.set()
         await writing
         assert store.revision == revision and "by someone else" not in caplog.text
+
+    run(body())
+
+
+class _LeaseRunsOutMeanwhile(MemoryStore):
+    """A store where a record's lease runs out right after a create found the record there."""
+
+    async def create(self, key: str, value: bytes, *, lease: int = 0) -> KeyValue | None:
+        existing = await super().create(key, value, lease=lease)
+        if existing is not None and existing.lease:
+            await self.revoke_lease(existing.lease)
+        return existing
+
+
+def test_our_previous_record_gone_while_we_take_it_over_is_written_anew() -> None:
+    # Issue 31: in a storm of 1,000 agents a restarting agent found its previous run's record, whose lease then
+    # ran out before the takeover's compare-and-swap; the swap's "nothing there" answer was read as a record it
+    # could not understand, and the agent ended.
+    async def body() -> None:
+        store = _LeaseRunsOutMeanwhile()
+        key = NodeKey.generate()
+        previous = record("n1", 1, key=key.public_key)
+        old_lease = await store.grant_lease(30)
+        await store.put(SCHEMA.node("n1"), encode_json(previous.to_json()), lease=old_lease)
+        publisher = _publisher(store, key)
+        lease = await store.grant_lease(10)
+        published = await publisher.publish(publisher.record(MeshConfig(), previous.overlay_ips, ()), lease)
+        kv = await store.get(SCHEMA.node("n1"))
+        assert kv is not None and kv.lease == lease
+        assert NodeRecord.from_json(decode_json(kv.value), key_name="n1") == published
 
     run(body())

@@ -126,6 +126,11 @@ class RecordPublisher:
         key = self.key
         existing = await self._store.create(key, encode_json(record.to_json()), lease=lease_id)
         while existing is not None:
+            if existing.mod_revision == 0:
+                # Gone since we looked (the previous run's lease ran out meanwhile: seen in a storm of 1,000
+                # agents, where this used to end the agent as "a record this agent cannot read"): create it.
+                existing = await self._store.create(key, encode_json(record.to_json()), lease=lease_id)
+                continue
             previous = self._check_ours(existing.value)
             learnt = next((e for e in previous.endpoints if e not in record.endpoints), None)
             if not self._endpoint_pinned and learnt is not None and self.public_endpoint is None:
