@@ -248,13 +248,15 @@ class AgentPool:
         """The worst event-loop lag of any worker since the last call (seconds); the first call starts measuring."""
         return float(max(await self._each("loop_lag")))
 
-    async def floor(self, prefix: str, watchers: int, puts: int, put: Callable[[str], None]) -> list[float]:
+    async def floor(
+        self, prefix: str, watchers: int, puts: int, put: Callable[[str], None], *, client: str = "etcd3"
+    ) -> list[float]:
         """The floor with the same packing as the agents: ``watchers`` bare etcd3 watchers spread over the workers;
         each of ``puts`` keys is written with ``put`` and timed until every watcher received it (milliseconds)."""
         shares = [watchers // self.workers + (1 if i < watchers % self.workers else 0) for i in range(self.workers)]
         await asyncio.gather(
             *(
-                h.call("floor_watch", prefix=prefix, watchers=n, puts=puts)
+                h.call("floor_watch", prefix=prefix, watchers=n, puts=puts, client=client)
                 for h, n in zip(self._handles, shares, strict=True)
             )
         )

@@ -183,6 +183,12 @@ def main() -> int:
         help="join, cost: nodes spread over this many locations (docs/topology.md)",
     )
     parser.add_argument("--records", type=int, default=None, help="records for coldstart (default: --nodes)")
+    parser.add_argument(
+        "--floor-client",
+        choices=("etcd3", "async"),
+        default="etcd3",
+        help="the floor's bare watchers: the etcd3 package's (a thread each) or our store's watch alone (asyncio)",
+    )
     parser.add_argument("--sizes", default="1000", help="cost: record counts measured, e.g. 1000,5000,10000")
     parser.add_argument("--events", type=int, default=200, help="cost: joins (and as many leaves) measured per size")
     parser.add_argument("--idle-seconds", type=float, default=60.0, help="idle: the window measured")
@@ -244,7 +250,9 @@ def main() -> int:
         for scenario in dict.fromkeys(chosen):
             if scenario in ("floor", "join") and floor is None:
                 before = etcd_usage(endpoint)
-                floor = asyncio.run(scenario_floor(endpoint, args.nodes, args.puts, args.workers, pki_dir))
+                floor = asyncio.run(
+                    scenario_floor(endpoint, args.nodes, args.puts, args.workers, pki_dir, client=args.floor_client)
+                )
                 after = etcd_usage(endpoint)  # what N watchers and the puts cost etcd: planning figures
                 if before is not None and after is not None:
                     floor.update({"etcd_cpu_s": round(after[0] - before[0], 2), "etcd_rss_mb": round(after[1], 1)})

@@ -24,21 +24,23 @@ from warren_mesh.values.netaddr import parse_endpoints
 
 
 async def scenario_floor(
-    endpoint: str, nodes: int, puts: int, workers: int, pki_dir: Path | None = None
+    endpoint: str, nodes: int, puts: int, workers: int, pki_dir: Path | None = None, *, client: str = "etcd3"
 ) -> dict[str, Any]:
     """The physical floor: one etcd commit plus watch fan-out to N clients, with nothing of ours in the way. The
-    watchers are packed into worker processes exactly as the agents are, so both pay the same for sharing."""
+    watchers are packed into worker processes exactly as the agents are, so both pay the same for sharing.
+    ``client``: the etcd3 package's (a thread per watcher), or ``async``: our store's watch alone."""
     host, port = parse_endpoints(endpoint)[0].target.rsplit(":", 1)
     writer = etcd3_client(host, int(port), pki_dir)
     prefix = f"/bench-floor/{time.time_ns()}/"
     try:
         with tempfile.TemporaryDirectory(prefix="warren-bench-") as tmp:
             async with AgentPool(endpoint, "floor", Path(tmp), workers=workers, pki_dir=pki_dir) as pool:
-                latencies = await pool.floor(prefix, nodes, puts, lambda key: writer.put(key, b"x"))
+                latencies = await pool.floor(prefix, nodes, puts, lambda key: writer.put(key, b"x"), client=client)
     finally:
         writer.delete_prefix(prefix)
         writer.close()
-    return {"scenario": "floor", "nodes": nodes, "puts": puts, "workers": workers, **percentiles(latencies)}
+    line = {"scenario": "floor", "nodes": nodes, "puts": puts, "workers": workers, **percentiles(latencies)}
+    return line if client == "etcd3" else {**line, "client": client}
 
 
 async def _start_all(pool: AgentPool, names: list[str]) -> None:

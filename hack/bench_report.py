@@ -30,7 +30,7 @@ BLOCK = re.compile(r"(<!-- results: (\w+) -->\n)(.*?)(<!-- /results -->)", re.DO
 
 # scenario -> the keys shown for it, in order (the rest stay in the file)
 CONTROL_KEYS = {
-    "floor": ("nodes", "p50_ms", "p99_ms", "max_ms", "samples", "etcd_cpu_s", "etcd_rss_mb"),
+    "floor": ("nodes", "client", "p50_ms", "p99_ms", "max_ms", "samples", "etcd_cpu_s", "etcd_rss_mb"),
     "join": (
         "nodes",
         "locations",
@@ -113,7 +113,7 @@ def _source(path: Path, document: dict[str, Any]) -> str:
 def control_table(files: list[tuple[Path, dict[str, Any]]], only: str | None = None) -> str:
     """The newest line of each scenario (and each node count: a scale run does not hide the N=100 one);
     ``only``: of that scenario alone."""
-    newest: dict[tuple[str, Any, Any, Any], tuple[Path, dict[str, Any], dict[str, Any]]] = {}
+    newest: dict[tuple[str, Any, Any, Any, Any], tuple[Path, dict[str, Any], dict[str, Any]]] = {}
     for path, document in files:
         if document["tool"] != "bench":
             continue
@@ -121,8 +121,10 @@ def control_table(files: list[tuple[Path, dict[str, Any]]], only: str | None = N
             if only is not None and line["scenario"] != only:
                 continue
             size = line.get("nodes", line.get("records", line.get("peers")))
-            # A located run (join --locations) does not hide the flat one of its size.
-            newest[(line["scenario"], size, line.get("etcd_auth"), line.get("locations") or None)] = (
+            # A located run (join --locations) does not hide the flat one of its size, nor a floor on another
+            # client the etcd3 one.
+            kind = (line.get("etcd_auth"), line.get("locations") or None, line.get("client"))
+            newest[(line["scenario"], size, *kind)] = (
                 path,
                 document,
                 line,
@@ -136,6 +138,7 @@ def control_table(files: list[tuple[Path, dict[str, Any]]], only: str | None = N
             k[1] if isinstance(k[1], int) else -1,  # sizes in numeric order
             str(k[2]),
             k[3] or 0,  # a flat mesh before the located ones of its size
+            str(k[4]),
         ),
     ):
         path, document, line = newest[key]
