@@ -8,7 +8,6 @@ So one node's credential cannot claim every address or pod subnet of the mesh (i
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -52,8 +51,10 @@ class ClaimSlots:
         self._slots, self._slot_of = {}, {}
 
     def put(self, claim: OwnClaim, kind: str) -> tuple[OwnClaim | None, OwnClaim | None]:
-        """Add or replace ``claim``; the claim of its slot that counted before, and the one that counts now."""
-        slot = Slot(claim.claim.owner, kind, ipaddress.ip_network(claim.subject).version)
+        """Add or replace ``claim`` (its subject an address or network the view has validated); the claim of its
+        slot that counted before, and the one that counts now."""
+        # The family from the validated text: parsing it again cost a third of listing 10,000 claims.
+        slot = Slot(claim.claim.owner, kind, 6 if ":" in claim.subject else 4)
         before = self._holder(slot)
         self._slots.setdefault(slot, {})[claim.claim.key] = claim
         self._slot_of[claim.claim.key] = slot

@@ -6,6 +6,7 @@ schema can live beside this one under ``v2/`` during an upgrade.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Final, Literal, NamedTuple
 
@@ -119,14 +120,22 @@ class KeySchema:
 
     def classify(self, key: str) -> tuple[KeyKind, str] | None:
         """Which kind of key this is and its name part; None for keys this version does not know."""
-        if key == self.config:
+        config, kinds = _kinds(self.root)
+        if key == config:
             return "config", ""
-        for kind, start in (
-            ("node", self.nodes),
-            ("claim", self.claims),
-            ("ipam", self.ipam),
-            ("peer", self.peers),
-        ):
+        for kind, start in kinds:
             if key.startswith(start) and len(key) > len(start):
-                return kind, key[len(start) :]  # type: ignore[return-value]
+                return kind, key[len(start) :]
         return None
+
+
+@functools.lru_cache(maxsize=16)
+def _kinds(root: str) -> tuple[str, tuple[tuple[KeyKind, str], ...]]:
+    """The config key under ``root``, and the directory of each kind of key: made once per prefix, not per key
+    (every key of a snapshot or a watch answer is classified)."""
+    return f"{root}config", (
+        ("node", f"{root}nodes/"),
+        ("claim", f"{root}claims/"),
+        ("ipam", f"{root}ipam/"),
+        ("peer", f"{root}peers/"),
+    )
