@@ -8,7 +8,8 @@ import ipaddress
 from warren_mesh.identity.keys import NodeKey
 from warren_mesh.mesh.changes import ChangeLog, Changes, Rejection
 from warren_mesh.mesh.claims import LocalNode
-from warren_mesh.mesh.topology import Topology, build_topology
+from warren_mesh.mesh.desired import Topology
+from warren_mesh.mesh.topology import build_topology
 from warren_mesh.mesh.view import MeshView
 from warren_mesh.trust.networks import network_problem
 from warren_mesh.trust.records import MeshConfig, encode_json

@@ -13,9 +13,10 @@ import pytest
 from warren_mesh.host import forwarding
 from warren_mesh.identity.keys import NodeKey
 from warren_mesh.mesh.claims import LocalNode
+from warren_mesh.mesh.desired import Topology
 from warren_mesh.mesh.plan import desired_routes
 from warren_mesh.mesh.renumbering import renumbering_refusal
-from warren_mesh.mesh.topology import Topology, build_topology
+from warren_mesh.mesh.topology import build_topology
 from warren_mesh.mesh.view import MeshView
 from warren_mesh.trust.decode import decode_json
 from warren_mesh.trust.reasons import RecordError

@@ -8,8 +8,9 @@ import json
 from warren_mesh.identity.keys import NodeKey
 from warren_mesh.mesh.changes import Rejection
 from warren_mesh.mesh.claims import LocalNode
+from warren_mesh.mesh.desired import Topology
 from warren_mesh.mesh.plan import desired_routes, plan_changes, plan_delta
-from warren_mesh.mesh.topology import Topology, build_topology
+from warren_mesh.mesh.topology import build_topology
 from warren_mesh.mesh.view import MeshView
 from warren_mesh.trust.endpoint import Endpoint
 from warren_mesh.trust.records import MeshConfig, NodeRecord, encode_json

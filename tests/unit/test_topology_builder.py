@@ -9,8 +9,9 @@ import pytest
 
 from warren_mesh.identity.keys import NodeKey
 from warren_mesh.mesh.claims import LocalNode
+from warren_mesh.mesh.desired import Topology
 from warren_mesh.mesh.plan import Plan, desired_routes, plan_changes, plan_delta
-from warren_mesh.mesh.topology import Topology, TopologyBuilder, build_topology
+from warren_mesh.mesh.topology import TopologyBuilder, build_topology
 from warren_mesh.mesh.view import MeshView
 from warren_mesh.trust.endpoint import Endpoint
 from warren_mesh.trust.records import ExternalPeer, MeshConfig, NodeRecord, auto_mtu, encode_json

@@ -17,7 +17,8 @@ from typing import Any
 
 from warren_mesh.identity.keys import NodeKey
 from warren_mesh.mesh.claims import LocalNode
-from warren_mesh.mesh.topology import Topology, build_topology
+from warren_mesh.mesh.desired import Topology
+from warren_mesh.mesh.topology import build_topology
 from warren_mesh.mesh.view import MeshReader
 from warren_mesh.trust.records import ExternalPeer
 from warren_mesh.values.device import PeerSpec

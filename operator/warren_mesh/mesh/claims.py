@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from typing import Final
 
 from warren_mesh.mesh.claim_slots import Reservation
 from warren_mesh.mesh.view import MeshReader
@@ -28,6 +29,12 @@ from warren_mesh.trust.reasons import (
 )
 from warren_mesh.trust.records import ExternalPeer, MeshConfig, NodeRecord
 from warren_mesh.values.netaddr import IPAddress, IPNetwork
+
+# The reasons ``ClaimRules.problem`` gives: each depends on the record alone (and the config and the reservations),
+# never on the records folded before it, so a record left out for one affects nobody else's place in the fold.
+SELF_REASONS: Final = frozenset(
+    {REASON_ADDRESS_OUTSIDE_CIDR, REASON_ADDRESS_TAKEN, REASON_NETWORK_NOT_OWNED, REASON_UNSAFE_ROUTE}
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,9 +15,10 @@ from typing import NamedTuple
 
 from warren_mesh.mesh.changes import ChangeLog, Changes
 from warren_mesh.mesh.claims import Conflict, LocalNode
+from warren_mesh.mesh.desired import Topology
 from warren_mesh.mesh.paths import Paths
 from warren_mesh.mesh.plan import Plan, plan_changes, plan_delta
-from warren_mesh.mesh.topology import Topology, TopologyBuilder
+from warren_mesh.mesh.topology import TopologyBuilder
 from warren_mesh.mesh.view import MeshReader
 from warren_mesh.values.device import DeviceState, InterfaceSpec, PeerSpec
 from warren_mesh.values.netaddr import IPAddress, IPNetwork

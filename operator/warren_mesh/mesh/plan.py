@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
-from warren_mesh.mesh.topology import Topology
+from warren_mesh.mesh.desired import Topology
 from warren_mesh.values.device import DeviceState, InterfaceSpec, PeerSpec
 
 PeerAction = Literal["add", "update", "remove"]

@@ -26,10 +26,18 @@ NodeSpec = tuple[PeerSpec, PeerSpec | None]  # a node's peer, and that of its ne
 class RoutedPeers:
     """One node's routed peers and paths; ``work_out`` from scratch, ``update`` for the nodes a change touched."""
 
-    def __init__(self, local: str, families: tuple[int, ...], relays: Collection[str] | None) -> None:
-        """``relays``: the Mesh's relays (None: gateways relay)."""
-        self._local, self._families, self._relays_allowed = local, families, relays
+    def __init__(
+        self,
+        local: str,
+        families: tuple[int, ...],
+        gateways: Collection[str] | None,
+        relays: Collection[str] | None,
+    ) -> None:
+        """``gateways``, ``relays``: who the Mesh lets be either (None: any that can; gateways relay)."""
+        self._local, self._families = local, families
+        self._gateways_allowed, self._relays_allowed = _frozen(gateways), _frozen(relays)
         self.peers: dict[str, PeerSpec] = {}  # by public key, node peers only
+        self.device: dict[str, PeerSpec] = {}  # the device's peers: these and the external peers the caller adds
         self._records: dict[str, NodeRecord] = {}  # the nodes routed, this node's own among them
         self._carriers: dict[str, str] = {}
         self._direct: dict[str, bool] = {}
@@ -47,13 +55,12 @@ class RoutedPeers:
         nodes: Mapping[str, NodeRecord],
         specs: Mapping[str, NodeSpec],
         candidacies: Mapping[str, Candidacy],
-        *,
-        gateways: frozenset[str] | None,
     ) -> None:
         """Every path and peer from ``nodes`` (the taken records, this node's own among them)."""
-        routing = Routing(nodes, candidacies, gateways=gateways, relays=_frozen(self._relays_allowed))
+        routing = Routing(nodes, candidacies, gateways=self._gateways_allowed, relays=self._relays_allowed)
         paths = routing.paths(self._local)
         self.peers = routed_peers(paths, nodes, specs, self._families)
+        self.device = dict(self.peers)
         self._records = dict(nodes)
         self._carriers, self._direct = dict(paths.carriers), dict(paths.direct)
         self._relayed, self._unrouted = dict(paths.relayed), set(paths.unrouted)
@@ -87,6 +94,16 @@ class RoutedPeers:
             if carrier in self._direct:
                 affected.update(self._set_peer(carrier, spec_of(carrier)))
         return affected
+
+    def refresh(self, keys: set[str], external_of: Callable[[str], PeerSpec | None]) -> set[str]:
+        """The device's peers of ``keys`` again: a node peer, else the external peer ``external_of`` gives; ``keys``."""
+        for key in keys:
+            spec = self.peers.get(key) or external_of(key)
+            if spec is None:
+                self.device.pop(key, None)
+            else:
+                self.device[key] = spec
+        return keys
 
     def _plain(self, name: str, record: NodeRecord | None) -> bool:
         """Whether node ``name`` with ``record`` (None: none) can move no gateway and no relay (see the module's

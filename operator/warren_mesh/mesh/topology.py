@@ -23,41 +23,16 @@ from dataclasses import dataclass
 from typing import Final
 
 from warren_mesh.mesh.changes import Changes
-from warren_mesh.mesh.claims import ClaimRules, Conflict, LocalNode, NetworkClaims
+from warren_mesh.mesh.claims import SELF_REASONS, ClaimRules, Conflict, LocalNode, NetworkClaims
+from warren_mesh.mesh.desired import Topology
 from warren_mesh.mesh.interface import device_mtu, interface_addresses, pod_aggregates
 from warren_mesh.mesh.paths import Paths, dialled_endpoint
 from warren_mesh.mesh.routed_peers import RoutedPeers
 from warren_mesh.mesh.view import Entry, MeshReader
-from warren_mesh.trust.reasons import (
-    REASON_ADDRESS_OUTSIDE_CIDR,
-    REASON_ADDRESS_TAKEN,
-    REASON_DUPLICATE_PUBLIC_KEY,
-    REASON_NETWORK_NOT_OWNED,
-    REASON_OVERLAPPING_ALLOWED_IPS,
-    REASON_UNSAFE_ROUTE,
-)
+from warren_mesh.trust.reasons import REASON_DUPLICATE_PUBLIC_KEY, REASON_OVERLAPPING_ALLOWED_IPS
 from warren_mesh.trust.records import ExternalPeer, MeshConfig, NodeRecord
 from warren_mesh.values.device import InterfaceSpec, PeerSpec
 from warren_mesh.values.routes import Routes
-
-
-@dataclass(frozen=True, slots=True)
-class Topology:
-    interface: InterfaceSpec
-    peers: Mapping[str, PeerSpec]  # by public key
-    names: Mapping[str, str]  # public key -> node or peer name
-    conflicts: tuple[Conflict, ...] = ()
-    # Networks routed into the device whole, like the overlay's connected route: the mesh's pod network. Peers'
-    # networks inside them need no route of their own (mesh/plan.py), so a thousand nodes' pod subnets are one
-    # route, not a thousand (0.2 s of netlink at a cold start), and an address of no node's subnet goes to
-    # WireGuard, which drops it, rather than out of the default route in the clear.
-    aggregates: tuple[str, ...] = ()
-    # Nodes this one shares no underlay family with (an IPv4-only node and an IPv6-only one): configured without
-    # an endpoint, never dialled; status, metrics and the graph show them.
-    unreachable: tuple[str, ...] = ()
-    # With locations, gateways or relays in play: how this node reaches every other (None: all directly).
-    paths: Paths | None = None
-
 
 # A record taking part in the fold: ("node" | "peer", name), and where it stands in it.
 Candidate = tuple[str, str]
@@ -122,8 +97,7 @@ class TopologyBuilder:
         # Nodes taken whose records put paths in play (a location, an external endpoint, peers it cannot reach):
         # while there are none and nobody stands as a gateway, every node is a direct peer, as the fold has it.
         self._located = 0
-        self._routing: RoutedPeers | None = None  # the paths and node peers, while paths are in play
-        self._routed: dict[str, PeerSpec] | None = None  # the device's peers then: node peers and external peers
+        self._routing: RoutedPeers | None = None  # the paths and the device's peers, while paths are in play
         self._touched: set[str] = set()  # nodes the last update settled again
         local = self._local
         for version, prefixlen, first, _ in Routes.of(local.allowed_ips, hosts=local.overlay_ips).ranges:
@@ -150,13 +124,14 @@ class TopologyBuilder:
         affected = self._fold_update(view, changes)
         if affected is None:
             return None  # folded from scratch, routed too
-        routing, before = self._routing, self._routed
+        routing = self._routing
+        before = None if routing is None else routing.device
         if routing is not None and self._in_play() and self._local.name not in changes.nodes:
             delta = routing.update(self._taken_touched(), self._node_spec)
             if delta is not None:
-                return self._reroute(delta | affected)
+                return routing.refresh(delta | affected, self._external_spec)
         self._route()
-        after = self._routed
+        after = None if self._routing is None else self._routing.device
         if before is None and after is None:
             return affected
         if before is None or after is None:
@@ -207,7 +182,7 @@ class TopologyBuilder:
     @property
     def peers(self) -> Mapping[str, PeerSpec]:
         """The device's peers by public key, live: valid until the next update, not to be kept."""
-        return self._specs if self._routed is None else self._routed
+        return self._specs if self._routing is None else self._routing.device
 
     @property
     def names(self) -> Mapping[str, str]:
@@ -278,7 +253,7 @@ class TopologyBuilder:
         Else leave the fold's peers as the device's."""
         view = self._view
         if view is None or not self._in_play():
-            self._routing = self._routed = None
+            self._routing = None
             return
         nodes: dict[str, NodeRecord] = {self._local.name: view.nodes[self._local.name].record}
         specs: dict[str, tuple[PeerSpec, PeerSpec | None]] = {}
@@ -288,10 +263,9 @@ class TopologyBuilder:
                 nodes[name] = record
                 specs[name] = (settled.spec, settled.announced)
         config = self._config
-        self._routing = RoutedPeers(self._local.name, self._local.underlay_families, config.relays)
-        self._routing.work_out(nodes, specs, view.gateway_candidacies, gateways=_names(config.gateways))
-        self._routed = dict(self._routing.peers)
-        self._routed.update((key, spec) for key, spec in self._specs.items() if self._holders[key][0] == "peer")
+        self._routing = RoutedPeers(self._local.name, self._local.underlay_families, config.gateways, config.relays)
+        self._routing.work_out(nodes, specs, view.gateway_candidacies)
+        self._routing.device.update((k, spec) for k, spec in self._specs.items() if self._holders[k][0] == "peer")
 
     def _taken_touched(self) -> dict[str, NodeRecord | None]:
         """The nodes the last update settled again: each one's record if it is taken, else None."""
@@ -307,19 +281,10 @@ class TopologyBuilder:
         assert settled.spec is not None, f"{name} is routed, so it was taken"
         return settled.spec, settled.announced
 
-    def _reroute(self, keys: set[str]) -> set[str]:
-        """The device's peers of ``keys`` again, from the routed node peers and the fold's external peers."""
-        assert self._routing is not None and self._routed is not None
-        for key in keys:
-            spec = self._routing.peers.get(key)
-            holder = self._holders.get(key)
-            if spec is None and holder is not None and holder[0] == "peer":
-                spec = self._specs[key]
-            if spec is None:
-                self._routed.pop(key, None)
-            else:
-                self._routed[key] = spec
-        return keys
+    def _external_spec(self, key: str) -> PeerSpec | None:
+        """The fold's peer of ``key`` if an external peer's record holds it."""
+        holder = self._holders.get(key)
+        return self._specs[key] if holder is not None and holder[0] == "peer" else None
 
     def _arrive(
         self, candidate: Candidate, entry: Entry[NodeRecord] | Entry[ExternalPeer], position: _Position
@@ -330,7 +295,7 @@ class TopologyBuilder:
             # Not last in line. Left out for a reason of its own (its address), it affects nobody; otherwise it
             # is exact only if it collides with no one (later holders would lose to it) and no later record
             # is in conflict (it might now collide with this one instead).
-            independent = problem is not None and problem.reason in _SELF_REASONS
+            independent = problem is not None and problem.reason in SELF_REASONS
             if not independent and (problem is not None or self._conflicts_after(position)):
                 return False
         self._settle(candidate, entry, position, problem)
@@ -371,7 +336,7 @@ class TopologyBuilder:
         return any(
             s.position > position
             for s in self._conflicts.values()
-            if s.conflict is not None and s.conflict.reason not in _SELF_REASONS
+            if s.conflict is not None and s.conflict.reason not in SELF_REASONS
         )
 
     def _settle(
@@ -460,21 +425,11 @@ def build_topology(
     return builder.topology()
 
 
-# Reasons that depend on the record alone (and the config and reservations), never on the records before it.
-_SELF_REASONS: Final = frozenset(
-    {REASON_ADDRESS_OUTSIDE_CIDR, REASON_ADDRESS_TAKEN, REASON_NETWORK_NOT_OWNED, REASON_UNSAFE_ROUTE}
-)
-
-
 def _routes(record: NodeRecord | ExternalPeer) -> bool:
     """Whether ``record`` puts paths in play: a node with a location, an external endpoint or unreachable peers."""
     return isinstance(record, NodeRecord) and bool(
         record.location is not None or record.external_endpoints or record.unreachable
     )
-
-
-def _names(names: tuple[str, ...] | None) -> frozenset[str] | None:
-    return None if names is None else frozenset(names)
 
 
 def _position(candidate: Candidate, entry: Entry[NodeRecord] | Entry[ExternalPeer]) -> _Position:
