@@ -49,6 +49,7 @@ class RoutedPeers:
         self._named: Counter[str] = Counter()  # nodes some record names as unreachable, and how many do
         self._routes: dict[str, list[str]] = {}  # carrier -> the routes it carries, sorted
         self._keys: dict[str, tuple[str, ...]] = {}  # direct node -> the public keys of its peers
+        self._paths: Paths | None = None  # made when asked for, until the next change
 
     def work_out(
         self,
@@ -57,6 +58,7 @@ class RoutedPeers:
         candidacies: Mapping[str, Candidacy],
     ) -> None:
         """Every path and peer from ``nodes`` (the taken records, this node's own among them)."""
+        self._paths = None
         routing = Routing(nodes, candidacies, gateways=self._gateways_allowed, relays=self._relays_allowed)
         paths = routing.paths(self._local)
         self.peers = routed_peers(paths, nodes, specs, self._families)
@@ -81,6 +83,7 @@ class RoutedPeers:
         for name, record in changed.items():
             if not self._plain(name, self._records.get(name)) or not self._plain(name, record):
                 return None
+        self._paths = None
         dirty: set[str] = set()
         affected: set[str] = set()
         for name, record in changed.items():
@@ -168,7 +171,13 @@ class RoutedPeers:
         return keys | set(self._keys[name])
 
     def paths(self) -> Paths:
-        """The paths as a value later updates do not change."""
+        """The paths as a value later updates do not change (the gateway's and reachability's loops ask every
+        second or two: made once per change, not per question)."""
+        if self._paths is None:
+            self._paths = self._make_paths()
+        return self._paths
+
+    def _make_paths(self) -> Paths:
         return Paths(
             self._local,
             self._location,
