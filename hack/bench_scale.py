@@ -10,7 +10,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -21,27 +20,12 @@ from bench_mesh import settled_mesh
 from bench_run import BenchError
 from warren_mesh.store.etcd import EtcdStore
 from warren_mesh.testkit.etcd_server import free_port
+from warren_mesh.testkit.exposition import scrape
 from warren_mesh.testkit.waiting import wait_for
 from warren_mesh.values.keyspace import KeySchema
 from warren_mesh.values.watch import Events
 
 EVENT_GAP = 0.02  # seconds between two measured events: every one is a pass of its own at every size
-
-
-def scrape(url: str) -> dict[str, float]:
-    """A Prometheus exposition as series (with labels) -> value; {} if unreadable."""
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            text = response.read().decode()
-    except OSError:
-        return {}
-    series: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            with contextlib.suppress(ValueError):
-                series[name] = float(value)
-    return series
 
 
 def etcd_usage(endpoint: str) -> tuple[float, float] | None:

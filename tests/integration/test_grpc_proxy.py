@@ -5,24 +5,22 @@ seen at once, and etcd itself holds the coalesced watchers, not one per agent.""
 from __future__ import annotations
 
 import time
-import urllib.request
 from pathlib import Path
 
 from helpers import AgentProcess
 from integration.agents import Mesh, in_mesh
 from warren_mesh.testkit.etcd_proxy import EtcdGrpcProxy
 from warren_mesh.testkit.etcd_server import EtcdServer
+from warren_mesh.testkit.exposition import scrape
 from warren_mesh.testkit.waiting import wait_until
 
 TTL = 3
 
 
 def _etcd_watchers(etcd: EtcdServer) -> float:
-    with urllib.request.urlopen(f"{etcd.endpoint}/metrics", timeout=5) as answer:  # our own etcd, on loopback
-        for line in answer.read().decode().splitlines():
-            if line.startswith("etcd_debugging_mvcc_watcher_total "):
-                return float(line.split()[1])
-    raise AssertionError("etcd reports no etcd_debugging_mvcc_watcher_total")
+    watchers = scrape(f"{etcd.endpoint}/metrics").get("etcd_debugging_mvcc_watcher_total")
+    assert watchers is not None, "etcd reports no etcd_debugging_mvcc_watcher_total"
+    return watchers
 
 
 def test_agents_form_and_keep_the_mesh_through_an_etcd_grpc_proxy(

@@ -6,16 +6,15 @@ coalesced watchers instead of one each. Loopback only, free ports; it owns its d
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import subprocess
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from types import TracebackType
 
 from warren_mesh.testkit.etcd_server import EtcdServer, EtcdServerError, find_etcd, free_port
+from warren_mesh.testkit.exposition import scrape
 
 
 class EtcdGrpcProxy:
@@ -54,18 +53,7 @@ class EtcdGrpcProxy:
 
     def metrics(self) -> dict[str, float]:
         """The proxy's own metrics (etcd_grpc_proxy_*); {} while it is not answering."""
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as answer:
-                text = answer.read().decode()
-        except OSError:
-            return {}
-        series = {}
-        for line in text.splitlines():
-            if line.startswith("etcd_grpc_proxy"):
-                name, _, value = line.rpartition(" ")
-                with contextlib.suppress(ValueError):
-                    series[name] = float(value)
-        return series
+        return scrape(f"http://127.0.0.1:{self.metrics_port}/metrics", prefix="etcd_grpc_proxy")
 
     def close(self) -> None:
         process, self._process = self._process, None
