@@ -4,6 +4,9 @@ warren_mesh.lab.probe`` inside a node's namespace; ``Probe`` runs one per node).
 Each node sends ``rate`` datagrams a second to every other node's overlay address, each carrying its sequence
 number, and receives theirs on the same socket. At the end it prints one JSON line: per source, how many arrived
 and the longest gap between two arrivals; per target, how many were sent. Loss and gaps are then per directed pair.
+All start sending together: each binds its socket, says "ready", and waits for "go" on its stdin, which ``Probe``
+sends once every node is ready (starting Python in a namespace takes seconds in the emulated VM, and a node that
+sent before another listened counted its first datagrams as lost).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -23,20 +27,22 @@ PORT = 7999
 _HEADER = struct.Struct("!I")
 
 
-# Probes on several nodes start a little apart: each listens this long before it sends and after it stops, so that
-# none counts as lost what others sent before it listened or after it stopped.
+# Each probe listens this long after it stops sending, so that none counts as lost what another sent last.
 _MARGIN = 1.0
 
 
-def run(targets: list[str], rate: float, seconds: float, port: int = PORT) -> dict[str, Any]:
+def run(
+    targets: list[str], rate: float, seconds: float, port: int = PORT, *, ready: Callable[[], None] = lambda: None
+) -> dict[str, Any]:
+    """``ready``: called once the socket is bound; sending starts when it returns."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("0.0.0.0", port))
     sock.setblocking(False)
+    ready()
     interval = 1.0 / rate
     sent = dict.fromkeys(targets, 0)
     arrivals: dict[str, list[float]] = {}
-    start = time.monotonic()
-    next_send = start + _MARGIN
+    next_send = time.monotonic()
     stop_sending = next_send + seconds
     end = stop_sending + _MARGIN
     seq = 0
@@ -87,12 +93,25 @@ class Probe:
         self._running: list[_Running] = []
 
     def start(self) -> None:
+        """Start the probe on every node and, once every one listens, let them all send."""
         for name, (netns, address) in self._nodes.items():
             targets = [a for n, (_, a) in self._nodes.items() if n != name]
             argv = ["ip", "netns", "exec", netns, sys.executable, "-m", "warren_mesh.lab.probe"]
             argv += [str(self._rate), str(self._seconds), *targets]
-            process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            process = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
             self._running.append(_Running(name, address, process))
+        for running in self._running:
+            assert running.process.stdout is not None
+            if running.process.stdout.readline().strip() != "ready":
+                self.stop()
+                error = running.process.stderr.read() if running.process.stderr is not None else ""
+                raise RuntimeError(f"the probe on {running.node} did not start: {error.strip()[-500:]}")
+        for running in self._running:
+            assert running.process.stdin is not None
+            running.process.stdin.write("go\n")
+            running.process.stdin.flush()
 
     def stop(self) -> None:
         for running in self._running:
@@ -120,11 +139,16 @@ class Probe:
         return pairs
 
 
-def main(argv: list[str], out: IO[str]) -> int:
+def main(argv: list[str], out: IO[str], commands: IO[str]) -> int:
     rate, seconds, targets = float(argv[0]), float(argv[1]), argv[2:]
-    print(json.dumps(run(targets, rate, seconds)), file=out)
+
+    def ready() -> None:
+        print("ready", file=out, flush=True)
+        commands.readline()  # "go": every node listens now
+
+    print(json.dumps(run(targets, rate, seconds, ready=ready)), file=out)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:], sys.stdout))
+    sys.exit(main(sys.argv[1:], sys.stdout, sys.stdin))
