@@ -130,15 +130,16 @@ def test_an_address_taken_after_listing_moves_on_to_the_next(shared_etcd: EtcdSe
     async def scenario(store: EtcdStore) -> None:
         # "first" is a name whose first choice is n1's: they collide on it.
         first_name = next(f"first{i}" for i in range(100) if _first_choice(f"first{i}", 2) == _first_choice("n1", 2))
+        before = (await store.list_prefix(schema.claims)).revision
         first = await registrar(store, schema, first_name, NodeKey.generate()).register(config)
         mine = registrar(store, schema)
         listing = store.list_prefix
 
-        async def listed_before_first_claimed(prefix: str) -> Snapshot:
-            # The first listing (what is free?) comes before "first" claimed; the check after our claim is real.
+        async def listed_before_first_claimed(prefix: str, *, created_after: int = 0) -> Snapshot:
+            # The first listing (what is free?) was at a revision before "first" claimed; the check after our
+            # claim (the claims made since) is real.
             store.list_prefix = listing  # type: ignore[method-assign]
-            snapshot = await listing(prefix)
-            return Snapshot((), snapshot.revision)
+            return Snapshot((), before)
 
         store.list_prefix = listed_before_first_claimed  # type: ignore[method-assign]
         registration = await mine.register(config)

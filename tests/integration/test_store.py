@@ -14,6 +14,7 @@ from warren_mesh.store import watcher
 from warren_mesh.store.base import LeaseNotFound, StoreUnavailable
 from warren_mesh.store.connection import RANGE_ANSWER_BYTES, prefix_range_end
 from warren_mesh.store.etcd import EtcdStore
+from warren_mesh.store.memory import MemoryStore
 from warren_mesh.store.watcher import CATCH_UP_GAP
 from warren_mesh.testkit.etcd_server import EtcdServer, free_port
 from warren_mesh.testkit.waiting import wait_until
@@ -383,6 +384,38 @@ def test_a_listing_is_paged_and_skips_values_too_large_to_be_records(etcd: EtcdS
         one = await store.get(f"{prefix}/n0100x")
         assert one is not None and (one.value, one.oversize) == (b"", RANGE_ANSWER_BYTES)
         await store.close()
+
+    run(scenario())
+
+
+def test_a_listing_of_the_keys_made_since_a_revision(shared_etcd: EtcdServer, prefix: str) -> None:
+    """``created_after``: only keys created after that revision, over pages (etcd filters before it pages), the
+    same on the memory store; a key written again since (created before) is not among them."""
+
+    async def listed(store: EtcdStore | MemoryStore) -> tuple[list[str], list[str]]:
+        old = [f"{prefix}/k{i:04}" for i in range(0, 1400, 2)]
+        for key in old:
+            await store.put(key, b"old")
+        since = await store.put(f"{prefix}/k9999", b"old")
+        made = [f"{prefix}/k{i:04}" for i in range(1, 1400, 2)]  # between the old ones, over three pages
+        for key in made:
+            await store.put(key, b"new")
+        await store.put(old[5], b"written again")
+        await store.delete(made[0])
+        listing = await store.list_prefix(f"{prefix}/", created_after=since)
+        assert listing.revision == (await store.list_prefix(f"{prefix}/")).revision
+        await store.delete_prefix(f"{prefix}/")
+        return [kv.key for kv in listing.items], made[1:]
+
+    async def scenario() -> None:
+        store = shared_etcd.admin_store()
+        try:
+            found, expected = await listed(store)
+        finally:
+            await store.close()
+        assert found == expected
+        memory_found, _ = await listed(MemoryStore())
+        assert memory_found == expected
 
     run(scenario())
 

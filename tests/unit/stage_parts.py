@@ -59,8 +59,8 @@ class ReadOnlyStore:
     async def get(self, key: str) -> KeyValue | None:
         return await self._store.get(key)
 
-    async def list_prefix(self, prefix: str) -> Snapshot:
-        return await self._store.list_prefix(prefix)
+    async def list_prefix(self, prefix: str, *, created_after: int = 0) -> Snapshot:
+        return await self._store.list_prefix(prefix, created_after=created_after)
 
     def observe(
         self, prefix: str, *, quiet_interval: float = 5.0, on_restart: Callable[[str], None] | None = None

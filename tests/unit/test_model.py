@@ -13,7 +13,7 @@ from warren_mesh.trust.decode import decode_json
 from warren_mesh.trust.endpoint import Endpoint
 from warren_mesh.trust.reasons import RecordError
 from warren_mesh.trust.records import ExternalPeer, MeshConfig, NodeRecord, encode_json
-from warren_mesh.values.netaddr import parse_ip
+from warren_mesh.values.netaddr import parse_ip, parse_network
 from warren_mesh.values.routes import Routes
 
 KEY = base64.b64encode(bytes(range(32))).decode()
@@ -147,3 +147,24 @@ def test_parse_ip_agrees_with_the_standard_library(text: str) -> None:
     except ValueError:
         got = ValueError
     assert got == expected and type(got) is type(expected)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["10.128.4.0/24", "10.128.4.1/24", "10.0.0.0/8", "0.0.0.0/0", "10.0.0.1/32", "10.0.0.0/33", "10.0.0.0/024",
+     "10.0.0.0/00", "10.0.0.0/", "10.0.0.0", "010.0.0.0/8", "10.0.0.0/255.0.0.0", "10.0.0.0/0.255.255.255",
+     "10.0.0.0/+8", "10.0.0.0/٨", "10.0.0.0/8 ", " 10.0.0.0/8", "fd00::/64", "fd00::1/64", "::ffff:10.0.0.0/104",
+     "1e1.0.0.0/8", "", "/8", "10.0.0.0/8/8"],
+)  # fmt: skip
+def test_parse_network_agrees_with_the_standard_library(text: str) -> None:
+    try:
+        expected: object = ipaddress.ip_network(text)
+    except ValueError:
+        expected = ValueError
+    try:
+        got: object = parse_network(text)
+    except ValueError:
+        got = ValueError
+    assert got == expected and type(got) is type(expected)
+    if not isinstance(got, type):
+        assert str(got) == str(expected)

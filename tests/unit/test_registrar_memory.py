@@ -15,6 +15,7 @@ from warren_mesh.agent.identity import Identity
 from warren_mesh.agent.observer import Observed
 from warren_mesh.agent.registrar import Registrar
 from warren_mesh.identity.keys import NodeKey
+from warren_mesh.mesh import allocation
 from warren_mesh.mesh.allocation import AddressSpaceExhausted, RegistrationConflict
 from warren_mesh.mesh.changes import Changes
 from warren_mesh.mesh.claims import LocalNode
@@ -186,6 +187,37 @@ def test_an_unreachable_store_is_an_error_callers_retry() -> None:
         await store.set_available(False)
         with pytest.raises(StoreUnavailable):
             await registrar(store).register(MeshConfig())
+
+    scenario(body)
+
+
+def test_a_subnet_claimed_since_the_listing_by_a_node_that_moved_on_is_not_taken() -> None:
+    """After listing, a node whose claim had lost withdraws it and claims the subnet we are about to claim. Its
+    claim is older than ours: we must see it, and not take its lost claim (gone, though it was in our listing)
+    for the one it holds, which made the new one look surplus and the subnet free (found by a five-node test)."""
+    pods = PodNetwork(ipaddress.ip_network("10.250.0.0/22"), 24)
+    config = MeshConfig(pod_networks=(pods,))
+    lost = "10.250.0.0/24"
+
+    async def body(store: MemoryStore) -> None:
+        await store.create(SCHEMA.claim("y", lost, "pods"), b"")
+        await store.create(SCHEMA.claim("x", lost, "pods"), b"")  # younger than y's: lost
+        ours = str(next(allocation.subnet_candidates("n1", pods, {lost})))
+        listing = store.list_prefix
+
+        async def x_moves_on_after_we_listed(prefix: str, *, created_after: int = 0) -> Snapshot:
+            snapshot = await listing(prefix, created_after=created_after)
+            if prefix == SCHEMA.claims and not created_after:
+                store.list_prefix = listing  # type: ignore[method-assign]
+                await store.delete(SCHEMA.claim("x", lost, "pods"))
+                await store.create(SCHEMA.claim("x", ours, "pods"), b"")
+            return snapshot
+
+        store.list_prefix = x_moves_on_after_we_listed  # type: ignore[method-assign]
+        registration = await registrar(store).register(config)
+        assert [str(n) for n in registration.record.allowed_ips] not in ([ours], [lost])
+        held = await store.list_prefix(SCHEMA.claims_of("n1") + "pods/")
+        assert [kv.key for kv in held.items] == [SCHEMA.claim("n1", str(registration.record.allowed_ips[0]), "pods")]
 
     scenario(body)
 

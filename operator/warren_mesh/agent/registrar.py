@@ -29,11 +29,18 @@ from warren_mesh.metrics.instruments import AgentMetrics
 from warren_mesh.settings import RegistrationSettings
 from warren_mesh.store.base import Backoff, LeaseNotFound, Store, StoreError, StoreUnavailable
 from warren_mesh.trust.records import MeshConfig, NodeRecord, encode_json
-from warren_mesh.values.keyspace import ClaimKind, KeySchema
+from warren_mesh.values.keyspace import ClaimKey, ClaimKind, KeySchema
 from warren_mesh.values.netaddr import IPAddress, IPNetwork
-from warren_mesh.values.watch import Snapshot
+from warren_mesh.values.watch import Event, Events, KeyValue, Snapshot
 
 log = logging.getLogger(__name__)
+
+# Nodes that claimed since our listing whose claims are read one by one to check ours; more: all are listed again.
+_CLAIMANTS_READ_ONE_BY_ONE = 32
+
+
+def _gone(key: str) -> Event:
+    return Event("delete", KeyValue(key, b"", 0, 0))
 
 
 @dataclass(slots=True)
@@ -90,21 +97,53 @@ class Registrar:
         claims = await self._store.list_prefix(self._schema.claims)
         legacy = await self._store.list_prefix(self._schema.ipam)
         view = MeshView(self._schema)
-        view.apply(Snapshot(claims.items + legacy.items, max(claims.revision, legacy.revision)))
+        # At the older of the two listings' revisions: what was made since then is what _claims_since asks for.
+        view.apply(Snapshot(claims.items + legacy.items, min(claims.revision, legacy.revision)))
         return view
 
-    async def _holdings(self, config: MeshConfig) -> Holdings:
-        """What we hold and what others hold. Our claims that lost to an older one are withdrawn; an address we
-        hold only through a reservation of the old schema gets a claim of ours (so a migrated mesh keeps every
-        address)."""
+    async def _claims_since(self, view: MeshView) -> MeshView:
+        """``view`` brought up to date for judging our claims: what a claim of ours can lose to is older than it,
+        so in ``view`` already or made since. A node that claimed since may also have withdrawn claims (which,
+        left in ``view``, would still count as what it holds of their kind and make its new one surplus): its
+        claims are read again whole. Listing every claim again instead was a fifth of an agent's cold start
+        beside 10,000 nodes; with many nodes claiming at once (a cold boot) it is still the cheaper way."""
+        made = await self._store.list_prefix(self._schema.claims, created_after=view.revision)
+        legacy = await self._store.list_prefix(self._schema.ipam, created_after=view.revision)
+        claimants = sorted({claim.node for kv in made.items if (claim := self._claim_of(kv.key)) is not None})
+        if len(claimants) > _CLAIMANTS_READ_ONE_BY_ONE:
+            return await self._claims()
+        events: list[Event] = []
+        for node in claimants:
+            current = await self._store.list_prefix(self._schema.claims_of(node))
+            present = {kv.key for kv in current.items}
+            events.extend(_gone(key) for key in view.claim_keys_of(node) if key not in present)
+            events.extend(Event("put", kv) for kv in sorted(current.items, key=lambda kv: kv.create_revision))
+        events.extend(Event("put", kv) for kv in sorted(legacy.items, key=lambda kv: kv.create_revision))
+        view.apply(Events(tuple(events), min(made.revision, legacy.revision)))
+        return view
+
+    def _claim_of(self, key: str) -> ClaimKey | None:
+        kind = self._schema.classify(key)
+        return self._schema.split_claim(kind[1]) if kind is not None and kind[0] == "claim" else None
+
+    async def _withdraw(self, view: MeshView, key: str) -> None:
+        """Delete a claim of ours, in etcd and in ``view`` (kept there, an older claim of ours that lost its
+        subject would still count as what we hold of its kind, and every new one as surplus)."""
+        await self._store.delete(key)
+        view.apply(Events((_gone(key),), view.revision))
+
+    async def _holdings(self, config: MeshConfig) -> tuple[Holdings, MeshView]:
+        """What we hold and what others hold, and the claims we judged it by. Our claims that lost to an older
+        one are withdrawn; an address we hold only through a reservation of the old schema gets a claim of ours
+        (so a migrated mesh keeps every address)."""
         view = await self._claims()
         found = allocation.holdings(view, config, self._name, self._schema)
         for key, why in found.withdraw.items():
             log.warning("withdrawing the claim %s of %s: %s", key, self._name, why)
-            await self._store.delete(key)
+            await self._withdraw(view, key)
         for address in found.addresses.values():
             await self._store.create(self._schema.claim(self._name, str(address)), b"")  # no-op if there
-        return found
+        return found, view
 
     # --- registration -----------------------------------------------------------------------------------------
 
@@ -116,7 +155,7 @@ class Registrar:
         await self.publication.read_location()
         found = None
         if held is None:
-            found = await self._holdings(config)
+            found, claims = await self._holdings(config)
             if self._pod_subnet is not None:
                 found.subnets[self._pod_subnet.version] = allocation.pinned_subnet(self._pod_subnet, config, found)
         lease_id, holder = await self._leases.grant(ttl)
@@ -124,7 +163,7 @@ class Registrar:
         # convergence lag is the mesh's reaction time, not our own registration round trips.
         try:
             if found is not None:
-                record = await self._claim_and_publish(config, found, lease_id)
+                record = await self._claim_and_publish(config, found, claims, lease_id)
             else:
                 assert held is not None
                 record = await self.publication.publish(
@@ -157,7 +196,9 @@ class Registrar:
         )
         return registration
 
-    async def _claim_and_publish(self, config: MeshConfig, found: Holdings, lease_id: int) -> NodeRecord:
+    async def _claim_and_publish(
+        self, config: MeshConfig, found: Holdings, claims: MeshView, lease_id: int
+    ) -> NodeRecord:
         """Claim a free address in each overlay network and a subnet of each pod network (unless held already)
         and publish our record with them. The usual first start writes the claims and the record in one
         transaction: one revision, so a cluster booting at once costs every watcher one event per node. Claims of
@@ -174,19 +215,20 @@ class Registrar:
             ips = tuple(w.choice for w in wants if isinstance(w.choice, IPv4Address | IPv6Address))
             subnets = tuple(w.choice for w in wants if isinstance(w.choice, IPv4Network | IPv6Network))
             record = self.publication.record(config, ips, subnets)
-            claims = [
+            writes = [
                 (self._schema.claim(self._name, str(w.choice), w.kind), b"", 0) for w in wants if w.choice is not None
             ]
             if published is None:
                 node = (self.publication.key, encode_json(record.to_json()), lease_id)
-                if await self._store.create_all([*claims, node]) is None:
+                if await self._store.create_all([*writes, node]) is None:
                     published = record
             if published is not record:
                 # Claims of ours may be there (held already, or a previous try), or a record of a previous run
                 # whose claims are gone: claim each on its own, then take the record over.
-                for key, value, _ in claims:
+                for key, value, _ in writes:
                     await self._store.create(key, value)
-            holders = (await self._claims()).reservations
+            claims = await self._claims_since(claims)
+            holders = claims.reservations
             lost = False
             for want in wants:
                 if want.choice is None:
@@ -197,7 +239,7 @@ class Registrar:
                     continue
                 lost = True
                 log.info("%s claimed %s first; %s tries the next", holder.owner if holder else "?", subject, self._name)
-                await self._store.delete(self._schema.claim(self._name, subject, want.kind))
+                await self._withdraw(claims, self._schema.claim(self._name, subject, want.kind))
                 if want.pinned:
                     raise RegistrationConflict(
                         f"--pod-subnet {subject} is claimed by {holder.owner if holder else '?'}"
@@ -298,10 +340,10 @@ class Registrar:
         """Claim an address and a pod subnet in the networks of the family the mesh gained, keeping those we hold,
         and publish them on the lease we hold (peers update the record; nothing of the first family changes)."""
         current = self._registration()
-        found = await self._holdings(config)
+        found, claims = await self._holdings(config)
         if self._pod_subnet is not None:
             found.subnets[self._pod_subnet.version] = allocation.pinned_subnet(self._pod_subnet, config, found)
-        record = await self._claim_and_publish(config, found, current.lease_id)
+        record = await self._claim_and_publish(config, found, claims, current.lease_id)
         self.publication.registered(Registration(record, current.lease_id, current.ttl))
         log.info(
             "%s holds %s and pods %s in the mesh's networks now",

@@ -76,6 +76,11 @@ class ClaimSlots:
         """Whether the claim at ``key`` is still there (counting or not)."""
         return key in self._slot_of
 
+    def keys_of(self, owner: str) -> list[str]:
+        """The keys of every claim of ``owner``'s, counting or not."""
+        found = (self._slots.get(Slot(owner, kind, v)) for kind in CLAIM_KINDS for v in (4, 6))
+        return [key for own in found if own for key in own]
+
     def surplus(self, owner: str | None = None) -> list[str]:
         """The keys of ``owner``'s claims (None: every node's) that take nothing: to remove."""
         if owner is None:

@@ -14,7 +14,6 @@ outside it.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections import Counter
 from collections.abc import Mapping
@@ -40,7 +39,7 @@ from warren_mesh.trust.reasons import (
 from warren_mesh.trust.records import ExternalPeer, MeshConfig, NodeRecord
 from warren_mesh.trust.text import one_line, printable
 from warren_mesh.values.keyspace import CLAIM_KINDS, KeySchema
-from warren_mesh.values.netaddr import parse_ip
+from warren_mesh.values.netaddr import parse_ip, parse_network
 from warren_mesh.values.watch import Events, KeyValue, Snapshot, WatchResult
 
 log = logging.getLogger(__name__)
@@ -333,7 +332,7 @@ class MeshView:
             if claim.kind == "pods":
                 # Only a subnet's one spelling: the records name it so (str of the network), and claims on one
                 # subnet must meet under one subject.
-                if str(ipaddress.ip_network(subject)) != subject:
+                if str(parse_network(subject)) != subject:
                     raise ValueError(subject)
             else:
                 parse_ip(subject)
@@ -365,6 +364,10 @@ class MeshView:
         """The keys of ``owner``'s claims (None: every node's) that take nothing, their node holding an older one
         of their kind: to remove."""
         return self._slots.surplus(owner)
+
+    def claim_keys_of(self, owner: str) -> list[str]:
+        """The keys of ``owner``'s claims on addresses and subnets, counting or not."""
+        return self._slots.keys_of(owner)
 
     def _put_legacy_reservation(self, address: str, kv: KeyValue) -> None:
         try:

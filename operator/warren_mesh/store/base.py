@@ -20,8 +20,9 @@ class Store(Protocol):
 
     async def get(self, key: str) -> KeyValue | None: ...
 
-    async def list_prefix(self, prefix: str) -> Snapshot:
-        """Every key under ``prefix`` and the store's revision at that moment."""
+    async def list_prefix(self, prefix: str, *, created_after: int = 0) -> Snapshot:
+        """Every key under ``prefix`` (only those created after revision ``created_after``, when given) and the
+        store's revision at that moment."""
         ...
 
     async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:

@@ -86,27 +86,34 @@ class EtcdStore:
             return (await self._first_key(wire_key(key), b"", 0))[0]
         return resp.kvs[0] if resp.kvs else None
 
-    async def list_prefix(self, prefix: str) -> Snapshot:
+    async def list_prefix(self, prefix: str, *, created_after: int = 0) -> Snapshot:
         """Every key under ``prefix`` at one revision, read in pages that no writer can make too large for us: at
         most ``PAGE_KEYS`` keys and ``RANGE_ANSWER_BYTES`` bytes each (a page that would be larger is asked for
         again with fewer keys, down to one). A key whose value alone is over that is skipped by its key (its value
         never fetched) and listed with ``oversize`` set, for the view to reject and report; one whose value is
-        over the record limit but under the page limit arrives the same way (store/wire.py drops its bytes)."""
+        over the record limit but under the page limit arrives the same way (store/wire.py drops its bytes).
+        ``created_after``: only keys created after that revision (etcd filters them, and answers only those)."""
         for _ in range(_LIST_ATTEMPTS):
             try:
-                return await self._list_pages(wire_key(prefix))
+                return await self._list_pages(wire_key(prefix), created_after)
             except StoreError as exc:
                 if _COMPACTED not in str(exc):
                     raise
                 # The revision the first page pinned was compacted before the last page was read: start over.
         raise StoreUnavailable(f"{prefix} kept being compacted while it was listed; tried {_LIST_ATTEMPTS} times")
 
-    async def _list_pages(self, raw: bytes) -> Snapshot:
+    async def _list_pages(self, raw: bytes, created_after: int) -> Snapshot:
         end = prefix_range_end(raw)
         start, revision, limit = raw, 0, PAGE_KEYS
         items: list[KeyValue] = []
         while True:
-            request = rpc_pb2.RangeRequest(key=start, range_end=end, limit=limit, revision=revision)
+            request = rpc_pb2.RangeRequest(
+                key=start,
+                range_end=end,
+                limit=limit,
+                revision=revision,
+                min_create_revision=created_after + 1 if created_after else 0,
+            )
             try:
                 page: RangeAnswer = await self._connection.call("decoded", "Range", request)
             except AnswerTooLarge:

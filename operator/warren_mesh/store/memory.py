@@ -82,9 +82,13 @@ class MemoryStore:
         self._check()
         return self._data.get(key)
 
-    async def list_prefix(self, prefix: str) -> Snapshot:
+    async def list_prefix(self, prefix: str, *, created_after: int = 0) -> Snapshot:
         self._check()
-        items = tuple(kv for key, kv in sorted(self._data.items()) if key.startswith(prefix))
+        items = tuple(
+            kv
+            for key, kv in sorted(self._data.items())
+            if key.startswith(prefix) and kv.create_revision > created_after
+        )
         return Snapshot(items, self.revision)
 
     async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:

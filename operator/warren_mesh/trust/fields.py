@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
 import itertools
 import re
 from typing import Any, Final
@@ -24,6 +23,7 @@ from warren_mesh.trust.reasons import (
     RecordError,
 )
 from warren_mesh.trust.text import printable, shown
+from warren_mesh.values import netaddr
 from warren_mesh.values.netaddr import IPAddress, IPNetwork, parse_ip
 
 MIN_MTU: Final = 1280
@@ -121,7 +121,7 @@ def parse_network(value: object, *, what: str) -> IPNetwork:
     if len(value) > 64:
         raise RecordError(REASON_INVALID_CIDR, f"{what} {printable(value)} is too long for a network")
     try:
-        return ipaddress.ip_network(value, strict=True)
+        return netaddr.parse_network(value)
     except ValueError as exc:
         raise RecordError(
             REASON_INVALID_CIDR, f"{what} {printable(value)} is not a network in CIDR form: {exc}"
