@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from warren_mesh.process import stop_child
 from warren_mesh.testkit.etcd_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,13 +102,8 @@ class OperatorProcess:
             )
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_child(self.process, timeout=15)
         self.process = None
 
     def kill(self) -> None:

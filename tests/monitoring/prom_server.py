@@ -14,7 +14,7 @@ from typing import Any
 
 from pyroute2 import netns as pyroute2_netns
 
-from warren_mesh.process import in_netns
+from warren_mesh.process import in_netns, stop_child
 from warren_mesh.testkit.waiting import TimedOut, wait_for
 
 PORT = 9090
@@ -81,13 +81,8 @@ class Prometheus:
             ) from None
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_child(self.process)
 
     def api(self, path: str, **params: str) -> Any:
         query = urllib.parse.urlencode(params)

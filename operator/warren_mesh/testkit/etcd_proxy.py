@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from warren_mesh.process import stop_child
 from warren_mesh.testkit.etcd_server import EtcdServer, EtcdServerError, find_etcd, free_port
 from warren_mesh.testkit.exposition import scrape
 
@@ -57,13 +58,8 @@ class EtcdGrpcProxy:
 
     def close(self) -> None:
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        if process is not None:
+            stop_child(process)
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> EtcdGrpcProxy:

@@ -30,7 +30,7 @@ from pyroute2 import netns
 
 from warren_mesh.identity import pki
 from warren_mesh.identity.etcd_tls import EtcdTls
-from warren_mesh.process import in_netns
+from warren_mesh.process import in_netns, stop_child
 from warren_mesh.store import roles
 from warren_mesh.store.etcd import EtcdStore
 from warren_mesh.store.etcd_auth import EtcdAuth
@@ -278,12 +278,7 @@ class EtcdServer:
             return
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGCONT)  # a paused etcd cannot act on SIGTERM
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_child(process)
 
     def status(self) -> dict[str, str]:
         """etcd's maintenance status (its member id, the leader's id, ...) through its JSON gateway."""
