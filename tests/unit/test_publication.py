@@ -46,6 +46,14 @@ async def _registered(store: MemoryStore, publisher: RecordPublisher) -> tuple[i
     return lease, ours
 
 
+async def _previous_run(store: MemoryStore, key: NodeKey) -> tuple[NodeRecord, int]:
+    """The record of n1 (with ``key``) that a previous run left on a lease still alive: the record and its lease."""
+    previous = record("n1", 1, key=key.public_key)
+    lease = await store.grant_lease(30)
+    await store.put(SCHEMA.node("n1"), encode_json(previous.to_json()), lease=lease)
+    return previous, lease
+
+
 async def _record(store: MemoryStore) -> NodeRecord | None:
     kv = await store.get(SCHEMA.node("n1"))
     return None if kv is None else NodeRecord.from_json(decode_json(kv.value), key_name="n1")
@@ -55,9 +63,7 @@ def test_our_record_from_a_previous_run_is_taken_over_and_someone_elses_never() 
     async def body() -> None:
         store = MemoryStore()
         key = NodeKey.generate()
-        previous = record("n1", 1, key=key.public_key)
-        old_lease = await store.grant_lease(30)
-        await store.put(SCHEMA.node("n1"), encode_json(previous.to_json()), lease=old_lease)
+        previous, old_lease = await _previous_run(store, key)
         publisher = _publisher(store, key)
         lease = await store.grant_lease(10)
         ours = publisher.record(MeshConfig(), previous.overlay_ips, previous.allowed_ips)
@@ -200,9 +206,7 @@ def test_our_previous_record_gone_while_we_take_it_over_is_written_anew() -> Non
     async def body() -> None:
         store = _LeaseRunsOutMeanwhile()
         key = NodeKey.generate()
-        previous = record("n1", 1, key=key.public_key)
-        old_lease = await store.grant_lease(30)
-        await store.put(SCHEMA.node("n1"), encode_json(previous.to_json()), lease=old_lease)
+        previous, _ = await _previous_run(store, key)
         publisher = _publisher(store, key)
         lease = await store.grant_lease(10)
         published = await publisher.publish(publisher.record(MeshConfig(), previous.overlay_ips, ()), lease)
