@@ -14,7 +14,7 @@ from warren_mesh.trust.decode import decode_json
 from warren_mesh.trust.endpoint import Endpoint
 from warren_mesh.trust.reasons import RecordError
 from warren_mesh.trust.records import ExternalPeer, MeshConfig, NodeRecord, encode_json
-from warren_mesh.values.netaddr import parse_ip, parse_network
+from warren_mesh.values.netaddr import ip_text, network_text, parse_ip, parse_network
 from warren_mesh.values.routes import Routes
 
 KEY = base64.b64encode(bytes(range(32))).decode()
@@ -163,3 +163,14 @@ def _agree(parse: Callable[[str], object], reference: Callable[[str], object], t
 )  # fmt: skip
 def test_parse_network_agrees_with_the_standard_library(text: str) -> None:
     _agree(parse_network, ipaddress.ip_network, text)
+
+
+@pytest.mark.parametrize(
+    "text", ["0.0.0.0", "10.96.0.1", "255.255.255.255", "192.0.2.10", "::1", "fd00::1", "::ffff:10.0.0.1"]
+)
+def test_the_fast_texts_are_the_standard_librarys(text: str) -> None:
+    address = ipaddress.ip_address(text)
+    assert ip_text(address) == str(address)
+    for length in (0, 8, 24, address.max_prefixlen):
+        network = ipaddress.ip_network(f"{text}/{length}", strict=False)
+        assert network_text(network) == str(network)

@@ -39,7 +39,7 @@ from warren_mesh.trust.reasons import (
 from warren_mesh.trust.records import ExternalPeer, MeshConfig, NodeRecord
 from warren_mesh.trust.text import one_line, printable
 from warren_mesh.values.keyspace import CLAIM_KINDS, KeySchema
-from warren_mesh.values.netaddr import parse_ip, parse_network
+from warren_mesh.values.netaddr import network_text, parse_ip, parse_network
 from warren_mesh.values.watch import Events, KeyValue, Snapshot, WatchResult
 
 log = logging.getLogger(__name__)
@@ -332,7 +332,7 @@ class MeshView:
             if claim.kind == "pods":
                 # Only a subnet's one spelling: the records name it so (str of the network), and claims on one
                 # subnet must meet under one subject.
-                if str(parse_network(subject)) != subject:
+                if network_text(parse_network(subject)) != subject:
                     raise ValueError(subject)
             else:
                 parse_ip(subject)

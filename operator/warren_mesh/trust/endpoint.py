@@ -8,7 +8,7 @@ from warren_mesh.trust.fields import split_host_port, validate_port
 from warren_mesh.trust.networks import endpoint_problem
 from warren_mesh.trust.reasons import REASON_INVALID_ENDPOINT, RecordError
 from warren_mesh.trust.text import printable
-from warren_mesh.values.netaddr import IPAddress
+from warren_mesh.values.netaddr import IPAddress, ip_text
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,7 +21,7 @@ class Endpoint:
     def __str__(self) -> str:
         if self.host.version == 6:
             return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
+        return f"{ip_text(self.host)}:{self.port}"
 
     @classmethod
     def parse(cls, text: object, *, default_port: int | None = None) -> Endpoint:

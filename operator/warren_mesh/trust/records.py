@@ -44,7 +44,7 @@ from warren_mesh.trust.reasons import (
 )
 from warren_mesh.trust.text import printable
 from warren_mesh.values.keyspace import SCHEMA_VERSION
-from warren_mesh.values.netaddr import IPAddress, IPNetwork
+from warren_mesh.values.netaddr import IPAddress, IPNetwork, ip_text
 from warren_mesh.values.routes import Routes
 
 DEFAULT_OVERLAY_CIDR: Final = "10.96.0.0/16"
@@ -276,7 +276,7 @@ class NodeRecord:
     endpoint_texts: tuple[str, ...] = field(init=False, repr=False, compare=False)  # made once per record
 
     def __post_init__(self) -> None:
-        texts = tuple(str(ip) for ip in self.overlay_ips)
+        texts = tuple(ip_text(ip) for ip in self.overlay_ips)
         object.__setattr__(self, "routes", Routes.of(self.allowed_ips, hosts=self.overlay_ips, host_texts=texts))
         object.__setattr__(self, "overlay_texts", texts)
         object.__setattr__(self, "endpoint_texts", tuple(str(e) for e in self.endpoints))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from warren_mesh.values.netaddr import IPAddress, IPNetwork
+from warren_mesh.values.netaddr import IPAddress, IPNetwork, network_text
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +32,8 @@ class Routes:
         /128. A host's is built from the address directly (parsing it back as a network text was most of decoding
         a node record). ``host_texts``: ``str()`` of each host, if at hand."""
         entries = [
-            (str(n), (n.version, n.prefixlen, int(n.network_address), int(n.broadcast_address))) for n in networks
+            (network_text(n), (n.version, n.prefixlen, int(n.network_address), int(n.broadcast_address)))
+            for n in networks
         ]
         texts = tuple(str(host) for host in hosts) if host_texts is None else host_texts
         for host, text in zip(hosts, texts, strict=True):
