@@ -107,7 +107,9 @@ def _source(path: Path, document: dict[str, Any]) -> str:
     machine = document["machine"]
     # What the figures of each tool depend on besides the CPUs: etcd for the control plane, the kernel for the data.
     extra = f"etcd {machine.get('etcd') or '?'}" if document["tool"] == "bench" else f"kernel {machine['kernel']}"
-    return f"[{path.stem}](results/{path.name}) ({machine['cpus']} CPUs, {extra})"
+    # The model too: runs of one table came from more than one kind of machine (an Intel Xeon, then an AMD EPYC).
+    model = str(machine.get("cpu_model") or "?").replace("(R)", "").replace(" Processor", "")
+    return f"[{path.stem}](results/{path.name}) ({machine['cpus']} CPUs {model}, {extra})"
 
 
 def control_table(files: list[tuple[Path, dict[str, Any]]], only: str | None = None) -> str:
