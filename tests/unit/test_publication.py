@@ -46,12 +46,14 @@ async def _registered(store: MemoryStore, publisher: RecordPublisher) -> tuple[i
     return lease, ours
 
 
-async def _previous_run(store: MemoryStore, key: NodeKey) -> tuple[NodeRecord, int]:
-    """The record of n1 (with ``key``) that a previous run left on a lease still alive: the record and its lease."""
+async def _restart(store: MemoryStore) -> tuple[NodeRecord, int, RecordPublisher, int]:
+    """n1 starting again: the record a previous run left on a lease still alive, that lease, the new run's
+    publisher (with the same key) and its fresh lease."""
+    key = NodeKey.generate()
     previous = record("n1", 1, key=key.public_key)
-    lease = await store.grant_lease(30)
-    await store.put(SCHEMA.node("n1"), encode_json(previous.to_json()), lease=lease)
-    return previous, lease
+    old_lease = await store.grant_lease(30)
+    await store.put(SCHEMA.node("n1"), encode_json(previous.to_json()), lease=old_lease)
+    return previous, old_lease, _publisher(store, key), await store.grant_lease(10)
 
 
 async def _record(store: MemoryStore) -> NodeRecord | None:
@@ -62,10 +64,7 @@ async def _record(store: MemoryStore) -> NodeRecord | None:
 def test_our_record_from_a_previous_run_is_taken_over_and_someone_elses_never() -> None:
     async def body() -> None:
         store = MemoryStore()
-        key = NodeKey.generate()
-        previous, old_lease = await _previous_run(store, key)
-        publisher = _publisher(store, key)
-        lease = await store.grant_lease(10)
+        previous, old_lease, publisher, lease = await _restart(store)
         ours = publisher.record(MeshConfig(), previous.overlay_ips, previous.allowed_ips)
         published = await publisher.publish(ours, lease)
         # Behind NAT, the endpoint peers saw us at (in the old record) wins over the one this run found.
@@ -205,10 +204,7 @@ def test_our_previous_record_gone_while_we_take_it_over_is_written_anew() -> Non
     # could not understand, and the agent ended.
     async def body() -> None:
         store = _LeaseRunsOutMeanwhile()
-        key = NodeKey.generate()
-        previous, _ = await _previous_run(store, key)
-        publisher = _publisher(store, key)
-        lease = await store.grant_lease(10)
+        previous, _, publisher, lease = await _restart(store)
         published = await publisher.publish(publisher.record(MeshConfig(), previous.overlay_ips, ()), lease)
         kv = await store.get(SCHEMA.node("n1"))
         assert kv is not None and kv.lease == lease
