@@ -760,9 +760,19 @@ import asyncio, json, sys, time
 from pathlib import Path
 from warren_mesh.identity.etcd_tls import EtcdTls
 from warren_mesh.store.etcd import EtcdStore
-endpoint, ca, cert, key, seconds, public_key = sys.argv[1:7]
+endpoint, ca, cert, key, seconds, public_key, joiner = sys.argv[1:8]
+async def watch(store, lags):
+    # A bare watcher beside the flood: when the joiner's record reaches it (etcd's delivery under the flood).
+    async for result in store.observe("/warren/mesh/v1/nodes/"):
+        kvs = result.items if hasattr(result, "items") else [e.kv for e in result.events if e.kind == "put"]
+        for kv in kvs:
+            if kv.key.endswith("/" + joiner) and not lags:
+                lags.append(time.time() - json.loads(kv.value)["published_at"])
+                return
 async def main():
-    store = EtcdStore(endpoint, tls=EtcdTls(Path(ca), Path(cert), Path(key)))
+    tls = EtcdTls(Path(ca), Path(cert), Path(key))
+    store, watcher, lags = EtcdStore(endpoint, tls=tls), EtcdStore(endpoint, tls=tls), []
+    watching = asyncio.ensure_future(watch(watcher, lags))
     await store.put("/warren/mesh/v1/claims/evil/overlay/10.96.0.250", b"")
     writes, end = 0, time.monotonic() + float(seconds)
     while time.monotonic() < end:
@@ -770,8 +780,12 @@ async def main():
                "overlay_ip": "10.96.0.250", "listen_port": 51820, "published_at": time.time()}
         await store.put("/warren/mesh/v1/nodes/evil", json.dumps(doc).encode())
         writes += 1
-    await store.close()
-    print(writes / float(seconds))
+    try:
+        await asyncio.wait_for(watching, 30)
+    finally:
+        await store.close()
+        await watcher.close()
+    print(writes / float(seconds), lags[0])
 asyncio.run(main())
 """
 
@@ -840,6 +854,7 @@ def test_a_node_flooding_its_record_does_not_slow_anyone_elses_join(lab: Lab) ->
             f"{evil}-key.pem",
             str(seconds),
             NodeKey.generate().public_key,
+            lab.node_name(5),
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -851,17 +866,21 @@ def test_a_node_flooding_its_record_does_not_slow_anyone_elses_join(lab: Lab) ->
         lab.wait_for_agent(5, timeout=STARTUP)
         flooded = _join_lag(lab, 5, [1, 2, 3, 4])
     finally:
-        rate, _ = flood.communicate(timeout=60)
+        out, _ = flood.communicate(timeout=90)
+    rate, floor = map(float, out.split())
     cpu = (_cpu_seconds(lab, [1, 2, 3, 4]) - cpu_before) / (time.monotonic() - started)
     last = json.loads(_etcd_get(lab, "/warren/mesh/v1/nodes/evil"))
     updates = [_updates_of(lab, i, "evil") for i in (1, 2, 3, 4)]
     print(
-        f"join lag quiet {quiet * 1000:.0f} ms, during a flood of {float(rate):.0f} writes/s {flooded * 1000:.0f} ms;"
-        f" evil's updates applied per node {updates} in {seconds} s; nodes 1-4 used {cpu:.2f} CPU meanwhile"
+        f"join lag quiet {quiet * 1000:.0f} ms, during a flood of {rate:.0f} writes/s {flooded * 1000:.0f} ms (a bare"
+        f" watcher's {floor * 1000:.0f} ms); evil's updates applied per node {updates} in {seconds} s; nodes 1-4 used"
+        f" {cpu:.2f} CPU meanwhile"
     )
     # A quiet join reaches every device in 5-10 ms, and log lines carry milliseconds: within 2x, or 100 ms of
-    # slack where 2x is below what the clock and the flood's load on etcd and the CPUs resolve (11-72 ms seen).
-    assert flooded <= max(2 * quiet, quiet + 0.1)
+    # slack where 2x is below what the clock resolves, beyond what the flood's load on etcd and the CPUs costs a
+    # bare watcher of the same records in the same run (11-72 ms seen on an Intel Xeon; 122 ms on a slower AMD
+    # EPYC failed a bound without that floor).
+    assert flooded <= floor + max(2 * quiet, quiet + 0.1)
     assert max(updates) <= damping.BURST + damping.RATE * (seconds + 5), "the flood was followed, not damped"
     wait_for(
         lambda: all(lab.peer_config(i).get(last["public_key"], ("",))[0] == last["endpoint"] for i in (1, 2, 3, 4)),
