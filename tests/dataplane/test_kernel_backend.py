@@ -58,6 +58,14 @@ def test_kernel_backend_reads_every_chunk(backend: object) -> None:
     backend.set_peer(moved)
     after = backend.read().peers
     assert first not in after and after[second] == moved and len(after) == PEERS - 1
+    # Networks added to a peer join the ones it has (no replace flag: it never has none for a moment), and an
+    # endpoint change alone leaves them as they are.
+    grown = PeerSpec(second, moved.endpoint, tuple(sorted((*moved.allowed_ips, "fd96::2/128"))), 10)
+    backend.set_peer(grown, adding=("fd96::2/128",))
+    assert backend.read().peers[second] == grown
+    roamed = PeerSpec(second, "192.0.2.98:40001", grown.allowed_ips, 10)
+    backend.set_peer(roamed, adding=())
+    assert backend.read().peers[second] == roamed
 
 
 def test_kernel_routes_follow_a_replaced_link(backend: object) -> None:

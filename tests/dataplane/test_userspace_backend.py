@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -230,3 +232,63 @@ def test_a_daemon_run_by_warren_mesh_wireguard_go_is_adopted_and_outlives_the_ag
         for backend in (*agents, other):
             backend.close(remove_device=True)
     assert not any(p.name.startswith(tag) for p in SOCKET_DIR.glob("*.sock"))
+
+
+def test_networks_added_to_a_peer_never_leave_it_without_the_ones_it_keeps(pair: tuple[str, str]) -> None:
+    """A flood ping from b while a's device gives b's peer one more network, thousands of times. Replacing the
+    peer's allowed IPs to do it removes them all and inserts the new set, and a packet decrypted in between fails
+    the source check and is dropped (measured here as the floor: ~0.5 % of the flood); adding only the new network
+    (``adding``) drops none, and the peer's other networks and its session stay."""
+    ns_a, ns_b = pair
+    tag = ns_a[:-1]
+    keys = NodeKey.generate(), NodeKey.generate()
+    backends = [UserspaceBackend(f"{tag}w{i}", netns=ns) for i, ns in enumerate(pair)]
+    b_peer = PeerSpec(keys[1].public_key, "192.168.251.2:51820", ("10.99.0.2/32",), 0)
+
+    def flood_while_growing(*, replace: bool) -> tuple[float, int]:
+        stop, updates = threading.Event(), 0
+
+        def grow() -> None:
+            nonlocal updates
+            while not stop.is_set():
+                network = f"fd99::{updates % 200 + 1:x}/128"
+                grown = PeerSpec(b_peer.public_key, b_peer.endpoint, tuple(sorted({*b_peer.allowed_ips, network})))
+                backends[0].set_peer(grown, adding=None if replace else (network,))
+                updates += 1
+
+        growing = threading.Thread(target=grow)
+        growing.start()
+        try:
+            done = subprocess.run(
+                ["ip", "netns", "exec", ns_b, "ping", "-f", "-q", "-c", "10000", "-W", "1", "10.99.0.1"],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+        finally:
+            stop.set()
+            growing.join()
+        loss = re.search(r"([\d.]+)% packet loss", done.stdout)
+        assert loss is not None, done.stdout + done.stderr
+        return float(loss.group(1)), updates
+
+    try:
+        for i, backend in enumerate(backends):
+            backend.set_private_key(keys[i])
+            backend.configure_interface(InterfaceSpec((f"10.99.0.{i + 1}/24",), 51820, 1420))
+        backends[0].set_peer(b_peer)
+        backends[1].set_peer(PeerSpec(keys[0].public_key, "192.168.251.1:51820", ("10.99.0.1/32",), 0))
+        assert ping(ns_b, "10.99.0.1")
+        handshake = backends[0].read().stats[b_peer.public_key].last_handshake
+        replaced = flood_while_growing(replace=True)
+        added = flood_while_growing(replace=False)
+        print(f"flood ping loss while growing b's allowed IPs: replacing {replaced}, adding {added} (%, updates)")
+        assert replaced[0] > 0, "the flood did not catch the window replacing leaves: it cannot tell adding's apart"
+        assert added[0] == 0, added
+        after = backends[0].read()
+        grown = {*b_peer.allowed_ips, *(f"fd99::{i:x}/128" for i in range(1, 201))}
+        assert set(after.peers[b_peer.public_key].allowed_ips) == grown
+        assert after.stats[b_peer.public_key].last_handshake == handshake
+    finally:
+        for backend in backends:
+            backend.close(remove_device=True)

@@ -3,7 +3,7 @@ and one refused change never stops the others."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from unit.stage_parts import LOCAL_KEY
@@ -71,13 +71,13 @@ class _Picky(MemoryBackend):
 
     refused: set[str] = field(default_factory=set)
 
-    def set_peers(self, specs: Sequence[PeerSpec]) -> None:
+    def set_peers(self, specs: Sequence[PeerSpec], *, adding: Mapping[str, tuple[str, ...]] | None = None) -> None:
         raise BackendError(f"refusing {len(specs)} peers at once")
 
-    def set_peer(self, spec: PeerSpec) -> None:
+    def set_peer(self, spec: PeerSpec, *, adding: tuple[str, ...] | None = None) -> None:
         if spec.public_key in self.refused:
             raise BackendError("refused")
-        super().set_peer(spec)
+        super().set_peer(spec, adding=adding)
 
     def add_route(self, network: str) -> None:
         if network in self.refused:
@@ -104,3 +104,24 @@ def test_an_empty_plan_touches_nothing() -> None:
     device = MemoryBackend(interface_name="wgtest")
     outcome = DeviceWriter(device, Identity(LOCAL_KEY)).execute(Plan(None, False, ()), {})
     assert outcome.ok and not outcome.applied and not device.operations
+
+
+def test_networks_added_to_peers_reach_the_device_as_additions_whether_set_together_or_one_by_one() -> None:
+    """The device adds them to what the peer has (a network put there by someone else stays, as on a real device)
+    instead of replacing the peer's allowed IPs."""
+    first, second = _peer(2), _peer(3)
+    for device in (
+        MemoryBackend(interface_name="wgtest"),
+        _Picky(interface_name="wgtest"),  # refuses peers together: one by one
+    ):
+        device.peers = {
+            first.public_key: first,
+            second.public_key: PeerSpec(second.public_key, second.endpoint, (*second.allowed_ips, "172.16.0.0/24")),
+        }
+        changes = tuple(
+            PeerChange("update", p.public_key, PeerSpec(p.public_key, p.endpoint, (*p.allowed_ips, v6)), "", (v6,))
+            for p, v6 in ((first, "fd96::2/128"), (second, "fd96::3/128"))
+        )
+        assert DeviceWriter(device, Identity(LOCAL_KEY)).execute(Plan(None, False, changes), {}).ok
+        assert device.peers[first.public_key].allowed_ips == ("10.96.0.2/32", "fd96::2/128")
+        assert device.peers[second.public_key].allowed_ips == ("10.96.0.3/32", "172.16.0.0/24", "fd96::3/128")

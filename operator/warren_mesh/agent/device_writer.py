@@ -55,7 +55,8 @@ class DeviceWriter:
                 if len(operation.peers) > 1 and self._set_all(operation, outcome):
                     return
                 for change in operation.peers:
-                    self._attempt(change.action, partial(backend.set_peer, change.spec), outcome)
+                    set_peer = partial(backend.set_peer, change.spec, adding=change.adding)
+                    self._attempt(change.action, set_peer, outcome)
             case "remove":
                 for change in operation.peers:
                     self._attempt("remove", partial(backend.remove_peer, change.spec), outcome)
@@ -73,7 +74,8 @@ class DeviceWriter:
     def _set_all(self, operation: Operation, outcome: Outcome) -> bool:
         """All peers in one go; False (nothing counted) if the device refused, to go peer by peer instead."""
         try:
-            self._backend.set_peers([change.spec for change in operation.peers])
+            adding = {change.public_key: change.adding for change in operation.peers if change.adding is not None}
+            self._backend.set_peers([change.spec for change in operation.peers], adding=adding)
         except BackendError as exc:
             log.warning("setting %d peers at once failed (%s); setting them one by one", len(operation.peers), exc)
             return False

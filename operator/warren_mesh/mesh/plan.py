@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import itertools
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -44,6 +44,10 @@ class PeerChange:
     public_key: str
     spec: PeerSpec  # what to set; for a removal, what the device had (its routes go too)
     detail: str
+    # For an update whose allowed IPs only grow (a family gained, a node joining behind a gateway): the networks
+    # the device lacks, added to the ones it keeps. None: the allowed IPs are replaced, which empties them for a
+    # moment; a packet from the peer decrypted then fails WireGuard's source check and is dropped.
+    adding: tuple[str, ...] | None = None
 
 
 class Operation(NamedTuple):
@@ -173,7 +177,7 @@ def plan_changes(
         before = previous.peers.get(key) if previous is not None else None
         if _only_roamed(have, want, before):
             continue
-        changes.append(PeerChange("update", key, want, _difference(have, want)))
+        changes.append(_update(key, have, want))
     routes = desired_routes(desired)
     stale = sorted(device.routes - routes) if remove_unknown else []
     return Plan(
@@ -216,10 +220,20 @@ def plan_delta(
         elif before is None:
             changes.append(PeerChange("add", key, want, _describe(want)))
         else:
-            changes.append(PeerChange("update", key, want, _difference(before, want)))
+            changes.append(_update(key, before, want))
     before_routed = routed(interface_addresses, routes_before - routes_after, aggregates)
     after_routed = routed(interface_addresses, routes_after - routes_before, aggregates)
     return Plan(None, False, (*removals, *changes), tuple(sorted(before_routed)), tuple(sorted(after_routed)))
+
+
+def _update(key: str, have: PeerSpec, want: PeerSpec) -> PeerChange:
+    """An update of a peer the device has as ``have``: allowed IPs that only grow are added, not replaced."""
+    if have.allowed_ips == want.allowed_ips:
+        return PeerChange("update", key, want, _difference(have, want, (), ()), ())
+    before, after = set(have.allowed_ips), set(want.allowed_ips)
+    added, removed = sorted(after - before), sorted(before - after)
+    detail = _difference(have, want, added, removed)
+    return PeerChange("update", key, want, detail, None if removed else tuple(added))
 
 
 def _only_roamed(have: PeerSpec, want: PeerSpec, before: PeerSpec | None) -> bool:
@@ -249,17 +263,14 @@ def _describe(spec: PeerSpec) -> str:
     return f"endpoint {spec.endpoint or '-'}, allowed {allowed}, keepalive {spec.persistent_keepalive}"
 
 
-def _difference(have: PeerSpec, want: PeerSpec) -> str:
+def _difference(have: PeerSpec, want: PeerSpec, added: Sequence[str], removed: Sequence[str]) -> str:
     parts = []
     if have.endpoint != want.endpoint:
         parts.append(f"endpoint {have.endpoint or '-'} -> {want.endpoint or '-'}")
     if have.allowed_ips != want.allowed_ips:
-        before, after = set(have.allowed_ips), set(want.allowed_ips)
-        added = sorted(after - before)
-        removed = sorted(before - after)
         change = [f"+{_networks(added, len(added))}"] if added else []
         change += [f"-{_networks(removed, len(removed))}"] if removed else []
-        parts.append(f"allowed {' '.join(change) or 'reordered'} ({len(after)} in all)")
+        parts.append(f"allowed {' '.join(change) or 'reordered'} ({len(want.allowed_ips)} in all)")
     if have.persistent_keepalive != want.persistent_keepalive:
         parts.append(f"keepalive {have.persistent_keepalive} -> {want.persistent_keepalive}")
     return "; ".join(parts)

@@ -6,7 +6,7 @@ Methods are synchronous and small on purpose. Each maps to one netlink request (
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from warren_mesh.identity.keys import NodeKey
@@ -42,13 +42,15 @@ class Backend(Protocol):
         """Create the device if needed and set address, listen port and MTU, and bring it up."""
         ...
 
-    def set_peer(self, spec: PeerSpec) -> None:
-        """Add the peer, or update it in place (its session survives). Routes are changes of their own."""
+    def set_peer(self, spec: PeerSpec, *, adding: tuple[str, ...] | None = None) -> None:
+        """Add the peer, or update it in place (its session survives). Routes are changes of their own.
+        ``adding``: the device has this peer with ``spec``'s allowed IPs but these; only they are written, the
+        others kept as they are (replacing them all leaves the peer without any for a moment)."""
         ...
 
-    def set_peers(self, specs: Sequence[PeerSpec]) -> None:
-        """``set_peer`` for each, in as few device transactions as the backend can (all or nothing where it can
-        say so: on an error the caller goes peer by peer)."""
+    def set_peers(self, specs: Sequence[PeerSpec], *, adding: Mapping[str, tuple[str, ...]] | None = None) -> None:
+        """``set_peer`` for each (``adding`` by public key), in as few device transactions as the backend can (all
+        or nothing where it can say so: on an error the caller goes peer by peer)."""
         ...
 
     def remove_peer(self, spec: PeerSpec) -> None:

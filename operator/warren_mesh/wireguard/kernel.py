@@ -9,7 +9,7 @@ see ~90 peers of a large device).
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -145,22 +145,25 @@ class KernelBackend:
         self._set("set listen port and fwmark", listen_port=spec.listen_port, fwmark=spec.fwmark)
         self._link.configure(addresses=spec.addresses, mtu=spec.mtu)
 
-    def set_peer(self, spec: PeerSpec) -> None:
-        self._link.refuse_unroutable(spec.allowed_ips)
+    def set_peer(self, spec: PeerSpec, *, adding: tuple[str, ...] | None = None) -> None:
+        allowed = spec.allowed_ips if adding is None else adding
+        self._link.refuse_unroutable(allowed)
         peer: dict[str, Any] = {
             "public_key": spec.public_key,
             "persistent_keepalive": spec.persistent_keepalive,
-            "allowed_ips": list(spec.allowed_ips),
-            "replace_allowed_ips": True,
+            "replace_allowed_ips": adding is None,  # without it, the listed allowed IPs are added to the peer's
         }
+        if allowed:
+            peer["allowed_ips"] = list(allowed)
         if spec.endpoint is not None:
             endpoint = Endpoint.parse(spec.endpoint)
             peer["endpoint_addr"], peer["endpoint_port"] = str(endpoint.host), endpoint.port
         self._set(f"set peer {spec.public_key[:10]}", peer=peer)
 
-    def set_peers(self, specs: Sequence[PeerSpec]) -> None:
+    def set_peers(self, specs: Sequence[PeerSpec], *, adding: Mapping[str, tuple[str, ...]] | None = None) -> None:
+        adding = adding or {}
         for spec in specs:  # one netlink request each: pyroute2 sets one peer per call
-            self.set_peer(spec)
+            self.set_peer(spec, adding=adding.get(spec.public_key))
 
     def remove_peer(self, spec: PeerSpec) -> None:
         self._set(f"remove peer {spec.public_key[:10]}", peer={"public_key": spec.public_key, "remove": True})

@@ -6,9 +6,10 @@ test can prove that a change touched only the peers it had to.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from warren_mesh.identity.keys import NodeKey
@@ -52,13 +53,20 @@ class MemoryBackend:
         self.interface = spec
         self._log("interface", self.interface_name)
 
-    def set_peer(self, spec: PeerSpec) -> None:
+    def set_peer(self, spec: PeerSpec, *, adding: tuple[str, ...] | None = None) -> None:
+        had = self.peers.get(spec.public_key)
+        if adding is not None and had is not None:
+            # As a real device does: the networks are added to what the peer has, whatever the caller believed.
+            spec = dataclasses.replace(spec, allowed_ips=tuple(sorted({*had.allowed_ips, *adding})))
+        elif adding is not None:
+            spec = dataclasses.replace(spec, allowed_ips=tuple(sorted(adding)))
         self.peers[spec.public_key] = spec
         self._log("set_peer", spec.public_key)
 
-    def set_peers(self, specs: Sequence[PeerSpec]) -> None:
+    def set_peers(self, specs: Sequence[PeerSpec], *, adding: Mapping[str, tuple[str, ...]] | None = None) -> None:
+        adding = adding or {}
         for spec in specs:
-            self.set_peer(spec)
+            self.set_peer(spec, adding=adding.get(spec.public_key))
 
     def remove_peer(self, spec: PeerSpec) -> None:
         self.peers.pop(spec.public_key, None)

@@ -137,13 +137,16 @@ def set_lines(path: Path, lines: Iterable[str], *, what: str, timeout: float = 5
     _check_errno(_exchange(path, request, timeout), what)
 
 
-def peer_lines(spec: PeerSpec) -> list[str]:
-    """Add or update one peer in place: its allowed IPs are replaced, its session is kept."""
-    lines = [f"public_key={key_to_hex(spec.public_key)}", "replace_allowed_ips=true"]
+def peer_lines(spec: PeerSpec, adding: tuple[str, ...] | None = None) -> list[str]:
+    """Add or update one peer in place, its session kept: its allowed IPs replaced by ``spec``'s, or (``adding``)
+    only these added to the ones it has."""
+    lines = [f"public_key={key_to_hex(spec.public_key)}"]
+    if adding is None:
+        lines.append("replace_allowed_ips=true")
     if spec.endpoint is not None:
         lines.append(f"endpoint={spec.endpoint}")
     lines.append(f"persistent_keepalive_interval={spec.persistent_keepalive}")
-    lines.extend(f"allowed_ip={net}" for net in spec.allowed_ips)
+    lines.extend(f"allowed_ip={net}" for net in (spec.allowed_ips if adding is None else adding))
     return lines
 
 

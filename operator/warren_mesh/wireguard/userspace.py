@@ -22,7 +22,7 @@ import socket
 import struct
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -227,16 +227,20 @@ class UserspaceBackend:
         self._set([f"listen_port={spec.listen_port}", f"fwmark={spec.fwmark}"], "set listen port and fwmark")
         self._link.configure(addresses=spec.addresses, mtu=spec.mtu)
 
-    def set_peer(self, spec: PeerSpec) -> None:
-        self._link.refuse_unroutable(spec.allowed_ips)
-        self._set(uapi.peer_lines(spec), f"set peer {spec.public_key[:10]}")
+    def set_peer(self, spec: PeerSpec, *, adding: tuple[str, ...] | None = None) -> None:
+        self._link.refuse_unroutable(spec.allowed_ips if adding is None else adding)
+        self._set(uapi.peer_lines(spec, adding), f"set peer {spec.public_key[:10]}")
 
-    def set_peers(self, specs: Sequence[PeerSpec]) -> None:
+    def set_peers(self, specs: Sequence[PeerSpec], *, adding: Mapping[str, tuple[str, ...]] | None = None) -> None:
         """One UAPI transaction for all of them: wireguard-go takes ~0.4 ms per connection and transaction, which
         was most of a cold start with a thousand peers."""
+        adding = adding or {}
+        lines = []
         for spec in specs:
-            self._link.refuse_unroutable(spec.allowed_ips)
-        self._set([line for spec in specs for line in uapi.peer_lines(spec)], f"set {len(specs)} peers")
+            added = adding.get(spec.public_key)
+            self._link.refuse_unroutable(spec.allowed_ips if added is None else added)
+            lines.extend(uapi.peer_lines(spec, added))
+        self._set(lines, f"set {len(specs)} peers")
 
     def remove_peer(self, spec: PeerSpec) -> None:
         self._set(uapi.remove_peer_lines(spec.public_key), f"remove peer {spec.public_key[:10]}")
