@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -154,10 +154,10 @@ def test_the_periodic_resync_repairs_a_drifted_device_while_the_mesh_keeps_chang
         writer = shared_etcd.admin_store()
         busy_until = time.monotonic() + 8
         try:
-            # Keys of a newer schema under the mesh's root: every one is a watch event and a pass, none a change.
+            # Records no agent can take: every one is a watch event, a rejection and a pass, none a device change.
             i = 0
             while other_key not in device.peers and time.monotonic() < busy_until:
-                await writer.put(f"{KeySchema(mesh.prefix).root}future/{i % 5}", b"x")
+                await writer.put(KeySchema(mesh.prefix).node(f"bogus{i % 5}"), b"not json")
                 i += 1
                 await asyncio.sleep(0.2)
         finally:
@@ -455,7 +455,7 @@ def test_status_command(shared_etcd: EtcdServer, prefix: str, tmp_path: Path) ->
 
 
 class _RefusesPeersTogether(MemoryBackend):
-    def set_peers(self, specs: Sequence[PeerSpec]) -> None:
+    def set_peers(self, specs: Sequence[PeerSpec], *, adding: Mapping[str, tuple[str, ...]] | None = None) -> None:
         raise BackendError(f"refusing {len(specs)} peers at once")
 
 

@@ -68,6 +68,21 @@ def test_bad_update_keeps_the_last_valid_record_and_reports_once() -> None:
     assert "a" in view.nodes
 
 
+def test_a_rejected_key_going_away_or_turning_valid_is_a_change() -> None:
+    """The count of invalid records a pass reports falls: the batch that made it fall is one a pass must follow,
+    though no record of the mesh changed; a key of a newer schema is not."""
+    view = MeshView(SCHEMA)
+    view.apply(Snapshot((), 1))
+    assert view.apply(Events((Event("put", kv(SCHEMA.node("b"), b"{broken", 2)),), 2)).anything
+    assert view.rejected_by_reason() == {"invalid_json": 1}
+    gone = view.apply(Events((Event("delete", kv(SCHEMA.node("b"), b"", 3)),), 3))
+    assert gone.cleared_rejections and gone.anything and view.rejected_by_reason() == {}
+    assert not view.apply(Events((Event("put", kv(SCHEMA.node("c"), b"{broken", 4)),), 4)).cleared_rejections
+    fixed = view.apply(Events((Event("put", kv(SCHEMA.node("c"), record("c", "10.96.0.3"), 5, create=4)),), 5))
+    assert fixed.cleared_rejections and view.rejected_by_reason() == {}
+    assert not view.apply(Events((Event("put", kv(SCHEMA.root + "future/x", b"x", 6)),), 6)).anything
+
+
 def test_bad_config_keeps_the_previous_config() -> None:
     view = MeshView(SCHEMA)
     good = encode_json(MeshConfig(mtu=1400).to_json())

@@ -354,7 +354,8 @@ class Agent:
         )
         async for batch in observer.batches():
             self.reporter.observed(batch.changes, batch.events, batch.quota)
-            reconciler.notify(batch.changes)
+            if batch.changes.anything:
+                reconciler.notify(batch.changes)
             request = batch.mentioned.get(rotation_key)
             if request is not None:
                 try:

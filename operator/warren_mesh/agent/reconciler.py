@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from warren_mesh.agent.device_thread import DeviceThread
-from warren_mesh.agent.device_writer import DeviceWriter
+from warren_mesh.agent.device_writer import DeviceWriter, Outcome
 from warren_mesh.agent.identity import Identity
 from warren_mesh.agent.report import PassReport
 from warren_mesh.identity.keys import NodeKey
@@ -172,7 +172,9 @@ class Reconciler:
                 log.error("cannot read the WireGuard device (retrying): %s", exc)
                 return False
         decision = decider.decide(device, remove_unknown=view.synced)
-        outcome = await self._device_thread.run(lambda: self._writer.execute(decision.plan, decision.names))
+        outcome = Outcome()  # nothing to do is not worth a trip to the device thread
+        if not decision.plan.empty:
+            outcome = await self._device_thread.run(lambda: self._writer.execute(decision.plan, decision.names))
         pods_failed = 0
         pods = self._pod_network
         if decision.full and pods is not None:

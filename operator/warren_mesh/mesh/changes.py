@@ -43,6 +43,18 @@ class Changes(NamedTuple):
     published: Mapping[str, float] = MappingProxyType({})
     rejections: tuple[Rejection, ...] = ()
     damped: tuple[str, ...] = ()  # nodes whose record updates were held back (past their rate; mesh/damping.py)
+    cleared_rejections: bool = False  # a key rejected before is gone or valid now (the invalid records fell)
+
+    @property
+    def anything(self) -> bool:
+        """Whether the view changed in a way a pass reads: not for a batch whose updates were all held back (a
+        flooding node's), where a pass would find nothing to do; at hundreds of writes a second such passes were
+        most of what the flood cost every agent."""
+        return (
+            self.everything
+            or bool(self.nodes or self.peers or self.addresses or self.rejections)
+            or self.cleared_rejections
+        )
 
 
 class ChangeLog:

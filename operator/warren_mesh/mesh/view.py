@@ -129,6 +129,7 @@ class MeshView:
         # touched, not all of them. Everything, for the first batch.
         self._published: dict[str, float] = {}  # node name -> publish time of the records accepted
         self._rejections: list[Rejection] = []
+        self._cleared_rejections = False  # a key rejected before is gone or valid now
         self._changed_everything = True
         self._changed_nodes: set[str] = set()
         self._changed_peers: set[str] = set()
@@ -163,11 +164,13 @@ class MeshView:
             self._published,
             tuple(self._rejections),
             tuple(self._damped),
+            self._cleared_rejections,
         )
         self._changed_everything = False
         self._changed_nodes, self._changed_peers, self._changed_addresses = set(), set(), set()
         self._published = {}
         self._rejections.clear()
+        self._cleared_rejections = False
         self._damped = []
         return changes
 
@@ -211,7 +214,7 @@ class MeshView:
         self.revision = batch.revision
 
     def _delete(self, key: str) -> None:
-        self._rejected.pop(key, None)
+        self._unreject(key)
         kind = self._schema.classify(key)
         if kind is None:
             return
@@ -258,7 +261,7 @@ class MeshView:
             error = RecordError(REASON_UNEXPECTED, f"{type(exc).__name__}: {printable(str(exc))}")
             self._reject(kv, error, trace=exc)
         else:
-            self._rejected.pop(kv.key, None)
+            self._unreject(kv.key)
 
     def _put_kind(self, kind: tuple[str, str], kv: KeyValue) -> None:
         kind_name, name = kind
@@ -314,7 +317,7 @@ class MeshView:
         except RecordError:
             return  # still leaves someone out
         log.info("mesh config of revision %d takes effect: no registered node is left outside it", kv.mod_revision)
-        self._rejected.pop(kv.key, None)
+        self._unreject(kv.key)
 
     def _put_claim(self, name: str, kv: KeyValue) -> None:
         claim = self._schema.split_claim(name)
@@ -356,7 +359,7 @@ class MeshView:
                 surplus = RecordError(REASON_SURPLUS_CLAIM, surplus_message(held.claim.key, holder))
                 self._report(held.claim.key, held.mod_revision, surplus)
         if holder is not None:
-            self._rejected.pop(holder.claim.key, None)  # it counts now
+            self._unreject(holder.claim.key)  # it counts now
             self._add_claim(holder.subject, holder.claim)
         return holder
 
@@ -409,6 +412,11 @@ class MeshView:
     def claims_on(self, address: str) -> list[Reservation]:
         """Every claim on ``address``, oldest (the holder) first."""
         return sorted(self._claims.get(address, {}).values())
+
+    def _unreject(self, key: str) -> None:
+        """``key``'s value is gone, or valid now: it no longer counts as rejected."""
+        if self._rejected.pop(key, None) is not None:
+            self._cleared_rejections = True
 
     def _reject(self, kv: KeyValue, exc: RecordError, *, trace: BaseException | None = None) -> None:
         """Count and log a rejected record version once; ``trace``: the bug of ours it hit, logged with it."""
