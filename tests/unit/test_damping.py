@@ -51,6 +51,8 @@ def test_a_flooding_node_is_applied_at_its_rate_and_its_newest_record_wins() -> 
         changes = view.apply(_update(flooder, port, revision))
         applied += "flood" in changes.nodes
         held += changes.damped == ("flood",)
+        # A batch whose updates were all held back is nothing for a pass to decide from.
+        assert changes.anything == ("flood" in changes.nodes)
         clock.now += 1 / 300
     assert applied == int(BURST + RATE * 299 / 300) and held == 300 - applied
     assert view.nodes["flood"].record.endpoint.port != 20299, "the newest is held, not applied yet"
@@ -104,5 +106,45 @@ def test_the_observer_releases_a_held_record_when_no_batch_comes() -> None:
         assert damped > 0, "nothing was held back: the test did not flood"
         assert view.next_release() is None
         await batches.aclose()
+
+    run(body())
+
+
+def test_a_held_record_is_released_when_due_however_busy_the_stream() -> None:
+    """The flood stops while other keys keep the stream busy (some answer is always arriving): the flooder's newest
+    record is still folded in when it is due, not when the stream next falls quiet."""
+
+    async def body() -> None:
+        store = MemoryStore()
+        flooder = record("flood", 1)
+        await publish(store, flooder)
+        view = MeshView(SCHEMA, damper=Damper())
+        observer = MeshObserver(store=ReadOnlyStore(store), view=view, watched=lambda: ())
+        batches = observer.batches()
+        await asyncio.wait_for(anext(batches), 5)
+        for port in range(20000, 20040):
+            changed = dataclasses.replace(flooder, endpoints=(Endpoint(ipaddress.ip_address("192.0.2.11"), port),))
+            await store.put(SCHEMA.node("flood"), encode_json(changed.to_json()))
+
+        async def chatter() -> None:  # keys of a newer schema: watch answers the view does not take
+            i = 0
+            while True:
+                i += 1
+                await store.put(f"{SCHEMA.root}future/{i % 3}", b"x")
+                await asyncio.sleep(0.002)
+
+        talking = asyncio.get_running_loop().create_task(chatter())
+        loop = asyncio.get_running_loop()
+        started, damped = loop.time(), 0
+        try:
+            while view.nodes["flood"].record.endpoint.port != 20039 and loop.time() - started < 5:
+                observed = await asyncio.wait_for(anext(batches), 5)
+                damped += len(observed.changes.damped)
+        finally:
+            talking.cancel()
+            await batches.aclose()
+        assert damped > 0, "nothing was held back: the test did not flood"
+        assert view.nodes["flood"].record.endpoint.port == 20039, "the held record waited for a quiet stream"
+        assert loop.time() - started < 1 / RATE + 0.5
 
     run(body())

@@ -7,7 +7,6 @@ record and claims, which the registrar keeps as they should be; a key rotation r
 
 from __future__ import annotations
 
-import asyncio
 import gc
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from types import MappingProxyType
@@ -17,6 +16,7 @@ from warren_mesh.mesh.changes import Changes
 from warren_mesh.mesh.usage import DEFAULT_QUOTA, Level, NodeUsage
 from warren_mesh.mesh.view import MeshView
 from warren_mesh.store.base import Store
+from warren_mesh.store.read_ahead import ReadAhead
 from warren_mesh.trust.records import MeshConfig
 from warren_mesh.values.watch import Events, Snapshot, WatchResult
 
@@ -67,35 +67,34 @@ class MeshObserver:
         due, each such release handed on like a batch."""
         view = self._view
         usage = NodeUsage(view.schema)
-        stream = self._store.observe(view.schema.root, on_restart=self._on_restart).__aiter__()
-        waiting: asyncio.Task[WatchResult] | None = None
-        try:
+        stream = self._store.observe(view.schema.root, on_restart=self._on_restart)
+        # Answers that arrived while a batch was being folded and handed on are folded next, as one batch.
+        async with ReadAhead(stream) as ahead:
             while True:
-                if waiting is None:
-                    waiting = asyncio.ensure_future(stream.__anext__())
                 release = view.next_release()
-                if release is not None and not waiting.done():
-                    await asyncio.wait((waiting,), timeout=release)
-                    if not waiting.done():
-                        yield self._observed(view.release_held())
-                        continue
-                result = await waiting
-                waiting = None
-                mentioned, revisions = _values_after(result, self._watched())
-                first = not view.synced
-                changes = view.apply(result)
-                if first and view.synced:
-                    # Everything so far (modules, metrics, the whole mesh as listed) lives as long as the agent:
-                    # take it out of the cyclic collector's generations, whose full collections would otherwise
-                    # walk it again and again (pauses of tens of ms at a thousand peers, the tail of convergence
-                    # lag).
-                    gc.freeze()
-                events = len(result.events) if isinstance(result, Events) else 0
-                quota = usage.verdicts(usage.apply(result), DEFAULT_QUOTA)
-                yield self._observed(changes, events, mentioned, revisions, quota)
-        finally:
-            if waiting is not None:
-                waiting.cancel()  # ends the watch generator inside it (the agent is stopping)
+                if release is not None and release <= 0:  # due, however busy the stream is
+                    yield self._observed(view.release_held())
+                    continue
+                results = await ahead.take(timeout=release)
+                if results is None:  # a held record came due before anything arrived
+                    yield self._observed(view.release_held())
+                    continue
+                for result in results:
+                    yield self._fold(result, usage)
+
+    def _fold(self, result: WatchResult, usage: NodeUsage) -> Observed:
+        view = self._view
+        mentioned, revisions = _values_after(result, self._watched())
+        first = not view.synced
+        changes = view.apply(result)
+        if first and view.synced:
+            # Everything so far (modules, metrics, the whole mesh as listed) lives as long as the agent: take it
+            # out of the cyclic collector's generations, whose full collections would otherwise walk it again and
+            # again (pauses of tens of ms at a thousand peers, the tail of convergence lag).
+            gc.freeze()
+        events = len(result.events) if isinstance(result, Events) else 0
+        quota = usage.verdicts(usage.apply(result), DEFAULT_QUOTA)
+        return self._observed(changes, events, mentioned, revisions, quota)
 
     def _observed(
         self,
