@@ -790,12 +790,12 @@ asyncio.run(main())
 """
 
 
-def _join_lag(lab: Lab, index: int, observers: list[int]) -> float:
-    """Seconds from node ``index``'s record being published until the last of ``observers`` applied it to its
-    device (its agent's log line, written as the change is applied)."""
+def _join_lag(lab: Lab, index: int, observers: list[int]) -> dict[str, float]:
+    """Seconds from node ``index``'s record being published until each of ``observers`` applied it to its device
+    (its agent's log line, written as the change is applied), by observer."""
     name = lab.node_name(index)
     published = json.loads(_etcd_get(lab, f"/warren/mesh/v1/nodes/{name}"))["published_at"]
-    applied = []
+    applied = {}
     for observer in observers:
         log_file = lab.state_dir / f"{lab.node_name(observer)}.log"
 
@@ -808,8 +808,21 @@ def _join_lag(lab: Lab, index: int, observers: list[int]) -> float:
                     stamp = time.mktime(time.strptime(last[:19], "%Y-%m-%d %H:%M:%S")) + int(last[20:23]) / 1000
             return stamp
 
-        applied.append(wait_for(added, 30, f"{lab.node_name(observer)} adding {name}"))
-    return float(max(applied) - published)
+        applied[lab.node_name(observer)] = wait_for(added, 30, f"{lab.node_name(observer)} adding {name}") - published
+    return applied
+
+
+def _log_between(log_file: Path, until: str, *, seconds: float) -> str:
+    """The lines of an agent's log in the ``seconds`` before the first line starting with ``until``, that one
+    included (what the agent was doing while a change waited)."""
+    lines = log_file.read_text(errors="replace").splitlines()
+    end = next(i for i, line in enumerate(lines) if line.startswith(until))
+    stamped = [i for i in range(end) if lines[i][:4].isdigit()]
+    last = time.mktime(time.strptime(lines[stamped[-1]][:19], "%Y-%m-%d %H:%M:%S")) if stamped else 0
+    start = next(
+        (i for i in stamped if time.mktime(time.strptime(lines[i][:19], "%Y-%m-%d %H:%M:%S")) >= last - seconds), end
+    )
+    return "\n".join(lines[start : end + 1])[-20000:]
 
 
 def _cpu_seconds(lab: Lab, indexes: list[int]) -> float:
@@ -837,7 +850,7 @@ def test_a_node_flooding_its_record_does_not_slow_anyone_elses_join(lab: Lab) ->
     lab.up(3, backend="userspace", lease_ttl=TTL, timeout=120)
     lab.add_node(4)
     lab.wait_for_mesh(timeout=60)
-    quiet = _join_lag(lab, 4, [1, 2, 3])
+    quiet = max(_join_lag(lab, 4, [1, 2, 3]).values())
     pki.issue_node(lab.pki_dir, "evil")
     lab._admin("etcd-auth", "add-node", "evil")
     evil = lab.pki_dir / "node-evil"
@@ -864,23 +877,27 @@ def test_a_node_flooding_its_record_does_not_slow_anyone_elses_join(lab: Lab) ->
         time.sleep(3)
         lab.add_node(5)
         lab.wait_for_agent(5, timeout=STARTUP)
-        flooded = _join_lag(lab, 5, [1, 2, 3, 4])
+        lags = _join_lag(lab, 5, [1, 2, 3, 4])
     finally:
         out, _ = flood.communicate(timeout=90)
     rate, floor = map(float, out.split())
+    flooded = max(lags.values())
     cpu = (_cpu_seconds(lab, [1, 2, 3, 4]) - cpu_before) / (time.monotonic() - started)
     last = json.loads(_etcd_get(lab, "/warren/mesh/v1/nodes/evil"))
     updates = [_updates_of(lab, i, "evil") for i in (1, 2, 3, 4)]
     print(
         f"join lag quiet {quiet * 1000:.0f} ms, during a flood of {rate:.0f} writes/s {flooded * 1000:.0f} ms (a bare"
         f" watcher's {floor * 1000:.0f} ms); evil's updates applied per node {updates} in {seconds} s; nodes 1-4 used"
-        f" {cpu:.2f} CPU meanwhile"
+        f" {cpu:.2f} CPU meanwhile; the join's lag by node (ms): { {n: round(s * 1000) for n, s in lags.items()} }"
     )
     # A quiet join reaches every device in 5-10 ms, and log lines carry milliseconds: within 2x, or 100 ms of
     # slack where 2x is below what the clock resolves, beyond what the flood's load on etcd and the CPUs costs a
     # bare watcher of the same records in the same run (11-72 ms seen on an Intel Xeon; 122 ms on a slower AMD
     # EPYC failed a bound without that floor).
-    assert flooded <= floor + max(2 * quiet, quiet + 0.1)
+    slowest = max(lags, key=lags.__getitem__)
+    assert flooded <= floor + max(2 * quiet, quiet + 0.1), f"{slowest}'s log meanwhile:\n" + _log_between(
+        lab.state_dir / f"{slowest}.log", f"add peer {lab.node_name(5)}:", seconds=flooded + 1
+    )
     assert max(updates) <= damping.BURST + damping.RATE * (seconds + 5), "the flood was followed, not damped"
     wait_for(
         lambda: all(lab.peer_config(i).get(last["public_key"], ("",))[0] == last["endpoint"] for i in (1, 2, 3, 4)),
