@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import random
 
@@ -142,8 +143,16 @@ def test_incremental_fold_equals_a_fold_from_scratch(seed: int, located: bool) -
                 LOCAL.public_key, previous.interface, dict(previous.peers), routes=frozenset(desired_routes(previous))
             )
             full = plan_changes(current, device, local_public_key=LOCAL.public_key, previous=previous)
-            delta = plan_delta(previous.peers, current.peers, affected, interface_addresses=current.interface.addresses)
+            delta = plan_delta(
+                previous.peers,
+                current.peers,
+                affected,
+                interface_addresses=current.interface.addresses,
+                route_changes=builder.route_changes,
+            )
             assert _applied(previous, delta) == _applied(previous, full) == dict(current.peers)
+            # The networks the paths say a kept peer gained and lost are exactly what changed on it.
+            _check_route_changes(builder, previous, current)
             # Routes too: the delta reaches the routes a full comparison reaches, and those are the desired ones.
             routes = desired_routes(previous)
             after_delta = (routes - set(delta.routes_to_remove)) | set(delta.routes_to_add)
@@ -154,12 +163,88 @@ def test_incremental_fold_equals_a_fold_from_scratch(seed: int, located: bool) -
     assert (routed > 50) if located else (routed == 0), routed
 
 
+def _check_route_changes(builder: TopologyBuilder, previous: Topology, current: Topology) -> int:
+    """The networks the paths say a kept peer gained and lost are exactly what changed on it; how many peers."""
+    for key, (added, removed) in builder.route_changes.items():
+        was, now = set(previous.peers[key].allowed_ips), set(current.peers[key].allowed_ips)
+        assert (set(added), set(removed)) == (now - was, was - now)
+        assert added == sorted(added) and removed == sorted(removed)
+    return len(builder.route_changes)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_nodes_churning_behind_gateways_change_the_gateways_peers_by_what_the_paths_say(seed: int) -> None:
+    """mesh/routed_peers.py: plain nodes (a location, no candidacy, nobody they cannot reach) joining, leaving and
+    changing their subnets behind three gateways: each fold is incremental, the networks it says a gateway's peer
+    gained and lost are exactly the difference, and the plan made from them reaches the device a full comparison
+    reaches."""
+    rng = random.Random(seed)
+    etcd = _Etcd()
+    view = MeshView(SCHEMA)
+    keys = [NodeKey.generate().public_key for _ in range(24)]
+    local = LocalNode("local", keys[0], (ipaddress.ip_address("10.96.0.1"),))
+    builder = TopologyBuilder(local, auto_mtu=1420)
+    builder.update(view, view.apply(Snapshot((), etcd.revision)))
+
+    def node(i: int, name: str, location: str, subnets: list[str]) -> list[Event]:
+        record = NodeRecord(
+            name=name,
+            public_key=keys[i],
+            endpoints=(Endpoint(ipaddress.ip_address("192.0.2.1"), 51820 + i),),
+            overlay_ips=(ipaddress.ip_address(f"10.96.0.{i + 1}"),),
+            listen_port=51820,
+            allowed_ips=tuple(ipaddress.ip_network(n) for n in subnets),
+            published_at=1.0,
+            location=location,
+            external_endpoints=(Endpoint(ipaddress.ip_address("198.51.100.1"), 51820 + i),) if name[0] == "g" else (),
+        )
+        events = [etcd.put(SCHEMA.claim(name, f"10.96.0.{i + 1}"), b"")]
+        if name[0] == "g":
+            events.append(etcd.put(SCHEMA.candidacy(name, location), b""))
+        return [*events, etcd.put(SCHEMA.node(name), encode_json(record.to_json()))]
+
+    setup = node(0, "local", "a", []) + node(1, "ga", "a", []) + node(2, "gb", "b", []) + node(3, "gc", "c", [])
+    builder.update(view, view.apply(Events(tuple(setup), etcd.revision)))
+    previous, told = builder.topology(), 0
+    for step in range(150):
+        events: list[Event] = []
+        for _ in range(rng.choice([1, 1, 2, 3])):
+            i = rng.randrange(4, 24)
+            if rng.random() < 0.3:
+                gone = etcd.delete(SCHEMA.node(f"n{i}"))
+                events += [gone] if gone is not None else []
+            else:
+                subnets = [f"10.{200 + i}.{j}.0/24" for j in rng.sample(range(4), rng.choice([0, 1, 2]))]
+                events += node(i, f"n{i}", rng.choice("abc"), subnets)
+        rebuilds = builder.rebuilds
+        affected = builder.update(view, view.apply(Events(tuple(events), etcd.revision)))
+        current = builder.topology()
+        assert current == build_topology(local=local, view=view, auto_mtu=1420), f"seed {seed}, step {step}"
+        assert affected is not None and builder.rebuilds == rebuilds, "a plain node's change was folded afresh"
+        told += _check_route_changes(builder, previous, current)
+        delta = plan_delta(
+            previous.peers,
+            current.peers,
+            affected,
+            interface_addresses=current.interface.addresses,
+            route_changes=builder.route_changes,
+        )
+        assert _applied(previous, delta) == dict(current.peers), f"seed {seed}, step {step}"
+        previous = current
+    assert told > 20, told
+
+
 def _applied(before: Topology, plan: Plan) -> dict[str, PeerSpec]:
     """The peers a device that held ``before`` holds after ``plan``."""
     peers = dict(before.peers)
     for change in plan.changes:
         if change.action == "remove":
             peers.pop(change.public_key, None)
+        elif change.adding is not None:  # added to what the device has, as WireGuard does
+            had = peers[change.public_key].allowed_ips
+            peers[change.public_key] = dataclasses.replace(
+                change.spec, allowed_ips=tuple(sorted({*had, *change.adding}))
+            )
         else:
             peers[change.public_key] = change.spec
     return peers

@@ -195,7 +195,7 @@ class Reconciler:
                 nodes=1 + decider.nodes_taken,
                 conflicts=decider.conflicts,
                 unreachable=decider.unreachable,
-                paths=decider.paths,
+                paths=decider.path_summary,
                 rejected=view.rejected_by_reason(),
                 seconds=time.perf_counter() - started,
             )

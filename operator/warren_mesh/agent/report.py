@@ -12,7 +12,7 @@ from typing import NamedTuple
 from warren_mesh.mesh import damping
 from warren_mesh.mesh.changes import Changes
 from warren_mesh.mesh.claims import Conflict
-from warren_mesh.mesh.paths import Paths
+from warren_mesh.mesh.paths import PathSummary
 from warren_mesh.mesh.usage import Level
 from warren_mesh.metrics.instruments import AgentMetrics
 from warren_mesh.trust.text import printable
@@ -36,7 +36,7 @@ class PassReport(NamedTuple):
     nodes: int  # nodes in the mesh as this node sees it (itself included)
     conflicts: tuple[Conflict, ...]  # records left out
     unreachable: tuple[str, ...]  # nodes sharing no underlay family with this one
-    paths: Paths | None  # with locations, gateways or relays in play: how this node reaches the others
+    paths: PathSummary | None  # with locations, gateways or relays in play: how this node reaches the others
     rejected: Mapping[str, int]  # keys whose current value is rejected, by reason
     seconds: float  # how long the pass took
 
@@ -129,9 +129,9 @@ class Reporter:
             self._unreachable = unreachable
             self._metrics.unreachable_peers.set(len(unreachable))
 
-    def _report_paths(self, paths: Paths | None) -> None:
+    def _report_paths(self, paths: PathSummary | None) -> None:
         """Relayed pairs and nodes without a path (no gateway at one end): said once per change, and counted."""
-        gateway = paths.gateways.get(paths.location) if paths is not None else None
+        gateway = paths.gateway if paths is not None else None
         if gateway != self._gateway:
             if self._gateway is not None and paths is not None and not paths.location.startswith("node:"):
                 self._metrics.gateway_changes.inc()

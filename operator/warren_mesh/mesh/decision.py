@@ -16,7 +16,7 @@ from typing import NamedTuple
 from warren_mesh.mesh.changes import ChangeLog, Changes
 from warren_mesh.mesh.claims import Conflict, LocalNode
 from warren_mesh.mesh.desired import Topology
-from warren_mesh.mesh.paths import Paths
+from warren_mesh.mesh.paths import Paths, PathSummary
 from warren_mesh.mesh.plan import Plan, plan_changes, plan_delta
 from warren_mesh.mesh.topology import TopologyBuilder
 from warren_mesh.mesh.view import MeshReader
@@ -115,6 +115,10 @@ class Decider:
         return self._builder.paths
 
     @property
+    def path_summary(self) -> PathSummary | None:
+        return self._builder.path_summary
+
+    @property
     def rebuilds(self) -> int:
         """How often the topology was folded from scratch rather than updated (benchmarks read it)."""
         return self._builder.rebuilds
@@ -164,6 +168,7 @@ class Decider:
             affected,
             interface_addresses=interface.addresses,
             aggregates=self._applied_aggregates,
+            route_changes=builder.route_changes,
         )
         names = {k: n for k in affected if (n := builder.names.get(k) or self._applied_names.get(k))}
         for change in plan.changes:

@@ -177,7 +177,7 @@ def plan_changes(
         before = previous.peers.get(key) if previous is not None else None
         if _only_roamed(have, want, before):
             continue
-        changes.append(_update(key, have, want))
+        changes.append(_update(key, have, want)[0])
     routes = desired_routes(desired)
     stale = sorted(device.routes - routes) if remove_unknown else []
     return Plan(
@@ -196,44 +196,57 @@ def plan_delta(
     *,
     interface_addresses: Iterable[str],
     aggregates: Iterable[str] = (),
+    route_changes: Mapping[str, tuple[list[str], list[str]]] | None = None,
 ) -> Plan:
     """The peer and route changes for ``public_keys`` from the peers last applied to the desired ones, the device
     being as it was left (the interface and the aggregate routes are never part of a delta: a config change makes
     the caller compare everything). Each network is one peer's, so the routes that change are those of the peers
-    that changed."""
+    that changed. ``route_changes``: the networks a peer gained and lost since it was applied, where the caller
+    knows them (sorted), instead of comparing its allowed IPs whole."""
+    route_changes = route_changes or {}
     removals: list[PeerChange] = []
     changes: list[PeerChange] = []
-    routes_before: set[str] = set()
-    routes_after: set[str] = set()
+    # Networks a changed peer gave up, and networks one took on: only these can change routes (a gateway's peer
+    # keeps thousands through a join elsewhere, and collecting them all twice cost more than the join itself).
+    gone: set[str] = set()
+    new: set[str] = set()
     for key in sorted(public_keys):
         want = desired.get(key)
         before = applied.get(key)
         if want == before:
             continue
-        if before is not None:
-            routes_before.update(before.allowed_ips)
-        if want is not None:
-            routes_after.update(want.allowed_ips)
         if want is None:
             assert before is not None
+            gone.update(before.allowed_ips)
             removals.append(PeerChange("remove", key, before, "no longer in the mesh"))
         elif before is None:
+            new.update(want.allowed_ips)
             changes.append(PeerChange("add", key, want, _describe(want)))
         else:
-            changes.append(_update(key, before, want))
-    before_routed = routed(interface_addresses, routes_before - routes_after, aggregates)
-    after_routed = routed(interface_addresses, routes_after - routes_before, aggregates)
+            change, added, removed = _update(key, before, want, route_changes.get(key))
+            new.update(added)
+            gone.update(removed)
+            changes.append(change)
+    # A network moving from one peer to another in this plan is in both: it stays routed.
+    before_routed = routed(interface_addresses, gone - new, aggregates)
+    after_routed = routed(interface_addresses, new - gone, aggregates)
     return Plan(None, False, (*removals, *changes), tuple(sorted(before_routed)), tuple(sorted(after_routed)))
 
 
-def _update(key: str, have: PeerSpec, want: PeerSpec) -> PeerChange:
-    """An update of a peer the device has as ``have``: allowed IPs that only grow are added, not replaced."""
+def _update(
+    key: str, have: PeerSpec, want: PeerSpec, known: tuple[list[str], list[str]] | None = None
+) -> tuple[PeerChange, list[str], list[str]]:
+    """An update of a peer the device has as ``have`` (allowed IPs that only grow are added, not replaced), and
+    the networks it adds and removes (``known``: as the caller worked them out, if they add up)."""
     if have.allowed_ips == want.allowed_ips:
-        return PeerChange("update", key, want, _difference(have, want, (), ()), ())
-    before, after = set(have.allowed_ips), set(want.allowed_ips)
-    added, removed = sorted(after - before), sorted(before - after)
+        return PeerChange("update", key, want, _difference(have, want, (), ()), ()), [], []
+    if known is not None and len(have.allowed_ips) + len(known[0]) - len(known[1]) == len(want.allowed_ips):
+        added, removed = known
+    else:
+        before, after = set(have.allowed_ips), set(want.allowed_ips)
+        added, removed = sorted(after - before), sorted(before - after)
     detail = _difference(have, want, added, removed)
-    return PeerChange("update", key, want, detail, None if removed else tuple(added))
+    return PeerChange("update", key, want, detail, None if removed else tuple(added)), added, removed
 
 
 def _only_roamed(have: PeerSpec, want: PeerSpec, before: PeerSpec | None) -> bool:

@@ -16,11 +16,14 @@ from collections import Counter
 from collections.abc import Callable, Collection, Mapping
 
 from warren_mesh.mesh.candidacies import Candidacy
-from warren_mesh.mesh.paths import Paths, Routing, dialled_endpoint, location_id, routed_peers
+from warren_mesh.mesh.paths import Paths, PathSummary, Routing, dialled_endpoint, location_id, routed_peers
 from warren_mesh.trust.records import NodeRecord
 from warren_mesh.values.device import PeerSpec
 
 NodeSpec = tuple[PeerSpec, PeerSpec | None]  # a node's peer, and that of its next key (the fold's)
+# The networks a peer gained and lost in one update, sorted: what the plan writes instead of comparing the peer's
+# thousands of allowed IPs (a gateway's peer carries every node of the other locations).
+RouteChange = tuple[list[str], list[str]]
 
 
 class RoutedPeers:
@@ -50,6 +53,9 @@ class RoutedPeers:
         self._routes: dict[str, list[str]] = {}  # carrier -> the routes it carries, sorted
         self._keys: dict[str, tuple[str, ...]] = {}  # direct node -> the public keys of its peers
         self._paths: Paths | None = None  # made when asked for, until the next change
+        self._carried: dict[str, Counter[str]] = {}  # carrier -> its routes' net change in this update (+1, -1)
+        # Public key of a peer the last update kept -> the networks it gained and lost (see RouteChange).
+        self.route_changes: dict[str, RouteChange] = {}
 
     def work_out(
         self,
@@ -59,6 +65,7 @@ class RoutedPeers:
     ) -> None:
         """Every path and peer from ``nodes`` (the taken records, this node's own among them)."""
         self._paths = None
+        self.route_changes = {}
         routing = Routing(nodes, candidacies, gateways=self._gateways_allowed, relays=self._relays_allowed)
         paths = routing.paths(self._local)
         self.peers = routed_peers(paths, nodes, specs, self._families)
@@ -84,6 +91,7 @@ class RoutedPeers:
             if not self._plain(name, self._records.get(name)) or not self._plain(name, record):
                 return None
         self._paths = None
+        self._carried, self.route_changes = {}, {}
         dirty: set[str] = set()
         affected: set[str] = set()
         for name, record in changed.items():
@@ -122,8 +130,10 @@ class RoutedPeers:
         self._unrouted.discard(name)
         if carrier is not None:
             routes = self._routes[carrier]
+            carried = self._carried.setdefault(carrier, Counter())
             for text in record.routes.text:
                 del routes[bisect.bisect_left(routes, text)]
+                carried[text] -= 1
             if not routes and carrier != name:
                 del self._routes[carrier]
             dirty.add(carrier)
@@ -150,8 +160,10 @@ class RoutedPeers:
             carrier = self._relayed.get(through, through)
         self._carriers[name] = carrier
         routes = self._routes.setdefault(carrier, [])
+        carried = self._carried.setdefault(carrier, Counter())
         for text in record.routes.text:
             bisect.insort(routes, text)
+            carried[text] += 1
         dirty.add(carrier)
 
     def _set_peer(self, name: str, node_spec: NodeSpec) -> set[str]:
@@ -168,6 +180,11 @@ class RoutedPeers:
                 announced.public_key, endpoint, (), announced.persistent_keepalive
             )
         self._keys[name] = _keys(spec, announced)
+        carried = self._carried.get(name)
+        if spec.public_key in keys and carried is not None:  # the same peer, with other routes
+            added = sorted(text for text, count in carried.items() if count > 0)
+            removed = sorted(text for text, count in carried.items() if count < 0)
+            self.route_changes[spec.public_key] = (added, removed)
         return keys | set(self._keys[name])
 
     def paths(self) -> Paths:
@@ -176,6 +193,15 @@ class RoutedPeers:
         if self._paths is None:
             self._paths = self._make_paths()
         return self._paths
+
+    def summary(self) -> PathSummary:
+        """What the agent says of its paths after each pass, without copying every node's carrier."""
+        return PathSummary(
+            self._location,
+            self._gateways.get(self._location),
+            dict(self._relayed),
+            tuple(sorted(self._unrouted)),
+        )
 
     def _make_paths(self) -> Paths:
         return Paths(

@@ -26,8 +26,8 @@ from warren_mesh.mesh.changes import Changes
 from warren_mesh.mesh.claims import SELF_REASONS, ClaimRules, Conflict, LocalNode, NetworkClaims
 from warren_mesh.mesh.desired import Topology
 from warren_mesh.mesh.interface import device_mtu, interface_addresses, pod_aggregates
-from warren_mesh.mesh.paths import Paths, dialled_endpoint
-from warren_mesh.mesh.routed_peers import RoutedPeers
+from warren_mesh.mesh.paths import Paths, PathSummary, dialled_endpoint
+from warren_mesh.mesh.routed_peers import RouteChange, RoutedPeers
 from warren_mesh.mesh.view import Entry, MeshReader
 from warren_mesh.trust.reasons import REASON_DUPLICATE_PUBLIC_KEY, REASON_OVERLAPPING_ALLOWED_IPS
 from warren_mesh.trust.records import ExternalPeer, MeshConfig, NodeRecord
@@ -99,6 +99,9 @@ class TopologyBuilder:
         self._located = 0
         self._routing: RoutedPeers | None = None  # the paths and the device's peers, while paths are in play
         self._touched: set[str] = set()  # nodes the last update settled again
+        # Public key -> the networks its peer gained and lost in the last update, where the paths know them
+        # (mesh/routed_peers.py); the plan writes those rather than comparing a gateway's thousands.
+        self.route_changes: Mapping[str, RouteChange] = {}
         local = self._local
         for version, prefixlen, first, _ in Routes.of(local.allowed_ips, hosts=local.overlay_ips).ranges:
             self._claims.add(version, prefixlen, first, local.name)
@@ -117,6 +120,7 @@ class TopologyBuilder:
     def update(self, view: MeshReader, changes: Changes) -> set[str] | None:
         """Bring the fold up to date with ``changes``; the public keys whose peer may differ now, or None when
         everything was folded again (the caller must then compare everything)."""
+        self.route_changes = {}
         if changes.everything:  # a snapshot or a config change: nothing to update from
             self.rebuild(view)
             return None
@@ -129,6 +133,7 @@ class TopologyBuilder:
         if routing is not None and self._in_play() and self._local.name not in changes.nodes:
             delta = routing.update(self._taken_touched(), self._node_spec)
             if delta is not None:
+                self.route_changes = routing.route_changes
                 return routing.refresh(delta | affected, self._external_spec)
         self._route()
         after = None if self._routing is None else self._routing.device
@@ -193,6 +198,11 @@ class TopologyBuilder:
     def paths(self) -> Paths | None:
         """How this node reaches the others when locations, gateways or relays are in play (None: directly)."""
         return None if self._routing is None else self._routing.paths()
+
+    @property
+    def path_summary(self) -> PathSummary | None:
+        """``paths`` in brief, for what is said after every pass (None: every node directly)."""
+        return None if self._routing is None else self._routing.summary()
 
     @property
     def unreachable(self) -> tuple[str, ...]:

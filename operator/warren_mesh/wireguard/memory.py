@@ -6,6 +6,7 @@ test can prove that a change touched only the peers it had to.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import time
 from collections import deque
@@ -54,12 +55,16 @@ class MemoryBackend:
         self._log("interface", self.interface_name)
 
     def set_peer(self, spec: PeerSpec, *, adding: tuple[str, ...] | None = None) -> None:
-        had = self.peers.get(spec.public_key)
-        if adding is not None and had is not None:
-            # As a real device does: the networks are added to what the peer has, whatever the caller believed.
-            spec = dataclasses.replace(spec, allowed_ips=tuple(sorted({*had.allowed_ips, *adding})))
-        elif adding is not None:
-            spec = dataclasses.replace(spec, allowed_ips=tuple(sorted(adding)))
+        if adding is not None:
+            # As a real device does: the networks are added to what the peer has, whatever the caller believed;
+            # inserted in order (a gateway's peer holds thousands: sorting them all again was most of a join).
+            had = self.peers.get(spec.public_key)
+            allowed = list(had.allowed_ips) if had is not None else []
+            for network in adding:
+                at = bisect.bisect_left(allowed, network)
+                if at == len(allowed) or allowed[at] != network:
+                    allowed.insert(at, network)
+            spec = dataclasses.replace(spec, allowed_ips=tuple(allowed))
         self.peers[spec.public_key] = spec
         self._log("set_peer", spec.public_key)
 
