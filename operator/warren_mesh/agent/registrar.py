@@ -29,14 +29,14 @@ from warren_mesh.metrics.instruments import AgentMetrics
 from warren_mesh.settings import RegistrationSettings
 from warren_mesh.store.base import Backoff, LeaseNotFound, Store, StoreError, StoreUnavailable
 from warren_mesh.trust.records import MeshConfig, NodeRecord, encode_json
-from warren_mesh.values.keyspace import ClaimKey, ClaimKind, KeySchema
+from warren_mesh.values.keyspace import ClaimKind, KeySchema
 from warren_mesh.values.netaddr import IPAddress, IPNetwork
 from warren_mesh.values.watch import Event, Events, KeyValue, Snapshot
 
 log = logging.getLogger(__name__)
 
-# Nodes that claimed since our listing whose claims are read one by one to check ours; more: all are listed again.
-_CLAIMANTS_READ_ONE_BY_ONE = 32
+# Nodes that claimed since our listing whose claims are read (together) to check ours; more: all are listed again.
+_CLAIMANTS_READ_APART = 32
 
 
 def _gone(key: str) -> Event:
@@ -109,22 +109,19 @@ class Registrar:
         beside 10,000 nodes; with many nodes claiming at once (a cold boot) it is still the cheaper way."""
         made = await self._store.list_prefix(self._schema.claims, created_after=view.revision)
         legacy = await self._store.list_prefix(self._schema.ipam, created_after=view.revision)
-        claimants = sorted({claim.node for kv in made.items if (claim := self._claim_of(kv.key)) is not None})
-        if len(claimants) > _CLAIMANTS_READ_ONE_BY_ONE:
+        schema = self._schema
+        claimants = sorted({claim.node for kv in made.items if (claim := schema.claim_key(kv.key)) is not None})
+        if len(claimants) > _CLAIMANTS_READ_APART:
             return await self._claims()
         events: list[Event] = []
-        for node in claimants:
-            current = await self._store.list_prefix(self._schema.claims_of(node))
+        listings = await asyncio.gather(*(self._store.list_prefix(schema.claims_of(node)) for node in claimants))
+        for node, current in zip(claimants, listings, strict=True):
             present = {kv.key for kv in current.items}
             events.extend(_gone(key) for key in view.claim_keys_of(node) if key not in present)
             events.extend(Event("put", kv) for kv in sorted(current.items, key=lambda kv: kv.create_revision))
         events.extend(Event("put", kv) for kv in sorted(legacy.items, key=lambda kv: kv.create_revision))
         view.apply(Events(tuple(events), min(made.revision, legacy.revision)))
         return view
-
-    def _claim_of(self, key: str) -> ClaimKey | None:
-        kind = self._schema.classify(key)
-        return self._schema.split_claim(kind[1]) if kind is not None and kind[0] == "claim" else None
 
     async def _withdraw(self, view: MeshView, key: str) -> None:
         """Delete a claim of ours, in etcd and in ``view`` (kept there, an older claim of ours that lost its

@@ -118,6 +118,11 @@ class KeySchema:
             return None
         return ClaimKey(*parts)
 
+    def claim_key(self, key: str) -> ClaimKey | None:
+        """A full key's parts if it is a claim (``<root>claims/<node>/<kind>/<value>``); else None."""
+        kind = self.classify(key)
+        return self.split_claim(kind[1]) if kind is not None and kind[0] == "claim" else None
+
     def classify(self, key: str) -> tuple[KeyKind, str] | None:
         """Which kind of key this is and its name part; None for keys this version does not know."""
         config, kinds = _kinds(self.root)
