@@ -28,6 +28,9 @@ Scenarios (one JSON line each, latencies in milliseconds):
          leave (--events of each, one at a time, its idle CPU taken out), its idle CPU, RSS MB per 1000 peers (over
          an agent with none), one full resync (resync_ms), and cpu_per_event_vs_smallest (flat is 1.0). With
          --locations K the records are spread over K locations, a gateway each, the agent in the first.
+  flood  one node's record rewritten as fast as etcd takes it for --flood-seconds beside N settled agents, a node
+         joining halfway: writes a second, each agent's CPU per flood write (agent_cpu_us_per_write), the join's
+         lag to the agents (join_p50_ms, join_max_ms) against a bare watcher's in the same run (floor_ms).
   idle   (not in "all") N simulated agents settled, nothing changing, for --idle-seconds: what etcd was asked to
          do, from its own counters (revisions, puts, deletes: must be 0; lease keepalives a second against
          N / (TTL / 3)), writes by kind of key (written), etcd's CPU and memory, each idle agent's CPU.
@@ -67,7 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "operator"))
 import results
 from bench_agent import scenario_coldstart, scenario_scrape
 from bench_lab import pod_reachability, scenario_failover, scenario_rotate
-from bench_mesh import scenario_churn, scenario_floor, scenario_join, scenario_leave, scenario_storm
+from bench_mesh import scenario_churn, scenario_flood, scenario_floor, scenario_join, scenario_leave, scenario_storm
 from bench_run import BenchError, BenchRun
 from bench_scale import etcd_usage, scenario_cost, scenario_idle
 from warren_mesh.identity import pki
@@ -140,6 +143,9 @@ SCENARIOS: dict[str, Scenario] = {
             scenario_cost(run.endpoint, _sizes(run.args.sizes), run.args.events, run.args.locations)
         )
     ),
+    "flood": Scenario(
+        lambda run: asyncio.run(scenario_flood(run.endpoint, run.args.nodes, run.args.workers, run.args.flood_seconds))
+    ),
     "idle": Scenario(
         lambda run: asyncio.run(
             scenario_idle(run.endpoint, run.args.nodes, run.args.workers, run.args.lease_ttl, run.args.idle_seconds)
@@ -192,6 +198,7 @@ def main() -> int:
     parser.add_argument("--sizes", default="1000", help="cost: record counts measured, e.g. 1000,5000,10000")
     parser.add_argument("--events", type=int, default=200, help="cost: joins (and as many leaves) measured per size")
     parser.add_argument("--idle-seconds", type=float, default=60.0, help="idle: the window measured")
+    parser.add_argument("--flood-seconds", type=float, default=10.0, help="flood: how long the flood lasts")
     parser.add_argument("--churn", type=int, default=20, help="random joins/leaves in the churn scenario")
     parser.add_argument(
         "--probe-rate", type=float, default=200.0, help="datagrams a second per pair in the rotate scenario"

@@ -1,5 +1,5 @@
 """Scenarios on a mesh of simulated agents (hack/agent_pool.py) against a real etcd: floor, join, leave, storm,
-churn.
+churn, flood.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from agent_pool import AgentPool, etcd3_client
-from bench_agent import proc_usage
+from bench_agent import claim, proc_usage, record
 from bench_run import percentiles
 from warren_mesh.identity.keys import load_or_create
 from warren_mesh.store.etcd import EtcdStore
 from warren_mesh.values.keyspace import KeySchema
 from warren_mesh.values.netaddr import parse_endpoints
+from warren_mesh.values.watch import Snapshot
 
 
 async def scenario_floor(
@@ -238,3 +239,74 @@ async def scenario_churn(
         "final_state_matches": matches,
         "untouched_changes": untouched,
     }
+
+
+async def scenario_flood(endpoint: str, nodes: int, workers: int, seconds: float) -> dict[str, Any]:
+    """One node's record rewritten as fast as etcd takes it (a new endpoint each time: a stolen credential, or a
+    bug) for ``seconds``, beside N simulated agents; halfway through, a node joins. What the flood costs each agent
+    (CPU per write it took in: the damper holds the flooder's updates back, mesh/damping.py), and how late the
+    join reaches them, against a bare watcher of the same prefix in this process (etcd's delivery under the
+    flood: the floor)."""
+    with tempfile.TemporaryDirectory(prefix="warren-bench-") as tmp:
+        async with AgentPool(endpoint, "flood", Path(tmp), workers=workers) as pool:
+            await settled_mesh(pool, [f"n{i}" for i in range(nodes)])
+            schema = KeySchema(pool.prefix)
+            store, watcher = EtcdStore(endpoint), EtcdStore(endpoint)
+            try:
+                await store.put(*claim(schema, 0))
+                key, value = record(schema, 0)
+                flooded = json.loads(value)
+                await store.put(key, value)
+                await pool.settle(peers=nodes)
+                arrived: dict[str, float] = {}
+                watching = asyncio.ensure_future(_arrivals(watcher, schema, arrived))
+                writes = 0
+                stop = asyncio.Event()
+
+                async def flood() -> None:
+                    nonlocal writes
+                    while not stop.is_set():
+                        flooded["endpoint"] = f"192.0.2.1:{1000 + writes % 60000}"
+                        await store.put(key, json.dumps(flooded).encode())
+                        writes += 1
+
+                cpu_before = sum(proc_usage(pid)[1] for pid in pool.pids)
+                started = time.monotonic()
+                flooding = asyncio.ensure_future(flood())
+                await asyncio.sleep(seconds / 2)
+                before = pool.names
+                joiner = await pool.start("joiner")
+                applied = await pool.applied(joiner, present=True, names=before)
+                published = await pool.published_at("joiner", observer=before[0])
+                await asyncio.sleep(max(0.0, started + seconds - time.monotonic()))
+                stop.set()
+                await flooding
+                window = time.monotonic() - started
+                cpu = sum(proc_usage(pid)[1] for pid in pool.pids) - cpu_before
+                watching.cancel()
+            finally:
+                await store.close()
+                await watcher.close()
+    lags = sorted((at - published) * 1000 for at in applied.values())
+    return {
+        "scenario": "flood",
+        "nodes": nodes,
+        "workers": workers,
+        "seconds": seconds,
+        "writes_per_s": round(writes / window, 1),
+        "agent_cpu_us_per_write": round(cpu * 1e6 / max(1, writes) / nodes, 1),
+        "agents_cpu_share": round(cpu / window, 2),
+        "join_p50_ms": round(lags[len(lags) // 2], 1),
+        "join_max_ms": round(lags[-1], 1),
+        "floor_ms": round((arrived["joiner"] - published) * 1000, 1),
+    }
+
+
+async def _arrivals(store: EtcdStore, schema: KeySchema, arrived: dict[str, float]) -> None:
+    """When each node's first record reached a bare watcher of the mesh's prefix (wall clock)."""
+    async for result in store.observe(schema.root):
+        kvs = result.items if isinstance(result, Snapshot) else [event.kv for event in result.events]
+        for kv in kvs:
+            kind = schema.classify(kv.key)
+            if kind is not None and kind[0] == "node" and kind[1] not in arrived:
+                arrived[kind[1]] = time.time()

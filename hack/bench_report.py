@@ -64,6 +64,7 @@ CONTROL_KEYS = {
         "resync_ms",
         "ready_s",
     ),
+    "flood": ("nodes", "writes_per_s", "agent_cpu_us_per_write", "join_p50_ms", "join_max_ms", "floor_ms"),
     "idle": (
         "nodes",
         "window_s",

@@ -44,6 +44,8 @@ def test_bench_smoke(etcd: EtcdServer, tmp_path: Path) -> None:
             "2",
             "--churn",
             "4",
+            "--flood-seconds",
+            "2",
             "--pod-rounds",
             "1",
             "--etcd-endpoints",
@@ -64,7 +66,7 @@ def test_bench_smoke(etcd: EtcdServer, tmp_path: Path) -> None:
     document = json.loads(saved.read_text())
     assert document["results"] == printed and document["command"].startswith("hack/bench.py --scenario all")
     assert document["machine"]["etcd"] and document["machine"]["cpus"] == os.cpu_count()
-    assert list(lines) == ["floor", "join", "leave", "storm", "coldstart", "churn", "cost", "scrape"]
+    assert list(lines) == ["floor", "join", "leave", "storm", "coldstart", "churn", "cost", "flood", "scrape"]
     floor, join, leave, cold = lines["floor"], lines["join"], lines["leave"], lines["coldstart"]
     assert floor["samples"] == 3 * 5
     assert join["samples"] == 3 + 4  # each join is seen by every agent already there
@@ -88,6 +90,9 @@ def test_bench_smoke(etcd: EtcdServer, tmp_path: Path) -> None:
     cost = lines["cost"]
     assert cost["records"] == 20 and cost["events"] == 5 and cost["rss_mb"] > 0 and cost["resync_ms"] > 0
     assert cost["cpu_ms_per_join"] > 0 and cost["cpu_ms_per_leave"] > 0 and cost["cpu_per_event_vs_smallest"] == 1.0
+    flood = lines["flood"]
+    assert flood["nodes"] == 3 and flood["writes_per_s"] > 0 and flood["agent_cpu_us_per_write"] > 0, flood
+    assert 0 < flood["join_p50_ms"] <= flood["join_max_ms"] and flood["floor_ms"] > 0, flood
     scrape = lines["scrape"]
     assert scrape["peers"] == 20 and scrape["memory_scrape_p50_ms"] > 0 and scrape["memory_exposition_kb"] > 0
 

@@ -5,6 +5,11 @@ does) would drop every live session on each change. Peers the device has but the
 once the caller knows the mesh completely (``remove_unknown``), so an agent that restarts next to a live device
 does not strip it bare before its first snapshot arrives.
 
+A peer's allowed IPs that only grow (a family gained, a node joining behind a gateway) are added to it, not
+replaced: WireGuard replaces them by removing all and inserting the new ones, and a packet from that peer decrypted
+in between fails the source check and is dropped. Removing one still takes the whole list (the kernels and
+wireguard-go versions we support have no removal of a single allowed IP).
+
 WireGuard updates a peer's endpoint itself when the peer roams (NAT rebinding). An endpoint that differs from
 what we last asked for is therefore roaming, not drift, and is left alone unless the record itself changed.
 
