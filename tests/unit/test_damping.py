@@ -7,10 +7,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ipaddress
+from collections.abc import AsyncGenerator
 
 from helpers import run
 from unit.stage_parts import SCHEMA, ReadOnlyStore, publish, record
-from warren_mesh.agent.observer import MeshObserver
+from warren_mesh.agent.observer import MeshObserver, Observed
 from warren_mesh.mesh.damping import BURST, RATE, Damper
 from warren_mesh.mesh.view import MeshView
 from warren_mesh.store.memory import MemoryStore
@@ -84,21 +85,27 @@ def test_an_honest_burst_a_first_record_and_a_deletion_are_never_held() -> None:
     assert "n" in gone.nodes and "n" not in view.nodes and view.next_release() is None
 
 
+async def _flooded() -> tuple[MemoryStore, MeshView, AsyncGenerator[Observed, None]]:
+    """An observer's store, view and batches after node ``flood`` rewrote its record 40 times at once (ports
+    20000-20039), past its burst; the snapshot before it taken."""
+    store = MemoryStore()
+    flooder = record("flood", 1)
+    await publish(store, flooder)
+    view = MeshView(SCHEMA, damper=Damper())
+    batches = MeshObserver(store=ReadOnlyStore(store), view=view, watched=lambda: ()).batches()
+    await asyncio.wait_for(anext(batches), 5)
+    for port in range(20000, 20040):
+        changed = dataclasses.replace(flooder, endpoints=(Endpoint(ipaddress.ip_address("192.0.2.11"), port),))
+        await store.put(SCHEMA.node("flood"), encode_json(changed.to_json()))
+    return store, view, batches
+
+
 def test_the_observer_releases_a_held_record_when_no_batch_comes() -> None:
     """The flood stops and the mesh is quiet: the newest record still reaches the view (and the decide stage),
     from the observer's own timer."""
 
     async def body() -> None:
-        store = MemoryStore()
-        flooder = record("flood", 1)
-        await publish(store, flooder)
-        view = MeshView(SCHEMA, damper=Damper())
-        observer = MeshObserver(store=ReadOnlyStore(store), view=view, watched=lambda: ())
-        batches = observer.batches()
-        await asyncio.wait_for(anext(batches), 5)
-        for port in range(20000, 20040):
-            changed = dataclasses.replace(flooder, endpoints=(Endpoint(ipaddress.ip_address("192.0.2.11"), port),))
-            await store.put(SCHEMA.node("flood"), encode_json(changed.to_json()))
+        _, view, batches = await _flooded()
         damped = 0
         while view.nodes["flood"].record.endpoint.port != 20039:
             observed = await asyncio.wait_for(anext(batches), 5)
@@ -115,16 +122,7 @@ def test_a_held_record_is_released_when_due_however_busy_the_stream() -> None:
     record is still folded in when it is due, not when the stream next falls quiet."""
 
     async def body() -> None:
-        store = MemoryStore()
-        flooder = record("flood", 1)
-        await publish(store, flooder)
-        view = MeshView(SCHEMA, damper=Damper())
-        observer = MeshObserver(store=ReadOnlyStore(store), view=view, watched=lambda: ())
-        batches = observer.batches()
-        await asyncio.wait_for(anext(batches), 5)
-        for port in range(20000, 20040):
-            changed = dataclasses.replace(flooder, endpoints=(Endpoint(ipaddress.ip_address("192.0.2.11"), port),))
-            await store.put(SCHEMA.node("flood"), encode_json(changed.to_json()))
+        store, view, batches = await _flooded()
 
         async def chatter() -> None:  # keys of a newer schema: watch answers the view does not take
             i = 0

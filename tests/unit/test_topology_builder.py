@@ -111,6 +111,26 @@ def _random_event(rng: random.Random, etcd: _Etcd, *, located: bool) -> Event | 
     return etcd.put(SCHEMA.node(name), b"{not json")  # rejected: the last valid record stays
 
 
+def _located(etcd: _Etcd, key: str, i: int, name: str, location: str, *, subnets: tuple[str, ...] = ()) -> list[Event]:
+    """Node ``name`` joining at location ``location`` (a gateway candidate with an external endpoint if its name
+    starts with g): its claim on 10.96.0.<i+1>, its candidacy, its record."""
+    record = NodeRecord(
+        name=name,
+        public_key=key,
+        endpoints=(Endpoint(ipaddress.ip_address("192.0.2.1"), 51820 + i),),
+        overlay_ips=(ipaddress.ip_address(f"10.96.0.{i + 1}"),),
+        listen_port=51820,
+        allowed_ips=tuple(ipaddress.ip_network(n) for n in subnets),
+        published_at=1.0,
+        location=location,
+        external_endpoints=(Endpoint(ipaddress.ip_address("198.51.100.1"), 51820 + i),) if name[0] == "g" else (),
+    )
+    events = [etcd.put(SCHEMA.claim(name, f"10.96.0.{i + 1}"), b"")]
+    if name[0] == "g":
+        events.append(etcd.put(SCHEMA.candidacy(name, location), b""))
+    return [*events, etcd.put(SCHEMA.node(name), encode_json(record.to_json()))]
+
+
 @pytest.mark.parametrize("located", [False, True], ids=["flat", "located"])
 @pytest.mark.parametrize("seed", range(40))
 def test_incremental_fold_equals_a_fold_from_scratch(seed: int, located: bool) -> None:
@@ -143,13 +163,7 @@ def test_incremental_fold_equals_a_fold_from_scratch(seed: int, located: bool) -
                 LOCAL.public_key, previous.interface, dict(previous.peers), routes=frozenset(desired_routes(previous))
             )
             full = plan_changes(current, device, local_public_key=LOCAL.public_key, previous=previous)
-            delta = plan_delta(
-                previous.peers,
-                current.peers,
-                affected,
-                interface_addresses=current.interface.addresses,
-                route_changes=builder.route_changes,
-            )
+            delta = _delta(builder, previous, current, affected)
             assert _applied(previous, delta) == _applied(previous, full) == dict(current.peers)
             # The networks the paths say a kept peer gained and lost are exactly what changed on it.
             _check_route_changes(builder, previous, current)
@@ -161,6 +175,17 @@ def test_incremental_fold_equals_a_fold_from_scratch(seed: int, located: bool) -
         previous = current
     assert builder.rebuilds < 300, "every change needed a fold from scratch"
     assert (routed > 50) if located else (routed == 0), routed
+
+
+def _delta(builder: TopologyBuilder, previous: Topology, current: Topology, affected: set[str]) -> Plan:
+    """The agent's delta plan from ``previous`` to ``current``, with the route changes the builder worked out."""
+    return plan_delta(
+        previous.peers,
+        current.peers,
+        affected,
+        interface_addresses=current.interface.addresses,
+        route_changes=builder.route_changes,
+    )
 
 
 def _check_route_changes(builder: TopologyBuilder, previous: Topology, current: Topology) -> int:
@@ -186,24 +211,10 @@ def test_nodes_churning_behind_gateways_change_the_gateways_peers_by_what_the_pa
     builder = TopologyBuilder(local, auto_mtu=1420)
     builder.update(view, view.apply(Snapshot((), etcd.revision)))
 
-    def node(i: int, name: str, location: str, subnets: list[str]) -> list[Event]:
-        record = NodeRecord(
-            name=name,
-            public_key=keys[i],
-            endpoints=(Endpoint(ipaddress.ip_address("192.0.2.1"), 51820 + i),),
-            overlay_ips=(ipaddress.ip_address(f"10.96.0.{i + 1}"),),
-            listen_port=51820,
-            allowed_ips=tuple(ipaddress.ip_network(n) for n in subnets),
-            published_at=1.0,
-            location=location,
-            external_endpoints=(Endpoint(ipaddress.ip_address("198.51.100.1"), 51820 + i),) if name[0] == "g" else (),
-        )
-        events = [etcd.put(SCHEMA.claim(name, f"10.96.0.{i + 1}"), b"")]
-        if name[0] == "g":
-            events.append(etcd.put(SCHEMA.candidacy(name, location), b""))
-        return [*events, etcd.put(SCHEMA.node(name), encode_json(record.to_json()))]
+    def node(i: int, name: str, location: str, subnets: tuple[str, ...] = ()) -> list[Event]:
+        return _located(etcd, keys[i], i, name, location, subnets=subnets)
 
-    setup = node(0, "local", "a", []) + node(1, "ga", "a", []) + node(2, "gb", "b", []) + node(3, "gc", "c", [])
+    setup = node(0, "local", "a") + node(1, "ga", "a") + node(2, "gb", "b") + node(3, "gc", "c")
     builder.update(view, view.apply(Events(tuple(setup), etcd.revision)))
     previous, told = builder.topology(), 0
     for step in range(150):
@@ -214,7 +225,7 @@ def test_nodes_churning_behind_gateways_change_the_gateways_peers_by_what_the_pa
                 gone = etcd.delete(SCHEMA.node(f"n{i}"))
                 events += [gone] if gone is not None else []
             else:
-                subnets = [f"10.{200 + i}.{j}.0/24" for j in rng.sample(range(4), rng.choice([0, 1, 2]))]
+                subnets = tuple(f"10.{200 + i}.{j}.0/24" for j in rng.sample(range(4), rng.choice([0, 1, 2])))
                 events += node(i, f"n{i}", rng.choice("abc"), subnets)
         rebuilds = builder.rebuilds
         affected = builder.update(view, view.apply(Events(tuple(events), etcd.revision)))
@@ -222,13 +233,7 @@ def test_nodes_churning_behind_gateways_change_the_gateways_peers_by_what_the_pa
         assert current == build_topology(local=local, view=view, auto_mtu=1420), f"seed {seed}, step {step}"
         assert affected is not None and builder.rebuilds == rebuilds, "a plain node's change was folded afresh"
         told += _check_route_changes(builder, previous, current)
-        delta = plan_delta(
-            previous.peers,
-            current.peers,
-            affected,
-            interface_addresses=current.interface.addresses,
-            route_changes=builder.route_changes,
-        )
+        delta = _delta(builder, previous, current, affected)
         assert _applied(previous, delta) == dict(current.peers), f"seed {seed}, step {step}"
         previous = current
     assert told > 20, told
@@ -291,20 +296,7 @@ def test_a_join_in_a_located_mesh_changes_only_its_own_peer_and_its_carrier() ->
     def join(i: int) -> set[str] | None:
         name = names[i]
         location = "b" if name.startswith(("gb", "b")) else "a"
-        record = NodeRecord(
-            name=name,
-            public_key=keys[i],
-            endpoints=(Endpoint(ipaddress.ip_address("192.0.2.1"), 51820 + i),),
-            overlay_ips=(ipaddress.ip_address(f"10.96.0.{i + 1}"),),
-            listen_port=51820,
-            published_at=1.0,
-            location=location,
-            external_endpoints=(Endpoint(ipaddress.ip_address("198.51.100.1"), 51820 + i),) if name[0] == "g" else (),
-        )
-        events = [etcd.put(SCHEMA.claim(name, f"10.96.0.{i + 1}"), b"")]
-        if name[0] == "g":
-            events.append(etcd.put(SCHEMA.candidacy(name, location), b""))
-        events.append(etcd.put(SCHEMA.node(name), encode_json(record.to_json())))
+        events = _located(etcd, keys[i], i, name, location)
         return builder.update(view, view.apply(Events(tuple(events), etcd.revision)))
 
     for i in range(5):  # local, both gateways (candidacies: worked out afresh), a1, b1
