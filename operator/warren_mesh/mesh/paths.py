@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 from warren_mesh.mesh.candidacies import Candidacy
 from warren_mesh.mesh.view import MeshReader
-from warren_mesh.trust.records import NodeRecord
+from warren_mesh.trust.records import ExternalPeer, NodeRecord
 from warren_mesh.values.device import PeerSpec
 
 
@@ -69,6 +69,13 @@ class Paths:
     # nodes this one has no path to: its location or theirs has no gateway
     unrouted: tuple[str, ...] = ()
     gateways: Mapping[str, str] = field(default_factory=dict)  # every location's gateway
+
+
+def puts_paths_in_play(record: NodeRecord | ExternalPeer) -> bool:
+    """Whether ``record`` puts paths in play: a node with a location, an external endpoint or unreachable peers."""
+    return isinstance(record, NodeRecord) and bool(
+        record.location is not None or record.external_endpoints or record.unreachable
+    )
 
 
 class PathSummary(NamedTuple):

@@ -26,7 +26,7 @@ from warren_mesh.mesh.changes import Changes
 from warren_mesh.mesh.claims import SELF_REASONS, ClaimRules, Conflict, LocalNode, NetworkClaims
 from warren_mesh.mesh.desired import Topology
 from warren_mesh.mesh.interface import device_mtu, interface_addresses, pod_aggregates
-from warren_mesh.mesh.paths import Paths, PathSummary, dialled_endpoint
+from warren_mesh.mesh.paths import Paths, PathSummary, dialled_endpoint, puts_paths_in_play
 from warren_mesh.mesh.routed_peers import RouteChange, RoutedPeers
 from warren_mesh.mesh.view import Entry, MeshReader
 from warren_mesh.trust.reasons import REASON_DUPLICATE_PUBLIC_KEY, REASON_OVERLAPPING_ALLOWED_IPS
@@ -99,8 +99,7 @@ class TopologyBuilder:
         self._located = 0
         self._routing: RoutedPeers | None = None  # the paths and the device's peers, while paths are in play
         self._touched: set[str] = set()  # nodes the last update settled again
-        # Public key -> the networks its peer gained and lost in the last update, where the paths know them
-        # (mesh/routed_peers.py); the plan writes those rather than comparing a gateway's thousands.
+        # Public key -> the networks its peer gained and lost in the last update, where the paths know them.
         self.route_changes: Mapping[str, RouteChange] = {}
         local = self._local
         for version, prefixlen, first, _ in Routes.of(local.allowed_ips, hosts=local.overlay_ips).ranges:
@@ -255,7 +254,7 @@ class TopologyBuilder:
         own = view.nodes.get(self._local.name) if view is not None else None
         if view is None or own is None:
             return False
-        return bool(self._located or view.gateway_candidacies or _routes(own.record))
+        return bool(self._located or view.gateway_candidacies or puts_paths_in_play(own.record))
 
     def _route(self) -> None:
         """Work out the device's peers from the paths when they are in play: a peer carries the routes of every
@@ -332,7 +331,7 @@ class TopologyBuilder:
             del self._names[key]
         if candidate[0] == "node":
             self.nodes_taken -= 1
-            self._located -= _routes(record)
+            self._located -= puts_paths_in_play(record)
             self._unreachable.discard(candidate[1])
         # What it held is free now: a record after it that was left out for colliding may be taken now.
         return not self._conflicts_after(settled.position)
@@ -381,7 +380,7 @@ class TopologyBuilder:
         self._settled[candidate] = settled
         if candidate[0] == "node":
             self.nodes_taken += 1
-            self._located += _routes(record)
+            self._located += puts_paths_in_play(record)
             if spec.endpoint is None:
                 self._unreachable.add(name)
 
@@ -422,24 +421,11 @@ class TopologyBuilder:
         return None
 
 
-def build_topology(
-    *,
-    local: LocalNode,
-    view: MeshReader,
-    auto_mtu: int,
-    fwmark: int = 0,
-) -> Topology:
+def build_topology(*, local: LocalNode, view: MeshReader, auto_mtu: int, fwmark: int = 0) -> Topology:
     """The desired device for ``local``, folded from scratch (``status`` and tests; the agent keeps a builder)."""
     builder = TopologyBuilder(local, auto_mtu=auto_mtu, fwmark=fwmark)
     builder.rebuild(view)
     return builder.topology()
-
-
-def _routes(record: NodeRecord | ExternalPeer) -> bool:
-    """Whether ``record`` puts paths in play: a node with a location, an external endpoint or unreachable peers."""
-    return isinstance(record, NodeRecord) and bool(
-        record.location is not None or record.external_endpoints or record.unreachable
-    )
 
 
 def _position(candidate: Candidate, entry: Entry[NodeRecord] | Entry[ExternalPeer]) -> _Position:

@@ -15,15 +15,15 @@ outside it.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 from warren_mesh.mesh.candidacies import GATEWAY_KIND, Candidacies, Candidacy
-from warren_mesh.mesh.changes import Changes, Rejection
+from warren_mesh.mesh.changes import Changes
 from warren_mesh.mesh.claim_slots import ClaimSlots, OwnClaim, Reservation, surplus_message
 from warren_mesh.mesh.damping import Damper
+from warren_mesh.mesh.rejections import RejectedKeys
 from warren_mesh.mesh.renumbering import renumbering_refusal
 from warren_mesh.trust.decode import MAX_KEY_BYTES, MAX_VALUE_BYTES, decode_json
 from warren_mesh.trust.fields import validate_name
@@ -37,7 +37,7 @@ from warren_mesh.trust.reasons import (
     RecordError,
 )
 from warren_mesh.trust.records import ExternalPeer, MeshConfig, NodeRecord
-from warren_mesh.trust.text import one_line, printable
+from warren_mesh.trust.text import printable
 from warren_mesh.values.keyspace import CLAIM_KINDS, KeySchema
 from warren_mesh.values.netaddr import network_text, parse_ip, parse_network
 from warren_mesh.values.watch import Events, KeyValue, Snapshot, WatchResult
@@ -124,12 +124,10 @@ class MeshView:
         self._candidacies = Candidacies()
         self.revision = 0
         self.synced = False  # a complete snapshot has been seen; until then nothing may be removed
-        self._rejected: dict[str, tuple[int, str]] = {}  # key -> (mod revision already reported, reason)
+        self._rejected = RejectedKeys()
         # What the batch being applied changed (returned by apply()): the agent decides from the records an event
         # touched, not all of them. Everything, for the first batch.
         self._published: dict[str, float] = {}  # node name -> publish time of the records accepted
-        self._rejections: list[Rejection] = []
-        self._cleared_rejections = False  # a key rejected before is gone or valid now
         self._changed_everything = True
         self._changed_nodes: set[str] = set()
         self._changed_peers: set[str] = set()
@@ -156,21 +154,20 @@ class MeshView:
         return self._damper.next_due() if self._damper is not None else None
 
     def _take_changes(self) -> Changes:
+        rejections, cleared = self._rejected.take()
         changes = Changes(
             self._changed_everything,
             self._changed_nodes,
             self._changed_peers,
             self._changed_addresses,
             self._published,
-            tuple(self._rejections),
+            rejections,
             tuple(self._damped),
-            self._cleared_rejections,
+            cleared,
         )
         self._changed_everything = False
         self._changed_nodes, self._changed_peers, self._changed_addresses = set(), set(), set()
         self._published = {}
-        self._rejections.clear()
-        self._cleared_rejections = False
         self._damped = []
         return changes
 
@@ -180,7 +177,7 @@ class MeshView:
 
     def rejected_by_reason(self) -> dict[str, int]:
         """Keys whose current value is rejected, counted by reason (what an operator has to fix now)."""
-        return dict(Counter(reason for _, reason in self._rejected.values()))
+        return self._rejected.by_reason()
 
     def _apply_snapshot(self, snapshot: Snapshot) -> None:
         present = {kv.key for kv in snapshot.items}
@@ -194,7 +191,7 @@ class MeshView:
         self._candidacies.clear()
         if self._damper is not None:
             self._damper.clear()
-        self._rejected = {k: r for k, r in self._rejected.items() if k in present}
+        self._rejected.keep_only(present)
         self._pending_config = None
         # The config last: whether it may take effect depends on the nodes registered with it.
         for kv in sorted(snapshot.items, key=lambda kv: kv.key == self._schema.config):
@@ -214,7 +211,7 @@ class MeshView:
         self.revision = batch.revision
 
     def _delete(self, key: str) -> None:
-        self._unreject(key)
+        self._rejected.clear(key)
         kind = self._schema.classify(key)
         if kind is None:
             return
@@ -261,7 +258,7 @@ class MeshView:
             error = RecordError(REASON_UNEXPECTED, f"{type(exc).__name__}: {printable(str(exc))}")
             self._reject(kv, error, trace=exc)
         else:
-            self._unreject(kv.key)
+            self._rejected.clear(kv.key)
 
     def _put_kind(self, kind: tuple[str, str], kv: KeyValue) -> None:
         kind_name, name = kind
@@ -317,7 +314,7 @@ class MeshView:
         except RecordError:
             return  # still leaves someone out
         log.info("mesh config of revision %d takes effect: no registered node is left outside it", kv.mod_revision)
-        self._unreject(kv.key)
+        self._rejected.clear(kv.key)
 
     def _put_claim(self, name: str, kv: KeyValue) -> None:
         claim = self._schema.split_claim(name)
@@ -357,9 +354,9 @@ class MeshView:
             self._drop_claim(held.subject, held.claim.key)
             if holder is not None and held.claim.key != holder.claim.key and self._slots.holds(held.claim.key):
                 surplus = RecordError(REASON_SURPLUS_CLAIM, surplus_message(held.claim.key, holder))
-                self._report(held.claim.key, held.mod_revision, surplus)
+                self._rejected.report(held.claim.key, held.mod_revision, surplus)
         if holder is not None:
-            self._unreject(holder.claim.key)  # it counts now
+            self._rejected.clear(holder.claim.key)  # it counts now
             self._add_claim(holder.subject, holder.claim)
         return holder
 
@@ -413,31 +410,8 @@ class MeshView:
         """Every claim on ``address``, oldest (the holder) first."""
         return sorted(self._claims.get(address, {}).values())
 
-    def _unreject(self, key: str) -> None:
-        """``key``'s value is gone, or valid now: it no longer counts as rejected."""
-        if self._rejected.pop(key, None) is not None:
-            self._cleared_rejections = True
-
     def _reject(self, kv: KeyValue, exc: RecordError, *, trace: BaseException | None = None) -> None:
-        """Count and log a rejected record version once; ``trace``: the bug of ours it hit, logged with it."""
-        self._report(kv.key, kv.mod_revision, exc, trace=trace)
-
-    def _report(self, key: str, mod_revision: int, exc: RecordError, *, trace: BaseException | None = None) -> None:
-        reported = self._rejected.get(key)
-        if reported is not None and reported[0] == mod_revision:
-            return  # already reported this very version (seen again in a snapshot)
-        self._rejected[key] = (mod_revision, exc.reason)
-        message = one_line(str(exc))  # one bounded line, whatever the record held
-        rejection = Rejection(key, exc.reason, message)
-        log.warning(
-            "rejected %s (revision %d, %s): %s",
-            printable(key),
-            mod_revision,
-            exc.reason,
-            message,
-            exc_info=(type(trace), trace, trace.__traceback__) if trace is not None else None,
-        )
-        self._rejections.append(rejection)
+        self._rejected.report(kv.key, kv.mod_revision, exc, trace=trace)
 
 
 def _check_key_name(name: str) -> None:
