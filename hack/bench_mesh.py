@@ -5,6 +5,7 @@ churn, flood.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import subprocess
@@ -284,6 +285,8 @@ async def scenario_flood(endpoint: str, nodes: int, workers: int, seconds: float
                 window = time.monotonic() - started
                 cpu = sum(proc_usage(pid)[1] for pid in pool.pids) - cpu_before
                 watching.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watching
             finally:
                 await store.close()
                 await watcher.close()

@@ -43,6 +43,10 @@ PeerAction = Literal["add", "update", "remove"]
 OperationKind = Literal["private_key", "interface", "set_peers", "add_route", "remove", "remove_route"]
 
 
+# The networks a peer gained and lost since it was applied, each sorted (mesh/routed_peers.py works them out).
+RouteChange = tuple[list[str], list[str]]
+
+
 @dataclass(frozen=True, slots=True)
 class PeerChange:
     action: PeerAction
@@ -201,7 +205,7 @@ def plan_delta(
     *,
     interface_addresses: Iterable[str],
     aggregates: Iterable[str] = (),
-    route_changes: Mapping[str, tuple[list[str], list[str]]] | None = None,
+    route_changes: Mapping[str, RouteChange] | None = None,
 ) -> Plan:
     """The peer and route changes for ``public_keys`` from the peers last applied to the desired ones, the device
     being as it was left (the interface and the aggregate routes are never part of a delta: a config change makes
@@ -239,7 +243,7 @@ def plan_delta(
 
 
 def _update(
-    key: str, have: PeerSpec, want: PeerSpec, known: tuple[list[str], list[str]] | None = None
+    key: str, have: PeerSpec, want: PeerSpec, known: RouteChange | None = None
 ) -> tuple[PeerChange, list[str], list[str]]:
     """An update of a peer the device has as ``have`` (allowed IPs that only grow are added, not replaced), and
     the networks it adds and removes (``known``: as the caller worked them out, if they add up)."""
@@ -285,7 +289,7 @@ def _difference(have: PeerSpec, want: PeerSpec, added: Sequence[str], removed: S
     parts = []
     if have.endpoint != want.endpoint:
         parts.append(f"endpoint {have.endpoint or '-'} -> {want.endpoint or '-'}")
-    if have.allowed_ips != want.allowed_ips:
+    if added or removed or have.allowed_ips != want.allowed_ips:  # known to differ when something came or went
         change = [f"+{_networks(added, len(added))}"] if added else []
         change += [f"-{_networks(removed, len(removed))}"] if removed else []
         parts.append(f"allowed {' '.join(change) or 'reordered'} ({len(want.allowed_ips)} in all)")

@@ -17,13 +17,11 @@ from collections.abc import Callable, Collection, Mapping
 
 from warren_mesh.mesh.candidacies import Candidacy
 from warren_mesh.mesh.paths import Paths, PathSummary, Routing, dialled_endpoint, location_id, routed_peers
+from warren_mesh.mesh.plan import RouteChange
 from warren_mesh.trust.records import NodeRecord
 from warren_mesh.values.device import PeerSpec
 
 NodeSpec = tuple[PeerSpec, PeerSpec | None]  # a node's peer, and that of its next key (the fold's)
-# The networks a peer gained and lost in one update, sorted: what the plan writes instead of comparing the peer's
-# thousands of allowed IPs (a gateway's peer carries every node of the other locations).
-RouteChange = tuple[list[str], list[str]]
 
 
 class RoutedPeers:
@@ -54,7 +52,8 @@ class RoutedPeers:
         self._keys: dict[str, tuple[str, ...]] = {}  # direct node -> the public keys of its peers
         self._paths: Paths | None = None  # made when asked for, until the next change
         self._carried: dict[str, Counter[str]] = {}  # carrier -> its routes' net change in this update (+1, -1)
-        # Public key of a peer the last update kept -> the networks it gained and lost (see RouteChange).
+        # Public key of a peer the last update kept -> the networks it gained and lost: what the plan writes instead
+        # of comparing the peer's thousands of allowed IPs (a gateway's peer carries the other locations' nodes).
         self.route_changes: dict[str, RouteChange] = {}
 
     def work_out(

@@ -27,7 +27,8 @@ from warren_mesh.mesh.claims import SELF_REASONS, ClaimRules, Conflict, LocalNod
 from warren_mesh.mesh.desired import Topology
 from warren_mesh.mesh.interface import device_mtu, interface_addresses, pod_aggregates
 from warren_mesh.mesh.paths import Paths, PathSummary, dialled_endpoint, puts_paths_in_play
-from warren_mesh.mesh.routed_peers import RouteChange, RoutedPeers
+from warren_mesh.mesh.plan import RouteChange
+from warren_mesh.mesh.routed_peers import RoutedPeers
 from warren_mesh.mesh.view import Entry, MeshReader
 from warren_mesh.trust.reasons import REASON_DUPLICATE_PUBLIC_KEY, REASON_OVERLAPPING_ALLOWED_IPS
 from warren_mesh.trust.records import ExternalPeer, MeshConfig, NodeRecord
