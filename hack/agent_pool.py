@@ -23,7 +23,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "operator"))
 
 
-from bench_run import BenchError
+from bench_run import BenchError, proc_usage
 from warren_mesh.identity import pki
 from warren_mesh.identity.etcd_tls import EtcdTls
 from warren_mesh.store import roles
@@ -163,6 +163,10 @@ class AgentPool:
     def pids(self) -> list[int]:
         """The worker processes' (their CPU and memory are what the simulated agents cost this machine)."""
         return [handle.process.pid for handle in self._handles]
+
+    def cpu_seconds(self) -> float:
+        """CPU the worker processes have used so far (every simulated agent's, and gRPC's threads)."""
+        return sum(proc_usage(pid)[1] for pid in self.pids)
 
     async def _each(self, op: str, **args: Any) -> list[Any]:
         return list(await asyncio.gather(*(handle.call(op, **args) for handle in self._handles)))

@@ -172,18 +172,6 @@ def record(schema: KeySchema, i: int, *, location: str | None = None, external: 
     return schema.node(record.name), encode_json(record.to_json())
 
 
-def proc_usage(pid: int) -> tuple[int, float]:
-    """(RSS bytes, CPU seconds) of a process, from /proc. CPU is the sum of its threads' run time in nanoseconds
-    (schedstat): the tick-based counters of /proc/PID/stat count in 10 ms steps, coarser than a small run."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    rss = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
-    cpu_ns = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):  # a thread that ended meanwhile
-            cpu_ns += int((task / "schedstat").read_text().split()[0])
-    return rss, cpu_ns / 1e9
-
-
 def scenario_scrape(peers: int, scrapes: int) -> dict[str, Any]:
     """What one Prometheus scrape of an agent with ``peers`` peers costs: the per-peer collector reading the
     device and rendering the exposition. On the memory device always; on a real wireguard-go device (in a network

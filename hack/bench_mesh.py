@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from agent_pool import AgentPool, etcd3_client
-from bench_agent import claim, proc_usage, record
+from bench_agent import claim, record
 from bench_run import percentiles
 from warren_mesh.identity.keys import load_or_create
 from warren_mesh.store.etcd import EtcdStore
@@ -174,12 +174,12 @@ async def scenario_storm(endpoint: str, nodes: int, workers: int, lease_ttl: int
     with tempfile.TemporaryDirectory(prefix="warren-bench-") as tmp:
         async with AgentPool(endpoint, "storm", Path(tmp), workers=workers, ttl=lease_ttl) as pool:
             await pool.loop_lag()  # starts the workers' lag probes
-            cpu_before = sum(proc_usage(pid)[1] for pid in pool.pids)
+            cpu_before = pool.cpu_seconds()
             started = time.monotonic()
             await _start_all(pool, [f"n{i}" for i in range(nodes)])
             await pool.settle(timeout=900)
             converged = time.monotonic() - started
-            cpu = sum(proc_usage(pid)[1] for pid in pool.pids) - cpu_before
+            cpu = pool.cpu_seconds() - cpu_before
             rebuilds = await pool.rebuilds()
             lag = await pool.loop_lag()
             work = await pool.work()
@@ -271,7 +271,7 @@ async def scenario_flood(endpoint: str, nodes: int, workers: int, seconds: float
                         await store.put(key, json.dumps(flooded).encode())
                         writes += 1
 
-                cpu_before = sum(proc_usage(pid)[1] for pid in pool.pids)
+                cpu_before = pool.cpu_seconds()
                 started = time.monotonic()
                 flooding = asyncio.ensure_future(flood())
                 await asyncio.sleep(seconds / 2)
@@ -283,7 +283,7 @@ async def scenario_flood(endpoint: str, nodes: int, workers: int, seconds: float
                 stop.set()
                 await flooding
                 window = time.monotonic() - started
-                cpu = sum(proc_usage(pid)[1] for pid in pool.pids) - cpu_before
+                cpu = pool.cpu_seconds() - cpu_before
                 watching.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watching

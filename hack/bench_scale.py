@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from agent_pool import AgentPool
-from bench_agent import claim, proc_usage, record
+from bench_agent import claim, record
 from bench_mesh import settled_mesh
-from bench_run import BenchError
+from bench_run import BenchError, proc_usage
 from warren_mesh.store.etcd import EtcdStore
 from warren_mesh.testkit.etcd_server import free_port
 from warren_mesh.testkit.exposition import scrape
@@ -202,10 +202,10 @@ async def scenario_idle(endpoint: str, nodes: int, workers: int, lease_ttl: int,
                 watch = asyncio.create_task(_count_writes(store, pool.prefix, written))
                 await asyncio.sleep(0.5)
                 before, begun = scrape(f"{endpoint}/metrics"), time.monotonic()
-                workers_before = sum(proc_usage(pid)[1] for pid in pool.pids)
+                workers_before = pool.cpu_seconds()
                 await asyncio.sleep(seconds)
                 after, window = scrape(f"{endpoint}/metrics"), time.monotonic() - begun
-                workers_cpu = sum(proc_usage(pid)[1] for pid in pool.pids) - workers_before
+                workers_cpu = pool.cpu_seconds() - workers_before
                 watch.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watch
