@@ -4,7 +4,6 @@ and one refused change never stops the others."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 
 from unit.stage_parts import LOCAL_KEY
 from warren_mesh.agent.device_writer import DeviceWriter
@@ -65,11 +64,12 @@ def test_operations_run_in_the_plans_order_and_are_counted_by_kind() -> None:
     assert set(device.peers) == {staying.public_key, joining.public_key}
 
 
-@dataclass
 class _Picky(MemoryBackend):
     """Refuses several peers at once, and one peer and one route always."""
 
-    refused: set[str] = field(default_factory=set)
+    def __init__(self, interface_name: str, refused: set[str] | None = None) -> None:
+        super().__init__(interface_name)
+        self.refused = refused or set()
 
     def set_peers(self, specs: Sequence[PeerSpec], *, adding: Mapping[str, tuple[str, ...]] | None = None) -> None:
         raise BackendError(f"refusing {len(specs)} peers at once")
@@ -125,3 +125,24 @@ def test_networks_added_to_peers_reach_the_device_as_additions_whether_set_toget
         assert DeviceWriter(device, Identity(LOCAL_KEY)).execute(Plan(None, False, changes), {}).ok
         assert device.peers[first.public_key].allowed_ips == ("10.96.0.2/32", "fd96::2/128")
         assert device.peers[second.public_key].allowed_ips == ("10.96.0.3/32", "172.16.0.0/24", "fd96::3/128")
+
+
+def test_the_memory_device_adds_networks_to_what_it_has_whatever_the_caller_believed() -> None:
+    """The memory device keeps each grown peer's networks as a list the next additions go into (no copy of a
+    gateway's thousands per join), and what it shows is what it has: a caller that believed the peer had other
+    networks (as many) is shown the device's, not its belief."""
+    device = MemoryBackend(interface_name="wgtest")
+    peer = PeerSpec(_peer(2).public_key, "192.0.2.2:51820", ("10.96.0.1/32", "10.96.0.4/32"))
+    device.set_peer(peer)
+    believed = PeerSpec(peer.public_key, peer.endpoint, ("10.96.0.1/32", "10.96.0.2/32", "10.96.0.3/32"))
+    device.set_peer(believed, adding=("10.96.0.3/32",))
+    assert device.peers[peer.public_key].allowed_ips == ("10.96.0.1/32", "10.96.0.3/32", "10.96.0.4/32")
+    # Additions that match what the caller holds are taken as given, one after another, and read back whole.
+    for host in range(5, 50):
+        networks = tuple(sorted((*device.peers[peer.public_key].allowed_ips, f"10.96.0.{host}/32")))
+        device.set_peer(PeerSpec(peer.public_key, peer.endpoint, networks), adding=(f"10.96.0.{host}/32",))
+    expected = tuple(sorted(f"10.96.0.{host}/32" for host in (1, 3, *range(4, 50))))
+    assert device.read().peers[peer.public_key].allowed_ips == expected
+    # A replacement drops what was added.
+    device.set_peer(peer)
+    assert device.peers[peer.public_key].allowed_ips == peer.allowed_ips

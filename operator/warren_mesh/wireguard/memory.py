@@ -11,7 +11,7 @@ import dataclasses
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from warren_mesh.identity.keys import NodeKey
 from warren_mesh.values.device import DeviceState, InterfaceSpec, PeerSpec
@@ -24,16 +24,35 @@ class Operation:
     at: float  # time.time() when applied: comparable with a record's published_at
 
 
-@dataclass
 class MemoryBackend:
-    interface_name: str = "wg-mesh"
-    public_key: str | None = None
-    interface: InterfaceSpec | None = None
-    peers: dict[str, PeerSpec] = field(default_factory=dict)
-    routes: set[str] = field(default_factory=set)
-    # Bounded, so a long-running demo or benchmark does not grow without end.
-    operations: deque[Operation] = field(default_factory=lambda: deque(maxlen=100_000))
-    closed: bool = False
+    def __init__(self, interface_name: str = "wg-mesh", *, peers: Mapping[str, PeerSpec] | None = None) -> None:
+        self.interface_name = interface_name
+        self.public_key: str | None = None
+        self.interface: InterfaceSpec | None = None
+        self.routes: set[str] = set()
+        # Bounded, so a long-running demo or benchmark does not grow without end.
+        self.operations: deque[Operation] = deque(maxlen=100_000)
+        self.closed = False
+        self._peers: dict[str, PeerSpec] = dict(peers or {})
+        # Peers given networks to add: the networks the device has for each, as a sorted list the next additions go
+        # into, beside the spec stored for it. A gateway's peer carries thousands of networks: copying them twice
+        # per join (to a list and back to a tuple) was the part of a simulated agent's cost that grew with the mesh,
+        # and a real device's additions cost the agent nothing of the kind (the kernel or wireguard-go inserts).
+        self._grown: dict[str, tuple[PeerSpec, list[str]]] = {}
+        self._unchecked: set[str] = set()  # grown peers stored as the caller had them, not compared whole yet
+
+    @property
+    def peers(self) -> dict[str, PeerSpec]:
+        """The peers as the device has them: what was added since the last look is compared whole here."""
+        if self._unchecked:
+            self._check_grown()
+        return self._peers
+
+    @peers.setter
+    def peers(self, peers: Mapping[str, PeerSpec]) -> None:
+        self._peers = dict(peers)
+        self._grown.clear()
+        self._unchecked.clear()
 
     @property
     def name(self) -> str:
@@ -55,18 +74,31 @@ class MemoryBackend:
         self._log("interface", self.interface_name)
 
     def set_peer(self, spec: PeerSpec, *, adding: tuple[str, ...] | None = None) -> None:
-        if adding is not None:
-            # As a real device does: the networks are added to what the peer has, whatever the caller believed;
-            # inserted in order (a gateway's peer holds thousands: sorting them all again was most of a join).
-            had = self.peers.get(spec.public_key)
-            allowed = list(had.allowed_ips) if had is not None else []
+        key = spec.public_key
+        if adding is None:
+            self._grown.pop(key, None)
+            self._unchecked.discard(key)
+        else:
+            # As a real device does: the networks are added to what the peer has, whatever the caller believed,
+            # each inserted in order into the list kept for the peer (made once, not per addition).
+            had = self._peers.get(key)
+            grown = self._grown.get(key)
+            if grown is not None and grown[0] is had:
+                allowed = grown[1]
+            else:
+                allowed = list(had.allowed_ips) if had is not None else []
             for network in adding:
                 at = bisect.bisect_left(allowed, network)
                 if at == len(allowed) or allowed[at] != network:
                     allowed.insert(at, network)
-            spec = dataclasses.replace(spec, allowed_ips=tuple(allowed))
-        self.peers[spec.public_key] = spec
-        self._log("set_peer", spec.public_key)
+            if len(allowed) == len(spec.allowed_ips) and all(_holds(spec.allowed_ips, n) for n in adding):
+                # Very likely exactly what the device has now; compared whole when someone looks (``peers``).
+                self._unchecked.add(key)
+            else:
+                spec = dataclasses.replace(spec, allowed_ips=tuple(allowed))
+            self._grown[key] = (spec, allowed)
+        self._peers[key] = spec
+        self._log("set_peer", key)
 
     def set_peers(self, specs: Sequence[PeerSpec], *, adding: Mapping[str, tuple[str, ...]] | None = None) -> None:
         adding = adding or {}
@@ -74,7 +106,9 @@ class MemoryBackend:
             self.set_peer(spec, adding=adding.get(spec.public_key))
 
     def remove_peer(self, spec: PeerSpec) -> None:
-        self.peers.pop(spec.public_key, None)
+        self._peers.pop(spec.public_key, None)
+        self._grown.pop(spec.public_key, None)
+        self._unchecked.discard(spec.public_key)
         self._log("remove_peer", spec.public_key)
 
     def add_route(self, network: str) -> None:
@@ -92,8 +126,24 @@ class MemoryBackend:
         self.closed = True
         if remove_device:
             self.public_key, self.interface = None, None
-            self.peers.clear()
+            self.peers = {}
             self.routes.clear()
 
     def _log(self, action: str, target: str) -> None:
         self.operations.append(Operation(action, target, time.time()))
+
+    def _check_grown(self) -> None:
+        """The grown peers stored as the caller had them, made what the device's lists say where they differ."""
+        for key in self._unchecked:
+            stored, allowed = self._grown[key]
+            networks = tuple(allowed)
+            if stored.allowed_ips != networks:
+                fixed = dataclasses.replace(stored, allowed_ips=networks)
+                self._peers[key], self._grown[key] = fixed, (fixed, allowed)
+        self._unchecked.clear()
+
+
+def _holds(networks: tuple[str, ...], network: str) -> bool:
+    """Whether sorted ``networks`` has ``network``."""
+    at = bisect.bisect_left(networks, network)
+    return at < len(networks) and networks[at] == network
