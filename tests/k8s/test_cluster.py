@@ -386,13 +386,24 @@ def test_delete_k_leaves_only_what_the_readme_says_stays(cluster: Cluster) -> No
         cluster.kubectl("delete", "pod", pod, "--wait=true")
     # The Mesh first, while its operator runs (its finalizer cleans etcd), as deploy/README.md says.
     mesh = str(ROOT / "deploy" / "examples" / "mesh.yaml")
-    deleted = cluster.run_kubectl("delete", "-f", mesh, "--timeout=60s")
+    began = time.monotonic()
+    # The operator was rescheduled off the dead node by the test before: its new pod has been seen to restart once
+    # a minute later (2026-12-07, cause not found yet: the restart's reason and the container's last log lines are
+    # printed below). A restarted operator finishes the deletion; a user waits for it as long as this does.
+    deleted = cluster.run_kubectl("delete", "-f", mesh, "--timeout=180s")
+    print(f"the Mesh was deleted in {time.monotonic() - began:.1f} s; the operator: {_operator_restarts(cluster)}")
     if deleted.returncode != 0:
-        # Once (a fresh machine's CI) the finalizer had not run after 60 s: what the operator did meanwhile.
+        # What the operator did meanwhile, before and after a restart.
         operator = cluster.kubectl("logs", "-n", NAMESPACE, "deployment/warren-mesh-operator", "--tail=60", check=False)
+        previous = cluster.kubectl(
+            "logs", "-n", NAMESPACE, "deployment/warren-mesh-operator", "--previous", "--tail=60", check=False
+        )
         left = cluster.kubectl("get", "meshes", "default", "-o", "yaml", check=False)
         pods = cluster.kubectl("get", "pods", "-A", "-o", "wide", check=False)
-        raise AssertionError(f"{deleted.stdout}{deleted.stderr}\n{left}\n--- operator ---\n{operator}\n{pods}")
+        raise AssertionError(
+            f"{deleted.stdout}{deleted.stderr}\n{left}\n--- operator ---\n{operator}\n--- before its last restart "
+            f"---\n{previous}\n{pods}"
+        )
     cluster.kubectl("delete", "-k", str(ROOT / "deploy"), "--timeout=180s")
     wait_for(lambda: cluster.get("namespace", NAMESPACE) is None, 120, "the namespace warren-mesh to be gone")
     assert "mesh.warren.io" not in cluster.kubectl("get", "crds")
@@ -412,6 +423,20 @@ def test_delete_k_leaves_only_what_the_readme_says_stays(cluster: Cluster) -> No
         assert set(os.listdir(home / "fs" / "etc/cni/net.d")) <= {"10-warren-mesh.conflist"}
         tables = subprocess.run([*inside, "nft", "list", "tables"], capture_output=True, text=True, check=True).stdout
         assert set(tables.split("\n")) - {"", "table inet warren-mesh"} <= _kube_proxy_tables(tables), tables
+
+
+def _operator_restarts(cluster: Cluster) -> str:
+    """How often the operator's container restarted, and why it last ended (OOMKilled, Error, a failed probe)."""
+    found = []
+    for item in cluster.get("pods", namespace=NAMESPACE)["items"]:
+        if item["metadata"]["name"].startswith("warren-mesh-operator-"):
+            for status in item.get("status", {}).get("containerStatuses", []):
+                ended = status.get("lastState", {}).get("terminated") or {}
+                found.append(
+                    f"{status.get('restartCount', 0)} restart(s), last ended: {ended.get('reason', '-')} "
+                    f"(exit {ended.get('exitCode', '-')}) at {ended.get('finishedAt', '-')}"
+                )
+    return "; ".join(found) or "no pod"
 
 
 def _ours(pid: int) -> bool:
