@@ -367,7 +367,7 @@ def test_a_listing_is_paged_and_skips_values_too_large_to_be_records(etcd: EtcdS
         small = {f"{prefix}/n{i:04}": f"record {i}".encode() for i in range(1500)}
         for key, value in small.items():
             await store.put(key, value)
-        big = {f"{prefix}/n0100x": 1 << 20, f"{prefix}/n0101x": 1 << 20, f"{prefix}/n0900x": 300 * 1024}
+        big = {f"{prefix}/n0100x": 1_300_000, f"{prefix}/n0101x": 1_300_000, f"{prefix}/n0900x": RANGE_ANSWER_BYTES}
         over_record = {f"{prefix}/n0500x": MAX_VALUE_BYTES + 1}
         for key, size in {**big, **over_record}.items():
             await store.put(key, b"v" * size)

@@ -46,8 +46,9 @@ _RETRYABLE: Final = frozenset(
 # asyncio's (InvalidStateError). All mean the same to us: this call is over, retry on a new one.
 STREAM_FAILURES: Final = (grpc.aio.AioRpcError, grpc.aio.BaseError, asyncio.InvalidStateError)
 # The most one Range answer may hold: a page of a listing (store/etcd.py pages them to fit), or one key. Records are
-# at most 16 KiB (trust/decode.py), so a single record always fits.
-RANGE_ANSWER_BYTES: Final = 256 * 1024
+# at most 16 KiB (trust/decode.py), so a single record always fits; a value larger than this (any node may write
+# up to etcd's 1.5 MiB under its own keys) is never fetched.
+RANGE_ANSWER_BYTES: Final = 1024 * 1024
 _CHANNEL_OPTIONS: Final = (
     # Notice a dead TCP connection (etcd host gone) within ~15 s. Only while a call is open (an agent always has
     # its watch): etcd does not permit pings on a connection without streams and counts each one as a strike,
