@@ -26,8 +26,8 @@ from warren_mesh.store.wire import RangeAnswer
 from warren_mesh.values.watch import KeyValue, Snapshot, WatchResult
 
 # Keys per page of a listing. Pages are bounded by bytes (RANGE_ANSWER_BYTES) first: 10,000 node records (~350
-# bytes each) and their 10,000 claims (keys only) in 8 round trips. An agent's cold start beside them made 58 with
-# 512 keys and 256 KiB a page, and waited for etcd on each: 1.48 -> 1.25 s (medians of 12, docs/benchmarks.md).
+# bytes each) and their 10,000 claims (keys only) in 8 round trips; with 512 keys and 256 KiB a page an agent
+# starting beside them waited on etcd 58 times (docs/benchmarks.md, cold start).
 PAGE_KEYS: Final = 4096
 _LIST_ATTEMPTS: Final = 3
 _COMPACTED: Final = "required revision has been compacted"
