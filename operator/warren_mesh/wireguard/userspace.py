@@ -89,6 +89,10 @@ class UserspaceBackend:
         self._link = link.InterfaceLink(self._ipr, interface)
         # Daemons we started, kept only to reap them when they exit (they are supervised through the socket).
         self._children: list[subprocess.Popen[bytes]] = []
+        # The listen port and fwmark the daemon was last seen with or given (None: not known). wireguard-go closes
+        # and reopens its UDP sockets on every listen_port it is given, the same one too: a datagram arriving
+        # meanwhile is lost (a mesh gaining IPv6, which changes only the interface's addresses, lost one so).
+        self._sockets: tuple[int, int] | None = None
         self.ensure_running()
 
     @property
@@ -131,6 +135,7 @@ class UserspaceBackend:
         """
         if self._alive():
             return False
+        self._sockets = None  # another daemon: nothing known of it
         if not self._start_daemon:
             return self._await_daemon(_ADOPT_TIMEOUT)
         wedged = self.daemon_pid()
@@ -207,6 +212,7 @@ class UserspaceBackend:
         except uapi.UapiError as exc:
             raise BackendError(str(exc)) from None
         state = self._link.read()
+        self._sockets = (device.listen_port, device.fwmark)
         interface = None
         if state is not None and state.addresses and state.up and device.listen_port:
             interface = InterfaceSpec(state.addresses, device.listen_port, state.mtu, device.fwmark)
@@ -224,7 +230,16 @@ class UserspaceBackend:
         self._set([f"private_key={key.private_bytes.hex()}"], "set private key")
 
     def configure_interface(self, spec: InterfaceSpec) -> None:
-        self._set([f"listen_port={spec.listen_port}", f"fwmark={spec.fwmark}"], "set listen port and fwmark")
+        known = self._sockets
+        lines = []
+        if known is None or known[0] != spec.listen_port:
+            lines.append(f"listen_port={spec.listen_port}")
+        if known is None or known[1] != spec.fwmark:
+            lines.append(f"fwmark={spec.fwmark}")
+        if lines:
+            self._sockets = None  # until the daemon took them
+            self._set(lines, "set listen port and fwmark")
+            self._sockets = (spec.listen_port, spec.fwmark)
         self._link.configure(addresses=spec.addresses, mtu=spec.mtu)
 
     def set_peer(self, spec: PeerSpec, *, adding: tuple[str, ...] | None = None) -> None:
