@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from warren_mesh.lab import netns
 from warren_mesh.lab.lab import Lab
 
 
@@ -24,3 +25,20 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
         if os.path.isdir("/var/run/netns")
         else True
     )
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[str, str]]:
+    """Two namespaces of this test's own joined by a veth pair: 192.168.251.1 and .2."""
+    tag = f"wmt{os.getpid() % 10000}"
+    a, b = f"{tag}a", f"{tag}b"
+    try:
+        netns.create(a)
+        netns.create(b)
+        netns.veth(f"{tag}va", f"{tag}vb", ns=a, peer_ns=b)
+        netns.address(f"{tag}va", "192.168.251.1/24", ns=a)
+        netns.address(f"{tag}vb", "192.168.251.2/24", ns=b)
+        yield a, b
+    finally:
+        netns.remove(a)
+        netns.remove(b)

@@ -10,14 +10,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pyroute2 import IPRoute
 
 from warren_mesh.identity.keys import NodeKey
-from warren_mesh.lab import netns
 from warren_mesh.testkit.waiting import wait_for
 from warren_mesh.values.device import InterfaceSpec, PeerSpec
 from warren_mesh.wireguard import userspace
@@ -26,22 +24,6 @@ from warren_mesh.wireguard.uapi import SOCKET_DIR
 from warren_mesh.wireguard.userspace import UserspaceBackend, lacks_offloads
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[str, str]]:
-    tag = f"wmt{os.getpid() % 10000}"
-    a, b = f"{tag}a", f"{tag}b"
-    try:
-        netns.create(a)
-        netns.create(b)
-        netns.veth(f"{tag}va", f"{tag}vb", ns=a, peer_ns=b)
-        netns.address(f"{tag}va", "192.168.251.1/24", ns=a)
-        netns.address(f"{tag}vb", "192.168.251.2/24", ns=b)
-        yield a, b
-    finally:
-        netns.remove(a)
-        netns.remove(b)
 
 
 def ping(ns: str, address: str) -> bool:

@@ -62,6 +62,7 @@ def test_operations_run_in_the_plans_order_and_are_counted_by_kind() -> None:
     ]
     assert device.public_key == LOCAL_KEY.public_key and device.routes == {"172.31.0.0/16"}
     assert set(device.peers) == {staying.public_key, joining.public_key}
+    assert outcome.added == [joining.public_key], "the peers added, whose first handshakes are watched"
 
 
 class _Picky(MemoryBackend):
@@ -98,6 +99,7 @@ def test_a_refused_change_is_counted_and_the_others_still_happen() -> None:
     assert not outcome.ok and outcome.failed == 2
     assert dict(outcome.applied) == {"add": 1, "add_route": 1}
     assert set(device.peers) == {good.public_key} and device.routes == {"172.30.0.0/16"}
+    assert outcome.added == [good.public_key], "a peer the device refused was not added"
 
 
 def test_an_empty_plan_touches_nothing() -> None:

@@ -22,6 +22,7 @@ from typing import TypeVar
 from warren_mesh.agent import loops
 from warren_mesh.agent.device_thread import DeviceThread
 from warren_mesh.agent.device_writer import DeviceWriter
+from warren_mesh.agent.first_handshake import FirstHandshakes
 from warren_mesh.agent.gateway import GatewayRole
 from warren_mesh.agent.identity import Identity
 from warren_mesh.agent.key_rotation import KeyRotation, rotation_request
@@ -248,6 +249,11 @@ class Agent:
             protected=protected,
             underlay_families=tuple(e.host.version for e in record.endpoints),
         )
+        first_handshakes = None
+        if host.sees_peer_endpoints:  # a real device: its peers handshake
+            first_handshakes = FirstHandshakes(
+                self.backend, self.device_thread, own_key=lambda: self.identity.public_key, metrics=self.metrics
+            )
         reconciler = self.reconciler = Reconciler(
             view=self.view,
             decider=Decider(local, auto_mtu=device_mtu, fwmark=settings.device.fwmark),
@@ -258,6 +264,7 @@ class Agent:
             resync_interval=settings.device.resync_interval,
             report=self.reporter.pass_done,
             on_device_unreadable=self.reporter.device_unreadable,
+            on_peers_added=first_handshakes.added if first_handshakes is not None else lambda _: None,
             pod_network=self.pod_network,
         )
         self.key_rotation = KeyRotation(
@@ -275,6 +282,8 @@ class Agent:
         start("reconcile", reconciler.run())
         start("keepalive", registrar.keep_alive(lambda: self.view.config if self.view.synced else config))
         start("device-watchdog", loops.watch_device(self.device_thread, self.backend, reconciler))
+        if first_handshakes is not None:
+            start("first-handshakes", first_handshakes.run())
         start(
             "key-rotation",
             loops.rotate_keys(

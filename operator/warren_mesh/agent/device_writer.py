@@ -22,10 +22,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class Outcome:
-    """What carrying out a plan did: device changes applied by kind (add, update, remove, add_route, ...) and
-    operations that failed."""
+    """What carrying out a plan did: device changes applied by kind (add, update, remove, add_route, ...), the
+    peers added (public keys), and operations that failed."""
 
     applied: Counter[str] = field(default_factory=Counter)
+    added: list[str] = field(default_factory=list)
     failed: int = 0
 
     @property
@@ -56,7 +57,8 @@ class DeviceWriter:
                     return
                 for change in operation.peers:
                     set_peer = partial(backend.set_peer, change.spec, adding=change.adding)
-                    self._attempt(change.action, set_peer, outcome)
+                    if self._attempt(change.action, set_peer, outcome) and change.action == "add":
+                        outcome.added.append(change.public_key)
             case "remove":
                 for change in operation.peers:
                     self._attempt("remove", partial(backend.remove_peer, change.spec), outcome)
@@ -81,13 +83,16 @@ class DeviceWriter:
             return False
         for change in operation.peers:
             outcome.applied[change.action] += 1
+            if change.action == "add":
+                outcome.added.append(change.public_key)
         return True
 
-    def _attempt(self, kind: str, call: Callable[[], None], outcome: Outcome) -> None:
+    def _attempt(self, kind: str, call: Callable[[], None], outcome: Outcome) -> bool:
         try:
             call()
         except BackendError as exc:
             outcome.failed += 1
             log.error("device change %s failed (retrying): %s", kind, exc)
-        else:
-            outcome.applied[kind] += 1
+            return False
+        outcome.applied[kind] += 1
+        return True

@@ -58,9 +58,11 @@ class Reconciler:
         resync_interval: float,
         report: Callable[[PassReport], None],
         on_device_unreadable: Callable[[], None],
+        on_peers_added: Callable[[list[str]], None] = lambda _: None,
         pod_network: PodNetworkUpkeep | None = None,
     ) -> None:
-        """``view``: read only (the observe stage owns it)."""
+        """``view``: read only (the observe stage owns it). ``on_peers_added``: told the public keys of the peers
+        each pass added to the device (their first handshakes are watched: first_handshake.py)."""
         self._view = view
         self._decider = decider
         self._identity = identity
@@ -70,6 +72,7 @@ class Reconciler:
         self._resync_interval = resync_interval
         self._report = report
         self._on_device_unreadable = on_device_unreadable
+        self._on_peers_added = on_peers_added
         self._pod_network = pod_network
         self._dirty = asyncio.Event()
         self._resync_timer: asyncio.TimerHandle | None = None
@@ -175,6 +178,8 @@ class Reconciler:
         outcome = Outcome()  # nothing to do is not worth a trip to the device thread
         if not decision.plan.empty:
             outcome = await self._device_thread.run(lambda: self._writer.execute(decision.plan, decision.names))
+            if outcome.added:
+                self._on_peers_added(outcome.added)
         pods_failed = 0
         pods = self._pod_network
         if decision.full and pods is not None:

@@ -117,6 +117,12 @@ class AgentMetrics:
             "Times the gateway of this node's location changed (a failover, or a candidate standing first).",
             registry=registry,
         )
+        self.handshakes_started_over = Counter(
+            "warren_mesh_handshakes_started_over_total",
+            "Peers added again because the first handshakes of both ends crossed (agent/first_handshake.py): each "
+            "would have waited WireGuard's 5 s retry.",
+            registry=registry,
+        )
         self.relayed_peers = Gauge(
             "warren_mesh_relayed_peers",
             "Nodes this node should reach directly but reaches through a relay (both said they cannot talk).",
