@@ -9,6 +9,7 @@ to stop.)
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,7 +35,12 @@ def _rotated(cluster: EtcdCluster, i: int) -> str:
     return ",".join(urls[i % 3 :] + urls[: i % 3])
 
 
-def test_agents_ride_out_leader_loss_and_quorum_loss(cluster: EtcdCluster, prefix: str, tmp_path: Path) -> None:
+def test_agents_ride_out_leader_loss_and_quorum_loss(
+    cluster: EtcdCluster, prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The agents' INFO lines too, should it fail: which member each watch resumed on, and from which revision.
+    caplog.set_level(logging.INFO, logger="warren_mesh")
+
     async def scenario(mesh: Mesh) -> None:
         for i in range(4):
             mesh.start(f"n{i}", etcd_endpoint=_rotated(cluster, i))

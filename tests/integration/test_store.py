@@ -6,19 +6,23 @@ import asyncio
 import contextlib
 import subprocess
 from collections.abc import AsyncIterator, Callable
+from typing import cast
 
 import pytest
+from etcd3.etcdrpc import rpc_pb2
 
 from helpers import run
 from warren_mesh.store import watcher
 from warren_mesh.store.base import LeaseNotFound, StoreUnavailable
-from warren_mesh.store.connection import RANGE_ANSWER_BYTES, prefix_range_end
+from warren_mesh.store.connection import RANGE_ANSWER_BYTES, prefix_range_end, wire_key
 from warren_mesh.store.etcd import EtcdStore
 from warren_mesh.store.memory import MemoryStore
 from warren_mesh.store.watcher import CATCH_UP_GAP
-from warren_mesh.testkit.etcd_server import EtcdServer, free_port
+from warren_mesh.store.wire import WatchAnswer
+from warren_mesh.testkit.etcd_server import EtcdServer, find_etcd, free_port
 from warren_mesh.testkit.waiting import wait_until
 from warren_mesh.trust.decode import MAX_VALUE_BYTES
+from warren_mesh.values.keyspace import KeySchema
 from warren_mesh.values.netaddr import parse_endpoints
 from warren_mesh.values.watch import Events, Snapshot, WatchResult
 
@@ -450,5 +454,39 @@ def test_a_watch_answer_too_large_to_take_lists_again(etcd: EtcdServer, prefix: 
         assert isinstance(after, Events) and [e.kv.key for e in after.events] == [f"{prefix}/after"]
         await watch.aclose()
         await store.close()
+
+    run(scenario())
+
+
+def test_a_member_says_its_release_and_names_no_watch_in_its_answer_to_a_progress_request(
+    shared_etcd: EtcdServer, prefix: str
+) -> None:
+    """What the watch guard decides how far to trust (store/watcher.py, delivered_revision): the release a member
+    reports to a node's credential (that of the etcd binary under test), and the watch an answer to a progress
+    request names (none: -1), decoded as the guard sees them."""
+
+    binary = subprocess.run([find_etcd(), "--version"], capture_output=True, text=True, check=True).stdout
+    root = wire_key(KeySchema(prefix).root)  # what a node may watch
+
+    async def scenario() -> None:
+        store = EtcdStore(shared_etcd.endpoint, tls=shared_etcd.authorize_node("n1", prefix=prefix))
+        connection = store._connection  # the member's release is asked per connection
+        conn = connection.connection()
+        version = await connection.member_version(conn)
+        assert version and f"etcd Version: {version}" in binary, (version, binary)
+        call = conn.watch()
+        try:
+            create = rpc_pb2.WatchCreateRequest(key=root, range_end=prefix_range_end(root))
+            await call.write(rpc_pb2.WatchRequest(create_request=create))
+            created = cast(WatchAnswer, await call.read())
+            assert created.created and created.watch_id == 0
+            await call.write(watcher._PROGRESS_REQUEST)
+            answer = cast(WatchAnswer, await asyncio.wait_for(call.read(), 10))
+            assert not answer.events and not answer.created and answer.watch_id == -1, answer
+            trusted = watcher.progress_answers_reliable(version)
+            assert watcher.delivered_revision(answer, progress_reliable=trusted) == (answer.revision if trusted else 0)
+        finally:
+            call.cancel()
+            await store.close()
 
     run(scenario())

@@ -9,7 +9,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from warren_mesh.store.watcher import BEHIND_FOR, PROBE_FAILURES, WatchGuard
+from warren_mesh.store.watcher import (
+    BEHIND_FOR,
+    PROBE_FAILURES,
+    WatchGuard,
+    delivered_revision,
+    progress_answers_reliable,
+)
+from warren_mesh.store.wire import WatchAnswer
+from warren_mesh.values.watch import Event, KeyValue
 
 QUIET = 0.05
 PROBE_EVERY = 0.1
@@ -107,3 +115,29 @@ def test_a_stream_that_stops_answering_is_given_up() -> None:
     guard, stream = _guard(lambda: None, lambda: 11, for_seconds=1)
     assert guard.stalled == "watch on etcd at etcd-1 stopped answering"
     assert stream.cancelled
+
+
+def _kv(revision: int) -> KeyValue:
+    return KeyValue(key="/mesh/v1/nodes/a", value=b"", create_revision=revision, mod_revision=revision, lease=0)
+
+
+def test_only_answers_that_show_delivery_move_what_the_guard_counts_as_delivered() -> None:
+    """etcd 3.4.23 (Debian's) answers a progress request at once with the store's revision, ahead of events a watch
+    still catching up is owed; believing it kept a watch that had stopped delivering (the etcd cluster test after
+    its quorum came back). Events count by their own revision, not the header's (a catching-up watch is sent its
+    events in batches, each headed with the store's revision); a new watch's confirmation counts for nothing."""
+    events = WatchAnswer(revision=40, watch_id=0, events=(Event("put", _kv(12)), Event("put", _kv(15))))
+    assert delivered_revision(events, progress_reliable=False) == 15
+    periodic = WatchAnswer(revision=40, watch_id=0)  # etcd sends these only to a watch that is caught up
+    assert delivered_revision(periodic, progress_reliable=False) == 40
+    requested = WatchAnswer(revision=40, watch_id=-1)
+    assert delivered_revision(requested, progress_reliable=False) == 0
+    assert delivered_revision(requested, progress_reliable=True) == 40
+    assert delivered_revision(WatchAnswer(revision=40, watch_id=0, created=True), progress_reliable=True) == 0
+
+
+def test_progress_answers_are_trusted_from_the_releases_that_fixed_them() -> None:
+    trusted = ["3.4.25", "3.4.34", "3.5.8", "3.5.16", "3.6.0", "3.6.4-rc.1"]
+    untrusted = ["3.4.23", "3.4.24", "3.5.7", "3.3.27", "", "unknown", "3.5"]
+    assert all(progress_answers_reliable(v) for v in trusted)
+    assert not any(progress_answers_reliable(v) for v in untrusted)

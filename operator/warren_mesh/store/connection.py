@@ -117,6 +117,8 @@ class _Connection:
             self.channel = grpc.aio.insecure_channel(endpoint.target, options=_CHANNEL_OPTIONS)
         self.kv = rpc_pb2_grpc.KVStub(self.channel)
         self.lease = rpc_pb2_grpc.LeaseStub(self.channel)
+        self.maintenance = rpc_pb2_grpc.MaintenanceStub(self.channel)
+        self.version: str | None = None  # the member's etcd release, once asked (store/watcher.py needs it)
         self.auth = rpc_pb2_grpc.AuthStub(self.channel)
         # Requests encoded by hand: fields of etcd 3.4 that the etcd3 package's protocol files predate.
         self.raw_auth = _RawAuth(
@@ -259,6 +261,20 @@ class EtcdConnection:
         self._index = (self._index + 1) % len(self._endpoints)
         log.warning("etcd at %s failed (%s); trying %s next", conn.endpoint.target, error, self.endpoint)
         self._close_later(conn)
+
+    async def member_version(self, conn: _Connection) -> str:
+        """The etcd release of the member ``conn`` is to ("" if it would not say: an error, a timeout), asked once
+        per connection."""
+        if conn.version is None:
+            try:
+                status = await conn.maintenance.Status(rpc_pb2.StatusRequest(), timeout=self.call_timeout)
+                conn.version = str(status.version)
+            except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
+                if isinstance(exc, asyncio.CancelledError) and not cut_off_by_grpc():
+                    raise
+                log.info("etcd at %s did not say its version: %s", conn.endpoint.target, exc)
+                conn.version = ""
+        return conn.version
 
     async def call(self, stub: str, method: str, request: Any) -> Any:
         for _ in range(_AUTH_RETRIES):

@@ -51,6 +51,44 @@ PROBE_EVERY: Final = 20.0
 BEHIND_FOR: Final = 2
 # Reads in a row that may fail (time out, be refused) before the member is given up.
 PROBE_FAILURES: Final = 2
+# etcd's answer to a progress request names no watch (clientv3.InvalidWatchID).
+_ANY_WATCH: Final = -1
+# The first releases whose answer to a progress request waits until every watch of the stream has been sent all it
+# is owed (etcd#15220, fixed by etcd#15237); before them the answer carries the store's revision at once.
+_PROGRESS_ANSWER_FIXED: Final = ((3, 4, 25), (3, 5, 8))
+
+
+def progress_answers_reliable(version: str) -> bool:
+    """Whether an etcd of ``version`` ("3.4.23") answers a progress request only once our watch has been sent
+    everything up to the revision it reports. Unknown versions are not trusted (the guard then relies on events and
+    on etcd's own periodic notifications, which it sends a watch only once it is caught up)."""
+    try:
+        release = tuple(int(part) for part in version.split("-", maxsplit=1)[0].split(".")[:3])
+    except ValueError:
+        return False
+    if len(release) != 3:
+        return False
+    fixed_34, fixed_35 = _PROGRESS_ANSWER_FIXED
+    return release >= fixed_35 or fixed_34 <= release < (3, 5, 0)
+
+
+def delivered_revision(answer: WatchAnswer, *, progress_reliable: bool) -> int:
+    """The revision up to which ``answer`` shows the watch was sent everything (0: it shows nothing).
+
+    Events: the newest event's revision (the header's may be later: a watch catching up is sent its events in
+    batches, each with the store's revision). etcd's periodic progress notification for our watch: its revision
+    (etcd sends one only to a watch that is caught up). The answer to a progress request: its revision where the
+    member's etcd is fixed (``progress_answers_reliable``); etcd 3.4.23, Debian's, answers at once with the store's
+    revision, ahead of what a watch still catching up is owed, and a guard that believed it kept a watch that had
+    stopped delivering (tests/integration/test_etcd_cluster.py after the quorum came back, under load). The
+    confirmation of a new watch: nothing (its revision is the store's, whatever the watch still owes)."""
+    if answer.events:
+        return max(event.kv.mod_revision for event in answer.events)
+    if answer.created or answer.canceled:
+        return 0
+    if answer.watch_id == _ANY_WATCH:
+        return answer.revision if progress_reliable else 0
+    return answer.revision
 
 
 class RevisionCompacted(StoreError):
@@ -140,8 +178,10 @@ async def _watch(
     guard = WatchGuard(
         call, conn.endpoint.target, confirm_within=confirm_within, quiet=quiet_interval, read_revision=read_revision
     )
+    guard.heard(start_revision - 1)  # everything before it was delivered on an earlier stream, or listed
     guarding: asyncio.Task[None] | None = None
     try:
+        progress_reliable = progress_answers_reliable(await connection.member_version(conn))
         create = rpc_pb2.WatchCreateRequest(
             key=raw, range_end=prefix_range_end(raw), start_revision=start_revision, progress_notify=True
         )
@@ -168,7 +208,7 @@ async def _watch(
             if response is None:  # our decoder refused the answer (gRPC logs why): resume on a new stream
                 raise StoreUnavailable(f"etcd at {conn.endpoint.target} sent a watch answer that does not decode")
             answer = cast(WatchAnswer, response)  # decode_watch_response made it
-            guard.heard(answer.revision)
+            guard.heard(delivered_revision(answer, progress_reliable=progress_reliable))
             _check(answer, start_revision)
             # The first answer confirms the watch. It says nothing of etcd's health: a member that lost its quorum
             # still serves watches, while nothing can be written or renewed (see EtcdConnection.up).
@@ -236,7 +276,7 @@ class WatchGuard:
         self._probe_every = probe_every
         self._loop = asyncio.get_running_loop()
         self.last_heard = self._loop.time()
-        self.revision = 0  # the newest header revision the stream answered with
+        self.revision = 0  # the revision up to which the stream was sent everything (delivered_revision)
         self.confirmed = False
         self.stalled: str | None = None  # why the guard gave up on the stream
 
