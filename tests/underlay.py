@@ -22,6 +22,7 @@ sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))  #
 sock.setsockopt(socket.SOL_SOCKET, 33, 32 << 20)  # SO_RCVBUFFORCE (root may exceed rmem_max)
 sock.bind((iface, 0))
 sock.settimeout(0.2)
+print("ready", flush=True)
 seen, end = [], time.monotonic() + seconds
 while time.monotonic() < end and not stopped:
     try:
@@ -65,13 +66,20 @@ class Frame(NamedTuple):
 
 
 def sniff(interface: str, seconds: float, *, preexec_fn: Callable[[], None] | None = None) -> subprocess.Popen[str]:
-    """Start capturing on ``interface`` for ``seconds`` (``preexec_fn``: enter the namespace it is in)."""
-    return subprocess.Popen(
+    """Capture on ``interface`` for ``seconds`` from the moment this returns (``preexec_fn``: enter the namespace
+    it is in). It returns once the sniffer's socket is bound: starting Python takes seconds in the emulated VM, and
+    traffic sent meanwhile went uncaptured (a kernel test saw none of the pings it had just sent)."""
+    sniffer = subprocess.Popen(
         [sys.executable, "-c", SNIFFER, interface, str(seconds)],
         stdout=subprocess.PIPE,
         text=True,
         preexec_fn=preexec_fn,  # noqa: PLW1509 (a setns call at most)
     )
+    assert sniffer.stdout is not None
+    if sniffer.stdout.readline().strip() != "ready":
+        sniffer.wait()
+        raise RuntimeError(f"the sniffer on {interface} did not start (exit {sniffer.returncode})")
+    return sniffer
 
 
 def captured(sniffer: subprocess.Popen[str], *, stop: bool = False) -> list[Frame]:
