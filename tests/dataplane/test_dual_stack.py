@@ -150,6 +150,7 @@ def test_pairs_without_a_shared_underlay_family_are_reported_and_relayed(lab: La
     assert '"node-2" -- "node-3" [color=orange, style=dashed, label="relayed through node-1"]' in dot, dot
 
 
+@pytest.mark.alone
 def test_a_single_family_mesh_gains_ipv6_by_a_config_edit_without_losing_a_datagram(lab: Lab) -> None:
     """Nodes registered on an IPv4 overlay; the mesh's config gains an IPv6 overlay and pod network (what an edit of
     the Mesh writes): every node claims an address and a pod subnet of the new family, peers route them, and

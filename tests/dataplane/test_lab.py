@@ -453,6 +453,7 @@ def _wait_for_mtu(lab: Lab, nodes: tuple[int, ...], mtu: int, what: str) -> None
     )
 
 
+@pytest.mark.alone
 def test_the_mtu_follows_the_underlay_and_the_mesh_to_the_device_and_new_pods(lab: Lab) -> None:
     """mtu: auto is the underlay's MTU less WireGuard's 60 bytes over IPv4, also when the underlay's MTU changes
     under running agents; an MTU set in the mesh reaches the devices, the CNI config and the pods made after it."""
@@ -586,6 +587,7 @@ def test_the_graph_shows_every_edge_and_a_dead_nodes_edges_turn_stale(lab: Lab) 
     assert "darkgreen" in _edge(dot, "node-1", "node-2")
 
 
+@pytest.mark.alone
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_node_rotates_its_key_while_traffic_flows(lab: Lab, backend: str) -> None:
     """docs/key-rotation.md: node-2 gets a new key on request while every pair exchanges 200 datagrams a second;
@@ -841,6 +843,7 @@ def _updates_of(lab: Lab, index: int, name: str) -> int:
     return log_file.read_text(errors="replace").count(f"update peer {name}:")
 
 
+@pytest.mark.alone
 def test_a_node_flooding_its_record_does_not_slow_anyone_elses_join(lab: Lab) -> None:
     """Issue 28: one node's credential rewriting its own valid record as fast as etcd takes it (a new endpoint
     each time). Before, every agent followed every rewrite, a device update each (on wireguard-go a UAPI call):

@@ -20,6 +20,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "hack" / "throughput.py"
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="throughput.py creates network namespaces (root)")
 
 
+@pytest.mark.alone
 def test_throughput_smoke(tmp_path: Path) -> None:
     """The installed wireguard-go and Debian 12's (which hack/setup unpacks) side by side, as docs/benchmarks.md's
     table is made. Only that the figures are there and sane: speed is the benchmark's to report, not a test's."""

@@ -264,6 +264,7 @@ def test_a_daemon_run_by_warren_mesh_wireguard_go_is_adopted_and_outlives_the_ag
     assert not any(p.name.startswith(tag) for p in SOCKET_DIR.glob("*.sock"))
 
 
+@pytest.mark.alone
 def test_networks_added_to_a_peer_never_leave_it_without_the_ones_it_keeps(pair: tuple[str, str]) -> None:
     """A flood ping from b while a's device gives b's peer one more network, thousands of times. Replacing the
     peer's allowed IPs to do it removes them all and inserts the new set, and a packet decrypted in between fails
