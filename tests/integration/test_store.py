@@ -507,3 +507,16 @@ def test_a_member_says_its_release_and_names_no_watch_in_its_answer_to_a_progres
             await store.close()
 
     run(scenario())
+
+
+def test_a_listing_read_in_ranges_fails_as_one_listing(prefix: str) -> None:
+    """A range that meets an etcd away raises what a whole listing raises (StoreUnavailable), not a group of
+    errors that callers (the status command, the watch) would not recognise."""
+
+    async def scenario() -> None:
+        store = EtcdStore(f"http://127.0.0.1:{free_port()}", call_timeout=1.0)
+        with pytest.raises(StoreUnavailable):
+            await store.list_prefix(f"{prefix}/", split_at=(f"{prefix}/n",))
+        await store.close()
+
+    run(scenario())

@@ -115,18 +115,24 @@ class EtcdStore:
 
     async def _list_ranges(self, ranges: list[tuple[bytes, bytes]], created_after: int) -> Snapshot:
         """Each of ``ranges`` (in key order) paged, all at the revision the first range's first page reported."""
+        if len(ranges) == 1:
+            items, revision = await self._list_pages(*ranges[0], created_after, 0)
+            return Snapshot(tuple(items), revision)
         pinned: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
         async def later(start: bytes, end: bytes) -> tuple[list[KeyValue], int]:
             return await self._list_pages(start, end, created_after, await asyncio.shield(pinned))
 
-        async with asyncio.TaskGroup() as group:  # one range failing cancels the others
-            tasks = [group.create_task(self._list_pages(*ranges[0], created_after, 0, pinned=pinned))]
-            tasks.extend(group.create_task(later(start, end)) for start, end in ranges[1:])
-        items: list[KeyValue] = []
+        try:
+            async with asyncio.TaskGroup() as group:  # one range failing cancels the others
+                tasks = [group.create_task(self._list_pages(*ranges[0], created_after, 0, pinned=pinned))]
+                tasks.extend(group.create_task(later(start, end)) for start, end in ranges[1:])
+        except BaseExceptionGroup as failed:
+            raise failed.exceptions[0] from None  # what one range met (StoreUnavailable, ...), as a whole listing
+        listed: list[KeyValue] = []
         for task in tasks:
-            items.extend(task.result()[0])
-        return Snapshot(tuple(items), tasks[0].result()[1])
+            listed.extend(task.result()[0])
+        return Snapshot(tuple(listed), tasks[0].result()[1])
 
     async def _list_pages(
         self,
