@@ -135,9 +135,7 @@ def test_an_address_taken_after_listing_moves_on_to_the_next(shared_etcd: EtcdSe
         mine = registrar(store, schema)
         listing = store.list_prefix
 
-        async def listed_before_first_claimed(
-            prefix: str, *, created_after: int = 0, split_at: Sequence[str] = ()
-        ) -> Snapshot:
+        async def listed_before_first_claimed(prefix: str, *, created_after: int = 0) -> Snapshot:
             # The first listing (what is free?) was at a revision before "first" claimed; the check after our
             # claim (the claims made since) is real.
             store.list_prefix = listing  # type: ignore[method-assign]

@@ -67,8 +67,7 @@ class MeshObserver:
         due, each such release handed on like a batch."""
         view = self._view
         usage = NodeUsage(view.schema)
-        # Node records and everything before them (the claims) read side by side: about as large as each other.
-        stream = self._store.observe(view.schema.root, on_restart=self._on_restart, split_at=(view.schema.nodes,))
+        stream = self._store.observe(view.schema.root, on_restart=self._on_restart)
         # Answers that arrived while a batch was being folded and handed on are folded next, as one batch.
         async with ReadAhead(stream) as ahead:
             while True:

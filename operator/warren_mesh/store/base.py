@@ -75,17 +75,10 @@ class Store(Protocol):
         ...
 
     def observe(
-        self,
-        prefix: str,
-        *,
-        quiet_interval: float = 5.0,
-        on_restart: Callable[[str], None] | None = None,
-        split_at: Sequence[str] = (),
+        self, prefix: str, *, quiet_interval: float = 5.0, on_restart: Callable[[str], None] | None = None
     ) -> AsyncGenerator[WatchResult, None]:
         """A snapshot of ``prefix``, then its changes, forever, never skipping a revision; a new snapshot only
-        when the history a resume needed is gone. ``on_restart`` is told why the watch started again.
-        ``split_at``: keys that cut a snapshot's listing into ranges the store may read side by side (the
-        snapshot is the same)."""
+        when the history a resume needed is gone. ``on_restart`` is told why the watch started again."""
         ...
 
     def reload_tls(self) -> bool:

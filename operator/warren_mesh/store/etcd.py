@@ -11,11 +11,8 @@ the key-value calls.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
-import functools
-import itertools
 from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any, Final
 
@@ -91,60 +88,25 @@ class EtcdStore:
             return (await self._first_key(wire_key(key), b"", 0))[0]
         return resp.kvs[0] if resp.kvs else None
 
-    async def list_prefix(self, prefix: str, *, created_after: int = 0, split_at: Sequence[str] = ()) -> Snapshot:
+    async def list_prefix(self, prefix: str, *, created_after: int = 0) -> Snapshot:
         """Every key under ``prefix`` at one revision, read in pages that no writer can make too large for us: at
         most ``PAGE_KEYS`` keys and ``RANGE_ANSWER_BYTES`` bytes each (a page that would be larger is asked for
         again with fewer keys, down to one). A key whose value alone is over that is skipped by its key (its value
         never fetched) and listed with ``oversize`` set, for the view to reject and report; one whose value is
         over the record limit but under the page limit arrives the same way (store/wire.py drops its bytes).
-        ``created_after``: only keys created after that revision (etcd filters them, and answers only those).
-        ``split_at``: keys that cut the prefix into ranges read side by side, at the revision the first page
-        reported, so that etcd reads one range's next page while we decode another's (the same listing)."""
-        raw = wire_key(prefix)
-        end = prefix_range_end(raw)
-        cuts = sorted({key for key in map(wire_key, split_at) if raw < key < end})
-        bounds = [raw, *cuts, end]
+        ``created_after``: only keys created after that revision (etcd filters them, and answers only those)."""
         for _ in range(_LIST_ATTEMPTS):
             try:
-                return await self._list_ranges(list(itertools.pairwise(bounds)), created_after)
+                return await self._list_pages(wire_key(prefix), created_after)
             except StoreError as exc:
                 if _COMPACTED not in str(exc):
                     raise
                 # The revision the first page pinned was compacted before the last page was read: start over.
         raise StoreUnavailable(f"{prefix} kept being compacted while it was listed; tried {_LIST_ATTEMPTS} times")
 
-    async def _list_ranges(self, ranges: list[tuple[bytes, bytes]], created_after: int) -> Snapshot:
-        """Each of ``ranges`` (in key order) paged, all at the revision the first range's first page reported."""
-        if len(ranges) == 1:
-            items, revision = await self._list_pages(*ranges[0], created_after, 0)
-            return Snapshot(tuple(items), revision)
-        pinned: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-
-        async def later(start: bytes, end: bytes) -> tuple[list[KeyValue], int]:
-            return await self._list_pages(start, end, created_after, await asyncio.shield(pinned))
-
-        try:
-            async with asyncio.TaskGroup() as group:  # one range failing cancels the others
-                tasks = [group.create_task(self._list_pages(*ranges[0], created_after, 0, pinned=pinned))]
-                tasks.extend(group.create_task(later(start, end)) for start, end in ranges[1:])
-        except BaseExceptionGroup as failed:
-            raise failed.exceptions[0] from None  # what one range met (StoreUnavailable, ...), as a whole listing
-        listed: list[KeyValue] = []
-        for task in tasks:
-            listed.extend(task.result()[0])
-        return Snapshot(tuple(listed), tasks[0].result()[1])
-
-    async def _list_pages(
-        self,
-        start: bytes,
-        end: bytes,
-        created_after: int,
-        revision: int,
-        *,
-        pinned: asyncio.Future[int] | None = None,
-    ) -> tuple[list[KeyValue], int]:
-        """``[start, end)`` at ``revision`` (0: now; ``pinned`` is told which that was, after the first page)."""
-        limit = PAGE_KEYS
+    async def _list_pages(self, raw: bytes, created_after: int) -> Snapshot:
+        end = prefix_range_end(raw)
+        start, revision, limit = raw, 0, PAGE_KEYS
         items: list[KeyValue] = []
         while True:
             request = rpc_pb2.RangeRequest(
@@ -161,19 +123,15 @@ class EtcdStore:
                     limit = max(1, limit // 4)
                     continue
                 skipped, revision = await self._first_key(start, end, revision)
-                if pinned is not None and not pinned.done():
-                    pinned.set_result(revision)
                 if skipped is None:  # gone at this revision: cannot be, it was just too large to send
                     raise StoreUnavailable(f"etcd's answers for keys from {start[:64]!r} do not agree") from None
                 items.append(skipped)
                 start = wire_key(skipped.key) + b"\0"
                 continue
             revision = revision or page.revision
-            if pinned is not None and not pinned.done():
-                pinned.set_result(revision)
             items.extend(page.kvs)
             if not page.more or not page.kvs:
-                return items, revision
+                return Snapshot(tuple(items), revision)
             start = wire_key(page.kvs[-1].key) + b"\0"
             limit = _next_limit(page.kvs)
 
@@ -313,18 +271,9 @@ class EtcdStore:
     # --- watch ------------------------------------------------------------------------------------------------
 
     def observe(
-        self,
-        prefix: str,
-        *,
-        quiet_interval: float = 5.0,
-        on_restart: Callable[[str], None] | None = None,
-        split_at: Sequence[str] = (),
+        self, prefix: str, *, quiet_interval: float = 5.0, on_restart: Callable[[str], None] | None = None
     ) -> AsyncGenerator[WatchResult, None]:
-        """See ``store.watcher.observe``; ``split_at`` as for ``list_prefix``, for its listings."""
+        """See ``store.watcher.observe``."""
         return watcher.observe(
-            self._connection,
-            prefix,
-            functools.partial(self.list_prefix, split_at=split_at),
-            quiet_interval=quiet_interval,
-            on_restart=on_restart,
+            self._connection, prefix, self.list_prefix, quiet_interval=quiet_interval, on_restart=on_restart
         )

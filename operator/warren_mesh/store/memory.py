@@ -229,14 +229,9 @@ class MemoryStore:
     # --- watch --------------------------------------------------------------------------------------------------
 
     async def observe(
-        self,
-        prefix: str,
-        *,
-        quiet_interval: float = 5.0,
-        on_restart: Callable[[str], None] | None = None,
-        split_at: Sequence[str] = (),
+        self, prefix: str, *, quiet_interval: float = 5.0, on_restart: Callable[[str], None] | None = None
     ) -> AsyncGenerator[WatchResult, None]:
-        del quiet_interval, split_at  # nothing here goes quiet without a reason, or is read in pages
+        del quiet_interval  # nothing here goes quiet without a reason
         next_revision: int | None = None
         while True:
             if not self.available:
