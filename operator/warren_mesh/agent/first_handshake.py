@@ -6,9 +6,9 @@ replaced, both gateways; a relay chosen; a location split). Each device then sen
 its own, both answers are dropped: a WireGuard peer accepts only the answer to the initiation it handled last, and
 it answered the other's since. Neither has a session, and neither may initiate again before REKEY_TIMEOUT (5 s);
 where the underlay's one-way delay is longer than the retries' jitter (a third of a second) the retries cross
-again. Measured with two wireguard-go devices adding each other at once (tests/dataplane/test_first_handshake.py):
-5.3 s to a session on one host, over 12 s with 200 ms each way; a gateway failover in the lab took 12.4 s instead
-of ~3.
+again. Measured with two wireguard-go devices adding each other at once across a relay that delays every datagram:
+a session after 5.3 s with no delay, 10.4 s with 50 ms and none within 12 s with 200 ms each way (the last is
+tests/dataplane/test_first_handshake.py); a gateway failover in CI took 12.4 s instead of ~3.
 
 Only a new peer escapes the wait. So ``CHECK_AFTER`` after adding a peer, the end with the greater public key (one
 end only: both starting over at once would cross again) looks at it, and if it heard from the peer (so the other
