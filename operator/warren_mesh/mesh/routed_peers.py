@@ -11,7 +11,6 @@ compare the two on random meshes).
 
 from __future__ import annotations
 
-import bisect
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping
 
@@ -20,6 +19,7 @@ from warren_mesh.mesh.paths import Paths, PathSummary, Routing, dialled_endpoint
 from warren_mesh.mesh.plan import RouteChange
 from warren_mesh.trust.records import NodeRecord
 from warren_mesh.values.device import PeerSpec
+from warren_mesh.values.networks import EMPTY, Networks
 
 NodeSpec = tuple[PeerSpec, PeerSpec | None]  # a node's peer, and that of its next key (the fold's)
 
@@ -48,7 +48,9 @@ class RoutedPeers:
         self._location = ""
         self._candidates: frozenset[str] = frozenset()
         self._named: Counter[str] = Counter()  # nodes some record names as unreachable, and how many do
-        self._routes: dict[str, list[str]] = {}  # carrier -> the routes it carries, sorted
+        # Carrier -> the routes it carries, sorted; its peer's allowed IPs, shared with it: a gateway carries
+        # thousands, and a change copies only the chunk it falls in (values/networks.py).
+        self._routes: dict[str, Networks] = {}
         self._keys: dict[str, tuple[str, ...]] = {}  # direct node -> the public keys of its peers
         self._paths: Paths | None = None  # made when asked for, until the next change
         self._carried: dict[str, Counter[str]] = {}  # carrier -> its routes' net change in this update (+1, -1)
@@ -75,11 +77,10 @@ class RoutedPeers:
         self._gateways, self._location = paths.gateways, paths.location
         self._candidates = frozenset(candidacies)
         self._named = Counter(name for record in nodes.values() for name in record.unreachable)
-        self._routes = {}
+        carried: dict[str, list[str]] = {}
         for name, carrier in self._carriers.items():
-            self._routes.setdefault(carrier, []).extend(nodes[name].routes.text)
-        for routes in self._routes.values():
-            routes.sort()
+            carried.setdefault(carrier, []).extend(nodes[name].routes.text)
+        self._routes = {carrier: Networks(routes) for carrier, routes in carried.items()}
         self._keys = {name: _keys(*specs[name]) for name in self._direct}
 
     def update(self, changed: Mapping[str, NodeRecord | None], spec_of: Callable[[str], NodeSpec]) -> set[str] | None:
@@ -131,9 +132,11 @@ class RoutedPeers:
             routes = self._routes[carrier]
             carried = self._carried.setdefault(carrier, Counter())
             for text in record.routes.text:
-                del routes[bisect.bisect_left(routes, text)]
+                routes = routes.removing(text)
                 carried[text] -= 1
-            if not routes and carrier != name:
+            if routes or carrier == name:
+                self._routes[carrier] = routes
+            else:
                 del self._routes[carrier]
             dirty.add(carrier)
         if self._direct.pop(name, None) is not None:
@@ -149,7 +152,7 @@ class RoutedPeers:
         if there == self._location:
             self._direct[name] = False
             carrier = name
-            self._routes.setdefault(name, [])
+            self._routes.setdefault(name, EMPTY)
         else:
             gateway, remote = self._gateways.get(self._location), self._gateways.get(there)
             through = remote if self._local == gateway else gateway
@@ -158,11 +161,12 @@ class RoutedPeers:
                 return
             carrier = self._relayed.get(through, through)
         self._carriers[name] = carrier
-        routes = self._routes.setdefault(carrier, [])
+        routes = self._routes.get(carrier, EMPTY)
         carried = self._carried.setdefault(carrier, Counter())
         for text in record.routes.text:
-            bisect.insort(routes, text)
+            routes = routes.adding(text)
             carried[text] += 1
+        self._routes[carrier] = routes
         dirty.add(carrier)
 
     def _set_peer(self, name: str, node_spec: NodeSpec) -> set[str]:
@@ -172,7 +176,7 @@ class RoutedPeers:
         keys = set(self._keys.get(name, ()))
         for key in keys:
             del self.peers[key]
-        routes = tuple(self._routes.get(name, ()))
+        routes = self._routes.get(name, EMPTY)
         self.peers[spec.public_key] = PeerSpec(spec.public_key, endpoint, routes, spec.persistent_keepalive)
         if announced is not None:
             self.peers[announced.public_key] = PeerSpec(

@@ -7,7 +7,7 @@ equality of two values is exactly "the device would not change".
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 
@@ -25,7 +25,7 @@ class InterfaceSpec:
 class PeerSpec:
     public_key: str
     endpoint: str | None  # "IP:PORT" or "[IPv6]:PORT"; None for a peer that dials us
-    allowed_ips: tuple[str, ...]  # canonical CIDR strings, sorted
+    allowed_ips: Sequence[str]  # canonical CIDR strings, sorted
     persistent_keepalive: int = 0  # seconds; 0 is off
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
@@ -109,7 +110,7 @@ class InterfaceLink:
         finally:
             self.forget()
 
-    def refuse_unroutable(self, networks: tuple[str, ...]) -> None:
+    def refuse_unroutable(self, networks: Sequence[str]) -> None:
         """Raise before anything is changed if one of ``networks`` may never be routed into the tunnel (backends
         call this before they give a peer its allowed IPs)."""
         for net in networks:

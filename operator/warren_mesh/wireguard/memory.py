@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from warren_mesh.identity.keys import NodeKey
 from warren_mesh.values.device import DeviceState, InterfaceSpec, PeerSpec
+from warren_mesh.values.networks import Networks
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +144,9 @@ class MemoryBackend:
         self._unchecked.clear()
 
 
-def _holds(networks: tuple[str, ...], network: str) -> bool:
+def _holds(networks: Sequence[str], network: str) -> bool:
     """Whether sorted ``networks`` has ``network``."""
+    if isinstance(networks, Networks):  # it finds its own (indexing one chunk by chunk would cost more)
+        return network in networks
     at = bisect.bisect_left(networks, network)
     return at < len(networks) and networks[at] == network
