@@ -63,9 +63,14 @@ class ReadOnlyStore:
         return await self._store.list_prefix(prefix, created_after=created_after)
 
     def observe(
-        self, prefix: str, *, quiet_interval: float = 5.0, on_restart: Callable[[str], None] | None = None
+        self,
+        prefix: str,
+        *,
+        quiet_interval: float = 5.0,
+        on_restart: Callable[[str], None] | None = None,
+        listed: Snapshot | None = None,
     ) -> AsyncGenerator[WatchResult, None]:
-        return self._store.observe(prefix, quiet_interval=quiet_interval, on_restart=on_restart)
+        return self._store.observe(prefix, quiet_interval=quiet_interval, on_restart=on_restart, listed=listed)
 
     async def lease_time_left(self, lease_id: int) -> int:
         return await self._store.lease_time_left(lease_id)

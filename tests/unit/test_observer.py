@@ -62,3 +62,39 @@ def test_the_observer_folds_batches_hands_on_their_changes_and_writes_nothing() 
         assert read_only.writes == [] and restarts == []
 
     run(body())
+
+
+def test_a_start_that_registered_after_listing_hands_on_the_listing_and_its_registration_as_one_batch() -> None:
+    """The agent lists the mesh, registers (judging claims by that listing), then observes from the listing: the
+    first batch handed on must already hold its own record and claims (a pass on the listing alone would see a
+    mesh without this node), so everything up to the record's revision is folded in and handed on together."""
+
+    async def body() -> None:
+        store = MemoryStore()
+        await publish(store, record("a", 1))
+        listed = await store.list_prefix(SCHEMA.root)
+        own = record("b", 2)
+        await publish(store, own)  # the registration, after the listing
+        registered = await store.get(SCHEMA.node("b"))
+        assert registered is not None
+        await publish(store, record("c", 3))  # someone else's, after it
+        view = MeshView(SCHEMA)
+        watched = [SCHEMA.node("b"), SCHEMA.claim("b", str(own.overlay_ip))]
+        observer = MeshObserver(
+            store=ReadOnlyStore(store),
+            view=view,
+            watched=lambda: watched,
+            listed=listed,
+            settled_at=registered.mod_revision,
+        )
+        batches = observer.batches()
+        first = await _next(batches)
+        assert first.changes.everything and first.events > 0
+        assert view.revision >= registered.mod_revision and {"a", "b"} <= set(view.nodes)
+        assert first.mentioned == {watched[0]: encode_json(own.to_json()), watched[1]: b""}
+        assert first.revisions[watched[0]] == registered.mod_revision
+        while "c" not in view.nodes:
+            await _next(batches)
+        await batches.aclose()
+
+    run(body())

@@ -222,6 +222,34 @@ def test_a_subnet_claimed_since_the_listing_by_a_node_that_moved_on_is_not_taken
     scenario(body)
 
 
+def test_registering_by_the_agents_own_listing_reads_no_claims_again_and_sees_those_made_since() -> None:
+    """At a start the agent lists the mesh once and registers by that listing: no claim is listed again, and an
+    address claimed by another node after the listing (older than our claim: it wins) is seen and not taken."""
+    config = MeshConfig(overlay_cidrs=(ipaddress.ip_network("10.96.0.0/29"),))
+
+    async def body(store: MemoryStore) -> None:
+        held_by_a = (await registrar(store, "a").register(config)).record.overlay_ip
+        listed = await store.list_prefix(SCHEMA.root)
+        taken = {int(held_by_a)}
+        first_free = str(next(allocation.address_candidates("n1", config.overlay_cidrs[0], taken)))
+        await store.create(SCHEMA.claim("b", first_free), b"")  # b claims it after our listing
+        listing, whole = store.list_prefix, []
+
+        async def counted(prefix: str, *, created_after: int = 0) -> Snapshot:
+            if not created_after and prefix in (SCHEMA.root, SCHEMA.claims, SCHEMA.ipam):
+                whole.append(prefix)
+            return await listing(prefix, created_after=created_after)
+
+        store.list_prefix = counted  # type: ignore[method-assign]
+        ours = str((await registrar(store).register(config, listed=listed)).record.overlay_ip)
+        assert whole == [] and ours not in (first_free, str(held_by_a))
+        view = MeshView(SCHEMA)
+        view.apply(await listing(SCHEMA.root))
+        assert view.reservations[first_free].owner == "b" and view.reservations[ours].owner == "n1"
+
+    scenario(body)
+
+
 def test_a_pinned_pod_subnet_is_claimed_if_the_mesh_can_give_it() -> None:
     async def body(store: MemoryStore) -> None:
         key = NodeKey.generate()

@@ -12,7 +12,7 @@ from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import NamedTuple
 
-from warren_mesh.mesh.changes import Changes
+from warren_mesh.mesh.changes import ChangeLog, Changes
 from warren_mesh.mesh.usage import DEFAULT_QUOTA, Level, NodeUsage
 from warren_mesh.mesh.view import MeshView
 from warren_mesh.store.base import Store
@@ -52,14 +52,21 @@ class MeshObserver:
         watched: Callable[[], Iterable[str]],
         owner: str | None = None,
         on_restart: Callable[[str], None] | None = None,
+        listed: Snapshot | None = None,
+        settled_at: int = 0,
     ) -> None:
         """``watched``: the keys whose values the consumers want to hear about (asked again for every batch);
-        ``owner``: the node whose surplus claims each batch names."""
+        ``owner``: the node whose surplus claims each batch names; ``listed``: the mesh as the caller listed it,
+        the first batch (its changes since follow); ``settled_at``: a revision the first batch handed on must
+        include, the batches before it folded in and handed on as one (a start that registered after listing:
+        its consumers must never see the mesh without this node's record and claims)."""
         self._owner = owner
         self._store = store
         self._view = view
         self._watched = watched
         self._on_restart = on_restart
+        self._listed = listed
+        self._settled_at = settled_at
 
     async def batches(self) -> AsyncGenerator[Observed, None]:
         """Forever (the watch resumes by itself after any failure of etcd's). Between watch batches, node records
@@ -67,11 +74,13 @@ class MeshObserver:
         due, each such release handed on like a batch."""
         view = self._view
         usage = NodeUsage(view.schema)
-        stream = self._store.observe(view.schema.root, on_restart=self._on_restart)
+        stream = self._store.observe(view.schema.root, on_restart=self._on_restart, listed=self._listed)
+        self._listed = None  # the view holds what it says now
+        early: list[Observed] = []  # folded in before the view reached ``settled_at``
         # Answers that arrived while a batch was being folded and handed on are folded next, as one batch.
         async with ReadAhead(stream) as ahead:
             while True:
-                release = view.next_release()
+                release = view.next_release() if not early else None
                 if release is not None and release <= 0:  # due, however busy the stream is
                     yield self._observed(view.release_held())
                     continue
@@ -80,7 +89,14 @@ class MeshObserver:
                     yield self._observed(view.release_held())
                     continue
                 for result in results:
-                    yield self._fold(result, usage)
+                    observed = self._fold(result, usage)
+                    if view.revision < self._settled_at:
+                        early.append(observed)
+                    elif early:
+                        yield self._joined([*early, observed])
+                        early = []
+                    else:
+                        yield observed
 
     def _fold(self, result: WatchResult, usage: NodeUsage) -> Observed:
         view = self._view
@@ -95,6 +111,20 @@ class MeshObserver:
         events = len(result.events) if isinstance(result, Events) else 0
         quota = usage.verdicts(usage.apply(result), DEFAULT_QUOTA)
         return self._observed(changes, events, mentioned, revisions, quota)
+
+    def _joined(self, batches: list[Observed]) -> Observed:
+        """Batches folded in one after another, as one (the view as the last left it)."""
+        log = ChangeLog()
+        mentioned: dict[str, bytes | None] = {}
+        revisions: dict[str, int] = {}
+        quota: dict[str, tuple[Level, str] | None] = {}
+        for batch in batches:
+            log.add(batch.changes)
+            mentioned.update(batch.mentioned)
+            revisions.update(batch.revisions)
+            quota.update(batch.quota)
+        # The log starts at everything (nothing seen before), as a first batch is.
+        return self._observed(log.take(), sum(b.events for b in batches), mentioned, revisions, quota)
 
     def _observed(
         self,

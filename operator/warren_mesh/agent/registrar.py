@@ -91,12 +91,19 @@ class Registrar:
 
     # --- claims -----------------------------------------------------------------------------------------------
 
-    async def _claims(self) -> MeshView:
+    async def _claims(self, listed: Snapshot | None = None) -> MeshView:
         """Every claim on an overlay address, judged as every agent judges them (including the ``ipam/``
-        reservations of a mesh not migrated yet)."""
-        claims = await self._store.list_prefix(self._schema.claims)
-        legacy = await self._store.list_prefix(self._schema.ipam)
-        view = MeshView(self._schema)
+        reservations of a mesh not migrated yet): as ``listed`` (the whole mesh, listed by the caller) has them,
+        or listed now."""
+        schema = self._schema
+        view = MeshView(schema)
+        if listed is not None:
+            kinds = (schema.claims, schema.ipam)
+            view.apply(Snapshot(tuple(kv for kv in listed.items if kv.key.startswith(kinds)), listed.revision))
+            return view
+        claims, legacy = await asyncio.gather(
+            self._store.list_prefix(schema.claims), self._store.list_prefix(schema.ipam)
+        )
         # At the older of the two listings' revisions: what was made since then is what _claims_since asks for.
         view.apply(Snapshot(claims.items + legacy.items, min(claims.revision, legacy.revision)))
         return view
@@ -129,11 +136,11 @@ class Registrar:
         await self._store.delete(key)
         view.apply(Events((_gone(key),), view.revision))
 
-    async def _holdings(self, config: MeshConfig) -> tuple[Holdings, MeshView]:
-        """What we hold and what others hold, and the claims we judged it by. Our claims that lost to an older
-        one are withdrawn; an address we hold only through a reservation of the old schema gets a claim of ours
-        (so a migrated mesh keeps every address)."""
-        view = await self._claims()
+    async def _holdings(self, config: MeshConfig, listed: Snapshot | None = None) -> tuple[Holdings, MeshView]:
+        """What we hold and what others hold, and the claims we judged it by (``listed``: see ``_claims``). Our
+        claims that lost to an older one are withdrawn; an address we hold only through a reservation of the old
+        schema gets a claim of ours (so a migrated mesh keeps every address)."""
+        view = await self._claims(listed)
         found = allocation.holdings(view, config, self._name, self._schema)
         for key, why in found.withdraw.items():
             log.warning("withdrawing the claim %s of %s: %s", key, self._name, why)
@@ -144,15 +151,19 @@ class Registrar:
 
     # --- registration -----------------------------------------------------------------------------------------
 
-    async def register(self, config: MeshConfig, held: NodeRecord | None = None) -> Registration:
+    async def register(
+        self, config: MeshConfig, held: NodeRecord | None = None, *, listed: Snapshot | None = None
+    ) -> Registration:
         """Publish our record on a fresh lease: with the address and pod subnet of ``held`` (our record before
         the lease was lost), or else those we hold, claiming them the first time (stable across restarts); take
-        over a record of ours left by a previous run."""
+        over a record of ours left by a previous run. ``listed``: the whole mesh as the caller listed it (at a
+        cold start beside thousands of nodes, listing their claims again here was a twentieth of the start); the
+        claims made since are read before ours are trusted, as always."""
         ttl = self._lease_ttl if self._lease_ttl is not None else config.lease_ttl_seconds
         await self.publication.read_location()
         found = None
         if held is None:
-            found, claims = await self._holdings(config)
+            found, claims = await self._holdings(config, listed)
             if self._pod_subnet is not None:
                 found.subnets[self._pod_subnet.version] = allocation.pinned_subnet(self._pod_subnet, config, found)
         lease_id, holder = await self._leases.grant(ttl)

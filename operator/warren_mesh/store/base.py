@@ -75,10 +75,17 @@ class Store(Protocol):
         ...
 
     def observe(
-        self, prefix: str, *, quiet_interval: float = 5.0, on_restart: Callable[[str], None] | None = None
+        self,
+        prefix: str,
+        *,
+        quiet_interval: float = 5.0,
+        on_restart: Callable[[str], None] | None = None,
+        listed: Snapshot | None = None,
     ) -> AsyncGenerator[WatchResult, None]:
         """A snapshot of ``prefix``, then its changes, forever, never skipping a revision; a new snapshot only
-        when the history a resume needed is gone. ``on_restart`` is told why the watch started again."""
+        when the history a resume needed is gone. ``on_restart`` is told why the watch started again.
+        ``listed``: a snapshot of ``prefix`` the caller has listed already, handed on first instead of a new one
+        (its changes since follow)."""
         ...
 
     def reload_tls(self) -> bool:

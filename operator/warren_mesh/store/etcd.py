@@ -271,9 +271,19 @@ class EtcdStore:
     # --- watch ------------------------------------------------------------------------------------------------
 
     def observe(
-        self, prefix: str, *, quiet_interval: float = 5.0, on_restart: Callable[[str], None] | None = None
+        self,
+        prefix: str,
+        *,
+        quiet_interval: float = 5.0,
+        on_restart: Callable[[str], None] | None = None,
+        listed: Snapshot | None = None,
     ) -> AsyncGenerator[WatchResult, None]:
         """See ``store.watcher.observe``."""
         return watcher.observe(
-            self._connection, prefix, self.list_prefix, quiet_interval=quiet_interval, on_restart=on_restart
+            self._connection,
+            prefix,
+            self.list_prefix,
+            quiet_interval=quiet_interval,
+            on_restart=on_restart,
+            listed=listed,
         )

@@ -229,7 +229,12 @@ class MemoryStore:
     # --- watch --------------------------------------------------------------------------------------------------
 
     async def observe(
-        self, prefix: str, *, quiet_interval: float = 5.0, on_restart: Callable[[str], None] | None = None
+        self,
+        prefix: str,
+        *,
+        quiet_interval: float = 5.0,
+        on_restart: Callable[[str], None] | None = None,
+        listed: Snapshot | None = None,
     ) -> AsyncGenerator[WatchResult, None]:
         del quiet_interval  # nothing here goes quiet without a reason
         next_revision: int | None = None
@@ -241,7 +246,7 @@ class MemoryStore:
             if next_revision is None or next_revision <= self.compacted:
                 if next_revision is not None and on_restart is not None:
                     on_restart("compacted")
-                snapshot = await self.list_prefix(prefix)
+                snapshot, listed = (listed if listed is not None else await self.list_prefix(prefix)), None
                 next_revision = snapshot.revision + 1
                 yield snapshot
                 continue

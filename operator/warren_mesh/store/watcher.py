@@ -116,8 +116,10 @@ async def observe(
     *,
     quiet_interval: float = 5.0,
     on_restart: Callable[[str], None] | None = None,
+    listed: Snapshot | None = None,
 ) -> AsyncGenerator[WatchResult, None]:
-    """Yield a snapshot of ``prefix``, then its changes, forever; never skips a revision.
+    """Yield a snapshot of ``prefix`` (``listed``, if the caller has one), then its changes, forever; never skips
+    a revision.
 
     After an error the watch resumes from the last delivered revision (no snapshot needed); only when that
     revision has been compacted away is a new snapshot listed and yielded. ``quiet_interval`` is how long
@@ -129,9 +131,10 @@ async def observe(
     while True:
         try:
             if next_revision is None:
-                snapshot = await list_prefix(prefix)
+                snapshot, listed = (listed if listed is not None else await list_prefix(prefix)), None
                 next_revision = snapshot.revision + 1
                 yield snapshot
+                del snapshot  # its consumer holds what it needs: its bytes need not live as long as the watch
             async for events in _watch(connection, prefix, next_revision, quiet_interval):
                 backoff.reset()
                 next_revision = events.revision + 1
