@@ -85,8 +85,8 @@ def test_a_start_that_registered_after_listing_hands_on_the_listing_and_its_regi
             view=view,
             watched=lambda: watched,
             listed=listed,
-            settled_at=registered.mod_revision,
         )
+        observer.hold_until(registered.mod_revision)
         batches = observer.batches()
         first = await _next(batches)
         assert first.changes.everything and first.events > 0

@@ -27,6 +27,7 @@ from warren_mesh.agent.gateway import GatewayRole
 from warren_mesh.agent.identity import Identity
 from warren_mesh.agent.key_rotation import KeyRotation, rotation_request
 from warren_mesh.agent.observer import MeshObserver
+from warren_mesh.agent.publication import Registration
 from warren_mesh.agent.reachability import Reachability
 from warren_mesh.agent.reconciler import Reconciler
 from warren_mesh.agent.registrar import Registrar
@@ -49,7 +50,6 @@ from warren_mesh.trust.decode import decode_json
 from warren_mesh.trust.reasons import RecordError
 from warren_mesh.trust.records import MeshConfig
 from warren_mesh.values.netaddr import IPAddress, IPNetwork, parse_endpoints
-from warren_mesh.values.watch import Snapshot
 from warren_mesh.wireguard.backend import Backend
 from warren_mesh.wireguard.userspace import OFFLOAD_RELEASE, lacks_offloads
 
@@ -235,13 +235,7 @@ class Agent:
             endpoint_hosts=endpoint_hosts,
             metrics=self.metrics,
         )
-        # The mesh is listed once: registration judges the claims by this listing (and those made since), and
-        # it is the observer's first batch, handed on together with the changes up to our record's revision.
-        listed = await self._until_etcd(stop, lambda: self.store.list_prefix(settings.store.schema.root))
-        registration = await self._until_etcd(stop, lambda: registrar.register(config, listed=listed))
-        published = await self._until_etcd(stop, lambda: self.store.get(registrar.publication.key))
-        # Gone already (the lease ran out): the first batch says so, and the registrar writes the record again.
-        settled_at = published.mod_revision if published is not None else 0
+        observer, registration = await self._register(stop, registrar, config)
         self.registrar = registrar
         record = registration.record
         if record.allowed_ips:
@@ -285,7 +279,7 @@ class Agent:
             tasks.append(asyncio.ensure_future(loop))
             tasks[-1].set_name(name)
 
-        start("observe", self._observe(registrar, reconciler, listed, settled_at))
+        start("observe", self._observe(observer, registrar, reconciler))
         start("reconcile", reconciler.run())
         start("keepalive", registrar.keep_alive(lambda: self.view.config if self.view.synced else config))
         start("device-watchdog", loops.watch_device(self.device_thread, self.backend, reconciler))
@@ -357,20 +351,40 @@ class Agent:
             metrics=self.metrics,
         )
 
-    async def _observe(self, registrar: Registrar, reconciler: Reconciler, listed: Snapshot, settled_at: int) -> None:
-        """The pipeline's head: each batch the observer folds in goes to the report, wakes decide/apply, and tells
-        the registrar (the one writer) and key rotation what it said about their keys."""
-        rotation_key = self.settings.store.schema.key_rotation(self.settings.node_name)
+    async def _register(
+        self, stop: asyncio.Event, registrar: Registrar, config: MeshConfig
+    ) -> tuple[MeshObserver, Registration]:
+        """List the mesh once and register by it: registration judges the claims by this listing (and those made
+        since), and the observer hands it on as its first batch, with the changes up to our record's revision.
+        The watch opens right after the listing, while registration runs."""
+        listed = await self._until_etcd(stop, lambda: self.store.list_prefix(self.settings.store.schema.root))
         observer = MeshObserver(
             store=self.store,
             view=self.view,
-            watched=lambda: (*registrar.watched_keys, rotation_key),
+            watched=lambda: (*registrar.watched_keys, self._rotation_key),
             owner=self.settings.node_name,
             on_restart=self.reporter.watch_restarted,
             listed=listed,
-            settled_at=settled_at,
         )
-        del listed  # the view holds what it says once folded in: its bytes need not live as long as the agent
+        observer.start()
+        try:
+            registration = await self._until_etcd(stop, lambda: registrar.register(config, listed=listed))
+            published = await self._until_etcd(stop, lambda: self.store.get(registrar.publication.key))
+        except BaseException:
+            await observer.close()
+            raise
+        # Gone already (the lease ran out): the first batch says so, and the registrar writes the record again.
+        observer.hold_until(published.mod_revision if published is not None else 0)
+        return observer, registration
+
+    @property
+    def _rotation_key(self) -> str:
+        return self.settings.store.schema.key_rotation(self.settings.node_name)
+
+    async def _observe(self, observer: MeshObserver, registrar: Registrar, reconciler: Reconciler) -> None:
+        """The pipeline's head: each batch the observer folds in goes to the report, wakes decide/apply, and tells
+        the registrar (the one writer) and key rotation what it said about their keys."""
+        rotation_key = self._rotation_key
         async for batch in observer.batches():
             self.reporter.observed(batch.changes, batch.events, batch.quota)
             if batch.changes.anything:

@@ -53,20 +53,40 @@ class MeshObserver:
         owner: str | None = None,
         on_restart: Callable[[str], None] | None = None,
         listed: Snapshot | None = None,
-        settled_at: int = 0,
     ) -> None:
         """``watched``: the keys whose values the consumers want to hear about (asked again for every batch);
         ``owner``: the node whose surplus claims each batch names; ``listed``: the mesh as the caller listed it,
-        the first batch (its changes since follow); ``settled_at``: a revision the first batch handed on must
-        include, the batches before it folded in and handed on as one (a start that registered after listing:
-        its consumers must never see the mesh without this node's record and claims)."""
+        the first batch (its changes since follow)."""
         self._owner = owner
         self._store = store
         self._view = view
         self._watched = watched
         self._on_restart = on_restart
         self._listed = listed
-        self._settled_at = settled_at
+        self._settled_at = 0
+        self._ahead: ReadAhead | None = None
+
+    def start(self) -> None:
+        """Open the watch now and read it ahead until ``batches`` takes what came (which starts it otherwise). A
+        watch opened right after its listing starts at etcd's current revision; one opened later starts in the
+        past, and etcd catches such watches up every 100 ms (mvcc's syncWatchersLoop): an agent that listed, then
+        registered, then opened its watch waited that long for its first batch."""
+        if self._ahead is None:
+            stream = self._store.observe(self._view.schema.root, on_restart=self._on_restart, listed=self._listed)
+            self._listed = None  # the stream hands it on; the view will hold what it says
+            self._ahead = ReadAhead(stream)
+            self._ahead.start()
+
+    def hold_until(self, revision: int) -> None:
+        """Hand nothing on until the view has folded in ``revision``; what came before it goes on as one batch
+        (an agent registers after listing the mesh: its consumers must never see the mesh without its record
+        and claims)."""
+        self._settled_at = revision
+
+    async def close(self) -> None:
+        """Stop reading the watch (``batches`` does when it ends)."""
+        if self._ahead is not None:
+            await self._ahead.stop()
 
     async def batches(self) -> AsyncGenerator[Observed, None]:
         """Forever (the watch resumes by itself after any failure of etcd's). Between watch batches, node records
@@ -74,11 +94,12 @@ class MeshObserver:
         due, each such release handed on like a batch."""
         view = self._view
         usage = NodeUsage(view.schema)
-        stream = self._store.observe(view.schema.root, on_restart=self._on_restart, listed=self._listed)
-        self._listed = None  # the view holds what it says now
-        early: list[Observed] = []  # folded in before the view reached ``settled_at``
+        self.start()
+        ahead = self._ahead
+        assert ahead is not None
+        early: list[Observed] = []  # folded in before the view reached ``hold_until``'s revision
         # Answers that arrived while a batch was being folded and handed on are folded next, as one batch.
-        async with ReadAhead(stream) as ahead:
+        try:
             while True:
                 release = view.next_release() if not early else None
                 if release is not None and release <= 0:  # due, however busy the stream is
@@ -97,6 +118,8 @@ class MeshObserver:
                         early = []
                     else:
                         yield observed
+        finally:
+            await self.close()
 
     def _fold(self, result: WatchResult, usage: NodeUsage) -> Observed:
         view = self._view

@@ -36,10 +36,19 @@ class ReadAhead:
         self._reader: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> ReadAhead:
-        self._reader = asyncio.get_running_loop().create_task(self._read(), name="watch-read-ahead")
+        self.start()
         return self
 
+    def start(self) -> None:
+        """Start reading (inside the event loop; ``__aexit__`` stops it)."""
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read(), name="watch-read-ahead")
+
     async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Stop reading: the stream's generator ends inside the reader."""
         if self._reader is not None:
             self._reader.cancel()  # ends the stream's generator inside it
             with contextlib.suppress(asyncio.CancelledError):
