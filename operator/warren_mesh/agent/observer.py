@@ -125,12 +125,21 @@ class MeshObserver:
         view = self._view
         mentioned, revisions = _values_after(result, self._watched())
         first = not view.synced
-        changes = view.apply(result)
-        if first and view.synced:
-            # Everything so far (modules, metrics, the whole mesh as listed) lives as long as the agent: take it
-            # out of the cyclic collector's generations, whose full collections would otherwise walk it again and
-            # again (pauses of tens of ms at a thousand peers, the tail of convergence lag).
-            gc.freeze()
+        if first:
+            # The whole mesh as listed, folded in: tens of thousands of objects that live as long as the agent, and
+            # the cyclic collector would walk them again and again while they are made (collections of every
+            # generation; beside 10,000 nodes ~50 ms of a cold start). Paused for this one synchronous fold.
+            gc.disable()
+        try:
+            changes = view.apply(result)
+        finally:
+            if first:
+                if view.synced:
+                    # Everything so far (modules, metrics, the mesh) lives as long as the agent: out of the
+                    # collector's generations, whose full collections would otherwise walk it again and again
+                    # (pauses of tens of ms at a thousand peers, the tail of convergence lag).
+                    gc.freeze()
+                gc.enable()
         events = len(result.events) if isinstance(result, Events) else 0
         quota = usage.verdicts(usage.apply(result), DEFAULT_QUOTA)
         return self._observed(changes, events, mentioned, revisions, quota)
