@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 from warren_mesh.agent import loops
 from warren_mesh.agent.device_thread import DeviceThread
@@ -26,9 +24,9 @@ from warren_mesh.agent.device_writer import DeviceWriter
 from warren_mesh.agent.first_handshake import FirstHandshakes
 from warren_mesh.agent.gateway import GatewayRole
 from warren_mesh.agent.identity import Identity
+from warren_mesh.agent.joining import Stopped, join
 from warren_mesh.agent.key_rotation import KeyRotation, rotation_request
 from warren_mesh.agent.observer import MeshObserver
-from warren_mesh.agent.publication import Registration
 from warren_mesh.agent.reachability import Reachability
 from warren_mesh.agent.reconciler import Reconciler
 from warren_mesh.agent.registrar import Registrar
@@ -46,22 +44,16 @@ from warren_mesh.metrics.http import MetricsServer
 from warren_mesh.metrics.instruments import AgentMetrics
 from warren_mesh.metrics.peer_collector import PeerCollector, TrafficWindow
 from warren_mesh.settings import AgentSettings
-from warren_mesh.store.base import Backoff, Store, StoreUnavailable
-from warren_mesh.trust.decode import decode_json
+from warren_mesh.store.base import Store
 from warren_mesh.trust.reasons import RecordError
-from warren_mesh.trust.records import MeshConfig
 from warren_mesh.values.netaddr import IPAddress, IPNetwork, parse_endpoints
+from warren_mesh.values.watch import Snapshot
 from warren_mesh.wireguard.backend import Backend
 from warren_mesh.wireguard.userspace import OFFLOAD_RELEASE, lacks_offloads
 
 log = logging.getLogger(__name__)
 
-_T = TypeVar("_T")
 _SCRAPE_DEVICE_TIMEOUT = 5.0  # a scrape waits this long for the device thread, then reports the device down
-
-
-class Stopped(Exception):
-    """The agent was told to stop while it was still starting."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +219,6 @@ class Agent:
         protected = await asyncio.to_thread(self._protected_networks, endpoint_hosts)
         log.info("never routed into the tunnel: %s", ", ".join(str(n) for n in protected))
 
-        config = await self._until_etcd(stop, self._read_config)
         registrar = Registrar(
             settings.registration,
             store=self.store,
@@ -236,7 +227,9 @@ class Agent:
             endpoint_hosts=endpoint_hosts,
             metrics=self.metrics,
         )
-        observer, registration = await self._register(stop, registrar, config)
+        config, registration, observer = await join(
+            stop, self.store, settings.store.schema, registrar, lambda listed: self._observer(registrar, listed)
+        )
         self.registrar = registrar
         record = registration.record
         if record.allowed_ips:
@@ -352,22 +345,8 @@ class Agent:
             metrics=self.metrics,
         )
 
-    async def _register(
-        self, stop: asyncio.Event, registrar: Registrar, config: MeshConfig
-    ) -> tuple[MeshObserver, Registration]:
-        """List the mesh once and register by it: registration judges the claims by this listing (and those made
-        since), and the observer hands it on as its first batch, with the changes up to our record's revision.
-        The watch opens right after the listing, while registration runs.
-
-        What lives on from here (the modules, the settings, the listing until it is folded in) is taken out of the
-        cyclic collector's generations: beside 10,000 nodes its full collections, each walking every object the
-        process had, were a fifth of the cold start (four of them, ~250 ms; ~45 ms with these freezes: hack/bench.py
-        --scenario coldstart, docs/benchmarks.md). Frozen objects are still freed when nothing refers to them; the
-        listing holds no cycles."""
-        gc.freeze()
-        listed = await self._until_etcd(stop, lambda: self.store.list_prefix(self.settings.store.schema.root))
-        gc.freeze()
-        observer = MeshObserver(
+    def _observer(self, registrar: Registrar, listed: Snapshot) -> MeshObserver:
+        return MeshObserver(
             store=self.store,
             view=self.view,
             watched=lambda: (*registrar.watched_keys, self._rotation_key),
@@ -375,16 +354,6 @@ class Agent:
             on_restart=self.reporter.watch_restarted,
             listed=listed,
         )
-        observer.start()
-        try:
-            registration = await self._until_etcd(stop, lambda: registrar.register(config, listed=listed))
-            published = await self._until_etcd(stop, lambda: self.store.get(registrar.publication.key))
-        except BaseException:
-            await observer.close()
-            raise
-        # Gone already (the lease ran out): the first batch says so, and the registrar writes the record again.
-        observer.hold_until(published.mod_revision if published is not None else 0)
-        return observer, registration
 
     @property
     def _rotation_key(self) -> str:
@@ -436,33 +405,3 @@ class Agent:
         addresses.extend(self.host.resolve(e.host for e in parse_endpoints(self.settings.store.etcd_endpoints)))
         networks.extend(ipaddress.ip_network(f"{a}/{a.max_prefixlen}") for a in addresses)
         return tuple(dict.fromkeys(networks))
-
-    async def _read_config(self) -> MeshConfig:
-        """The mesh config to register with. Read alone, not with the mesh: listing every record on every start
-        would cost a cluster that boots at once a decode of the whole mesh per node. So a config that the view
-        will refuse (one that would leave registered nodes out) is not recognised here; the operator never writes
-        one, and docs/security.md says what a hostile one can do."""
-        kv = await self.store.get(self.settings.store.schema.config)
-        if kv is None:
-            return MeshConfig()
-        try:
-            return MeshConfig.from_json(decode_json(kv.value))
-        except RecordError as exc:
-            log.warning("mesh config is invalid, using defaults until it is fixed: %s", exc)
-            return MeshConfig()
-
-    async def _until_etcd(self, stop: asyncio.Event, attempt: Callable[[], Awaitable[_T]]) -> _T:
-        """Retry ``attempt`` while etcd is unreachable, until it succeeds or the agent is told to stop."""
-        backoff = Backoff(maximum=2.0)
-        warned = False
-        while not stop.is_set():
-            try:
-                return await attempt()
-            except StoreUnavailable as exc:
-                if not warned:
-                    log.warning("waiting for etcd: %s", exc)
-                    warned = True
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(backoff.delay()):
-                    await stop.wait()
-        raise Stopped
