@@ -129,9 +129,4 @@ class Networks(Sequence[str]):
 EMPTY = Networks()
 
 
-def as_networks(networks: Sequence[str]) -> Networks:
-    """``networks`` (sorted) as Networks, itself if it is one."""
-    return networks if isinstance(networks, Networks) else Networks(networks)
-
-
-__all__ = ["CHUNK", "EMPTY", "Networks", "as_networks"]
+__all__ = ["CHUNK", "EMPTY", "Networks"]
